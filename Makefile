@@ -1,0 +1,56 @@
+# The two commands a new user needs on a fresh Debian machine:
+#   make demo   - install everything, then run the two-party clean room demo
+#   make test   - install everything, then run the whole test suite (what CI runs)
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEB_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config gcc python3-venv python3-dev postgresql
+PYTEST_ARGS ?=
+
+.PHONY: setup deb venv protos check-protos lint typecheck test test-fast demo bench clean
+
+setup: deb venv
+
+# Installs the Debian packages the project needs when any is missing (needs root or sudo).
+deb:
+	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+venv: $(VENV)/.installed
+
+protos: venv
+	PATH=$(VENV)/bin:$$PATH scripts/gen_protos.sh
+
+check-protos: venv
+	PATH=$(VENV)/bin:$$PATH scripts/check_protos.sh
+
+lint: venv check-protos
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: setup check-protos
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The unit tests alone, without the slow multi-GiB streams.
+test-fast: setup
+	$(VENV)/bin/pytest -m "not slow" tests/unit $(PYTEST_ARGS)
+
+demo: setup
+	$(VENV)/bin/cleanroom demo
+
+bench: setup
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The key broker: quote verification, enrollment, policy, key custody and release."""

@@ -1,0 +1,91 @@
+"""The ``cleanroom`` command: one entry point whose subcommand groups live in their packages.
+
+Each domain package has a ``cli`` module with ``register(subparsers)``; handlers take the parsed
+arguments and return an exit code. Handlers import their heavy dependencies lazily so that
+``cleanroom --help`` and short commands start fast. The library never calls ``sys.exit``; this
+module catches each package's root error, prints one clear line and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from cleanroom import __version__
+
+# (module holding register(), module and name of that package's root error)
+_GROUPS: tuple[tuple[str, str, str], ...] = (
+    ("broker.cli", "broker.errors", "BrokerError"),
+    ("broker.admin_cli", "broker.errors", "BrokerError"),
+    ("sidecar.cli", "sidecar.errors", "SidecarError"),
+    ("sealing.cli", "sealing.errors", "SealingError"),
+    ("pki.cli", "pki.errors", "PKIError"),
+    ("cleanroom.demo", "cleanroom.demo", "DemoError"),
+)
+
+
+def _root_errors() -> tuple[type[BaseException], ...]:
+    from cleanroom.config import ConfigError
+    from evidence.errors import EvidenceError
+
+    errors: list[type[BaseException]] = [ConfigError, EvidenceError]
+    for _, mod, name in _GROUPS:
+        errors.append(getattr(importlib.import_module(mod), name))
+    return tuple(errors)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cleanroom",
+        description="TPM-attested key broker for data clean rooms.",
+    )
+    parser.add_argument("--version", action="version", version=f"cleanroom {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more detail (-vv for debug logs)"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for mod, _, _ in _GROUPS:
+        importlib.import_module(mod).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(func(args))
+    except _root_errors() as e:
+        print(f"cleanroom: error: {e}", file=sys.stderr)
+        if args.verbose:
+            logging.getLogger("cleanroom").exception("details")
+        return 1
+    except KeyboardInterrupt:
+        print("cleanroom: interrupted", file=sys.stderr)
+        return 130
+
+
+def add_pending(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, summary: str
+) -> None:
+    """Registers a command that a later release fills in; it says so and exits 3."""
+
+    def _pending(args: argparse.Namespace) -> int:
+        print(f"cleanroom: '{name}' is not yet available in this release", file=sys.stderr)
+        return 3
+
+    p = sub.add_parser(name, help=f"{summary} (not yet available)")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    p.set_defaults(func=_pending)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

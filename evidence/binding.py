@@ -1,0 +1,45 @@
+"""The qualifying data that binds a quote to a nonce, an ephemeral key and a TLS certificate.
+
+``qualifying_data = SHA-256(label || u32 len(nonce) || nonce || u16 kem ||
+u32 len(ephemeral_public_key) || ephemeral_public_key || SHA-256(tls_certificate_der))``
+
+The label separates this use of SHA-256 from any other. Binding the ephemeral key means the data
+keys the broker releases can only be opened by the process that made the quote; binding the TLS
+certificate means a quote relayed over another sidecar's connection is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+
+from evidence.errors import BindingError
+
+LABEL = b"cleanroom/v1 quote binding\x00"
+NONCE_SIZE = 32
+
+
+def qualifying_data(
+    *, nonce: bytes, kem: int, ephemeral_public_key: bytes, tls_certificate_der: bytes
+) -> bytes:
+    """Returns the 32-byte qualifying data for a quote.
+
+    ``kem`` is the ``cleanroom.v1.KemAlgorithm`` number of the ephemeral key.
+
+    Raises:
+        BindingError: the nonce is not 32 bytes, or the key or certificate is empty.
+    """
+    if len(nonce) != NONCE_SIZE:
+        raise BindingError(f"nonce must be {NONCE_SIZE} bytes, got {len(nonce)}")
+    if not ephemeral_public_key:
+        raise BindingError("ephemeral public key is empty")
+    if not tls_certificate_der:
+        raise BindingError("TLS certificate is empty")
+    if not 0 < kem < 0x10000:
+        raise BindingError(f"invalid KEM identifier {kem}")
+    h = hashlib.sha256(LABEL)
+    h.update(struct.pack(">I", len(nonce)) + nonce)
+    h.update(struct.pack(">H", kem))
+    h.update(struct.pack(">I", len(ephemeral_public_key)) + ephemeral_public_key)
+    h.update(hashlib.sha256(tls_certificate_der).digest())
+    return h.digest()

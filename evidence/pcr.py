@@ -1,0 +1,152 @@
+"""PCR banks, extension and the offline computation of PCR 23 from a workload's files.
+
+The sidecar extends each manifest file's digest, in order, into PCR 23 of every configured bank
+(``PCR := H(PCR || digest)`` with ``H`` the bank's hash, starting from all zeros after a reset).
+Parties and operators use :func:`measure_files` to compute the same golden values without a TPM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from evidence.errors import EventLogError, MeasurementError
+
+#: The PCR the sidecar measures the workload into (resettable, debug/application PCR).
+WORKLOAD_PCR = 23
+
+#: Supported banks: name -> digest size. Names are the ones tpm2-tools uses (``sha256:23``).
+BANK_SIZES: Mapping[str, int] = {"sha1": 20, "sha256": 32, "sha384": 48}
+
+#: The banks measured by default, as in the manual recipe.
+DEFAULT_BANKS: tuple[str, ...] = ("sha1", "sha256")
+
+_READ_CHUNK = 1 << 20
+
+
+def check_bank(bank: str) -> str:
+    """Returns ``bank`` if supported.
+
+    Raises:
+        EventLogError: the bank is not one of :data:`BANK_SIZES`.
+    """
+    if bank not in BANK_SIZES:
+        raise EventLogError(f"unsupported PCR bank {bank!r} (supported: {', '.join(BANK_SIZES)})")
+    return bank
+
+
+def zero_pcr(bank: str) -> bytes:
+    """The value of a PCR in ``bank`` right after a reset."""
+    return bytes(BANK_SIZES[check_bank(bank)])
+
+
+def extend(pcr: bytes, digest: bytes, bank: str) -> bytes:
+    """``H(pcr || digest)`` in ``bank``, as TPM2_PCR_Extend computes it.
+
+    Raises:
+        EventLogError: the bank is unsupported or a value has the wrong size for it.
+    """
+    size = BANK_SIZES[check_bank(bank)]
+    if len(pcr) != size or len(digest) != size:
+        raise EventLogError(f"{bank} values must be {size} bytes")
+    return hashlib.new(bank, pcr + digest).digest()
+
+
+@dataclass(frozen=True)
+class MeasurementEvent:
+    """One file extended into a PCR: the path as given, its size and one digest per bank."""
+
+    path: str
+    size: int
+    digests: Mapping[str, bytes]
+    pcr_index: int = WORKLOAD_PCR
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """The event log of a measurement and the PCR values it produces, per bank."""
+
+    events: tuple[MeasurementEvent, ...]
+    pcrs: Mapping[str, bytes] = field(default_factory=dict)
+
+
+def digest_file(path: str | os.PathLike[str], banks: Sequence[str]) -> tuple[int, dict[str, bytes]]:
+    """Reads a file once, in chunks, and returns its size and its digest in every bank.
+
+    Raises:
+        MeasurementError: the file is missing, unreadable or not a regular file.
+    """
+    for bank in banks:
+        check_bank(bank)
+    p = Path(path)
+    hashers = {bank: hashlib.new(bank) for bank in banks}
+    size = 0
+    try:
+        if not p.is_file():
+            raise MeasurementError(f"cannot measure {p}: not a regular file or does not exist")
+        with p.open("rb") as fh:
+            while chunk := fh.read(_READ_CHUNK):
+                size += len(chunk)
+                for h in hashers.values():
+                    h.update(chunk)
+    except PermissionError as e:
+        raise MeasurementError(f"cannot measure {p}: permission denied") from e
+    except OSError as e:
+        raise MeasurementError(f"cannot measure {p}: {e.strerror or e}") from e
+    return size, {bank: h.digest() for bank, h in hashers.items()}
+
+
+def replay(
+    events: Iterable[MeasurementEvent],
+    banks: Sequence[str],
+    *,
+    pcr_index: int = WORKLOAD_PCR,
+    max_events: int | None = None,
+) -> dict[str, bytes]:
+    """Replays the events for ``pcr_index`` from a reset PCR and returns its value per bank.
+
+    Raises:
+        EventLogError: an event lacks a digest for a bank, a digest has the wrong size, or the
+            log has more than ``max_events`` events.
+    """
+    values = {bank: zero_pcr(bank) for bank in banks}
+    for n, event in enumerate(events):
+        if max_events is not None and n >= max_events:
+            raise EventLogError(f"event log has more than {max_events} events")
+        if event.pcr_index != pcr_index:
+            continue
+        for bank in banks:
+            digest = event.digests.get(bank)
+            if digest is None:
+                raise EventLogError(f"event {n} ({event.path!r}) has no {bank} digest")
+            if len(digest) != BANK_SIZES[bank]:
+                raise EventLogError(f"event {n} ({event.path!r}) has a malformed {bank} digest")
+            values[bank] = extend(values[bank], digest, bank)
+    return values
+
+
+def measure_files(
+    files: Sequence[str | os.PathLike[str]],
+    banks: Sequence[str] = DEFAULT_BANKS,
+    *,
+    names: Sequence[str] | None = None,
+) -> Measurement:
+    """Computes, without a TPM, the event log and PCR 23 values that measuring ``files`` gives.
+
+    ``names`` are the paths recorded in the log (default: the paths as given).
+
+    Raises:
+        MeasurementError: a file cannot be read.
+    """
+    if names is not None and len(names) != len(files):
+        raise MeasurementError("names and files must have the same length")
+    events = []
+    for i, f in enumerate(files):
+        size, digests = digest_file(f, banks)
+        events.append(
+            MeasurementEvent(path=str(names[i] if names else f), size=size, digests=digests)
+        )
+    return Measurement(events=tuple(events), pcrs=replay(events, banks))

@@ -1,0 +1,63 @@
+"""Conversions between the evidence types and their ``cleanroom.v1`` protobuf messages."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from cleanroom.v1 import common_pb2
+from evidence.errors import EventLogError
+from evidence.pcr import BANK_SIZES, MeasurementEvent
+
+_BANK_TO_PB = {
+    "sha1": common_pb2.HASH_ALGORITHM_SHA1,
+    "sha256": common_pb2.HASH_ALGORITHM_SHA256,
+    "sha384": common_pb2.HASH_ALGORITHM_SHA384,
+}
+_PB_TO_BANK = {v: k for k, v in _BANK_TO_PB.items()}
+
+
+def bank_to_pb(bank: str) -> common_pb2.HashAlgorithm.ValueType:
+    """Raises: EventLogError for an unsupported bank."""
+    try:
+        return _BANK_TO_PB[bank]
+    except KeyError:
+        raise EventLogError(f"unsupported PCR bank {bank!r}") from None
+
+
+def bank_from_pb(value: int) -> str:
+    """Raises: EventLogError for an unspecified or unknown hash algorithm."""
+    try:
+        return _PB_TO_BANK[value]  # type: ignore[index]
+    except KeyError:
+        raise EventLogError(f"unsupported hash algorithm {value}") from None
+
+
+def event_log_to_pb(events: Iterable[MeasurementEvent]) -> common_pb2.EventLog:
+    log = common_pb2.EventLog()
+    for e in events:
+        pe = log.events.add(pcr_index=e.pcr_index, path=e.path, size=e.size)
+        for bank, value in e.digests.items():
+            pe.digests.add(algorithm=bank_to_pb(bank), value=value)
+    return log
+
+
+def event_log_from_pb(
+    log: common_pb2.EventLog, *, max_events: int | None = None
+) -> tuple[MeasurementEvent, ...]:
+    """Raises: EventLogError when the log is too long or a digest is malformed."""
+    if max_events is not None and len(log.events) > max_events:
+        raise EventLogError(f"event log has {len(log.events)} events, more than {max_events}")
+    out = []
+    for n, pe in enumerate(log.events):
+        digests: dict[str, bytes] = {}
+        for d in pe.digests:
+            bank = bank_from_pb(d.algorithm)
+            if len(d.value) != BANK_SIZES[bank]:
+                raise EventLogError(f"event {n}: {bank} digest must be {BANK_SIZES[bank]} bytes")
+            if bank in digests:
+                raise EventLogError(f"event {n}: two {bank} digests")
+            digests[bank] = bytes(d.value)
+        out.append(
+            MeasurementEvent(path=pe.path, size=pe.size, digests=digests, pcr_index=pe.pcr_index)
+        )
+    return tuple(out)

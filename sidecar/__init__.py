@@ -1,0 +1,1 @@
+"""The sidecar in the confidential VM: TPM attester and workload runtime."""

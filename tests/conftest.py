@@ -1,0 +1,67 @@
+"""Fixtures shared by every test: real swtpm and PostgreSQL servers on loopback.
+
+These fixtures never skip: a test that needs swtpm or PostgreSQL fails when it cannot have one,
+so a machine without them cannot pass the suite by skipping.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness.postgres import Postgres, start_postgres
+from tests.harness.swtpm import Swtpm, manufacture
+
+
+@pytest.fixture(scope="session")
+def swtpm_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A manufactured TPM state (sha1+sha256 banks, EK certificates), made once per session."""
+    state = tmp_path_factory.mktemp("swtpm-template")
+    manufacture(state)
+    return state
+
+
+@pytest.fixture
+def swtpm(swtpm_template: Path, tmp_path: Path) -> Iterator[Swtpm]:
+    """A fresh, running swtpm for one test (a copy of the session's manufactured state)."""
+    state = tmp_path / "swtpm-state"
+    shutil.copytree(swtpm_template, state)
+    tpm = Swtpm(state_dir=state)
+    tpm.start()
+    try:
+        yield tpm
+    finally:
+        tpm.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Postgres]:
+    """One PostgreSQL server for the session."""
+    pg = start_postgres()
+    try:
+        yield pg
+    finally:
+        pg.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: Postgres) -> Iterator[str]:
+    """A URL to a fresh, empty database on the session's PostgreSQL server."""
+    import uuid
+
+    import sqlalchemy as sa
+
+    name = "t_" + uuid.uuid4().hex[:12]
+    admin = sa.create_engine(postgres_server.url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = postgres_server.url.rsplit("/", 1)[0] + "/" + name
+    try:
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()

@@ -1,0 +1,1 @@
+"""Test harness: real services (swtpm, PostgreSQL) started on loopback for the tests."""

@@ -1,0 +1,1 @@
+"""The workload SDK (plaintext in and out through the sidecar) and the example workload."""
