@@ -1,5 +1,159 @@
-"""Errors of the ``broker`` package. Every error it raises derives from :class:`BrokerError`."""
+"""Errors of the ``broker`` package. Every error it raises derives from :class:`BrokerError`.
+
+Subtrees follow the failure areas: evidence verification, enrollment, nonces, policy, key
+custody, storage and the audit log. Each leaf names one precise reason; the gRPC layer maps a
+whole subtree to one status code and one opaque client message, and records the leaf's message
+in the audit log.
+"""
+
+from __future__ import annotations
 
 
 class BrokerError(Exception):
     """Root of every error the ``broker`` package raises."""
+
+
+# --- configuration -------------------------------------------------------------------------
+
+
+class BrokerConfigError(BrokerError):
+    """The broker's configuration is invalid."""
+
+
+# --- quote and event-log verification -----------------------------------------------------
+
+
+class VerificationError(BrokerError):
+    """Evidence (quote, signature, PCR values, event log) failed verification."""
+
+
+class MalformedEvidenceError(VerificationError):
+    """Evidence bytes cannot be parsed (truncated, trailing bytes, wrong structure)."""
+
+
+class NotTpmGeneratedError(VerificationError):
+    """The attest structure's magic is not TPM_GENERATED_VALUE."""
+
+
+class AttestTypeError(VerificationError):
+    """The attest structure is not of type TPM_ST_ATTEST_QUOTE (e.g. a certify)."""
+
+
+class SignatureError(VerificationError):
+    """The signature does not verify under the AK, or its scheme/hash is not the AK's."""
+
+
+class UnsupportedAlgorithmError(VerificationError):
+    """A key type, signature scheme, hash or PCR bank that the broker does not accept."""
+
+
+class QualifyingDataError(VerificationError):
+    """The quote's extraData is not the expected qualifying data (wrong nonce or binding)."""
+
+
+class PcrDigestError(VerificationError):
+    """The quote's PCR digest does not match the digest of the reported PCR values."""
+
+
+class PcrSelectionError(VerificationError):
+    """The quoted PCR selection omits a required PCR or bank, or the reported values do not
+    cover exactly the quoted selection."""
+
+
+class EventLogReplayError(VerificationError):
+    """The event log does not replay to the quoted PCR value, or is malformed or too long."""
+
+
+class GoldenValueError(VerificationError):
+    """A quoted PCR value is not among the accepted (golden) values."""
+
+
+# --- enrollment -----------------------------------------------------------------------------
+
+
+class EnrollmentError(BrokerError):
+    """An EK or AK cannot be enrolled, or a credential challenge failed."""
+
+
+class KeyAttributeError(EnrollmentError):
+    """An AK or EK public area has attributes, a type, a size or a curve the broker refuses."""
+
+
+class EkCertificateError(EnrollmentError):
+    """An EK certificate is malformed, does not chain to a trusted CA, or does not match the EK."""
+
+
+class CredentialError(EnrollmentError):
+    """A credential activation failed: unknown or expired challenge, or the wrong secret."""
+
+
+class UnknownKeyError(EnrollmentError):
+    """An EK or AK is not enrolled."""
+
+
+class RevokedKeyError(EnrollmentError):
+    """An EK or AK has been revoked."""
+
+
+class DuplicateError(BrokerError):
+    """Something with the same identifier already exists."""
+
+
+# --- nonces ---------------------------------------------------------------------------------
+
+
+class NonceError(BrokerError):
+    """A nonce cannot be used: unknown, already used, expired or bound to another AK."""
+
+
+class NonceUnknownError(NonceError):
+    """The nonce was never issued by this broker (or was purged long ago)."""
+
+
+class NonceReplayError(NonceError):
+    """The nonce was already consumed."""
+
+
+class NonceExpiredError(NonceError):
+    """The nonce's time to live has passed."""
+
+
+class NonceBindingError(NonceError):
+    """The nonce was issued to another AK."""
+
+
+# --- policy ---------------------------------------------------------------------------------
+
+
+class PolicyError(BrokerError):
+    """A policy object is invalid, or policy denies a release."""
+
+
+class NotApprovedError(PolicyError):
+    """The measured workload is not approved for a key by that key's owner."""
+
+
+class UnknownPolicyObjectError(PolicyError):
+    """A golden set, party, key or approval named in a request does not exist."""
+
+
+# --- key custody ----------------------------------------------------------------------------
+
+
+class CustodyError(BrokerError):
+    """A data key cannot be wrapped, unwrapped or sealed for release."""
+
+
+class KekError(CustodyError):
+    """The key-encryption key is unavailable, or it refused to wrap or unwrap."""
+
+
+# --- storage and audit ----------------------------------------------------------------------
+
+
+class StorageError(BrokerError):
+    """The database failed or holds something unexpected."""
+
+
+class AuditChainError(BrokerError):
+    """The audit log's hash chain is broken: a record was deleted, inserted or altered."""

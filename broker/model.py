@@ -1,0 +1,155 @@
+"""The broker's domain objects: immutable values that storage keeps and policy reasons about.
+
+Digests and PCR values are raw bytes here; banks are the names in ``evidence.pcr.BANK_SIZES``
+("sha1", "sha256", ...). Times are timezone-aware UTC datetimes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+@dataclass(frozen=True)
+class EkRecord:
+    """An enrolled endorsement key."""
+
+    ek_id: str  # hex SHA-256 of the marshalled TPMT_PUBLIC
+    public: bytes  # marshalled TPM2B_PUBLIC
+    certificate: bytes | None  # DER, when the TPM had one
+    enrolled_at: datetime
+    revoked: bool = False
+    revoked_reason: str = ""
+
+
+@dataclass(frozen=True)
+class AkRecord:
+    """An enrolled attestation key."""
+
+    ak_name: str  # hex TPM name (nameAlg || digest of TPMT_PUBLIC)
+    public: bytes  # marshalled TPM2B_PUBLIC
+    ek_id: str | None  # None for an AK the operator enrolled directly without an EK
+    enrolled_by: str  # "credential-activation" or "operator"
+    enrolled_at: datetime
+    revoked: bool = False
+    revoked_reason: str = ""
+
+
+@dataclass(frozen=True)
+class CredentialChallenge:
+    """An outstanding MakeCredential challenge: one per AK, with an expiry."""
+
+    enrollment_id: str
+    ak_name: str
+    ak_public: bytes
+    ek_id: str
+    secret_digest: bytes  # SHA-256 of the secret; the secret itself is not stored
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class PcrKey:
+    """One PCR in one bank."""
+
+    index: int
+    bank: str
+
+
+@dataclass(frozen=True)
+class GoldenPcrSet:
+    """Accepted values per PCR and bank. Several values for one PCR allow rolling updates."""
+
+    name: str
+    accepted: Mapping[PcrKey, frozenset[bytes]]
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class Party:
+    """A data owner and the HPKE key its outputs are sealed to."""
+
+    name: str
+    kem: int  # cleanroom.v1.KemAlgorithm number
+    public_key: bytes
+
+
+@dataclass(frozen=True)
+class DataKeyRecord:
+    """A party's data key, stored wrapped by a KEK. The plain key never is."""
+
+    key_id: str
+    owner: str
+    wrapped_key: bytes
+    kek_ref: str  # "local" or a Key Vault key id
+    created_at: datetime
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """One measured file of a workload, in measurement order."""
+
+    path: str
+    size: int
+    digests: Mapping[str, bytes]
+
+
+@dataclass(frozen=True)
+class Approval:
+    """A party's approval of a measured workload for some of its keys."""
+
+    approval_id: str
+    party: str
+    workload_name: str
+    manifest: tuple[ManifestEntry, ...]
+    expected_pcrs: Mapping[str, bytes]  # bank -> expected PCR 23 value
+    key_ids: tuple[str, ...]
+    output_recipients: tuple[str, ...]
+    golden_set: str | None
+    created_at: datetime
+    revoked: bool = False
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """What a caller asks the audit log to record."""
+
+    actor: str  # SPIFFE id of the caller, or "broker" for internal events
+    action: str  # e.g. "ak.enroll", "attest", "key.release"
+    subject: str
+    decision: str  # "allow" or "deny"
+    reason: str = ""
+    evidence_digest: str = ""
+    parties: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """An audit log record as stored, with its place in the hash chain."""
+
+    sequence: int
+    time: datetime
+    actor: str
+    action: str
+    subject: str
+    decision: str
+    reason: str
+    evidence_digest: str
+    parties: tuple[str, ...]
+    previous_hash: str
+    record_hash: str
+
+
+@dataclass(frozen=True)
+class Session:
+    """An attested sidecar session: keys were released under it until it ends or expires."""
+
+    session_id: str
+    ak_name: str
+    peer: str
+    started_at: datetime
+    expires_at: datetime
+    released_key_ids: tuple[str, ...]
+    ended_at: datetime | None = None
+    exit_code: int | None = None
