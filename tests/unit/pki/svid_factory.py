@@ -1,0 +1,136 @@
+"""Certificates shaped like SPIRE's, and deliberately broken ones, built with cryptography.
+
+SPIRE issues X.509-SVIDs from an intermediate signing CA: an EC P-256 leaf whose subject is
+``C=US, O=SPIRE`` plus a unique identifier (no CN), whose only SAN is the SPIFFE ID URI, with
+keyUsage digitalSignature/keyEncipherment/keyAgreement, EKU serverAuth+clientAuth and
+CA:false. These builders reproduce that profile so the tests exercise what SPIRE hands out.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from pki.ca import PrivateKey
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def spire_intermediate(
+    *, root_key: PrivateKey, root_cert: x509.Certificate, trust_domain: str
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A SPIRE-style intermediate signing CA under ``root_cert`` (pathlen 0)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.COUNTRY_NAME, "US"),
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "SPIFFE"),
+                ]
+            )
+        )
+        .issuer_name(root_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()), False
+        )
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]
+            ),
+            critical=False,
+        )
+        .sign(root_key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def leaf(
+    *,
+    issuer_key: PrivateKey,
+    issuer_cert: x509.Certificate,
+    uris: Sequence[str],
+    dns_names: Sequence[str] = (),
+    subject: x509.Name | None = None,
+    ca: bool = False,
+    include_san: bool = True,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A SPIRE-style leaf (EC P-256, no CN) with the given URI SANs (zero, one or several)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = _now()
+    if subject is None:
+        subject = x509.Name(
+            [
+                x509.NameAttribute(NameOID.COUNTRY_NAME, "US"),
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "SPIRE"),
+                x509.NameAttribute(NameOID.X500_UNIQUE_IDENTIFIER, "4f1e5c4d0a0b"),
+            ]
+        )
+    sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
+    sans += [x509.DNSName(d) for d in dns_names]
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=True,
+                data_encipherment=False,
+                key_agreement=True,
+                key_cert_sign=ca,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), False
+        )
+    )
+    if include_san and sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return key, builder.sign(issuer_key, hashes.SHA256())
