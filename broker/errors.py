@@ -91,10 +91,6 @@ class UnknownKeyError(EnrollmentError):
     """An EK or AK is not enrolled."""
 
 
-class RevokedKeyError(EnrollmentError):
-    """An EK or AK has been revoked."""
-
-
 class DuplicateError(BrokerError):
     """Something with the same identifier already exists."""
 
@@ -131,6 +127,10 @@ class PolicyError(BrokerError):
 
 class NotApprovedError(PolicyError):
     """The measured workload is not approved for a key by that key's owner."""
+
+
+class RevokedKeyError(EnrollmentError, PolicyError):
+    """An EK or AK has been revoked: it can neither enroll nor have keys released to it."""
 
 
 class UnknownPolicyObjectError(PolicyError):

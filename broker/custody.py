@@ -1,0 +1,559 @@
+"""Key custody: key-encryption keys (KEKs) that wrap data keys at rest, and registration.
+
+Data keys are stored only wrapped by a KEK (:class:`Kek`). The wrap binds the key id and the
+owner party as associated data, so a wrapped key copied into another record (another key id or
+owner) fails to unwrap instead of being released under the wrong name. :class:`LocalKek` keeps
+an AES-256-GCM key in a 0600 file; other providers (Azure Key Vault) plug into
+:class:`KekRegistry` by a ref prefix such as ``"azurekv:"``.
+
+Parties hand their data keys to the broker sealed with HPKE to the broker's registration key
+(:func:`load_or_create_registration_key`); the HPKE info (:func:`registration_info`) binds the
+key id and the owner, so a sealed key replayed under another id or by another party does not
+open.
+
+Plain data keys never go into logs or exception messages. Python cannot guarantee that a key is
+erased from memory (immutable ``bytes`` copies are made by the crypto library and freed by the
+garbage collector whenever it likes); where this module hands out a plain key it does so in a
+``bytearray`` that is zeroed when the caller is done (:func:`plain_data_key`), which shortens
+the key's life in memory but is not a guarantee.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import stat
+import struct
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Protocol, Self
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from broker.errors import CustodyError, KekError
+from broker.model import DataKeyRecord
+from sealing.errors import SealingError
+from sealing.hpke import open_sealed, seal
+from sealing.keys import (
+    KEM_X25519,
+    RecipientPrivateKey,
+    RecipientPublicKey,
+    generate_recipient_key,
+    load_private_key,
+    write_private_key,
+)
+
+#: Every data key in the clean room is an AES-256 key.
+DATA_KEY_SIZE = 32
+
+#: Size of the local KEK (AES-256-GCM).
+KEK_SIZE = 32
+
+#: The ref of :class:`LocalKek` in :attr:`DataKeyRecord.kek_ref`.
+LOCAL_KEK_REF = "local"
+
+#: Version byte of the local wrapped-key format: ``version || nonce(12) || ciphertext+tag``.
+WRAP_VERSION = 1
+_NONCE_SIZE = 12
+_TAG_SIZE = 16
+_WRAPPED_SIZE = 1 + _NONCE_SIZE + DATA_KEY_SIZE + _TAG_SIZE
+
+WRAP_LABEL = b"cleanroom/v1 kek-wrap"
+REGISTRATION_LABEL = b"cleanroom/v1 register-data-key"
+
+#: File names under the broker's state directory.
+LOCAL_KEK_FILE = "kek.key"
+REGISTRATION_KEY_FILE = "registration.key"
+
+
+def encode_info(label: bytes, *fields: str) -> bytes:
+    """``label || 0x00 || (u32 len || utf-8 field)*``: an unambiguous context string.
+
+    The label separates uses; the length prefixes make ("ab", "c") and ("a", "bc") differ.
+
+    Raises:
+        CustodyError: a field is empty.
+    """
+    out = [label, b"\x00"]
+    for field in fields:
+        raw = field.encode("utf-8")
+        if not raw:
+            raise CustodyError(f"{label.decode()}: empty field in the context string")
+        out.append(struct.pack(">I", len(raw)) + raw)
+    return b"".join(out)
+
+
+def check_data_key(data_key: bytes | bytearray) -> None:
+    """Raises:
+    CustodyError: ``data_key`` is not 32 bytes (the size only is reported, never the key).
+    """
+    if len(data_key) != DATA_KEY_SIZE:
+        raise CustodyError(f"a data key must be {DATA_KEY_SIZE} bytes, got {len(data_key)}")
+
+
+def zero(buffer: bytearray) -> None:
+    """Overwrites ``buffer`` with zeros in place (best effort; see the module docstring)."""
+    buffer[:] = bytes(len(buffer))
+
+
+# --- KEKs -----------------------------------------------------------------------------------
+
+
+class Kek(Protocol):
+    """A key-encryption key. ``key_id`` and ``owner`` are bound as AEAD associated data."""
+
+    @property
+    def ref(self) -> str:
+        """What :attr:`DataKeyRecord.kek_ref` records for keys this KEK wraps."""
+        ...
+
+    def wrap(self, data_key: bytes | bytearray, *, key_id: str, owner: str) -> bytes:
+        """Raises: KekError, CustodyError."""
+        ...
+
+    def unwrap(self, wrapped: bytes, *, key_id: str, owner: str) -> bytes:
+        """Raises: KekError (wrong KEK, altered, or another key id or owner)."""
+        ...
+
+
+class LocalKek:
+    """AES-256-GCM KEK whose key lives in a local file with mode 0600.
+
+    Use :meth:`open`; close it (or use it as a context manager) to drop the key.
+    """
+
+    def __init__(self, *, key: bytes | bytearray, path: Path | None = None) -> None:
+        """Raises: KekError: the key is not 32 bytes."""
+        if len(key) != KEK_SIZE:
+            raise KekError(f"the local KEK must be {KEK_SIZE} bytes, got {len(key)}")
+        self._aead: AESGCM | None = AESGCM(key)
+        self.path = path
+
+    @property
+    def ref(self) -> str:
+        return LOCAL_KEK_REF
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, create: bool = True) -> LocalKek:
+        """Loads the KEK from ``path``, creating a fresh random one there first if allowed.
+
+        A new file is created with ``O_CREAT|O_EXCL`` and mode 0600 (its directory with 0700
+        if missing); when several brokers start at once exactly one key wins and all use it.
+
+        Raises:
+            KekError: the file is missing (and ``create`` is false), is not a regular file, is
+                readable or writable by group or others, is owned by another user, has the
+                wrong size, or cannot be read or written.
+        """
+        p = Path(path)
+        if create and not p.exists():
+            _create_secret_file(p, secrets.token_bytes(KEK_SIZE))
+        key = _read_secret_file(p, KEK_SIZE)
+        try:
+            return cls(key=key, path=p)
+        finally:
+            zero(key)
+
+    def _cipher(self) -> AESGCM:
+        if self._aead is None:
+            raise KekError("the local KEK is closed")
+        return self._aead
+
+    def wrap(self, data_key: bytes | bytearray, *, key_id: str, owner: str) -> bytes:
+        """Wraps a 32-byte data key: ``version || random nonce || AES-GCM(ciphertext || tag)``.
+
+        Raises:
+            CustodyError: the data key is not 32 bytes, or the key id or owner is empty.
+            KekError: the KEK is closed.
+        """
+        check_data_key(data_key)
+        aad = _wrap_aad(WRAP_VERSION, key_id, owner)
+        nonce = secrets.token_bytes(_NONCE_SIZE)
+        return bytes([WRAP_VERSION]) + nonce + self._cipher().encrypt(nonce, data_key, aad)
+
+    def unwrap(self, wrapped: bytes, *, key_id: str, owner: str) -> bytes:
+        """Unwraps a key wrapped by :meth:`wrap` for the same ``key_id`` and ``owner``.
+
+        Raises:
+            KekError: the wrapped key is malformed, of an unknown version, was wrapped by
+                another KEK or for another key id or owner, or was altered; or the KEK is closed.
+        """
+        what = f"wrapped data key {key_id!r} of {owner!r}"
+        if len(wrapped) != _WRAPPED_SIZE:
+            raise KekError(f"{what} is {len(wrapped)} bytes, expected {_WRAPPED_SIZE}")
+        if wrapped[0] != WRAP_VERSION:
+            raise KekError(f"{what} has unknown format version {wrapped[0]}")
+        try:
+            aad = _wrap_aad(wrapped[0], key_id, owner)
+        except CustodyError as e:
+            raise KekError(f"{what}: {e}") from e
+        nonce = wrapped[1 : 1 + _NONCE_SIZE]
+        try:
+            return self._cipher().decrypt(nonce, wrapped[1 + _NONCE_SIZE :], aad)
+        except InvalidTag as e:
+            raise KekError(
+                f"{what} does not unwrap: another KEK wrapped it, it belongs to another key id "
+                "or owner, or it was altered"
+            ) from e
+
+    def close(self) -> None:
+        """Drops the key (the AES-GCM object holding it)."""
+        self._aead = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _wrap_aad(version: int, key_id: str, owner: str) -> bytes:
+    # The version is authenticated too, so a future format cannot be confused with this one.
+    return encode_info(WRAP_LABEL + bytes([version]), key_id, owner)
+
+
+KekFactory = Callable[[str], Kek]
+
+
+class KekRegistry:
+    """Resolves a :attr:`DataKeyRecord.kek_ref` to the :class:`Kek` that unwraps it.
+
+    KEKs with a fixed ref (``"local"``) are added with :meth:`add`; providers that serve many
+    refs (``"azurekv:https://vault/keys/name/version"``) register a factory for their prefix
+    with :meth:`add_provider`, and the KEK each ref resolves to is cached. Thread-safe.
+    """
+
+    def __init__(
+        self,
+        *,
+        default_ref: str = LOCAL_KEK_REF,
+        keks: Iterable[Kek] = (),
+        providers: Mapping[str, KekFactory] | None = None,
+    ) -> None:
+        self.default_ref = default_ref
+        self._keks: dict[str, Kek] = {}
+        self._providers: dict[str, KekFactory] = dict(providers or {})
+        self._lock = threading.Lock()
+        for kek in keks:
+            self.add(kek)
+
+    @classmethod
+    def open_local(
+        cls, state_dir: str | os.PathLike[str], *, default_ref: str = LOCAL_KEK_REF
+    ) -> KekRegistry:
+        """A registry holding the :class:`LocalKek` of ``state_dir/kek.key`` (created if new).
+
+        Raises:
+            KekError: the KEK file is unusable (see :meth:`LocalKek.open`).
+        """
+        return cls(default_ref=default_ref, keks=[LocalKek.open(Path(state_dir) / LOCAL_KEK_FILE)])
+
+    def add(self, kek: Kek) -> None:
+        """Raises: KekError: a KEK with the same ref is already registered."""
+        with self._lock:
+            if kek.ref in self._keks:
+                raise KekError(f"a KEK with ref {kek.ref!r} is already registered")
+            self._keks[kek.ref] = kek
+
+    def add_provider(self, prefix: str, factory: KekFactory) -> None:
+        """Lets ``factory(ref)`` build the KEK for every ref starting with ``prefix``.
+
+        Raises:
+            KekError: the prefix is empty or already has a provider.
+        """
+        if not prefix:
+            raise KekError("a KEK provider needs a non-empty ref prefix")
+        with self._lock:
+            if prefix in self._providers:
+                raise KekError(f"a KEK provider for {prefix!r} is already registered")
+            self._providers[prefix] = factory
+
+    def get(self, ref: str) -> Kek:
+        """The KEK for ``ref``.
+
+        Raises:
+            KekError: no KEK or provider serves ``ref``, or the provider failed to build it.
+        """
+        with self._lock:
+            kek = self._keks.get(ref)
+            if kek is not None:
+                return kek
+            # The longest matching prefix wins, so "azurekv:" and a more specific provider
+            # can coexist.
+            matches = [p for p in self._providers if ref.startswith(p)]
+            if not matches:
+                raise KekError(f"no KEK is configured for ref {ref!r}")
+            factory = self._providers[max(matches, key=len)]
+            try:
+                kek = factory(ref)
+            except KekError:
+                raise
+            except Exception as e:
+                raise KekError(f"the KEK provider for {ref!r} failed: {e}") from e
+            self._keks[ref] = kek
+            return kek
+
+    @property
+    def default(self) -> Kek:
+        """The KEK new data keys are wrapped with.
+
+        Raises:
+            KekError: the default ref cannot be resolved.
+        """
+        return self.get(self.default_ref)
+
+    def close(self) -> None:
+        """Closes every KEK that can be closed (drops their keys)."""
+        with self._lock:
+            keks = list(self._keks.values())
+            self._keks.clear()
+        for kek in keks:
+            close = getattr(kek, "close", None)
+            if callable(close):
+                close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+@contextmanager
+def plain_data_key(kek: Kek, record: DataKeyRecord) -> Iterator[bytearray]:
+    """Unwraps ``record`` with ``kek`` and yields the plain key, zeroed when the block ends.
+
+    Raises:
+        KekError: the key does not unwrap.
+        CustodyError: the unwrapped key is not 32 bytes.
+    """
+    if kek.ref != record.kek_ref:
+        raise KekError(
+            f"data key {record.key_id!r} is wrapped by {record.kek_ref!r}, not {kek.ref!r}"
+        )
+    key = bytearray(kek.unwrap(record.wrapped_key, key_id=record.key_id, owner=record.owner))
+    try:
+        check_data_key(key)
+        yield key
+    finally:
+        zero(key)
+
+
+# --- registration ---------------------------------------------------------------------------
+
+
+def registration_info(key_id: str, owner: str) -> bytes:
+    """The HPKE info for a data key sealed to the broker's registration key.
+
+    ``"cleanroom/v1 register-data-key" || 0x00 || u32 len || key_id || u32 len || owner``.
+
+    Raises:
+        CustodyError: the key id or owner is empty.
+    """
+    return encode_info(REGISTRATION_LABEL, key_id, owner)
+
+
+def load_or_create_registration_key(
+    path: str | os.PathLike[str], *, kem: int = KEM_X25519, create: bool = True
+) -> RecipientPrivateKey:
+    """The broker's HPKE key that parties seal their data keys to, created (0600) if new.
+
+    ``kem`` only matters when the key is created; an existing key keeps its own KEM.
+
+    Raises:
+        CustodyError: the file is missing (and ``create`` is false), is readable or writable by
+            group or others, or cannot be read, parsed or written.
+    """
+    p = Path(path)
+    if create and not p.exists():
+        try:
+            key = generate_recipient_key(kem=kem)
+            tmp = p.with_name(f".{p.name}.{secrets.token_hex(8)}.tmp")
+            _ensure_private_dir(p.parent)
+            try:
+                write_private_key(key, tmp)
+                _link_into_place(tmp, p)
+            finally:
+                tmp.unlink(missing_ok=True)
+                key.close()
+        except SealingError as e:
+            raise CustodyError(f"cannot create the registration key {p}: {e}") from e
+        except OSError as e:
+            raise CustodyError(f"cannot create the registration key {p}: {e.strerror}") from e
+    _check_private_file(p, CustodyError)
+    try:
+        return load_private_key(p)
+    except SealingError as e:
+        raise CustodyError(f"cannot load the registration key {p}: {e}") from e
+
+
+def seal_for_registration(
+    broker_public: RecipientPublicKey,
+    data_key: bytes | bytearray,
+    *,
+    key_id: str,
+    owner: str,
+) -> bytes:
+    """The party side: seals a data key to the broker's registration key for RegisterDataKey.
+
+    Raises:
+        CustodyError: the data key is not 32 bytes, the key id or owner is empty, or sealing
+            failed.
+    """
+    check_data_key(data_key)
+    info = registration_info(key_id, owner)
+    try:
+        return seal(broker_public, bytes(data_key), info=info)
+    except SealingError as e:
+        raise CustodyError(f"cannot seal data key {key_id!r} for registration: {e}") from e
+
+
+def open_registered_key(
+    private: RecipientPrivateKey, sealed: bytes, *, key_id: str, owner: str
+) -> bytes:
+    """The broker side: opens a data key a party sealed with :func:`seal_for_registration`.
+
+    Raises:
+        CustodyError: it does not open (another broker key, key id or owner, or altered), or
+            what it holds is not a 32-byte key.
+    """
+    info = registration_info(key_id, owner)
+    try:
+        data_key = open_sealed(private, sealed, info=info)
+    except SealingError as e:
+        raise CustodyError(
+            f"sealed data key {key_id!r} of {owner!r} does not open: it was sealed to another "
+            "broker key or for another key id or owner, or it was altered"
+        ) from e
+    check_data_key(data_key)
+    return data_key
+
+
+# --- secret files ---------------------------------------------------------------------------
+
+
+def _ensure_private_dir(directory: Path) -> None:
+    if not directory.exists():
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+def _link_into_place(tmp: Path, final: Path) -> None:
+    # A hard link appears atomically and fails if the name exists, so a reader never sees a
+    # half-written file and, when two processes race, the first one's key wins for both.
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        pass
+    _fsync_dir(final.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _create_secret_file(path: Path, secret: bytes) -> None:
+    """Writes ``secret`` to a new file with mode 0600 (O_CREAT|O_EXCL), atomically.
+
+    Raises:
+        KekError: the file cannot be written.
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        _ensure_private_dir(path.parent)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            view = memoryview(secret)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _link_into_place(tmp, path)
+    except OSError as e:
+        raise KekError(f"cannot create the KEK file {path}: {e.strerror or e}") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _check_private_file(path: Path, error: type[CustodyError]) -> os.stat_result:
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError as e:
+        raise error(f"{path} does not exist") from e
+    except OSError as e:
+        raise error(f"cannot inspect {path}: {e.strerror or e}") from e
+    _check_private_stat(path, st, error)
+    return st
+
+
+def _check_private_stat(path: Path, st: os.stat_result, error: type[CustodyError]) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{path} is not a regular file")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        raise error(
+            f"{path} has mode {mode:04o}: a key file must not be readable or writable by group "
+            f"or others; fix it with 'chmod 600 {path}' after checking who may have read it"
+        )
+    if st.st_uid != os.geteuid():
+        raise error(f"{path} is owned by uid {st.st_uid}, not by this process (uid {os.geteuid()})")
+
+
+def _read_secret_file(path: Path, size: int) -> bytearray:
+    """Reads exactly ``size`` bytes from a private (0600, own) regular file into a bytearray.
+
+    Raises:
+        KekError: the file is missing, not private, not a regular file or of the wrong size.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError as e:
+        raise KekError(f"the KEK file {path} does not exist") from e
+    except OSError as e:
+        raise KekError(f"cannot open the KEK file {path}: {e.strerror or e}") from e
+    try:
+        # Checked on the open descriptor, so the file checked is the file read.
+        _check_private_stat(path, os.fstat(fd), KekError)
+        buffer = bytearray(size + 1)
+        view = memoryview(buffer)
+        filled = 0
+        while filled < len(buffer):
+            n = os.readv(fd, [view[filled:]])
+            if n == 0:
+                break
+            filled += n
+        view.release()
+        if filled != size:
+            zero(buffer)
+            raise KekError(
+                f"the KEK file {path} must hold exactly {size} bytes"
+                + (f", it holds {filled}" if filled < size else "")
+            )
+        del buffer[size:]
+        return buffer
+    except OSError as e:
+        raise KekError(f"cannot read the KEK file {path}: {e.strerror or e}") from e
+    finally:
+        os.close(fd)

@@ -1,0 +1,450 @@
+"""Release policy: which data keys a verified attestation is entitled to. Pure: no I/O.
+
+The broker first verifies the quote and the event log (:mod:`broker.quote`); this module then
+decides, for each requested data key, whether the key's owner approved the measured workload on
+this machine. It takes plain data (records, quoted PCR values, the measured manifest) and
+returns a :class:`Decision`, or raises when the attester itself may not receive anything.
+
+Rules (see ``docs/policy.md``):
+
+* A revoked AK, or an AK whose EK is revoked, gets nothing: :class:`AttesterRevokedError`.
+* A key is granted when an active approval by the key's *owner* names it, its expected PCR 23
+  equals the quoted PCR 23 in every bank both list (sha256 always), its manifest equals the
+  measured manifest (same ordered paths and digests), and its golden set, if any, exists and
+  accepts every PCR value it lists.
+* Keys are decided one by one (partial release): a key whose owner did not approve the workload
+  is withheld with an exact reason while the other parties' keys are released.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from broker.errors import (
+    NotApprovedError,
+    PolicyError,
+    RevokedKeyError,
+    UnknownPolicyObjectError,
+)
+from broker.model import (
+    AkRecord,
+    Approval,
+    DataKeyRecord,
+    EkRecord,
+    GoldenPcrSet,
+    ManifestEntry,
+    Party,
+)
+from evidence.errors import EventLogError
+from evidence.pcr import BANK_SIZES, WORKLOAD_PCR, MeasurementEvent, replay
+
+#: The bank every comparison of PCR 23 must include: sha1 alone is never enough.
+REQUIRED_BANK = "sha256"
+
+#: The highest PCR index a TPM 2.0 PC-client platform has.
+MAX_PCR_INDEX = 23
+
+
+class AttesterRevokedError(RevokedKeyError, PolicyError):
+    """The attesting AK, or the EK it is bound to, is revoked: nothing is released.
+
+    It is both a :class:`RevokedKeyError` (what failed) and a :class:`PolicyError` (where it was
+    decided), so callers that map the policy subtree to one status catch it too.
+    """
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A data key the attested workload may receive, and the approval that allowed it."""
+
+    key_id: str
+    owner: str
+    approval_id: str
+
+
+@dataclass(frozen=True)
+class Denial:
+    """A requested data key that is withheld. ``reason`` is exact, for the audit log only."""
+
+    key_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of :func:`evaluate` for one attestation.
+
+    ``output_recipients`` is the union of the recipients named by the approvals that granted
+    keys, sorted by name. ``workload_name`` is the approved workload's name (several distinct
+    names are joined with ", "); empty when no approval matched the measurement.
+    """
+
+    granted: tuple[Grant, ...]
+    denied: tuple[Denial, ...]
+    output_recipients: tuple[str, ...]
+    workload_name: str
+    evaluated_at: datetime
+
+    @property
+    def granted_key_ids(self) -> tuple[str, ...]:
+        return tuple(g.key_id for g in self.granted)
+
+
+# Stages an approval can fail at, in the order they are checked. When no approval grants a
+# key, the reason reported comes from the approval that got furthest, since that is the one the
+# owner most likely meant for this workload.
+_REVOKED, _PCR, _MANIFEST, _GOLDEN = range(4)
+
+
+def evaluate(
+    *,
+    ak: AkRecord,
+    ek: EkRecord | None,
+    quoted_pcrs: Mapping[tuple[int, str], bytes],
+    measured_manifest: Sequence[ManifestEntry],
+    requested_key_ids: Sequence[str],
+    keys: Mapping[str, DataKeyRecord],
+    approvals: Sequence[Approval],
+    golden_sets: Mapping[str, GoldenPcrSet],
+    now: datetime,
+) -> Decision:
+    """Decides which requested data keys a verified attestation may receive.
+
+    ``quoted_pcrs`` are the verified quoted PCR values, ``measured_manifest`` the files of the
+    verified event log (:func:`manifest_from_events`). ``approvals`` are the candidates (the
+    caller may pre-select active approvals whose expected PCR 23 matches; every rule is checked
+    here again regardless). When ``requested_key_ids`` is empty, every key named by an active
+    approval that matches this measurement is considered.
+
+    Nothing at all being granted is a valid :class:`Decision` with only denials; the caller
+    turns it into an opaque refusal.
+
+    Raises:
+        AttesterRevokedError: the AK or its EK is revoked (nothing may be released).
+        PolicyError: the EK record given does not belong to the AK, or the AK's EK is missing.
+    """
+    _check_attester(ak, ek)
+    ordered = sorted(approvals, key=lambda a: (-a.created_at.timestamp(), a.approval_id))
+    measured = tuple(measured_manifest)
+
+    if requested_key_ids:
+        wanted = list(dict.fromkeys(requested_key_ids))
+    else:
+        # Approvals that match this measurement name the keys; their golden sets are checked
+        # per key below, so a key withheld for a stale golden set still gets its denial.
+        named = {
+            key_id
+            for a in ordered
+            if _failure_stage(a, quoted_pcrs, measured) >= _GOLDEN
+            for key_id in a.key_ids
+        }
+        wanted = sorted(named)
+
+    granted: list[Grant] = []
+    denied: list[Denial] = []
+    granting: dict[str, Approval] = {}
+    for key_id in wanted:
+        record = keys.get(key_id)
+        if record is None or record.key_id != key_id:
+            denied.append(Denial(key_id, "unknown key"))
+            continue
+        outcome = _decide_key(record, ordered, quoted_pcrs, measured, golden_sets)
+        if isinstance(outcome, Approval):
+            granted.append(
+                Grant(key_id=key_id, owner=record.owner, approval_id=outcome.approval_id)
+            )
+            granting[outcome.approval_id] = outcome
+        else:
+            denied.append(Denial(key_id, outcome))
+
+    recipients = sorted({r for a in granting.values() for r in a.output_recipients})
+    if granting:
+        names = {a.workload_name for a in granting.values()}
+    else:
+        names = {
+            a.workload_name
+            for a in ordered
+            if not a.revoked and _failure_stage(a, quoted_pcrs, measured) >= _GOLDEN
+        }
+    return Decision(
+        granted=tuple(granted),
+        denied=tuple(denied),
+        output_recipients=tuple(recipients),
+        workload_name=", ".join(sorted(names)),
+        evaluated_at=now,
+    )
+
+
+def _check_attester(ak: AkRecord, ek: EkRecord | None) -> None:
+    if ak.revoked:
+        raise AttesterRevokedError(f"AK {ak.ak_name} is revoked: {ak.revoked_reason or 'revoked'}")
+    if ak.ek_id is None:
+        return
+    if ek is None:
+        raise PolicyError(f"AK {ak.ak_name} is bound to EK {ak.ek_id}, which is not enrolled")
+    if ek.ek_id != ak.ek_id:
+        raise PolicyError(f"EK {ek.ek_id} is not the EK of AK {ak.ak_name} ({ak.ek_id})")
+    if ek.revoked:
+        raise AttesterRevokedError(
+            f"EK {ek.ek_id} of AK {ak.ak_name} is revoked: {ek.revoked_reason or 'revoked'}"
+        )
+
+
+def _decide_key(
+    record: DataKeyRecord,
+    ordered: Sequence[Approval],
+    quoted: Mapping[tuple[int, str], bytes],
+    measured: tuple[ManifestEntry, ...],
+    golden_sets: Mapping[str, GoldenPcrSet],
+) -> Approval | str:
+    """The first approval that grants ``record``, or the exact reason none does."""
+    owner = record.owner
+    if (WORKLOAD_PCR, REQUIRED_BANK) not in quoted:
+        return f"quote does not cover PCR {WORKLOAD_PCR} in {REQUIRED_BANK}"
+    naming = [a for a in ordered if a.party == owner and record.key_id in a.key_ids]
+    if not naming:
+        return f"not approved by {owner}: no approval by {owner} names this key"
+    best: tuple[int, str] = (-1, "")
+    for approval in naming:
+        failure = _failure(approval, quoted, measured, golden_sets)
+        if failure is None:
+            return approval
+        if failure[0] > best[0]:
+            best = failure
+    stage, reason = best
+    if stage == _REVOKED:
+        ids = ", ".join(sorted(a.approval_id for a in naming))
+        return (
+            f"not approved by {owner}: every approval by {owner} naming this key is revoked ({ids})"
+        )
+    if stage == _PCR:
+        value = quoted[(WORKLOAD_PCR, REQUIRED_BANK)].hex()
+        return (
+            f"not approved by {owner}: measured PCR {WORKLOAD_PCR} ({REQUIRED_BANK} {value}) "
+            f"matches no active approval by {owner} for this key"
+        )
+    return reason
+
+
+def _failure_stage(
+    approval: Approval,
+    quoted: Mapping[tuple[int, str], bytes],
+    measured: tuple[ManifestEntry, ...],
+) -> int:
+    """How far ``approval`` gets before golden values: ``_GOLDEN`` means it matches this
+    measurement (active, PCR 23 and manifest equal)."""
+    if approval.revoked:
+        return _REVOKED
+    if not _pcr23_matches(approval, quoted):
+        return _PCR
+    if _manifest_difference(approval.manifest, measured) is not None:
+        return _MANIFEST
+    return _GOLDEN
+
+
+def _failure(
+    approval: Approval,
+    quoted: Mapping[tuple[int, str], bytes],
+    measured: tuple[ManifestEntry, ...],
+    golden_sets: Mapping[str, GoldenPcrSet],
+) -> tuple[int, str] | None:
+    """``None`` if ``approval`` allows a release on this evidence, else (stage, exact reason)."""
+    who = f"approval {approval.approval_id} by {approval.party}"
+    if approval.revoked:
+        return _REVOKED, f"{who} is revoked"
+    if not _pcr23_matches(approval, quoted):
+        return _PCR, f"{who}: expected PCR {WORKLOAD_PCR} differs from the quoted value"
+    difference = _manifest_difference(approval.manifest, measured)
+    if difference is not None:
+        return _MANIFEST, (
+            f"{who}: approved manifest differs from the measured event log ({difference})"
+        )
+    if approval.golden_set:
+        golden = golden_sets.get(approval.golden_set)
+        if golden is None or golden.name != approval.golden_set:
+            return _GOLDEN, f"golden set {approval.golden_set!r} missing ({who})"
+        mismatch = golden_mismatch(golden, quoted)
+        if mismatch is not None:
+            return _GOLDEN, f"{mismatch} ({who})"
+    return None
+
+
+def _pcr23_matches(approval: Approval, quoted: Mapping[tuple[int, str], bytes]) -> bool:
+    # Banks the approval lists but the quote does not cover are not compared: the broker's
+    # required banks decide which banks a quote must cover, and sha256 always is compared.
+    if REQUIRED_BANK not in approval.expected_pcrs or (WORKLOAD_PCR, REQUIRED_BANK) not in quoted:
+        return False
+    for bank, expected in approval.expected_pcrs.items():
+        value = quoted.get((WORKLOAD_PCR, bank))
+        if value is not None and bytes(value) != bytes(expected):
+            return False
+    return True
+
+
+def _manifest_difference(
+    approved: Sequence[ManifestEntry], measured: Sequence[ManifestEntry]
+) -> str | None:
+    """``None`` when both manifests list the same files, in the same order, with the same
+    digests in every bank both carry (sha256 always); else what differs first."""
+    if len(approved) != len(measured):
+        return f"{len(approved)} files approved, {len(measured)} measured"
+    for n, (a, m) in enumerate(zip(approved, measured, strict=True)):
+        if a.path != m.path:
+            return f"file {n}: approved {a.path!r}, measured {m.path!r}"
+        if REQUIRED_BANK not in a.digests or REQUIRED_BANK not in m.digests:
+            return f"file {n} ({a.path!r}): no {REQUIRED_BANK} digest to compare"
+        for bank in sorted(set(a.digests) & set(m.digests)):
+            if bytes(a.digests[bank]) != bytes(m.digests[bank]):
+                return f"file {n} ({a.path!r}): {bank} digest differs"
+    return None
+
+
+def golden_mismatch(golden: GoldenPcrSet, quoted: Mapping[tuple[int, str], bytes]) -> str | None:
+    """``None`` when every PCR that ``golden`` lists is quoted with an accepted value; else the
+    exact reason naming the first offending PCR and bank (in index, bank order)."""
+    for key in sorted(golden.accepted, key=lambda k: (k.index, k.bank)):
+        value = quoted.get((key.index, key.bank))
+        if value is None:
+            return f"golden set {golden.name!r}: PCR {key.index} ({key.bank}) not quoted"
+        if bytes(value) not in golden.accepted[key]:
+            return (
+                f"golden set {golden.name!r}: PCR {key.index} ({key.bank}) value "
+                f"{bytes(value).hex()} is not accepted"
+            )
+    return None
+
+
+# --- pure helpers ---------------------------------------------------------------------------
+
+
+def manifest_from_events(events: Iterable[MeasurementEvent]) -> tuple[ManifestEntry, ...]:
+    """The workload manifest an event log measured: its PCR 23 events, in order."""
+    return tuple(
+        ManifestEntry(path=e.path, size=e.size, digests=dict(e.digests))
+        for e in events
+        if e.pcr_index == WORKLOAD_PCR
+    )
+
+
+def expected_pcr23(manifest: Sequence[ManifestEntry], banks: Sequence[str]) -> dict[str, bytes]:
+    """The PCR 23 value per bank that measuring ``manifest`` in order gives, from a reset PCR.
+
+    Raises:
+        PolicyError: a bank is unsupported, or an entry lacks a digest (or has one of the wrong
+            size) for one of ``banks``.
+    """
+    events = [MeasurementEvent(path=e.path, size=e.size, digests=e.digests) for e in manifest]
+    try:
+        return replay(events, banks)
+    except EventLogError as e:
+        raise PolicyError(f"cannot compute the expected PCR {WORKLOAD_PCR}: {e}") from e
+
+
+# --- validation of administrative input -----------------------------------------------------
+
+
+def validate_approval(
+    approval: Approval,
+    *,
+    keys: Mapping[str, DataKeyRecord],
+    parties: Mapping[str, Party],
+    golden_sets: Mapping[str, GoldenPcrSet],
+) -> None:
+    """Checks a new approval before it is stored.
+
+    ``keys``, ``parties`` and ``golden_sets`` hold (at least) the objects the approval names.
+    The expected PCR values must be the ones the manifest produces, so that a stored approval
+    can never match a PCR 23 that its own manifest does not explain.
+
+    Raises:
+        PolicyError: empty workload name or manifest, a malformed manifest entry, expected PCR
+            values that are missing, malformed or inconsistent with the manifest, no key ids or
+            duplicates.
+        NotApprovedError: a key id belongs to another party (a party approves only its own keys).
+        UnknownPolicyObjectError: a key, recipient party or golden set does not exist.
+    """
+    if not approval.party:
+        raise PolicyError("an approval needs the approving party")
+    if not approval.workload_name:
+        raise PolicyError("an approval needs a workload name")
+    if not approval.manifest:
+        raise PolicyError("an approval needs a non-empty manifest")
+    for n, entry in enumerate(approval.manifest):
+        if not entry.path:
+            raise PolicyError(f"manifest file {n} has an empty path")
+        if entry.size < 0:
+            raise PolicyError(f"manifest file {n} ({entry.path!r}) has a negative size")
+        if REQUIRED_BANK not in entry.digests:
+            raise PolicyError(f"manifest file {n} ({entry.path!r}) has no {REQUIRED_BANK} digest")
+        for bank, digest in entry.digests.items():
+            _check_digest(bank, digest, f"manifest file {n} ({entry.path!r})")
+
+    if REQUIRED_BANK not in approval.expected_pcrs:
+        raise PolicyError(f"an approval needs the expected PCR {WORKLOAD_PCR} in {REQUIRED_BANK}")
+    for bank, value in approval.expected_pcrs.items():
+        _check_digest(bank, value, f"expected PCR {WORKLOAD_PCR}")
+    computed = expected_pcr23(approval.manifest, sorted(approval.expected_pcrs))
+    for bank, value in approval.expected_pcrs.items():
+        if bytes(value) != computed[bank]:
+            raise PolicyError(
+                f"expected PCR {WORKLOAD_PCR} ({bank}) is not the value the manifest produces"
+            )
+
+    if not approval.key_ids:
+        raise PolicyError("an approval needs at least one key id")
+    if len(set(approval.key_ids)) != len(approval.key_ids):
+        raise PolicyError("an approval lists a key id twice")
+    for key_id in approval.key_ids:
+        record = keys.get(key_id)
+        if record is None:
+            raise UnknownPolicyObjectError(f"unknown key {key_id!r}")
+        if record.owner != approval.party:
+            raise NotApprovedError(
+                f"key {key_id!r} belongs to {record.owner}, not to {approval.party}"
+            )
+
+    if len(set(approval.output_recipients)) != len(approval.output_recipients):
+        raise PolicyError("an approval lists an output recipient twice")
+    for name in approval.output_recipients:
+        if name not in parties:
+            raise UnknownPolicyObjectError(f"unknown recipient party {name!r}")
+
+    if approval.golden_set is not None:
+        if not approval.golden_set:
+            raise PolicyError("an empty golden set name; use None for no golden set")
+        if approval.golden_set not in golden_sets:
+            raise UnknownPolicyObjectError(f"unknown golden set {approval.golden_set!r}")
+
+
+def validate_golden_set(golden: GoldenPcrSet) -> None:
+    """Checks a golden PCR set before it is stored.
+
+    Raises:
+        PolicyError: empty name or set, a PCR index outside 0..23, an unknown bank, a PCR with
+            no accepted value, or a value of the wrong size for its bank.
+    """
+    if not golden.name:
+        raise PolicyError("a golden set needs a name")
+    if not golden.accepted:
+        raise PolicyError(f"golden set {golden.name!r} lists no PCR")
+    for key, values in golden.accepted.items():
+        if not 0 <= key.index <= MAX_PCR_INDEX:
+            raise PolicyError(
+                f"golden set {golden.name!r}: PCR index {key.index} is outside 0..{MAX_PCR_INDEX}"
+            )
+        if not values:
+            raise PolicyError(
+                f"golden set {golden.name!r}: PCR {key.index} ({key.bank}) has no accepted value"
+            )
+        for value in values:
+            _check_digest(key.bank, value, f"golden set {golden.name!r}: PCR {key.index}")
+
+
+def _check_digest(bank: str, value: bytes, where: str) -> None:
+    size = BANK_SIZES.get(bank)
+    if size is None:
+        raise PolicyError(f"{where}: unknown bank {bank!r} (known: {', '.join(BANK_SIZES)})")
+    if len(value) != size:
+        raise PolicyError(f"{where}: a {bank} value must be {size} bytes, got {len(value)}")
