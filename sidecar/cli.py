@@ -1,16 +1,179 @@
-"""``cleanroom sidecar ...``: the attester and workload runtime inside the confidential VM."""
+"""``cleanroom sidecar ...``: the attester and workload runtime inside the confidential VM.
+
+``enroll``, ``measure`` and ``quote`` do with tpm2-pytss what the manual recipe did with
+``tpm2_createek``/``tpm2_createak``, ``tpm2_pcrreset``/``tpm2_pcrextend`` and ``tpm2_quote``,
+writing the same files, so ``tpm2_checkquote`` can check the result.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from cleanroom.cli import add_pending
+
+if TYPE_CHECKING:
+    from evidence.pcr import Measurement
+    from sidecar.config import TpmConfig
+
+
+def _add_tpm_options(parser: argparse.ArgumentParser, *, default: Any) -> None:
+    parser.add_argument(
+        "--config", metavar="FILE", default=default, help="sidecar config file (TOML, [tpm])"
+    )
+    parser.add_argument(
+        "--tcti",
+        metavar="TCTI",
+        default=default,
+        help="TPM TCTI, e.g. swtpm:host=127.0.0.1,port=2321 (default: $CLEANROOM_SIDECAR_TPM_TCTI,"
+        " the config file, $TPM2TOOLS_TCTI, then device:/dev/tpmrm0)",
+    )
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser("sidecar", help="TPM attester and workload runtime")
+    # Accepted both before the subcommand (cleanroom sidecar --tcti T quote ...) and after it;
+    # the subcommands' copies default to SUPPRESS so they do not overwrite the group's value.
+    _add_tpm_options(parser, default=None)
     group = parser.add_subparsers(dest="sidecar_command", metavar="SUBCOMMAND", required=True)
-    add_pending(group, "enroll", "create or load the EK and AK and write the enrollment material")
-    add_pending(group, "measure", "measure files into PCR 23 and print the PCR values")
-    add_pending(group, "quote", "quote PCR 23 with a nonce into tpm2_quote-format files")
+
+    enroll = group.add_parser(
+        "enroll", help="create or load the EK and AK and write the enrollment material"
+    )
+    _add_tpm_options(enroll, default=argparse.SUPPRESS)
+    enroll.add_argument(
+        "--out",
+        metavar="DIR",
+        help="write ek.pub, ek.crt (if the TPM has one), ak.pub, ak.pem and ak.name here",
+    )
+    enroll.set_defaults(func=_enroll)
+
+    measure = group.add_parser("measure", help="measure files into PCR 23 and print the PCR values")
+    _add_tpm_options(measure, default=argparse.SUPPRESS)
+    measure.add_argument(
+        "--offline",
+        action="store_true",
+        help="compute the PCR 23 values without a TPM (what a party computes as golden values)",
+    )
+    measure.add_argument("--log-out", metavar="FILE", help="write the event log here as JSON")
+    measure.add_argument("files", metavar="FILE", nargs="+", help="files in measurement order")
+    measure.set_defaults(func=_measure)
+
+    quote = group.add_parser("quote", help="quote PCR 23 with a nonce into tpm2_quote-format files")
+    _add_tpm_options(quote, default=argparse.SUPPRESS)
+    quote.add_argument(
+        "--nonce",
+        metavar="HEX",
+        required=True,
+        help="qualifying data in hex, used as is (tpm2_checkquote --qualification HEX)",
+    )
+    quote.add_argument(
+        "--out", metavar="DIR", required=True, help="write quote.msg, quote.sig, quote.pcrs here"
+    )
+    quote.set_defaults(func=_quote)
+
     add_pending(group, "run", "attest, then run the workload with plaintext over a local socket")
+
+
+def _config(args: argparse.Namespace) -> TpmConfig:
+    from sidecar.config import load_tpm_config
+
+    # Without -v, keep the TSS library's own stderr logging quiet: the CLI reports a failure
+    # in one line, and the TSS would add several for, say, a TPM that is not listening.
+    if not getattr(args, "verbose", 0):
+        os.environ.setdefault("TSS2_LOG", "all+NONE")
+    return load_tpm_config(args.config, tcti=args.tcti)
+
+
+def _enroll(args: argparse.Namespace) -> int:
+    from sidecar.attester import enroll_material
+
+    config = _config(args)
+    material = enroll_material(config)
+    ek, ak = material.ek, material.ak
+    where = (
+        f"persistent handle 0x{ak.handle:08x}"
+        if ak.handle is not None
+        else f"key blob {config.ak_context_file}"
+    )
+    print(f"AK name: {ak.name_hex}")
+    print(
+        f"AK: {ak.algorithm.upper()} restricted signing key at {where} "
+        f"({'created' if ak.created else 'existing'})"
+    )
+    cert = (
+        f"certificate from NV 0x{ek.certificate_index:08x}"
+        if ek.certificate is not None
+        else f"no certificate at NV 0x{ek.certificate_index:08x}"
+    )
+    print(f"EK: {ek.algorithm.upper()}, name {ek.name_hex}, {cert}")
+    if args.out:
+        from sidecar.tpm.files import write_enrollment_files
+
+        files = write_enrollment_files(ek, ak, args.out)
+        written = [files.ek_public, files.ek_certificate, files.ak_public, files.ak_pem]
+        written.append(files.ak_name)
+        print("wrote: " + ", ".join(str(p) for p in written if p is not None))
+    return 0
+
+
+def _event_log_json(measurement: Measurement, banks: tuple[str, ...]) -> str:
+    doc = {
+        "banks": list(banks),
+        "events": [
+            {
+                "pcr_index": e.pcr_index,
+                "path": e.path,
+                "size": e.size,
+                "digests": {bank: e.digests[bank].hex() for bank in banks},
+            }
+            for e in measurement.events
+        ],
+        "pcrs": {bank: measurement.pcrs[bank].hex() for bank in banks},
+    }
+    return json.dumps(doc, indent=2) + "\n"
+
+
+def _measure(args: argparse.Namespace) -> int:
+    from evidence.pcr import WORKLOAD_PCR, measure_files
+
+    config = _config(args)
+    if args.offline:
+        measurement = measure_files(args.files, config.banks)
+    else:
+        from sidecar.attester import measure_manifest
+
+        measurement = measure_manifest(config, args.files)
+    for bank in config.banks:
+        print(f"{bank}:{WORKLOAD_PCR} 0x{measurement.pcrs[bank].hex().upper()}")
+    if args.log_out:
+        from sidecar.tpm.files import write_file
+
+        write_file(Path(args.log_out), _event_log_json(measurement, config.banks).encode())
+    return 0
+
+
+def _quote(args: argparse.Namespace) -> int:
+    from sidecar.errors import InvalidNonceError
+
+    try:
+        nonce = bytes.fromhex(args.nonce)
+    except ValueError:
+        raise InvalidNonceError(
+            "--nonce must be an even number of hexadecimal digits (1 to 64 bytes)"
+        ) from None
+    from sidecar.attester import make_quote
+    from sidecar.tpm.files import write_tools_quote_files
+
+    config = _config(args)
+    result = make_quote(config, nonce=nonce)
+    files = write_tools_quote_files(result, args.out)
+    quoted = "+".join(
+        f"{bank}:{','.join(str(i) for i in config.quoted_pcrs)}" for bank in config.banks
+    )
+    print(f"quoted {quoted} with qualifying data {nonce.hex()}")
+    print(f"wrote: {files.message}, {files.signature}, {files.pcrs}")
+    return 0

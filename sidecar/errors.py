@@ -1,5 +1,64 @@
-"""Errors of the ``sidecar`` package. Every error it raises derives from :class:`SidecarError`."""
+"""Errors of the ``sidecar`` package. Every error it raises derives from :class:`SidecarError`.
+
+The TPM subtree separates "cannot talk to the TPM at all" (:class:`TpmUnavailableError`) from
+"the TPM refused a command" (:class:`TpmCommandError`), so that a caller can retry the former
+after the platform comes up and report the latter as a configuration or policy problem.
+"""
 
 
 class SidecarError(Exception):
     """Root of every error the ``sidecar`` package raises."""
+
+
+class TpmError(SidecarError):
+    """Something went wrong between the sidecar and the TPM."""
+
+
+class TpmUnavailableError(TpmError):
+    """The TPM cannot be reached through the configured TCTI (not running, wrong address)."""
+
+
+class TpmCommandError(TpmError):
+    """The TPM (or the TSS in front of it) refused or failed a command.
+
+    ``rc`` is the TSS2/TPM2 response code, or 0 when the failure was detected by the sidecar.
+    """
+
+    def __init__(self, message: str, *, rc: int = 0) -> None:
+        super().__init__(message)
+        self.rc = rc
+
+
+class PcrResetError(TpmCommandError):
+    """The platform does not allow resetting the PCR at the sidecar's locality."""
+
+
+class CredentialActivationError(TpmCommandError):
+    """ActivateCredential failed: the credential was made for another AK name or EK, or is
+    malformed."""
+
+
+class AkMismatchError(TpmError):
+    """The configured AK handle or key blob holds a key that is not the AK the config asks for."""
+
+
+class MeasurementError(SidecarError):
+    """A workload file cannot be measured (missing, unreadable, not a regular file)."""
+
+
+class PcrMismatchError(MeasurementError):
+    """After measuring, the TPM's PCR value differs from the event log's replay: something else
+    extended the PCR meanwhile."""
+
+
+class QuoteError(SidecarError):
+    """A quote could not be made or is inconsistent with the PCR values read back."""
+
+
+class InvalidNonceError(QuoteError):
+    """The nonce or qualifying data has a length the quote does not accept."""
+
+
+class OutputError(SidecarError):
+    """A file the sidecar was asked to write (enrollment material, quote files) cannot be
+    written."""
