@@ -56,7 +56,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         try:
-            return int(value)
+            # Base 0 accepts 0x81010002 for TPM handles given as strings (environment).
+            return int(value, 0) if isinstance(value, str) else int(value)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{where}: expected an integer, got {value!r}") from e
     if annotation is float:

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.harness.net import free_port, wait_for_port
+from tests.harness.net import free_port, port_is_free, wait_for_port
 
 #: Where swtpm-tools' local CA keeps the certificates that sign swtpm EK certificates.
 SWTPM_LOCALCA_DIR = Path("/var/lib/swtpm-localca")
@@ -76,10 +76,12 @@ class Swtpm:
 
     def start(self) -> None:
         """Starts swtpm on fresh ports (startup-clear already done, like a booted platform)."""
-        for _ in range(5):
-            # The swtpm TCTI always talks to the control channel on port + 1.
+        for _ in range(20):
+            # The swtpm TCTI always talks to the control channel on port + 1, so both must be free.
             self.port = free_port()
             self.ctrl_port = self.port + 1
+            if not port_is_free(self.ctrl_port):
+                continue
             self._proc = subprocess.Popen(
                 [
                     "swtpm",
@@ -98,7 +100,11 @@ class Swtpm:
                 stderr=subprocess.PIPE,
             )
             try:
-                wait_for_port(self.port, timeout=5)
+                wait_for_port(
+                    self.port,
+                    timeout=5,
+                    alive=lambda: self._proc is not None and self._proc.poll() is None,
+                )
                 return
             except TimeoutError:
                 self.stop()
