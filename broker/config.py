@@ -1,0 +1,109 @@
+"""The broker's configuration: named security limits with safe defaults.
+
+Loaded from the ``[broker]`` table of a TOML file, then from ``CLEANROOM_BROKER_<SETTING>``
+environment variables (``CLEANROOM_BROKER_TLS_LISTEN`` for the nested ``tls.listen``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cleanroom.config import ConfigError, load_config
+from evidence.pcr import BANK_SIZES
+
+ENV_PREFIX = "CLEANROOM_BROKER"
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """The mTLS listener. Client certificates are required and checked against ``ca_file``."""
+
+    listen: str = "127.0.0.1:50051"
+    cert_file: str = "pki/broker.crt"
+    key_file: str = "pki/broker.key"
+    ca_file: str = "pki/ca.crt"
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus metrics over plain HTTP, on localhost unless changed on purpose."""
+
+    enabled: bool = True
+    listen: str = "127.0.0.1:9464"
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """Every setting of the broker. Security limits are named here with safe defaults."""
+
+    #: SQLAlchemy URL: ``sqlite:///broker.db`` (default, WAL) or ``postgresql+psycopg://...``.
+    database_url: str = "sqlite:///broker.db"
+    #: Where the local KEK and the registration key live (files created with 0600).
+    state_dir: str = "broker-state"
+    #: The SPIFFE trust domain of callers' identities.
+    trust_domain: str = "cleanroom.local"
+
+    #: A nonce is single use and expires after this many seconds.
+    nonce_ttl_seconds: float = 60.0
+    #: An outstanding credential-activation challenge expires after this many seconds.
+    credential_ttl_seconds: float = 300.0
+    #: A sidecar must attest again after this many seconds to keep serving data.
+    attestation_lifetime_seconds: float = 3600.0
+    #: Largest event log accepted (entries).
+    max_event_log_entries: int = 1024
+    #: Largest gRPC message accepted or sent, in bytes.
+    max_message_bytes: int = 1 << 20
+    #: Challenges a single AK may ask for per second (token bucket, burst of 10x).
+    challenge_rate_per_ak: float = 20.0
+    #: Challenges a single peer identity may ask for per second.
+    challenge_rate_per_peer: float = 50.0
+    #: Upper bound on the time the broker spends on one call, in seconds.
+    deadline_budget_seconds: float = 10.0
+
+    #: PCR banks the quote must cover (PCR 23 in each). sha1 alone is never enough.
+    required_banks: tuple[str, ...] = ("sha256",)
+    #: Boot PCRs that every quote must also cover (for golden sets over a locked-down image).
+    boot_pcrs: tuple[int, ...] = ()
+    #: Accepted AK sizes and curves.
+    accepted_rsa_bits: tuple[int, ...] = (2048, 3072)
+    accepted_ecc_curves: tuple[str, ...] = ("P-256", "P-384")
+
+    #: PEM files of CAs that sign EK certificates (TPM vendors', or swtpm's local CA in tests).
+    trusted_ek_ca_files: tuple[str, ...] = ()
+    #: Let sidecars enroll an EK that has no certificate. Off by default: an operator must
+    #: enroll such an EK explicitly.
+    allow_ek_without_certificate: bool = False
+    #: The KEK that wraps newly registered data keys ("local" or an Azure Key Vault ref).
+    default_kek: str = "local"
+
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def __post_init__(self) -> None:
+        for bank in self.required_banks:
+            if bank not in BANK_SIZES:
+                raise ConfigError(f"required_banks: unknown bank {bank!r}")
+        if not self.required_banks or self.required_banks == ("sha1",):
+            raise ConfigError("required_banks must include a bank stronger than sha1")
+        for name in ("nonce_ttl_seconds", "credential_ttl_seconds", "attestation_lifetime_seconds"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+        if self.max_event_log_entries < 1 or self.max_message_bytes < 1024:
+            raise ConfigError("max_event_log_entries and max_message_bytes are too small")
+        for pcr in self.boot_pcrs:
+            if not 0 <= pcr < 23:
+                raise ConfigError(f"boot_pcrs: {pcr} is not a boot PCR (0..22)")
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir)
+
+
+def load_broker_config(path: Path | None = None) -> BrokerConfig:
+    """Reads ``[broker]`` from ``path`` (if any) and the environment.
+
+    Raises:
+        ConfigError: the file or a setting is invalid.
+    """
+    return load_config(BrokerConfig, path, env_prefix=ENV_PREFIX, section="broker")

@@ -1,0 +1,51 @@
+"""Errors of the broker's gRPC layer. They derive from :class:`broker.errors.BrokerError`.
+
+They describe what the transport layer itself refuses: a malformed request, a caller without an
+acceptable identity or role, too many requests. The core's errors (``broker.errors``) describe
+what the broker refuses after reading a well-formed request; both are mapped to status codes in
+one place, :func:`broker.server.status.status_for`.
+"""
+
+from __future__ import annotations
+
+from broker.errors import BrokerError
+
+
+class ServerError(BrokerError):
+    """Root of the errors raised by ``broker.server``."""
+
+
+class InvalidRequestError(ServerError):
+    """A request is malformed: a required field is missing, a value is out of range, a bytes
+    field has the wrong length, an enum value is unknown or unspecified, or the message does not
+    parse. ``field`` names the offending field (dotted path, e.g. ``quote.attest``)."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}" if field else problem)
+        self.field = field
+        self.problem = problem
+
+
+class UnauthenticatedError(ServerError):
+    """The caller presented no usable identity (no client certificate, or no SPIFFE ID in it)."""
+
+
+class AccessDeniedError(ServerError):
+    """The caller's identity may not call this method (wrong role or trust domain).
+
+    ``str(e)`` is the exact reason (for the audit log and server log); clients get the short
+    ``public_message``.
+    """
+
+    def __init__(self, reason: str, *, public_message: str = "permission denied") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.public_message = public_message
+
+
+class RateLimitedError(ServerError):
+    """The caller (peer identity or AK) asked for challenges faster than configured."""
+
+
+class ServerSetupError(ServerError):
+    """The server cannot start: the listen address cannot be bound, or TLS files are unusable."""

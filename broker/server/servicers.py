@@ -1,0 +1,339 @@
+"""The gRPC servicers of ``cleanroom.v1.AttestationService`` and ``cleanroom.v1.AdminService``.
+
+They validate each request (:mod:`broker.server.validate`), convert it, call the core
+(:class:`broker.service.Broker`) as the caller that the guard put in the call context, and
+convert the result. They never set status codes: exceptions travel up to the guard, which maps
+them in one place (:mod:`broker.server.status`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from broker.server import convert, validate
+from broker.server.errors import RateLimitedError
+from broker.server.interceptor import current_call
+from broker.server.metrics import BrokerMetrics
+from broker.server.ratelimit import TokenBucketLimiter
+from broker.server.status import attestation_reason_class
+from broker.service import Broker, Evidence
+from cleanroom import __version__
+from cleanroom.v1 import admin_pb2, admin_pb2_grpc, attestation_pb2, attestation_pb2_grpc
+from evidence.proto import bank_to_pb, event_log_from_pb
+from sealing.keys import RecipientPublicKey
+
+log = logging.getLogger("cleanroom.broker.rpc")
+
+#: ListAuditRecords page size when the request leaves ``limit`` at 0.
+DEFAULT_AUDIT_PAGE = 100
+#: A token bucket holds this many seconds' worth of its rate (the config's "burst of 10x").
+BURST_SECONDS = 10.0
+
+
+class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):
+    """Enrollment, challenges, attestation and session end, for sidecars."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        metrics: BrokerMetrics,
+        peer_limiter: TokenBucketLimiter | None = None,
+        ak_limiter: TokenBucketLimiter | None = None,
+    ) -> None:
+        self.broker = broker
+        self.metrics = metrics
+        config = broker.config
+        self.peer_limiter = peer_limiter or TokenBucketLimiter(
+            rate=config.challenge_rate_per_peer,
+            burst=max(1.0, config.challenge_rate_per_peer * BURST_SECONDS),
+        )
+        self.ak_limiter = ak_limiter or TokenBucketLimiter(
+            rate=config.challenge_rate_per_ak,
+            burst=max(1.0, config.challenge_rate_per_ak * BURST_SECONDS),
+        )
+
+    def StartEnrollment(
+        self, request: attestation_pb2.StartEnrollmentRequest, context: grpc.ServicerContext
+    ) -> attestation_pb2.StartEnrollmentResponse:
+        validate.check_start_enrollment(request)
+        challenge = self.broker.start_enrollment(
+            current_call().caller,
+            ek_public=bytes(request.ek_public),
+            ek_certificate=bytes(request.ek_certificate) or None,
+            ak_public=bytes(request.ak_public),
+        )
+        return attestation_pb2.StartEnrollmentResponse(
+            enrollment_id=challenge.enrollment_id,
+            credential_blob=challenge.credential_blob,
+            encrypted_secret=challenge.encrypted_secret,
+            expires_at=convert.timestamp(challenge.expires_at),
+        )
+
+    def CompleteEnrollment(
+        self, request: attestation_pb2.CompleteEnrollmentRequest, context: grpc.ServicerContext
+    ) -> attestation_pb2.CompleteEnrollmentResponse:
+        validate.check_complete_enrollment(request)
+        record = self.broker.complete_enrollment(
+            current_call().caller, enrollment_id=request.enrollment_id, secret=bytes(request.secret)
+        )
+        return attestation_pb2.CompleteEnrollmentResponse(ak_name=record.ak_name)
+
+    def GetChallenge(
+        self, request: attestation_pb2.GetChallengeRequest, context: grpc.ServicerContext
+    ) -> attestation_pb2.GetChallengeResponse:
+        validate.check_get_challenge(request)
+        caller = current_call().caller
+        # The peer's bucket first: a sidecar cycling through AK names is still held to its own
+        # rate, and an AK shared by a burst of peers is held to the AK's.
+        if not self.peer_limiter.try_acquire(str(caller)):
+            self.metrics.rate_limited.labels("peer").inc()
+            raise RateLimitedError("too many challenges from this caller; retry later")
+        if not self.ak_limiter.try_acquire(request.ak_name):
+            self.metrics.rate_limited.labels("ak").inc()
+            raise RateLimitedError("too many challenges for this AK; retry later")
+        challenge = self.broker.challenge(caller, request.ak_name)
+        response = attestation_pb2.GetChallengeResponse(
+            nonce=challenge.nonce, expires_at=convert.timestamp(challenge.expires_at)
+        )
+        for bank in sorted(challenge.pcr_selection):
+            response.pcr_selection.add(
+                bank=bank_to_pb(bank), indices=sorted(challenge.pcr_selection[bank])
+            )
+        return response
+
+    def Attest(
+        self, request: attestation_pb2.AttestRequest, context: grpc.ServicerContext
+    ) -> attestation_pb2.AttestResponse:
+        call = current_call()
+        try:
+            validate.check_attest(
+                request, max_event_log_entries=self.broker.config.max_event_log_entries
+            )
+            evidence = Evidence(
+                ak_name=request.ak_name,
+                nonce=bytes(request.nonce),
+                attest=bytes(request.quote.attest),
+                signature=bytes(request.quote.signature),
+                pcr_values=convert.pcr_values_from_pb(request.quote.pcr_values),
+                event_log=event_log_from_pb(
+                    request.event_log, max_events=self.broker.config.max_event_log_entries
+                ),
+                ephemeral_key=RecipientPublicKey(
+                    kem=request.ephemeral_key.kem, raw=bytes(request.ephemeral_key.public_key)
+                ),
+                key_ids=tuple(request.key_ids),
+                # The quote's qualifying data must bind the certificate of this very
+                # connection, so a quote relayed over another sidecar's channel is refused.
+                peer_certificate_der=call.peer.certificate_der,
+            )
+            outcome = self.broker.attest(call.caller, evidence)
+        except Exception as e:
+            self.metrics.attestations.labels("deny", attestation_reason_class(e)).inc()
+            raise
+        self.metrics.attestations.labels("allow", "partial" if outcome.denied else "full").inc()
+        if outcome.released:
+            self.metrics.key_releases.labels("released").inc(len(outcome.released))
+        if outcome.denied:
+            self.metrics.key_releases.labels("withheld").inc(len(outcome.denied))
+        response = attestation_pb2.AttestResponse(
+            session_id=outcome.session_id,
+            attestation_expires_at=convert.timestamp(outcome.expires_at),
+        )
+        for key in outcome.released:
+            response.released_keys.add(
+                key_id=key.key_id, owner_party=key.owner, sealed_key=key.sealed
+            )
+        # Exact reasons stay in the audit log: the sidecar learns only that a key was withheld.
+        for key_id, _reason in outcome.denied:
+            response.denied_keys.add(
+                key_id=key_id, reason=attestation_pb2.DENIAL_REASON_NOT_APPROVED
+            )
+        for party in outcome.output_recipients:
+            response.output_recipients.add(
+                party=party.name, key=convert.recipient_key_pb(party.kem, party.public_key)
+            )
+        return response
+
+    def EndSession(
+        self, request: attestation_pb2.EndSessionRequest, context: grpc.ServicerContext
+    ) -> attestation_pb2.EndSessionResponse:
+        validate.check_end_session(request)
+        self.broker.end_session(
+            current_call().caller, request.session_id, request.workload_exit_code, request.outputs
+        )
+        return attestation_pb2.EndSessionResponse()
+
+
+class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
+    """EKs, AKs, golden sets and parties for the operator; keys and approvals for parties."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+
+    def GetBrokerInfo(
+        self, request: admin_pb2.GetBrokerInfoRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.GetBrokerInfoResponse:
+        public = self.broker.registration_key.public_key()
+        return admin_pb2.GetBrokerInfoResponse(
+            version=__version__,
+            registration_key=convert.recipient_key_pb(public.kem, public.raw),
+            trust_domain=self.broker.config.trust_domain,
+        )
+
+    def EnrollEk(
+        self, request: admin_pb2.EnrollEkRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.EnrollEkResponse:
+        validate.check_enroll_ek(request)
+        record = self.broker.enroll_ek(
+            current_call().caller,
+            ek_public=bytes(request.ek_public),
+            certificate=bytes(request.ek_certificate) or None,
+            allow_without_certificate=request.allow_without_certificate,
+        )
+        return admin_pb2.EnrollEkResponse(ek=convert.ek_to_pb(record))
+
+    def RevokeEk(
+        self, request: admin_pb2.RevokeEkRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.RevokeEkResponse:
+        validate.check_revoke_ek(request)
+        self.broker.revoke_ek(current_call().caller, request.ek_id, request.reason)
+        return admin_pb2.RevokeEkResponse()
+
+    def ListEks(
+        self, request: admin_pb2.ListEksRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.ListEksResponse:
+        return admin_pb2.ListEksResponse(eks=[convert.ek_to_pb(e) for e in self.broker.list_eks()])
+
+    def EnrollAk(
+        self, request: admin_pb2.EnrollAkRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.EnrollAkResponse:
+        validate.check_enroll_ak(request)
+        record = self.broker.enroll_ak(
+            current_call().caller, ak_public=bytes(request.ak_public), ek_id=request.ek_id or None
+        )
+        return admin_pb2.EnrollAkResponse(ak=convert.ak_to_pb(record))
+
+    def RevokeAk(
+        self, request: admin_pb2.RevokeAkRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.RevokeAkResponse:
+        validate.check_revoke_ak(request)
+        self.broker.revoke_ak(current_call().caller, request.ak_name, request.reason)
+        return admin_pb2.RevokeAkResponse()
+
+    def ListAks(
+        self, request: admin_pb2.ListAksRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.ListAksResponse:
+        return admin_pb2.ListAksResponse(aks=[convert.ak_to_pb(a) for a in self.broker.list_aks()])
+
+    def SetGoldenPcrSet(
+        self, request: admin_pb2.SetGoldenPcrSetRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.SetGoldenPcrSetResponse:
+        validate.check_set_golden_set(request)
+        golden = convert.golden_set_from_pb(request.golden_set, now=self.broker.clock())
+        stored = self.broker.set_golden_set(current_call().caller, golden)
+        return admin_pb2.SetGoldenPcrSetResponse(golden_set=convert.golden_set_to_pb(stored))
+
+    def ListGoldenPcrSets(
+        self, request: admin_pb2.ListGoldenPcrSetsRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.ListGoldenPcrSetsResponse:
+        return admin_pb2.ListGoldenPcrSetsResponse(
+            golden_sets=[convert.golden_set_to_pb(g) for g in self.broker.list_golden_sets()]
+        )
+
+    def DeleteGoldenPcrSet(
+        self, request: admin_pb2.DeleteGoldenPcrSetRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.DeleteGoldenPcrSetResponse:
+        validate.check_delete_golden_set(request)
+        self.broker.delete_golden_set(current_call().caller, request.name)
+        return admin_pb2.DeleteGoldenPcrSetResponse()
+
+    def AddParty(
+        self, request: admin_pb2.AddPartyRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.AddPartyResponse:
+        validate.check_add_party(request)
+        party = self.broker.add_party(current_call().caller, convert.party_from_pb(request.party))
+        return admin_pb2.AddPartyResponse(party=convert.party_to_pb(party))
+
+    def ListParties(
+        self, request: admin_pb2.ListPartiesRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.ListPartiesResponse:
+        return admin_pb2.ListPartiesResponse(
+            parties=[convert.party_to_pb(p) for p in self.broker.list_parties()]
+        )
+
+    def RegisterDataKey(
+        self, request: admin_pb2.RegisterDataKeyRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.RegisterDataKeyResponse:
+        validate.check_register_data_key(request)
+        record = self.broker.register_data_key(
+            current_call().caller,
+            key_id=request.key_id,
+            sealed_data_key=bytes(request.sealed_data_key),
+            description=request.description,
+        )
+        return admin_pb2.RegisterDataKeyResponse(key=convert.data_key_to_pb(record))
+
+    def ListDataKeys(
+        self, request: admin_pb2.ListDataKeysRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.ListDataKeysResponse:
+        keys = self.broker.list_data_keys(current_call().caller)
+        return admin_pb2.ListDataKeysResponse(keys=[convert.data_key_to_pb(k) for k in keys])
+
+    def ApproveWorkload(
+        self, request: admin_pb2.ApproveWorkloadRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.ApproveWorkloadResponse:
+        validate.check_approve_workload(request)
+        approval = self.broker.approve_workload(
+            current_call().caller,
+            workload_name=request.manifest.name,
+            manifest=convert.manifest_from_pb(request.manifest),
+            key_ids=tuple(request.key_ids),
+            output_recipients=tuple(request.output_recipients),
+            golden_set=request.golden_set or None,
+        )
+        return admin_pb2.ApproveWorkloadResponse(approval=convert.approval_to_pb(approval))
+
+    def RevokeApproval(
+        self, request: admin_pb2.RevokeApprovalRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.RevokeApprovalResponse:
+        validate.check_revoke_approval(request)
+        self.broker.revoke_approval(current_call().caller, request.approval_id)
+        return admin_pb2.RevokeApprovalResponse()
+
+    def ListApprovals(
+        self, request: admin_pb2.ListApprovalsRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.ListApprovalsResponse:
+        approvals = self.broker.list_approvals(current_call().caller)
+        return admin_pb2.ListApprovalsResponse(
+            approvals=[convert.approval_to_pb(a) for a in approvals]
+        )
+
+    def ListAuditRecords(
+        self, request: admin_pb2.ListAuditRecordsRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.ListAuditRecordsResponse:
+        validate.check_list_audit_records(request)
+        records = self.broker.audit_records(
+            current_call().caller,
+            after=request.after_sequence,
+            limit=request.limit or DEFAULT_AUDIT_PAGE,
+        )
+        return admin_pb2.ListAuditRecordsResponse(
+            records=[convert.audit_record_to_pb(r) for r in records]
+        )
+
+    def VerifyAuditLog(
+        self, request: admin_pb2.VerifyAuditLogRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.VerifyAuditLogResponse:
+        report = self.broker.verify_audit_log(current_call().caller)
+        return admin_pb2.VerifyAuditLogResponse(
+            valid=report.valid,
+            records_checked=report.records_checked,
+            first_bad_sequence=report.first_bad_sequence or 0,
+            problem=report.problem,
+        )
+
+
+__all__ = ["DEFAULT_AUDIT_PAGE", "AdminServicer", "AttestationServicer"]

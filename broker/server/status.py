@@ -1,0 +1,209 @@
+"""The one place where exceptions become gRPC status codes and client-facing messages.
+
+Clients get a code they can act on and a short message; exact reasons of refusals stay in the
+audit log and the server log. The rules, most specific first:
+
+* ``INVALID_ARGUMENT``: malformed requests (naming the field), malformed TPM structures and keys,
+  unacceptable key attributes.
+* ``UNAUTHENTICATED``: no usable client identity.
+* ``PERMISSION_DENIED``: the caller's role may not call the method; policy refusals. For
+  ``Attest`` every refusal (verification, policy, replayed or foreign nonce) gets the one opaque
+  message ``"attestation denied"``.
+* ``FAILED_PRECONDITION``: not enrolled, revoked, credential challenge unknown or expired, nonce
+  expired.
+* ``NOT_FOUND``: unknown objects named in admin calls.
+* ``ALREADY_EXISTS``: duplicates.
+* ``RESOURCE_EXHAUSTED``: rate limits (gRPC itself answers oversized messages the same way).
+* ``UNAVAILABLE``: transient faults only (the database).
+* ``INTERNAL``: everything unexpected, with a generic message; the server logs the traceback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+import grpc
+
+from broker.errors import (
+    AuditChainError,
+    BrokerConfigError,
+    BrokerError,
+    CredentialError,
+    CustodyError,
+    DuplicateError,
+    EkCertificateError,
+    EnrollmentError,
+    GoldenValueError,
+    KekError,
+    KeyAttributeError,
+    MalformedEvidenceError,
+    NonceError,
+    NonceExpiredError,
+    NotApprovedError,
+    PolicyError,
+    RevokedKeyError,
+    StorageError,
+    UnknownKeyError,
+    UnknownPolicyObjectError,
+    UnsupportedAlgorithmError,
+    VerificationError,
+)
+from broker.server.authz import ADMIN_SERVICE, ATTESTATION_SERVICE, split_method
+from broker.server.errors import (
+    AccessDeniedError,
+    InvalidRequestError,
+    RateLimitedError,
+    UnauthenticatedError,
+)
+from evidence.errors import EvidenceError
+from pki.errors import IdentityError
+from sealing.errors import InvalidKeyError, ParameterError
+
+ATTEST_METHOD: Final = f"/{ATTESTATION_SERVICE}/Attest"
+ATTESTATION_DENIED: Final = "attestation denied"
+INTERNAL_MESSAGE: Final = "internal error"
+
+#: Admin methods whose PolicyError means "this object is invalid" rather than "refused".
+_VALIDATING_METHODS: Final = frozenset(
+    f"/{ADMIN_SERVICE}/{m}" for m in ("SetGoldenPcrSet", "AddParty")
+)
+_REGISTER_METHOD: Final = f"/{ADMIN_SERVICE}/RegisterDataKey"
+
+
+@dataclass(frozen=True)
+class Status:
+    """A gRPC status for a failed call. ``unexpected`` asks the caller to log a traceback."""
+
+    code: grpc.StatusCode
+    message: str
+    unexpected: bool = False
+
+
+def _attest_status(exc: BaseException) -> Status | None:
+    """The status of a refused ``Attest``; None when the generic rules apply."""
+    cause = exc.__cause__ if isinstance(exc, PolicyError) else exc
+    # A denial raised "from" a lower error: look at what actually went wrong.
+    if isinstance(cause, NonceExpiredError):
+        return Status(grpc.StatusCode.FAILED_PRECONDITION, "nonce expired; ask for a new challenge")
+    if isinstance(cause, UnknownKeyError):
+        return Status(grpc.StatusCode.FAILED_PRECONDITION, "AK is not enrolled")
+    if isinstance(cause, MalformedEvidenceError | EvidenceError):
+        return Status(grpc.StatusCode.INVALID_ARGUMENT, "quote: malformed evidence")
+    if isinstance(exc, PolicyError | VerificationError | NonceError | EnrollmentError):
+        return Status(grpc.StatusCode.PERMISSION_DENIED, ATTESTATION_DENIED)
+    return None
+
+
+def status_for(exc: BaseException, *, full_method: str) -> Status:
+    """Maps an exception raised while serving ``full_method`` to a gRPC status.
+
+    Messages are short and never contain key material; for ``Attest`` refusals they are opaque.
+    """
+    service, _ = split_method(full_method)
+    admin = service == ADMIN_SERVICE
+    code = grpc.StatusCode
+
+    if isinstance(exc, InvalidRequestError):
+        return Status(code.INVALID_ARGUMENT, str(exc))
+    if isinstance(exc, UnauthenticatedError):
+        return Status(code.UNAUTHENTICATED, "a client certificate with a SPIFFE ID is required")
+    if isinstance(exc, AccessDeniedError):
+        return Status(code.PERMISSION_DENIED, exc.public_message)
+    if isinstance(exc, RateLimitedError):
+        return Status(code.RESOURCE_EXHAUSTED, str(exc))
+    if full_method == ATTEST_METHOD:
+        attest = _attest_status(exc)
+        if attest is not None:
+            return attest
+    if isinstance(exc, DuplicateError):
+        return Status(code.ALREADY_EXISTS, str(exc))
+    if isinstance(exc, StorageError):
+        # Storage messages may hold database details; the log has them.
+        return Status(code.UNAVAILABLE, "storage is temporarily unavailable; retry", True)
+    if isinstance(exc, KekError):
+        return Status(code.INTERNAL, "key custody failed", True)
+    if isinstance(exc, CustodyError):
+        if full_method == _REGISTER_METHOD:
+            return Status(code.INVALID_ARGUMENT, f"sealed_data_key: {exc}")
+        return Status(code.INTERNAL, "key custody failed", True)
+    if isinstance(exc, UnknownPolicyObjectError):
+        return Status(code.NOT_FOUND, str(exc))
+    if isinstance(exc, UnknownKeyError):
+        # An admin call names a key that is not there; a sidecar is not enrolled.
+        return Status(code.NOT_FOUND if admin else code.FAILED_PRECONDITION, str(exc))
+    if isinstance(exc, RevokedKeyError | CredentialError):
+        return Status(code.FAILED_PRECONDITION, str(exc))
+    if isinstance(exc, KeyAttributeError):
+        return Status(code.INVALID_ARGUMENT, str(exc))
+    if isinstance(exc, EkCertificateError):
+        return Status(code.PERMISSION_DENIED, str(exc))
+    if isinstance(exc, EnrollmentError):
+        return Status(code.INVALID_ARGUMENT, str(exc))
+    if isinstance(exc, NonceExpiredError):
+        return Status(code.FAILED_PRECONDITION, "nonce expired; ask for a new challenge")
+    if isinstance(exc, NonceError):
+        return Status(code.FAILED_PRECONDITION, str(exc))
+    if isinstance(exc, MalformedEvidenceError | UnsupportedAlgorithmError):
+        return Status(code.INVALID_ARGUMENT, str(exc))
+    if isinstance(exc, VerificationError):
+        return Status(code.PERMISSION_DENIED, str(exc))
+    if isinstance(exc, PolicyError):
+        if full_method in _VALIDATING_METHODS:
+            return Status(code.INVALID_ARGUMENT, str(exc))
+        return Status(code.PERMISSION_DENIED, str(exc))
+    if isinstance(exc, AuditChainError):
+        return Status(code.INTERNAL, "audit log integrity check failed", True)
+    if isinstance(exc, BrokerConfigError):
+        return Status(code.FAILED_PRECONDITION, "the broker is misconfigured", True)
+    if isinstance(exc, EvidenceError | InvalidKeyError | ParameterError | IdentityError):
+        return Status(code.INVALID_ARGUMENT, str(exc))
+    if isinstance(exc, BrokerError):
+        return Status(code.INTERNAL, INTERNAL_MESSAGE, True)
+    return Status(code.INTERNAL, INTERNAL_MESSAGE, True)
+
+
+def attestation_reason_class(exc: BaseException | None) -> str:
+    """A coarse, bounded label for why an attestation was refused (for metrics).
+
+    ``None`` means the attestation was refused because no key was approved (the core raises
+    that denial without a cause).
+    """
+    if exc is None:
+        return "not_approved"
+    if isinstance(exc, InvalidRequestError):
+        return "invalid_request"
+    if isinstance(exc, RateLimitedError):
+        return "rate_limited"
+    cause: BaseException | None = exc.__cause__ if isinstance(exc, PolicyError) else exc
+    if cause is None:
+        # A denial without a cause is the core's "no key released": nothing was approved.
+        return "not_approved" if isinstance(exc, PolicyError) else "error"
+    if isinstance(cause, NonceError):
+        return "nonce"
+    if isinstance(cause, UnknownKeyError | RevokedKeyError):
+        return "ak"
+    if isinstance(cause, GoldenValueError):
+        return "golden"
+    if isinstance(cause, VerificationError | EvidenceError):
+        return "evidence"
+    if isinstance(cause, NotApprovedError):
+        return "not_approved"
+    if isinstance(cause, PolicyError):
+        return "policy"
+    if isinstance(cause, BrokerError):
+        return "evidence"
+    if isinstance(exc, PolicyError):
+        # Anything else the core caught while checking evidence (e.g. a malformed binding).
+        return "evidence"
+    return "error"
+
+
+__all__ = [
+    "ATTESTATION_DENIED",
+    "ATTEST_METHOD",
+    "INTERNAL_MESSAGE",
+    "Status",
+    "attestation_reason_class",
+    "status_for",
+]

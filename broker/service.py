@@ -1,0 +1,736 @@
+"""The broker's application core: enrollment, challenges, attestation and release, and admin.
+
+Transport-independent: the gRPC servicers translate messages to these calls and errors to status
+codes. Every decision, allowed or denied, is written to the audit log with its exact reason;
+the caller of a denied release learns only that it was denied.
+
+Authorization by role (operator, party, sidecar) happens in the gRPC interceptor; this core
+enforces what depends on the data: a party acts only on its own keys, approvals and records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+
+from broker import policy, quote, release, tpmkeys
+from broker.audit import AuditLog, ChainReport
+from broker.config import BrokerConfig
+from broker.custody import KekRegistry, open_registered_key
+from broker.errors import (
+    BrokerError,
+    CredentialError,
+    CustodyError,
+    EkCertificateError,
+    EnrollmentError,
+    NotApprovedError,
+    PolicyError,
+    RevokedKeyError,
+    UnknownKeyError,
+    UnknownPolicyObjectError,
+    VerificationError,
+)
+from broker.model import (
+    AkRecord,
+    Approval,
+    AuditEntry,
+    AuditRecord,
+    CredentialChallenge,
+    DataKeyRecord,
+    EkRecord,
+    GoldenPcrSet,
+    ManifestEntry,
+    Party,
+    Session,
+)
+from broker.nonces import NonceService
+from broker.release import SealedRelease
+from broker.storage import Store
+from evidence.binding import qualifying_data
+from evidence.pcr import WORKLOAD_PCR, MeasurementEvent
+from pki.identity import SpiffeId
+from sealing.keys import RecipientPrivateKey, RecipientPublicKey
+
+log = logging.getLogger("cleanroom.broker")
+
+Clock = Callable[[], datetime]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class EnrollmentChallenge:
+    enrollment_id: str
+    credential_blob: bytes
+    encrypted_secret: bytes
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class Challenge:
+    nonce: bytes
+    expires_at: datetime
+    #: bank -> PCR indices the quote must cover
+    pcr_selection: Mapping[str, tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class AttestOutcome:
+    session_id: str
+    released: tuple[SealedRelease, ...]
+    denied: tuple[tuple[str, str], ...]  # (key_id, exact reason): reasons stay server-side
+    output_recipients: tuple[Party, ...]
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What a sidecar presents in Attest."""
+
+    ak_name: str
+    nonce: bytes
+    attest: bytes
+    signature: bytes
+    pcr_values: Mapping[tuple[int, str], bytes]
+    event_log: tuple[MeasurementEvent, ...]
+    ephemeral_key: RecipientPublicKey
+    key_ids: tuple[str, ...]
+    peer_certificate_der: bytes
+
+
+class AttestationDenied(PolicyError):
+    """Nothing was released. The exact reason is in the audit log; the client sees none of it."""
+
+
+class Broker:
+    """The key broker's core. Construct with :meth:`open`-style keyword arguments."""
+
+    def __init__(
+        self,
+        *,
+        config: BrokerConfig,
+        store: Store,
+        keks: KekRegistry,
+        registration_key: RecipientPrivateKey,
+        trusted_ek_cas: Sequence[bytes] = (),
+        clock: Clock = utcnow,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.keks = keks
+        self.registration_key = registration_key
+        self.trusted_ek_cas = tuple(trusted_ek_cas)
+        self.clock = clock
+        self.nonces = NonceService(store, ttl_seconds=config.nonce_ttl_seconds, clock=clock)
+        self.audit = AuditLog(store, clock=clock)
+        self._required = {bank: (WORKLOAD_PCR, *config.boot_pcrs) for bank in config.required_banks}
+
+    def close(self) -> None:
+        """Drops the KEKs and the registration key and closes the store (idempotent)."""
+        self.keks.close()
+        self.registration_key.close()
+        self.store.close()
+
+    def __enter__(self) -> Broker:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def _record(
+        self,
+        actor: SpiffeId | str,
+        action: str,
+        subject: str,
+        decision: str,
+        reason: str = "",
+        *,
+        evidence_digest: str = "",
+        parties: Sequence[str] = (),
+    ) -> AuditRecord:
+        return self.audit.append(
+            AuditEntry(
+                actor=str(actor),
+                action=action,
+                subject=subject,
+                decision=decision,
+                reason=reason,
+                evidence_digest=evidence_digest,
+                parties=tuple(parties),
+            )
+        )
+
+    @staticmethod
+    def _require_party(actor: SpiffeId) -> str:
+        if actor.kind != "party":
+            raise PolicyError(f"{actor} is not a party")
+        return actor.name
+
+    # --- enrollment -------------------------------------------------------------------------
+
+    def enroll_ek(
+        self,
+        actor: SpiffeId,
+        *,
+        ek_public: bytes,
+        certificate: bytes | None,
+        allow_without_certificate: bool,
+    ) -> EkRecord:
+        """Operator enrollment of an EK (with a certificate checked against the trusted CAs,
+        or explicitly without one).
+
+        Raises:
+            EnrollmentError: bad EK, bad certificate, or no certificate without the override.
+            DuplicateError: the EK is enrolled already.
+        """
+        try:
+            pub = tpmkeys.load_public(ek_public)
+            tpmkeys.check_ek_attributes(pub)
+            if certificate:
+                tpmkeys.verify_ek_certificate(
+                    certificate, ek_public, self.trusted_ek_cas, now=self.clock()
+                )
+            elif not allow_without_certificate:
+                raise EkCertificateError(
+                    "EK has no certificate and enrollment without one was not explicitly allowed"
+                )
+        except BrokerError as e:
+            self._record(actor, "ek.enroll", "", "deny", str(e))
+            raise
+        record = EkRecord(
+            ek_id=pub.key_id,
+            public=pub.tpm2b_public or ek_public,
+            certificate=certificate or None,
+            enrolled_at=self.clock(),
+        )
+        self.store.add_ek(record)
+        self._record(
+            actor,
+            "ek.enroll",
+            record.ek_id,
+            "allow",
+            "with certificate" if certificate else "without certificate (operator)",
+        )
+        return record
+
+    def enroll_ak(self, actor: SpiffeId, *, ak_public: bytes, ek_id: str | None) -> AkRecord:
+        """Operator enrollment of an AK from `tpm2_createak --public` output or PEM.
+
+        Raises:
+            EnrollmentError: bad attributes, unknown or revoked EK.
+        """
+        try:
+            pub = tpmkeys.load_public(ak_public)
+            if pub.tpm2b_public is not None:
+                tpmkeys.check_ak_attributes(pub)
+            if ek_id:
+                ek = self.store.get_ek(ek_id)
+                if ek.revoked:
+                    raise RevokedKeyError(f"EK {ek_id} is revoked")
+        except BrokerError as e:
+            self._record(actor, "ak.enroll", "", "deny", str(e))
+            raise
+        record = AkRecord(
+            ak_name=pub.key_id if pub.name is None else pub.name.hex(),
+            public=ak_public,
+            ek_id=ek_id or None,
+            enrolled_by="operator",
+            enrolled_at=self.clock(),
+        )
+        self.store.add_ak(record)
+        self._record(actor, "ak.enroll", record.ak_name, "allow", "operator enrollment")
+        return record
+
+    def start_enrollment(
+        self, actor: SpiffeId, *, ek_public: bytes, ek_certificate: bytes | None, ak_public: bytes
+    ) -> EnrollmentChallenge:
+        """Sidecar enrollment, step 1: MakeCredential for the AK's name under the EK.
+
+        The EK is enrolled on the way when its certificate chains to a trusted EK CA (or when
+        configuration allows EKs without certificates); an EK the operator enrolled is reused.
+
+        Raises:
+            EnrollmentError: the EK or AK is unacceptable.
+        """
+        try:
+            ek = tpmkeys.load_public(ek_public)
+            tpmkeys.check_ek_attributes(ek)
+            ak = tpmkeys.load_public(ak_public)
+            if ak.name is None:
+                raise EnrollmentError("credential activation needs the AK as TPM2B_PUBLIC")
+            tpmkeys.check_ak_attributes(ak)
+            try:
+                ek_record = self.store.get_ek(ek.key_id)
+            except UnknownKeyError:
+                if ek_certificate:
+                    tpmkeys.verify_ek_certificate(
+                        ek_certificate, ek_public, self.trusted_ek_cas, now=self.clock()
+                    )
+                elif not self.config.allow_ek_without_certificate:
+                    raise EkCertificateError("EK is not enrolled and has no certificate") from None
+                ek_record = EkRecord(
+                    ek_id=ek.key_id,
+                    public=ek_public,
+                    certificate=ek_certificate or None,
+                    enrolled_at=self.clock(),
+                )
+                self.store.add_ek(ek_record)
+                self._record(
+                    actor,
+                    "ek.enroll",
+                    ek_record.ek_id,
+                    "allow",
+                    "certificate chains to a trusted EK CA"
+                    if ek_certificate
+                    else "no certificate (allowed by configuration)",
+                )
+            if ek_record.revoked:
+                raise RevokedKeyError(f"EK {ek_record.ek_id} is revoked")
+            secret = secrets.token_bytes(32)
+            blob, encrypted = tpmkeys.make_credential(
+                ek_public=ek_public, ak_name=ak.name, secret=secret
+            )
+        except BrokerError as e:
+            self._record(actor, "ak.credential", "", "deny", str(e))
+            raise
+        challenge = CredentialChallenge(
+            enrollment_id=uuid.uuid4().hex,
+            ak_name=ak.name.hex(),
+            ak_public=ak_public,
+            ek_id=ek_record.ek_id,
+            secret_digest=hashlib.sha256(secret).digest(),
+            expires_at=self.clock() + timedelta(seconds=self.config.credential_ttl_seconds),
+        )
+        self.store.put_credential_challenge(challenge)
+        self._record(actor, "ak.credential", challenge.ak_name, "allow", "credential issued")
+        return EnrollmentChallenge(challenge.enrollment_id, blob, encrypted, challenge.expires_at)
+
+    def complete_enrollment(
+        self, actor: SpiffeId, *, enrollment_id: str, secret: bytes
+    ) -> AkRecord:
+        """Sidecar enrollment, step 2: the secret from ActivateCredential proves the AK.
+
+        Raises:
+            CredentialError: unknown or expired challenge, or the wrong secret.
+        """
+        try:
+            challenge = self.store.take_credential_challenge(enrollment_id, self.clock())
+            if not hmac.compare_digest(hashlib.sha256(secret).digest(), challenge.secret_digest):
+                raise CredentialError("wrong credential secret")
+        except BrokerError as e:
+            self._record(actor, "ak.activate", enrollment_id, "deny", str(e))
+            raise
+        try:
+            existing = self.store.get_ak(challenge.ak_name)
+        except UnknownKeyError:
+            existing = None
+        if existing is not None:
+            if existing.revoked:
+                self._record(actor, "ak.activate", existing.ak_name, "deny", "AK is revoked")
+                raise RevokedKeyError(f"AK {existing.ak_name} is revoked")
+            self._record(actor, "ak.activate", existing.ak_name, "allow", "already enrolled")
+            return existing
+        record = AkRecord(
+            ak_name=challenge.ak_name,
+            public=challenge.ak_public,
+            ek_id=challenge.ek_id,
+            enrolled_by="credential-activation",
+            enrolled_at=self.clock(),
+        )
+        self.store.add_ak(record)
+        self._record(actor, "ak.activate", record.ak_name, "allow", "credential activated")
+        return record
+
+    def revoke_ek(self, actor: SpiffeId, ek_id: str, reason: str) -> None:
+        self.store.revoke_ek(ek_id, reason)
+        self._record(actor, "ek.revoke", ek_id, "allow", reason)
+
+    def revoke_ak(self, actor: SpiffeId, ak_name: str, reason: str) -> None:
+        self.store.revoke_ak(ak_name, reason)
+        self._record(actor, "ak.revoke", ak_name, "allow", reason)
+
+    # --- challenge and attestation ----------------------------------------------------------
+
+    def challenge(self, actor: SpiffeId, ak_name: str) -> Challenge:
+        """Issues a single-use nonce bound to an enrolled, active AK.
+
+        Raises:
+            UnknownKeyError, RevokedKeyError: the AK cannot attest.
+        """
+        try:
+            ak = self.store.get_ak(ak_name)
+            if ak.revoked:
+                raise RevokedKeyError(f"AK {ak_name} is revoked")
+        except BrokerError as e:
+            self._record(actor, "challenge", ak_name, "deny", str(e))
+            raise
+        nonce, expires = self.nonces.issue(ak_name)
+        return Challenge(nonce=nonce, expires_at=expires, pcr_selection=dict(self._required))
+
+    def attest(self, actor: SpiffeId, evidence: Evidence) -> AttestOutcome:
+        """Verifies evidence, evaluates policy and seals each granted key to the ephemeral key.
+
+        Raises:
+            NonceError: the nonce is unknown, used, expired or another AK's.
+            AttestationDenied: verification or policy refused everything (reason in the audit).
+            UnknownKeyError: the AK is not enrolled.
+        """
+        evidence_digest = hashlib.sha256(evidence.attest + evidence.signature).hexdigest()
+
+        def deny(reason: str, *, parties: Sequence[str] = ()) -> AttestationDenied:
+            self._record(
+                actor,
+                "attest",
+                evidence.ak_name,
+                "deny",
+                reason,
+                evidence_digest=evidence_digest,
+                parties=parties,
+            )
+            log.info("attestation denied for AK %s: %s", evidence.ak_name, reason)
+            return AttestationDenied(reason)
+
+        try:
+            ak = self.store.get_ak(evidence.ak_name)
+        except UnknownKeyError as e:
+            raise deny(str(e)) from e
+        try:
+            self.nonces.consume(evidence.nonce, evidence.ak_name)
+        except BrokerError as e:
+            raise deny(f"nonce refused: {e}") from e
+        ek = self.store.get_ek(ak.ek_id) if ak.ek_id else None
+        try:
+            expected = qualifying_data(
+                nonce=evidence.nonce,
+                kem=evidence.ephemeral_key.kem,
+                ephemeral_public_key=evidence.ephemeral_key.raw,
+                tls_certificate_der=evidence.peer_certificate_der,
+            )
+            verified = quote.verify_quote(
+                ak=tpmkeys.load_public(ak.public),
+                attest=evidence.attest,
+                signature=evidence.signature,
+                pcr_values=evidence.pcr_values,
+                expected_qualifying_data=expected,
+                required_pcrs=self._required,
+                event_log=evidence.event_log,
+                max_event_log_entries=self.config.max_event_log_entries,
+            )
+        except (VerificationError, BrokerError) as e:
+            raise deny(f"evidence rejected: {type(e).__name__}: {e}") from e
+        except Exception as e:  # evidence.errors from binding: malformed input
+            raise deny(f"evidence rejected: {e}") from e
+
+        measured = policy.manifest_from_events(evidence.event_log)
+        pcr23 = verified.pcr_values.get((WORKLOAD_PCR, "sha256"))
+        candidates = self.store.find_active_approvals(pcr23) if pcr23 else []
+        wanted = set(evidence.key_ids)
+        for a in candidates:
+            if not evidence.key_ids:
+                wanted.update(a.key_ids)
+        keys: dict[str, DataKeyRecord] = {}
+        for key_id in sorted(wanted):
+            try:
+                keys[key_id] = self.store.get_data_key(key_id)
+            except (UnknownPolicyObjectError, UnknownKeyError):
+                pass
+        golden = {}
+        for a in candidates:
+            if a.golden_set and a.golden_set not in golden:
+                try:
+                    golden[a.golden_set] = self.store.get_golden_set(a.golden_set)
+                except (UnknownPolicyObjectError, BrokerError):
+                    pass
+        try:
+            decision = policy.evaluate(
+                ak=ak,
+                ek=ek,
+                quoted_pcrs=verified.pcr_values,
+                measured_manifest=measured,
+                requested_key_ids=tuple(sorted(wanted)),
+                keys=keys,
+                approvals=candidates,
+                golden_sets=golden,
+                now=self.clock(),
+            )
+        except PolicyError as e:
+            raise deny(str(e)) from e
+        owners = sorted({k.owner for k in keys.values()})
+        if not decision.granted:
+            reasons = "; ".join(f"{d.key_id}: {d.reason}" for d in decision.denied)
+            raise deny(f"no key released: {reasons or 'workload not approved'}", parties=owners)
+
+        session_id = uuid.uuid4().hex
+        now = self.clock()
+        expires = now + timedelta(seconds=self.config.attestation_lifetime_seconds)
+        try:
+            released = release.seal_records(
+                self.keks,
+                [keys[g.key_id] for g in decision.granted],
+                evidence.ephemeral_key,
+                session_id=session_id,
+            )
+        except CustodyError as e:
+            # A KEK that refuses to unwrap is a denial with its reason, not a crash.
+            raise deny(f"key custody failed: {e}", parties=owners) from e
+        approval_of = {g.key_id: g.approval_id for g in decision.granted}
+        entries: list[AuditEntry] = [
+            AuditEntry(
+                actor=str(actor),
+                action="key.release",
+                subject=r.key_id,
+                decision="allow",
+                reason=f"session {session_id}, approval {approval_of[r.key_id]}",
+                evidence_digest=evidence_digest,
+                parties=(r.owner,),
+            )
+            for r in released
+        ]
+        for d in decision.denied:
+            owner = keys[d.key_id].owner if d.key_id in keys else ""
+            entries.append(
+                AuditEntry(
+                    actor=str(actor),
+                    action="key.release",
+                    subject=d.key_id,
+                    decision="deny",
+                    reason=d.reason,
+                    evidence_digest=evidence_digest,
+                    parties=(owner,) if owner else (),
+                )
+            )
+        entries.append(
+            AuditEntry(
+                actor=str(actor),
+                action="attest",
+                subject=evidence.ak_name,
+                decision="allow",
+                reason=f"session {session_id}: released {len(released)}, "
+                f"withheld {len(decision.denied)}; workload {decision.workload_name!r}",
+                evidence_digest=evidence_digest,
+                parties=tuple(owners),
+            )
+        )
+        self.audit.append_many(entries)
+        self.store.add_session(
+            Session(
+                session_id=session_id,
+                ak_name=evidence.ak_name,
+                peer=str(actor),
+                started_at=now,
+                expires_at=expires,
+                released_key_ids=tuple(k.key_id for k in released),
+            )
+        )
+        recipients = tuple(self.store.get_party(p) for p in decision.output_recipients)
+        return AttestOutcome(
+            session_id=session_id,
+            released=released,
+            denied=tuple((d.key_id, d.reason) for d in decision.denied),
+            output_recipients=recipients,
+            expires_at=expires,
+        )
+
+    def end_session(
+        self, actor: SpiffeId, session_id: str, exit_code: int, outputs: Sequence[str]
+    ) -> None:
+        session = self.store.get_session(session_id)
+        if session.peer != str(actor):
+            raise PolicyError("session belongs to another sidecar")
+        self.store.end_session(session_id, self.clock(), exit_code)
+        self._record(
+            actor,
+            "session.end",
+            session_id,
+            "allow",
+            f"exit code {exit_code}; outputs: {', '.join(outputs) or 'none'}",
+        )
+
+    # --- policy administration --------------------------------------------------------------
+
+    def set_golden_set(self, actor: SpiffeId, golden: GoldenPcrSet) -> GoldenPcrSet:
+        policy.validate_golden_set(golden)
+        golden = replace(golden, updated_at=self.clock())
+        self.store.put_golden_set(golden)
+        self._record(
+            actor,
+            "golden.set",
+            golden.name,
+            "allow",
+            f"{sum(len(v) for v in golden.accepted.values())} accepted values",
+        )
+        return golden
+
+    def delete_golden_set(self, actor: SpiffeId, name: str) -> None:
+        self.store.delete_golden_set(name)
+        self._record(actor, "golden.delete", name, "allow")
+
+    def add_party(self, actor: SpiffeId, party: Party) -> Party:
+        RecipientPublicKey(kem=party.kem, raw=party.public_key)  # validates the key
+        self.store.add_party(party)
+        self._record(actor, "party.add", party.name, "allow", parties=(party.name,))
+        return party
+
+    def register_data_key(
+        self, actor: SpiffeId, *, key_id: str, sealed_data_key: bytes, description: str
+    ) -> DataKeyRecord:
+        """A party registers a data key sealed to the broker's registration key.
+
+        Raises:
+            PolicyError: the caller is not a registered party.
+            CustodyError: the sealed key does not open (wrong key id, owner or broker key).
+        """
+        owner = self._require_party(actor)
+        try:
+            self.store.get_party(owner)
+            data_key = open_registered_key(
+                self.registration_key, sealed_data_key, key_id=key_id, owner=owner
+            )
+            kek = self.keks.get(self.config.default_kek)
+            wrapped = kek.wrap(data_key, key_id=key_id, owner=owner)
+        except BrokerError as e:
+            self._record(actor, "key.register", key_id, "deny", str(e), parties=(owner,))
+            raise
+        record = DataKeyRecord(
+            key_id=key_id,
+            owner=owner,
+            wrapped_key=wrapped,
+            kek_ref=kek.ref,
+            created_at=self.clock(),
+            description=description,
+        )
+        self.store.add_data_key(record)
+        self._record(
+            actor, "key.register", key_id, "allow", f"wrapped by {kek.ref}", parties=(owner,)
+        )
+        return record
+
+    def approve_workload(
+        self,
+        actor: SpiffeId,
+        *,
+        workload_name: str,
+        manifest: Sequence[ManifestEntry],
+        key_ids: Sequence[str],
+        output_recipients: Sequence[str],
+        golden_set: str | None,
+    ) -> Approval:
+        """A party approves a measured workload for some of its own keys.
+
+        Raises:
+            PolicyError: not a party, a key of another party, unknown recipient or golden set.
+        """
+        owner = self._require_party(actor)
+        banks = sorted({b for e in manifest for b in e.digests})
+        approval = Approval(
+            approval_id=uuid.uuid4().hex,
+            party=owner,
+            workload_name=workload_name,
+            manifest=tuple(manifest),
+            expected_pcrs=policy.expected_pcr23(manifest, banks),
+            key_ids=tuple(key_ids),
+            output_recipients=tuple(output_recipients),
+            golden_set=golden_set or None,
+            created_at=self.clock(),
+        )
+        try:
+            policy.validate_approval(
+                approval,
+                keys={k: self.store.get_data_key(k) for k in key_ids},
+                parties={p: self.store.get_party(p) for p in output_recipients},
+                golden_sets={golden_set: self.store.get_golden_set(golden_set)}
+                if golden_set
+                else {},
+            )
+        except BrokerError as e:
+            self._record(actor, "workload.approve", workload_name, "deny", str(e), parties=(owner,))
+            raise
+        self.store.add_approval(approval)
+        self._record(
+            actor,
+            "workload.approve",
+            approval.approval_id,
+            "allow",
+            f"workload {workload_name!r} for keys {', '.join(key_ids)}",
+            parties=(owner, *output_recipients),
+        )
+        return approval
+
+    def revoke_approval(self, actor: SpiffeId, approval_id: str) -> None:
+        approval = self.store.get_approval(approval_id)
+        if actor.kind == "party" and approval.party != actor.name:
+            raise PolicyError("approval belongs to another party")
+        self.store.revoke_approval(approval_id)
+        self._record(actor, "workload.revoke", approval_id, "allow", parties=(approval.party,))
+
+    def audit_records(self, actor: SpiffeId, *, after: int, limit: int) -> list[AuditRecord]:
+        party = actor.name if actor.kind == "party" else None
+        return self.audit.list_records(after_sequence=after, limit=limit, party=party)
+
+    # --- reading (for the admin service) ----------------------------------------------------
+    # The gRPC layer checks roles; what a party may see of the data is decided here: a party
+    # lists only its own keys and approvals, the operator everything.
+
+    def list_eks(self) -> list[EkRecord]:
+        """Raises: StorageError."""
+        return self.store.list_eks()
+
+    def list_aks(self) -> list[AkRecord]:
+        """Raises: StorageError."""
+        return self.store.list_aks()
+
+    def list_golden_sets(self) -> list[GoldenPcrSet]:
+        """Raises: StorageError."""
+        return self.store.list_golden_sets()
+
+    def list_parties(self) -> list[Party]:
+        """Raises: StorageError."""
+        return self.store.list_parties()
+
+    def list_data_keys(self, actor: SpiffeId) -> list[DataKeyRecord]:
+        """A party's own keys, or every key for the operator. Raises: StorageError."""
+        return self.store.list_data_keys(owner=actor.name if actor.kind == "party" else None)
+
+    def list_approvals(self, actor: SpiffeId) -> list[Approval]:
+        """A party's own approvals, or every approval for the operator. Raises: StorageError."""
+        return self.store.list_approvals(party=actor.name if actor.kind == "party" else None)
+
+    def verify_audit_log(self, actor: SpiffeId) -> ChainReport:
+        """Recomputes the audit chain; the check itself is recorded too.
+
+        Raises:
+            StorageError: the database failed.
+        """
+        report = self.audit.verify_chain()
+        self._record(
+            actor,
+            "audit.verify",
+            "",
+            "allow" if report.valid else "deny",
+            f"{report.records_checked} records checked"
+            + (
+                "" if report.valid else f"; broken at {report.first_bad_sequence}: {report.problem}"
+            ),
+        )
+        return report
+
+
+__all__ = [
+    "AttestOutcome",
+    "AttestationDenied",
+    "Broker",
+    "Challenge",
+    "EnrollmentChallenge",
+    "Evidence",
+    "NotApprovedError",
+]

@@ -1,0 +1,573 @@
+"""The broker as a real process: ``cleanroom broker serve`` over mTLS on loopback, SQLite.
+
+Shows who may call what (roles and parties' own data), which connections the TLS handshake
+refuses, that health, reflection and metrics work, that malformed, oversized and incomplete
+requests get INVALID_ARGUMENT or RESOURCE_EXHAUSTED and never INTERNAL or a crash, and that
+SIGTERM stops the server cleanly.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from broker.custody import seal_for_registration
+from cleanroom.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    attestation_pb2,
+    attestation_pb2_grpc,
+    common_pb2,
+)
+from pki.ca import (
+    PkiLayout,
+    cert_to_pem,
+    init_pki,
+    issue_certificate,
+    key_to_pem,
+    load_ca,
+)
+from pki.identity import SpiffeId
+from pki.tls import channel_credentials
+from sealing.keys import RecipientPublicKey, generate_recipient_key
+from tests.vectors.evidence import quote_vector
+
+CLEANROOM = Path(sys.executable).parent / "cleanroom"
+TD = "cleanroom.local"
+TIMEOUT = 10.0
+
+# --- a broker process -----------------------------------------------------------------------
+
+
+@dataclass
+class BrokerProcess:
+    """A running ``cleanroom broker serve`` and what is needed to talk to it."""
+
+    proc: subprocess.Popen[bytes]
+    grpc_address: str
+    metrics_address: str
+    pki: PkiLayout
+    stderr_path: Path
+
+    def channel(self, kind: str, name: str = "") -> grpc.Channel:
+        cert, key = self.pki.cert_and_key(kind, name)
+        creds = channel_credentials(cert_file=cert, key_file=key, ca_file=self.pki.ca_cert)
+        return grpc.secure_channel(self.grpc_address, creds)
+
+    def admin(self, kind: str, name: str = "") -> admin_pb2_grpc.AdminServiceStub:
+        return admin_pb2_grpc.AdminServiceStub(self.channel(kind, name))
+
+    def attestation(self, kind: str, name: str = "") -> attestation_pb2_grpc.AttestationServiceStub:
+        return attestation_pb2_grpc.AttestationServiceStub(self.channel(kind, name))
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        url = f"http://{self.metrics_address}/metrics"
+        with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
+            text = response.read().decode()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+
+def write_config(
+    path: Path, workdir: Path, pki: PkiLayout, *, ca_file: Path | None = None, **extra: Any
+) -> Path:
+    lines = [
+        "[broker]",
+        f'database_url = "sqlite:///{workdir / "broker.db"}"',
+        f'state_dir = "{workdir / "state"}"',
+        f'trust_domain = "{TD}"',
+    ]
+    for setting, value in extra.items():
+        text = f'"{value}"' if isinstance(value, str) else repr(value)
+        lines.append(f"{setting} = {text}")
+    cert, key = pki.cert_and_key("broker")
+    lines += [
+        "[broker.tls]",
+        'listen = "127.0.0.1:0"',
+        f'cert_file = "{cert}"',
+        f'key_file = "{key}"',
+        f'ca_file = "{ca_file or pki.ca_cert}"',
+        "[broker.metrics]",
+        'listen = "127.0.0.1:0"',
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def start_broker(config: Path, pki: PkiLayout, workdir: Path) -> BrokerProcess:
+    """Starts ``cleanroom broker serve`` and waits for the addresses it prints."""
+    stderr_path = workdir / "broker.stderr"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLEANROOM_")}
+    with open(stderr_path, "wb") as err:
+        proc = subprocess.Popen(
+            [str(CLEANROOM), "broker", "serve", "--config", str(config), "--log-json"],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            env=env,
+        )
+    assert proc.stdout is not None
+    grpc_address = metrics_address = ""
+    deadline = time.monotonic() + 30
+    buffered = b""
+    while not (grpc_address and metrics_address):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or proc.poll() is not None:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"broker did not start:\n{stderr_path.read_text()}")
+        ready, _, _ = select.select([proc.stdout], [], [], remaining)
+        if not ready:
+            continue
+        chunk = os.read(proc.stdout.fileno(), 4096)
+        buffered += chunk
+        for line in buffered.decode().splitlines():
+            if line.startswith("broker listening on "):
+                grpc_address = line.split()[3]
+            elif line.startswith("metrics on http://"):
+                metrics_address = line.split("http://")[1].split("/")[0]
+    return BrokerProcess(proc, grpc_address, metrics_address, pki, stderr_path)
+
+
+def code_of(call: Any, request: Any, **kwargs: Any) -> grpc.StatusCode:
+    """The status code of a call that is expected to fail."""
+    with pytest.raises(grpc.RpcError) as e:
+        call(request, timeout=TIMEOUT, **kwargs)
+    code = e.value.code()
+    assert isinstance(code, grpc.StatusCode)
+    return code
+
+
+def rpc_error(call: Any, request: Any) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as e:
+        call(request, timeout=TIMEOUT)
+    return e.value
+
+
+def add_parties(b: BrokerProcess, *names: str) -> None:
+    operator = b.admin("operator")
+    for name in names:
+        party = admin_pb2.Party(name=name)
+        party.recipient_key.kem = common_pb2.KEM_ALGORITHM_X25519
+        party.recipient_key.public_key = generate_recipient_key().public_key().raw
+        operator.AddParty(admin_pb2.AddPartyRequest(party=party), timeout=TIMEOUT)
+
+
+def register_key(
+    b: BrokerProcess, party: str, key_id: str, data_key: bytes, *, owner: str | None = None
+) -> admin_pb2.RegisterDataKeyResponse:
+    stub = b.admin("party", party)
+    info = stub.GetBrokerInfo(admin_pb2.GetBrokerInfoRequest(), timeout=TIMEOUT)
+    broker_key = RecipientPublicKey(
+        kem=info.registration_key.kem, raw=bytes(info.registration_key.public_key)
+    )
+    sealed = seal_for_registration(broker_key, data_key, key_id=key_id, owner=owner or party)
+    response: admin_pb2.RegisterDataKeyResponse = stub.RegisterDataKey(
+        admin_pb2.RegisterDataKeyRequest(key_id=key_id, sealed_data_key=sealed), timeout=TIMEOUT
+    )
+    return response
+
+
+def make_pki(directory: Path) -> PkiLayout:
+    return init_pki(directory, parties=("advertiser", "publisher"), sidecars=("sidecar-1",))
+
+
+# --- fixtures -------------------------------------------------------------------------------
+
+
+@dataclass
+class Foreign:
+    """Certificates the broker must not accept, or must accept only at the TLS level."""
+
+    rogue: PkiLayout  # same trust domain, another CA: the handshake fails
+    other_domain: PkiLayout  # another trust domain whose CA the broker's bundle holds
+    expired_cert: Path
+    expired_key: Path
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("broker-server")
+
+
+@pytest.fixture(scope="module")
+def foreign(workdir: Path) -> Foreign:
+    rogue = make_pki(workdir / "rogue-pki")
+    other = init_pki(workdir / "other-pki", trust_domain="other.example", parties=(), sidecars=())
+    return Foreign(rogue, other, workdir / "expired.crt", workdir / "expired.key")
+
+
+@pytest.fixture(scope="module")
+def broker(workdir: Path, foreign: Foreign) -> Iterator[BrokerProcess]:
+    pki = make_pki(workdir / "pki")
+    # An expired operator certificate from the broker's own CA.
+    ca_key, ca_cert = load_ca(pki.directory)
+    now = dt.datetime.now(dt.UTC)
+    key, cert = issue_certificate(
+        ca_key=ca_key,
+        ca_cert=ca_cert,
+        spiffe_id=SpiffeId.operator(TD),
+        not_before=now - dt.timedelta(days=10),
+        not_after=now - dt.timedelta(days=1),
+    )
+    foreign.expired_cert.write_bytes(cert_to_pem(cert))
+    foreign.expired_key.write_bytes(key_to_pem(key))
+    foreign.expired_key.chmod(0o600)
+    # The bundle trusts a federated domain's CA too, so its certificates pass the handshake and
+    # the broker's own trust-domain check is what refuses them.
+    bundle = workdir / "bundle.crt"
+    bundle.write_bytes(pki.ca_cert.read_bytes() + foreign.other_domain.ca_cert.read_bytes())
+    config = write_config(
+        workdir / "broker.toml", workdir, pki, ca_file=bundle, max_message_bytes=65536
+    )
+    process = start_broker(config, pki, workdir)
+    try:
+        yield process
+    finally:
+        code = process.stop()
+        assert code == 0, process.stderr()
+
+
+# --- health, reflection ---------------------------------------------------------------------
+
+
+def test_health_reports_serving_for_the_server_and_both_services(broker: BrokerProcess) -> None:
+    stub = health_pb2_grpc.HealthStub(broker.channel("sidecar", "sidecar-1"))
+    for service in ("", "cleanroom.v1.AttestationService", "cleanroom.v1.AdminService"):
+        response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=TIMEOUT)
+        assert response.status == health_pb2.HealthCheckResponse.SERVING
+    unknown = health_pb2.HealthCheckRequest(service="nope")
+    assert code_of(stub.Check, unknown) == grpc.StatusCode.NOT_FOUND
+
+
+def test_reflection_lists_the_services(broker: BrokerProcess) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(broker.channel("party", "advertiser"))
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    responses = list(stub.ServerReflectionInfo(iter([request]), timeout=TIMEOUT))
+    names = {s.name for s in responses[0].list_services_response.service}
+    assert {
+        "cleanroom.v1.AttestationService",
+        "cleanroom.v1.AdminService",
+        "grpc.health.v1.Health",
+    } <= names
+
+
+# --- roles ----------------------------------------------------------------------------------
+
+
+def test_a_sidecar_cannot_call_admin_methods(broker: BrokerProcess) -> None:
+    stub = broker.admin("sidecar", "sidecar-1")
+    for call, request in (
+        (stub.ListEks, admin_pb2.ListEksRequest()),
+        (stub.EnrollAk, admin_pb2.EnrollAkRequest(ak_public=b"x")),
+        (stub.AddParty, admin_pb2.AddPartyRequest()),
+        (stub.ListAuditRecords, admin_pb2.ListAuditRecordsRequest()),
+        (stub.GetBrokerInfo, admin_pb2.GetBrokerInfoRequest()),
+    ):
+        assert code_of(call, request) == grpc.StatusCode.PERMISSION_DENIED
+    records = broker.admin("operator").ListAuditRecords(
+        admin_pb2.ListAuditRecordsRequest(limit=1000), timeout=TIMEOUT
+    )
+    denials = [
+        r
+        for r in records.records
+        if r.action == "authz" and r.actor == "spiffe://cleanroom.local/sidecar/sidecar-1"
+    ]
+    assert {r.subject.rsplit("/", 1)[1] for r in denials} >= {"ListEks", "EnrollAk", "AddParty"}
+    assert all(r.decision == "deny" and "needs operator" in r.reason for r in denials)
+
+
+def test_parties_and_operator_cannot_attest(broker: BrokerProcess) -> None:
+    request = attestation_pb2.GetChallengeRequest(ak_name="00")
+    for kind, name in (("party", "advertiser"), ("operator", "")):
+        stub = broker.attestation(kind, name)
+        assert code_of(stub.GetChallenge, request) == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_party_a_cannot_act_on_or_read_party_b(broker: BrokerProcess) -> None:
+    add_parties(broker, "advertiser", "publisher")
+    register_key(broker, "publisher", "pub-data", b"\x22" * 32)
+    register_key(broker, "advertiser", "adv-data", b"\x11" * 32)
+    # A key sealed for the publisher, registered by the advertiser, does not open: the broker
+    # always takes the caller as the owner.
+    with pytest.raises(grpc.RpcError) as refused:
+        register_key(broker, "advertiser", "pub-data-2", b"\x33" * 32, owner="publisher")
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    publisher_keys = broker.admin("party", "publisher").ListDataKeys(
+        admin_pb2.ListDataKeysRequest(), timeout=TIMEOUT
+    )
+    assert [k.key_id for k in publisher_keys.keys] == ["pub-data"]
+
+    # Approving a workload for the publisher's key is refused.
+    advertiser = broker.admin("party", "advertiser")
+    manifest = common_pb2.WorkloadManifest(name="join")
+    entry = manifest.entries.add(path="run.py", size=3)
+    entry.digests.add(algorithm=common_pb2.HASH_ALGORITHM_SHA256, value=b"\x01" * 32)
+    approve = admin_pb2.ApproveWorkloadRequest(
+        manifest=manifest, key_ids=["pub-data"], output_recipients=["advertiser"]
+    )
+    assert code_of(advertiser.ApproveWorkload, approve) == grpc.StatusCode.PERMISSION_DENIED
+    assert (
+        not broker.admin("party", "publisher")
+        .ListApprovals(admin_pb2.ListApprovalsRequest(), timeout=TIMEOUT)
+        .approvals
+    )
+
+    # The advertiser reads only records that name it.
+    mine = advertiser.ListAuditRecords(admin_pb2.ListAuditRecordsRequest(), timeout=TIMEOUT)
+    assert mine.records
+    assert all("advertiser" in r.parties for r in mine.records)
+    assert "pub-data" not in {r.subject for r in mine.records}
+    assert [k.key_id for k in advertiser.ListDataKeys(admin_pb2.ListDataKeysRequest()).keys] == [
+        "adv-data"
+    ]
+
+
+# --- the handshake --------------------------------------------------------------------------
+
+
+def _call_with(broker: BrokerProcess, creds: grpc.ChannelCredentials) -> grpc.StatusCode:
+    stub = admin_pb2_grpc.AdminServiceStub(grpc.secure_channel(broker.grpc_address, creds))
+    return code_of(stub.ListEks, admin_pb2.ListEksRequest())
+
+
+def test_connections_without_an_acceptable_client_certificate_are_refused(
+    broker: BrokerProcess, foreign: Foreign
+) -> None:
+    ca = broker.pki.ca_cert.read_bytes()
+    no_cert = grpc.ssl_channel_credentials(root_certificates=ca)
+    assert _call_with(broker, no_cert) == grpc.StatusCode.UNAVAILABLE
+    rogue_cert, rogue_key = foreign.rogue.cert_and_key("operator")
+    rogue = grpc.ssl_channel_credentials(
+        root_certificates=ca,
+        private_key=rogue_key.read_bytes(),
+        certificate_chain=rogue_cert.read_bytes(),
+    )
+    assert _call_with(broker, rogue) == grpc.StatusCode.UNAVAILABLE
+    expired = grpc.ssl_channel_credentials(
+        root_certificates=ca,
+        private_key=foreign.expired_key.read_bytes(),
+        certificate_chain=foreign.expired_cert.read_bytes(),
+    )
+    assert _call_with(broker, expired) == grpc.StatusCode.UNAVAILABLE
+    # The broker is unharmed.
+    assert broker.proc.poll() is None
+    broker.admin("operator").ListEks(admin_pb2.ListEksRequest(), timeout=TIMEOUT)
+
+
+def test_another_trust_domain_is_denied_after_the_handshake(
+    broker: BrokerProcess, foreign: Foreign
+) -> None:
+    cert, key = foreign.other_domain.cert_and_key("operator")
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=broker.pki.ca_cert.read_bytes(),
+        private_key=key.read_bytes(),
+        certificate_chain=cert.read_bytes(),
+    )
+    assert _call_with(broker, creds) == grpc.StatusCode.PERMISSION_DENIED
+    health = health_pb2_grpc.HealthStub(grpc.secure_channel(broker.grpc_address, creds))
+    assert code_of(health.Check, health_pb2.HealthCheckRequest()) == (
+        grpc.StatusCode.PERMISSION_DENIED
+    )
+
+
+# --- malformed input ------------------------------------------------------------------------
+
+
+def _raw(broker: BrokerProcess, method: str, payload: bytes) -> grpc.RpcError:
+    channel = broker.channel("sidecar", "sidecar-1")
+    # No serializers: bytes in, bytes out.
+    call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+    return rpc_error(call, payload)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\x0a\x05ab",  # a length-delimited field that claims more bytes than follow
+        b"\x0a\x02\xff\xfe",  # a string field that is not UTF-8
+        b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff",  # a varint tag that never ends
+        b"\x07",  # wire type 7 does not exist
+    ],
+)
+def test_malformed_protobufs_are_invalid_argument(broker: BrokerProcess, payload: bytes) -> None:
+    for method in (
+        "/cleanroom.v1.AttestationService/Attest",
+        "/cleanroom.v1.AttestationService/GetChallenge",
+        "/grpc.health.v1.Health/Check",
+    ):
+        error = _raw(broker, method, payload)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, error.details())
+    assert broker.proc.poll() is None
+
+
+def test_oversized_messages_are_resource_exhausted(broker: BrokerProcess) -> None:
+    stub = broker.admin("operator")
+    request = admin_pb2.EnrollEkRequest(ek_public=b"\x00" * 100_000)
+    assert code_of(stub.EnrollEk, request) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert broker.proc.poll() is None
+
+
+def test_unknown_enums_and_missing_fields_are_invalid_argument(broker: BrokerProcess) -> None:
+    vector = quote_vector("quote-rsa-rsassa-valid")
+    sidecar = broker.attestation("sidecar", "sidecar-1")
+    request = attestation_pb2.AttestRequest(ak_name="00" * 34, nonce=b"\x01" * 32)
+    request.quote.attest = vector.attest
+    request.quote.signature = vector.signature
+    request.quote.pcr_values.add(index=23, bank=common_pb2.HASH_ALGORITHM_SHA256, value=b"\0" * 32)
+    request.event_log.SetInParent()
+    request.ephemeral_key.kem = 42  # type: ignore[assignment]
+    request.ephemeral_key.public_key = b"\x01" * 32
+    error = rpc_error(sidecar.Attest, request)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "ephemeral_key.kem" in (error.details() or "")
+
+    request.ephemeral_key.kem = common_pb2.KEM_ALGORITHM_X25519
+    request.ClearField("quote")
+    error = rpc_error(sidecar.Attest, request)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (error.details() or "").startswith("quote:")
+
+    operator = broker.admin("operator")
+    golden = admin_pb2.GoldenPcrSet(name="boot")
+    golden.accepted_values.add(index=0, bank=9, value=b"\0" * 32)
+    for call, req in (
+        (operator.SetGoldenPcrSet, admin_pb2.SetGoldenPcrSetRequest(golden_set=golden)),
+        (operator.SetGoldenPcrSet, admin_pb2.SetGoldenPcrSetRequest()),
+        (operator.AddParty, admin_pb2.AddPartyRequest(party=admin_pb2.Party(name="x"))),
+        (operator.EnrollEk, admin_pb2.EnrollEkRequest()),
+        (operator.RevokeAk, admin_pb2.RevokeAkRequest()),
+        (sidecar.GetChallenge, attestation_pb2.GetChallengeRequest()),
+        (sidecar.CompleteEnrollment, attestation_pb2.CompleteEnrollmentRequest()),
+    ):
+        assert code_of(call, req) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# --- metrics --------------------------------------------------------------------------------
+
+
+def test_metrics_count_a_denied_attestation_under_its_reason(broker: BrokerProcess) -> None:
+    vector = quote_vector("quote-rsa-rsassa-valid")
+    operator = broker.admin("operator")
+    try:
+        ak = operator.EnrollAk(admin_pb2.EnrollAkRequest(ak_public=vector.ak_public)).ak
+        ak_name = ak.ak_name
+    except grpc.RpcError as e:  # enrolled by an earlier test of this module
+        assert e.code() == grpc.StatusCode.ALREADY_EXISTS
+        ak_name = operator.ListAks(admin_pb2.ListAksRequest()).aks[0].ak_name
+    sidecar = broker.attestation("sidecar", "sidecar-1")
+    before = broker.metrics()
+    key = ("cleanroom_broker_attestations_total", (("reason", "nonce"), ("result", "deny")))
+    challenge = sidecar.GetChallenge(attestation_pb2.GetChallengeRequest(ak_name=ak_name))
+    assert len(challenge.nonce) == 32
+    request = attestation_pb2.AttestRequest(ak_name=ak_name, nonce=b"\x05" * 32)  # never issued
+    request.quote.attest = vector.attest
+    request.quote.signature = vector.signature
+    for (index, bank), value in vector.pcr_values.items():
+        request.quote.pcr_values.add(
+            index=index,
+            bank=common_pb2.HASH_ALGORITHM_SHA1
+            if bank == "sha1"
+            else common_pb2.HASH_ALGORITHM_SHA256,
+            value=value,
+        )
+    request.event_log.SetInParent()
+    request.ephemeral_key.kem = common_pb2.KEM_ALGORITHM_X25519
+    request.ephemeral_key.public_key = generate_recipient_key().public_key().raw
+    error = rpc_error(sidecar.Attest, request)
+    assert (error.code(), error.details()) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "attestation denied",
+    )
+    after = broker.metrics()
+    assert after.get(key, 0.0) == before.get(key, 0.0) + 1
+    assert after[("cleanroom_broker_outstanding_nonces", ())] >= 1
+    latency = (
+        "cleanroom_broker_rpc_duration_seconds_count",
+        (("code", "PERMISSION_DENIED"), ("method", "cleanroom.v1.AttestationService/Attest")),
+    )
+    assert after[latency] >= 1
+    # The exact reason is in the server's log, not in the client's status.
+    assert "nonce" in broker.stderr()
+
+
+# --- shutdown -------------------------------------------------------------------------------
+
+
+def test_sigterm_stops_the_server_cleanly(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    process = start_broker(write_config(tmp_path / "b.toml", tmp_path, pki), pki, tmp_path)
+    try:
+        stub = process.admin("operator")
+        stub.ListEks(admin_pb2.ListEksRequest(), timeout=TIMEOUT)
+        # Clients keep calling while the signal arrives: every call the server started
+        # completes; the rest are refused because the server no longer accepts calls.
+        codes: list[grpc.StatusCode] = []
+        stop_clients = threading.Event()
+
+        def client() -> None:
+            while not stop_clients.is_set():
+                try:
+                    stub.ListAuditRecords(admin_pb2.ListAuditRecordsRequest(), timeout=TIMEOUT)
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as e:
+                    codes.append(e.code())
+                    if e.code() == grpc.StatusCode.UNAVAILABLE:
+                        return
+
+        threads = [threading.Thread(target=client) for _ in range(8)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        assert process.stop(signal.SIGTERM) == 0
+        stop_clients.set()
+        for t in threads:
+            t.join(timeout=TIMEOUT)
+        completed = codes.count(grpc.StatusCode.OK)
+        assert completed > 0
+        # gRPC cancels calls that arrived but never reached a handler; no started call was cut.
+        allowed = {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
+        assert set(codes) <= allowed, set(codes)
+        access = [json.loads(line) for line in process.stderr().splitlines() if '"call"' in line]
+        calls = [a for a in access if a.get("method", "").endswith("/ListAuditRecords")]
+        assert [a["code"] for a in calls] == ["OK"] * completed
+        log = process.stderr()
+        assert "SIGTERM" in log and "broker stopped" in log
+        assert '"request_id"' in log  # --log-json
+    finally:
+        if process.proc.poll() is None:
+            process.proc.kill()
+            process.proc.wait()

@@ -1,0 +1,310 @@
+"""A full attestation over gRPC against a real broker process, with the evidence made by
+tpm2-tools on swtpm the way the manual recipe makes it.
+
+The sidecar's side is played by tpm2-tools: ``tpm2_createek``/``tpm2_createak``, credential
+activation (``tpm2_activatecredential``) answering the broker's MakeCredential, PCR 23 extends,
+and ``tpm2_quote`` with the qualifying data that binds the broker's nonce, an ephemeral HPKE key
+and the sidecar's TLS certificate. Released keys are opened with ``broker.release.open_release``.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from broker.quote import pcr_values_from_tools
+from broker.release import open_release
+from broker.tpmkeys import to_tools_credential_file
+from cleanroom.v1 import admin_pb2, attestation_pb2, common_pb2
+from evidence.binding import qualifying_data
+from evidence.pcr import MeasurementEvent
+from evidence.proto import bank_to_pb, event_log_to_pb
+from sealing.keys import RecipientPrivateKey, generate_recipient_key
+from tests.harness.swtpm import SWTPM_LOCALCA_DIR, Swtpm
+from tests.integration.broker.test_server import (
+    TIMEOUT,
+    BrokerProcess,
+    add_parties,
+    make_pki,
+    register_key,
+    rpc_error,
+    start_broker,
+    write_config,
+)
+from tests.vectors import tpm2tools as tt
+
+pytestmark = [pytest.mark.swtpm, pytest.mark.tpm2tools]
+
+WORKLOAD = [("model/train.py", b"print('join and train')\n"), ("bin/run.sh", b"#!/bin/sh\n")]
+OTHER_WORKLOAD = [("model/train.py", b"print('exfiltrate')\n")]
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[BrokerProcess]:
+    pki = make_pki(tmp_path / "pki")
+    cas = [
+        str(SWTPM_LOCALCA_DIR / "swtpm-localca-rootca-cert.pem"),
+        str(SWTPM_LOCALCA_DIR / "issuercert.pem"),
+    ]
+    config = write_config(tmp_path / "broker.toml", tmp_path, pki, trusted_ek_ca_files=cas)
+    process = start_broker(config, pki, tmp_path)
+    try:
+        yield process
+    finally:
+        assert process.stop() == 0, process.stderr()
+
+
+def _cert_der(path: Path) -> bytes:
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def _manifest(name: str, files: list[tuple[str, bytes]]) -> common_pb2.WorkloadManifest:
+    import hashlib
+
+    manifest = common_pb2.WorkloadManifest(name=name)
+    for path, data in files:
+        entry = manifest.entries.add(path=path, size=len(data))
+        for bank in ("sha1", "sha256"):
+            entry.digests.add(algorithm=bank_to_pb(bank), value=hashlib.new(bank, data).digest())
+    return manifest
+
+
+def _enroll_by_credential_activation(
+    broker: BrokerProcess, swtpm: Swtpm, workdir: Path
+) -> tuple[str, tt.KeyFiles]:
+    """Enrolls a tpm2_createak AK through StartEnrollment/CompleteEnrollment."""
+    ek = tt.create_ek(swtpm, workdir, alg="rsa")
+    ak = tt.create_ak(swtpm, workdir, ek)
+    cert = workdir / "ek.der"
+    swtpm.tools("tpm2_nvread", "0x1c00002", "-o", str(cert))
+    sidecar = broker.attestation("sidecar", "sidecar-1")
+    start = sidecar.StartEnrollment(
+        attestation_pb2.StartEnrollmentRequest(
+            ek_public=ek.public.read_bytes(),
+            ek_certificate=cert.read_bytes(),
+            ak_public=ak.public.read_bytes(),
+        ),
+        timeout=TIMEOUT,
+    )
+    credential = workdir / "credential.out"
+    credential.write_bytes(
+        to_tools_credential_file(bytes(start.credential_blob), bytes(start.encrypted_secret))
+    )
+    # The EK's policy needs a policy session with PolicySecret on the endorsement hierarchy.
+    session, secret = workdir / "session.ctx", workdir / "secret.out"
+    try:
+        swtpm.tools("tpm2_startauthsession", "--policy-session", "-S", str(session))
+        swtpm.tools("tpm2_policysecret", "-S", str(session), "-c", "e")
+        swtpm.tools(
+            "tpm2_activatecredential",
+            "-c",
+            str(ak.context),
+            "-C",
+            str(ek.context),
+            "-i",
+            str(credential),
+            "-o",
+            str(secret),
+            "-P",
+            f"session:{session}",
+        )
+    finally:
+        tt.flush(swtpm)
+    done = sidecar.CompleteEnrollment(
+        attestation_pb2.CompleteEnrollmentRequest(
+            enrollment_id=start.enrollment_id, secret=secret.read_bytes()
+        ),
+        timeout=TIMEOUT,
+    )
+    return done.ak_name, ak
+
+
+def _evidence(
+    broker: BrokerProcess,
+    swtpm: Swtpm,
+    workdir: Path,
+    ak: tt.KeyFiles,
+    ak_name: str,
+    *,
+    files: list[tuple[str, bytes]],
+    bind_certificate: bytes,
+    prefix: str,
+) -> tuple[attestation_pb2.AttestRequest, RecipientPrivateKey]:
+    """GetChallenge, then measure and quote as the sidecar would, into an AttestRequest."""
+    sidecar = broker.attestation("sidecar", "sidecar-1")
+    challenge = sidecar.GetChallenge(
+        attestation_pb2.GetChallengeRequest(ak_name=ak_name), timeout=TIMEOUT
+    )
+    assert [(s.bank, list(s.indices)) for s in challenge.pcr_selection] == [
+        (common_pb2.HASH_ALGORITHM_SHA256, [23])
+    ]
+    ephemeral = generate_recipient_key()
+    public = ephemeral.public_key()
+    binding = qualifying_data(
+        nonce=bytes(challenge.nonce),
+        kem=public.kem,
+        ephemeral_public_key=public.raw,
+        tls_certificate_der=bind_certificate,
+    )
+    tt.reset_pcr23(swtpm)
+    events: tuple[MeasurementEvent, ...] = tt.measure(swtpm, files)
+    quote = tt.quote(swtpm, workdir, ak, qualification=binding, prefix=prefix)
+    attest = quote.message.read_bytes()
+    request = attestation_pb2.AttestRequest(ak_name=ak_name, nonce=challenge.nonce)
+    request.quote.attest = attest
+    request.quote.signature = quote.signature.read_bytes()
+    for (index, bank), value in pcr_values_from_tools(
+        quote.pcrs.read_bytes(), attest=attest
+    ).items():
+        request.quote.pcr_values.add(index=index, bank=bank_to_pb(bank), value=value)
+    request.event_log.CopyFrom(event_log_to_pb(events))
+    request.ephemeral_key.kem = public.kem  # type: ignore[assignment]
+    request.ephemeral_key.public_key = public.raw
+    return request, ephemeral
+
+
+def test_full_attestation_releases_approved_keys_only(
+    broker: BrokerProcess, swtpm: Swtpm, tmp_path: Path
+) -> None:
+    add_parties(broker, "advertiser", "publisher")
+    adv_key, pub_key = secrets.token_bytes(32), secrets.token_bytes(32)
+    register_key(broker, "advertiser", "adv-data", adv_key)
+    register_key(broker, "publisher", "pub-data", pub_key)
+    # The advertiser approves the workload; the publisher approves another one, so its key is
+    # withheld while the advertiser's is released (partial release).
+    broker.admin("party", "advertiser").ApproveWorkload(
+        admin_pb2.ApproveWorkloadRequest(
+            manifest=_manifest("join-and-train", WORKLOAD),
+            key_ids=["adv-data"],
+            output_recipients=["advertiser", "publisher"],
+        ),
+        timeout=TIMEOUT,
+    )
+    broker.admin("party", "publisher").ApproveWorkload(
+        admin_pb2.ApproveWorkloadRequest(
+            manifest=_manifest("other", OTHER_WORKLOAD),
+            key_ids=["pub-data"],
+            output_recipients=["publisher"],
+        ),
+        timeout=TIMEOUT,
+    )
+
+    ak_name, ak = _enroll_by_credential_activation(broker, swtpm, tmp_path)
+    aks = broker.admin("operator").ListAks(admin_pb2.ListAksRequest(), timeout=TIMEOUT).aks
+    assert [(a.ak_name, a.enrolled_by) for a in aks] == [(ak_name, "credential-activation")]
+
+    sidecar_der = _cert_der(broker.pki.cert_and_key("sidecar", "sidecar-1").cert)
+    request, ephemeral = _evidence(
+        broker,
+        swtpm,
+        tmp_path,
+        ak,
+        ak_name,
+        files=WORKLOAD,
+        bind_certificate=sidecar_der,
+        prefix="q1",
+    )
+    request.key_ids[:] = ["adv-data", "pub-data"]
+    sidecar = broker.attestation("sidecar", "sidecar-1")
+    response = sidecar.Attest(request, timeout=TIMEOUT)
+
+    assert [(k.key_id, k.owner_party) for k in response.released_keys] == [
+        ("adv-data", "advertiser")
+    ]
+    assert [(d.key_id, d.reason) for d in response.denied_keys] == [
+        ("pub-data", attestation_pb2.DENIAL_REASON_NOT_APPROVED)
+    ]
+    assert sorted(r.party for r in response.output_recipients) == ["advertiser", "publisher"]
+    released = response.released_keys[0]
+    opened = open_release(
+        ephemeral,
+        bytes(released.sealed_key),
+        session_id=response.session_id,
+        key_id=released.key_id,
+        owner=released.owner_party,
+    )
+    assert opened == adv_key
+
+    # The same evidence again: the nonce is spent.
+    error = rpc_error(sidecar.Attest, request)
+    assert (error.code(), error.details()) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "attestation denied",
+    )
+
+    sidecar.EndSession(
+        attestation_pb2.EndSessionRequest(
+            session_id=response.session_id, workload_exit_code=0, outputs=["insights.sealed"]
+        ),
+        timeout=TIMEOUT,
+    )
+    metrics = broker.metrics()
+    assert (
+        metrics[
+            ("cleanroom_broker_attestations_total", (("reason", "partial"), ("result", "allow")))
+        ]
+        == 1
+    )
+    assert metrics[("cleanroom_broker_key_releases_total", (("result", "released"),))] == 1
+    assert metrics[("cleanroom_broker_key_releases_total", (("result", "withheld"),))] == 1
+    assert (
+        metrics[("cleanroom_broker_attestations_total", (("reason", "nonce"), ("result", "deny")))]
+        == 1
+    )
+
+    # The publisher's audit trail says exactly why its key was withheld; the sidecar never saw it.
+    records = broker.admin("party", "publisher").ListAuditRecords(
+        admin_pb2.ListAuditRecordsRequest(limit=1000), timeout=TIMEOUT
+    )
+    withheld = [r for r in records.records if r.action == "key.release" and r.decision == "deny"]
+    assert [r.subject for r in withheld] == ["pub-data"]
+    assert "not approved by publisher" in withheld[0].reason
+
+
+def test_a_quote_bound_to_another_certificate_is_refused(
+    broker: BrokerProcess, swtpm: Swtpm, tmp_path: Path
+) -> None:
+    add_parties(broker, "advertiser")
+    register_key(broker, "advertiser", "adv-data", secrets.token_bytes(32))
+    broker.admin("party", "advertiser").ApproveWorkload(
+        admin_pb2.ApproveWorkloadRequest(
+            manifest=_manifest("join-and-train", WORKLOAD),
+            key_ids=["adv-data"],
+            output_recipients=["advertiser"],
+        ),
+        timeout=TIMEOUT,
+    )
+    ak_name, ak = _enroll_by_credential_activation(broker, swtpm, tmp_path)
+    # A quote made for another TLS identity (here the operator's certificate), relayed over the
+    # sidecar's connection: the qualifying data does not match this connection.
+    other_der = _cert_der(broker.pki.cert_and_key("operator").cert)
+    request, _ = _evidence(
+        broker,
+        swtpm,
+        tmp_path,
+        ak,
+        ak_name,
+        files=WORKLOAD,
+        bind_certificate=other_der,
+        prefix="relay",
+    )
+    error = rpc_error(broker.attestation("sidecar", "sidecar-1").Attest, request)
+    assert (error.code(), error.details()) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "attestation denied",
+    )
+    metrics = broker.metrics()
+    assert (
+        metrics[
+            ("cleanroom_broker_attestations_total", (("reason", "evidence"), ("result", "deny")))
+        ]
+        == 1
+    )
+    assert "QualifyingDataError" in broker.stderr()
