@@ -3,12 +3,351 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from cleanroom.cli import add_pending
+if TYPE_CHECKING:
+    from broker.quote import VerifiedQuote
+    from broker.tpmkeys import ParsedPublic
+
+Golden = dict[tuple[int, str], set[bytes]]
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser("broker", help="run the key broker and verify evidence")
     group = parser.add_subparsers(dest="broker_command", metavar="SUBCOMMAND", required=True)
-    add_pending(group, "serve", "serve the attestation and admin services over mTLS")
-    add_pending(group, "verify-quote", "verify tpm2_quote output against an AK and golden values")
+    _register_serve(group)
+    _register_verify_quote(group)
+
+
+def _register_serve(group: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = group.add_parser(
+        "serve",
+        help="serve the attestation and admin services over mTLS",
+        description=(
+            "Runs the key broker: the attestation and admin services, health and reflection on "
+            "one mTLS port, metrics over HTTP on another. Stops gracefully on SIGTERM or SIGINT."
+        ),
+    )
+    p.add_argument(
+        "--config", "-c", type=Path, help="broker TOML file ([broker] table); env overrides apply"
+    )
+    p.add_argument("--log-json", action="store_true", help="log one JSON object per line")
+    p.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from broker.config import load_broker_config
+    from broker.server.logs import configure_logging
+    from broker.server.server import ServerAddresses, serve
+
+    config = load_broker_config(args.config)
+    # A server logs every call at INFO (its access log); -v adds DEBUG detail.
+    configure_logging(
+        json_output=args.log_json, level=logging.DEBUG if args.verbose else logging.INFO
+    )
+
+    def ready(addresses: ServerAddresses) -> None:
+        print(f"broker listening on {addresses.grpc} (gRPC, mTLS)", flush=True)
+        if addresses.metrics is not None:
+            print(f"metrics on http://{addresses.metrics}/metrics", flush=True)
+
+    serve(config, on_ready=ready)
+    return 0
+
+
+def _register_verify_quote(group: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = group.add_parser(
+        "verify-quote",
+        help="verify tpm2_quote output against an AK and golden values",
+        description=(
+            "Verifies a quote made by tpm2_quote (or the sidecar): magic, type, signature, "
+            "qualifying data, PCR selection and digest, event log, golden values. Exits 0 only "
+            "when everything holds."
+        ),
+    )
+    p.add_argument(
+        "--public", "-u", required=True, type=Path, help="AK public: tpm2_createak --public or PEM"
+    )
+    p.add_argument("--message", "-m", required=True, type=Path, help="quote (TPMS_ATTEST)")
+    p.add_argument("--signature", "-s", required=True, type=Path, help="signature (TPMT_SIGNATURE)")
+    p.add_argument("--pcr", "-f", required=True, type=Path, help="tpm2_quote --pcr output")
+    p.add_argument(
+        "--pcr-format",
+        choices=("auto", "serialized", "values"),
+        default="auto",
+        help="format of the --pcr file (default: detect)",
+    )
+    p.add_argument(
+        "--qualification",
+        "-q",
+        required=True,
+        help="the qualifying data as hex (what tpm2_quote --qualification was given)",
+    )
+    golden = p.add_mutually_exclusive_group()
+    golden.add_argument(
+        "--golden",
+        type=Path,
+        help='golden values, TOML or JSON: {"sha256": {"23": ["hex", ...]}}',
+    )
+    golden.add_argument(
+        "--expect-pcr",
+        action="append",
+        default=[],
+        metavar="BANK:INDEX=HEX",
+        help="an accepted PCR value (repeatable; several for one PCR accept any of them)",
+    )
+    p.add_argument(
+        "--require-pcr",
+        action="append",
+        default=[],
+        metavar="BANK:INDEX[,INDEX...]",
+        help="PCRs the quote must cover (repeatable; default sha256:23)",
+    )
+    p.add_argument("--event-log", type=Path, help="measurement event log (JSON)")
+    p.add_argument(
+        "--allow-unchecked-pem",
+        action="store_true",
+        help="accept a PEM AK even though its TPM attributes cannot be checked",
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_verify_quote)
+
+
+# --- argument parsing ----------------------------------------------------------------------
+
+
+def _read(path: Path, what: str) -> bytes:
+    from broker.errors import BrokerError
+
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise BrokerError(f"cannot read {what} {path}: {e.strerror or e}") from e
+
+
+def _bank_index(text: str) -> tuple[str, list[int]]:
+    from broker.errors import BrokerError
+    from evidence.pcr import BANK_SIZES
+
+    bank, sep, indices = text.partition(":")
+    bank = bank.strip().lower()
+    if not sep or bank not in BANK_SIZES:
+        raise BrokerError(f"{text!r}: expected BANK:INDEX with BANK one of {', '.join(BANK_SIZES)}")
+    try:
+        out = [int(i) for i in indices.split(",")]
+    except ValueError:
+        raise BrokerError(f"{text!r}: PCR indices must be integers") from None
+    if any(not 0 <= i < 32 for i in out):
+        raise BrokerError(f"{text!r}: PCR index out of range")
+    return bank, out
+
+
+def _hex(text: str, what: str) -> bytes:
+    from broker.errors import BrokerError
+
+    t = text.strip().lower()
+    t = t.removeprefix("0x")
+    try:
+        return bytes.fromhex(t)
+    except ValueError:
+        raise BrokerError(f"{what} is not hex: {text!r}") from None
+
+
+def _golden_from_doc(doc: Any, source: str) -> Golden:
+    from broker.errors import BrokerError
+
+    if not isinstance(doc, Mapping):
+        raise BrokerError(f"{source}: expected a table of banks")
+    golden: Golden = {}
+    for bank, pcrs in doc.items():
+        if not isinstance(pcrs, Mapping):
+            raise BrokerError(f"{source}: {bank} must map PCR indices to values")
+        for index, values in pcrs.items():
+            b, (i,) = _bank_index(f"{bank}:{index}")
+            vals = [values] if isinstance(values, str) else values
+            if not isinstance(vals, list) or not vals:
+                raise BrokerError(f"{source}: {bank}:{index} needs a value or a list of values")
+            golden.setdefault((i, b), set()).update(
+                _hex(str(v), f"golden {b}:{i} value") for v in vals
+            )
+    return golden
+
+
+def _load_golden(path: Path) -> Golden:
+    import tomllib
+
+    from broker.errors import BrokerError
+
+    data = _read(path, "golden file")
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        try:
+            doc = tomllib.loads(data.decode())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise BrokerError(f"{path}: neither JSON nor TOML: {e}") from e
+    return _golden_from_doc(doc, str(path))
+
+
+def _expected(args: argparse.Namespace) -> Golden | None:
+    if args.golden is not None:
+        return _load_golden(args.golden)
+    if not args.expect_pcr:
+        return None
+    golden: Golden = {}
+    for item in args.expect_pcr:
+        spec, sep, value = item.partition("=")
+        bank, indices = _bank_index(spec)
+        if not sep or len(indices) != 1:
+            from broker.errors import BrokerError
+
+            raise BrokerError(f"--expect-pcr {item!r}: expected BANK:INDEX=HEX")
+        golden.setdefault((indices[0], bank), set()).add(_hex(value, f"--expect-pcr {spec}"))
+    return golden
+
+
+# --- the command ---------------------------------------------------------------------------
+
+
+def _verify_quote(args: argparse.Namespace) -> int:
+    from broker import quote, tpmkeys
+    from broker.errors import GoldenValueError, KeyAttributeError, VerificationError
+
+    ak_bytes = _read(args.public, "AK public")
+    attest = _read(args.message, "quote message")
+    signature = _read(args.signature, "signature")
+    pcr_file = _read(args.pcr, "PCR file")
+    qualification = _hex(args.qualification, "--qualification")
+    golden = _expected(args)
+    required: dict[str, list[int]] = {}
+    for item in args.require_pcr:
+        bank, indices = _bank_index(item)
+        required.setdefault(bank, []).extend(indices)
+    event_log_bytes = _read(args.event_log, "event log") if args.event_log else None
+
+    warnings: list[str] = []
+    ak: ParsedPublic | None = None
+    verified: VerifiedQuote | None = None
+    golden_report: list[tuple[str, str, bool]] = []
+    try:
+        ak = tpmkeys.load_public(ak_bytes)
+        tpmkeys.check_ak_attributes(ak, allow_pem=args.allow_unchecked_pem)
+        if not ak.is_tpm_public:
+            warnings.append("AK given as PEM: its TPM attributes (restricted) are not checked")
+        events = quote.event_log_from_json(event_log_bytes) if event_log_bytes else None
+        pcr_values = quote.pcr_values_from_tools(
+            pcr_file, attest=attest, pcr_format=args.pcr_format
+        )
+        verified = quote.verify_quote(
+            ak=ak,
+            attest=attest,
+            signature=signature,
+            pcr_values=pcr_values,
+            expected_qualifying_data=qualification,
+            required_pcrs=required or quote.DEFAULT_REQUIRED_PCRS,
+            event_log=events,
+        )
+        if golden is not None:
+            for key in sorted(golden):
+                value = verified.pcr_values.get(key)
+                golden_report.append(
+                    (
+                        quote.format_pcr(*key),
+                        value.hex() if value is not None else "",
+                        value in golden[key],
+                    )
+                )
+            quote.check_golden(verified, golden)
+        reason = None
+    except GoldenValueError as e:
+        reason = f"golden values: {e}"
+    except KeyAttributeError as e:
+        reason = f"AK refused: {e}"
+    except VerificationError as e:
+        reason = str(e)
+    _print_result(args, ak, verified, reason, golden_report, warnings)
+    return 0 if reason is None else 1
+
+
+def _print_result(
+    args: argparse.Namespace,
+    ak: ParsedPublic | None,
+    verified: VerifiedQuote | None,
+    reason: str | None,
+    golden_report: Sequence[tuple[str, str, bool]],
+    warnings: Sequence[str],
+) -> None:
+    if args.json:
+        doc: dict[str, Any] = {"valid": reason is None}
+        if ak is not None:
+            doc["ak_key_id"] = ak.key_id
+        if reason is not None:
+            doc["reason"] = reason
+        if warnings:
+            doc["warnings"] = list(warnings)
+        if verified is not None:
+            doc.update(_verified_doc(verified))
+        if golden_report:
+            doc["golden"] = {pcr: {"value": v, "match": ok} for pcr, v, ok in golden_report}
+        json.dump(doc, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return
+    print("VALID" if reason is None else f"INVALID: {reason}")
+    for w in warnings:
+        print(f"warning: {w}")
+    if ak is not None:
+        print(f"AK: {ak.key_type.upper()}-{ak.key_bits} key id {ak.key_id}")
+    if verified is None:
+        return
+    c = verified.clock_info
+    print(f"signer: {verified.qualified_signer.hex()}")
+    print(f"signature: {verified.signature_scheme}/{verified.signature_hash}")
+    print(
+        f"clock: {c.clock} ms, reset_count {c.reset_count}, restart_count {c.restart_count}, "
+        f"safe {'yes' if c.safe else 'no'}"
+    )
+    print(f"firmware: 0x{verified.firmware_version:016x}")
+    print("PCRs:")
+    matches = {pcr: ok for pcr, _, ok in golden_report}
+    for (index, bank), value in verified.pcr_values.items():
+        label = f"{bank}:{index}"
+        note = ""
+        if label in matches:
+            note = "  golden: match" if matches[label] else "  golden: MISMATCH"
+        print(f"  {label:<10} {value.hex()}{note}")
+    quoted = {f"{b}:{i}" for i, b in verified.pcr_values}
+    for pcr, _, _ in golden_report:
+        if pcr not in quoted:
+            print(f"  {pcr:<10} (not quoted)  golden: MISMATCH")
+    if verified.event_log_banks:
+        print(
+            f"event log: {len(verified.event_log)} events, replays in "
+            f"{', '.join(verified.event_log_banks)}"
+        )
+    print(f"evidence digest: {verified.evidence_digest}")
+
+
+def _verified_doc(v: VerifiedQuote) -> dict[str, Any]:
+    return {
+        "pcrs": {f"{bank}:{index}": value.hex() for (index, bank), value in v.pcr_values.items()},
+        "clock": {
+            "clock": v.clock_info.clock,
+            "reset_count": v.clock_info.reset_count,
+            "restart_count": v.clock_info.restart_count,
+            "safe": v.clock_info.safe,
+        },
+        "firmware_version": v.firmware_version,
+        "qualified_signer": v.qualified_signer.hex(),
+        "signature": {"scheme": v.signature_scheme, "hash": v.signature_hash},
+        "event_log": {
+            "events": len(v.event_log),
+            "banks": list(v.event_log_banks),
+        },
+        "evidence_digest": v.evidence_digest,
+    }
