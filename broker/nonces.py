@@ -1,0 +1,151 @@
+"""Single-use attestation nonces, bound to an AK, with a short time to live.
+
+A nonce is burned by one conditional ``UPDATE ... SET used_at = now WHERE nonce = :n AND
+used_at IS NULL RETURNING ak_name, expires_at``. The database applies that statement to the row
+atomically, so of any number of concurrent consumers, in one broker or in several replicas on
+one PostgreSQL database, exactly one gets the row back; every other one gets nothing and is
+refused as a replay. Only when the burn did not succeed cleanly does a second read find out why.
+
+A nonce presented with the wrong AK, or after its expiry, is refused *and burned*: its real
+owner then has to ask for a new one (one extra round trip), which is cheaper than letting
+someone who has seen a nonce probe with it. Nonces are stored raw: see the ``nonces`` table in
+:mod:`broker.storage.schema` for why that is safe.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import sqlalchemy as sa
+
+from broker.errors import (
+    NonceBindingError,
+    NonceError,
+    NonceExpiredError,
+    NonceReplayError,
+    NonceUnknownError,
+)
+from broker.storage import Store
+from broker.storage.schema import nonces
+
+#: Size of a nonce in bytes (the quote's qualifying data binds it, hashed, with the other inputs).
+NONCE_BYTES = 32
+
+Clock = Callable[[], datetime]
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware, in UTC."""
+    return datetime.now(UTC)
+
+
+class NonceService:
+    """Issues and consumes nonces through a :class:`~broker.storage.Store`."""
+
+    def __init__(self, store: Store, *, ttl_seconds: float = 60.0, clock: Clock = utcnow) -> None:
+        """
+        Raises:
+            ValueError: ``ttl_seconds`` is not positive.
+        """
+        if ttl_seconds <= 0:
+            raise ValueError("the nonce TTL must be positive")
+        self._store = store
+        self._ttl = timedelta(seconds=ttl_seconds)
+        self._clock = clock
+        fast = store.fast
+        self._insert = fast.prepare(sa.insert(nonces))
+        self._burn = fast.prepare(
+            sa.update(nonces)
+            .where(nonces.c.nonce == sa.bindparam("n"), nonces.c.used_at.is_(None))
+            .values(used_at=sa.bindparam("now"))
+            .returning(nonces.c.ak_name, nonces.c.expires_at)
+        )
+        self._lookup = fast.prepare(
+            sa.select(nonces.c.used_at).where(nonces.c.nonce == sa.bindparam("n"))
+        )
+
+    def issue(self, ak_name: str) -> tuple[bytes, datetime]:
+        """A fresh nonce for ``ak_name`` and the time it expires.
+
+        The caller checks that the AK is enrolled and not revoked; the nonce only records it.
+
+        Raises:
+            StorageError: the database failed.
+        """
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        now = self._clock()
+        expires_at = now + self._ttl
+        with self._store.fast.session("issue nonce", write=True) as cur:
+            cur.execute(
+                self._insert,
+                {
+                    "nonce": nonce,
+                    "ak_name": ak_name,
+                    "issued_at": now,
+                    "expires_at": expires_at,
+                    "used_at": None,
+                },
+            )
+        return nonce, expires_at
+
+    def consume(self, nonce: bytes, ak_name: str) -> None:
+        """Accepts ``nonce`` for ``ak_name`` once; every later use is refused.
+
+        Raises:
+            NonceUnknownError: never issued (or purged since).
+            NonceReplayError: already used (by anyone, including a concurrent replica).
+            NonceBindingError: issued to another AK (it is burned all the same).
+            NonceExpiredError: its time to live has passed (it is burned all the same).
+            StorageError: the database failed.
+        """
+        if len(nonce) != NONCE_BYTES:
+            raise NonceUnknownError(f"a nonce is {NONCE_BYTES} bytes, got {len(nonce)}")
+        now = self._clock()
+        # One statement in autocommit: the row's update is atomic in the database, whichever
+        # process or replica runs it.
+        with self._store.fast.session("consume nonce", write=True) as cur:
+            burned = cur.one(self._burn, {"n": nonce, "now": now})
+        # The statement has committed: a refused nonce stays burned.
+        if burned is not None:
+            problem: NonceError | None = None
+            if burned.ak_name != ak_name:
+                problem = NonceBindingError("the nonce was issued to another AK")
+            elif now >= burned.expires_at:
+                problem = NonceExpiredError("the nonce expired")
+            if problem is not None:
+                raise problem
+            return
+        with self._store.fast.session("look up nonce") as cur:
+            row = cur.one(self._lookup, {"n": nonce})
+        if row is None:
+            raise NonceUnknownError("the nonce was never issued (or has been purged)")
+        raise NonceReplayError("the nonce was already used")
+
+    def purge_expired(self, older_than: datetime) -> int:
+        """Deletes nonces that expired before ``older_than``; returns how many.
+
+        Keep purged nonces' expiry well in the past (e.g. ``now - ttl``): a purged nonce
+        presented again is reported as unknown rather than as a replay (refused either way).
+
+        Raises:
+            StorageError: the database failed.
+        """
+        with self._store.transaction("purge nonces", write=True) as conn:
+            return conn.execute(sa.delete(nonces).where(nonces.c.expires_at < older_than)).rowcount
+
+    def count_outstanding(self) -> int:
+        """How many nonces are issued, unused and unexpired now (a metrics gauge).
+
+        Raises:
+            StorageError: the database failed.
+        """
+        now = self._clock()
+        with self._store.transaction("count nonces") as conn:
+            count = conn.execute(
+                sa.select(sa.func.count())
+                .select_from(nonces)
+                .where(nonces.c.used_at.is_(None), nonces.c.expires_at > now)
+            ).scalar_one()
+        return int(count)

@@ -1,0 +1,1 @@
+"""Alembic migration scripts of the broker's database (run by ``Store.open(migrate=True)``)."""

@@ -1,0 +1,1200 @@
+"""The broker's repository: every domain object in and out of SQLite or PostgreSQL.
+
+One :class:`Store` holds one SQLAlchemy engine (a connection pool) for the life of the broker;
+each method is one short transaction of a few indexed statements. The attestation hot path
+(``get_ak``, ``find_active_approvals``, ``get_data_key``, ``get_golden_set``, ``add_session``)
+is one single-row or index-range statement each.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Final
+
+import sqlalchemy as sa
+from alembic.util.exc import CommandError
+from sqlalchemy import event
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.engine import Connection, Engine, Row, make_url
+from sqlalchemy.engine.url import URL
+
+from broker.errors import (
+    BrokerError,
+    CredentialError,
+    DuplicateError,
+    PolicyError,
+    RevokedKeyError,
+    StorageError,
+    UnknownKeyError,
+    UnknownPolicyObjectError,
+)
+from broker.model import (
+    AkRecord,
+    Approval,
+    CredentialChallenge,
+    DataKeyRecord,
+    EkRecord,
+    GoldenPcrSet,
+    ManifestEntry,
+    Party,
+    PcrKey,
+    Session,
+)
+from broker.storage import migrate as _migrate
+from broker.storage.fast import FastPath
+from broker.storage.schema import (
+    aks,
+    approvals,
+    credential_challenges,
+    data_keys,
+    eks,
+    golden_sets,
+    parties,
+    sessions,
+)
+
+
+class UnknownSessionError(UnknownPolicyObjectError):
+    """A session named in a request does not exist."""
+
+
+#: The PCR bank whose PCR 23 value indexes approvals (see :meth:`Store.find_active_approvals`).
+APPROVAL_INDEX_BANK: Final = "sha256"
+
+_SQLITE_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+# SQLSTATE codes of PostgreSQL's integrity violations.
+_PG_UNIQUE_VIOLATION = "23505"
+_PG_FOREIGN_KEY_VIOLATION = "23503"
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else ""
+
+
+def _describe(e: BaseException) -> str:
+    """A short description of a database error for an exception message.
+
+    Only the driver's first line is kept: PostgreSQL's DETAIL lines can quote row values, and
+    SQLAlchemy's own message quotes the statement (its parameters are hidden by the engine's
+    ``hide_parameters``, but the statement itself is noise to an operator).
+    """
+    orig = getattr(e, "orig", None)
+    cause: BaseException = orig if isinstance(orig, BaseException) else e
+    line = _first_line(str(cause))
+    return f"{type(cause).__name__}: {line}" if line else type(cause).__name__
+
+
+def _integrity_kind(e: BaseException) -> str:
+    """ "unique", "foreign_key" or "other", for SQLAlchemy's or the driver's integrity error."""
+    orig = getattr(e, "orig", None) or e
+    sqlstate = getattr(orig, "sqlstate", None)
+    if sqlstate == _PG_UNIQUE_VIOLATION:
+        return "unique"
+    if sqlstate == _PG_FOREIGN_KEY_VIOLATION:
+        return "foreign_key"
+    text = str(orig)
+    if "UNIQUE constraint failed" in text:
+        return "unique"
+    if "FOREIGN KEY constraint failed" in text:
+        return "foreign_key"
+    return "other"
+
+
+def safe_url(url: str | URL) -> str:
+    """``url`` as text with any password replaced by ``***``, fit for messages and logs."""
+    try:
+        parsed = make_url(url) if isinstance(url, str) else url
+    except sa.exc.ArgumentError:
+        return "<unparseable database URL>"
+    return parsed.render_as_string(hide_password=True)
+
+
+class Store:
+    """The broker's database: SQLite (default, one file, WAL) or PostgreSQL (several replicas).
+
+    Build one with :meth:`open`; use it as a context manager or call :meth:`close`. A Store is
+    thread-safe (every call checks a connection out of the pool) but must not cross a fork:
+    open one per process.
+    """
+
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        display_url: str,
+        fast_engine: Engine | None = None,
+        write_lock_timeout_seconds: float = 30.0,
+    ) -> None:
+        """Wraps engines that :meth:`open` configured; use :meth:`open` instead."""
+        self._engine = engine
+        self._fast_engine = fast_engine
+        # Write transactions on SQLite begin with BEGIN IMMEDIATE (see _install_sqlite_hooks).
+        self._write_engine: Engine = engine.execution_options(cleanroom_sqlite_begin="IMMEDIATE")
+        self._snapshot_engine: Engine = (
+            engine.execution_options(isolation_level="REPEATABLE READ")
+            if engine.dialect.name == "postgresql"
+            else engine
+        )
+        self.display_url = display_url
+        self._closed = False
+        # SQLite has one writer at a time per file, and a writer that finds the lock taken
+        # polls for it with growing sleeps (1, 2, 5, ... 100 ms), so under load one thread can
+        # starve for a long time. Queueing this process's writers on a lock instead keeps
+        # latency flat; other processes still meet the busy timeout. Reentrant, so that a
+        # nested write fails with "database is locked" after the timeout instead of hanging.
+        self._write_lock = threading.RLock() if engine.dialect.name == "sqlite" else None
+        self._write_lock_timeout = write_lock_timeout_seconds
+        #: The hot-path executor (see broker.storage.fast); broker.nonces and broker.audit
+        #: prepare their statements on it too.
+        self.fast = FastPath(
+            fast_engine or engine,
+            display_url=display_url,
+            writer=self._writer,
+            integrity_kind=_integrity_kind,
+            describe=_describe,
+        )
+        self._q = _HotQueries(self.fast)
+
+    # --- life cycle -----------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        url: str,
+        *,
+        migrate: bool = True,
+        pool_size: int = 10,
+        max_overflow: int = 10,
+        pool_timeout_seconds: float = 30.0,
+        connect_timeout_seconds: int = 10,
+        busy_timeout_seconds: float = 30.0,
+        sqlite_synchronous: str = "NORMAL",
+    ) -> Store:
+        """Opens the database at ``url`` and, with ``migrate``, upgrades its schema to head.
+
+        URLs: ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db`` or
+        ``postgresql+psycopg://user:password@host:5432/dbname`` (a bare ``postgresql://`` is
+        taken to mean psycopg 3). SQLite runs in WAL mode with foreign keys on and waits up to
+        ``busy_timeout_seconds`` for the write lock; ``sqlite_synchronous`` is NORMAL by default
+        (in WAL mode a crash of the process loses nothing, a power cut may lose the last
+        commits; FULL syncs every commit, at a large cost in throughput).
+
+        Raises:
+            StorageError: the URL is invalid or of an unsupported backend, the database cannot
+                be reached or opened, or its schema is not at this code's revision (with
+                ``migrate=False``) or is newer than this code knows.
+        """
+        try:
+            parsed = make_url(url)
+        except sa.exc.ArgumentError as e:
+            raise StorageError(
+                "invalid database URL (expected sqlite:///... or postgresql+psycopg://...)"
+            ) from e
+        backend = parsed.get_backend_name()
+        display = safe_url(parsed)
+        common: dict[str, Any] = {
+            "pool_size": pool_size,
+            "max_overflow": max_overflow,
+            "pool_timeout": pool_timeout_seconds,
+            # Parameters can hold wrapped keys and nonces: keep them out of error messages.
+            "hide_parameters": True,
+        }
+        if backend == "sqlite":
+            if parsed.database in (None, "", ":memory:") or str(parsed.database).startswith(
+                "file::memory:"
+            ):
+                raise StorageError(
+                    "an in-memory SQLite database cannot be shared by the pool; "
+                    "use a file: sqlite:///path/to/broker.db"
+                )
+            if sqlite_synchronous.upper() not in _SQLITE_SYNCHRONOUS:
+                raise StorageError(
+                    f"sqlite_synchronous must be one of {', '.join(_SQLITE_SYNCHRONOUS)}"
+                )
+            if parsed.drivername not in ("sqlite", "sqlite+pysqlite"):
+                raise StorageError(f"unsupported SQLite driver {parsed.drivername!r}")
+            engine = sa.create_engine(
+                parsed, connect_args={"timeout": busy_timeout_seconds}, **common
+            )
+            _install_sqlite_hooks(
+                engine,
+                busy_timeout_ms=int(busy_timeout_seconds * 1000),
+                synchronous=sqlite_synchronous.upper(),
+            )
+        elif backend == "postgresql":
+            if parsed.drivername == "postgresql":
+                parsed = parsed.set(drivername="postgresql+psycopg")
+            if parsed.drivername != "postgresql+psycopg":
+                raise StorageError(
+                    f"unsupported PostgreSQL driver {parsed.drivername!r}; "
+                    "use postgresql+psycopg://"
+                )
+            engine = sa.create_engine(
+                parsed,
+                connect_args={"connect_timeout": connect_timeout_seconds},
+                **common,
+            )
+        else:
+            raise StorageError(
+                f"unsupported database backend {backend!r} in {display} "
+                "(supported: sqlite, postgresql)"
+            )
+        fast_engine: Engine | None = None
+        if backend == "postgresql":
+            # A second pool in driver autocommit for the hot path's single statements (one
+            # round trip each); Core's transactions need the first pool's non-autocommit ones.
+            fast_engine = sa.create_engine(
+                parsed,
+                connect_args={"connect_timeout": connect_timeout_seconds},
+                isolation_level="AUTOCOMMIT",
+                **common,
+            )
+        try:
+            _prepare_schema(engine, migrate=migrate, display=display)
+            return cls(
+                engine=engine,
+                display_url=display,
+                fast_engine=fast_engine,
+                write_lock_timeout_seconds=busy_timeout_seconds,
+            )
+        except BaseException:
+            engine.dispose()
+            if fast_engine is not None:
+                fast_engine.dispose()
+            raise
+
+    @property
+    def dialect(self) -> str:
+        """``"sqlite"`` or ``"postgresql"``."""
+        return str(self._engine.dialect.name)
+
+    @property
+    def engine(self) -> Engine:
+        """The underlying engine, for tools and tests that need raw SQL."""
+        return self._engine
+
+    def close(self) -> None:
+        """Closes every pooled connection. The Store cannot be used afterwards."""
+        if not self._closed:
+            self._closed = True
+            self.fast.close()
+            self._engine.dispose()
+            if self._fast_engine is not None:
+                self._fast_engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- transactions ---------------------------------------------------------------------
+
+    @contextmanager
+    def transaction(
+        self,
+        operation: str,
+        *,
+        write: bool = False,
+        snapshot: bool = False,
+        duplicate: BrokerError | None = None,
+        missing_reference: BrokerError | None = None,
+    ) -> Iterator[Connection]:
+        """One database transaction, committed when the block ends without an exception.
+
+        This is the building block of every method here and of ``broker.nonces`` and
+        ``broker.audit``. ``write`` takes SQLite's write lock up front (``BEGIN IMMEDIATE``),
+        which a transaction that will write must do: a deferred transaction that upgrades to
+        a writer fails at once with "database is locked" instead of waiting. ``snapshot``
+        gives one consistent view across several reads (REPEATABLE READ on PostgreSQL;
+        SQLite's WAL readers always have one).
+
+        Raises:
+            DuplicateError: ``duplicate``, on a unique-constraint violation, when given.
+            BrokerError: ``missing_reference``, on a foreign-key violation, when given.
+            StorageError: any other database failure, with the operation named.
+        """
+        if self._closed:
+            raise StorageError(f"{operation}: the store is closed")
+        engine: Engine
+        if write:
+            engine = self._write_engine
+        elif snapshot:
+            engine = self._snapshot_engine
+        else:
+            engine = self._engine
+        try:
+            with self._writer(operation) if write else nullcontext(), engine.begin() as conn:
+                yield conn
+        except sa.exc.IntegrityError as e:
+            kind = _integrity_kind(e)
+            if kind == "unique" and duplicate is not None:
+                raise duplicate from e
+            if kind == "foreign_key" and missing_reference is not None:
+                raise missing_reference from e
+            raise StorageError(f"{operation}: constraint violated: {_describe(e)}") from e
+        except sa.exc.OperationalError as e:
+            raise StorageError(f"{operation} on {self.display_url}: {_describe(e)}") from e
+        except sa.exc.SQLAlchemyError as e:
+            raise StorageError(f"{operation}: {_describe(e)}") from e
+
+    @contextmanager
+    def _writer(self, operation: str) -> Iterator[None]:
+        if self._write_lock is None:
+            yield
+            return
+        if not self._write_lock.acquire(timeout=self._write_lock_timeout):
+            raise StorageError(f"{operation} on {self.display_url}: database is locked")
+        try:
+            yield
+        finally:
+            self._write_lock.release()
+
+    # --- endorsement keys -----------------------------------------------------------------
+
+    def add_ek(self, record: EkRecord) -> None:
+        """Enrolls an EK.
+
+        Raises:
+            DuplicateError: an EK with this id is already enrolled.
+            StorageError: the database failed.
+        """
+        with self.transaction(
+            "add EK", write=True, duplicate=DuplicateError(f"EK {record.ek_id} is already enrolled")
+        ) as conn:
+            conn.execute(
+                sa.insert(eks).values(
+                    ek_id=record.ek_id,
+                    public=record.public,
+                    certificate=record.certificate,
+                    enrolled_at=record.enrolled_at,
+                    revoked=record.revoked,
+                    revoked_reason=record.revoked_reason,
+                )
+            )
+
+    def get_ek(self, ek_id: str) -> EkRecord:
+        """The EK with this id (revoked or not).
+
+        Raises:
+            UnknownKeyError: no such EK.
+            StorageError: the database failed.
+        """
+        with self.fast.session("get EK") as cur:
+            row = cur.one(self._q.get_ek, {"ek_id": ek_id})
+        if row is None:
+            raise UnknownKeyError(f"EK {ek_id} is not enrolled")
+        return _ek(row)
+
+    def list_eks(self) -> list[EkRecord]:
+        """Every EK, by id.
+
+        Raises:
+            StorageError: the database failed.
+        """
+        with self.transaction("list EKs") as conn:
+            rows = conn.execute(sa.select(eks).order_by(eks.c.ek_id)).all()
+        return [_ek(r) for r in rows]
+
+    def revoke_ek(self, ek_id: str, reason: str) -> None:
+        """Revokes an EK and every AK enrolled under it, in one transaction.
+
+        Already revoked keys keep their first reason. The AKs get the reason
+        ``"EK revoked: <reason>"``.
+
+        Raises:
+            UnknownKeyError: no such EK.
+            StorageError: the database failed.
+        """
+        with self.transaction("revoke EK", write=True) as conn:
+            # The row lock makes a concurrent add_ak under this EK (which takes a share lock
+            # on it) finish first, so that the AK update below sees its AK.
+            found = conn.execute(
+                sa.select(eks.c.ek_id).where(eks.c.ek_id == ek_id).with_for_update()
+            ).one_or_none()
+            if found is not None:
+                conn.execute(
+                    sa.update(eks)
+                    .where(eks.c.ek_id == ek_id, eks.c.revoked.is_(False))
+                    .values(revoked=True, revoked_reason=reason)
+                )
+                conn.execute(
+                    sa.update(aks)
+                    .where(aks.c.ek_id == ek_id, aks.c.revoked.is_(False))
+                    .values(revoked=True, revoked_reason=f"EK revoked: {reason}")
+                )
+        if found is None:
+            raise UnknownKeyError(f"EK {ek_id} is not enrolled")
+
+    # --- attestation keys -----------------------------------------------------------------
+
+    def add_ak(self, record: AkRecord) -> None:
+        """Enrolls an AK, under an EK or (``ek_id`` None) directly by the operator.
+
+        Raises:
+            DuplicateError: an AK with this name is already enrolled.
+            UnknownKeyError: its EK is not enrolled.
+            RevokedKeyError: its EK is revoked.
+            StorageError: the database failed.
+        """
+        with self.transaction(
+            "add AK",
+            write=True,
+            duplicate=DuplicateError(f"AK {record.ak_name} is already enrolled"),
+            missing_reference=UnknownKeyError(f"EK {record.ek_id} is not enrolled"),
+        ) as conn:
+            problem: BrokerError | None = None
+            if record.ek_id is not None:
+                # A share lock: revoke_ek cannot slip in between this check and the insert.
+                ek_revoked = conn.execute(
+                    sa.select(eks.c.revoked)
+                    .where(eks.c.ek_id == record.ek_id)
+                    .with_for_update(read=True)
+                ).scalar_one_or_none()
+                if ek_revoked is None:
+                    problem = UnknownKeyError(f"EK {record.ek_id} is not enrolled")
+                elif ek_revoked:
+                    problem = RevokedKeyError(f"EK {record.ek_id} is revoked")
+            if problem is None:
+                conn.execute(
+                    sa.insert(aks).values(
+                        ak_name=record.ak_name,
+                        public=record.public,
+                        ek_id=record.ek_id,
+                        enrolled_by=record.enrolled_by,
+                        enrolled_at=record.enrolled_at,
+                        revoked=record.revoked,
+                        revoked_reason=record.revoked_reason,
+                    )
+                )
+        if problem is not None:
+            raise problem
+
+    def get_ak(self, ak_name: str) -> AkRecord:
+        """The AK with this name (revoked or not: callers check ``revoked``).
+
+        Raises:
+            UnknownKeyError: no such AK.
+            StorageError: the database failed.
+        """
+        with self.fast.session("get AK") as cur:
+            row = cur.one(self._q.get_ak, {"ak_name": ak_name})
+        if row is None:
+            raise UnknownKeyError(f"AK {ak_name} is not enrolled")
+        return _ak(row)
+
+    def list_aks(self) -> list[AkRecord]:
+        """Every AK, by name.
+
+        Raises:
+            StorageError: the database failed.
+        """
+        with self.transaction("list AKs") as conn:
+            rows = conn.execute(sa.select(aks).order_by(aks.c.ak_name)).all()
+        return [_ak(r) for r in rows]
+
+    def revoke_ak(self, ak_name: str, reason: str) -> None:
+        """Revokes an AK (an already revoked one keeps its first reason).
+
+        Raises:
+            UnknownKeyError: no such AK.
+            StorageError: the database failed.
+        """
+        with self.transaction("revoke AK", write=True) as conn:
+            updated = conn.execute(
+                sa.update(aks)
+                .where(aks.c.ak_name == ak_name, aks.c.revoked.is_(False))
+                .values(revoked=True, revoked_reason=reason)
+            ).rowcount
+            exists = updated > 0 or (
+                conn.execute(sa.select(aks.c.ak_name).where(aks.c.ak_name == ak_name)).first()
+                is not None
+            )
+        if not exists:
+            raise UnknownKeyError(f"AK {ak_name} is not enrolled")
+
+    # --- credential challenges ------------------------------------------------------------
+
+    def put_credential_challenge(self, challenge: CredentialChallenge) -> None:
+        """Stores a challenge, replacing any outstanding one for the same AK (one per AK).
+
+        Raises:
+            DuplicateError: another AK's challenge has this enrollment id.
+            StorageError: the database failed.
+        """
+        values = {
+            "enrollment_id": challenge.enrollment_id,
+            "ak_name": challenge.ak_name,
+            "ak_public": challenge.ak_public,
+            "ek_id": challenge.ek_id,
+            "secret_digest": challenge.secret_digest,
+            "expires_at": challenge.expires_at,
+        }
+        with self.transaction(
+            "put credential challenge",
+            write=True,
+            duplicate=DuplicateError(f"enrollment id {challenge.enrollment_id} is in use"),
+        ) as conn:
+            # One statement, so that two replicas replacing the same AK's challenge at once
+            # cannot both insert: the AK's unique index decides, the later write wins.
+            stmt = self._upsert(credential_challenges, values, ["ak_name"])
+            conn.execute(stmt)
+
+    def take_credential_challenge(self, enrollment_id: str, now: datetime) -> CredentialChallenge:
+        """Removes and returns the challenge, atomically (a second take finds nothing).
+
+        Raises:
+            CredentialError: no such challenge (never issued, replaced, or already taken), or
+                it expired (it is removed all the same).
+            StorageError: the database failed.
+        """
+        t = credential_challenges
+        with self.transaction("take credential challenge", write=True) as conn:
+            row = conn.execute(
+                sa.delete(t).where(t.c.enrollment_id == enrollment_id).returning(*t.c)
+            ).one_or_none()
+        if row is None:
+            raise CredentialError("unknown credential challenge (never issued, replaced or used)")
+        challenge = _challenge(row)
+        if now >= challenge.expires_at:
+            raise CredentialError("the credential challenge expired")
+        return challenge
+
+    def purge_credential_challenges(self, now: datetime) -> int:
+        """Deletes challenges expired at ``now``; returns how many.
+
+        Raises:
+            StorageError: the database failed.
+        """
+        t = credential_challenges
+        with self.transaction("purge credential challenges", write=True) as conn:
+            return conn.execute(sa.delete(t).where(t.c.expires_at <= now)).rowcount
+
+    # --- golden PCR sets ------------------------------------------------------------------
+
+    def put_golden_set(self, golden: GoldenPcrSet) -> None:
+        """Creates or replaces the golden set of this name.
+
+        Raises:
+            StorageError: the database failed.
+        """
+        values = {
+            "name": golden.name,
+            "accepted": _encode_accepted(golden.accepted),
+            "updated_at": golden.updated_at,
+        }
+        with self.transaction("put golden set", write=True) as conn:
+            conn.execute(self._upsert(golden_sets, values, ["name"]))
+
+    def get_golden_set(self, name: str) -> GoldenPcrSet:
+        """The golden set of this name.
+
+        Raises:
+            UnknownPolicyObjectError: no such golden set.
+            StorageError: the database failed.
+        """
+        with self.fast.session("get golden set") as cur:
+            row = cur.one(self._q.get_golden_set, {"name": name})
+        if row is None:
+            raise UnknownPolicyObjectError(f"golden set {name!r} does not exist")
+        return _golden(row)
+
+    def list_golden_sets(self) -> list[GoldenPcrSet]:
+        """Every golden set, by name.
+
+        Raises:
+            StorageError: the database failed.
+        """
+        with self.transaction("list golden sets") as conn:
+            rows = conn.execute(sa.select(golden_sets).order_by(golden_sets.c.name)).all()
+        return [_golden(r) for r in rows]
+
+    def delete_golden_set(self, name: str) -> None:
+        """Deletes a golden set. Approvals that name it then fail closed at attestation.
+
+        Raises:
+            UnknownPolicyObjectError: no such golden set.
+            StorageError: the database failed.
+        """
+        with self.transaction("delete golden set", write=True) as conn:
+            n = conn.execute(sa.delete(golden_sets).where(golden_sets.c.name == name)).rowcount
+        if n == 0:
+            raise UnknownPolicyObjectError(f"golden set {name!r} does not exist")
+
+    # --- parties --------------------------------------------------------------------------
+
+    def add_party(self, party: Party) -> None:
+        """Registers a party.
+
+        Raises:
+            DuplicateError: a party of this name exists.
+            StorageError: the database failed.
+        """
+        with self.transaction(
+            "add party", write=True, duplicate=DuplicateError(f"party {party.name!r} exists")
+        ) as conn:
+            conn.execute(
+                sa.insert(parties).values(
+                    name=party.name, kem=party.kem, public_key=party.public_key
+                )
+            )
+
+    def get_party(self, name: str) -> Party:
+        """The party of this name.
+
+        Raises:
+            UnknownPolicyObjectError: no such party.
+            StorageError: the database failed.
+        """
+        with self.fast.session("get party") as cur:
+            row = cur.one(self._q.get_party, {"name": name})
+        if row is None:
+            raise UnknownPolicyObjectError(f"party {name!r} does not exist")
+        return _party(row)
+
+    def list_parties(self) -> list[Party]:
+        """Every party, by name.
+
+        Raises:
+            StorageError: the database failed.
+        """
+        with self.transaction("list parties") as conn:
+            rows = conn.execute(sa.select(parties).order_by(parties.c.name)).all()
+        return [_party(r) for r in rows]
+
+    # --- data keys ------------------------------------------------------------------------
+
+    def add_data_key(self, record: DataKeyRecord) -> None:
+        """Stores a party's wrapped data key.
+
+        Raises:
+            DuplicateError: a key with this id exists.
+            UnknownPolicyObjectError: the owner is not a registered party.
+            StorageError: the database failed.
+        """
+        with self.transaction(
+            "add data key",
+            write=True,
+            duplicate=DuplicateError(f"data key {record.key_id!r} exists"),
+            missing_reference=UnknownPolicyObjectError(f"party {record.owner!r} does not exist"),
+        ) as conn:
+            conn.execute(
+                sa.insert(data_keys).values(
+                    key_id=record.key_id,
+                    owner=record.owner,
+                    wrapped_key=record.wrapped_key,
+                    kek_ref=record.kek_ref,
+                    created_at=record.created_at,
+                    description=record.description,
+                )
+            )
+
+    def get_data_key(self, key_id: str) -> DataKeyRecord:
+        """The data key with this id (still wrapped).
+
+        Raises:
+            UnknownPolicyObjectError: no such key.
+            StorageError: the database failed.
+        """
+        with self.fast.session("get data key") as cur:
+            row = cur.one(self._q.get_data_key, {"key_id": key_id})
+        if row is None:
+            raise UnknownPolicyObjectError(f"data key {key_id!r} does not exist")
+        return _data_key(row)
+
+    def get_data_keys(self, key_ids: Sequence[str]) -> list[DataKeyRecord]:
+        """Several data keys in one statement, in the order asked.
+
+        Raises:
+            UnknownPolicyObjectError: one of them does not exist.
+            StorageError: the database failed.
+        """
+        if not key_ids:
+            return []
+        with self.transaction("get data keys") as conn:
+            rows = conn.execute(
+                sa.select(data_keys).where(data_keys.c.key_id.in_(set(key_ids)))
+            ).all()
+        found = {r.key_id: _data_key(r) for r in rows}
+        for key_id in key_ids:
+            if key_id not in found:
+                raise UnknownPolicyObjectError(f"data key {key_id!r} does not exist")
+        return [found[k] for k in key_ids]
+
+    def list_data_keys(self, owner: str | None = None) -> list[DataKeyRecord]:
+        """Every data key (or one owner's), by id.
+
+        Raises:
+            StorageError: the database failed.
+        """
+        stmt = sa.select(data_keys).order_by(data_keys.c.key_id)
+        if owner is not None:
+            stmt = stmt.where(data_keys.c.owner == owner)
+        with self.transaction("list data keys") as conn:
+            rows = conn.execute(stmt).all()
+        return [_data_key(r) for r in rows]
+
+    def rewrap_data_key(self, key_id: str, wrapped_key: bytes, kek_ref: str) -> None:
+        """Replaces a key's wrapping (KEK rotation): the same data key under another KEK.
+
+        Raises:
+            UnknownPolicyObjectError: no such key.
+            StorageError: the database failed.
+        """
+        with self.transaction("rewrap data key", write=True) as conn:
+            n = conn.execute(
+                sa.update(data_keys)
+                .where(data_keys.c.key_id == key_id)
+                .values(wrapped_key=wrapped_key, kek_ref=kek_ref)
+            ).rowcount
+        if n == 0:
+            raise UnknownPolicyObjectError(f"data key {key_id!r} does not exist")
+
+    # --- approvals ------------------------------------------------------------------------
+
+    def add_approval(self, approval: Approval) -> None:
+        """Stores a party's approval of a workload, after checking what it names.
+
+        The party, every key, every output recipient and the golden set (when named) must
+        exist; every key must be the party's own; ``expected_pcrs`` must hold a sha256 value
+        (approvals are found by it at attestation).
+
+        Raises:
+            UnknownPolicyObjectError: the party, a key, a recipient or the golden set does not
+                exist.
+            PolicyError: a key belongs to another party, a key is named twice, or the sha256
+                PCR value is missing or malformed.
+            DuplicateError: an approval with this id exists.
+            StorageError: the database failed.
+        """
+        sha256 = approval.expected_pcrs.get(APPROVAL_INDEX_BANK)
+        if sha256 is None or len(sha256) != 32:
+            raise PolicyError("an approval needs the expected sha256 PCR 23 value (32 bytes)")
+        if len(set(approval.key_ids)) != len(approval.key_ids):
+            raise PolicyError("an approval names a key twice")
+        problem: BrokerError | None = None
+        with self.transaction(
+            "add approval",
+            write=True,
+            duplicate=DuplicateError(f"approval {approval.approval_id!r} exists"),
+        ) as conn:
+            wanted_parties = {approval.party, *approval.output_recipients}
+            known = set(
+                conn.execute(
+                    sa.select(parties.c.name).where(parties.c.name.in_(wanted_parties))
+                ).scalars()
+            )
+            owners: dict[str, str] = {}
+            if approval.key_ids:
+                owners = {
+                    r.key_id: r.owner
+                    for r in conn.execute(
+                        sa.select(data_keys.c.key_id, data_keys.c.owner).where(
+                            data_keys.c.key_id.in_(approval.key_ids)
+                        )
+                    )
+                }
+            golden_exists = approval.golden_set is None or (
+                conn.execute(
+                    sa.select(golden_sets.c.name).where(golden_sets.c.name == approval.golden_set)
+                ).first()
+                is not None
+            )
+            problem = _approval_problem(approval, known, owners, golden_exists)
+            if problem is None:
+                conn.execute(sa.insert(approvals).values(**_approval_values(approval, sha256)))
+        if problem is not None:
+            raise problem
+
+    def get_approval(self, approval_id: str) -> Approval:
+        """The approval with this id (revoked or not).
+
+        Raises:
+            UnknownPolicyObjectError: no such approval.
+            StorageError: the database failed.
+        """
+        with self.transaction("get approval") as conn:
+            row = conn.execute(
+                sa.select(approvals).where(approvals.c.approval_id == approval_id)
+            ).one_or_none()
+        if row is None:
+            raise UnknownPolicyObjectError(f"approval {approval_id!r} does not exist")
+        return _approval(row)
+
+    def list_approvals(
+        self, party: str | None = None, include_revoked: bool = True
+    ) -> list[Approval]:
+        """Approvals (all, or one party's), oldest first.
+
+        Raises:
+            StorageError: the database failed.
+        """
+        stmt = sa.select(approvals).order_by(approvals.c.created_at, approvals.c.approval_id)
+        if party is not None:
+            stmt = stmt.where(approvals.c.party == party)
+        if not include_revoked:
+            stmt = stmt.where(approvals.c.revoked.is_(False))
+        with self.transaction("list approvals") as conn:
+            rows = conn.execute(stmt).all()
+        return [_approval(r) for r in rows]
+
+    def revoke_approval(self, approval_id: str) -> None:
+        """Revokes an approval (idempotent).
+
+        Raises:
+            UnknownPolicyObjectError: no such approval.
+            StorageError: the database failed.
+        """
+        with self.transaction("revoke approval", write=True) as conn:
+            n = conn.execute(
+                sa.update(approvals)
+                .where(approvals.c.approval_id == approval_id)
+                .values(revoked=True)
+            ).rowcount
+        if n == 0:
+            raise UnknownPolicyObjectError(f"approval {approval_id!r} does not exist")
+
+    def find_active_approvals(self, expected_pcr_sha256: bytes) -> list[Approval]:
+        """Unrevoked approvals whose expected sha256 PCR 23 value is this one, oldest first.
+
+        This is the attestation hot path: one index lookup.
+
+        Raises:
+            StorageError: the database failed.
+        """
+        with self.fast.session("find approvals") as cur:
+            rows = cur.all(self._q.find_active_approvals, {"pcr": expected_pcr_sha256})
+        return [_approval(r) for r in rows]
+
+    # --- sessions -------------------------------------------------------------------------
+
+    def add_session(self, session: Session) -> None:
+        """Records an attested session.
+
+        Raises:
+            DuplicateError: a session with this id exists.
+            UnknownKeyError: its AK is not enrolled.
+            StorageError: the database failed.
+        """
+        with self.fast.session(
+            "add session",
+            write=True,
+            duplicate=DuplicateError(f"session {session.session_id!r} exists"),
+            missing_reference=UnknownKeyError(f"AK {session.ak_name} is not enrolled"),
+        ) as cur:
+            cur.execute(
+                self._q.add_session,
+                {
+                    "session_id": session.session_id,
+                    "ak_name": session.ak_name,
+                    "peer": session.peer,
+                    "started_at": session.started_at,
+                    "expires_at": session.expires_at,
+                    "released_key_ids": _dumps(list(session.released_key_ids)),
+                    "ended_at": session.ended_at,
+                    "exit_code": session.exit_code,
+                },
+            )
+
+    def end_session(self, session_id: str, ended_at: datetime, exit_code: int) -> Session:
+        """Marks a session ended and returns it. Ending an ended session changes nothing
+        (a retried call is harmless) and returns it as first ended.
+
+        Raises:
+            UnknownSessionError: no such session.
+            StorageError: the database failed.
+        """
+        with self.transaction("end session", write=True) as conn:
+            conn.execute(
+                sa.update(sessions)
+                .where(sessions.c.session_id == session_id, sessions.c.ended_at.is_(None))
+                .values(ended_at=ended_at, exit_code=exit_code)
+            )
+            row = conn.execute(
+                sa.select(sessions).where(sessions.c.session_id == session_id)
+            ).one_or_none()
+        if row is None:
+            raise UnknownSessionError(f"session {session_id!r} does not exist")
+        return _session(row)
+
+    def get_session(self, session_id: str) -> Session:
+        """The session with this id.
+
+        Raises:
+            UnknownSessionError: no such session.
+            StorageError: the database failed.
+        """
+        with self.transaction("get session") as conn:
+            row = conn.execute(
+                sa.select(sessions).where(sessions.c.session_id == session_id)
+            ).one_or_none()
+        if row is None:
+            raise UnknownSessionError(f"session {session_id!r} does not exist")
+        return _session(row)
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def _upsert(self, table: sa.Table, values: Mapping[str, Any], conflict: list[str]) -> sa.Insert:
+        """INSERT ... ON CONFLICT (conflict) DO UPDATE SET every other column."""
+        if self.dialect == "postgresql":
+            pg = pg_dialect.insert(table).values(**values)
+            return pg.on_conflict_do_update(
+                index_elements=conflict,
+                set_={k: pg.excluded[k] for k in values if k not in conflict},
+            )
+        lite = sqlite_dialect.insert(table).values(**values)
+        return lite.on_conflict_do_update(
+            index_elements=conflict,
+            set_={k: lite.excluded[k] for k in values if k not in conflict},
+        )
+
+
+class _HotQueries:
+    """The repository's hot-path statements, compiled once for the Store's backend."""
+
+    def __init__(self, fast: FastPath) -> None:
+        self.get_ek = fast.prepare(sa.select(eks).where(eks.c.ek_id == sa.bindparam("ek_id")))
+        self.get_ak = fast.prepare(sa.select(aks).where(aks.c.ak_name == sa.bindparam("ak_name")))
+        self.get_party = fast.prepare(
+            sa.select(parties).where(parties.c.name == sa.bindparam("name"))
+        )
+        self.get_data_key = fast.prepare(
+            sa.select(data_keys).where(data_keys.c.key_id == sa.bindparam("key_id"))
+        )
+        self.get_golden_set = fast.prepare(
+            sa.select(golden_sets).where(golden_sets.c.name == sa.bindparam("name"))
+        )
+        self.find_active_approvals = fast.prepare(
+            sa.select(approvals)
+            .where(
+                approvals.c.expected_pcr_sha256 == sa.bindparam("pcr"),
+                approvals.c.revoked.is_(False),
+            )
+            .order_by(approvals.c.created_at, approvals.c.approval_id)
+        )
+        self.add_session = fast.prepare(sa.insert(sessions))
+
+
+# --- engine setup -------------------------------------------------------------------------
+
+
+def _install_sqlite_hooks(engine: Engine, *, busy_timeout_ms: int, synchronous: str) -> None:
+    """Per-connection pragmas, and transactions that SQLAlchemy (not the driver) begins.
+
+    Python's sqlite3 driver begins transactions itself, lazily, before the first write, which
+    makes ``SELECT`` then ``UPDATE`` a deferred transaction that cannot wait for the write lock.
+    Turning that off (``isolation_level = None``) and emitting BEGIN from the ``begin`` event
+    (``BEGIN IMMEDIATE`` for writers) is SQLAlchemy's documented recipe.
+    """
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
+            mode = cursor.execute("PRAGMA journal_mode = WAL").fetchone()
+            if mode is None or str(mode[0]).lower() != "wal":
+                raise StorageError(
+                    "SQLite refused WAL journal mode (is the file on a network filesystem?)"
+                )
+            cursor.execute("PRAGMA foreign_keys = ON")
+            cursor.execute(f"PRAGMA synchronous = {synchronous}")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        mode = conn.get_execution_options().get("cleanroom_sqlite_begin", "DEFERRED")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def _prepare_schema(engine: Engine, *, migrate: bool, display: str) -> None:
+    try:
+        with engine.connect() as conn:
+            if migrate:
+                _migrate.upgrade(conn)
+                return
+            current = _migrate.current_revision(conn)
+            conn.rollback()
+    except sa.exc.OperationalError as e:
+        raise StorageError(f"cannot open database {display}: {_describe(e)}") from e
+    except sa.exc.SQLAlchemyError as e:
+        raise StorageError(f"cannot prepare database {display}: {_describe(e)}") from e
+    except CommandError as e:
+        raise StorageError(
+            f"cannot migrate database {display}: {_first_line(str(e))} "
+            "(is it newer than this broker?)"
+        ) from e
+    head = _migrate.head_revision()
+    if current != head:
+        raise StorageError(
+            f"database {display} is at schema revision {current or 'none'}, this broker needs "
+            f"{head}: open it with migrate=True or run `python -m broker.storage upgrade`"
+        )
+
+
+# --- row <-> object -----------------------------------------------------------------------
+
+
+def _ek(row: Row[Any]) -> EkRecord:
+    return EkRecord(
+        ek_id=row.ek_id,
+        public=bytes(row.public),
+        certificate=None if row.certificate is None else bytes(row.certificate),
+        enrolled_at=row.enrolled_at,
+        revoked=bool(row.revoked),
+        revoked_reason=row.revoked_reason,
+    )
+
+
+def _ak(row: Row[Any]) -> AkRecord:
+    return AkRecord(
+        ak_name=row.ak_name,
+        public=bytes(row.public),
+        ek_id=row.ek_id,
+        enrolled_by=row.enrolled_by,
+        enrolled_at=row.enrolled_at,
+        revoked=bool(row.revoked),
+        revoked_reason=row.revoked_reason,
+    )
+
+
+def _challenge(row: Row[Any]) -> CredentialChallenge:
+    return CredentialChallenge(
+        enrollment_id=row.enrollment_id,
+        ak_name=row.ak_name,
+        ak_public=bytes(row.ak_public),
+        ek_id=row.ek_id,
+        secret_digest=bytes(row.secret_digest),
+        expires_at=row.expires_at,
+    )
+
+
+def _encode_accepted(accepted: Mapping[PcrKey, frozenset[bytes]]) -> str:
+    entries = [
+        {"index": key.index, "bank": key.bank, "values": sorted(v.hex() for v in values)}
+        for key, values in accepted.items()
+    ]
+    entries.sort(key=lambda e: (e["index"], e["bank"]))
+    return _dumps(entries)
+
+
+def _golden(row: Row[Any]) -> GoldenPcrSet:
+    accepted = {
+        PcrKey(index=int(e["index"]), bank=str(e["bank"])): frozenset(
+            bytes.fromhex(v) for v in e["values"]
+        )
+        for e in json.loads(row.accepted)
+    }
+    return GoldenPcrSet(name=row.name, accepted=accepted, updated_at=row.updated_at)
+
+
+def _party(row: Row[Any]) -> Party:
+    return Party(name=row.name, kem=int(row.kem), public_key=bytes(row.public_key))
+
+
+def _data_key(row: Row[Any]) -> DataKeyRecord:
+    return DataKeyRecord(
+        key_id=row.key_id,
+        owner=row.owner,
+        wrapped_key=bytes(row.wrapped_key),
+        kek_ref=row.kek_ref,
+        created_at=row.created_at,
+        description=row.description,
+    )
+
+
+def _approval_problem(
+    approval: Approval, known_parties: set[str], owners: Mapping[str, str], golden_exists: bool
+) -> BrokerError | None:
+    if approval.party not in known_parties:
+        return UnknownPolicyObjectError(f"party {approval.party!r} does not exist")
+    for key_id in approval.key_ids:
+        owner = owners.get(key_id)
+        if owner is None:
+            return UnknownPolicyObjectError(f"data key {key_id!r} does not exist")
+        if owner != approval.party:
+            return PolicyError(f"data key {key_id!r} belongs to another party")
+    for recipient in approval.output_recipients:
+        if recipient not in known_parties:
+            return UnknownPolicyObjectError(f"output recipient {recipient!r} does not exist")
+    if not golden_exists:
+        return UnknownPolicyObjectError(f"golden set {approval.golden_set!r} does not exist")
+    return None
+
+
+def _approval_values(approval: Approval, sha256: bytes) -> dict[str, Any]:
+    manifest = [
+        {
+            "path": e.path,
+            "size": e.size,
+            "digests": {bank: d.hex() for bank, d in e.digests.items()},
+        }
+        for e in approval.manifest
+    ]
+    return {
+        "approval_id": approval.approval_id,
+        "party": approval.party,
+        "workload_name": approval.workload_name,
+        "manifest": _dumps(manifest),
+        "expected_pcrs": _dumps({b: v.hex() for b, v in approval.expected_pcrs.items()}),
+        "expected_pcr_sha256": sha256,
+        "key_ids": _dumps(list(approval.key_ids)),
+        "output_recipients": _dumps(list(approval.output_recipients)),
+        "golden_set": approval.golden_set,
+        "created_at": approval.created_at,
+        "revoked": approval.revoked,
+    }
+
+
+def _approval(row: Row[Any]) -> Approval:
+    manifest = tuple(
+        ManifestEntry(
+            path=str(e["path"]),
+            size=int(e["size"]),
+            digests={str(b): bytes.fromhex(d) for b, d in e["digests"].items()},
+        )
+        for e in json.loads(row.manifest)
+    )
+    return Approval(
+        approval_id=row.approval_id,
+        party=row.party,
+        workload_name=row.workload_name,
+        manifest=manifest,
+        expected_pcrs={str(b): bytes.fromhex(v) for b, v in json.loads(row.expected_pcrs).items()},
+        key_ids=tuple(json.loads(row.key_ids)),
+        output_recipients=tuple(json.loads(row.output_recipients)),
+        golden_set=row.golden_set,
+        created_at=row.created_at,
+        revoked=bool(row.revoked),
+    )
+
+
+def _session(row: Row[Any]) -> Session:
+    return Session(
+        session_id=row.session_id,
+        ak_name=row.ak_name,
+        peer=row.peer,
+        started_at=row.started_at,
+        expires_at=row.expires_at,
+        released_key_ids=tuple(json.loads(row.released_key_ids)),
+        ended_at=row.ended_at,
+        exit_code=row.exit_code,
+    )
