@@ -1,11 +1,1147 @@
-"""``cleanroom admin ...``: the operators' and parties' client of the broker's admin service."""
+"""``cleanroom admin ...``: the operators' and parties' client of the broker's admin service.
+
+A thin layer over :class:`broker.client.BrokerClient`: parse the arguments, build the request
+(reading key files, measuring workload files, reading a reference quote), make the call, print
+the answer as a table (default) or JSON (``--json``). Errors are :class:`BrokerError`
+subclasses (or another package's root error), which ``cleanroom.cli`` prints as one line before
+exiting non-zero.
+
+The connection options (``--broker``, ``--cert``, ``--key``, ``--ca``, ``--timeout``) and
+``--json`` may be given before the command group or after the subcommand; they default from the
+environment (``CLEANROOM_ADMIN_BROKER``, ``CLEANROOM_ADMIN_CERT``, ``CLEANROOM_ADMIN_KEY``,
+``CLEANROOM_ADMIN_CA``).
+"""
 
 from __future__ import annotations
 
 import argparse
+import base64
+import datetime as dt
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, Final, TextIO
 
-from cleanroom.cli import add_pending
+from broker.errors import BrokerError
+
+if TYPE_CHECKING:
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    from broker.client import BrokerClient
+    from cleanroom.v1 import admin_pb2, common_pb2
+
+#: Where the broker listens unless told otherwise (the broker's default ``tls.listen``).
+DEFAULT_BROKER: Final = "127.0.0.1:50051"
+ENV_BROKER: Final = "CLEANROOM_ADMIN_BROKER"
+ENV_CERT: Final = "CLEANROOM_ADMIN_CERT"
+ENV_KEY: Final = "CLEANROOM_ADMIN_KEY"
+ENV_CA: Final = "CLEANROOM_ADMIN_CA"
+ENV_TIMEOUT: Final = "CLEANROOM_ADMIN_TIMEOUT"
+
+#: The PCR workloads are measured into (``evidence.pcr.WORKLOAD_PCR``; repeated here so that
+#: building the parser imports nothing heavy).
+WORKLOAD_PCR: Final = 23
+#: Banks a workload manifest is measured in by default, as in the manual recipe.
+MANIFEST_BANKS: Final = ("sha1", "sha256")
+_BANK_SIZES: Final[Mapping[str, int]] = {"sha1": 20, "sha256": 32, "sha384": 48}
+_MAX_INPUT_FILE: Final = 1 << 20  # public keys, certificates, quotes and manifests are small
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class AdminUsageError(BrokerError):
+    """The admin command's arguments or input files are unusable (nothing was sent)."""
+
+
+# --- small parsers ---------------------------------------------------------------------------
+
+
+def read_input(path: str | os.PathLike[str], what: str) -> bytes:
+    """Reads a small input file (key, certificate, quote, manifest).
+
+    Raises:
+        AdminUsageError: the file is missing, unreadable, not a regular file or too large.
+    """
+    p = Path(path)
+    try:
+        if not p.is_file():
+            raise AdminUsageError(f"{what} {p} does not exist or is not a regular file")
+        if p.stat().st_size > _MAX_INPUT_FILE:
+            raise AdminUsageError(f"{what} {p} is too large")
+        return p.read_bytes()
+    except OSError as e:
+        raise AdminUsageError(f"cannot read {what} {p}: {e.strerror or e}") from e
+
+
+def _hex_value(text: str, what: str) -> bytes:
+    t = text.strip().lower().removeprefix("0x")
+    try:
+        return bytes.fromhex(t)
+    except ValueError:
+        raise AdminUsageError(f"{what}: {text!r} is not hexadecimal") from None
+
+
+def _check_bank(bank: str, what: str) -> str:
+    b = bank.strip().lower()
+    if b not in _BANK_SIZES:
+        raise AdminUsageError(f"{what}: unknown PCR bank {bank!r} (use {', '.join(_BANK_SIZES)})")
+    return b
+
+
+@dataclass(frozen=True, order=True)
+class PcrSpec:
+    """One accepted PCR value: ``bank:index=value``."""
+
+    index: int
+    bank: str
+    value: bytes
+
+    def label(self) -> str:
+        return f"{self.bank}:{self.index}"
+
+
+def parse_pcr_spec(text: str) -> PcrSpec:
+    """Parses ``BANK:INDEX=HEX`` (tpm2-tools spelling; a ``0x`` prefix is accepted).
+
+    Raises:
+        AdminUsageError: malformed, unknown bank, index outside 0..23, or the value's length is
+            not the bank's digest size.
+    """
+    spec, sep, value = text.partition("=")
+    bank, colon, index_text = spec.partition(":")
+    if not sep or not colon:
+        raise AdminUsageError(f"--pcr {text!r}: expected BANK:INDEX=HEX, e.g. sha256:23=ab12...")
+    b = _check_bank(bank, f"--pcr {text!r}")
+    try:
+        index = int(index_text)
+    except ValueError:
+        raise AdminUsageError(f"--pcr {text!r}: the PCR index must be a number") from None
+    if not 0 <= index <= WORKLOAD_PCR:
+        raise AdminUsageError(f"--pcr {text!r}: the PCR index must be 0..{WORKLOAD_PCR}")
+    raw = _hex_value(value, f"--pcr {spec}")
+    if len(raw) != _BANK_SIZES[b]:
+        raise AdminUsageError(
+            f"--pcr {spec}: a {b} value is {_BANK_SIZES[b]} bytes "
+            f"({2 * _BANK_SIZES[b]} hex digits), got {len(raw)}"
+        )
+    return PcrSpec(index=index, bank=b, value=raw)
+
+
+def golden_from_files(files: Sequence[str], banks: Sequence[str]) -> list[PcrSpec]:
+    """The PCR 23 values, per bank, that measuring ``files`` in order produces.
+
+    Raises:
+        AdminUsageError: an unknown bank.
+        MeasurementError: a file cannot be read.
+    """
+    from evidence.pcr import measure_files
+
+    checked = list(dict.fromkeys(_check_bank(b, "--bank") for b in banks))
+    measurement = measure_files(files, checked)
+    return [PcrSpec(WORKLOAD_PCR, b, measurement.pcrs[b]) for b in checked]
+
+
+def golden_from_quote(directory: str | os.PathLike[str]) -> list[PcrSpec]:
+    """The PCR values in a reference machine's ``quote.msg`` and ``quote.pcrs``.
+
+    The values file is read by :func:`broker.quote.pcr_values_from_tools` (either tpm2-tools
+    format), and its values must hash to the PCR digest inside the quote, so that a values file
+    from another quote is caught here rather than becoming a golden set.
+
+    Raises:
+        AdminUsageError: a file is missing or malformed, or the values do not match the quote's
+            PCR digest.
+    """
+    from broker.quote import pcr_values_from_tools
+
+    d = Path(directory)
+    attest = read_input(d / "quote.msg", "quote message")
+    pcrs = read_input(d / "quote.pcrs", "quote PCR file")
+    quoted_digest = _quoted_pcr_digest(attest, d / "quote.msg")
+    try:
+        values = pcr_values_from_tools(pcrs, attest=attest)
+    except BrokerError as e:
+        raise AdminUsageError(f"{d / 'quote.pcrs'}: {e}") from e
+    # The values come in the selection order of the PCR file, which is the order the TPM
+    # digested them in; a file whose selection differs from the quote's fails this check too.
+    algorithm = {20: "sha1", 32: "sha256", 48: "sha384", 64: "sha512"}.get(len(quoted_digest))
+    joined = b"".join(values.values())
+    if algorithm is None or hashlib.new(algorithm, joined).digest() != quoted_digest:
+        raise AdminUsageError(
+            f"{d}: quote.pcrs does not match the PCR digest in quote.msg (files of two "
+            "different quotes?)"
+        )
+    return sorted(PcrSpec(index, bank, value) for (index, bank), value in values.items())
+
+
+def _quoted_pcr_digest(attest: bytes, where: Path) -> bytes:
+    """The pcrDigest of a TPMS_ATTEST quote (tpm2-pytss unmarshals it).
+
+    Raises:
+        AdminUsageError: the bytes are not a TPMS_ATTEST of a quote.
+    """
+    from tpm2_pytss import TPM2_ST, TPMS_ATTEST
+
+    try:
+        parsed, consumed = TPMS_ATTEST.unmarshal(attest)
+    except Exception as e:  # tpm2-pytss raises TSS2_Exception and friends for malformed input
+        raise AdminUsageError(f"{where} is not a TPM quote (TPMS_ATTEST)") from e
+    if consumed != len(attest) or parsed.type != TPM2_ST.ATTEST_QUOTE:
+        raise AdminUsageError(f"{where} is not a TPM quote (TPMS_ATTEST of a quote)")
+    # The digest uses the signing scheme's hash, which the quote message alone does not name;
+    # its length does.
+    return bytes(parsed.attested.quote.pcrDigest)
+
+
+def recipient_key_pb(path: str | os.PathLike[str]) -> common_pb2.RecipientKey:
+    """A party's public key file (``cleanroom keygen`` output) as a RecipientKey.
+
+    Raises:
+        KeyFileError: the file cannot be read or is not a supported public key.
+    """
+    from cleanroom.v1 import common_pb2
+    from sealing.keys import load_public_key
+
+    key = load_public_key(path)
+    return common_pb2.RecipientKey(
+        kem=common_pb2.KemAlgorithm.ValueType(key.kem), public_key=key.raw
+    )
+
+
+# --- workload manifests ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ManifestFile:
+    """One file of a workload manifest: its name as measured, size and digests per bank."""
+
+    path: str
+    size: int
+    digests: Mapping[str, bytes]
+
+
+def _relative_name(path: Path, root: Path) -> str:
+    try:
+        rel = path.resolve().relative_to(root.resolve())
+    except ValueError:
+        raise AdminUsageError(f"{path} is not inside --root {root}") from None
+    return PurePosixPath(*rel.parts).as_posix()
+
+
+def manifest_from_files(
+    files: Sequence[str], *, root: str | None = None, banks: Sequence[str] = MANIFEST_BANKS
+) -> list[ManifestFile]:
+    """Measures ``files`` in order. Names are relative to ``root`` (POSIX form) when given,
+    else the paths as given, which must then be how the sidecar names them too.
+
+    Raises:
+        AdminUsageError: a file is outside ``root``.
+        MeasurementError: a file cannot be read.
+    """
+    from evidence.pcr import measure_files
+
+    names = [_relative_name(Path(f), Path(root)) for f in files] if root is not None else None
+    measurement = measure_files(files, banks, names=names)
+    return [ManifestFile(e.path, e.size, dict(e.digests)) for e in measurement.events]
+
+
+def manifest_from_json(data: bytes, source: str) -> list[ManifestFile]:
+    """Reads a manifest of digests: ``{"entries": [{"path", "size", "digests": {bank: hex}}]}``.
+
+    ``{"events": [...]}`` (what ``cleanroom sidecar measure --log-out`` writes) and a bare list
+    are accepted too. Every entry needs a path and a sha256 digest.
+
+    Raises:
+        AdminUsageError: the JSON is malformed or an entry is incomplete.
+    """
+    try:
+        doc = json.loads(data)
+    except ValueError as e:
+        raise AdminUsageError(f"manifest {source} is not valid JSON: {e}") from e
+    items: object = doc
+    if isinstance(doc, dict):
+        items = doc.get("entries", doc.get("events"))
+    if not isinstance(items, list) or not items:
+        raise AdminUsageError(f'manifest {source}: expected a non-empty "entries" list')
+    out = []
+    for n, item in enumerate(items):
+        where = f"manifest {source}: entry {n}"
+        if not isinstance(item, dict):
+            raise AdminUsageError(f"{where} is not an object")
+        path, size, digests = item.get("path"), item.get("size", 0), item.get("digests")
+        if not isinstance(path, str) or not path:
+            raise AdminUsageError(f'{where} needs a "path"')
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise AdminUsageError(f'{where}: "size" must be a non-negative integer')
+        if not isinstance(digests, dict) or "sha256" not in digests:
+            raise AdminUsageError(f'{where} needs "digests" with at least a sha256 digest')
+        parsed: dict[str, bytes] = {}
+        for bank, value in digests.items():
+            b = _check_bank(str(bank), where)
+            raw = _hex_value(str(value), f"{where} {b} digest")
+            if len(raw) != _BANK_SIZES[b]:
+                raise AdminUsageError(f"{where}: the {b} digest must be {_BANK_SIZES[b]} bytes")
+            parsed[b] = raw
+        out.append(ManifestFile(path, size, parsed))
+    return out
+
+
+def manifest_to_pb(name: str, files: Sequence[ManifestFile]) -> common_pb2.WorkloadManifest:
+    """The WorkloadManifest message for ``files`` (banks in a fixed order)."""
+    from cleanroom.v1 import common_pb2
+    from evidence.proto import bank_to_pb
+
+    msg = common_pb2.WorkloadManifest(name=name)
+    for f in files:
+        entry = msg.entries.add(path=f.path, size=f.size)
+        for bank in sorted(f.digests, key=list(_BANK_SIZES).index):
+            entry.digests.add(algorithm=bank_to_pb(bank), value=f.digests[bank])
+    return msg
+
+
+def expected_pcr23(files: Sequence[ManifestFile]) -> dict[str, bytes]:
+    """PCR 23 per bank after measuring ``files`` (banks every file has a digest for).
+
+    Raises:
+        EventLogError: a digest has the wrong size.
+    """
+    from evidence.pcr import MeasurementEvent, replay
+
+    banks = [b for b in _BANK_SIZES if all(b in f.digests for f in files)]
+    events = [MeasurementEvent(path=f.path, size=f.size, digests=f.digests) for f in files]
+    return replay(events, banks)
+
+
+# --- output ----------------------------------------------------------------------------------
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns separated by two spaces; ``(none)`` for no rows."""
+    if not rows:
+        return "(none)\n"
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+        for cells in (headers, *rows)
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def format_fields(fields: Sequence[tuple[str, str]]) -> str:
+    """``name: value`` lines with the values aligned."""
+    width = max(len(k) for k, _ in fields) + 1
+    return "".join(f"{(k + ':').ljust(width)} {v}\n" for k, v in fields)
+
+
+def _time(ts: Timestamp) -> str:
+    if ts.seconds == 0 and ts.nanos == 0:
+        return ""
+    when = dt.datetime.fromtimestamp(ts.seconds, dt.UTC)
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def _bank(value: int) -> str:
+    from evidence.proto import bank_from_pb
+
+    return bank_from_pb(value)
+
+
+def _kem_name(kem: int) -> str:
+    from sealing.keys import KEM_NAMES
+
+    return KEM_NAMES.get(kem, f"kem-{kem}")
+
+
+def _fingerprint(key: common_pb2.RecipientKey) -> str:
+    from sealing.errors import SealingError
+    from sealing.keys import RecipientPublicKey
+
+    try:
+        return RecipientPublicKey(kem=int(key.kem), raw=bytes(key.public_key)).fingerprint()
+    except SealingError:
+        return "(invalid key)"
+
+
+def ek_dict(ek: admin_pb2.EkInfo) -> dict[str, Any]:
+    return {
+        "ek_id": ek.ek_id,
+        "revoked": ek.revoked,
+        "enrolled_at": _time(ek.enrolled_at),
+        "has_certificate": bool(ek.ek_certificate),
+        "ek_public": _b64(ek.ek_public),
+        "ek_certificate": _b64(ek.ek_certificate),
+    }
+
+
+def ak_dict(ak: admin_pb2.AkInfo) -> dict[str, Any]:
+    return {
+        "ak_name": ak.ak_name,
+        "ek_id": ak.ek_id,
+        "enrolled_by": ak.enrolled_by,
+        "revoked": ak.revoked,
+        "enrolled_at": _time(ak.enrolled_at),
+        "ak_public": _b64(ak.ak_public),
+    }
+
+
+def pcr_value_dict(v: common_pb2.PcrValue) -> dict[str, Any]:
+    return {"pcr": v.index, "bank": _bank(v.bank), "value": v.value.hex()}
+
+
+def golden_dict(g: admin_pb2.GoldenPcrSet) -> dict[str, Any]:
+    return {
+        "name": g.name,
+        "updated_at": _time(g.updated_at),
+        "values": [pcr_value_dict(v) for v in g.accepted_values],
+    }
+
+
+def party_dict(p: admin_pb2.Party) -> dict[str, Any]:
+    return {
+        "name": p.name,
+        "kem": _kem_name(p.recipient_key.kem),
+        "fingerprint": _fingerprint(p.recipient_key),
+        "public_key": _b64(p.recipient_key.public_key),
+    }
+
+
+def data_key_dict(k: admin_pb2.DataKeyInfo) -> dict[str, Any]:
+    return {
+        "key_id": k.key_id,
+        "owner": k.owner_party,
+        "description": k.description,
+        "kek_ref": k.kek_ref,
+        "created_at": _time(k.created_at),
+    }
+
+
+def manifest_dict(m: common_pb2.WorkloadManifest) -> dict[str, Any]:
+    """The manifest in the JSON form that ``workload approve --manifest`` reads back."""
+    return {
+        "name": m.name,
+        "entries": [
+            {
+                "path": e.path,
+                "size": e.size,
+                "digests": {_bank(d.algorithm): d.value.hex() for d in e.digests},
+            }
+            for e in m.entries
+        ],
+    }
+
+
+def approval_dict(a: admin_pb2.Approval) -> dict[str, Any]:
+    return {
+        "approval_id": a.approval_id,
+        "party": a.party,
+        "workload": a.manifest.name,
+        "key_ids": list(a.key_ids),
+        "output_recipients": list(a.output_recipients),
+        "golden_set": a.golden_set,
+        "revoked": a.revoked,
+        "created_at": _time(a.created_at),
+        "expected_pcrs": {_bank(v.bank): v.value.hex() for v in a.expected_pcrs},
+        "manifest": manifest_dict(a.manifest),
+    }
+
+
+def audit_dict(r: admin_pb2.AuditRecord) -> dict[str, Any]:
+    return {
+        "sequence": r.sequence,
+        "time": _time(r.time),
+        "actor": r.actor,
+        "action": r.action,
+        "subject": r.subject,
+        "decision": r.decision,
+        "reason": r.reason,
+        "evidence_digest": r.evidence_digest,
+        "parties": list(r.parties),
+        "previous_hash": r.previous_hash,
+        "record_hash": r.record_hash,
+    }
+
+
+class Output:
+    """Prints either JSON (one document per command) or human-readable text."""
+
+    def __init__(self, *, as_json: bool, stream: TextIO | None = None) -> None:
+        self.as_json = as_json
+        self.stream = stream if stream is not None else sys.stdout
+
+    def emit(self, doc: object, text: str) -> None:
+        if self.as_json:
+            self.stream.write(json.dumps(doc, indent=2, sort_keys=False) + "\n")
+        else:
+            self.stream.write(text)
+
+
+# --- connection ------------------------------------------------------------------------------
+
+
+def _setting(args: argparse.Namespace, attr: str, env: str, option: str) -> str:
+    value = getattr(args, attr, None) or os.environ.get(env)
+    if not value:
+        raise AdminUsageError(f"no {option} given: pass {option} or set {env}")
+    return str(value)
+
+
+@contextmanager
+def open_client(args: argparse.Namespace) -> Iterator[BrokerClient]:
+    """The client for the connection options in ``args`` (falling back to the environment).
+
+    Raises:
+        AdminUsageError: a certificate, key or CA file is not named, or the timeout is bad.
+        ClientSetupError: a file is unusable or the broker address is malformed.
+    """
+    from broker.client import BrokerClient
+
+    target = getattr(args, "broker", None) or os.environ.get(ENV_BROKER) or DEFAULT_BROKER
+    cert = _setting(args, "tls_cert", ENV_CERT, "--cert")
+    key = _setting(args, "tls_key", ENV_KEY, "--key")
+    ca = _setting(args, "tls_ca", ENV_CA, "--ca")
+    timeout_text = getattr(args, "timeout", None) or os.environ.get(ENV_TIMEOUT) or "10"
+    try:
+        timeout = float(timeout_text)
+    except ValueError:
+        raise AdminUsageError(f"--timeout {timeout_text!r} is not a number") from None
+    if timeout <= 0:
+        raise AdminUsageError("--timeout must be positive")
+    client = BrokerClient.connect(
+        target=target, cert_file=cert, key_file=key, ca_file=ca, timeout=timeout
+    )
+    with client:
+        yield client
+
+
+def _out(args: argparse.Namespace) -> Output:
+    return Output(as_json=bool(getattr(args, "json", False)))
+
+
+# --- ek ----------------------------------------------------------------------------------------
+
+
+def _ek_fields(ek: admin_pb2.EkInfo) -> str:
+    return format_fields(
+        [
+            ("EK id", ek.ek_id),
+            ("certificate", _yes(bool(ek.ek_certificate))),
+            ("revoked", _yes(ek.revoked)),
+            ("enrolled at", _time(ek.enrolled_at)),
+        ]
+    )
+
+
+def _ek_enroll(args: argparse.Namespace) -> int:
+    public = read_input(args.public, "EK public")
+    cert = read_input(args.certificate, "EK certificate") if args.certificate else b""
+    with open_client(args) as client:
+        ek = client.enroll_ek(
+            public, ek_certificate=cert, allow_without_certificate=args.no_certificate
+        )
+    _out(args).emit(ek_dict(ek), _ek_fields(ek))
+    return 0
+
+
+def _ek_revoke(args: argparse.Namespace) -> int:
+    with open_client(args) as client:
+        client.revoke_ek(args.ek_id, reason=args.reason)
+    _out(args).emit({"ek_id": args.ek_id, "revoked": True}, f"revoked EK {args.ek_id}\n")
+    return 0
+
+
+def _ek_list(args: argparse.Namespace) -> int:
+    with open_client(args) as client:
+        eks = client.list_eks()
+    rows = [
+        [e.ek_id, _yes(bool(e.ek_certificate)), _yes(e.revoked), _time(e.enrolled_at)] for e in eks
+    ]
+    text = format_table(["EK ID", "CERTIFICATE", "REVOKED", "ENROLLED AT"], rows)
+    _out(args).emit([ek_dict(e) for e in eks], text)
+    return 0
+
+
+# --- ak ----------------------------------------------------------------------------------------
+
+
+def _ak_enroll(args: argparse.Namespace) -> int:
+    public = read_input(args.public, "AK public")
+    with open_client(args) as client:
+        ak = client.enroll_ak(public, ek_id=args.ek or "")
+    text = format_fields(
+        [
+            ("AK name", ak.ak_name),
+            ("EK id", ak.ek_id or "-"),
+            ("enrolled by", ak.enrolled_by),
+            ("enrolled at", _time(ak.enrolled_at)),
+        ]
+    )
+    _out(args).emit(ak_dict(ak), text)
+    return 0
+
+
+def _ak_revoke(args: argparse.Namespace) -> int:
+    with open_client(args) as client:
+        client.revoke_ak(args.ak_name, reason=args.reason)
+    _out(args).emit({"ak_name": args.ak_name, "revoked": True}, f"revoked AK {args.ak_name}\n")
+    return 0
+
+
+def _ak_list(args: argparse.Namespace) -> int:
+    with open_client(args) as client:
+        aks = client.list_aks()
+    rows = [
+        [a.ak_name, a.ek_id or "-", a.enrolled_by, _yes(a.revoked), _time(a.enrolled_at)]
+        for a in aks
+    ]
+    text = format_table(["AK NAME", "EK ID", "ENROLLED BY", "REVOKED", "ENROLLED AT"], rows)
+    _out(args).emit([ak_dict(a) for a in aks], text)
+    return 0
+
+
+# --- golden ------------------------------------------------------------------------------------
+
+
+def _golden_text(g: admin_pb2.GoldenPcrSet) -> str:
+    rows = [[f"{_bank(v.bank)}:{v.index}", v.value.hex()] for v in g.accepted_values]
+    head = f"golden set {g.name} (updated {_time(g.updated_at) or '-'})\n"
+    return head + format_table(["PCR", "ACCEPTED VALUE"], rows)
+
+
+def golden_values(args: argparse.Namespace) -> list[PcrSpec]:
+    """Every value the ``golden set`` sources name, in order, without duplicates.
+
+    Raises:
+        AdminUsageError: no source, or a malformed source.
+        MeasurementError: a --from-files file cannot be read.
+        BrokerError: the --from-quote files are malformed.
+    """
+    values = [parse_pcr_spec(s) for s in args.pcr]
+    if args.from_files:
+        values += golden_from_files(args.from_files, args.bank or MANIFEST_BANKS)
+    elif args.bank:
+        raise AdminUsageError("--bank applies to --from-files only")
+    if args.from_quote:
+        values += golden_from_quote(args.from_quote)
+    if not values:
+        raise AdminUsageError("golden set needs --pcr, --from-files or --from-quote")
+    return list(dict.fromkeys(values))
+
+
+def _golden_set(args: argparse.Namespace) -> int:
+    from cleanroom.v1 import common_pb2
+    from evidence.proto import bank_to_pb
+
+    values = golden_values(args)
+    pbs = [
+        common_pb2.PcrValue(index=v.index, bank=bank_to_pb(v.bank), value=v.value) for v in values
+    ]
+    with open_client(args) as client:
+        golden = client.set_golden_pcr_set(args.name, pbs)
+    _out(args).emit(golden_dict(golden), _golden_text(golden))
+    return 0
+
+
+def _golden_list(args: argparse.Namespace) -> int:
+    with open_client(args) as client:
+        sets = client.list_golden_pcr_sets()
+    rows = [
+        [g.name, f"{_bank(v.bank)}:{v.index}", v.value.hex(), _time(g.updated_at)]
+        for g in sets
+        for v in g.accepted_values
+    ]
+    text = format_table(["NAME", "PCR", "ACCEPTED VALUE", "UPDATED AT"], rows)
+    _out(args).emit([golden_dict(g) for g in sets], text)
+    return 0
+
+
+def _golden_delete(args: argparse.Namespace) -> int:
+    with open_client(args) as client:
+        client.delete_golden_pcr_set(args.name)
+    _out(args).emit({"name": args.name, "deleted": True}, f"deleted golden set {args.name}\n")
+    return 0
+
+
+# --- party -------------------------------------------------------------------------------------
+
+
+def _party_add(args: argparse.Namespace) -> int:
+    key = recipient_key_pb(args.public_key)
+    with open_client(args) as client:
+        party = client.add_party(args.name, key)
+    d = party_dict(party)
+    text = format_fields(
+        [("party", d["name"]), ("kem", d["kem"]), ("fingerprint", d["fingerprint"])]
+    )
+    _out(args).emit(d, text)
+    return 0
+
+
+def _party_list(args: argparse.Namespace) -> int:
+    with open_client(args) as client:
+        parties = client.list_parties()
+    docs = [party_dict(p) for p in parties]
+    rows = [[d["name"], d["kem"], d["fingerprint"]] for d in docs]
+    _out(args).emit(docs, format_table(["PARTY", "KEM", "FINGERPRINT"], rows))
+    return 0
+
+
+# --- key ---------------------------------------------------------------------------------------
+
+
+def _key_register(args: argparse.Namespace) -> int:
+    from sealing.keys import load_data_key
+
+    data_key = bytearray(load_data_key(args.data_key))
+    try:
+        with open_client(args) as client:
+            info = client.register_plain_data_key(
+                args.key_id, data_key, description=args.description
+            )
+    finally:
+        # Best effort: shorten the plain key's life in this process (see broker.custody).
+        data_key[:] = bytes(len(data_key))
+    d = data_key_dict(info)
+    text = format_fields(
+        [("key id", d["key_id"]), ("owner", d["owner"]), ("wrapped by", d["kek_ref"])]
+    )
+    _out(args).emit(d, text)
+    return 0
+
+
+def _key_list(args: argparse.Namespace) -> int:
+    with open_client(args) as client:
+        keys = client.list_data_keys()
+    rows = [[k.key_id, k.owner_party, k.kek_ref, _time(k.created_at), k.description] for k in keys]
+    text = format_table(["KEY ID", "OWNER", "KEK", "CREATED AT", "DESCRIPTION"], rows)
+    _out(args).emit([data_key_dict(k) for k in keys], text)
+    return 0
+
+
+# --- workload ----------------------------------------------------------------------------------
+
+
+def workload_files(args: argparse.Namespace) -> list[ManifestFile]:
+    """The manifest files from ``--file``/``--root`` or ``--manifest``.
+
+    Raises:
+        AdminUsageError: neither or both given, or the manifest is malformed.
+        MeasurementError: a file cannot be read.
+    """
+    if bool(args.file) == bool(args.manifest):
+        raise AdminUsageError("give the workload's files with --file or a --manifest, not both")
+    if args.manifest:
+        if args.root:
+            raise AdminUsageError("--root applies to --file only")
+        return manifest_from_json(read_input(args.manifest, "manifest"), str(args.manifest))
+    return manifest_from_files(args.file, root=args.root)
+
+
+def _approval_text(a: admin_pb2.Approval) -> str:
+    fields = [
+        ("approval id", a.approval_id),
+        ("party", a.party),
+        ("workload", a.manifest.name),
+        ("files", str(len(a.manifest.entries))),
+        ("keys", ", ".join(a.key_ids)),
+        ("recipients", ", ".join(a.output_recipients)),
+        ("golden set", a.golden_set or "-"),
+        ("revoked", _yes(a.revoked)),
+    ]
+    for v in a.expected_pcrs:
+        fields.append((f"{_bank(v.bank)}:{v.index}", v.value.hex()))
+    return format_fields(fields)
+
+
+def _workload_approve(args: argparse.Namespace) -> int:
+    files = workload_files(args)
+    manifest = manifest_to_pb(args.name, files)
+    local = expected_pcr23(files)
+    with open_client(args) as client:
+        approval = client.approve_workload(
+            manifest,
+            key_ids=args.key_ids,
+            output_recipients=args.recipient,
+            golden_set=args.golden_set or "",
+        )
+    # The broker computes the expected PCR 23 itself; a difference from the local computation
+    # means the two disagree on the manifest, which the party must hear about.
+    for v in approval.expected_pcrs:
+        bank = _bank(v.bank)
+        if bank in local and local[bank] != v.value:
+            raise AdminUsageError(
+                f"approval {approval.approval_id}: the broker expects {bank}:{v.index}="
+                f"{v.value.hex()} but the manifest gives {local[bank].hex()}; revoke it with "
+                f"'cleanroom admin workload revoke {approval.approval_id}'"
+            )
+    _out(args).emit(approval_dict(approval), _approval_text(approval))
+    return 0
+
+
+def _workload_manifest(args: argparse.Namespace) -> int:
+    files = manifest_from_files(args.file, root=args.root)
+    doc = manifest_dict(manifest_to_pb(args.name, files))
+    doc["expected_pcrs"] = {b: v.hex() for b, v in expected_pcr23(files).items()}
+    sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+    return 0
+
+
+def _workload_revoke(args: argparse.Namespace) -> int:
+    with open_client(args) as client:
+        client.revoke_approval(args.approval_id)
+    doc = {"approval_id": args.approval_id, "revoked": True}
+    _out(args).emit(doc, f"revoked approval {args.approval_id}\n")
+    return 0
+
+
+def _workload_list(args: argparse.Namespace) -> int:
+    with open_client(args) as client:
+        approvals = client.list_approvals()
+    rows = [
+        [
+            a.approval_id,
+            a.party,
+            a.manifest.name,
+            ",".join(a.key_ids),
+            ",".join(a.output_recipients),
+            a.golden_set or "-",
+            _yes(a.revoked),
+        ]
+        for a in approvals
+    ]
+    text = format_table(
+        ["APPROVAL ID", "PARTY", "WORKLOAD", "KEYS", "RECIPIENTS", "GOLDEN SET", "REVOKED"], rows
+    )
+    _out(args).emit([approval_dict(a) for a in approvals], text)
+    return 0
+
+
+# --- audit -------------------------------------------------------------------------------------
+
+
+def _audit_list(args: argparse.Namespace) -> int:
+    with open_client(args) as client:
+        records = client.list_audit_records(after_sequence=args.after, limit=args.limit)
+    rows = [
+        [str(r.sequence), _time(r.time), r.actor, r.action, r.subject, r.decision, r.reason]
+        for r in records
+    ]
+    text = format_table(["SEQ", "TIME", "ACTOR", "ACTION", "SUBJECT", "DECISION", "REASON"], rows)
+    _out(args).emit([audit_dict(r) for r in records], text)
+    return 0
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from broker.errors import AuditChainError
+
+    with open_client(args) as client:
+        report = client.verify_audit_log()
+    doc = {
+        "valid": report.valid,
+        "records_checked": report.records_checked,
+        "first_bad_sequence": report.first_bad_sequence if not report.valid else None,
+        "problem": report.problem,
+    }
+    if report.valid:
+        _out(args).emit(doc, f"audit log intact: {report.records_checked} records checked\n")
+        return 0
+    message = (
+        f"audit log chain is broken at sequence {report.first_bad_sequence}: "
+        f"{report.problem or 'hash mismatch'} ({report.records_checked} records checked)"
+    )
+    if getattr(args, "json", False):
+        # Scripts get the report on stdout and the verdict in the exit status.
+        _out(args).emit(doc, "")
+        print(f"cleanroom: error: {message}", file=sys.stderr)
+        return 1
+    raise AuditChainError(message)
+
+
+# --- the parser --------------------------------------------------------------------------------
+
+
+def _connection_options(
+    p: argparse.ArgumentParser, *, leaf: bool, skip: frozenset[str] = frozenset()
+) -> None:
+    """The global options. On leaves they are hidden and only override what was given before
+    the command group, so ``admin --json ak list`` and ``admin ak list --json`` both work.
+    ``skip`` leaves out options whose spelling the leaf uses for something else."""
+
+    def kw(help_text: str) -> dict[str, Any]:
+        if leaf:
+            return {"default": argparse.SUPPRESS, "help": argparse.SUPPRESS}
+        return {"default": None, "help": help_text}
+
+    options = [
+        (
+            "--broker",
+            "broker",
+            "HOST:PORT",
+            f"the broker's address (env {ENV_BROKER}; default {DEFAULT_BROKER})",
+        ),
+        ("--cert", "tls_cert", "FILE", f"client certificate PEM (env {ENV_CERT})"),
+        ("--key", "tls_key", "FILE", f"client private key PEM (env {ENV_KEY})"),
+        ("--ca", "tls_ca", "FILE", f"CA bundle PEM (env {ENV_CA})"),
+        ("--timeout", "timeout", "SECONDS", f"per-call deadline (env {ENV_TIMEOUT}; default 10)"),
+    ]
+    for flag, dest, metavar, help_text in options:
+        if flag not in skip:
+            p.add_argument(flag, dest=dest, metavar=metavar, **kw(help_text))
+    if leaf:
+        p.add_argument(
+            "--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
+    else:
+        p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
+
+def _group(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help_text: str
+) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    return p.add_subparsers(dest=f"admin_{name}_command", metavar="SUBCOMMAND", required=True)
+
+
+def _leaf(
+    group: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    help_text: str,
+    func: Handler,
+    *,
+    skip: frozenset[str] = frozenset(),
+) -> argparse.ArgumentParser:
+    p = group.add_parser(name, help=help_text, description=help_text)
+    _connection_options(p, leaf=True, skip=skip)
+    p.set_defaults(func=func)
+    return p
+
+
+def _register_ek(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    g = _group(sub, "ek", "endorsement keys (operator)")
+    p = _leaf(g, "enroll", "enroll an EK with its certificate, or vouch for it without", _ek_enroll)
+    p.add_argument(
+        "--public", required=True, metavar="FILE", help="EK public: tpm2_createek --public or PEM"
+    )
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--certificate", metavar="FILE", help="EK certificate, DER or PEM")
+    how.add_argument(
+        "--no-certificate",
+        action="store_true",
+        help="enroll without a certificate: the operator vouches for this EK",
+    )
+    p = _leaf(g, "revoke", "revoke an EK (its AKs can no longer attest)", _ek_revoke)
+    p.add_argument("ek_id", metavar="ID", help="the EK id (ek list)")
+    p.add_argument("--reason", default="", help="recorded in the audit log")
+    _leaf(g, "list", "list enrolled EKs", _ek_list)
+
+
+def _register_ak(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    g = _group(sub, "ak", "attestation keys (operator)")
+    p = _leaf(g, "enroll", "enroll an AK directly: the operator vouches for it", _ak_enroll)
+    p.add_argument(
+        "--public", required=True, metavar="FILE", help="AK public: tpm2_createak --public or PEM"
+    )
+    p.add_argument("--ek", metavar="ID", help="the enrolled EK this AK belongs to")
+    p = _leaf(g, "revoke", "revoke an AK", _ak_revoke)
+    p.add_argument("ak_name", metavar="NAME", help="the AK name (ak list)")
+    p.add_argument("--reason", default="", help="recorded in the audit log")
+    _leaf(g, "list", "list enrolled AKs", _ak_list)
+
+
+def _register_golden(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    g = _group(sub, "golden", "golden PCR sets (operator)")
+    p = _leaf(g, "set", "create or replace a golden PCR set", _golden_set)
+    p.add_argument("name", metavar="NAME")
+    p.add_argument(
+        "--pcr",
+        action="append",
+        default=[],
+        metavar="BANK:INDEX=HEX",
+        help="an accepted value (repeatable; several for one PCR accept any of them)",
+    )
+    p.add_argument(
+        "--from-files",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="accept the PCR 23 that measuring these files in order gives",
+    )
+    p.add_argument(
+        "--bank",
+        action="append",
+        default=[],
+        metavar="BANK",
+        help="banks for --from-files (repeatable; default sha1 and sha256)",
+    )
+    p.add_argument(
+        "--from-quote",
+        metavar="DIR",
+        help="accept the PCR values in DIR/quote.msg and DIR/quote.pcrs of a reference machine",
+    )
+    _leaf(g, "list", "list golden PCR sets", _golden_list)
+    p = _leaf(g, "delete", "delete a golden PCR set", _golden_delete)
+    p.add_argument("name", metavar="NAME")
+
+
+def _register_party(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    g = _group(sub, "party", "parties and their output keys (operator)")
+    p = _leaf(g, "add", "add a party with the public key its outputs are sealed to", _party_add)
+    p.add_argument("name", metavar="NAME")
+    p.add_argument(
+        "--public-key", required=True, metavar="FILE", help="the party's cleanroom keygen .pub"
+    )
+    _leaf(g, "list", "list parties", _party_list)
+
+
+def _register_key(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    g = _group(sub, "key", "data keys (parties)")
+    p = _leaf(g, "register", "seal a data key to the broker and register it", _key_register)
+    p.add_argument("--key-id", required=True, metavar="ID")
+    p.add_argument(
+        "--data-key",
+        required=True,
+        metavar="FILE",
+        help="the raw 32-byte key written by cleanroom seal --data-key-out",
+    )
+    p.add_argument("--description", default="")
+    _leaf(g, "list", "list data keys (a party sees its own)", _key_list)
+
+
+def _workload_file_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--file",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="PATH",
+        help="the workload's files in measurement order (repeatable)",
+    )
+    p.add_argument("--root", metavar="DIR", help="name the files relative to DIR")
+
+
+def _register_workload(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    g = _group(sub, "workload", "workload approvals (parties)")
+    # Here --key names data keys, so the client key must come before the group (or from env).
+    p = _leaf(
+        g,
+        "approve",
+        "approve a workload for your keys",
+        _workload_approve,
+        skip=frozenset({"--key"}),
+    )
+    p.add_argument("--name", required=True, help="the workload's name")
+    p.add_argument(
+        "--key",
+        dest="key_ids",
+        action="extend",
+        nargs="+",
+        required=True,
+        metavar="ID",
+        help="your key ids",
+    )
+    p.add_argument(
+        "--recipient",
+        action="extend",
+        nargs="+",
+        required=True,
+        metavar="PARTY",
+        help="parties the outputs are sealed to",
+    )
+    p.add_argument("--golden-set", metavar="NAME", help="boot PCRs must also match this set")
+    _workload_file_options(p)
+    p.add_argument(
+        "--manifest", metavar="FILE.json", help="the files' digests as JSON instead of --file"
+    )
+    p = g.add_parser(
+        "manifest",
+        help="print a workload manifest (JSON) of files, offline",
+        description="Measures files offline and prints the manifest JSON --manifest reads.",
+    )
+    p.add_argument("--name", required=True, help="the workload's name")
+    _workload_file_options(p)
+    p.set_defaults(func=_workload_manifest)
+    p = _leaf(g, "revoke", "revoke one of your approvals", _workload_revoke)
+    p.add_argument("approval_id", metavar="ID")
+    _leaf(g, "list", "list approvals (a party sees its own)", _workload_list)
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
+def _register_audit(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    g = _group(sub, "audit", "the audit log")
+    p = _leaf(g, "list", "list audit records", _audit_list)
+    p.add_argument(
+        "--after", type=_non_negative, default=0, metavar="N", help="records after sequence N"
+    )
+    p.add_argument("--limit", type=_non_negative, default=0, metavar="N", help="at most N records")
+    _leaf(g, "verify", "check the audit log's hash chain (exit 1 when broken)", _audit_verify)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    add_pending(sub, "admin", "manage EKs, AKs, golden PCR sets, parties, keys, approvals, audit")
+    parser = sub.add_parser(
+        "admin",
+        help="manage EKs, AKs, golden PCR sets, parties, keys, approvals, audit",
+        description=(
+            "The broker's admin client. Operators manage EKs, AKs, golden PCR sets and "
+            "parties; parties register data keys and approve workloads. Connection options "
+            "may also follow the subcommand."
+        ),
+    )
+    _connection_options(parser, leaf=False)
+    groups = parser.add_subparsers(dest="admin_command", metavar="GROUP", required=True)
+    for reg in (
+        _register_ek,
+        _register_ak,
+        _register_golden,
+        _register_party,
+        _register_key,
+        _register_workload,
+        _register_audit,
+    ):
+        reg(groups)
+
+
+__all__ = [
+    "DEFAULT_BROKER",
+    "ENV_BROKER",
+    "ENV_CA",
+    "ENV_CERT",
+    "ENV_KEY",
+    "AdminUsageError",
+    "ManifestFile",
+    "Output",
+    "PcrSpec",
+    "expected_pcr23",
+    "format_fields",
+    "format_table",
+    "golden_from_files",
+    "golden_from_quote",
+    "manifest_from_files",
+    "manifest_from_json",
+    "manifest_to_pb",
+    "open_client",
+    "parse_pcr_spec",
+    "register",
+]
