@@ -4,12 +4,20 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEB_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config gcc python3-venv python3-dev postgresql
+DEB_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config gcc python3-venv python3-dev postgresql nodejs npm
 PYTEST_ARGS ?=
 
-.PHONY: setup deb venv protos check-protos lint typecheck test test-fast demo bench clean
+.PHONY: setup deb venv azurite protos check-protos lint typecheck test test-fast demo bench clean
 
-setup: deb venv
+setup: deb venv azurite
+
+# Azurite (the Azure Storage emulator) for the blob tests, in a project-local npm prefix.
+AZURITE_VERSION ?= 3.35.0
+AZURITE := .cache/azurite/node_modules/.bin/azurite-blob
+$(AZURITE):
+	npm install --silent --no-audit --no-fund --prefix .cache/azurite azurite@$(AZURITE_VERSION)
+
+azurite: $(AZURITE)
 
 # Installs the Debian packages the project needs when any is missing (needs root or sudo).
 deb:

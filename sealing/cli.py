@@ -8,6 +8,11 @@
   or stdin. A file output appears only once the whole input authenticated; on stdout, output
   already written stays written, and the command exits non-zero on any failure.
 
+INPUT and OUTPUT may also be blob URLs (``azure://account/container/blob`` or
+``https://account.blob.core.windows.net/container/blob``), read and written through
+:mod:`blobstore` with the ``CLEANROOM_BLOB_*`` settings; a blob output is committed only when
+complete, like a file output.
+
 A progress bar goes to stderr when stderr is a terminal and the input is large. Heavy imports
 (cryptography) happen inside the handlers so that ``cleanroom --help`` stays fast.
 """
@@ -202,12 +207,34 @@ def _io_errors(what: str) -> Iterator[None]:
         raise SealingIOError(f"{what}: {e.strerror or e}") from e
 
 
+#: Inputs and outputs named by these URL prefixes go through ``blobstore`` (Azure Blob), which
+#: reads its settings from ``CLEANROOM_BLOB_*`` environment variables.
+_BLOB_PREFIXES = ("azure://", "https://", "http://")
+
+
+def _is_blob(name: str) -> bool:
+    return name.lower().startswith(_BLOB_PREFIXES)
+
+
+def _shown(name: str) -> str:
+    # A blob URL's query may hold a SAS token: never print it.
+    return name.split("?", 1)[0] if _is_blob(name) else name
+
+
 @contextlib.contextmanager
 def _input(name: str) -> Iterator[tuple[BinaryIO, int | None]]:
     """The input stream and its size when known."""
     if name == "-":
         f = sys.stdin.buffer
         yield f, _regular_size(f)
+        return
+    if _is_blob(name):
+        from blobstore import load_blob_config, open_reader
+
+        with _io_errors(f"cannot open {_shown(name)}"):
+            blob = open_reader(name, config=load_blob_config())
+        with blob:
+            yield blob, getattr(blob, "size", None)
         return
     with _io_errors(f"cannot open {name}"):
         f = open(name, "rb")
@@ -238,6 +265,16 @@ def _output(name: str, *, binary_to_tty_ok: bool) -> Iterator[BinaryIO]:
         yield out
         with _io_errors("cannot write to stdout"):
             out.flush()
+        return
+    if _is_blob(name):
+        from blobstore import load_blob_config, open_writer
+
+        # The blob is committed only if the block completes; an exception aborts it.
+        with (
+            _io_errors(f"cannot write {_shown(name)}"),
+            open_writer(name, overwrite=True, config=load_blob_config()) as blob,
+        ):
+            yield blob
         return
     with _io_errors(f"cannot write {name}"), atomic_output(name) as f:
         yield f

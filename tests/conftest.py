@@ -15,6 +15,9 @@ import pytest
 from tests.harness.postgres import Postgres, start_postgres
 from tests.harness.swtpm import Swtpm, manufacture
 
+# Azurite and the local Key Vault double live in their own plugin module.
+pytest_plugins = ["tests.harness.azure_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def swtpm_template(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -1,0 +1,315 @@
+"""The sidecar's data path over Azure Blob: an input source and an output sink.
+
+* :class:`BlobInput` fits :class:`sidecar.dataplane.inputs.InputSource`: it hands out an
+  input's ciphertext from a blob. :func:`register_blob_inputs` registers it for the ``azure``
+  and ``https`` URL schemes, so an input spec whose URL is ``azure://acct/container/x.sealed``
+  is served from Blob Storage.
+* :class:`BlobOutputSink` fits :class:`sidecar.dataplane.outputs.OutputSink`: each output is
+  sealed as it arrives (:class:`sealing.envelope.SealWriter`) into a blob writer that commits
+  ``<prefix>/<name>.sealed`` only when the output is complete, refusing to replace an existing
+  blob. Plaintext never reaches storage.
+
+Neither does any cryptography on inputs: the sidecar's server opens and authenticates the
+ciphertext. This module is the only place where ``blobstore`` knows the sidecar's interfaces.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, BinaryIO, cast
+
+from blobstore.errors import BlobExistsError, BlobStoreError
+from blobstore.store import BlobStore
+from blobstore.urls import BlobLocation, parse_location
+from sealing.envelope import DEFAULT_CHUNK_SIZE, SealWriter
+from sealing.errors import SealingError
+from sealing.keys import DATA_KEY_SIZE
+from sidecar.dataplane.errors import (
+    InputSourceError,
+    OutputExistsError,
+    OutputStoreError,
+)
+from sidecar.dataplane.inputs import InputSource, InputSpec, register_input_scheme
+from sidecar.dataplane.outputs import (
+    SEALED_SUFFIX,
+    OutputReceipt,
+    OutputWriter,
+    Recipient,
+    check_output_name,
+)
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
+
+__all__ = ["BLOB_INPUT_SCHEMES", "BlobInput", "BlobOutputSink", "register_blob_inputs"]
+
+_log = logging.getLogger("cleanroom.blobstore")
+
+#: URL schemes :func:`register_blob_inputs` registers.
+BLOB_INPUT_SCHEMES = ("azure", "https")
+
+
+class BlobInput:
+    """An input whose ciphertext is a blob. Implements ``InputSource``.
+
+    Raises:
+        InputSourceError: the URL is not a blob URL this package understands.
+    """
+
+    __slots__ = ("_location", "_name", "_store", "_url")
+
+    def __init__(self, *, name: str, url: str, store: BlobStore) -> None:
+        try:
+            location = parse_location(url, endpoint_suffix=store.config.endpoint_suffix)
+        except BlobStoreError as e:
+            raise InputSourceError(f"input {name!r}: {e}") from e
+        if not isinstance(location, BlobLocation):
+            raise InputSourceError(f"input {name!r}: {url!r} is not a blob URL")
+        self._name = name
+        self._url = url
+        self._location = location
+        self._store = store
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def location(self) -> BlobLocation:
+        """The blob (its ``str`` never shows a SAS token)."""
+        return self._location
+
+    @property
+    def size(self) -> int | None:
+        """The blob's size, or None when it cannot be had (the error shows at :meth:`open`)."""
+        try:
+            return self._store.size(self._url)
+        except BlobStoreError:
+            return None
+
+    def open(self) -> BinaryIO:
+        """Opens the blob for sequential reading.
+
+        Raises:
+            InputSourceError: the blob or container does not exist, access is refused, or the
+                service cannot be reached.
+        """
+        try:
+            return self._store.open_reader(self._url)
+        except BlobStoreError as e:
+            raise InputSourceError(f"input {self._name!r}: {e}") from e
+
+    def __repr__(self) -> str:
+        return f"BlobInput(name={self._name!r}, location={str(self._location)!r})"
+
+
+def register_blob_inputs(store: BlobStore, *, schemes: Sequence[str] = BLOB_INPUT_SCHEMES) -> None:
+    """Makes ``sidecar.dataplane.inputs.input_source_for`` serve ``schemes`` URLs from
+    ``store``. The store must stay open while inputs are served.
+
+    Raises:
+        ValueError: a scheme is already registered (register once per process).
+    """
+
+    def factory(spec: InputSpec) -> InputSource:
+        return BlobInput(name=spec.name, url=spec.url, store=store)
+
+    for scheme in schemes:
+        register_input_scheme(scheme, factory)
+
+
+class BlobOutputSink:
+    """Stores each output sealed as the blob ``<prefix>/<name>.sealed``. Implements
+    ``OutputSink``.
+
+    ``prefix`` is ``azure://<account>/<container>[/<path>]`` or an ``https://`` container URL.
+    The container must exist. An output is committed only when complete; an existing blob is
+    never replaced.
+
+    Raises:
+        OutputStoreError: the prefix is not a blob container URL.
+    """
+
+    def __init__(
+        self, prefix: str, *, store: BlobStore, chunk_size: int = DEFAULT_CHUNK_SIZE
+    ) -> None:
+        # Validate with a placeholder blob name: the prefix must be a container URL.
+        try:
+            probe = parse_location(
+                prefix.rstrip("/") + "/x", endpoint_suffix=store.config.endpoint_suffix
+            )
+        except BlobStoreError as e:
+            raise OutputStoreError(f"output location {prefix!r}: {e}") from e
+        if not isinstance(probe, BlobLocation):
+            raise OutputStoreError(f"output location {prefix!r} is not a blob URL")
+        self._prefix = prefix.rstrip("/")
+        self._shown = str(probe).removesuffix("/x")
+        self._store = store
+        self._chunk_size = chunk_size
+        self._lock = threading.Lock()
+        self._active: set[str] = set()
+
+    def url_for(self, name: str) -> str:
+        """The blob URL that output ``name`` is stored at.
+
+        Raises:
+            OutputNameError: the name is unacceptable.
+        """
+        check_output_name(name)
+        return f"{self._prefix}/{name}{SEALED_SUFFIX}"
+
+    def open_output(self, name: str, *, recipients: Sequence[Recipient]) -> OutputWriter:
+        """Starts the output ``name``.
+
+        Raises:
+            OutputNameError: the name is unacceptable.
+            OutputExistsError: the blob exists or the name is being written.
+            OutputStoreError: the blob cannot be started (missing container, refused
+                credentials, unreachable service) or sealing cannot start.
+        """
+        url = self.url_for(name)
+        if not recipients:
+            raise OutputStoreError(f"output {name!r}: no recipients to seal it to")
+        with self._lock:
+            if name in self._active:
+                raise OutputExistsError(f"output {name!r} is already being written")
+            self._active.add(name)
+        try:
+            return _BlobSealedOutput(owner=self, name=name, url=url, recipients=recipients)
+        except BaseException:
+            self._release(name)
+            raise
+
+    def _release(self, name: str) -> None:
+        with self._lock:
+            self._active.discard(name)
+
+    def __repr__(self) -> str:
+        return f"BlobOutputSink({self._shown!r})"
+
+
+class _BlobSealedOutput:
+    """One output being sealed into a blob writer."""
+
+    def __init__(
+        self, *, owner: BlobOutputSink, name: str, url: str, recipients: Sequence[Recipient]
+    ) -> None:
+        self._owner = owner
+        self._name = name
+        self._parties = tuple(r.party for r in recipients)
+        self._done = False
+        try:
+            self._blob = owner._store.open_writer(url, overwrite=False)
+        except BlobExistsError as e:
+            raise OutputExistsError(f"output {name!r}: {e}") from e
+        except BlobStoreError as e:
+            raise OutputStoreError(f"output {name!r}: {e}") from e
+        self._location = str(getattr(self._blob, "location", url))
+        self.key_id = f"output-{secrets.token_hex(16)}"
+        data_key = bytearray(os.urandom(DATA_KEY_SIZE))
+        try:
+            self._writer = SealWriter(
+                self._blob,
+                data_key=cast(bytes, data_key),
+                key_id=self.key_id,
+                recipients=[r.key for r in recipients],
+                chunk_size=owner._chunk_size,
+            )
+        except (SealingError, OSError) as e:
+            self._discard()
+            raise OutputStoreError(f"output {name!r}: cannot start sealing: {e}") from e
+        except BaseException:
+            self._discard()
+            raise
+        finally:
+            # The writer derived its stream keys; nobody needs the data key any more.
+            data_key[:] = bytes(DATA_KEY_SIZE)
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def write(self, data: ReadableBuffer) -> None:
+        """Seals ``data`` into the blob.
+
+        Raises:
+            OutputStoreError: the output is finished, or sealing or staging failed (the output
+                is then discarded).
+        """
+        if self._done:
+            raise OutputStoreError(f"output {self._name!r} is already finished")
+        try:
+            self._writer.write(data)
+        except (SealingError, OSError) as e:
+            self.abort()
+            raise OutputStoreError(f"output {self._name!r}: cannot write: {e}") from e
+
+    def commit(self) -> OutputReceipt:
+        """Writes the final segment and commits the blob.
+
+        Raises:
+            OutputExistsError: the blob appeared meanwhile (nothing is replaced).
+            OutputStoreError: finishing or committing failed (nothing is committed).
+        """
+        if self._done:
+            raise OutputStoreError(f"output {self._name!r} is already finished")
+        try:
+            self._writer.close()
+            sealed_bytes = int(getattr(self._blob, "bytes_written", 0))
+            self._blob.close()
+        except BlobExistsError as e:
+            self.abort()
+            raise OutputExistsError(f"output {self._name!r}: {e}") from e
+        except (SealingError, OSError) as e:
+            self.abort()
+            raise OutputStoreError(f"output {self._name!r}: cannot commit: {e}") from e
+        except BaseException:
+            self.abort()
+            raise
+        self._finish()
+        receipt = OutputReceipt(
+            name=self._name,
+            location=self._location,
+            plaintext_bytes=self._writer.plaintext_size,
+            sealed_bytes=sealed_bytes,
+            recipients=self._parties,
+            key_id=self.key_id,
+        )
+        _log.info(
+            "output %r sealed to %s: %d plaintext bytes, %d sealed bytes at %s",
+            self._name,
+            ", ".join(self._parties),
+            receipt.plaintext_bytes,
+            receipt.sealed_bytes,
+            receipt.location,
+        )
+        return receipt
+
+    def abort(self) -> None:
+        """Discards the output; nothing is committed. Idempotent, never raises."""
+        if self._done:
+            return
+        self._writer.abort()
+        self._discard()
+        _log.info("output %r discarded (not completed)", self._name)
+
+    def _discard(self) -> None:
+        abort = getattr(self._blob, "abort", None)
+        try:
+            if callable(abort):
+                abort()
+        except Exception:  # noqa: S110 - discarding; the blob is uncommitted either way
+            pass
+        self._finish()
+
+    def _finish(self) -> None:
+        if not self._done:
+            self._done = True
+            self._owner._release(self._name)
+
+    def __repr__(self) -> str:
+        return f"<sealed blob output {self._name!r}>"

@@ -1,0 +1,163 @@
+"""A full attestation in the broker's core with data keys wrapped by Key Vault: released while
+Key Vault unwraps, denied (not crashed) and audited when it refuses.
+
+The evidence is made with tpm2-tools on swtpm; Key Vault is the local HTTPS server speaking its
+REST calls (tests/harness/keyvault.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from broker.app import open_broker
+from broker.config import BrokerConfig
+from broker.custody import seal_for_registration
+from broker.kek_azure import KeyVaultConfig, register_key_vault_provider
+from broker.model import ManifestEntry, Party
+from broker.quote import pcr_values_from_tools
+from broker.release import open_release
+from broker.service import AttestationDenied, Broker, Evidence
+from pki.identity import SpiffeId
+from sealing.keys import RecipientPrivateKey, generate_recipient_key
+from tests.harness.keyvault import FakeKeyVault
+from tests.harness.swtpm import Swtpm
+from tests.vectors import tpm2tools as tt
+
+pytestmark = [pytest.mark.swtpm, pytest.mark.tpm2tools]
+
+TD = "cleanroom.local"
+OPERATOR = SpiffeId.operator(TD)
+ADVERTISER = SpiffeId.party(TD, "advertiser")
+SIDECAR = SpiffeId.sidecar(TD, "sidecar-1")
+WORKLOAD = [("model/train.py", b"print('join and train')\n"), ("bin/run.sh", b"#!/bin/sh\n")]
+SIDECAR_CERT_DER = b"the sidecar's TLS certificate (bound into the quote)"
+
+
+@pytest.fixture
+def broker(
+    tmp_path: Path, key_vault: FakeKeyVault, key_vault_config: KeyVaultConfig
+) -> Iterator[Broker]:
+    key_vault.create_key("broker-kek")
+    config = BrokerConfig(
+        database_url=f"sqlite:///{tmp_path / 'broker.db'}",
+        state_dir=str(tmp_path / "state"),
+        default_kek=f"azurekv:{key_vault.key_url('broker-kek')}",
+    )
+    with open_broker(config) as b:
+        provider = register_key_vault_provider(
+            b.keks, config=key_vault_config, credential=key_vault.credential()
+        )
+        yield b
+        provider.close()
+
+
+def _setup_party_key_and_approval(broker: Broker, data_key: bytes) -> None:
+    public = generate_recipient_key().public_key()
+    broker.add_party(OPERATOR, Party(name="advertiser", kem=public.kem, public_key=public.raw))
+    sealed = seal_for_registration(
+        broker.registration_key.public_key(), data_key, key_id="adv-data", owner="advertiser"
+    )
+    broker.register_data_key(
+        ADVERTISER, key_id="adv-data", sealed_data_key=sealed, description="training data"
+    )
+    manifest = [
+        ManifestEntry(
+            path=path,
+            size=len(data),
+            digests={bank: hashlib.new(bank, data).digest() for bank in ("sha1", "sha256")},
+        )
+        for path, data in WORKLOAD
+    ]
+    broker.approve_workload(
+        ADVERTISER,
+        workload_name="join-and-train",
+        manifest=manifest,
+        key_ids=["adv-data"],
+        output_recipients=["advertiser"],
+        golden_set=None,
+    )
+
+
+def _evidence(
+    broker: Broker, swtpm: Swtpm, workdir: Path, ak: tt.KeyFiles, ak_name: str, prefix: str
+) -> tuple[Evidence, RecipientPrivateKey]:
+    """A challenge, then PCR 23 measured and quoted as the sidecar would, bound to the nonce."""
+    from evidence.binding import qualifying_data
+
+    challenge = broker.challenge(SIDECAR, ak_name)
+    ephemeral = generate_recipient_key()
+    public = ephemeral.public_key()
+    binding = qualifying_data(
+        nonce=challenge.nonce,
+        kem=public.kem,
+        ephemeral_public_key=public.raw,
+        tls_certificate_der=SIDECAR_CERT_DER,
+    )
+    tt.reset_pcr23(swtpm)
+    events = tt.measure(swtpm, WORKLOAD)
+    quote = tt.quote(swtpm, workdir, ak, qualification=binding, prefix=prefix)
+    attest = quote.message.read_bytes()
+    evidence = Evidence(
+        ak_name=ak_name,
+        nonce=challenge.nonce,
+        attest=attest,
+        signature=quote.signature.read_bytes(),
+        pcr_values=pcr_values_from_tools(quote.pcrs.read_bytes(), attest=attest),
+        event_log=events,
+        ephemeral_key=public,
+        key_ids=("adv-data",),
+        peer_certificate_der=SIDECAR_CERT_DER,
+    )
+    return evidence, ephemeral
+
+
+def test_key_vault_refusing_to_unwrap_is_an_audited_denial(
+    broker: Broker, key_vault: FakeKeyVault, swtpm: Swtpm, tmp_path: Path
+) -> None:
+    data_key = secrets.token_bytes(32)
+    _setup_party_key_and_approval(broker, data_key)
+    assert broker.store.get_data_key("adv-data").kek_ref.startswith("azurekv:https://127.0.0.1:")
+    ek = tt.create_ek(swtpm, tmp_path)
+    ak = tt.create_ak(swtpm, tmp_path, ek)
+    ak_name = broker.enroll_ak(OPERATOR, ak_public=ak.public.read_bytes(), ek_id=None).ak_name
+
+    # Key Vault unwraps: the key is released, sealed to the quote's ephemeral key.
+    evidence, ephemeral = _evidence(broker, swtpm, tmp_path, ak, ak_name, "q1")
+    outcome = broker.attest(SIDECAR, evidence)
+    assert [r.key_id for r in outcome.released] == ["adv-data"]
+    released = open_release(
+        ephemeral,
+        outcome.released[0].sealed,
+        session_id=outcome.session_id,
+        key_id="adv-data",
+        owner="advertiser",
+    )
+    assert released == data_key
+
+    # Key Vault refuses (the broker's role was removed): a denial, with the reason audited.
+    for refusal, reason in (("forbidden", "forbidden"), ("disabled", "key disabled")):
+        if refusal == "forbidden":
+            key_vault.forbidden = True
+        else:
+            key_vault.forbidden = False
+            key_vault.set_enabled("broker-kek", False)
+        evidence, _ = _evidence(broker, swtpm, tmp_path, ak, ak_name, f"q-{refusal}")
+        with pytest.raises(AttestationDenied) as info:
+            broker.attest(SIDECAR, evidence)
+        assert str(info.value).startswith(f"key custody failed: {reason}")
+        last = broker.audit.list_records(after_sequence=0, limit=1000)[-1]
+        assert (last.action, last.decision, last.subject) == ("attest", "deny", ak_name)
+        assert last.reason.startswith(f"key custody failed: {reason}")
+        assert last.parties == ("advertiser",)
+    releases = [
+        r
+        for r in broker.audit.list_records(after_sequence=0, limit=1000)
+        if r.action == "key.release"
+    ]
+    assert [(r.subject, r.decision) for r in releases] == [("adv-data", "allow")]
+    assert broker.audit.verify_chain().valid
