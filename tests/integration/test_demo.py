@@ -1,0 +1,223 @@
+"""``cleanroom demo`` end to end: the real command in a subprocess, with a real swtpm, broker,
+sidecar and workload, as a user runs it.
+
+Each test checks what the clean room produced rather than trusting the demo's own words: the
+summary is compared with the outputs opened here with each party's key, and no process that
+names the demo directory may outlive the command, also after a SIGINT in the middle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sealing.envelope import open_bytes, read_header
+from sealing.keys import load_private_key, load_public_key
+
+pytestmark = [pytest.mark.swtpm, pytest.mark.slow]
+
+PARTIES = ("advertiser", "publisher")
+OUTPUTS = ("insights.json", "synthetic.csv")
+
+
+def run_demo(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLEANROOM_")}
+    return subprocess.run(
+        [sys.executable, "-m", "cleanroom.cli", "demo", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def processes_mentioning(text: str) -> list[tuple[int, str]]:
+    """Live processes (zombies have no command line) whose command line contains ``text``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            raw = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        cmdline = raw.replace(b"\0", b" ").decode(errors="replace")
+        if text in cmdline:
+            found.append((int(entry), cmdline.strip()))
+    return found
+
+
+def summary_rows(stdout: str) -> dict[str, str]:
+    """The summary's ``name: value`` rows (a row without a name continues the one above)."""
+    _, sep, tail = stdout.partition("\nSummary\n")
+    assert sep, f"no summary in:\n{stdout}"
+    rows: dict[str, str] = {}
+    last = ""
+    for line in tail.splitlines():
+        if not line.startswith("  "):
+            break
+        name, colon, value = line.strip().partition(": ")
+        if colon and not line.startswith("   "):
+            last = name
+            rows[name] = value.strip()
+        else:
+            rows[last] += " " + line.strip()
+    return rows
+
+
+def check_completed_demo(proc: subprocess.CompletedProcess[str], directory: Path) -> None:
+    """The checks every successful run must pass: exit 0, the summary, the opened outputs."""
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = summary_rows(proc.stdout)
+    assert rows["attestation"].startswith("allowed")
+    pcr = re.fullmatch(
+        r"sha256=([0-9a-f]{64}) \(the approved value, read back from the TPM\)", rows["PCR 23"]
+    )
+    assert pcr, rows["PCR 23"]
+    assert rows["keys released"] == "advertiser-data (of advertiser), publisher-data (of publisher)"
+    for name in OUTPUTS:
+        assert rows[f"output {name}"].startswith("sealed to advertiser, publisher: ")
+    assert re.match(r"denied, 0 keys released, no outputs", rows["tampered run"])
+    why = rows["why, per the audit log"]
+    record = re.match(r"record #(\d+) in broker/broker\.db", why)
+    assert record, why
+    assert "no key released" in why
+    assert rows["files"] == str(directory)
+    assert proc.stdout.rstrip().endswith(f"files left in {directory}")
+    assert (directory / "summary.txt").read_text().startswith("Summary\n")
+
+    # Each party opens each output with its own private key, and the outputs name both parties
+    # as recipients in their sealed headers.
+    fingerprints = {
+        load_public_key(directory / "parties" / p / f"{p}.pub").fingerprint(): p for p in PARTIES
+    }
+    opened: dict[str, dict[str, bytes]] = {}
+    for name in OUTPUTS:
+        sealed = (directory / "outputs" / f"{name}.sealed").read_bytes()
+        with open(directory / "outputs" / f"{name}.sealed", "rb") as f:
+            recipients = {fingerprints.get(fp) for fp in read_header(f).recipient_fingerprints}
+        assert recipients == set(PARTIES)
+        for party in PARTIES:
+            with load_private_key(directory / "parties" / party / f"{party}.key") as key:
+                opened.setdefault(party, {})[name] = open_bytes(sealed, private_key=key)
+            # The demo's own opened copy is the same plaintext.
+            assert (directory / "parties" / party / "opened" / name).read_bytes() == opened[party][
+                name
+            ]
+    insights = json.loads(opened["advertiser"]["insights.json"])
+    overlap = insights["join"]["overlap"]
+    assert f"{overlap:,} people in common" in rows["output insights.json"]
+    synthetic = opened["publisher"]["synthetic.csv"].decode().splitlines()
+    assert synthetic[0].startswith("user_id,")
+    assert f"{len(synthetic) - 1:,} synthetic rows" in rows["output synthetic.csv"]
+
+    # The tampered copy differs from the approved one in exactly one byte, and got nothing.
+    good = directory / "workload" / "workload" / "example" / "analysis.py"
+    bad = directory / "workload-tampered" / "workload" / "example" / "analysis.py"
+    assert good.stat().st_size == bad.stat().st_size
+    pairs = zip(good.read_bytes(), bad.read_bytes(), strict=True)
+    assert sum(a != b for a, b in pairs) == 1
+    assert list((directory / "outputs-tampered").iterdir()) == []
+
+    # The audit log says the same as the summary, in the broker's own database.
+    import sqlite3
+
+    with sqlite3.connect(directory / "broker" / "broker.db") as db:
+        action, decision, reason = db.execute(
+            "SELECT action, decision, reason FROM audit_records WHERE sequence = ?",
+            (int(record.group(1)),),
+        ).fetchone()
+    assert (action, decision) == ("attest", "deny")
+    assert reason in why
+
+    assert processes_mentioning(str(directory)) == []
+
+
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    directory = tmp_path / "demo"
+    started = time.monotonic()
+    proc = run_demo("--rows", "300", "--dir", str(directory), cwd=tmp_path)
+    check_completed_demo(proc, directory)
+    assert time.monotonic() - started < 60
+    # Narration: one line per step, each naming the identity that acted.
+    for actor in ("[operator]", "[advertiser]", "[publisher]", "[sidecar-1]", "[intruder]"):
+        assert actor in proc.stdout
+    assert "[advertiser]  sealed 300 rows" in proc.stdout
+
+
+def test_demo_twice_in_a_row_in_the_same_directory(tmp_path: Path) -> None:
+    first = run_demo("--rows", "300", cwd=tmp_path)
+    second = run_demo("--rows", "300", cwd=tmp_path)
+    made = sorted(p for p in tmp_path.iterdir() if p.name.startswith("cleanroom-demo-"))
+    assert len(made) == 2, made
+    check_completed_demo(first, made[0])
+    check_completed_demo(second, made[1])
+    # The default directory is named on the first lines and on the last.
+    assert f"files go to {made[0]} (new directory)" in first.stdout
+
+    # A third run into the first one's directory replaces that earlier demo.
+    third = run_demo("--rows", "300", "--no-tamper", "--dir", str(made[0]), cwd=tmp_path)
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert "(replacing an earlier demo)" in third.stdout
+    assert "tampered run" not in summary_rows(third.stdout)
+    assert not (made[0] / "workload-tampered").exists()
+
+
+def test_demo_refuses_a_directory_that_is_not_its_own(tmp_path: Path) -> None:
+    (tmp_path / "precious.txt").write_text("keep me")
+    proc = run_demo("--rows", "300", "--dir", str(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[0] == (
+        f"cleanroom: error: {tmp_path} is not empty and was not made by `cleanroom demo`; "
+        "choose another --dir"
+    )
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_sigint_midway_leaves_no_process_behind(tmp_path: Path) -> None:
+    directory = tmp_path / "demo"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLEANROOM_")}
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "cleanroom.cli", "demo", "--rows", "20000", "--dir", str(directory)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    launcher = str(directory / "workload" / "run.py")
+    try:
+        # Interrupt while the workload runs: then every kind of child is alive at once (swtpm,
+        # the broker, the sidecar and the workload, which the sidecar starts in a session of
+        # its own).
+        deadline = time.monotonic() + 60
+        seen: list[tuple[int, str]] = []
+        while time.monotonic() < deadline and demo.poll() is None:
+            seen = processes_mentioning(str(directory))
+            if any(c.split()[-1] == launcher and "sidecar run" not in c for _, c in seen):
+                break
+            time.sleep(0.01)
+        else:
+            pytest.fail(f"the workload never ran; demo exit {demo.poll()}, saw {seen}")
+        kinds = " ".join(c for _, c in seen)
+        assert "swtpm socket" in kinds and "broker serve" in kinds and "sidecar run" in kinds
+        demo.send_signal(signal.SIGINT)
+        out, err = demo.communicate(timeout=60)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.communicate()
+    assert demo.returncode == 130, out + err
+    assert "interrupted; every process it started is stopped" in err
+    assert f"files left in {directory}" in err
+    assert processes_mentioning(str(directory)) == []
