@@ -1,1 +1,119 @@
-"""The workload SDK (plaintext in and out through the sidecar) and the example workload."""
+"""The workload SDK: read the clean room's inputs and write its outputs through the sidecar.
+
+A workload runs under the sidecar, which puts the socket path in ``CLEANROOM_WORKLOAD_SOCKET``.
+The module-level helpers use one shared :class:`Client` made from that variable::
+
+    import workload
+
+    for row in workload.read_csv("advertiser/conversions.csv"):
+        ...
+    with workload.create_output("insights/summary.csv") as out:
+        out.write(b"segment,count\\n...")
+
+The workload never sees a key: it gets plaintext streams, and the sidecar seals each output to
+the recipients the approved workload names. See docs/workload-sdk.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from workload.client import (
+    SOCKET_ENV,
+    Client,
+    InputInfo,
+    InputStream,
+    OutputReceipt,
+    OutputStream,
+    TextOutputStream,
+    default_client,
+)
+from workload.errors import (
+    AccessDeniedError,
+    InputError,
+    InputIntegrityError,
+    InputNotFoundError,
+    InputUnavailableError,
+    OutputError,
+    OutputFailedError,
+    OutputRejectedError,
+    ProtocolError,
+    SidecarConnectionError,
+    WorkloadError,
+)
+
+__all__ = [
+    "SOCKET_ENV",
+    "AccessDeniedError",
+    "Client",
+    "InputError",
+    "InputInfo",
+    "InputIntegrityError",
+    "InputNotFoundError",
+    "InputStream",
+    "InputUnavailableError",
+    "OutputError",
+    "OutputFailedError",
+    "OutputReceipt",
+    "OutputRejectedError",
+    "OutputStream",
+    "ProtocolError",
+    "SidecarConnectionError",
+    "TextOutputStream",
+    "WorkloadError",
+    "create_output",
+    "create_text_output",
+    "default_client",
+    "list_inputs",
+    "open_input",
+    "read_csv",
+]
+
+
+def list_inputs() -> list[InputInfo]:
+    """The inputs the sidecar offers (see :meth:`Client.list_inputs`).
+
+    Raises:
+        SidecarConnectionError, AccessDeniedError, WorkloadError: the call failed.
+    """
+    return default_client().list_inputs()
+
+
+def open_input(name: str) -> InputStream:
+    """Opens an input's plaintext stream (see :meth:`Client.open_input`).
+
+    Raises:
+        SidecarConnectionError: ``CLEANROOM_WORKLOAD_SOCKET`` is unset.
+    """
+    return default_client().open_input(name)
+
+
+def create_output(name: str) -> OutputStream:
+    """Starts a binary output (see :meth:`Client.create_output`).
+
+    Raises:
+        SidecarConnectionError: ``CLEANROOM_WORKLOAD_SOCKET`` is unset.
+    """
+    return default_client().create_output(name)
+
+
+def create_text_output(
+    name: str, *, encoding: str = "utf-8", newline: str | None = ""
+) -> TextOutputStream:
+    """Starts a text output (see :meth:`Client.create_text_output`).
+
+    Raises:
+        SidecarConnectionError: ``CLEANROOM_WORKLOAD_SOCKET`` is unset.
+    """
+    return default_client().create_text_output(name, encoding=encoding, newline=newline)
+
+
+def read_csv(name: str, *, encoding: str = "utf-8", **fmtparams: Any) -> Iterator[dict[str, str]]:
+    """Yields a CSV input's rows as dicts (see :meth:`Client.read_csv`).
+
+    Raises:
+        SidecarConnectionError: ``CLEANROOM_WORKLOAD_SOCKET`` is unset.
+        InputIntegrityError, InputNotFoundError, WorkloadError: see :class:`InputStream`.
+    """
+    return default_client().read_csv(name, encoding=encoding, **fmtparams)

@@ -129,7 +129,9 @@ class WriteOutputRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """First message: the output's name (a relative path inside the output location)."""
+    """First message: the output's name (a relative path inside the output location). Repeated as
+    the last message to commit the output.
+    """
     chunk: _builtins.bytes
     def __init__(
         self,

@@ -74,7 +74,10 @@ class WorkloadServiceServicer:
 
     def WriteOutput(self, request_iterator, context):
         """Receives an output as a stream; the first message names it. The sidecar seals each chunk as
-        it arrives to the recipients that the approved workload names.
+        it arrives to the recipients that the approved workload names. The stream must end with a
+        second `name` message repeating the output's name: only that commits the output (gRPC
+        Python cannot tell a client that half-closes from one that cancels), so an interrupted
+        workload never leaves an output that looks complete.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -42,7 +42,10 @@ class WorkloadServiceStub:
     """
     WriteOutput: _grpc.StreamUnaryMultiCallable[_workload_pb2.WriteOutputRequest, _workload_pb2.WriteOutputResponse]
     """Receives an output as a stream; the first message names it. The sidecar seals each chunk as
-    it arrives to the recipients that the approved workload names.
+    it arrives to the recipients that the approved workload names. The stream must end with a
+    second `name` message repeating the output's name: only that commits the output (gRPC
+    Python cannot tell a client that half-closes from one that cancels), so an interrupted
+    workload never leaves an output that looks complete.
     """
 
 @_typing.type_check_only
@@ -59,7 +62,10 @@ class WorkloadServiceAsyncStub(WorkloadServiceStub):
     """
     WriteOutput: _aio.StreamUnaryMultiCallable[_workload_pb2.WriteOutputRequest, _workload_pb2.WriteOutputResponse]  # type: ignore[assignment]
     """Receives an output as a stream; the first message names it. The sidecar seals each chunk as
-    it arrives to the recipients that the approved workload names.
+    it arrives to the recipients that the approved workload names. The stream must end with a
+    second `name` message repeating the output's name: only that commits the output (gRPC
+    Python cannot tell a client that half-closes from one that cancels), so an interrupted
+    workload never leaves an output that looks complete.
     """
 
 class WorkloadServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -91,7 +97,10 @@ class WorkloadServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_workload_pb2.WriteOutputResponse, _abc.Awaitable[_workload_pb2.WriteOutputResponse]]:
         """Receives an output as a stream; the first message names it. The sidecar seals each chunk as
-        it arrives to the recipients that the approved workload names.
+        it arrives to the recipients that the approved workload names. The stream must end with a
+        second `name` message repeating the output's name: only that commits the output (gRPC
+        Python cannot tell a client that half-closes from one that cancels), so an interrupted
+        workload never leaves an output that looks complete.
         """
 
 def add_WorkloadServiceServicer_to_server(servicer: WorkloadServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,677 @@
+"""The workload's client for the sidecar's Unix socket: plaintext inputs in, outputs out.
+
+A workload never handles keys. It opens inputs by name and reads plaintext streams; it creates
+outputs by name and writes plaintext streams, which the sidecar seals to the recipients the
+approved workload names. See docs/workload-sdk.md.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import csv
+import io
+import os
+import queue
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final, Self
+
+import grpc
+
+from cleanroom.v1 import workload_pb2, workload_pb2_grpc
+from workload.errors import (
+    AccessDeniedError,
+    InputIntegrityError,
+    InputNotFoundError,
+    InputUnavailableError,
+    OutputFailedError,
+    OutputRejectedError,
+    ProtocolError,
+    SidecarConnectionError,
+    WorkloadError,
+)
+from workload.wire import (
+    SERVICE,
+    ReadFrame,
+    decode_read_response,
+    encode_write_chunk,
+    encode_write_name,
+)
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer, WriteableBuffer
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "SOCKET_ENV",
+    "Client",
+    "InputInfo",
+    "InputStream",
+    "OutputReceipt",
+    "OutputStream",
+    "TextOutputStream",
+]
+
+#: The environment variable that holds the sidecar's socket path.
+SOCKET_ENV: Final = "CLEANROOM_WORKLOAD_SOCKET"
+
+#: Plaintext bytes per WriteOutput message.
+DEFAULT_CHUNK_SIZE: Final = 1 << 20
+
+#: Largest gRPC message sent or received; the sidecar's default limit.
+DEFAULT_MAX_MESSAGE_SIZE: Final = 4 << 20
+
+# Chunks queued between write() and the gRPC sender thread: enough to keep the socket busy,
+# little enough that memory does not grow with the output.
+_QUEUE_DEPTH: Final = 2
+_POLL_SECONDS: Final = 0.05
+_END: Final = b""
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    """An input the sidecar offers: its name, the party that owns it, its plaintext size (None
+    when the sidecar does not know it)."""
+
+    name: str
+    owner_party: str
+    size: int | None
+
+
+@dataclass(frozen=True)
+class OutputReceipt:
+    """What the sidecar made of a committed output: its name, the plaintext bytes it sealed and
+    the parties it sealed them to."""
+
+    name: str
+    plaintext_bytes: int
+    recipients: tuple[str, ...]
+
+
+def _translate(e: grpc.RpcError, what: str, *, output: bool = False) -> WorkloadError:
+    """Maps a failed call's status to the SDK's error for it."""
+    if not isinstance(e, grpc.Call):
+        return WorkloadError(f"{what}: {e}")
+    code = e.code()
+    details = e.details() or code.name
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return SidecarConnectionError(f"{what}: the sidecar is unreachable: {details}")
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return AccessDeniedError(f"{what}: {details}")
+    if output:
+        if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS):
+            return OutputRejectedError(f"{what}: {details}")
+        return OutputFailedError(f"{what}: not committed ({code.name}): {details}")
+    if code == grpc.StatusCode.NOT_FOUND:
+        return InputNotFoundError(f"{what}: {details}")
+    if code == grpc.StatusCode.DATA_LOSS:
+        return InputIntegrityError(f"{what}: {details}")
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return InputUnavailableError(f"{what}: {details}")
+    if code == grpc.StatusCode.INTERNAL and "deserializ" in details.lower():
+        return ProtocolError(f"{what}: unexpected message from the sidecar: {details}")
+    return WorkloadError(f"{what}: {code.name}: {details}")
+
+
+class InputStream(io.RawIOBase):
+    """An input's plaintext as a read-only binary file (a context manager).
+
+    ``read(n)`` returns ``n`` bytes unless the input ends first, as a buffered file does;
+    ``read1``, ``readinto``, ``readline``, iteration by lines and :meth:`chunks` work too. The
+    end of the input (``b""``) is reported only after the sidecar has authenticated all of it.
+    If it cannot, reading raises :class:`InputIntegrityError` (and keeps raising it): discard
+    whatever was read. Closing before the end cancels the stream.
+    """
+
+    def __init__(self, call: Any, name: str) -> None:
+        super().__init__()
+        self._call = call
+        self._name = name
+        # The current chunk is _data[_pos:_end]; _data is the received message itself.
+        self._data = b""
+        self._pos = 0
+        self._end = 0
+        self._ended = False
+        self._error: WorkloadError | None = None
+        self._bytes_read = 0
+
+    @property
+    def name(self) -> str:
+        """The input's name."""
+        return self._name
+
+    @property
+    def bytes_read(self) -> int:
+        """Plaintext bytes handed out so far."""
+        return self._bytes_read
+
+    def readable(self) -> bool:
+        return True
+
+    def _fill(self) -> bool:
+        """Makes sure unread bytes are buffered; False at the authenticated end.
+
+        Raises:
+            InputIntegrityError: the stream ended with DATA_LOSS or without end_of_input.
+            WorkloadError: another failure (see the tree in workload.errors).
+        """
+        if self._error is not None:
+            raise self._error
+        if self.closed:
+            raise ValueError("I/O operation on closed input stream")
+        while self._pos >= self._end:
+            if self._ended:
+                return False
+            try:
+                frame: ReadFrame = next(self._call)
+            except StopIteration:
+                self._error = InputIntegrityError(
+                    f"input {self._name!r}: the stream ended before the sidecar confirmed its "
+                    "end; discard what was read"
+                )
+                raise self._error from None
+            except grpc.RpcError as e:
+                self._error = _translate(e, f"input {self._name!r}")
+                raise self._error from e
+            self._data, self._pos, self._end, self._ended = frame
+        return True
+
+    def _take(self, n: int) -> memoryview:
+        """Up to ``n`` buffered bytes (after _fill returned True)."""
+        start = self._pos
+        end = min(self._end, start + n)
+        self._pos = end
+        self._bytes_read += end - start
+        return memoryview(self._data)[start:end]
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        """Fills ``buffer``; fewer bytes than its length only at the end of the input.
+
+        Raises:
+            InputIntegrityError, WorkloadError: see the class.
+        """
+        dest = memoryview(buffer).cast("B")
+        got = 0
+        while got < len(dest) and self._fill():
+            part = self._take(len(dest) - got)
+            dest[got : got + len(part)] = part
+            got += len(part)
+        return got
+
+    def readinto1(self, buffer: WriteableBuffer) -> int:
+        """Fills ``buffer`` from at most one received chunk.
+
+        Raises:
+            InputIntegrityError, WorkloadError: see the class.
+        """
+        dest = memoryview(buffer).cast("B")
+        if not len(dest) or not self._fill():
+            return 0
+        part = self._take(len(dest))
+        dest[: len(part)] = part
+        return len(part)
+
+    def read(self, size: int | None = -1) -> bytes:
+        """Reads ``size`` bytes (all the rest when negative); fewer only at the end.
+
+        Raises:
+            InputIntegrityError, WorkloadError: see the class.
+        """
+        if size is None or size < 0:
+            return self.readall()
+        if size == 0 or not self._fill():
+            return b""
+        if self._end - self._pos >= size:
+            return bytes(self._take(size))
+        buf = bytearray(size)
+        n = self.readinto(buf)
+        del buf[n:]
+        return bytes(buf)
+
+    def read1(self, size: int = -1) -> bytes:
+        """Reads up to ``size`` bytes from at most one received chunk (any amount if negative).
+
+        Raises:
+            InputIntegrityError, WorkloadError: see the class.
+        """
+        if size == 0 or not self._fill():
+            return b""
+        return bytes(self._take(self._end if size < 0 else size))
+
+    def readall(self) -> bytes:
+        """Reads to the end of the input (memory grows with it; prefer :meth:`chunks`).
+
+        Raises:
+            InputIntegrityError, WorkloadError: see the class.
+        """
+        return b"".join(bytes(c) for c in self.chunks())
+
+    def chunks(self) -> Iterator[memoryview]:
+        """Yields the rest of the input as received, without copying (never empty chunks).
+
+        Raises:
+            InputIntegrityError, WorkloadError: see the class.
+        """
+        while self._fill():
+            yield self._take(self._end)
+
+    def readline(self, size: int | None = -1) -> bytes:
+        """Reads one line (up to ``size`` bytes), ending with ``b"\\n"`` unless at the end.
+
+        Raises:
+            InputIntegrityError, WorkloadError: see the class.
+        """
+        limit = -1 if size is None else size
+        parts: list[bytes] = []
+        got = 0
+        while (limit < 0 or got < limit) and self._fill():
+            stop = self._end if limit < 0 else min(self._end, self._pos + limit - got)
+            newline = self._data.find(b"\n", self._pos, stop)
+            if newline >= 0:
+                parts.append(bytes(self._take(newline + 1 - self._pos)))
+                break
+            want = stop - self._pos
+            parts.append(bytes(self._take(want)))
+            got += want
+        return b"".join(parts)
+
+    def close(self) -> None:
+        """Closes the stream, cancelling it when not read to the end."""
+        if not self.closed:
+            if not self._ended or self._pos < self._end:
+                self._call.cancel()
+            self._data, self._pos, self._end = b"", 0, 0
+        super().close()
+
+    def __repr__(self) -> str:
+        return f"<InputStream {self._name!r}>"
+
+
+def _request_stream(name: str, frames: queue.Queue[bytes]) -> Iterator[bytes]:
+    """The WriteOutput request stream, run by gRPC's sender thread: the name, the queued chunks,
+    and (queued by commit) the name again. It holds no reference to the OutputStream, so a
+    stream that its owner drops is garbage-collected (and aborted)."""
+    yield encode_write_name(name)
+    while True:
+        frame = frames.get()
+        if frame is _END:
+            return
+        yield frame
+
+
+class OutputStream(io.RawIOBase):
+    """A writable binary stream that becomes a sealed output (a context manager).
+
+    Leaving the ``with`` block normally, or calling :meth:`commit` (or :meth:`close`), commits
+    the output; leaving it with an exception, calling :meth:`abort`, or dropping the stream
+    unclosed discards it, and the sidecar keeps nothing that looks complete. Writes are
+    buffered into chunks and sent by a gRPC thread; a full queue makes ``write`` wait, so memory
+    stays bounded.
+    """
+
+    def __init__(self, client: Client, name: str, *, chunk_size: int) -> None:
+        super().__init__()
+        self._name = name
+        self._chunk = chunk_size
+        self._pending = bytearray()
+        self._queue: queue.Queue[bytes] = queue.Queue(maxsize=_QUEUE_DEPTH)
+        self._finished = False
+        self._receipt: OutputReceipt | None = None
+        self._bytes_written = 0
+        # Typed as a plain Future: the stubs leave the call-context cancel() untyped.
+        self._future: grpc.Future[Any] = client._write_output.future(
+            _request_stream(name, self._queue)
+        )
+
+    @property
+    def name(self) -> str:
+        """The output's name."""
+        return self._name
+
+    @property
+    def receipt(self) -> OutputReceipt | None:
+        """The sidecar's receipt once committed."""
+        return self._receipt
+
+    @property
+    def bytes_written(self) -> int:
+        """Plaintext bytes accepted by :meth:`write` so far."""
+        return self._bytes_written
+
+    def writable(self) -> bool:
+        return True
+
+    def _failure(self) -> WorkloadError:
+        try:
+            self._future.result(timeout=0)
+        except grpc.RpcError as e:
+            return _translate(e, f"output {self._name!r}", output=True)
+        except grpc.FutureCancelledError:
+            return OutputFailedError(f"output {self._name!r}: aborted")
+        return ProtocolError(f"output {self._name!r}: the sidecar answered before the end")
+
+    def _send(self, frame: bytes) -> None:
+        while True:
+            if self._future.done():
+                self._finished = True
+                raise self._failure()
+            try:
+                self._queue.put(frame, timeout=_POLL_SECONDS)
+                return
+            except queue.Full:
+                continue
+
+    def _check_open(self) -> None:
+        if self._finished or self.closed:
+            raise ValueError(f"output {self._name!r} is already committed or aborted")
+
+    def write(self, data: ReadableBuffer) -> int:
+        """Queues ``data`` for sealing; returns its length.
+
+        Raises:
+            OutputRejectedError: the sidecar refused the output (bad or existing name).
+            OutputFailedError, WorkloadError: the output failed; it will not be committed.
+            ValueError: the output is already committed or aborted.
+        """
+        self._check_open()
+        view = memoryview(data).cast("B")
+        total = len(view)
+        if self._pending:
+            take = min(self._chunk - len(self._pending), len(view))
+            self._pending += view[:take]
+            view = view[take:]
+            if len(self._pending) == self._chunk:
+                self._send(encode_write_chunk(self._pending))
+                self._pending.clear()
+        # Whole chunks go straight from the caller's buffer into a message.
+        while len(view) >= self._chunk:
+            self._send(encode_write_chunk(view[: self._chunk]))
+            view = view[self._chunk :]
+        if view:
+            self._pending += view
+        self._bytes_written += total
+        return total
+
+    def commit(self) -> OutputReceipt:
+        """Sends what is buffered and the end marker, and waits for the sidecar's receipt.
+
+        Raises:
+            OutputRejectedError, OutputFailedError, WorkloadError: the output was not committed.
+            ValueError: already committed or aborted.
+        """
+        self._check_open()
+        try:
+            if self._pending:
+                self._send(encode_write_chunk(self._pending))
+                self._pending.clear()
+            self._send(encode_write_name(self._name))
+            self._send(_END)
+            try:
+                response: workload_pb2.WriteOutputResponse = self._future.result()
+            except grpc.RpcError as e:
+                raise _translate(e, f"output {self._name!r}", output=True) from e
+            self._receipt = OutputReceipt(
+                name=response.name,
+                plaintext_bytes=response.plaintext_bytes,
+                recipients=tuple(response.recipients),
+            )
+            return self._receipt
+        except BaseException:
+            self._abort_call()
+            raise
+        finally:
+            self._finished = True
+            super().close()
+
+    def _abort_call(self) -> None:
+        self._future.cancel()
+        # Wake the sender thread if it waits for a chunk; the call is cancelled already, so
+        # ending the request stream cannot commit anything.
+        while True:
+            try:
+                self._queue.put_nowait(_END)
+                return
+            except queue.Full:
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    pass
+
+    def abort(self) -> None:
+        """Discards the output. Idempotent."""
+        if self._finished:
+            return
+        self._finished = True
+        self._pending.clear()
+        self._abort_call()
+        super().close()
+
+    def close(self) -> None:
+        """Commits the output unless it is already committed or aborted (see :meth:`commit`).
+
+        Raises:
+            OutputRejectedError, OutputFailedError, WorkloadError: the output was not committed.
+        """
+        if not self._finished:
+            self.commit()
+        super().close()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def __del__(self) -> None:
+        # A stream that was never committed must not be committed by garbage collection
+        # (io.IOBase.__del__ would call close(), which commits).
+        with contextlib.suppress(Exception):
+            self.abort()
+
+    def __repr__(self) -> str:
+        return f"<OutputStream {self._name!r}>"
+
+
+class TextOutputStream(io.TextIOWrapper):
+    """A text output: a text wrapper over an :class:`OutputStream` that commits when its
+    ``with`` block ends normally and aborts when it ends with an exception."""
+
+    def __init__(self, raw: OutputStream, *, encoding: str, newline: str | None) -> None:
+        super().__init__(raw, encoding=encoding, newline=newline, write_through=False)
+        self._raw = raw
+
+    @property
+    def receipt(self) -> OutputReceipt | None:
+        """The sidecar's receipt once committed."""
+        return self._raw.receipt
+
+    def abort(self) -> None:
+        """Discards the output. Idempotent."""
+        # Once the raw stream is closed, TextIOWrapper.close() does nothing, so buffered text
+        # is dropped rather than written.
+        self._raw.abort()
+
+    def __del__(self) -> None:
+        # As for OutputStream: garbage collection must not commit (TextIOWrapper's finalizer
+        # would close, and closing commits).
+        with contextlib.suppress(Exception):
+            self._raw.abort()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class Client:
+    """A connection to the sidecar's workload socket (a context manager).
+
+    Args:
+        socket_path: the sidecar's Unix socket (``CLEANROOM_WORKLOAD_SOCKET``).
+        chunk_size: plaintext bytes per output message.
+        max_message_size: largest message sent or received (the sidecar's limit).
+    """
+
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str],
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    ) -> None:
+        if chunk_size < 1 or chunk_size + 64 > max_message_size:
+            raise ValueError("chunk_size must be positive and fit in max_message_size")
+        self._path = os.fspath(socket_path)
+        self._chunk = chunk_size
+        self._channel = grpc.insecure_channel(
+            f"unix:{self._path}",
+            options=[
+                ("grpc.max_receive_message_length", max_message_size),
+                ("grpc.max_send_message_length", max_message_size),
+                ("grpc.experimental.tcp_read_chunk_size", 1 << 20),
+                ("grpc.experimental.tcp_min_read_chunk_size", 1 << 20),
+                ("grpc.experimental.tcp_max_read_chunk_size", 1 << 20),
+            ],
+        )
+        self._stub = workload_pb2_grpc.WorkloadServiceStub(self._channel)
+        # The bulk calls use workload.wire instead of the protobuf classes (see there why).
+        self._read_input = self._channel.unary_stream(
+            f"/{SERVICE}/ReadInput",
+            request_serializer=workload_pb2.ReadInputRequest.SerializeToString,
+            response_deserializer=decode_read_response,
+        )
+        self._write_output = self._channel.stream_unary(
+            f"/{SERVICE}/WriteOutput",
+            request_serializer=None,
+            response_deserializer=workload_pb2.WriteOutputResponse.FromString,
+        )
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **kwargs: Any) -> Client:
+        """A client for the socket named by ``CLEANROOM_WORKLOAD_SOCKET``.
+
+        Raises:
+            SidecarConnectionError: the variable is unset or empty.
+        """
+        path = (os.environ if env is None else env).get(SOCKET_ENV, "")
+        if not path:
+            raise SidecarConnectionError(
+                f"{SOCKET_ENV} is not set: run this workload under the clean-room sidecar"
+            )
+        return cls(path, **kwargs)
+
+    @property
+    def socket_path(self) -> str:
+        """The socket this client talks to."""
+        return self._path
+
+    def list_inputs(self) -> list[InputInfo]:
+        """The inputs the sidecar offers.
+
+        Raises:
+            SidecarConnectionError, AccessDeniedError, WorkloadError: the call failed.
+        """
+        try:
+            response = self._stub.ListInputs(workload_pb2.ListInputsRequest())
+        except grpc.RpcError as e:
+            raise _translate(e, "list inputs") from e
+        return [InputInfo(i.name, i.owner_party, i.size or None) for i in response.inputs]
+
+    def open_input(self, name: str) -> InputStream:
+        """Opens an input's plaintext stream (use it in a ``with`` block).
+
+        Errors of the call itself (unknown name, access denied) surface at the first read.
+
+        Raises:
+            WorkloadError: the call cannot be started.
+        """
+        call = self._read_input(workload_pb2.ReadInputRequest(name=name))
+        return InputStream(call, name)
+
+    def create_output(self, name: str) -> OutputStream:
+        """Starts an output (use it in a ``with`` block; see :class:`OutputStream`).
+
+        ``name`` is a relative path such as ``"insights/summary.csv"``; the sidecar stores it
+        sealed as ``<name>.sealed``. A refused name surfaces at the first write or at commit.
+        """
+        return OutputStream(self, name, chunk_size=self._chunk)
+
+    def create_text_output(
+        self, name: str, *, encoding: str = "utf-8", newline: str | None = ""
+    ) -> TextOutputStream:
+        """Starts a text output (see :meth:`create_output`); ``newline=""`` suits the csv
+        module."""
+        return TextOutputStream(self.create_output(name), encoding=encoding, newline=newline)
+
+    def read_csv(
+        self, name: str, *, encoding: str = "utf-8", **fmtparams: Any
+    ) -> Iterator[dict[str, str]]:
+        """Yields the rows of a CSV input as dicts keyed by its header row.
+
+        ``fmtparams`` go to :class:`csv.DictReader` (``delimiter=";"``, ``fieldnames=...``).
+        The iteration ends normally only after the whole input authenticated; an integrity
+        failure raises :class:`InputIntegrityError` from it instead, and every row already read
+        must then be discarded.
+
+        Raises:
+            InputIntegrityError, InputNotFoundError, WorkloadError: see :class:`InputStream`.
+        """
+        with (
+            self.open_input(name) as raw,
+            io.TextIOWrapper(raw, encoding=encoding, newline="") as text,
+        ):
+            # Iteration ends normally only after the sidecar confirmed the end of the input.
+            yield from csv.DictReader(text, **fmtparams)
+
+    def close(self) -> None:
+        """Closes the connection."""
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client({self._path!r})"
+
+
+_default_lock = threading.Lock()
+_default: Client | None = None
+
+
+def default_client() -> Client:
+    """The process's shared client, made from the environment on first use.
+
+    Raises:
+        SidecarConnectionError: ``CLEANROOM_WORKLOAD_SOCKET`` is unset.
+    """
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Client.from_env()
+            # Close the channel before the interpreter tears down: gRPC's threads and an
+            # unclosed channel can otherwise hold up the workload's exit.
+            atexit.register(_default.close)
+        return _default
