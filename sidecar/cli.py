@@ -2,7 +2,9 @@
 
 ``enroll``, ``measure`` and ``quote`` do with tpm2-pytss what the manual recipe did with
 ``tpm2_createek``/``tpm2_createak``, ``tpm2_pcrreset``/``tpm2_pcrextend`` and ``tpm2_quote``,
-writing the same files, so ``tpm2_checkquote`` can check the result.
+writing the same files, so ``tpm2_checkquote`` can check the result. ``run`` attests with the
+broker and runs the workload beside its data (docs/sidecar-run.md); its runtime, which loads
+gRPC and tpm2-pytss, is imported only when ``run`` is invoked.
 """
 
 from __future__ import annotations
@@ -12,8 +14,6 @@ import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-from cleanroom.cli import add_pending
 
 if TYPE_CHECKING:
     from evidence.pcr import Measurement
@@ -75,7 +75,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     quote.set_defaults(func=_quote)
 
-    add_pending(group, "run", "attest, then run the workload with plaintext over a local socket")
+    run = group.add_parser(
+        "run",
+        help="attest, then run the workload with plaintext over a local socket",
+        description="Measure the workload's files into PCR 23, attest with the broker, receive "
+        "the inputs' data keys, and run COMMAND with its inputs served as plaintext over a "
+        "private Unix socket (CLEANROOM_WORKLOAD_SOCKET); outputs are sealed to the approved "
+        "recipients. Exits with COMMAND's exit status. See docs/sidecar-run.md.",
+        usage="%(prog)s [-h] --config FILE [--tcti TCTI] -- COMMAND [ARGS ...]",
+    )
+    _add_tpm_options(run, default=argparse.SUPPRESS)
+    run.add_argument(
+        "command", metavar="COMMAND", nargs=argparse.REMAINDER, help="the workload and its args"
+    )
+    run.set_defaults(func=_run)
 
 
 def _config(args: argparse.Namespace) -> TpmConfig:
@@ -86,6 +99,30 @@ def _config(args: argparse.Namespace) -> TpmConfig:
     if not getattr(args, "verbose", 0):
         os.environ.setdefault("TSS2_LOG", "all+NONE")
     return load_tpm_config(args.config, tcti=args.tcti)
+
+
+def _run(args: argparse.Namespace) -> int:
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not args.config:
+        from cleanroom.config import ConfigError
+
+        raise ConfigError("sidecar run needs --config FILE (sidecar.toml; see docs/sidecar-run.md)")
+    if not command:
+        from cleanroom.config import ConfigError
+
+        raise ConfigError("sidecar run needs the workload command after '--'")
+    if not getattr(args, "verbose", 0):
+        os.environ.setdefault("TSS2_LOG", "all+NONE")
+    from sidecar.runconfig import load_run_config
+
+    config = load_run_config(args.config, tcti=args.tcti)
+    # Imported only now: the runtime pulls in gRPC and tpm2-pytss, which the other commands
+    # (and --help) do not need.
+    from sidecar.run import run_workload
+
+    return run_workload(config, command).exit_code
 
 
 def _enroll(args: argparse.Namespace) -> int:

@@ -113,8 +113,3 @@ def test_tcti_from_environment_and_config_file(swtpm: Swtpm, tmp_path: Path) -> 
         "cleanroom: error: [tpm] ak_algorithm must be 'rsa' or 'ecc', got 'dsa'"
     )
     assert_nothing_loaded(swtpm)
-
-
-def test_run_is_still_pending() -> None:
-    proc = run_cli("run", env=_env())
-    assert proc.returncode == 3 and "not yet available" in proc.stderr

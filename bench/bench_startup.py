@@ -1,0 +1,195 @@
+"""Start-up latency of ``cleanroom sidecar run``: from the command to the workload's first
+plaintext byte, once the sidecar is enrolled (target: <= 300 ms on swtpm).
+
+Set-up (as in tests/integration/sidecar/test_run.py, whose helpers this uses): a real swtpm, a
+real broker process over mTLS on loopback, two parties with sealed inputs and an approved
+two-file workload. One warm-up run enrolls the AK by credential activation; then each measured
+run starts ``cleanroom sidecar run --config sidecar.toml -- python run.py first-byte``, which
+loads the TPM's persistent AK, measures the two files into PCR 23, gets a challenge, quotes,
+attests, opens the released keys, starts the workload socket and the workload; the workload
+imports the workload SDK, opens the advertiser's input and reads one byte, and prints the
+CLOCK_MONOTONIC time it got it. The figure is that time minus the time just before the
+sidecar's process was started. Python caches compiled bytecode (in the benchmark's temporary
+directory), as it has for an installed package.
+
+Baseline in the same run: the same workload script run without the sidecar, reading the same
+plaintext from a local file (``python run.py first-byte FILE``): Python's start-up, the SDK
+import and one read, which any way of running the workload pays.
+
+    python -m bench.bench_startup [--runs 7] [--timeline]
+
+``--timeline`` also prints the sidecar's own start-up milestones (its ``-v`` log).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.harness.swtpm import Swtpm, manufacture
+from tests.integration.sidecar.test_run import (
+    PY,
+    CleanRoom,
+    build_clean_room,
+    sidecar_env,
+    start_sidecar,
+)
+
+TARGET_MS = 300.0
+
+
+@dataclass(frozen=True)
+class Run:
+    """One measured start: wall-clock ms to the first byte, and CPU ms spent on the way."""
+
+    wall_ms: float
+    workload_cpu_ms: float
+    sidecar_cpu_ms: float = 0.0
+    timeline: str = ""
+
+
+def _first_byte(out: str) -> tuple[float, float]:
+    """The workload's report: (CLOCK_MONOTONIC at the first byte, its CPU seconds by then)."""
+    fields = out.split("first-byte ", 1)[1].split()
+    return float(fields[0]), float(fields[2])
+
+
+def sidecar_run(config: Path, cwd: Path, env: dict[str, str]) -> Run:
+    """One ``sidecar -v run``; its log's start-up line has the sidecar's milestones and CPU."""
+    t0 = time.monotonic()
+    proc = start_sidecar(config, PY, "run.py", "first-byte", cwd=cwd, verbose=True, env=env)
+    out, err = proc.communicate(timeout=120)
+    if proc.returncode != 0:
+        raise SystemExit(f"sidecar run failed ({proc.returncode}):\n{err}")
+    first, cpu = _first_byte(out)
+    timeline = next((line for line in err.splitlines() if "start-up:" in line), "")
+    timeline = timeline.split("start-up: ", 1)[-1]
+    match = re.search(r"\(cpu (\d+) ms\)", timeline)
+    return Run(
+        wall_ms=(first - t0) * 1000,
+        workload_cpu_ms=cpu * 1000,
+        sidecar_cpu_ms=float(match.group(1)) if match else 0.0,
+        timeline=timeline,
+    )
+
+
+def baseline_run(root: Path, plaintext: Path, env: dict[str, str]) -> Run:
+    """The same workload without the sidecar, reading the plaintext from a local file."""
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [PY, "run.py", "first-byte", str(plaintext)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    first, cpu = _first_byte(proc.stdout)
+    return Run(wall_ms=(first - t0) * 1000, workload_cpu_ms=cpu * 1000)
+
+
+def _median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def _report(with_sidecar: list[Run], without: list[Run], *, timeline: bool) -> None:
+    wall = [r.wall_ms for r in with_sidecar]
+    base = [r.wall_ms for r in without]
+    # The CPU spent on the critical path: the sidecar until it started the workload, then the
+    # workload until its first byte. Waiting for the TPM and the broker is not in it.
+    cpu = [r.sidecar_cpu_ms + r.workload_cpu_ms for r in with_sidecar]
+    base_cpu = [r.workload_cpu_ms for r in without]
+    load = os.getloadavg()[0]
+    print(
+        f"platform: {platform.python_implementation()} {platform.python_version()}, "
+        f"{platform.machine()}, {os.cpu_count()} cores, load average {load:.1f}; swtpm over "
+        "TCP, broker on loopback (SQLite)"
+    )
+    print(f"runs: {len(wall)} of each, interleaved, after one warm-up (enrollment)")
+    print(
+        f"sidecar run -> first plaintext byte: median {_median(wall):.0f} ms, "
+        f"min {min(wall):.0f} ms, max {max(wall):.0f} ms "
+        f"(target <= {TARGET_MS:.0f} ms: {'met' if _median(wall) <= TARGET_MS else 'NOT met'})"
+    )
+    print(
+        f"baseline (same workload, plaintext from a local file): median {_median(base):.0f} ms, "
+        f"min {min(base):.0f} ms; sidecar overhead: median {_median(wall) - _median(base):.0f} "
+        f"ms, ratio {_median(wall) / _median(base):.2f}x"
+    )
+    print(
+        f"CPU on the critical path (load-independent): sidecar to workload start median "
+        f"{_median([r.sidecar_cpu_ms for r in with_sidecar]):.0f} ms + workload to first byte "
+        f"{_median([r.workload_cpu_ms for r in with_sidecar]):.0f} ms = {_median(cpu):.0f} ms; "
+        f"baseline {_median(base_cpu):.0f} ms; ratio {_median(cpu) / _median(base_cpu):.2f}x"
+    )
+    if timeline:
+        print("sidecar start-up milestones (ms since its process started):")
+        for r in with_sidecar:
+            print(f"  {r.timeline}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench_startup", description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=7, help="measured runs of each (default 7)")
+    parser.add_argument(
+        "--timeline", action="store_true", help="print the sidecar's start-up milestones"
+    )
+    args = parser.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="bench-startup-"))
+    swtpm: Swtpm | None = None
+    room: CleanRoom | None = None
+    try:
+        state = work / "swtpm"
+        manufacture(state)
+        swtpm = Swtpm(state_dir=state)
+        swtpm.start()
+        room = build_clean_room(work / "room")
+        config = room.write_sidecar_config(
+            room.directory / "sidecar.toml", tcti=swtpm.tcti, outputs="outputs"
+        )
+        run_dir = room.directory / "run"
+        run_dir.mkdir()
+        # The baseline reads the plaintext from disk; that is what the sidecar exists to avoid,
+        # and it is done here only to give the baseline the same bytes to read.
+        plaintext = work / "advertiser.csv"
+        plaintext.write_bytes(room.plaintexts["advertiser"])
+
+        # Both run with compiled bytecode cached, as from an installed package (this sandbox
+        # sets PYTHONDONTWRITEBYTECODE, which would recompile the project on every start).
+        env = sidecar_env(pycache=work / "pycache")
+        # The sidecar runs with -v for its start-up log; keep the TSS library quiet as without.
+        env["TSS2_LOG"] = "all+NONE"
+        # Warm-up: enrolls the AK (credential activation), fills the bytecode and page caches.
+        sidecar_run(config, run_dir, env)
+        baseline_run(room.workload_root, plaintext, env)
+
+        with_sidecar: list[Run] = []
+        without: list[Run] = []
+        for _ in range(args.runs):
+            with_sidecar.append(sidecar_run(config, run_dir, env))
+            without.append(baseline_run(room.workload_root, plaintext, env))
+        _report(with_sidecar, without, timeline=args.timeline)
+    finally:
+        if room is not None:
+            room.broker.stop()
+        if swtpm is not None:
+            swtpm.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,521 @@
+"""``cleanroom sidecar run``: attest, then run the workload with its inputs over a local socket.
+
+:func:`run_workload` does, in order:
+
+1. checks what it can without the TPM or the broker (the command, the workload directory, the
+   input files, the sidecar's certificate), so that a typo fails in milliseconds;
+2. asks the broker for a challenge in the background if this AK is known to be enrolled (the
+   TLS handshake and the round trip overlap the TPM work below);
+3. opens the TPM once and loads the persistent AK (creating it on first use); enrolls it by
+   credential activation when the state directory has no record of the enrollment, or when the
+   broker answers "not enrolled";
+4. measures the workload's files into PCR 23 (reset first), with an event log;
+5. quotes PCR 23 (and what the challenge names) bound to the nonce, a fresh ephemeral HPKE key
+   and the sidecar's TLS certificate, and attests; opens the released keys into a key ring that
+   expires with the attestation and re-attests on demand;
+6. starts the workload socket, then the workload (cwd: the workload root; environment: the
+   sidecar's, without the sidecar's own settings, plus ``CLEANROOM_WORKLOAD_SOCKET``), in its
+   own process group, forwarding SIGTERM/SIGINT/SIGHUP to it;
+7. when the workload exits: lets outputs still being written finish for ``grace_seconds``
+   (discarding incomplete ones), ends the broker session(s) with the exit status and the output
+   names, wipes the keys, and returns the workload's exit status.
+
+Any failure before step 6 raises (one line, nothing started); see :mod:`sidecar.run.errors`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from broker.client import BrokerClient, BrokerClientError, ClientSetupError
+from cleanroom.v1 import attestation_pb2
+from evidence.proto import event_log_to_pb
+from sidecar.dataplane import (
+    InputSpec,
+    KeyRing,
+    LocalDirectoryOutput,
+    OutputReceipt,
+    OutputSink,
+    OutputWriter,
+    ProcessTree,
+    Recipient,
+    WorkloadServer,
+)
+from sidecar.dataplane.inputs import LocalFileInput, input_source_for
+from sidecar.run.attest import Attestation, Attester, broker_error, enroll, is_not_enrolled
+from sidecar.run.errors import (
+    AttestationDeniedError,
+    KeyNotReleasedError,
+    RunSetupError,
+)
+from sidecar.run.state import load_enrollment, save_enrollment
+from sidecar.run.supervisor import WorkloadProcess
+from sidecar.runconfig import RunConfig, is_blob_url
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
+
+    from blobstore.store import BlobStore
+
+__all__ = [
+    "ENVIRONMENT_DROPPED_PREFIXES",
+    "NOT_STARTED_EXIT_CODE",
+    "RunResult",
+    "run_workload",
+    "workload_environment",
+]
+
+_log = logging.getLogger(__name__)
+
+#: Environment variables the workload does not inherit: the sidecar's own settings (they name
+#: its credentials and TPM), the blob store's (they may hold a connection string or SAS token),
+#: the broker's, and the TPM tools'.
+ENVIRONMENT_DROPPED_PREFIXES = (
+    "CLEANROOM_SIDECAR_",
+    "CLEANROOM_BLOB_",
+    "CLEANROOM_BROKER_",
+    "TPM2TOOLS_",
+    "TSS2_",
+)
+
+#: The exit code reported to the broker (EndSession) when the workload never started.
+NOT_STARTED_EXIT_CODE = -1
+
+# prctl(2) option that makes a process non-dumpable: no core dumps and no ptrace or
+# /proc/<pid>/mem access by other processes of the same user (the workload included).
+_PR_SET_DUMPABLE = 4
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a run did (for callers that embed the runtime rather than use the CLI)."""
+
+    exit_code: int
+    session_ids: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+def workload_environment(base: Mapping[str, str], socket_env: Mapping[str, str]) -> dict[str, str]:
+    """The workload's environment: ``base`` without the sidecar's settings, plus the socket."""
+    env = {k: v for k, v in base.items() if not k.startswith(ENVIRONMENT_DROPPED_PREFIXES)}
+    env.update(socket_env)
+    return env
+
+
+def _process_age() -> float | None:
+    """Seconds since this process started (10 ms resolution), or None when unknown."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            # The command name (field 2) may hold spaces; the fields after it are fixed.
+            fields = f.read().rsplit(b")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - started
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+class _Timeline:
+    """Start-up milestones for the -v log (where the time to first byte goes), in ms since the
+    process started (Python's own start-up and imports included)."""
+
+    def __init__(self) -> None:
+        age = _process_age()
+        self._t0 = time.perf_counter() - (age or 0.0)
+        self._marks: list[tuple[str, float]] = []
+        if age is not None:
+            self.mark("runtime imported")
+
+    def mark(self, what: str) -> None:
+        self._marks.append((what, time.perf_counter() - self._t0))
+
+    def summary(self) -> str:
+        # CPU time too: on a busy machine the wall-clock figures mostly measure the wait for a
+        # core, the CPU time what start-up itself costs.
+        marks = ", ".join(f"{what} {t * 1000:.0f} ms" for what, t in self._marks)
+        return f"{marks} (cpu {time.process_time() * 1000:.0f} ms)"
+
+
+def _disable_dumps() -> None:
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+            _log.debug("prctl(PR_SET_DUMPABLE) failed: errno %d", ctypes.get_errno())
+    except (OSError, AttributeError) as e:
+        _log.debug("cannot make the sidecar non-dumpable: %s", e)
+
+
+# --- checks before anything starts -------------------------------------------------------------
+
+
+def _resolve_command(command: Sequence[str], root: Path, env: dict[str, str]) -> None:
+    if not command:
+        raise RunSetupError("no workload command given (cleanroom sidecar run ... -- COMMAND)")
+    program = command[0]
+    if "/" in program:
+        # Popen looks a relative program path up from the working directory (the root).
+        path = root / program
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise RunSetupError(f"workload command {program!r} is not an executable file")
+    elif shutil.which(program, path=env.get("PATH", os.defpath)) is None:
+        raise RunSetupError(f"workload command {program!r} is not found on PATH")
+
+
+def _preflight(config: RunConfig, command: Sequence[str]) -> bytes:
+    """Checks the command, the workload directory and the local inputs; returns the sidecar's
+    certificate (DER), which the quote binds."""
+    root = config.workload_root
+    if not root.is_dir():
+        raise RunSetupError(f"workload root {root} is not a directory")
+    _resolve_command(command, root, dict(os.environ))
+    for item in config.inputs:
+        if is_blob_url(item.url):
+            continue  # checked when it is read; the blob store is not set up yet
+        spec = InputSpec(name=item.name, url=item.url, key_id=item.key_id)
+        source = input_source_for(spec)
+        if isinstance(source, LocalFileInput) and not source.path.exists():
+            raise RunSetupError(f"input {item.name!r}: {source.path} does not exist")
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from pki.errors import PKIError
+    from pki.tls import load_certificates
+
+    try:
+        return load_certificates(config.broker.cert_file)[0].public_bytes(Encoding.DER)
+    except (PKIError, IndexError) as e:
+        raise RunSetupError(f"sidecar certificate {config.broker.cert_file}: {e}") from e
+
+
+# --- outputs -----------------------------------------------------------------------------------
+
+
+class _RecordingSink:
+    """An output sink that remembers the outputs committed (for EndSession)."""
+
+    def __init__(self, inner: OutputSink) -> None:
+        self._inner = inner
+        self._lock = threading.Lock()
+        self._receipts: list[OutputReceipt] = []
+
+    def open_output(self, name: str, *, recipients: Sequence[Recipient]) -> OutputWriter:
+        return _RecordingWriter(self, self._inner.open_output(name, recipients=recipients))
+
+    def _record(self, receipt: OutputReceipt) -> None:
+        with self._lock:
+            self._receipts.append(receipt)
+
+    @property
+    def receipts(self) -> tuple[OutputReceipt, ...]:
+        with self._lock:
+            return tuple(self._receipts)
+
+
+class _RecordingWriter:
+    def __init__(self, sink: _RecordingSink, inner: OutputWriter) -> None:
+        self._sink = sink
+        self._inner = inner
+
+    @property
+    def name(self) -> str:
+        return self._inner.name
+
+    def write(self, data: ReadableBuffer) -> None:
+        self._inner.write(data)
+
+    def commit(self) -> OutputReceipt:
+        receipt = self._inner.commit()
+        self._sink._record(receipt)
+        return receipt
+
+    def abort(self) -> None:
+        self._inner.abort()
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _socket_directory(configured: str) -> Iterator[Path]:
+    """The workload socket's directory: the configured one, or a fresh private one."""
+    if configured:
+        yield Path(configured)
+        return
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    parent = runtime if runtime and os.path.isdir(runtime) and os.access(runtime, os.W_OK) else None
+    try:
+        path = Path(tempfile.mkdtemp(prefix="cleanroom-sidecar-", dir=parent))
+    except OSError as e:
+        raise RunSetupError(f"cannot create the workload socket directory: {e}") from e
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _connect(config: RunConfig) -> BrokerClient:
+    b = config.broker
+    try:
+        return BrokerClient.connect(
+            target=b.target,
+            cert_file=b.cert_file,
+            key_file=b.key_file,
+            ca_file=b.ca_file,
+            server_name=b.server_name or None,
+            timeout=b.timeout_seconds,
+            retries=b.retries,
+        )
+    except ClientSetupError as e:
+        raise RunSetupError(f"cannot set up the broker connection: {e}") from e
+
+
+def _prefetch(
+    fetch: Callable[[], attestation_pb2.GetChallengeResponse],
+) -> Future[attestation_pb2.GetChallengeResponse]:
+    """Runs ``fetch`` in a daemon thread; the future holds its result or exception."""
+    future: Future[attestation_pb2.GetChallengeResponse] = Future()
+
+    def work() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fetch())
+        except BaseException as e:
+            future.set_exception(e)
+
+    threading.Thread(target=work, name="sidecar-challenge", daemon=True).start()
+    return future
+
+
+def run_workload(config: RunConfig, command: Sequence[str]) -> RunResult:
+    """Attests and runs ``command`` as the workload; returns its exit status and the session.
+
+    Raises:
+        RunSetupError: the command, the workload directory, an input file or the certificate
+            cannot be used.
+        TpmUnavailableError: the TPM cannot be reached (other TpmError: it failed).
+        MeasurementError: a workload file cannot be measured.
+        BrokerUnreachableError: the broker cannot be reached after the retries.
+        EnrollmentFailedError: enrolling the AK failed.
+        AttestationDeniedError: the broker refused the challenge or the attestation.
+        KeyNotReleasedError: a required input's key was withheld.
+        WorkloadStartError: the command could not be executed.
+        RunInterruptedError: SIGTERM or SIGHUP before the workload started (SIGINT raises
+            KeyboardInterrupt).
+        DataPlaneError: the workload socket or the output directory cannot be set up.
+    """
+    timeline = _Timeline()
+    cert_der = _preflight(config, command)
+    _disable_dumps()
+    # The signal handlers go in first, so that SIGTERM during attestation unwinds cleanly
+    # (flushing TPM objects) instead of killing the sidecar in the middle of a TPM command.
+    with (
+        WorkloadProcess(
+            command, cwd=config.workload_root, grace_seconds=config.runtime.grace_seconds
+        ) as process,
+        contextlib.ExitStack() as stack,
+    ):
+        client = stack.enter_context(_connect(config))
+        return _run(config, client, process, stack, cert_der, timeline)
+
+
+def _run(
+    config: RunConfig,
+    client: BrokerClient,
+    process: WorkloadProcess,
+    stack: contextlib.ExitStack,
+    cert_der: bytes,
+    timeline: _Timeline,
+) -> RunResult:
+    target = config.broker.target
+    record = load_enrollment(config.runtime.state_dir)
+    known = record.ak_name if record is not None and record.matches(broker=target) else None
+    challenge_future = _prefetch(lambda: client.get_challenge(known)) if known else None
+
+    # Imported only now, so that loading tpm2-pytss (and the Azure SDK, when blobs are used)
+    # overlaps the TLS handshake and the challenge round trip running in the background.
+    output_sink = _output_sink(config, _blob_store(config, stack))
+    from sidecar.tpm import Tpm
+
+    tpm = stack.enter_context(Tpm(config.tpm))
+    ak = tpm.create_or_load_ak()
+    timeline.mark("AK loaded")
+    ak_name = ak.name_hex
+    enrolled_now = False
+    if known != ak_name:
+        if known is not None:
+            _log.info("the recorded AK %s is not the TPM's AK %s; enrolling again", known, ak_name)
+        challenge_future = None
+        ak_name = enroll(tpm, client, ak)
+        save_enrollment(config.runtime.state_dir, ak_name=ak_name, broker=target)
+        enrolled_now = True
+        timeline.mark("enrolled")
+
+    measurement = tpm.measure(config.workload_files(), config.workload.measured_names())
+    timeline.mark("measured")
+
+    attester = Attester(
+        tpm=tpm,
+        client=client,
+        ak_name=ak_name,
+        event_log=event_log_to_pb(measurement.events),
+        certificate_der=cert_der,
+        banks=config.tpm.banks,
+        pcrs=config.tpm.quoted_pcrs,
+        key_ids=config.key_ids(),
+    )
+    challenge = _challenge(attester, challenge_future, target)
+    if challenge is None:
+        # The broker does not know the recorded AK (its database was reset, or the record is
+        # stale): enroll once more, then ask again.
+        if enrolled_now:
+            raise AttestationDeniedError(
+                f"the broker at {target} says AK {ak_name} is not enrolled right after enrolling it"
+            )
+        ak_name = enroll(tpm, client, ak)
+        save_enrollment(config.runtime.state_dir, ak_name=ak_name, broker=target)
+        timeline.mark("enrolled")
+        challenge = _challenge(attester, None, target)
+        if challenge is None:
+            raise AttestationDeniedError(f"the broker at {target} does not accept AK {ak_name}")
+    timeline.mark("challenge")
+
+    keyring = stack.enter_context(
+        KeyRing(valid_until=None, reattest=lambda: attester.reattest(keyring))
+    )
+
+    def end_sessions(exit_code: int, outputs: Sequence[str]) -> None:
+        for session_id in attester.session_ids:
+            try:
+                client.end_session(session_id, workload_exit_code=exit_code, outputs=outputs)
+            except BrokerClientError as e:
+                _log.warning(
+                    "could not end session %s: %s",
+                    session_id,
+                    broker_error(e, target=target, doing="ending the session"),
+                )
+
+    started = False
+    try:
+        attestation = attester.attest(keyring, challenge=challenge)
+        timeline.mark("attested")
+        specs = _input_specs(config, attestation)
+        if not attestation.recipients:
+            raise AttestationDeniedError("the broker named no recipients for the outputs")
+        sink = _RecordingSink(output_sink)
+        tree = ProcessTree()
+        socket_dir = stack.enter_context(_socket_directory(config.runtime.socket_dir))
+        server = WorkloadServer(
+            socket_dir=socket_dir,
+            inputs=specs,
+            keyring=keyring,
+            outputs=sink,
+            recipients=attestation.recipients,
+            allowed_peer=tree,
+            config=config.dataplane,
+        )
+        server.start()
+        try:
+            pid = process.start(workload_environment(os.environ, server.environment()))
+            started = True
+            tree.set_root(pid)
+            timeline.mark("workload started")
+            _log.info("start-up: %s", timeline.summary())
+            exit_code = process.wait()
+            _log.info("workload exited with status %d", exit_code)
+        finally:
+            # Outputs still streaming get the grace period; incomplete ones are discarded.
+            server.stop(grace=config.runtime.grace_seconds)
+            if started:
+                process.terminate_leftovers()
+    except BaseException:
+        if not started:
+            end_sessions(NOT_STARTED_EXIT_CODE, ())
+        raise
+    outputs = tuple(r.name for r in sink.receipts)
+    end_sessions(exit_code, outputs)
+    return RunResult(exit_code=exit_code, session_ids=attester.session_ids, outputs=outputs)
+
+
+def _blob_store(config: RunConfig, stack: contextlib.ExitStack) -> BlobStore | None:
+    """The blob store, when an input or the outputs are in Azure Blob; registers the blob
+    input schemes.
+
+    Raises:
+        ConfigError: the ``[blob]`` table or a ``CLEANROOM_BLOB_*`` variable is invalid.
+        RunSetupError: the blob input schemes are registered already in this process.
+    """
+    if not config.uses_blob:
+        return None
+    from blobstore.config import load_blob_config
+    from blobstore.sidecar import register_blob_inputs
+    from blobstore.store import BlobStore
+
+    store = stack.enter_context(BlobStore(config=load_blob_config(config.source or None)))
+    if any(is_blob_url(i.url) for i in config.inputs):
+        try:
+            register_blob_inputs(store)
+        except ValueError as e:
+            raise RunSetupError(f"cannot serve blob inputs: {e}") from e
+    return store
+
+
+def _output_sink(config: RunConfig, store: BlobStore | None) -> OutputSink:
+    """Where outputs go: the local directory, or the blob container of ``[outputs] directory``.
+
+    Raises:
+        OutputStoreError: the directory cannot be created, or the URL is not a container.
+    """
+    if is_blob_url(config.outputs.directory):
+        from blobstore.sidecar import BlobOutputSink
+
+        assert store is not None
+        return BlobOutputSink(config.outputs.directory, store=store)
+    return LocalDirectoryOutput(config.outputs.directory)
+
+
+def _input_specs(config: RunConfig, attestation: Attestation) -> list[InputSpec]:
+    """The inputs whose keys were released, with their owners.
+
+    Raises:
+        KeyNotReleasedError: a required input's key was withheld.
+    """
+    specs: list[InputSpec] = []
+    for item in config.inputs:
+        owner = attestation.owners.get(item.key_id)
+        if owner is None:
+            if item.required:
+                raise KeyNotReleasedError(
+                    f"the broker withheld data key {item.key_id!r} of required input "
+                    f"{item.name!r} (its owner has not approved this workload with these "
+                    "files, or revoked the approval); the workload was not started"
+                )
+            _log.warning("input %r left out: its key %r was withheld", item.name, item.key_id)
+            continue
+        specs.append(InputSpec(name=item.name, url=item.url, key_id=item.key_id, owner_party=owner))
+    return specs
+
+
+def _challenge(
+    attester: Attester,
+    prefetched: Future[attestation_pb2.GetChallengeResponse] | None,
+    target: str,
+) -> attestation_pb2.GetChallengeResponse | None:
+    """The challenge (prefetched or asked for now), or None when the AK is not enrolled."""
+    try:
+        return prefetched.result() if prefetched is not None else attester.challenge()
+    except BrokerClientError as e:
+        if is_not_enrolled(e):
+            return None
+        raise broker_error(e, target=target, doing="a challenge") from e

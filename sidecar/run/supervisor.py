@@ -1,0 +1,230 @@
+"""Starting the workload and supervising it: signals forwarded, exit status returned.
+
+The workload runs in its own process group, so that a signal meant for it reaches the whole
+tree it started (a shell script's children too), and so that a Ctrl-C on the terminal does not
+reach it twice (once from the terminal, once forwarded). SIGTERM, SIGINT and SIGHUP sent to the
+sidecar are forwarded to that group; if the workload is still running ``grace_seconds`` after
+the first of them, the group is killed.
+
+Before the workload starts, the same signals abort the run instead (SIGINT as the usual
+KeyboardInterrupt, SIGTERM and SIGHUP as :class:`RunInterruptedError`), so that the TPM and the
+broker connection are released cleanly and nothing is started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from types import FrameType, TracebackType
+from typing import Any, Self
+
+from sidecar.run.errors import RunInterruptedError, WorkloadStartError
+
+__all__ = ["FORWARDED_SIGNALS", "WorkloadProcess", "exit_status"]
+
+_log = logging.getLogger(__name__)
+
+#: The signals the sidecar forwards to the workload's process group.
+FORWARDED_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def exit_status(returncode: int) -> int:
+    """The shell's exit status for a child's return code: 128 + N when killed by signal N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+class WorkloadProcess:
+    """The workload's process, with signal forwarding while it runs.
+
+    Use as a context manager around the whole run: on entry it installs the signal handlers
+    (only in the main thread; elsewhere signals keep their handlers), on exit it restores them
+    and, should the workload still run, kills its process group.
+
+    Args:
+        command: the program and its arguments.
+        cwd: the working directory.
+        grace_seconds: how long the workload may take to exit after a forwarded signal.
+    """
+
+    def __init__(
+        self,
+        command: Sequence[str],
+        *,
+        cwd: str | os.PathLike[str],
+        grace_seconds: float,
+    ) -> None:
+        self._command = list(command)
+        self._cwd = cwd
+        self._grace = grace_seconds
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._starting = False
+        self._pending: list[int] = []
+        self._kill_deadline: float | None = None
+        self._received: list[int] = []
+        self._old: dict[int, Any] = {}
+        # A pipe the signal handler writes to, so that the wait loop wakes up to re-check the
+        # kill deadline (a plain blocking wait would be resumed after the handler ran).
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+
+    # --- context -----------------------------------------------------------------------------
+
+    def __enter__(self) -> Self:
+        if threading.current_thread() is threading.main_thread():
+            for sig in FORWARDED_SIGNALS:
+                self._old[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        self._old.clear()
+        if self._proc is not None and self._proc.poll() is None:
+            # Only reached when the sidecar itself failed while the workload ran.
+            self._signal_group(signal.SIGKILL)
+            self._proc.wait()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    # --- signals -----------------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._received.append(signum)
+        if self._proc is None:
+            if self._starting:
+                # Popen is running: deliver once the process group exists.
+                self._pending.append(signum)
+                return
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise RunInterruptedError(
+                f"stopped by {signal.Signals(signum).name} before the workload started; "
+                "nothing was started"
+            )
+        self._forward(signum)
+
+    def _forward(self, signum: int) -> None:
+        _log.info("forwarding %s to the workload", signal.Signals(signum).name)
+        self._signal_group(signum)
+        if self._kill_deadline is None:
+            self._kill_deadline = time.monotonic() + self._grace
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"\0")
+
+    def _signal_group(self, signum: int) -> None:
+        if self._proc is None:
+            return
+        try:
+            os.killpg(self._proc.pid, signum)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            # The group is gone and its id reused by someone else's group: signal the root only.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._proc.pid, signum)
+
+    @property
+    def signals_received(self) -> tuple[int, ...]:
+        """The forwarded signals received so far."""
+        return tuple(self._received)
+
+    # --- start and wait ----------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    def start(self, env: Mapping[str, str]) -> int:
+        """Starts the workload with the complete environment ``env`` in a new process group;
+        returns its pid.
+
+        Raises:
+            WorkloadStartError: the command cannot be executed, or was started already.
+        """
+        if self._proc is not None:
+            raise WorkloadStartError("the workload was started already")
+        self._starting = True
+        try:
+            self._proc = subprocess.Popen(
+                self._command, cwd=self._cwd, env=dict(env), process_group=0, close_fds=True
+            )
+        except OSError as e:
+            raise WorkloadStartError(
+                f"cannot start the workload {self._command[0]!r}: {e.strerror or e}"
+            ) from e
+        finally:
+            self._starting = False
+        for signum in self._pending:
+            self._forward(signum)
+        self._pending.clear()
+        return self._proc.pid
+
+    def wait(self) -> int:
+        """Waits for the workload to exit; returns its exit status (128 + N for signal N).
+
+        Forwarded signals are handled meanwhile; the workload's group is killed if it outlives
+        the grace period after the first of them.
+        """
+        proc = self._proc
+        if proc is None:
+            raise WorkloadStartError("the workload was not started")
+        pidfd = _pidfd_open(proc.pid)
+        try:
+            while proc.poll() is None:
+                deadline = self._kill_deadline
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if deadline is not None and timeout == 0.0:
+                    _log.warning(
+                        "the workload did not exit within %.1f s of the signal; killing it",
+                        self._grace,
+                    )
+                    self._signal_group(signal.SIGKILL)
+                    proc.wait()
+                    break
+                self._sleep_until_event(pidfd, timeout)
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
+        assert proc.returncode is not None
+        return exit_status(proc.returncode)
+
+    def _sleep_until_event(self, pidfd: int | None, timeout: float | None) -> None:
+        """Sleeps until the process exits, a signal arrives or ``timeout`` passes."""
+        if pidfd is None:
+            # Without pidfd (old kernels), poll: the exit is noticed within 50 ms.
+            time.sleep(0.05 if timeout is None else min(0.05, timeout))
+            return
+        ready, _, _ = select.select([pidfd, self._wake_r], [], [], timeout)
+        if self._wake_r in ready:
+            with contextlib.suppress(BlockingIOError, OSError):
+                os.read(self._wake_r, 64)
+
+    def terminate_leftovers(self) -> None:
+        """Sends SIGTERM to what is left of the workload's process group after it exited
+        (processes it started and did not wait for; they lost socket access already)."""
+        self._signal_group(signal.SIGTERM)
+
+
+def _pidfd_open(pid: int) -> int | None:
+    opener = getattr(os, "pidfd_open", None)
+    if opener is None:
+        return None
+    try:
+        fd: int = opener(pid)
+    except OSError:
+        return None
+    return fd
