@@ -61,6 +61,9 @@ log = logging.getLogger("cleanroom.broker")
 
 Clock = Callable[[], datetime]
 
+#: Parties kept in memory for releases; a clean room has a handful, so this is only a bound.
+_MAX_CACHED_PARTIES = 4096
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -132,6 +135,10 @@ class Broker:
         self.nonces = NonceService(store, ttl_seconds=config.nonce_ttl_seconds, clock=clock)
         self.audit = AuditLog(store, clock=clock)
         self._required = {bank: (WORKLOAD_PCR, *config.boot_pcrs) for bank in config.required_banks}
+        # Parties are never changed or removed once added (the store has no such operation),
+        # so the records that every release names as output recipients are read once. Whoever
+        # adds party updates or removal must drop this cache.
+        self._parties: dict[str, Party] = {}
 
     def close(self) -> None:
         """Drops the KEKs and the registration key and closes the store (idempotent)."""
@@ -169,6 +176,20 @@ class Broker:
                 parties=tuple(parties),
             )
         )
+
+    def _party(self, name: str) -> Party:
+        """The party ``name`` (cached: parties are immutable once added).
+
+        Raises:
+            UnknownPolicyObjectError: no such party.
+            StorageError: the database failed.
+        """
+        party = self._parties.get(name)
+        if party is None:
+            party = self.store.get_party(name)
+            if len(self._parties) < _MAX_CACHED_PARTIES:
+                self._parties[name] = party
+        return party
 
     @staticmethod
     def _require_party(actor: SpiffeId) -> str:
@@ -532,7 +553,7 @@ class Broker:
                 released_key_ids=tuple(k.key_id for k in released),
             )
         )
-        recipients = tuple(self.store.get_party(p) for p in decision.output_recipients)
+        recipients = tuple(self._party(p) for p in decision.output_recipients)
         return AttestOutcome(
             session_id=session_id,
             released=released,

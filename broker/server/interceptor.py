@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -85,6 +85,18 @@ class Identify(Protocol):
     def __call__(self, context: grpc.ServicerContext) -> Peer: ...
 
 
+class _AuthOnce:
+    """A call's auth context, read from gRPC once (it builds a new dict on every read)."""
+
+    __slots__ = ("_auth",)
+
+    def __init__(self, context: grpc.ServicerContext) -> None:
+        self._auth = context.auth_context()
+
+    def auth_context(self) -> Mapping[str, object]:
+        return self._auth
+
+
 def tls_peer(context: grpc.ServicerContext) -> Peer:
     """The peer named by its mTLS client certificate (the production :class:`Identify`).
 
@@ -92,7 +104,8 @@ def tls_peer(context: grpc.ServicerContext) -> Peer:
         PeerIdentityError: no client certificate.
         IdentityError: the certificate carries no valid cleanroom SPIFFE ID.
     """
-    return Peer(peer_identity(context), peer_certificate_der(context))
+    auth = _AuthOnce(context)
+    return Peer(peer_identity(auth), peer_certificate_der(auth))
 
 
 class AuditSink(Protocol):
@@ -141,6 +154,9 @@ class CallGuard:
         self.metrics = metrics
         self.identify = identify
         self.slow_call_seconds = slow_call_seconds
+        # (method, code) -> the latency histogram's child: the label lookup (hashing, a lock)
+        # runs once per pair instead of once per call. The set of pairs is bounded.
+        self._latency: dict[tuple[str, grpc.StatusCode], Any] = {}
 
     # --- the pieces -------------------------------------------------------------------------
 
@@ -258,14 +274,21 @@ class CallGuard:
     def _finish(self, method: str, caller: str, code: grpc.StatusCode, start: float) -> None:
         """Records the call's latency and writes its access log line."""
         elapsed = time.perf_counter() - start
-        self.metrics.rpc_latency.labels(method.lstrip("/"), code.name).observe(elapsed)
+        histogram = self._latency.get((method, code))
+        if histogram is None:
+            histogram = self.metrics.rpc_latency.labels(method.lstrip("/"), code.name)
+            self._latency[(method, code)] = histogram
+        histogram.observe(elapsed)
+        slow = elapsed > self.slow_call_seconds
+        if not log.isEnabledFor(logging.WARNING if slow else logging.INFO):
+            return
         fields = {
             "method": method,
             "caller": caller,
             "code": code.name,
             "duration_ms": round(elapsed * 1000, 3),
         }
-        if elapsed > self.slow_call_seconds:
+        if slow:
             log.warning("slow call", extra={"fields": fields})
         else:
             log.info("call", extra={"fields": fields})

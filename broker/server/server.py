@@ -65,10 +65,12 @@ class BrokerServer:
         config: BrokerConfig | None = None,
         max_workers: int = DEFAULT_MAX_WORKERS,
         metrics: BrokerMetrics | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.broker = broker
         self.config = config or broker.config
         self.max_workers = max_workers
+        self.reuse_port = reuse_port
         self.metrics = metrics or BrokerMetrics()
         self.health = health.HealthServicer()
         self._server: grpc.Server | None = None
@@ -116,8 +118,9 @@ class BrokerServer:
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
                 # Refuse to share the port with another process (SO_REUSEPORT would let a
-                # second broker, or anything else, silently take half of the connections).
-                ("grpc.so_reuseport", 0),
+                # second broker, or anything else, silently take half of the connections),
+                # unless the caller runs several broker processes on one port on purpose.
+                ("grpc.so_reuseport", 1 if self.reuse_port else 0),
             ],
         )
         attestation_pb2_grpc.add_AttestationServiceServicer_to_server(
@@ -209,11 +212,14 @@ def serve(
     on_ready: Callable[[ServerAddresses], None] | None = None,
     stop_event: threading.Event | None = None,
     max_workers: int = DEFAULT_MAX_WORKERS,
+    reuse_port: bool = False,
 ) -> None:
     """Runs the broker until SIGTERM or SIGINT (or ``stop_event``), then shuts down gracefully.
 
     Signal handlers are installed only when called from the main thread; ``on_ready`` gets the
-    bound addresses once the server accepts calls.
+    bound addresses once the server accepts calls. ``reuse_port`` lets several broker processes
+    listen on one port (SO_REUSEPORT; the kernel spreads connections over them); it is off by
+    default so that no other process can share the port unnoticed.
 
     Raises:
         ServerSetupError: the TLS files are unusable or an address cannot be bound.
@@ -232,7 +238,9 @@ def serve(
     try:
         with (
             open_broker(config) as broker,
-            BrokerServer(broker=broker, config=config, max_workers=max_workers) as server,
+            BrokerServer(
+                broker=broker, config=config, max_workers=max_workers, reuse_port=reuse_port
+            ) as server,
         ):
             addresses = server.start()
             log.info(

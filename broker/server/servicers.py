@@ -22,7 +22,6 @@ from broker.service import Broker, Evidence
 from cleanroom import __version__
 from cleanroom.v1 import admin_pb2, admin_pb2_grpc, attestation_pb2, attestation_pb2_grpc
 from evidence.proto import bank_to_pb, event_log_from_pb
-from sealing.keys import RecipientPublicKey
 
 log = logging.getLogger("cleanroom.broker.rpc")
 
@@ -109,7 +108,7 @@ class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):
     ) -> attestation_pb2.AttestResponse:
         call = current_call()
         try:
-            validate.check_attest(
+            ephemeral_key = validate.check_attest(
                 request, max_event_log_entries=self.broker.config.max_event_log_entries
             )
             evidence = Evidence(
@@ -121,9 +120,7 @@ class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):
                 event_log=event_log_from_pb(
                     request.event_log, max_events=self.broker.config.max_event_log_entries
                 ),
-                ephemeral_key=RecipientPublicKey(
-                    kem=request.ephemeral_key.kem, raw=bytes(request.ephemeral_key.public_key)
-                ),
+                ephemeral_key=ephemeral_key,
                 key_ids=tuple(request.key_ids),
                 # The quote's qualifying data must bind the certificate of this very
                 # connection, so a quote relayed over another sidecar's channel is refused.

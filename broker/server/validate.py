@@ -13,9 +13,10 @@ broker do unbounded work.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Sequence
-from typing import Final
+from typing import Any, Final
 
 from google.protobuf.descriptor import EnumDescriptor
 from google.protobuf.message import Message
@@ -262,6 +263,14 @@ def check_path(value: str, field: str) -> None:
 # --- TPM structures -------------------------------------------------------------------------
 
 
+@functools.cache
+def _tpm_type(kind: str) -> Any:
+    # Imported on first use (tpm2-pytss loads libtss2), then looked up once per kind.
+    from tpm2_pytss import types as tpm_types
+
+    return getattr(tpm_types, kind)
+
+
 def check_tpm_structure(data: bytes, field: str, kind: str) -> None:
     """Checks that ``data`` unmarshals as the TPM structure ``kind`` with no trailing bytes.
 
@@ -270,9 +279,7 @@ def check_tpm_structure(data: bytes, field: str, kind: str) -> None:
     Raises:
         InvalidRequestError: the bytes do not parse, or bytes follow the structure.
     """
-    from tpm2_pytss import types as tpm_types
-
-    cls = getattr(tpm_types, kind)
+    cls = _tpm_type(kind)
     try:
         _, consumed = cls.unmarshal(bytes(data))
     except Exception as e:  # TSS2_Exception and friends: the structure is malformed
@@ -302,8 +309,14 @@ def check_get_challenge(req: attestation_pb2.GetChallengeRequest) -> None:
     check_ak_name(req.ak_name)
 
 
-def check_attest(req: attestation_pb2.AttestRequest, *, max_event_log_entries: int) -> None:
-    """Raises: InvalidRequestError."""
+def check_attest(
+    req: attestation_pb2.AttestRequest, *, max_event_log_entries: int
+) -> RecipientPublicKey:
+    """Returns the validated ephemeral key (so the caller does not parse it again).
+
+    Raises:
+        InvalidRequestError: naming the first offending field.
+    """
     check_ak_name(req.ak_name)
     check_exact_bytes(req.nonce, "nonce", NONCE_BYTES)
     require_message(req, "quote")
@@ -330,8 +343,9 @@ def check_attest(req: attestation_pb2.AttestRequest, *, max_event_log_entries: i
         check_path(e.path, f"{where}.path")
         _check_digests(e.digests, f"{where}.digests")
     require_message(req, "ephemeral_key")
-    check_recipient_key(req.ephemeral_key, "ephemeral_key")
+    ephemeral = check_recipient_key(req.ephemeral_key, "ephemeral_key")
     check_key_ids(req.key_ids, "key_ids", required=False)
+    return ephemeral
 
 
 def check_end_session(req: attestation_pb2.EndSessionRequest) -> None:

@@ -1,0 +1,523 @@
+"""The load generator of ``bench.bench_attest``: many concurrent sidecars in a process of their own.
+
+It plays each sidecar's part of a full attestation with a *software* AK: an RSA-2048 (or ECC
+P-256) key held in ``cryptography``, enrolled by the operator as a TPM2B_PUBLIC with the
+attributes of ``tpm2_createak`` (restricted signing key, fixedTPM, fixedParent,
+sensitiveDataOrigin, RSASSA/ECDSA with SHA-256). Per attestation it asks for a nonce, builds the
+TPMS_ATTEST a TPM2_Quote produces (TPM_GENERATED_VALUE, ATTEST_QUOTE, the AK's name as
+qualifiedSigner, the binding of nonce, ephemeral key and its own TLS certificate as extraData,
+clock info, PCR 23 of sha1 and sha256 selected, their SHA-256 digest) with tpm2-pytss, signs it
+and marshals the TPMT_SIGNATURE, and sends Attest with the event log. It then checks that both
+data keys were released, and every ``open_every`` attestations it opens one with
+:func:`broker.release.open_release` and compares it with the registered key. The broker runs
+every one of its checks on this evidence; nothing is relaxed on its side.
+
+Ephemeral X25519 keys come from a pool of 512 generated before the measurement and reused round
+robin: generating one per attestation (about 0.1 ms here) would only add load-generator CPU on
+the cores the broker runs on. The broker keeps no state about ephemeral keys, so it does the
+same work for a reused one (parse, validate, bind into the qualifying data, seal to it).
+
+Protocol (JSON lines): the parent writes a spec on stdin; this process connects every client,
+runs one untimed call per client, prints ``{"ready": true}``; the parent writes
+``{"start": t0, "end": t1}`` (``time.time()`` values); the clients run until ``t1`` and count
+the calls that complete inside ``[t0, t1]``; this process prints the result object and exits.
+
+    python -m bench._loadgen  < spec.json
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import grpc
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from tpm2_pytss import (
+    TPM2_ALG,
+    TPM2_ECC_CURVE,
+    TPM2_GENERATED,
+    TPM2_ST,
+    TPM2B_DATA,
+    TPM2B_DIGEST,
+    TPM2B_ECC_PARAMETER,
+    TPM2B_NAME,
+    TPM2B_PUBLIC,
+    TPM2B_PUBLIC_KEY_RSA,
+    TPMA_OBJECT,
+    TPML_PCR_SELECTION,
+    TPMS_ATTEST,
+    TPMS_CLOCK_INFO,
+    TPMS_PCR_SELECTION,
+    TPMS_QUOTE_INFO,
+    TPMS_SIGNATURE_ECC,
+    TPMS_SIGNATURE_RSA,
+    TPMT_ASYM_SCHEME,
+    TPMT_SIGNATURE,
+    TPMU_ATTEST,
+    TPMU_SIGNATURE,
+)
+
+from broker.release import open_release
+from cleanroom.v1 import admin_pb2, admin_pb2_grpc, attestation_pb2, attestation_pb2_grpc
+from evidence.binding import qualifying_data
+from evidence.pcr import WORKLOAD_PCR, MeasurementEvent
+from evidence.proto import bank_to_pb, event_log_to_pb
+from pki.tls import load_pem
+from sealing.keys import RecipientPrivateKey, generate_recipient_key
+
+#: The banks the sidecar measures and quotes, in the order tpm2_quote -l sha1,sha256:23 selects.
+QUOTED_BANKS: Final = ("sha1", "sha256")
+_TPM_ALG: Final = {"sha1": TPM2_ALG.SHA1, "sha256": TPM2_ALG.SHA256}
+#: What tpm2_createak sets on an AK (and what the broker's attribute check requires).
+AK_ATTRIBUTES: Final = (
+    TPMA_OBJECT.RESTRICTED
+    | TPMA_OBJECT.SIGN_ENCRYPT
+    | TPMA_OBJECT.FIXEDTPM
+    | TPMA_OBJECT.FIXEDPARENT
+    | TPMA_OBJECT.SENSITIVEDATAORIGIN
+    | TPMA_OBJECT.USERWITHAUTH
+)
+CALL_TIMEOUT: Final = 30.0
+#: Every channel gets its own connection, as separate sidecars would.
+CHANNEL_OPTIONS: Final = (("grpc.use_local_subchannel_pool", 1),)
+
+SoftKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+
+
+# --- the software AK ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SoftAk:
+    """An AK whose private key is in software: its TPM2B_PUBLIC, its TPM name and the key."""
+
+    key: SoftKey
+    tpm2b_public: bytes
+    name: bytes
+
+    @property
+    def name_hex(self) -> str:
+        return self.name.hex()
+
+    @property
+    def alg(self) -> str:
+        """``rsa`` or ``ecc``, as :meth:`generate` takes it."""
+        return "rsa" if isinstance(self.key, rsa.RSAPrivateKey) else "ecc"
+
+    def private_pem(self) -> bytes:
+        return self.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    @classmethod
+    def generate(cls, alg: str = "rsa") -> SoftAk:
+        """A fresh RSA-2048 (``rsa``) or ECC P-256 (``ecc``) AK."""
+        key: SoftKey
+        if alg == "rsa":
+            key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        elif alg == "ecc":
+            key = ec.generate_private_key(ec.SECP256R1())
+        else:
+            raise ValueError(f"unknown AK algorithm {alg!r}")
+        return cls.from_key(key)
+
+    @classmethod
+    def from_pem(cls, pem: bytes) -> SoftAk:
+        key = serialization.load_pem_private_key(pem, password=None)
+        if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+            raise ValueError("an AK is an RSA or ECC key")
+        return cls.from_key(key)
+
+    @classmethod
+    def from_key(cls, key: SoftKey) -> SoftAk:
+        pem = key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        scheme = TPMT_ASYM_SCHEME(
+            scheme=TPM2_ALG.RSASSA if isinstance(key, rsa.RSAPrivateKey) else TPM2_ALG.ECDSA
+        )
+        scheme.details.anySig.hashAlg = TPM2_ALG.SHA256
+        public = TPM2B_PUBLIC.from_pem(
+            pem, nameAlg=TPM2_ALG.SHA256, objectAttributes=AK_ATTRIBUTES, scheme=scheme
+        )
+        if isinstance(key, ec.EllipticCurvePrivateKey):
+            assert public.publicArea.parameters.eccDetail.curveID == TPM2_ECC_CURVE.NIST_P256
+        return cls(key=key, tpm2b_public=bytes(public.marshal()), name=bytes(public.get_name()))
+
+
+def pcr_selection() -> TPML_PCR_SELECTION:
+    bitmap = bytearray(3)
+    bitmap[WORKLOAD_PCR // 8] |= 1 << (WORKLOAD_PCR % 8)
+    return TPML_PCR_SELECTION(
+        [
+            TPMS_PCR_SELECTION(hash=_TPM_ALG[bank], sizeofSelect=3, pcrSelect=bytes(bitmap))
+            for bank in QUOTED_BANKS
+        ]
+    )
+
+
+class QuoteMaker:
+    """Makes quotes as a TPM would for one AK, over fixed PCR 23 values.
+
+    The TPMS_ATTEST and TPMT_SIGNATURE are tpm2-pytss structures built once; each quote sets
+    the fields that change (extraData, the clock, the signature) and marshals them, which costs
+    a fifth of building them afresh and leaves the load generator's CPU to the broker.
+    """
+
+    def __init__(self, ak: SoftAk, pcr23: Mapping[str, bytes]) -> None:
+        self.ak = ak
+        values = [pcr23[bank] for bank in QUOTED_BANKS]
+        # TPM2_Quote digests the selected PCRs, in selection order, with the scheme's hash.
+        pcr_digest = hashlib.sha256(b"".join(values)).digest()
+        self._start = time.monotonic()
+        self._attest = TPMS_ATTEST(
+            magic=TPM2_GENERATED.VALUE,
+            type=TPM2_ST.ATTEST_QUOTE,
+            qualifiedSigner=TPM2B_NAME(ak.name),
+            extraData=TPM2B_DATA(bytes(32)),
+            clockInfo=TPMS_CLOCK_INFO(clock=0, resetCount=1, restartCount=0, safe=1),
+            firmwareVersion=0x20191023,
+            attested=TPMU_ATTEST(
+                quote=TPMS_QUOTE_INFO(pcrSelect=pcr_selection(), pcrDigest=TPM2B_DIGEST(pcr_digest))
+            ),
+        )
+        self._rsa = isinstance(ak.key, rsa.RSAPrivateKey)
+        if self._rsa:
+            self._sig = TPMT_SIGNATURE(
+                sigAlg=TPM2_ALG.RSASSA,
+                signature=TPMU_SIGNATURE(rsassa=TPMS_SIGNATURE_RSA(hash=TPM2_ALG.SHA256)),
+            )
+        else:
+            self._sig = TPMT_SIGNATURE(
+                sigAlg=TPM2_ALG.ECDSA,
+                signature=TPMU_SIGNATURE(ecdsa=TPMS_SIGNATURE_ECC(hash=TPM2_ALG.SHA256)),
+            )
+
+    def quote(self, qualifying: bytes) -> tuple[bytes, bytes]:
+        """The marshalled TPMS_ATTEST and TPMT_SIGNATURE of a quote with ``qualifying``."""
+        attest_s = self._attest
+        attest_s.extraData = TPM2B_DATA(qualifying)
+        attest_s.clockInfo.clock = int((time.monotonic() - self._start) * 1000)
+        attest = bytes(attest_s.marshal())
+        key = self.ak.key
+        sig = self._sig
+        if isinstance(key, rsa.RSAPrivateKey):
+            raw = key.sign(attest, padding.PKCS1v15(), hashes.SHA256())
+            sig.signature.rsassa.sig = TPM2B_PUBLIC_KEY_RSA(raw)
+        else:
+            r, s = decode_dss_signature(key.sign(attest, ec.ECDSA(hashes.SHA256())))
+            sig.signature.ecdsa.signatureR = TPM2B_ECC_PARAMETER(r.to_bytes(32, "big"))
+            sig.signature.ecdsa.signatureS = TPM2B_ECC_PARAMETER(s.to_bytes(32, "big"))
+        return attest, bytes(sig.marshal())
+
+
+# --- the spec ---------------------------------------------------------------------------------
+
+
+def events_to_json(events: Sequence[MeasurementEvent]) -> list[dict[str, Any]]:
+    return [
+        {"path": e.path, "size": e.size, "digests": {b: v.hex() for b, v in e.digests.items()}}
+        for e in events
+    ]
+
+
+def events_from_json(items: Sequence[Mapping[str, Any]]) -> tuple[MeasurementEvent, ...]:
+    return tuple(
+        MeasurementEvent(
+            path=i["path"],
+            size=int(i["size"]),
+            digests={b: bytes.fromhex(v) for b, v in i["digests"].items()},
+        )
+        for i in items
+    )
+
+
+def _cert_der(cert_file: str) -> bytes:
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(load_pem(cert_file))
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def _channel(address: str, cert: str, key: str, ca: str) -> grpc.Channel:
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=load_pem(ca), private_key=load_pem(key), certificate_chain=load_pem(cert)
+    )
+    return grpc.secure_channel(address, creds, options=CHANNEL_OPTIONS)
+
+
+# --- clients ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Tally:
+    """What one client saw inside the measurement window."""
+
+    latencies_us: list[int] = field(default_factory=list)
+    errors: dict[str, int] = field(default_factory=dict)
+    opened: int = 0
+    outside: int = 0
+
+    def error(self, what: str) -> None:
+        self.errors[what] = self.errors.get(what, 0) + 1
+
+
+class Window:
+    """The measurement window, set once every client is connected and warm, and the pace."""
+
+    def __init__(self) -> None:
+        self.start = float("inf")
+        self.end = float("inf")
+        #: Seconds between one client's calls when paced (open loop); 0 for back to back.
+        self.interval = 0.0
+        self.go = threading.Event()
+
+
+class CheckFailed(Exception):
+    """A response was well-formed but wrong (a key missing or not the registered one)."""
+
+
+class AttestClient:
+    """One sidecar: its channel, its AK and its certificate's DER."""
+
+    def __init__(
+        self,
+        *,
+        spec: Mapping[str, Any],
+        client: Mapping[str, Any],
+        pool: Sequence[RecipientPrivateKey],
+        pool_offset: int,
+        event_log: Any,
+        expected_keys: Mapping[str, bytes],
+    ) -> None:
+        self.channel = _channel(spec["address"], client["cert"], client["key"], spec["ca_file"])
+        self.stub = attestation_pb2_grpc.AttestationServiceStub(self.channel)
+        self.ak = SoftAk.from_pem(client["ak_key_pem"].encode())
+        self.ak_name = self.ak.name_hex
+        if self.ak_name != client["ak_name"]:
+            raise ValueError("the AK's name is not the enrolled one")
+        self.maker = QuoteMaker(self.ak, {b: bytes.fromhex(v) for b, v in spec["pcr23"].items()})
+        self.cert_der = _cert_der(client["cert"])
+        self.pool = pool
+        self.next_key = pool_offset
+        self.event_log = event_log
+        self.key_ids = list(spec["key_ids"])
+        self.expected_keys = expected_keys
+        self.open_every = int(spec.get("open_every", 0))
+        self.done = 0
+        values = {b: bytes.fromhex(v) for b, v in spec["pcr23"].items()}
+        self.pcr_values = [(WORKLOAD_PCR, bank_to_pb(bank), values[bank]) for bank in QUOTED_BANKS]
+
+    def once(self, tally: Tally, check_open: bool = False) -> None:
+        """One full attestation: challenge, quote, attest, and the check of the release."""
+        challenge = self.stub.GetChallenge(
+            attestation_pb2.GetChallengeRequest(ak_name=self.ak_name), timeout=CALL_TIMEOUT
+        )
+        ephemeral = self.pool[self.next_key % len(self.pool)]
+        self.next_key += 1
+        public = ephemeral.public_key()
+        nonce = bytes(challenge.nonce)
+        binding = qualifying_data(
+            nonce=nonce,
+            kem=public.kem,
+            ephemeral_public_key=public.raw,
+            tls_certificate_der=self.cert_der,
+        )
+        attest, signature = self.maker.quote(binding)
+        request = attestation_pb2.AttestRequest(
+            ak_name=self.ak_name,
+            nonce=nonce,
+            event_log=self.event_log,
+            key_ids=self.key_ids,
+        )
+        request.quote.attest = attest
+        request.quote.signature = signature
+        for index, bank, value in self.pcr_values:
+            request.quote.pcr_values.add(index=index, bank=bank, value=value)
+        request.ephemeral_key.kem = public.kem  # type: ignore[assignment]
+        request.ephemeral_key.public_key = public.raw
+        response = self.stub.Attest(request, timeout=CALL_TIMEOUT)
+        released = sorted(k.key_id for k in response.released_keys)
+        if released != sorted(self.expected_keys):
+            raise CheckFailed(f"released {released}, expected {sorted(self.expected_keys)}")
+        self.done += 1
+        if check_open or (self.open_every and self.done % self.open_every == 0):
+            key = response.released_keys[self.done % len(response.released_keys)]
+            opened = open_release(
+                ephemeral,
+                bytes(key.sealed_key),
+                session_id=response.session_id,
+                key_id=key.key_id,
+                owner=key.owner_party,
+            )
+            if opened != self.expected_keys[key.key_id]:
+                raise CheckFailed(f"released key {key.key_id} is not the registered one")
+            tally.opened += 1
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class EchoClient:
+    """The baseline: a trivial unary call (AdminService.GetBrokerInfo) through the same server
+    pipeline (mTLS, identity, authorization, parsing, metrics, access log)."""
+
+    def __init__(self, *, spec: Mapping[str, Any], client: Mapping[str, Any]) -> None:
+        self.channel = _channel(spec["address"], client["cert"], client["key"], spec["ca_file"])
+        self.stub = admin_pb2_grpc.AdminServiceStub(self.channel)
+        self.request = admin_pb2.GetBrokerInfoRequest()
+
+    def once(self, tally: Tally, check_open: bool = False) -> None:
+        response = self.stub.GetBrokerInfo(self.request, timeout=CALL_TIMEOUT)
+        if not response.registration_key.public_key:
+            raise CheckFailed("GetBrokerInfo returned no registration key")
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+Client = AttestClient | EchoClient
+
+
+def _run_client(client: Client, window: Window, tally: Tally, phase: float) -> None:
+    window.go.wait()
+    # Paced clients start at staggered offsets and keep a fixed schedule; a late call's
+    # latency counts from when it was due, so a stall is not hidden by the calls it delayed.
+    due = time.time() + phase * window.interval
+    while True:
+        now = time.time()
+        if window.interval:
+            if due >= window.end:
+                return
+            if due > now:
+                time.sleep(due - now)
+            t0 = due
+            due += window.interval
+        else:
+            if now >= window.end:
+                return
+            t0 = now
+        try:
+            client.once(tally)
+        except grpc.RpcError as e:
+            code = e.code()
+            tally.error(code.name if isinstance(code, grpc.StatusCode) else "rpc")
+            time.sleep(0.001)  # an erroring server is not hammered in a tight loop
+            continue
+        except CheckFailed as e:
+            tally.error(f"check: {e}")
+            continue
+        t1 = time.time()
+        if window.start <= t1 <= window.end:
+            tally.latencies_us.append(int((t1 - t0) * 1e6))
+        else:
+            tally.outside += 1
+
+
+def proc_cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU time of a process so far (Linux /proc); zeros if unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0, 0.0
+    ticks = os.sysconf("SC_CLK_TCK")
+    # Fields 14 and 15 of stat (utime, stime); the split starts at field 3 (state).
+    return int(fields[11]) / ticks, int(fields[12]) / ticks
+
+
+def run(spec: Mapping[str, Any], *, emit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Runs the clients the spec describes; see the module docstring for the protocol."""
+    mode = spec["mode"]
+    clients: list[Client] = []
+    if mode == "attest":
+        pool = [generate_recipient_key() for _ in range(int(spec["ephemeral_pool"]))]
+        events = events_from_json(spec["event_log"])
+        log = event_log_to_pb(events)
+        expected = {k: bytes.fromhex(v) for k, v in spec["expected_keys"].items()}
+        for n, c in enumerate(spec["clients"]):
+            clients.append(
+                AttestClient(
+                    spec=spec,
+                    client=c,
+                    pool=pool,
+                    # Clients start at different places in the pool.
+                    pool_offset=n * len(pool) // len(spec["clients"]),
+                    event_log=log,
+                    expected_keys=expected,
+                )
+            )
+    elif mode == "echo":
+        clients = [EchoClient(spec=spec, client=c) for c in spec["clients"]]
+    else:
+        raise ValueError(f"unknown mode {mode!r}")
+    try:
+        # One untimed call per client: TLS handshakes, HTTP/2 setup and the server's caches
+        # are out of the measurement; each attest client opens one released key here.
+        warm = Tally()
+        for c in clients:
+            c.once(warm, check_open=True)
+        window = Window()
+        tallies = [Tally() for _ in clients]
+        threads = [
+            threading.Thread(target=_run_client, args=(c, window, t, n / len(clients)), daemon=True)
+            for n, (c, t) in enumerate(zip(clients, tallies, strict=True))
+        ]
+        for t in threads:
+            t.start()
+        emit({"ready": True, "warm_opened": warm.opened})
+        go = json.loads(sys.stdin.readline())
+        window.start, window.end = float(go["start"]), float(go["end"])
+        rate = float(spec.get("rate") or 0.0)  # calls per second of this process, 0: unpaced
+        window.interval = len(clients) / rate if rate > 0 else 0.0
+        window.go.set()
+        # This process's CPU across the window (the parent reads the server's).
+        while time.time() < window.start:
+            time.sleep(0.0005)
+        cpu0 = time.process_time()
+        while time.time() < window.end:
+            time.sleep(0.005)
+        cpu1 = time.process_time()
+        for t in threads:
+            t.join(timeout=CALL_TIMEOUT + 5)
+    finally:
+        for c in clients:
+            c.close()
+    errors: dict[str, int] = {}
+    for tally in tallies:
+        for k, v in tally.errors.items():
+            errors[k] = errors.get(k, 0) + v
+    return {
+        "mode": mode,
+        "duration": window.end - window.start,
+        "latencies_us": [x for tally in tallies for x in tally.latencies_us],
+        "errors": errors,
+        "opened": warm.opened + sum(tally.opened for tally in tallies),
+        "loadgen_cpu": cpu1 - cpu0,
+    }
+
+
+def main() -> int:
+    spec = json.loads(sys.stdin.readline())
+
+    def emit(obj: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    emit(run(spec, emit=emit))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
