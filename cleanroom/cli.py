@@ -56,7 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # force=True rebinds the handler to the current stderr, so main() can run several times in
+    # one process (tests, embedding) without logging to a stream that was since replaced.
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help(sys.stderr)
