@@ -430,6 +430,16 @@ def data_key_dict(k: admin_pb2.DataKeyInfo) -> dict[str, Any]:
     }
 
 
+def party_kek_dict(k: admin_pb2.PartyKek) -> dict[str, Any]:
+    return {
+        "party": k.party,
+        "kek_ref": k.kek_ref,
+        "source": k.source,
+        "checked_key": k.checked_key,
+        "updated_at": _time(k.updated_at),
+    }
+
+
 def manifest_dict(m: common_pb2.WorkloadManifest) -> dict[str, Any]:
     """The manifest in the JSON form that ``workload approve --manifest`` reads back."""
     return {
@@ -732,6 +742,60 @@ def _key_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _key_rewrap(args: argparse.Namespace) -> int:
+    with open_client(args) as client:
+        response = client.rewrap_data_key(args.key_id, args.kek)
+    d = data_key_dict(response.key)
+    d["previous_kek_ref"] = response.previous_kek_ref
+    text = format_fields(
+        [
+            ("key id", d["key_id"]),
+            ("owner", d["owner"]),
+            ("wrapped by", d["kek_ref"]),
+            ("was wrapped by", response.previous_kek_ref or "-"),
+        ]
+    )
+    _out(args).emit(d, text)
+    return 0
+
+
+# --- kek ---------------------------------------------------------------------------------------
+
+
+def _kek_import(args: argparse.Namespace) -> int:
+    with open_client(args) as client:
+        record = client.set_party_kek(args.party, args.ref)
+    d = party_kek_dict(record)
+    text = format_fields(
+        [
+            ("party", d["party"]),
+            ("KEK", d["kek_ref"]),
+            ("checked", f"wraps and unwraps with {d['checked_key'] or d['kek_ref']}"),
+            ("applies to", "data keys the party registers from now on"),
+        ]
+    )
+    _out(args).emit(d, text)
+    return 0
+
+
+def _kek_check(args: argparse.Namespace) -> int:
+    with open_client(args) as client:
+        response = client.check_kek(args.ref)
+    d = {"kek_ref": response.kek_ref, "checked_key": response.checked_key, "usable": True}
+    text = f"{response.kek_ref}: the broker wraps and unwraps with {response.checked_key}\n"
+    _out(args).emit(d, text)
+    return 0
+
+
+def _kek_list(args: argparse.Namespace) -> int:
+    with open_client(args) as client:
+        keks = client.list_party_keks()
+    rows = [[k.party, k.kek_ref, k.source, _time(k.updated_at)] for k in keks]
+    text = format_table(["PARTY", "KEK", "SOURCE", "IMPORTED AT"], rows)
+    _out(args).emit([party_kek_dict(k) for k in keks], text)
+    return 0
+
+
 # --- workload ----------------------------------------------------------------------------------
 
 
@@ -1008,7 +1072,7 @@ def _register_party(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _register_key(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    g = _group(sub, "key", "data keys (parties)")
+    g = _group(sub, "key", "data keys (parties register; the operator rewraps)")
     p = _leaf(g, "register", "seal a data key to the broker and register it", _key_register)
     p.add_argument("--key-id", required=True, metavar="ID")
     p.add_argument(
@@ -1019,6 +1083,39 @@ def _register_key(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     p.add_argument("--description", default="")
     _leaf(g, "list", "list data keys (a party sees its own)", _key_list)
+    p = _leaf(
+        g,
+        "rewrap",
+        "rewrap a data key under another KEK inside the broker (operator)",
+        _key_rewrap,
+    )
+    p.add_argument("key_id", metavar="KEY_ID")
+    p.add_argument(
+        "--kek",
+        required=True,
+        metavar="REF",
+        help="the new KEK: local or azurekv:https://<vault>/keys/<name>[/<version>]",
+    )
+
+
+def _register_kek(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    g = _group(sub, "kek", "key-encryption keys that wrap the parties' data keys (operator)")
+    p = _leaf(
+        g,
+        "import",
+        "use a party's existing Key Vault key for its new data keys, once the broker checked it",
+        _kek_import,
+    )
+    p.add_argument("--party", required=True, metavar="NAME")
+    p.add_argument(
+        "--ref",
+        required=True,
+        metavar="REF",
+        help="azurekv:https://<vault>/keys/<name>[/<version>] (or local)",
+    )
+    p = _leaf(g, "check", "check that the broker can wrap and unwrap with a KEK", _kek_check)
+    p.add_argument("ref", metavar="REF", help="azurekv:https://<vault>/keys/<name> or local")
+    _leaf(g, "list", "which KEK each party's new data keys get, and why", _kek_list)
 
 
 def _workload_file_options(p: argparse.ArgumentParser) -> None:
@@ -1102,7 +1199,7 @@ def _register_audit(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser(
         "admin",
-        help="manage EKs, AKs, golden PCR sets, parties, keys, approvals, audit",
+        help="manage EKs, AKs, golden PCR sets, parties, keys, KEKs, approvals, audit",
         description=(
             "The broker's admin client. Operators manage EKs, AKs, golden PCR sets and "
             "parties; parties register data keys and approve workloads. Connection options "
@@ -1117,6 +1214,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         _register_golden,
         _register_party,
         _register_key,
+        _register_kek,
         _register_workload,
         _register_audit,
     ):

@@ -33,7 +33,10 @@ def _register_serve(group: argparse._SubParsersAction[argparse.ArgumentParser]) 
         ),
     )
     p.add_argument(
-        "--config", "-c", type=Path, help="broker TOML file ([broker] table); env overrides apply"
+        "--config",
+        "-c",
+        type=Path,
+        help="broker TOML file ([broker] and [keyvault] tables); env overrides apply",
     )
     p.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     p.set_defaults(func=_serve)
@@ -43,10 +46,14 @@ def _serve(args: argparse.Namespace) -> int:
     import logging
 
     from broker.config import load_broker_config
+    from broker.kek_azure import load_key_vault_config
     from broker.server.logs import configure_logging
     from broker.server.server import ServerAddresses, serve
 
     config = load_broker_config(args.config)
+    # Always read: [keyvault] may be absent (its defaults use the machine's Azure identity), and
+    # the provider contacts Key Vault only when an azurekv: ref is used.
+    key_vault = load_key_vault_config(args.config)
     # A server logs every call at INFO (its access log); -v adds DEBUG detail.
     configure_logging(
         json_output=args.log_json, level=logging.DEBUG if args.verbose else logging.INFO
@@ -57,7 +64,7 @@ def _serve(args: argparse.Namespace) -> int:
         if addresses.metrics is not None:
             print(f"metrics on http://{addresses.metrics}/metrics", flush=True)
 
-    serve(config, on_ready=ready)
+    serve(config, on_ready=ready, key_vault=key_vault)
     return 0
 
 

@@ -9,10 +9,11 @@ Retries. Only ``UNAVAILABLE`` is ever retried; every other code is a definite an
 client retries with exponential backoff and jitter (:class:`RetryPolicy`), but how depends on
 whether repeating the call is harmless:
 
-* *Idempotent* calls (every ``Get``/``List``/``Verify``, ``SetGoldenPcrSet`` which replaces the
-  set, the revocations and ``DeleteGoldenPcrSet``, ``GetChallenge`` whose unused nonce simply
-  expires, ``StartEnrollment`` whose unanswered challenge simply expires, and ``EndSession``)
-  are retried on any ``UNAVAILABLE``.
+* *Idempotent* calls (every ``Get``/``List``/``Verify``, ``SetGoldenPcrSet`` and
+  ``SetPartyKek`` which replace what they set, ``RewrapDataKey`` which leaves the same key under
+  the same KEK when repeated, ``CheckKek``, the revocations and ``DeleteGoldenPcrSet``,
+  ``GetChallenge`` whose unused nonce simply expires, ``StartEnrollment`` whose unanswered
+  challenge simply expires, and ``EndSession``) are retried on any ``UNAVAILABLE``.
 * *Once-only* calls (``EnrollEk``, ``EnrollAk``, ``AddParty``, ``RegisterDataKey``,
   ``ApproveWorkload``, ``CompleteEnrollment``, ``Attest``) are sent only over a connection
   that is known to work, and are never repeated once sent: an ``UNAVAILABLE`` after sending can
@@ -226,6 +227,12 @@ IDEMPOTENT_METHODS: Final = frozenset(
         "ListApprovals",
         "ListAuditRecords",
         "VerifyAuditLog",
+        # Setting a party's KEK replaces it; a repeated rewrap leaves the same key under the
+        # same KEK (only its random wrapping differs); a check changes nothing.
+        "SetPartyKek",
+        "ListPartyKeks",
+        "RewrapDataKey",
+        "CheckKek",
         "StartEnrollment",
         "GetChallenge",
         "EndSession",
@@ -717,6 +724,54 @@ class BrokerClient:
         """Raises: BrokerClientError."""
         req = admin_pb2.ListApprovalsRequest()
         return list(self._call("ListApprovals", self._admin.ListApprovals, req).approvals)
+
+    # --- key custody (operator) -------------------------------------------------------------
+
+    def set_party_kek(self, party: str, kek_ref: str) -> admin_pb2.PartyKek:
+        """Records an existing KEK (``azurekv:https://<vault>/keys/<name>[/<version>]`` or
+        ``local``) for ``party``'s new data keys, once the broker has checked it can wrap and
+        unwrap with it.
+
+        Raises:
+            BrokerClientError: FailedPreconditionError when the broker cannot use the KEK (the
+                message says why: ``key not found``, ``forbidden``, ...), NotFoundError for an
+                unknown party, InvalidArgumentError for a malformed ref, PermissionDeniedError
+                for a caller that is not the operator, ...
+        """
+        req = admin_pb2.SetPartyKekRequest(party=party, kek_ref=kek_ref)
+        return self._call("SetPartyKek", self._admin.SetPartyKek, req).party_kek
+
+    def list_party_keks(self) -> list[admin_pb2.PartyKek]:
+        """Which KEK each party's new data keys get, and why.
+
+        Raises:
+            BrokerClientError: the subclass for the status code.
+        """
+        req = admin_pb2.ListPartyKeksRequest()
+        return list(self._call("ListPartyKeks", self._admin.ListPartyKeks, req).party_keks)
+
+    def rewrap_data_key(self, key_id: str, new_kek_ref: str) -> admin_pb2.RewrapDataKeyResponse:
+        """Rewraps data key ``key_id`` under ``new_kek_ref`` inside the broker (the plain key
+        never leaves it). The response holds the key's new info and its previous KEK ref.
+
+        Raises:
+            BrokerClientError: NotFoundError for an unknown key, FailedPreconditionError when
+                either KEK refuses (nothing changes then), InvalidArgumentError for a malformed
+                ref, PermissionDeniedError for a caller that is not the operator, ...
+        """
+        req = admin_pb2.RewrapDataKeyRequest(key_id=key_id, new_kek_ref=new_kek_ref)
+        return self._call("RewrapDataKey", self._admin.RewrapDataKey, req)
+
+    def check_kek(self, kek_ref: str) -> admin_pb2.CheckKekResponse:
+        """Asks the broker to wrap and unwrap a random key with ``kek_ref``; changes nothing.
+        The response names what is in use (the versioned Key Vault key id).
+
+        Raises:
+            BrokerClientError: FailedPreconditionError when the broker cannot use the KEK, with
+                the reason; InvalidArgumentError for a malformed ref; ...
+        """
+        req = admin_pb2.CheckKekRequest(kek_ref=kek_ref)
+        return self._call("CheckKek", self._admin.CheckKek, req)
 
     # --- audit ------------------------------------------------------------------------------
 

@@ -6,11 +6,14 @@ environment variables (``CLEANROOM_BROKER_TLS_LISTEN`` for the nested ``tls.list
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cleanroom.config import ConfigError, load_config
 from evidence.pcr import BANK_SIZES
+from pki.errors import IdentityError
+from pki.identity import validate_name
 
 ENV_PREFIX = "CLEANROOM_BROKER"
 
@@ -76,6 +79,11 @@ class BrokerConfig:
     allow_ek_without_certificate: bool = False
     #: The KEK that wraps newly registered data keys ("local" or an Azure Key Vault ref).
     default_kek: str = "local"
+    #: Party name -> the KEK that wraps that party's newly registered data keys, so each party
+    #: can keep its KEK in its own vault (``[broker.party_keks]``). A KEK the operator imported
+    #: for a party (``cleanroom admin kek import``) takes precedence; parties not named here use
+    #: ``default_kek``.
+    party_keks: Mapping[str, str] = field(default_factory=dict)
 
     tls: TlsConfig = field(default_factory=TlsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -94,6 +102,21 @@ class BrokerConfig:
         for pcr in self.boot_pcrs:
             if not 0 <= pcr < 23:
                 raise ConfigError(f"boot_pcrs: {pcr} is not a boot PCR (0..22)")
+        if not self.default_kek.strip():
+            raise ConfigError("default_kek must name a KEK ('local' or azurekv:https://...)")
+        for party, ref in self.party_keks.items():
+            try:
+                validate_name("party", party)
+            except IdentityError as e:
+                raise ConfigError(f"party_keks: {e}") from e
+            if not isinstance(ref, str) or not ref.strip():
+                raise ConfigError(f"party_keks.{party} must name a KEK")
+        # A private copy, so that the caller's dict changing later cannot change the config.
+        object.__setattr__(self, "party_keks", dict(self.party_keks))
+
+    def kek_for_party(self, party: str) -> str:
+        """The KEK ref this configuration gives ``party``'s new data keys."""
+        return self.party_keks.get(party, self.default_kek)
 
     @property
     def state_path(self) -> Path:

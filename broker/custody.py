@@ -21,6 +21,7 @@ the key's life in memory but is not a guarantee.
 from __future__ import annotations
 
 import errno
+import hmac
 import os
 import secrets
 import stat
@@ -313,12 +314,14 @@ class KekRegistry:
         return self.get(self.default_ref)
 
     def close(self) -> None:
-        """Closes every KEK that can be closed (drops their keys)."""
+        """Closes every KEK that can be closed (drops their keys), then every provider that can
+        be closed (a Key Vault provider closes the credential it made). Idempotent."""
         with self._lock:
             keks = list(self._keks.values())
             self._keks.clear()
-        for kek in keks:
-            close = getattr(kek, "close", None)
+            providers = list(self._providers.values())
+        for closable in (*keks, *providers):
+            close = getattr(closable, "close", None)
             if callable(close):
                 close()
 
@@ -332,6 +335,33 @@ class KekRegistry:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+#: Key id and owner of the random key :func:`check_kek` wraps (never a real data key's).
+_CHECK_KEY_ID = "cleanroom-kek-check"
+_CHECK_OWNER = "cleanroom-broker"
+
+
+def check_kek(kek: Kek) -> str:
+    """Proves that ``kek`` wraps and unwraps, with a random key that is then dropped.
+
+    A KEK with a ``check()`` method of its own (:class:`broker.kek_azure.KeyVaultKek`, which
+    also bypasses its unwrap cache) is asked to run it. Returns what the check found in use:
+    the versioned Key Vault key id, or the KEK's ref.
+
+    Raises:
+        KekError: the KEK cannot wrap, or what it wrapped does not unwrap to the same key.
+        CustodyError: the KEK refused the probe key.
+    """
+    own_check = getattr(kek, "check", None)
+    if callable(own_check):
+        return str(own_check())
+    probe = secrets.token_bytes(DATA_KEY_SIZE)
+    wrapped = kek.wrap(probe, key_id=_CHECK_KEY_ID, owner=_CHECK_OWNER)
+    back = kek.unwrap(wrapped, key_id=_CHECK_KEY_ID, owner=_CHECK_OWNER)
+    if not hmac.compare_digest(back, probe):
+        raise KekError(f"the KEK {kek.ref!r} did not round-trip a key")
+    return kek.ref
 
 
 @contextmanager

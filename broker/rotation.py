@@ -1,4 +1,4 @@
-"""Changing the KEK that wraps data keys, inside the broker process.
+"""Choosing and changing the KEKs that wrap data keys, inside the broker process.
 
 :func:`rotate_data_key` unwraps one data key with the KEK that wraps it now, wraps it with
 another (a Key Vault key replacing the local KEK, or the current version of a Key Vault key after
@@ -7,23 +7,44 @@ The plain key exists only in broker memory, in a buffer zeroed afterwards. Each 
 refused, is written to the audit log.
 
 :func:`rotate_kek` does the same for every data key wrapped by one KEK ref.
+
+:func:`set_party_kek` records a KEK (typically a party's own Key Vault key) for a party's new
+data keys, after :func:`check_kek` proved that the broker can wrap and unwrap with it;
+:func:`party_keks` says which KEK each party's new keys get and why.
 """
 
 from __future__ import annotations
 
 import hmac
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from datetime import datetime
 
+from broker.custody import check_kek as _check_kek
 from broker.custody import plain_data_key
 from broker.errors import BrokerError, KekError
 from broker.model import AuditEntry, DataKeyRecord
 from broker.service import Broker
+from broker.storage import PartyKek
 from pki.identity import SpiffeId
 
-__all__ = ["ROTATION_ACTION", "rotate_data_key", "rotate_kek"]
+__all__ = [
+    "KEK_CHECK_ACTION",
+    "PARTY_KEK_ACTION",
+    "ROTATION_ACTION",
+    "PartyKekChoice",
+    "check_kek",
+    "party_keks",
+    "rotate_data_key",
+    "rotate_kek",
+    "set_party_kek",
+]
 
 #: The audit action of a rewrap.
 ROTATION_ACTION = "key.rewrap"
+#: The audit action of recording a party's KEK.
+PARTY_KEK_ACTION = "party.kek"
+#: The audit action of an operator's check of a KEK.
+KEK_CHECK_ACTION = "kek.check"
 
 
 def _audit(
@@ -97,3 +118,124 @@ def rotate_kek(
         if record.kek_ref == old_kek_ref:
             done.append(rotate_data_key(broker, record.key_id, new_kek_ref, actor=actor))
     return done
+
+
+def check_kek(broker: Broker, kek_ref: str, *, actor: SpiffeId | str = "broker") -> str:
+    """Proves that the broker can wrap and unwrap with ``kek_ref`` (a random key's round trip;
+    for Key Vault: read the key, wrap, unwrap through Key Vault). Audited either way.
+
+    Returns:
+        What is in use: the versioned Key Vault key id, or the ref of a local KEK.
+
+    Raises:
+        KekError: the ref is malformed or unserved, or the KEK cannot wrap or unwrap (for Key
+            Vault the message starts with the reason: ``key not found``, ``forbidden``, ...).
+    """
+    try:
+        checked = _check_kek(broker.keks.get(kek_ref))
+    except BrokerError as e:
+        _audit_kek(broker, actor, KEK_CHECK_ACTION, kek_ref, "deny", str(e))
+        raise
+    _audit_kek(broker, actor, KEK_CHECK_ACTION, kek_ref, "allow", f"wraps and unwraps: {checked}")
+    return checked
+
+
+def set_party_kek(
+    broker: Broker, party: str, kek_ref: str, *, actor: SpiffeId | str = "broker"
+) -> PartyKek:
+    """Records ``kek_ref`` as the KEK of ``party``'s new data keys, after checking that the
+    broker can use it (:func:`check_kek`). It takes precedence over the configuration; keys
+    registered before keep their wrapping (rewrap them with :func:`rotate_data_key`).
+
+    Raises:
+        UnknownPolicyObjectError: no such party.
+        KekError: the ref is malformed or unserved, or the KEK cannot wrap or unwrap; nothing
+            is recorded then.
+        StorageError: the database failed.
+    """
+    try:
+        broker.store.get_party(party)
+        kek = broker.keks.get(kek_ref)
+        checked = _check_kek(kek)
+        record = PartyKek(
+            party=party, kek_ref=kek.ref, checked_key=checked, updated_at=broker.clock()
+        )
+        broker.store.set_party_kek(
+            party, record.kek_ref, checked_key=checked, updated_at=record.updated_at
+        )
+    except BrokerError as e:
+        _audit_kek(
+            broker, actor, PARTY_KEK_ACTION, party, "deny", f"KEK {kek_ref} refused: {e}", party
+        )
+        raise
+    _audit_kek(
+        broker,
+        actor,
+        PARTY_KEK_ACTION,
+        party,
+        "allow",
+        f"new data keys wrapped by {record.kek_ref} (checked: {checked})",
+        party,
+    )
+    return record
+
+
+@dataclass(frozen=True)
+class PartyKekChoice:
+    """Which KEK a party's new data keys get, and why."""
+
+    party: str
+    kek_ref: str
+    #: ``"imported"`` (:func:`set_party_kek`), ``"config"`` (``party_keks``) or ``"default"``.
+    source: str
+    #: For an imported KEK: what its check found, and when it was recorded.
+    checked_key: str = ""
+    updated_at: datetime | None = None
+
+
+def party_keks(broker: Broker) -> list[PartyKekChoice]:
+    """The KEK of every party's new data keys, by party.
+
+    Raises:
+        StorageError: the database failed.
+    """
+    imported = {k.party: k for k in broker.store.list_party_keks()}
+    out: list[PartyKekChoice] = []
+    for party in broker.store.list_parties():
+        record = imported.get(party.name)
+        if record is not None:
+            out.append(
+                PartyKekChoice(
+                    party=party.name,
+                    kek_ref=record.kek_ref,
+                    source="imported",
+                    checked_key=record.checked_key,
+                    updated_at=record.updated_at,
+                )
+            )
+        elif party.name in broker.config.party_keks:
+            out.append(PartyKekChoice(party.name, broker.config.party_keks[party.name], "config"))
+        else:
+            out.append(PartyKekChoice(party.name, broker.config.default_kek, "default"))
+    return out
+
+
+def _audit_kek(
+    broker: Broker,
+    actor: SpiffeId | str,
+    action: str,
+    subject: str,
+    decision: str,
+    reason: str,
+    party: str = "",
+) -> None:
+    broker.audit.append(
+        AuditEntry(
+            actor=str(actor),
+            action=action,
+            subject=subject,
+            decision=decision,
+            reason=reason,
+            parties=(party,) if party else (),
+        )
+    )

@@ -602,10 +602,24 @@ class Broker:
         self._record(actor, "party.add", party.name, "allow", parties=(party.name,))
         return party
 
+    def kek_ref_for_party(self, party: str) -> str:
+        """The KEK that wraps ``party``'s new data keys: the one the operator imported for it
+        (:func:`broker.rotation.set_party_kek`), else the configuration's ``party_keks`` entry,
+        else ``default_kek``.
+
+        Raises:
+            StorageError: the database failed.
+        """
+        imported = self.store.get_party_kek(party)
+        if imported is not None:
+            return imported.kek_ref
+        return self.config.kek_for_party(party)
+
     def register_data_key(
         self, actor: SpiffeId, *, key_id: str, sealed_data_key: bytes, description: str
     ) -> DataKeyRecord:
-        """A party registers a data key sealed to the broker's registration key.
+        """A party registers a data key sealed to the broker's registration key. It is stored
+        wrapped by the party's KEK (:meth:`kek_ref_for_party`).
 
         Raises:
             PolicyError: the caller is not a registered party.
@@ -617,7 +631,7 @@ class Broker:
             data_key = open_registered_key(
                 self.registration_key, sealed_data_key, key_id=key_id, owner=owner
             )
-            kek = self.keks.get(self.config.default_kek)
+            kek = self.keks.get(self.kek_ref_for_party(owner))
             wrapped = kek.wrap(data_key, key_id=key_id, owner=owner)
         except BrokerError as e:
             self._record(actor, "key.register", key_id, "deny", str(e), parties=(owner,))

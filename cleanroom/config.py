@@ -4,6 +4,8 @@ Every package declares its settings as a frozen dataclass whose fields have safe
 module fills one from a TOML table and then from environment variables named
 ``<PREFIX>_<FIELD>`` in upper case (``CLEANROOM_BROKER_NONCE_TTL_SECONDS=30``). Nested
 dataclasses are filled from sub-tables and from ``<PREFIX>_<FIELD>_<SUBFIELD>`` variables.
+A ``dict[str, X]`` (or ``Mapping[str, X]``) field is a table of its own whose keys are free
+(``[broker.party_keks]``); its variable holds ``name=value`` pairs separated by commas.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: expected a table")
         return _build(annotation, value, where)
+    if origin in (dict, Mapping):
+        return _coerce_table(value, args, where)
     if origin in (tuple, list):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -72,6 +76,34 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if annotation is Path:
         return Path(str(value))
     return value
+
+
+def _coerce_table(value: Any, args: tuple[Any, ...], where: str) -> dict[str, Any]:
+    """A TOML table of settings keyed by name (``[broker.party_keks]``).
+
+    From the environment it is written ``name=value,name=value``.
+    """
+    if isinstance(value, str):
+        pairs: dict[str, Any] = {}
+        for item in (v.strip() for v in value.split(",")):
+            if not item:
+                continue
+            name, sep, text = item.partition("=")
+            if not sep or not name.strip():
+                raise ConfigError(f"{where}: expected name=value pairs, got {item!r}")
+            pairs[name.strip()] = text.strip()
+        value = pairs
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: expected a table")
+    key_type, value_type = args if len(args) == 2 else (str, Any)
+    if key_type is not str:
+        raise ConfigError(f"{where}: only tables keyed by strings are supported")
+    out: dict[str, Any] = {}
+    for k, v in value.items():
+        if not isinstance(k, str):
+            raise ConfigError(f"{where}: keys must be strings, got {k!r}")
+        out[k] = _coerce(v, value_type, f"{where}.{k}")
+    return out
 
 
 def _build(cls: type[T], table: Mapping[str, Any], where: str) -> T:

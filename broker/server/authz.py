@@ -2,8 +2,9 @@
 
 Callers are named by the SPIFFE ID in their client certificate. The role is the ID's kind:
 
-* ``operator``: EKs, AKs, golden PCR sets, parties, and reading everything (keys, approvals,
-  the audit log and its verification).
+* ``operator``: EKs, AKs, golden PCR sets, parties, key custody (each party's KEK, rewrapping
+  data keys, checking a KEK), and reading everything (keys, approvals, the audit log and its
+  verification).
 * ``party/<name>``: the broker's info, its own data keys and approvals, its own audit records,
   and reading the parties and golden sets it needs to write an approval.
 * ``sidecar/<id>``: the attestation service only.
@@ -55,6 +56,12 @@ _ADMIN_RULES: Final[Mapping[str, frozenset[str]]] = {
     "ListApprovals": OPERATOR_OR_PARTY,
     "ListAuditRecords": OPERATOR_OR_PARTY,
     "VerifyAuditLog": OPERATOR,
+    # Key custody: which KEK wraps whose keys is the operator's business. A party could
+    # otherwise point its keys at a KEK it controls, or move another party's keys.
+    "SetPartyKek": OPERATOR,
+    "ListPartyKeks": OPERATOR,
+    "RewrapDataKey": OPERATOR,
+    "CheckKek": OPERATOR,
 }
 
 _ATTESTATION_RULES: Final[Mapping[str, frozenset[str]]] = {

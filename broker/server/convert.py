@@ -110,6 +110,15 @@ def data_key_to_pb(key: DataKeyRecord) -> admin_pb2.DataKeyInfo:
     )
 
 
+def party_kek_to_pb(
+    *, party: str, kek_ref: str, source: str, checked_key: str, updated_at: datetime | None
+) -> admin_pb2.PartyKek:
+    msg = admin_pb2.PartyKek(party=party, kek_ref=kek_ref, source=source, checked_key=checked_key)
+    if updated_at is not None:
+        msg.updated_at.CopyFrom(timestamp(updated_at))
+    return msg
+
+
 def manifest_from_pb(msg: common_pb2.WorkloadManifest) -> tuple[ManifestEntry, ...]:
     return tuple(
         ManifestEntry(

@@ -18,7 +18,7 @@ from concurrent import futures
 from dataclasses import dataclass
 from datetime import timedelta
 from types import FrameType, TracebackType
-from typing import Any, Final, Self
+from typing import TYPE_CHECKING, Any, Final, Self
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -35,6 +35,9 @@ from broker.service import Broker
 from cleanroom.v1 import admin_pb2_grpc, attestation_pb2_grpc
 from pki.errors import PKIError
 from pki.tls import server_credentials
+
+if TYPE_CHECKING:
+    from broker.kek_azure import KeyVaultConfig
 
 log = logging.getLogger("cleanroom.broker.server")
 
@@ -213,8 +216,13 @@ def serve(
     stop_event: threading.Event | None = None,
     max_workers: int = DEFAULT_MAX_WORKERS,
     reuse_port: bool = False,
+    key_vault: KeyVaultConfig | None = None,
 ) -> None:
     """Runs the broker until SIGTERM or SIGINT (or ``stop_event``), then shuts down gracefully.
+
+    ``key_vault`` (the ``[keyvault]`` settings) lets ``azurekv:`` KEK refs resolve to Azure Key
+    Vault keys (see :func:`broker.app.open_broker`); the Key Vault clients and credential are
+    closed with the broker at shutdown.
 
     Signal handlers are installed only when called from the main thread; ``on_ready`` gets the
     bound addresses once the server accepts calls. ``reuse_port`` lets several broker processes
@@ -237,7 +245,7 @@ def serve(
             previous[sig] = signal.signal(sig, on_signal)
     try:
         with (
-            open_broker(config) as broker,
+            open_broker(config, key_vault=key_vault) as broker,
             BrokerServer(
                 broker=broker, config=config, max_workers=max_workers, reuse_port=reuse_port
             ) as server,

@@ -12,6 +12,8 @@ import logging
 
 import grpc
 
+from broker import rotation
+from broker.errors import UnknownPolicyObjectError
 from broker.server import convert, validate
 from broker.server.errors import RateLimitedError
 from broker.server.interceptor import current_call
@@ -331,6 +333,63 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             first_bad_sequence=report.first_bad_sequence or 0,
             problem=report.problem,
         )
+
+    # --- key custody (operator) -------------------------------------------------------------
+
+    def SetPartyKek(
+        self, request: admin_pb2.SetPartyKekRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.SetPartyKekResponse:
+        validate.check_set_party_kek(request)
+        record = rotation.set_party_kek(
+            self.broker, request.party, request.kek_ref, actor=current_call().caller
+        )
+        return admin_pb2.SetPartyKekResponse(
+            party_kek=convert.party_kek_to_pb(
+                party=record.party,
+                kek_ref=record.kek_ref,
+                source="imported",
+                checked_key=record.checked_key,
+                updated_at=record.updated_at,
+            )
+        )
+
+    def ListPartyKeks(
+        self, request: admin_pb2.ListPartyKeksRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.ListPartyKeksResponse:
+        return admin_pb2.ListPartyKeksResponse(
+            party_keks=[
+                convert.party_kek_to_pb(
+                    party=c.party,
+                    kek_ref=c.kek_ref,
+                    source=c.source,
+                    checked_key=c.checked_key,
+                    updated_at=c.updated_at,
+                )
+                for c in rotation.party_keks(self.broker)
+            ]
+        )
+
+    def RewrapDataKey(
+        self, request: admin_pb2.RewrapDataKeyRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.RewrapDataKeyResponse:
+        validate.check_rewrap_data_key(request)
+        try:
+            previous = self.broker.store.get_data_key(request.key_id).kek_ref
+        except UnknownPolicyObjectError:
+            previous = ""  # rotate_data_key refuses it, with an audit record
+        record = rotation.rotate_data_key(
+            self.broker, request.key_id, request.new_kek_ref, actor=current_call().caller
+        )
+        return admin_pb2.RewrapDataKeyResponse(
+            key=convert.data_key_to_pb(record), previous_kek_ref=previous
+        )
+
+    def CheckKek(
+        self, request: admin_pb2.CheckKekRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.CheckKekResponse:
+        validate.check_check_kek(request)
+        checked = rotation.check_kek(self.broker, request.kek_ref, actor=current_call().caller)
+        return admin_pb2.CheckKekResponse(kek_ref=request.kek_ref, checked_key=checked)
 
 
 __all__ = ["DEFAULT_AUDIT_PAGE", "AdminServicer", "AttestationServicer"]

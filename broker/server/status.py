@@ -10,7 +10,8 @@ audit log and the server log. The rules, most specific first:
   ``Attest`` every refusal (verification, policy, replayed or foreign nonce) gets the one opaque
   message ``"attestation denied"``.
 * ``FAILED_PRECONDITION``: not enrolled, revoked, credential challenge unknown or expired, nonce
-  expired.
+  expired; a KEK the operator named (``SetPartyKek``, ``RewrapDataKey``, ``CheckKek``) that the
+  broker cannot use, with the reason (``key not found: ...``, ``forbidden: ...``).
 * ``NOT_FOUND``: unknown objects named in admin calls.
 * ``ALREADY_EXISTS``: duplicates.
 * ``RESOURCE_EXHAUSTED``: rate limits (gRPC itself answers oversized messages the same way).
@@ -69,6 +70,10 @@ _VALIDATING_METHODS: Final = frozenset(
     f"/{ADMIN_SERVICE}/{m}" for m in ("SetGoldenPcrSet", "AddParty")
 )
 _REGISTER_METHOD: Final = f"/{ADMIN_SERVICE}/RegisterDataKey"
+#: Operator calls about one KEK, whose KekError is a precondition with its reason.
+_KEK_ADMIN_METHODS: Final = frozenset(
+    f"/{ADMIN_SERVICE}/{m}" for m in ("SetPartyKek", "RewrapDataKey", "CheckKek")
+)
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,10 @@ def status_for(exc: BaseException, *, full_method: str) -> Status:
         # Storage messages may hold database details; the log has them.
         return Status(code.UNAVAILABLE, "storage is temporarily unavailable; retry", True)
     if isinstance(exc, KekError):
+        if full_method in _KEK_ADMIN_METHODS:
+            # The operator asked about this very KEK: the reason is the answer. KekError
+            # messages name the key and what Key Vault said, never key material.
+            return Status(code.FAILED_PRECONDITION, str(exc))
         return Status(code.INTERNAL, "key custody failed", True)
     if isinstance(exc, CustodyError):
         if full_method == _REGISTER_METHOD:

@@ -57,6 +57,11 @@ MAX_RECIPIENTS: Final = 64
 MAX_AUDIT_PAGE: Final = 1000
 #: TPM names are nameAlg (2 bytes) and a digest of at most 64 bytes, in hex.
 MAX_AK_NAME_LENGTH: Final = 2 * (2 + 64)
+#: A Key Vault key id is a vault host, a name of at most 127 and a version of 32 characters.
+MAX_KEK_REF_LENGTH: Final = 1024
+#: KEK ref forms (``broker.custody.LOCAL_KEK_REF``, ``broker.kek_azure.KEYVAULT_REF_PREFIX``).
+LOCAL_KEK_REF: Final = "local"
+KEYVAULT_REF_PREFIX: Final = "azurekv:"
 
 _HEX_RE: Final = re.compile(r"[0-9a-f]+")
 _KEY_ID_RE: Final = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no space
@@ -448,6 +453,50 @@ def check_revoke_approval(req: admin_pb2.RevokeApprovalRequest) -> None:
     check_opaque_id(req.approval_id, "approval_id")
 
 
+def check_kek_ref(value: str, field: str) -> None:
+    """A KEK ref: ``local`` or ``azurekv:https://<vault>/keys/<name>[/<version>]``.
+
+    Whether the broker can use it is for the broker to find out; this checks its form only.
+
+    Raises:
+        InvalidRequestError: missing, too long, or neither form.
+    """
+    if not value:
+        raise _fail(field, "is required")
+    if len(value) > MAX_KEK_REF_LENGTH:
+        raise _fail(field, f"must be at most {MAX_KEK_REF_LENGTH} characters")
+    if value == LOCAL_KEK_REF:
+        return
+    if not value.startswith(KEYVAULT_REF_PREFIX):
+        raise _fail(
+            field, f"must be {LOCAL_KEK_REF!r} or {KEYVAULT_REF_PREFIX}https://<vault>/keys/<name>"
+        )
+    from broker.errors import KekError
+    from broker.kek_azure import parse_ref
+
+    try:
+        parse_ref(value)
+    except KekError as e:
+        raise _fail(field, str(e)) from e
+
+
+def check_set_party_kek(req: admin_pb2.SetPartyKekRequest) -> None:
+    """Raises: InvalidRequestError."""
+    check_party_name(req.party, "party")
+    check_kek_ref(req.kek_ref, "kek_ref")
+
+
+def check_rewrap_data_key(req: admin_pb2.RewrapDataKeyRequest) -> None:
+    """Raises: InvalidRequestError."""
+    check_key_id(req.key_id, "key_id")
+    check_kek_ref(req.new_kek_ref, "new_kek_ref")
+
+
+def check_check_kek(req: admin_pb2.CheckKekRequest) -> None:
+    """Raises: InvalidRequestError."""
+    check_kek_ref(req.kek_ref, "kek_ref")
+
+
 def check_list_audit_records(req: admin_pb2.ListAuditRecordsRequest) -> None:
     """Raises: InvalidRequestError."""
     if req.limit > MAX_AUDIT_PAGE:
@@ -463,6 +512,7 @@ __all__ = [
     "check_approve_workload",
     "check_attest",
     "check_bytes",
+    "check_check_kek",
     "check_complete_enrollment",
     "check_delete_golden_set",
     "check_end_session",
@@ -470,13 +520,16 @@ __all__ = [
     "check_enroll_ek",
     "check_enum",
     "check_get_challenge",
+    "check_kek_ref",
     "check_key_ids",
     "check_list_audit_records",
     "check_register_data_key",
     "check_revoke_ak",
     "check_revoke_approval",
     "check_revoke_ek",
+    "check_rewrap_data_key",
     "check_set_golden_set",
+    "check_set_party_kek",
     "check_start_enrollment",
     "check_tpm_structure",
 ]

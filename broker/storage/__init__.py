@@ -7,6 +7,12 @@ nonce service and the hash-chained audit log on its transactions. See docs/stora
 
 from __future__ import annotations
 
-from broker.storage.store import APPROVAL_INDEX_BANK, Store, UnknownSessionError, safe_url
+from broker.storage.store import (
+    APPROVAL_INDEX_BANK,
+    PartyKek,
+    Store,
+    UnknownSessionError,
+    safe_url,
+)
 
-__all__ = ["APPROVAL_INDEX_BANK", "Store", "UnknownSessionError", "safe_url"]
+__all__ = ["APPROVAL_INDEX_BANK", "PartyKek", "Store", "UnknownSessionError", "safe_url"]

@@ -128,6 +128,20 @@ parties = sa.Table(
     sa.Column("public_key", sa.LargeBinary, nullable=False),
 )
 
+# The KEK an operator imported for a party (``cleanroom admin kek import``): it wraps the
+# party's newly registered data keys, in preference to the configuration's ``party_keks`` and
+# ``default_kek``. A separate table, so that a party record stays immutable (the broker caches
+# parties) while its KEK may change.
+party_keks = sa.Table(
+    "party_keks",
+    metadata,
+    sa.Column("party", sa.Text, sa.ForeignKey("parties.name"), primary_key=True),
+    sa.Column("kek_ref", sa.Text, nullable=False),
+    # The versioned key id the broker used when it checked the KEK ("local" for the local KEK).
+    sa.Column("checked_key", sa.Text, nullable=False),
+    sa.Column("updated_at", UtcDateTime, nullable=False),
+)
+
 data_keys = sa.Table(
     "data_keys",
     metadata,

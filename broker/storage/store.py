@@ -12,6 +12,7 @@ import json
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Final
@@ -56,12 +57,24 @@ from broker.storage.schema import (
     eks,
     golden_sets,
     parties,
+    party_keks,
     sessions,
 )
 
 
 class UnknownSessionError(UnknownPolicyObjectError):
     """A session named in a request does not exist."""
+
+
+@dataclass(frozen=True)
+class PartyKek:
+    """The KEK an operator imported for a party (see :meth:`Store.set_party_kek`)."""
+
+    party: str
+    kek_ref: str
+    #: What the broker's check of the KEK found: the versioned Key Vault key id, or the ref.
+    checked_key: str
+    updated_at: datetime
 
 
 #: The PCR bank whose PCR 23 value indexes approvals (see :meth:`Store.find_active_approvals`).
@@ -678,6 +691,53 @@ class Store:
             rows = conn.execute(sa.select(parties).order_by(parties.c.name)).all()
         return [_party(r) for r in rows]
 
+    # --- party KEKs -----------------------------------------------------------------------
+
+    def set_party_kek(
+        self, party: str, kek_ref: str, *, checked_key: str, updated_at: datetime
+    ) -> None:
+        """Records (or replaces) the KEK that wraps ``party``'s new data keys.
+
+        ``checked_key`` is what the broker's check of the KEK found (the versioned Key Vault key
+        id); it is kept for the operator's reference only.
+
+        Raises:
+            UnknownPolicyObjectError: no such party.
+            StorageError: the database failed.
+        """
+        values = {
+            "party": party,
+            "kek_ref": kek_ref,
+            "checked_key": checked_key,
+            "updated_at": updated_at,
+        }
+        with self.transaction(
+            "set party KEK",
+            write=True,
+            missing_reference=UnknownPolicyObjectError(f"party {party!r} does not exist"),
+        ) as conn:
+            conn.execute(self._upsert(party_keks, values, ["party"]))
+
+    def get_party_kek(self, party: str) -> PartyKek | None:
+        """The KEK recorded for ``party``, or None when none was.
+
+        Raises:
+            StorageError: the database failed.
+        """
+        with self.transaction("get party KEK") as conn:
+            row = conn.execute(sa.select(party_keks).where(party_keks.c.party == party)).first()
+        return _party_kek(row) if row is not None else None
+
+    def list_party_keks(self) -> list[PartyKek]:
+        """Every recorded party KEK, by party.
+
+        Raises:
+            StorageError: the database failed.
+        """
+        with self.transaction("list party KEKs") as conn:
+            rows = conn.execute(sa.select(party_keks).order_by(party_keks.c.party)).all()
+        return [_party_kek(r) for r in rows]
+
     # --- data keys ------------------------------------------------------------------------
 
     def add_data_key(self, record: DataKeyRecord) -> None:
@@ -1108,6 +1168,15 @@ def _golden(row: Row[Any]) -> GoldenPcrSet:
 
 def _party(row: Row[Any]) -> Party:
     return Party(name=row.name, kem=int(row.kem), public_key=bytes(row.public_key))
+
+
+def _party_kek(row: Row[Any]) -> PartyKek:
+    return PartyKek(
+        party=row.party,
+        kek_ref=row.kek_ref,
+        checked_key=row.checked_key,
+        updated_at=row.updated_at,
+    )
 
 
 def _data_key(row: Row[Any]) -> DataKeyRecord:

@@ -5,12 +5,19 @@ the broker's client), the way their own tools would. The broker, the software TP
 sidecar run as child processes, the way a deployment runs them; the :class:`Supervisor` stops
 them whatever happens. What the summary reports comes from the clean room itself: the broker's
 audit log, PCR 23 read back from the TPM, and the headers of the sealed outputs.
+
+With ``--azure-emulators`` the Azure backends run locally (:mod:`cleanroom.emulators`): Azurite
+as one more child process, holding the sealed inputs and outputs in blob containers, and the
+Key Vault test double as an HTTPS server in this process, holding each party's RSA KEK. The
+advertiser's KEK comes from ``[broker.party_keks]`` in broker.toml, the publisher's is imported
+by the operator (``SetPartyKek``), so both ways of choosing a party's KEK are shown.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import json
 import logging
 import os
@@ -18,10 +25,10 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Final, Protocol, cast
+from typing import IO, TYPE_CHECKING, BinaryIO, Final, Protocol, cast
 
 from cleanroom.demo import DEFAULT_ROWS, DEFAULT_SEED
 from cleanroom.demo.errors import (
@@ -50,7 +57,9 @@ from cleanroom.demo.workspace import (
 )
 
 if TYPE_CHECKING:
+    from blobstore.store import BlobStore
     from broker.client import BrokerClient
+    from cleanroom.emulators.keyvault import FakeKeyVault
     from cleanroom.v1 import admin_pb2
     from sealing.keys import RecipientPrivateKey, RecipientPublicKey
 
@@ -69,6 +78,10 @@ _BROKER_START_TIMEOUT: Final = 60.0
 #: The sidecar gets this long, plus time proportional to the data, to finish.
 _SIDECAR_BASE_TIMEOUT: Final = 300.0
 _SIDECAR_SECONDS_PER_ROW: Final = 2e-4
+_AZURITE_START_TIMEOUT: Final = 30.0
+#: The blob container the sidecar writes sealed outputs to (--azure-emulators); each party's
+#: inputs go to a container of its own, ``<party>-in``.
+OUTPUT_CONTAINER: Final = "cleanroom-out"
 _BROKER_READY: Final = re.compile(r"broker listening on (\S+)")
 _METRICS_READY: Final = re.compile(r"metrics on (http://\S+)")
 
@@ -83,6 +96,8 @@ class DemoOptions:
     tamper: bool = True
     keep_going: bool = False
     verbose: int = 0
+    #: Run the Azure backends locally: Azurite for blobs, the Key Vault double for KEKs.
+    azure_emulators: bool = False
 
 
 @dataclass
@@ -113,6 +128,10 @@ class DemoResult:
     tampered_byte: TamperedByte | None = None
     failures: list[str] = field(default_factory=list)
     summary: str = ""
+    #: key id -> the KEK ref that wrapped it, as the broker reported at registration.
+    kek_refs: dict[str, str] = field(default_factory=dict)
+    #: Key Vault unwraps the broker made while the good run attested (--azure-emulators).
+    key_vault_unwraps: int = 0
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -122,6 +141,7 @@ def _foreign_errors() -> tuple[type[BaseException], ...]:
     from broker.errors import BrokerError
     from cleanroom.config import ConfigError
     from cleanroom.devtpm import DevTpmError
+    from cleanroom.emulators import EmulatorError
     from evidence.errors import EvidenceError
     from pki.errors import PKIError
     from sealing.errors import SealingError
@@ -131,6 +151,7 @@ def _foreign_errors() -> tuple[type[BaseException], ...]:
         BrokerError,
         ConfigError,
         DevTpmError,
+        EmulatorError,
         EvidenceError,
         PKIError,
         SealingError,
@@ -191,6 +212,87 @@ def _kem_name(kem: int) -> str:
     return KEM_NAMES.get(kem, f"kem-{kem}")
 
 
+@dataclass
+class AzureBackends:
+    """The local Azure stand-ins of ``--azure-emulators``: Azurite (a child process) with one
+    container per party for inputs and one for outputs, and the Key Vault double (in this
+    process) with one RSA KEK per party."""
+
+    azurite: Child
+    port: int
+    connection_string: str
+    vault: FakeKeyVault
+    store: BlobStore
+
+    def input_url(self, party: str) -> str:
+        from cleanroom.emulators.azurite import AZURITE_ACCOUNT
+
+        return f"azure://{AZURITE_ACCOUNT}/{party}-in/{party}.csv.sealed"
+
+    def output_prefix(self, *, tampered: bool = False) -> str:
+        """Where the sidecar writes sealed outputs: a path prefix in the output container."""
+        from cleanroom.emulators.azurite import AZURITE_ACCOUNT
+
+        return f"azure://{AZURITE_ACCOUNT}/{OUTPUT_CONTAINER}/{_run_name(tampered)}"
+
+    def kek_name(self, party: str) -> str:
+        return f"{party}-kek"
+
+    def kek_ref(self, party: str) -> str:
+        return f"azurekv:{self.vault.key_url(self.kek_name(party))}"
+
+    def unwraps(self) -> int:
+        """How many unwraps the Key Vault double has answered so far."""
+        return sum(
+            1 for r in self.vault.recorded(method="POST", suffix="/unwrapkey") if r.status == 200
+        )
+
+    def list_outputs(self, *, tampered: bool = False) -> list[str]:
+        """The names (``insights.json.sealed``, ...) of the blobs under the output prefix.
+
+        Raises:
+            EmulatorError: Azurite refused or cannot be reached.
+        """
+        from azure.core.exceptions import AzureError
+        from azure.storage.blob import ContainerClient
+
+        from cleanroom.emulators import EmulatorError
+
+        prefix = f"{_run_name(tampered)}/"
+        client = ContainerClient.from_connection_string(self.connection_string, OUTPUT_CONTAINER)
+        try:
+            return sorted(
+                b.name.removeprefix(prefix) for b in client.list_blobs(name_starts_with=prefix)
+            )
+        except AzureError as e:
+            raise EmulatorError(f"cannot list the blob container {OUTPUT_CONTAINER}: {e}") from e
+        finally:
+            client.close()
+
+
+def _open_binary(path: Path) -> BinaryIO:
+    return open(path, "rb")
+
+
+def _run_name(tampered: bool) -> str:
+    return "run-tampered" if tampered else "run"
+
+
+def _kek_words(ref: str) -> str:
+    """How the summary names a KEK ref: ``Key Vault key <name>``, ``the local KEK``."""
+    if ref.startswith("azurekv:"):
+        name = ref.rstrip("/").split("/keys/", 1)[-1].split("/")[0]
+        return f"Key Vault key {name}"
+    return "the local KEK" if ref == "local" else ref
+
+
+def _kek_phrase(ref: str) -> str:
+    """How a step names a KEK ref: the summary's words and, for Key Vault, the ref itself."""
+    if ref.startswith("azurekv:"):
+        return f"the {_kek_words(ref)} ({ref})"
+    return _kek_words(ref)
+
+
 # --- the demo -------------------------------------------------------------------------------
 
 
@@ -218,6 +320,7 @@ class Demo:
         self.public_keys: dict[str, RecipientPublicKey] = {}
         self.key_ids = {party: f"{party}-data" for party in PARTIES}
         self.workload: WorkloadCopy | None = None
+        self.azure: AzureBackends | None = None
 
     # --- infrastructure ---------------------------------------------------------------------
 
@@ -265,33 +368,107 @@ class Demo:
             f"local CA) and started it on 127.0.0.1:{tpm.port} (pid {tpm.pid})",
         )
 
+    def start_azure_emulators(self) -> None:
+        """Starts Azurite and the Key Vault double, makes the containers and the parties' KEKs."""
+        from blobstore.config import BlobConfig
+        from blobstore.store import BlobStore
+        from cleanroom.emulators import EmulatorNotInstalledError
+        from cleanroom.emulators.azurite import (
+            azurite_command,
+            connection_string,
+            create_container,
+            find_azurite,
+            free_port,
+            wait_for_port,
+        )
+        from cleanroom.emulators.keyvault import start_fake_key_vault
+
+        layout = self.layout
+        try:
+            exe = find_azurite()
+        except EmulatorNotInstalledError as e:
+            raise PrerequisiteError(str(e)) from e
+        port = free_port()
+        log_file = layout.logs / "azurite.log"
+        with _step("operator", "preparing Azurite's data directory"):
+            layout.azurite_data.mkdir(exist_ok=True)
+        child = self.sup.start(
+            "azurite",
+            azurite_command(exe, port=port, location=layout.azurite_data),
+            log_file=log_file,
+            cwd=layout.root,
+            env=self.env,
+        )
+        try:
+            wait_for_port(port, timeout=_AZURITE_START_TIMEOUT, alive=child.running)
+        except TimeoutError as e:
+            raise ServiceError(
+                f"Azurite did not start listening: {child.log_tail()} (see {layout.rel(log_file)})"
+            ) from e
+        connection = connection_string(port)
+        containers = [f"{p}-in" for p in PARTIES] + [OUTPUT_CONTAINER]
+        with _step("operator", "creating the blob containers"):
+            for name in containers:
+                create_container(connection, name)
+        self.say(
+            "operator",
+            f"started Azurite, the Azure Storage emulator, on 127.0.0.1:{port} (pid {child.pid}; "
+            f"data in {layout.rel(layout.azurite_data)}/) with blob containers "
+            f"{', '.join(containers)}",
+        )
+        with _step("operator", "starting the Key Vault double"):
+            vault = start_fake_key_vault(layout.keyvault_dir)
+        self.sup.defer("Key Vault double", vault.stop)
+        with _step("operator", "creating the parties' Key Vault keys"):
+            for party in PARTIES:
+                vault.create_key(f"{party}-kek")
+        store = BlobStore(config=BlobConfig(connection_string=connection))
+        self.sup.defer("blob store", store.close)
+        self.azure = AzureBackends(
+            azurite=child, port=port, connection_string=connection, vault=vault, store=store
+        )
+        self.say(
+            "operator",
+            f"started the local Key Vault double (a test stand-in for Azure Key Vault's REST API, "
+            f"HTTPS on {vault.url}) holding an RSA KEK per party: "
+            + ", ".join(f"{p}-kek" for p in PARTIES),
+        )
+
     def start_broker(self) -> None:
         layout = self.layout
-        config = toml_document(
-            [
-                (
-                    "broker",
-                    {
-                        "database_url": f"sqlite:///{layout.rel(layout.broker_db)}",
-                        "state_dir": layout.rel(layout.broker_dir / "state"),
-                        "trust_domain": TRUST_DOMAIN,
-                        "trusted_ek_ca_files": [str(p) for p in self.ek_cas],
-                        "default_kek": "local",
-                    },
-                ),
-                (
-                    "broker.tls",
-                    {
-                        "listen": "127.0.0.1:0",
-                        "cert_file": "pki/broker.crt",
-                        "key_file": "pki/broker.key",
-                        "ca_file": "pki/ca.crt",
-                    },
-                ),
-                ("broker.metrics", {"enabled": True, "listen": "127.0.0.1:0"}),
-            ]
-        )
-        write_text(layout.broker_config, config)
+        tables: list[tuple[str, Mapping[str, str | int | float | bool | Sequence[str]]]] = [
+            (
+                "broker",
+                {
+                    "database_url": f"sqlite:///{layout.rel(layout.broker_db)}",
+                    "state_dir": layout.rel(layout.broker_dir / "state"),
+                    "trust_domain": TRUST_DOMAIN,
+                    "trusted_ek_ca_files": [str(p) for p in self.ek_cas],
+                    "default_kek": "local",
+                },
+            ),
+            (
+                "broker.tls",
+                {
+                    "listen": "127.0.0.1:0",
+                    "cert_file": "pki/broker.crt",
+                    "key_file": "pki/broker.key",
+                    "ca_file": "pki/ca.crt",
+                },
+            ),
+            ("broker.metrics", {"enabled": True, "listen": "127.0.0.1:0"}),
+        ]
+        kek = "local KEK"
+        if self.azure is not None:
+            # The advertiser's KEK is chosen in the configuration; the publisher's is imported
+            # by the operator once the broker runs (import_party_kek).
+            tables.append(("broker.party_keks", {"advertiser": self.azure.kek_ref("advertiser")}))
+            tables.append(("keyvault", self.azure.vault.broker_settings()))
+            kek = (
+                "the advertiser's KEK is Key Vault key advertiser-kek ([broker.party_keks]), "
+                "reached with the double's static token and CA ([keyvault])"
+            )
+        write_text(layout.broker_config, toml_document(tables))
         log_file = layout.logs / "broker.log"
         child = self.sup.start(
             "broker",
@@ -304,7 +481,7 @@ class Demo:
         self.say(
             "operator",
             f"started the broker on {self.broker_target} (mTLS as spiffe://{TRUST_DOMAIN}/broker; "
-            f"SQLite {layout.rel(layout.broker_db)}; local KEK; trusts swtpm's EK CA; "
+            f"SQLite {layout.rel(layout.broker_db)}; {kek}; trusts swtpm's EK CA; "
             f"metrics {metrics or 'off'}; pid {child.pid})",
         )
 
@@ -384,6 +561,18 @@ class Demo:
             f"added parties {' and '.join(PARTIES)} to the broker with their public keys",
         )
 
+    def import_party_kek(self) -> None:
+        """The operator imports the publisher's own Key Vault key as its KEK (SetPartyKek)."""
+        assert self.azure is not None
+        ref = self.azure.kek_ref("publisher")
+        with _step("operator", "importing the publisher's Key Vault key"):
+            record = self.client("operator").set_party_kek("publisher", ref)
+        self.say(
+            "operator",
+            f"imported the publisher's own Key Vault key publisher-kek as its KEK (SetPartyKek; "
+            f"the broker first wrapped and unwrapped a test key with {record.checked_key})",
+        )
+
     def generate_data(self) -> None:
         from workload.example.sampledata import write_sample_streams
 
@@ -416,15 +605,25 @@ class Demo:
 
         for party in PARTIES:
             src = self.layout.party_csv(party)
-            dst = self.layout.sealed_input(party)
             key_id = self.key_ids[party]
             size = src.stat().st_size
             data_key = new_data_key()
+            destination: Callable[[], contextlib.AbstractContextManager[BinaryIO]]
+            if self.azure is not None:
+                # Sealed as it streams into the party's container: only ciphertext leaves the
+                # party, and the blob appears only once complete.
+                url = self.azure.input_url(party)
+                destination = functools.partial(self.azure.store.open_writer, url, overwrite=True)
+                where = f"uploaded to Azure Blob (Azurite): {url}"
+            else:
+                dst = self.layout.sealed_input(party)
+                destination = functools.partial(atomic_output, dst)
+                where = self.layout.rel(dst)
             with (
                 _step(party, f"sealing {src.name}"),
                 self.narrator.progress(f"[{party}] sealing", size) as bar,
                 open(src, "rb") as f_in,
-                atomic_output(dst) as f_out,
+                destination() as f_out,
                 SealWriter(
                     f_out,
                     data_key=data_key,
@@ -440,7 +639,7 @@ class Demo:
             self.say(
                 party,
                 f"sealed {self.options.rows:,} rows ({human_bytes(size)}) with a fresh "
-                f"AES-256-GCM data key, id {key_id}: {self.layout.rel(dst)}",
+                f"AES-256-GCM data key, id {key_id}: {where}",
             )
             with _step(party, f"registering data key {key_id}"):
                 info = self.client(party).register_plain_data_key(
@@ -448,10 +647,11 @@ class Demo:
                 )
             # Python cannot wipe bytes; dropping the only reference is what it can do.
             del data_key
+            self.result.kek_refs[key_id] = info.kek_ref
             self.say(
                 party,
                 f"registered data key {key_id} with the broker (sealed to the broker's "
-                f"registration key; stored wrapped by the {info.kek_ref or 'local'} KEK)",
+                f"registration key; stored wrapped by {_kek_phrase(info.kek_ref or 'local')})",
             )
 
     def approve(self) -> None:
@@ -518,19 +718,31 @@ class Demo:
                 {"name": WORKLOAD_NAME, "root": layout.rel(copy.root), "files": copy.files},
             ),
         ]
+        azure = self.azure
         for party in PARTIES:
             tables.append(
                 (
                     "[[inputs]]",
                     {
                         "name": party,
-                        "url": layout.rel(layout.sealed_input(party)),
+                        "url": azure.input_url(party)
+                        if azure is not None
+                        else layout.rel(layout.sealed_input(party)),
                         "key_id": self.key_ids[party],
                     },
                 )
             )
-        tables.append(("outputs", {"directory": layout.rel(layout.outputs(tampered=tampered))}))
+        outputs = (
+            azure.output_prefix(tampered=tampered)
+            if azure is not None
+            else layout.rel(layout.outputs(tampered=tampered))
+        )
+        tables.append(("outputs", {"directory": outputs}))
         tables.append(("runtime", {"state_dir": layout.rel(layout.sidecar_state)}))
+        if azure is not None:
+            # Azurite's development account key is public (Microsoft documents it); with a
+            # real account the sidecar would use its managed identity instead.
+            tables.append(("blob", {"connection_string": azure.connection_string}))
         write_text(config, toml_document(tables))
         return config
 
@@ -573,7 +785,9 @@ class Demo:
         Raises:
             subprocess.TimeoutExpired: the sidecar ran longer than ``timeout``.
         """
-        if not self.narrator.err.isatty():
+        if not self.narrator.err.isatty() or self.azure is not None:
+            # The progress comes from the positions of open input files, which blob inputs
+            # are not.
             return child.proc.wait(timeout=timeout)
         inputs = {str(self.layout.sealed_input(p).resolve()) for p in PARTIES}
         total = sum(os.stat(p).st_size for p in inputs)
@@ -637,7 +851,10 @@ class Demo:
 
     def good_run(self) -> None:
         assert self.workload is not None
+        unwraps_before = self.azure.unwraps() if self.azure is not None else 0
         outcome = self.run_sidecar(self.workload, tampered=False)
+        if self.azure is not None:
+            self.result.key_vault_unwraps = self.azure.unwraps() - unwraps_before
         self.result.good = outcome
         pcr = outcome.pcr23.get("sha256", b"")
         where = self.layout.rel(self.layout.sidecar_log())
@@ -666,13 +883,28 @@ class Demo:
             raise UnexpectedOutcomeError(
                 f"the approved workload was not given both keys: {outcome.attest_reason or '-'}"
             )
-        outputs = sorted(self.layout.outputs().glob("*.sealed"))
-        names = ", ".join(p.name.removesuffix(".sealed") for p in outputs)
+        if self.azure is not None:
+            self.say(
+                "broker",
+                f"unwrapped both data keys through Key Vault to release them "
+                f"({self.result.key_vault_unwraps} unwrap calls to the Key Vault double)",
+            )
+            self.say(
+                SIDECAR_ID,
+                "streamed the sealed inputs from Azure Blob (Azurite): "
+                + ", ".join(self.azure.input_url(p) for p in PARTIES),
+            )
+            with _step("demo", "listing the sealed outputs in Azure Blob"):
+                outputs = self.azure.list_outputs()
+            where = f"Azure Blob (Azurite): {self.azure.output_prefix()}/"
+        else:
+            outputs = sorted(p.name for p in self.layout.outputs().glob("*.sealed"))
+            where = f"{self.layout.rel(self.layout.outputs())}/"
+        names = ", ".join(name.removesuffix(".sealed") for name in outputs)
         self.say(
             "workload",
             f"ran {WORKLOAD_NAME!r} in the clean room ({outcome.seconds:.1f} s with the sidecar); "
-            f"its outputs {names or '(none)'} were sealed by the sidecar into "
-            f"{self.layout.rel(self.layout.outputs())}/",
+            f"its outputs {names or '(none)'} were sealed by the sidecar into {where}",
         )
         if not outputs:
             raise UnexpectedOutcomeError(f"the workload wrote no outputs (see {where})")
@@ -686,10 +918,34 @@ class Demo:
         kept = [ln for ln in lines if ln]
         return kept[-1] if kept else "(empty log)"
 
+    def download_outputs(self) -> None:
+        """Copies the sealed outputs from the output container to ``outputs/`` (ciphertext, for
+        inspection after the demo, when Azurite is gone)."""
+        from sealing.envelope import atomic_output
+
+        assert self.azure is not None
+        names = self.azure.list_outputs()
+        for name in names:
+            url = f"{self.azure.output_prefix()}/{name}"
+            with (
+                _step("demo", f"downloading {url}"),
+                self.azure.store.open_reader(url) as f_in,
+                atomic_output(self.layout.outputs() / name) as f_out,
+            ):
+                while chunk := f_in.read(1 << 20):
+                    f_out.write(chunk)
+        self.say(
+            "demo",
+            f"downloaded the sealed outputs {', '.join(names)} from Azure Blob to "
+            f"{self.layout.rel(self.layout.outputs())}/ (ciphertext, kept for inspection)",
+        )
+
     def open_outputs(self) -> None:
         from sealing.envelope import OpenReader, atomic_output, read_header
         from sealing.keys import load_private_key
 
+        if self.azure is not None:
+            self.download_outputs()
         outputs = sorted(self.layout.outputs().glob("*.sealed"))
         by_fingerprint = {k.fingerprint(): p for p, k in self.public_keys.items()}
         for path in outputs:
@@ -709,10 +965,17 @@ class Demo:
                 for path in outputs:
                     name = path.name.removesuffix(".sealed")
                     size = path.stat().st_size
+                    # With blobs each party streams its download straight into opening it.
+                    source: Callable[[], contextlib.AbstractContextManager[BinaryIO]]
+                    if self.azure is not None:
+                        url = f"{self.azure.output_prefix()}/{path.name}"
+                        source = functools.partial(self.azure.store.open_reader, url)
+                    else:
+                        source = functools.partial(_open_binary, path)
                     with (
                         _step(party, f"opening {name}"),
                         self.narrator.progress(f"[{party}] opening {name}", size) as bar,
-                        open(path, "rb") as f_in,
+                        source() as f_in,
                         OpenReader(f_in, private_key=key) as reader,
                         atomic_output(opened_dir / name) as f_out,
                     ):
@@ -720,10 +983,12 @@ class Demo:
                             f_out.write(chunk)
                             bar.update(len(chunk))
                     done.append(f"{name} ({human_bytes((opened_dir / name).stat().st_size)})")
-            self.say(
-                party,
-                f"opened {', '.join(done)} with its private key: {self.layout.rel(opened_dir)}/",
+            did = (
+                f"downloaded {', '.join(done)} from Azure Blob and opened them"
+                if self.azure is not None
+                else f"opened {', '.join(done)}"
             )
+            self.say(party, f"{did} with its private key: {self.layout.rel(opened_dir)}/")
         first = self.layout.opened(PARTIES[0])
         for path in sorted(first.iterdir()):
             self.result.headlines[path.name] = _headline(path)
@@ -744,6 +1009,9 @@ class Demo:
         pcr = outcome.pcr23.get("sha256", b"")
         leaked = [k for k, _ in outcome.released]
         wrote = sorted(p.name for p in self.layout.outputs(tampered=True).iterdir())
+        if self.azure is not None:
+            with _step("demo", "listing the tampered run's outputs in Azure Blob"):
+                wrote += self.azure.list_outputs(tampered=True)
         if leaked:
             raise UnexpectedOutcomeError(
                 f"the broker released {', '.join(leaked)} to the tampered workload"
@@ -817,6 +1085,27 @@ class Demo:
                 where += f" and {self.layout.rel(self.layout.logs)}/broker.log line {line}"
             rows.append(("why, per the audit log", f"record #{t.attest_sequence} in {where}"))
             rows.append(("", t.attest_reason))
+        if self.azure is not None:
+            azure = self.azure
+            rows.append(
+                (
+                    "blob storage",
+                    f"Azure Blob via Azurite (the storage emulator, 127.0.0.1:{azure.port}): "
+                    f"sealed inputs in {', '.join(f'{p}-in' for p in PARTIES)}, sealed outputs "
+                    f"in {OUTPUT_CONTAINER}/{_run_name(False)}/",
+                )
+            )
+            wrapped = ", ".join(
+                f"{key_id} by {_kek_words(ref)}" for key_id, ref in sorted(r.kek_refs.items())
+            )
+            rows.append(
+                (
+                    "key custody",
+                    f"Azure Key Vault via the local test double ({azure.vault.url}): "
+                    f"{wrapped or 'no keys registered'}; "
+                    f"{r.key_vault_unwraps} Key Vault unwraps to release them",
+                )
+            )
         for failure in r.failures:
             rows.append(("FAILED", failure))
         rows.append(("files", str(self.layout.root)))
@@ -831,14 +1120,26 @@ class Demo:
             devtpm.check_installed()
         except devtpm.SwtpmNotInstalledError as e:
             raise PrerequisiteError(str(e)) from e
+        if self.options.azure_emulators:
+            from cleanroom.emulators import EmulatorNotInstalledError
+            from cleanroom.emulators.azurite import find_azurite
+
+            try:
+                find_azurite()
+            except EmulatorNotInstalledError as e:
+                raise PrerequisiteError(str(e)) from e
 
     def run(self) -> DemoResult:
         try:
             self.check_prerequisites()
             self.issue_certificates()
+            if self.options.azure_emulators:
+                self.start_azure_emulators()
             self.start_tpm()
             self.start_broker()
             self.make_party_keys()
+            if self.azure is not None:
+                self.import_party_kek()
             self.generate_data()
             self.seal_and_register()
             self.approve()
@@ -935,7 +1236,12 @@ def run_demo(options: DemoOptions, *, narrator: Narrator | None = None) -> DemoR
 
 def _run_in(layout: Layout, replaced: bool, options: DemoOptions, out: Narrator) -> DemoResult:
     how = "replacing an earlier demo" if replaced else "new directory"
-    out.line(f"cleanroom demo: {options.rows:,} rows per party, seed {options.seed}")
+    backends = (
+        "; Azure backends on local emulators (Azurite, Key Vault double)"
+        if options.azure_emulators
+        else ""
+    )
+    out.line(f"cleanroom demo: {options.rows:,} rows per party, seed {options.seed}{backends}")
     out.line(f"cleanroom demo: files go to {layout.root} ({how})")
     with Supervisor() as sup:
         return Demo(options, layout, out, sup).run()

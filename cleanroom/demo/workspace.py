@@ -19,7 +19,15 @@ Everything the demo makes stays under one directory::
       outputs/                   the sealed outputs of the good run
       outputs-tampered/          empty: the tampered run gets no keys, so it writes nothing
       logs/                      swtpm.log, broker.log, sidecar.log, sidecar-tampered.log
+                                 (and azurite.log with --azure-emulators)
       summary.txt                the summary printed at the end
+
+With ``--azure-emulators`` the sealed inputs and outputs live in Azurite's blob containers
+instead of ``sealed/`` and ``outputs/`` (the sealed outputs are downloaded to ``outputs/`` at
+the end, for inspection), and two more directories appear::
+
+      azurite/                   Azurite's data (the Azure Storage emulator)
+      keyvault/                  the TLS CA and certificate of the local Key Vault double
 """
 
 from __future__ import annotations
@@ -139,6 +147,16 @@ class Layout:
     @property
     def summary(self) -> Path:
         return self.root / "summary.txt"
+
+    @property
+    def azurite_data(self) -> Path:
+        """Azurite's data directory (``--azure-emulators``)."""
+        return self.root / "azurite"
+
+    @property
+    def keyvault_dir(self) -> Path:
+        """The Key Vault double's TLS files (``--azure-emulators``)."""
+        return self.root / "keyvault"
 
     def party_dir(self, party: str) -> Path:
         return self.root / "parties" / party

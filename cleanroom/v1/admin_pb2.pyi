@@ -1040,3 +1040,209 @@ class VerifyAuditLogResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___VerifyAuditLogResponse: _TypeAlias = VerifyAuditLogResponse  # noqa: Y015
+
+@_typing.final
+class SetPartyKekRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTY_FIELD_NUMBER: _builtins.int
+    KEK_REF_FIELD_NUMBER: _builtins.int
+    party: _builtins.str
+    kek_ref: _builtins.str
+    """"local" or "azurekv:https://<vault>/keys/<name>[/<version>]"."""
+    def __init__(
+        self,
+        *,
+        party: _builtins.str = ...,
+        kek_ref: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kek_ref", b"kek_ref", "party", b"party"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetPartyKekRequest: _TypeAlias = SetPartyKekRequest  # noqa: Y015
+
+@_typing.final
+class SetPartyKekResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTY_KEK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def party_kek(self) -> Global___PartyKek: ...
+    def __init__(
+        self,
+        *,
+        party_kek: Global___PartyKek | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["party_kek", b"party_kek"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["party_kek", b"party_kek"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetPartyKekResponse: _TypeAlias = SetPartyKekResponse  # noqa: Y015
+
+@_typing.final
+class PartyKek(_message.Message):
+    """The KEK that wraps a party's newly registered data keys."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTY_FIELD_NUMBER: _builtins.int
+    KEK_REF_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    CHECKED_KEY_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    party: _builtins.str
+    kek_ref: _builtins.str
+    source: _builtins.str
+    """Where the choice comes from: "imported" (SetPartyKek), "config" (the broker's party_keks)
+    or "default" (the broker's default_kek).
+    """
+    checked_key: _builtins.str
+    """For an imported KEK: what the broker's check found in use (the versioned Key Vault key id)."""
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        party: _builtins.str = ...,
+        kek_ref: _builtins.str = ...,
+        source: _builtins.str = ...,
+        checked_key: _builtins.str = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["updated_at", b"updated_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checked_key", b"checked_key", "kek_ref", b"kek_ref", "party", b"party", "source", b"source", "updated_at", b"updated_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PartyKek: _TypeAlias = PartyKek  # noqa: Y015
+
+@_typing.final
+class ListPartyKeksRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPartyKeksRequest: _TypeAlias = ListPartyKeksRequest  # noqa: Y015
+
+@_typing.final
+class ListPartyKeksResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTY_KEKS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def party_keks(self) -> _containers.RepeatedCompositeFieldContainer[Global___PartyKek]: ...
+    def __init__(
+        self,
+        *,
+        party_keks: _abc.Iterable[Global___PartyKek] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["party_keks", b"party_keks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPartyKeksResponse: _TypeAlias = ListPartyKeksResponse  # noqa: Y015
+
+@_typing.final
+class RewrapDataKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    NEW_KEK_REF_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    new_kek_ref: _builtins.str
+    """"local" or "azurekv:https://<vault>/keys/<name>[/<version>]"; may equal the current ref (a
+    versionless Key Vault ref then moves the key to the key's current version).
+    """
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        new_kek_ref: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "new_kek_ref", b"new_kek_ref"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RewrapDataKeyRequest: _TypeAlias = RewrapDataKeyRequest  # noqa: Y015
+
+@_typing.final
+class RewrapDataKeyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    PREVIOUS_KEK_REF_FIELD_NUMBER: _builtins.int
+    previous_kek_ref: _builtins.str
+    @_builtins.property
+    def key(self) -> Global___DataKeyInfo: ...
+    def __init__(
+        self,
+        *,
+        key: Global___DataKeyInfo | None = ...,
+        previous_kek_ref: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "previous_kek_ref", b"previous_kek_ref"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RewrapDataKeyResponse: _TypeAlias = RewrapDataKeyResponse  # noqa: Y015
+
+@_typing.final
+class CheckKekRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEK_REF_FIELD_NUMBER: _builtins.int
+    kek_ref: _builtins.str
+    def __init__(
+        self,
+        *,
+        kek_ref: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kek_ref", b"kek_ref"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckKekRequest: _TypeAlias = CheckKekRequest  # noqa: Y015
+
+@_typing.final
+class CheckKekResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEK_REF_FIELD_NUMBER: _builtins.int
+    CHECKED_KEY_FIELD_NUMBER: _builtins.int
+    kek_ref: _builtins.str
+    checked_key: _builtins.str
+    """What is in use: the versioned Key Vault key id, or the ref of the local KEK."""
+    def __init__(
+        self,
+        *,
+        kek_ref: _builtins.str = ...,
+        checked_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checked_key", b"checked_key", "kek_ref", b"kek_ref"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckKekResponse: _TypeAlias = CheckKekResponse  # noqa: Y015

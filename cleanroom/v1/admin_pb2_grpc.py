@@ -27,8 +27,8 @@ if _version_not_supported:
 
 class AdminServiceStub:
     """The broker's admin service. Callers: the operator (spiffe://<domain>/operator) for EKs, AKs,
-    golden PCR sets and parties; parties (spiffe://<domain>/party/<name>) for their own data keys,
-    approvals and audit records.
+    golden PCR sets, parties and key custody (each party's KEK, rewrapping data keys); parties
+    (spiffe://<domain>/party/<name>) for their own data keys, approvals and audit records.
     """
 
     def __init__(self, channel):
@@ -132,12 +132,32 @@ class AdminServiceStub:
                 request_serializer=cleanroom_dot_v1_dot_admin__pb2.VerifyAuditLogRequest.SerializeToString,
                 response_deserializer=cleanroom_dot_v1_dot_admin__pb2.VerifyAuditLogResponse.FromString,
                 _registered_method=True)
+        self.SetPartyKek = channel.unary_unary(
+                '/cleanroom.v1.AdminService/SetPartyKek',
+                request_serializer=cleanroom_dot_v1_dot_admin__pb2.SetPartyKekRequest.SerializeToString,
+                response_deserializer=cleanroom_dot_v1_dot_admin__pb2.SetPartyKekResponse.FromString,
+                _registered_method=True)
+        self.ListPartyKeks = channel.unary_unary(
+                '/cleanroom.v1.AdminService/ListPartyKeks',
+                request_serializer=cleanroom_dot_v1_dot_admin__pb2.ListPartyKeksRequest.SerializeToString,
+                response_deserializer=cleanroom_dot_v1_dot_admin__pb2.ListPartyKeksResponse.FromString,
+                _registered_method=True)
+        self.RewrapDataKey = channel.unary_unary(
+                '/cleanroom.v1.AdminService/RewrapDataKey',
+                request_serializer=cleanroom_dot_v1_dot_admin__pb2.RewrapDataKeyRequest.SerializeToString,
+                response_deserializer=cleanroom_dot_v1_dot_admin__pb2.RewrapDataKeyResponse.FromString,
+                _registered_method=True)
+        self.CheckKek = channel.unary_unary(
+                '/cleanroom.v1.AdminService/CheckKek',
+                request_serializer=cleanroom_dot_v1_dot_admin__pb2.CheckKekRequest.SerializeToString,
+                response_deserializer=cleanroom_dot_v1_dot_admin__pb2.CheckKekResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
     """The broker's admin service. Callers: the operator (spiffe://<domain>/operator) for EKs, AKs,
-    golden PCR sets and parties; parties (spiffe://<domain>/party/<name>) for their own data keys,
-    approvals and audit records.
+    golden PCR sets, parties and key custody (each party's KEK, rewrapping data keys); parties
+    (spiffe://<domain>/party/<name>) for their own data keys, approvals and audit records.
     """
 
     def GetBrokerInfo(self, request, context):
@@ -257,6 +277,37 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetPartyKek(self, request, context):
+        """Operator: records an existing KEK (a party's own Azure Key Vault key, "azurekv:<key id>")
+        for a party's newly registered data keys, after checking that the broker can wrap and unwrap
+        with it. It takes precedence over the broker's configuration.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPartyKeks(self, request, context):
+        """Operator: which KEK each party's new data keys get, and where that choice comes from.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RewrapDataKey(self, request, context):
+        """Operator: rewraps a data key under another KEK (or the current version of the same Key
+        Vault key) inside the broker; the plain key never leaves the broker process.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckKek(self, request, context):
+        """Operator: checks that the broker can wrap and unwrap with a KEK, changing nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -355,6 +406,26 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     request_deserializer=cleanroom_dot_v1_dot_admin__pb2.VerifyAuditLogRequest.FromString,
                     response_serializer=cleanroom_dot_v1_dot_admin__pb2.VerifyAuditLogResponse.SerializeToString,
             ),
+            'SetPartyKek': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPartyKek,
+                    request_deserializer=cleanroom_dot_v1_dot_admin__pb2.SetPartyKekRequest.FromString,
+                    response_serializer=cleanroom_dot_v1_dot_admin__pb2.SetPartyKekResponse.SerializeToString,
+            ),
+            'ListPartyKeks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPartyKeks,
+                    request_deserializer=cleanroom_dot_v1_dot_admin__pb2.ListPartyKeksRequest.FromString,
+                    response_serializer=cleanroom_dot_v1_dot_admin__pb2.ListPartyKeksResponse.SerializeToString,
+            ),
+            'RewrapDataKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RewrapDataKey,
+                    request_deserializer=cleanroom_dot_v1_dot_admin__pb2.RewrapDataKeyRequest.FromString,
+                    response_serializer=cleanroom_dot_v1_dot_admin__pb2.RewrapDataKeyResponse.SerializeToString,
+            ),
+            'CheckKek': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckKek,
+                    request_deserializer=cleanroom_dot_v1_dot_admin__pb2.CheckKekRequest.FromString,
+                    response_serializer=cleanroom_dot_v1_dot_admin__pb2.CheckKekResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'cleanroom.v1.AdminService', rpc_method_handlers)
@@ -365,8 +436,8 @@ def add_AdminServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class AdminService:
     """The broker's admin service. Callers: the operator (spiffe://<domain>/operator) for EKs, AKs,
-    golden PCR sets and parties; parties (spiffe://<domain>/party/<name>) for their own data keys,
-    approvals and audit records.
+    golden PCR sets, parties and key custody (each party's KEK, rewrapping data keys); parties
+    (spiffe://<domain>/party/<name>) for their own data keys, approvals and audit records.
     """
 
     @staticmethod
@@ -872,6 +943,114 @@ class AdminService:
             '/cleanroom.v1.AdminService/VerifyAuditLog',
             cleanroom_dot_v1_dot_admin__pb2.VerifyAuditLogRequest.SerializeToString,
             cleanroom_dot_v1_dot_admin__pb2.VerifyAuditLogResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPartyKek(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cleanroom.v1.AdminService/SetPartyKek',
+            cleanroom_dot_v1_dot_admin__pb2.SetPartyKekRequest.SerializeToString,
+            cleanroom_dot_v1_dot_admin__pb2.SetPartyKekResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPartyKeks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cleanroom.v1.AdminService/ListPartyKeks',
+            cleanroom_dot_v1_dot_admin__pb2.ListPartyKeksRequest.SerializeToString,
+            cleanroom_dot_v1_dot_admin__pb2.ListPartyKeksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RewrapDataKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cleanroom.v1.AdminService/RewrapDataKey',
+            cleanroom_dot_v1_dot_admin__pb2.RewrapDataKeyRequest.SerializeToString,
+            cleanroom_dot_v1_dot_admin__pb2.RewrapDataKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckKek(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cleanroom.v1.AdminService/CheckKek',
+            cleanroom_dot_v1_dot_admin__pb2.CheckKekRequest.SerializeToString,
+            cleanroom_dot_v1_dot_admin__pb2.CheckKekResponse.FromString,
             options,
             channel_credentials,
             insecure,

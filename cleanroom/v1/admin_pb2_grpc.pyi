@@ -28,8 +28,8 @@ GRPC_VERSION: str
 
 class AdminServiceStub:
     """The broker's admin service. Callers: the operator (spiffe://<domain>/operator) for EKs, AKs,
-    golden PCR sets and parties; parties (spiffe://<domain>/party/<name>) for their own data keys,
-    approvals and audit records.
+    golden PCR sets, parties and key custody (each party's KEK, rewrapping data keys); parties
+    (spiffe://<domain>/party/<name>) for their own data keys, approvals and audit records.
     """
 
     @_typing.overload
@@ -58,12 +58,25 @@ class AdminServiceStub:
     ListApprovals: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListApprovalsRequest, _admin_pb2.ListApprovalsResponse]
     ListAuditRecords: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListAuditRecordsRequest, _admin_pb2.ListAuditRecordsResponse]
     VerifyAuditLog: _grpc.UnaryUnaryMultiCallable[_admin_pb2.VerifyAuditLogRequest, _admin_pb2.VerifyAuditLogResponse]
+    SetPartyKek: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetPartyKekRequest, _admin_pb2.SetPartyKekResponse]
+    """Operator: records an existing KEK (a party's own Azure Key Vault key, "azurekv:<key id>")
+    for a party's newly registered data keys, after checking that the broker can wrap and unwrap
+    with it. It takes precedence over the broker's configuration.
+    """
+    ListPartyKeks: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListPartyKeksRequest, _admin_pb2.ListPartyKeksResponse]
+    """Operator: which KEK each party's new data keys get, and where that choice comes from."""
+    RewrapDataKey: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RewrapDataKeyRequest, _admin_pb2.RewrapDataKeyResponse]
+    """Operator: rewraps a data key under another KEK (or the current version of the same Key
+    Vault key) inside the broker; the plain key never leaves the broker process.
+    """
+    CheckKek: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CheckKekRequest, _admin_pb2.CheckKekResponse]
+    """Operator: checks that the broker can wrap and unwrap with a KEK, changing nothing."""
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
     """The broker's admin service. Callers: the operator (spiffe://<domain>/operator) for EKs, AKs,
-    golden PCR sets and parties; parties (spiffe://<domain>/party/<name>) for their own data keys,
-    approvals and audit records.
+    golden PCR sets, parties and key custody (each party's KEK, rewrapping data keys); parties
+    (spiffe://<domain>/party/<name>) for their own data keys, approvals and audit records.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -89,11 +102,24 @@ class AdminServiceAsyncStub(AdminServiceStub):
     ListApprovals: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListApprovalsRequest, _admin_pb2.ListApprovalsResponse]  # type: ignore[assignment]
     ListAuditRecords: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListAuditRecordsRequest, _admin_pb2.ListAuditRecordsResponse]  # type: ignore[assignment]
     VerifyAuditLog: _aio.UnaryUnaryMultiCallable[_admin_pb2.VerifyAuditLogRequest, _admin_pb2.VerifyAuditLogResponse]  # type: ignore[assignment]
+    SetPartyKek: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetPartyKekRequest, _admin_pb2.SetPartyKekResponse]  # type: ignore[assignment]
+    """Operator: records an existing KEK (a party's own Azure Key Vault key, "azurekv:<key id>")
+    for a party's newly registered data keys, after checking that the broker can wrap and unwrap
+    with it. It takes precedence over the broker's configuration.
+    """
+    ListPartyKeks: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListPartyKeksRequest, _admin_pb2.ListPartyKeksResponse]  # type: ignore[assignment]
+    """Operator: which KEK each party's new data keys get, and where that choice comes from."""
+    RewrapDataKey: _aio.UnaryUnaryMultiCallable[_admin_pb2.RewrapDataKeyRequest, _admin_pb2.RewrapDataKeyResponse]  # type: ignore[assignment]
+    """Operator: rewraps a data key under another KEK (or the current version of the same Key
+    Vault key) inside the broker; the plain key never leaves the broker process.
+    """
+    CheckKek: _aio.UnaryUnaryMultiCallable[_admin_pb2.CheckKekRequest, _admin_pb2.CheckKekResponse]  # type: ignore[assignment]
+    """Operator: checks that the broker can wrap and unwrap with a KEK, changing nothing."""
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """The broker's admin service. Callers: the operator (spiffe://<domain>/operator) for EKs, AKs,
-    golden PCR sets and parties; parties (spiffe://<domain>/party/<name>) for their own data keys,
-    approvals and audit records.
+    golden PCR sets, parties and key custody (each party's KEK, rewrapping data keys); parties
+    (spiffe://<domain>/party/<name>) for their own data keys, approvals and audit records.
     """
 
     @_abc_1.abstractmethod
@@ -231,5 +257,42 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.VerifyAuditLogRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.VerifyAuditLogResponse, _abc.Awaitable[_admin_pb2.VerifyAuditLogResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SetPartyKek(
+        self,
+        request: _admin_pb2.SetPartyKekRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SetPartyKekResponse, _abc.Awaitable[_admin_pb2.SetPartyKekResponse]]:
+        """Operator: records an existing KEK (a party's own Azure Key Vault key, "azurekv:<key id>")
+        for a party's newly registered data keys, after checking that the broker can wrap and unwrap
+        with it. It takes precedence over the broker's configuration.
+        """
+
+    @_abc_1.abstractmethod
+    def ListPartyKeks(
+        self,
+        request: _admin_pb2.ListPartyKeksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListPartyKeksResponse, _abc.Awaitable[_admin_pb2.ListPartyKeksResponse]]:
+        """Operator: which KEK each party's new data keys get, and where that choice comes from."""
+
+    @_abc_1.abstractmethod
+    def RewrapDataKey(
+        self,
+        request: _admin_pb2.RewrapDataKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RewrapDataKeyResponse, _abc.Awaitable[_admin_pb2.RewrapDataKeyResponse]]:
+        """Operator: rewraps a data key under another KEK (or the current version of the same Key
+        Vault key) inside the broker; the plain key never leaves the broker process.
+        """
+
+    @_abc_1.abstractmethod
+    def CheckKek(
+        self,
+        request: _admin_pb2.CheckKekRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.CheckKekResponse, _abc.Awaitable[_admin_pb2.CheckKekResponse]]:
+        """Operator: checks that the broker can wrap and unwrap with a KEK, changing nothing."""
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

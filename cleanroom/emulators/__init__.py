@@ -1,0 +1,28 @@
+"""Local stand-ins for the Azure services, for the demo and the tests only.
+
+Nothing here is used unless asked for (``cleanroom demo --azure-emulators``, the test
+fixtures): a deployment talks to the real Azure Key Vault and Blob Storage.
+
+* :mod:`cleanroom.emulators.keyvault`: a **test double** of Azure Key Vault, a local HTTPS
+  server that speaks the few Key Vault REST calls the broker's KEK provider makes (no Key Vault
+  emulator exists). It is not a vault: its keys live in process memory, its TLS CA is
+  throwaway and it accepts one static bearer token.
+* :mod:`cleanroom.emulators.azurite`: a launcher for **Azurite**, Microsoft's storage emulator
+  (the npm package ``azurite``, installed by ``make setup`` under ``.cache/azurite``).
+"""
+
+from __future__ import annotations
+
+__all__ = ["EmulatorError", "EmulatorNotInstalledError", "EmulatorStartError"]
+
+
+class EmulatorError(Exception):
+    """Root of this package's errors: an emulator is missing or did not start."""
+
+
+class EmulatorNotInstalledError(EmulatorError):
+    """An emulator (Azurite, or Node.js for it) is not installed where it is looked for."""
+
+
+class EmulatorStartError(EmulatorError):
+    """An emulator was found but did not start (or stopped) listening."""

@@ -1,0 +1,330 @@
+"""Key Vault KEKs in a served broker: ``[keyvault]`` and ``[broker.party_keks]`` in broker.toml,
+and the operator's ``cleanroom admin kek ...`` and ``key rewrap`` commands.
+
+The broker is a real ``cleanroom broker serve`` process (mTLS, SQLite); Key Vault is the local
+HTTPS double (``cleanroom.emulators.keyvault``) reached with the real ``azure-keyvault-keys``
+client, configured the way an operator configures a vault (a static token and a CA file instead
+of a managed identity). The commands are the ones shown in docs/admin-cli.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker.client import BrokerClient
+from cleanroom.cli import main
+from cleanroom.demo.workspace import toml_document
+from cleanroom.emulators.keyvault import FakeKeyVault
+from pki.ca import PkiLayout, init_pki
+
+CLEANROOM = Path(sys.executable).parent / "cleanroom"
+PARTIES = ("advertiser", "publisher")
+
+
+@dataclass
+class ServedBroker:
+    proc: subprocess.Popen[bytes]
+    address: str
+    pki: PkiLayout
+    workdir: Path
+    vault: FakeKeyVault
+
+    def ref(self, name: str, version: str | None = None) -> str:
+        return f"azurekv:{self.vault.key_url(name, version)}"
+
+    def client(self, kind: str, name: str = "") -> BrokerClient:
+        cert, key = self.pki.cert_and_key(kind, name)
+        return BrokerClient.connect(
+            target=self.address, cert_file=cert, key_file=key, ca_file=self.pki.ca_cert
+        )
+
+    def env(self, kind: str = "operator", name: str = "") -> dict[str, str]:
+        cert, key = self.pki.cert_and_key(kind, name)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CLEANROOM_")}
+        env.update(
+            CLEANROOM_ADMIN_BROKER=self.address,
+            CLEANROOM_ADMIN_CERT=str(cert),
+            CLEANROOM_ADMIN_KEY=str(key),
+            CLEANROOM_ADMIN_CA=str(self.pki.ca_cert),
+        )
+        return env
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            return self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+
+def write_broker_toml(workdir: Path, pki: PkiLayout, vault: FakeKeyVault) -> Path:
+    """A broker.toml whose advertiser keeps its KEK in Key Vault; everyone else uses the local
+    KEK."""
+    cert, key = pki.cert_and_key("broker")
+    config = workdir / "broker.toml"
+    config.write_text(
+        toml_document(
+            [
+                (
+                    "broker",
+                    {
+                        "database_url": f"sqlite:///{workdir / 'broker.db'}",
+                        "state_dir": str(workdir / "state"),
+                        "default_kek": "local",
+                    },
+                ),
+                ("broker.party_keks", {"advertiser": f"azurekv:{vault.key_url('advertiser-kek')}"}),
+                (
+                    "broker.tls",
+                    {
+                        "listen": "127.0.0.1:0",
+                        "cert_file": str(cert),
+                        "key_file": str(key),
+                        "ca_file": str(pki.ca_cert),
+                    },
+                ),
+                ("broker.metrics", {"enabled": False}),
+                ("keyvault", vault.broker_settings()),
+            ]
+        )
+    )
+    return config
+
+
+def start_served_broker(workdir: Path, vault: FakeKeyVault) -> ServedBroker:
+    pki = init_pki(workdir / "pki", parties=PARTIES)
+    config = write_broker_toml(workdir, pki, vault)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLEANROOM_")}
+    log = workdir / "broker.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [str(CLEANROOM), "broker", "serve", "--config", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            env=env,
+        )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 30
+    seen = b""
+    while b"broker listening on " not in seen or not seen.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or proc.poll() is not None:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"broker did not start:\n{log.read_text()}")
+        ready, _, _ = select.select([proc.stdout], [], [], remaining)
+        if ready:
+            seen += os.read(proc.stdout.fileno(), 4096)
+    line = next(x for x in seen.decode().splitlines() if x.startswith("broker listening on "))
+    return ServedBroker(proc, line.split()[3], pki, workdir, vault)
+
+
+@pytest.fixture
+def served(tmp_path: Path, key_vault: FakeKeyVault) -> Iterator[ServedBroker]:
+    for name in ("advertiser-kek", "publisher-kek", "broker-kek"):
+        key_vault.create_key(name)
+    broker = start_served_broker(tmp_path, key_vault)
+    try:
+        with broker.client("operator") as operator:
+            from cleanroom.v1 import common_pb2
+            from sealing.keys import generate_recipient_key
+
+            for party in PARTIES:
+                public = generate_recipient_key().public_key()
+                operator.add_party(
+                    party,
+                    common_pb2.RecipientKey(
+                        kem=common_pb2.KemAlgorithm.ValueType(public.kem), public_key=public.raw
+                    ),
+                )
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def as_operator(served: ServedBroker, monkeypatch: pytest.MonkeyPatch) -> ServedBroker:
+    for k, v in served.env("operator").items():
+        if k.startswith("CLEANROOM_ADMIN_"):
+            monkeypatch.setenv(k, v)
+    return served
+
+
+def admin(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """``cleanroom admin ARGV`` in-process; it must succeed. Returns stdout."""
+    code = main(["admin", *argv])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return out
+
+
+def admin_json(capsys: pytest.CaptureFixture[str], *argv: str) -> Any:
+    return json.loads(admin(capsys, "--json", *argv))
+
+
+def admin_fails(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """``cleanroom admin ARGV`` in-process; it must fail with one line on stderr."""
+    code = main(["admin", *argv])
+    out, err = capsys.readouterr()
+    assert code == 1 and out == "", out + err
+    assert err.startswith("cleanroom: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def register(served: ServedBroker, party: str, key_id: str) -> str:
+    """Registers a fresh data key as ``party``; returns the KEK ref the broker reports."""
+    with served.client("party", party) as client:
+        info = client.register_plain_data_key(key_id, os.urandom(32))
+    return info.kek_ref
+
+
+def kek_refs(served: ServedBroker) -> dict[str, str]:
+    """key id -> kek_ref, straight from the broker's database."""
+    with sqlite3.connect(served.workdir / "broker.db") as db:
+        return dict(db.execute("SELECT key_id, kek_ref FROM data_keys").fetchall())
+
+
+def test_a_party_with_a_configured_key_vault_kek_gets_its_keys_wrapped_by_key_vault(
+    served: ServedBroker,
+) -> None:
+    unwraps = len(served.vault.recorded(method="POST", suffix="/unwrapkey"))
+    assert register(served, "advertiser", "adv-data") == served.ref("advertiser-kek")
+    assert register(served, "publisher", "pub-data") == "local"
+    # The wrap was checked by one unwrap through the vault, as the broker's identity.
+    assert len(served.vault.recorded(method="POST", suffix="/unwrapkey")) == unwraps + 1
+    with served.client("operator") as operator:
+        listed = {k.key_id: k.kek_ref for k in operator.list_data_keys()}
+        choices = {k.party: (k.kek_ref, k.source) for k in operator.list_party_keks()}
+    assert listed == {"adv-data": served.ref("advertiser-kek"), "pub-data": "local"}
+    assert choices == {
+        "advertiser": (served.ref("advertiser-kek"), "config"),
+        "publisher": ("local", "default"),
+    }
+    # A clean stop: the Key Vault clients and credential are closed with the broker.
+    assert served.stop() == 0
+
+
+def test_operator_imports_checks_and_rewraps_with_the_cli(
+    as_operator: ServedBroker, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The commands of docs/admin-cli.md, "Key-encryption keys (operator)"."""
+    served = as_operator
+    publisher_ref = served.ref("publisher-kek")
+    broker_ref = served.ref("broker-kek")
+    versions = {k: v.versions[-1].version for k, v in served.vault.keys.items()}
+
+    # cleanroom admin kek check REF
+    out = admin(capsys, "kek", "check", publisher_ref)
+    assert out == (
+        f"{publisher_ref}: the broker wraps and unwraps with "
+        f"{served.vault.key_url('publisher-kek', versions['publisher-kek'])}\n"
+    )
+
+    # cleanroom admin kek import --party NAME --ref REF
+    doc = admin_json(capsys, "kek", "import", "--party", "publisher", "--ref", publisher_ref)
+    assert doc["party"] == "publisher" and doc["kek_ref"] == publisher_ref
+    assert doc["source"] == "imported"
+    assert doc["checked_key"] == served.vault.key_url("publisher-kek", versions["publisher-kek"])
+    listed = {d["party"]: d for d in admin_json(capsys, "kek", "list")}
+    assert (listed["publisher"]["kek_ref"], listed["publisher"]["source"]) == (
+        publisher_ref,
+        "imported",
+    )
+    assert listed["advertiser"]["source"] == "config"
+    # From now on the publisher's new keys are wrapped by its own Key Vault key.
+    assert register(served, "publisher", "publisher-2024") == publisher_ref
+
+    # An import takes precedence over the configuration, for the advertiser too.
+    admin(capsys, "kek", "import", "--party", "advertiser", "--ref", "local")
+    assert register(served, "advertiser", "advertiser-2024") == "local"
+
+    # cleanroom admin key rewrap KEY_ID --kek REF: local -> Key Vault, then back.
+    out = admin(capsys, "key", "rewrap", "advertiser-2024", "--kek", broker_ref)
+    assert f"wrapped by:     {broker_ref}\n" in out
+    assert "was wrapped by: local\n" in out
+    assert kek_refs(served)["advertiser-2024"] == broker_ref
+    keys = {k["key_id"]: k["kek_ref"] for k in admin_json(capsys, "key", "list")}
+    assert keys["advertiser-2024"] == broker_ref
+    doc = admin_json(capsys, "key", "rewrap", "advertiser-2024", "--kek", "local")
+    assert (doc["kek_ref"], doc["previous_kek_ref"]) == ("local", broker_ref)
+
+    records = admin_json(capsys, "audit", "list", "--limit", "1000")
+    actions = [(r["action"], r["subject"], r["decision"]) for r in records]
+    assert ("kek.check", publisher_ref, "allow") in actions
+    assert ("party.kek", "publisher", "allow") in actions
+    assert actions.count(("key.rewrap", "advertiser-2024", "allow")) == 2
+
+
+def test_an_unusable_key_vault_ref_is_refused_with_the_reason(
+    as_operator: ServedBroker, capsys: pytest.CaptureFixture[str]
+) -> None:
+    served = as_operator
+    missing = served.ref("no-such-key")
+    err = admin_fails(capsys, "kek", "import", "--party", "publisher", "--ref", missing)
+    assert "SetPartyKek: key not found: " in err and "[FAILED_PRECONDITION]" in err
+    # The double answered 404 to the broker's read of the key: nothing was recorded.
+    assert any(r.status == 404 for r in served.vault.recorded(method="GET"))
+    listed = {d["party"]: d["source"] for d in admin_json(capsys, "kek", "list")}
+    assert listed["publisher"] == "default"
+    err = admin_fails(capsys, "kek", "check", missing)
+    assert "CheckKek: key not found: " in err and "[FAILED_PRECONDITION]" in err
+
+    # The broker's role was taken away: the import is refused as forbidden.
+    served.vault.forbidden = True
+    err = admin_fails(
+        capsys, "kek", "import", "--party", "publisher", "--ref", served.ref("publisher-kek")
+    )
+    assert "SetPartyKek: forbidden: " in err and "Key Vault Crypto User" in err
+    served.vault.forbidden = False
+
+    # Malformed refs never reach the vault.
+    err = admin_fails(capsys, "kek", "import", "--party", "publisher", "--ref", "azurekv:nope")
+    assert "kek_ref" in err and "[INVALID_ARGUMENT]" in err
+    err = admin_fails(capsys, "key", "rewrap", "pub-data", "--kek", "vault:x")
+    assert "new_kek_ref" in err and "[INVALID_ARGUMENT]" in err
+    err = admin_fails(capsys, "key", "rewrap", "no-such-key", "--kek", "local")
+    assert "[NOT_FOUND]" in err
+    err = admin_fails(capsys, "kek", "import", "--party", "nobody", "--ref", "local")
+    assert "[NOT_FOUND]" in err
+
+    records = admin_json(capsys, "audit", "list", "--limit", "1000")
+    denials = [r["reason"] for r in records if r["action"] == "party.kek"]
+    assert denials and all(r["decision"] == "deny" for r in records if r["action"] == "party.kek")
+    assert denials[0].startswith(f"KEK {missing} refused: key not found:")
+
+
+def test_a_party_cannot_call_the_kek_operations(served: ServedBroker) -> None:
+    register(served, "publisher", "pub-data")
+    env = served.env("party", "publisher")
+    for argv in (
+        ["kek", "import", "--party", "publisher", "--ref", served.ref("publisher-kek")],
+        ["kek", "check", served.ref("publisher-kek")],
+        ["kek", "list"],
+        ["key", "rewrap", "pub-data", "--kek", served.ref("publisher-kek")],
+    ):
+        proc = subprocess.run(
+            [str(CLEANROOM), "admin", *argv],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert "needs the operator role [PERMISSION_DENIED]" in proc.stderr, proc.stderr
+    assert kek_refs(served) == {"pub-data": "local"}
