@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from broker import policy, quote, release, tpmkeys
 from broker.audit import AuditLog, ChainReport
@@ -135,6 +136,11 @@ class Broker:
         self.nonces = NonceService(store, ttl_seconds=config.nonce_ttl_seconds, clock=clock)
         self.audit = AuditLog(store, clock=clock)
         self._required = {bank: (WORKLOAD_PCR, *config.boot_pcrs) for bank in config.required_banks}
+        # The AK sizes and curves an operator accepts (BrokerConfig.accepted_rsa_bits/_ecc_curves).
+        self._ak_limits: dict[str, Any] = {
+            "rsa_key_sizes": frozenset(config.accepted_rsa_bits),
+            "curves": frozenset(config.accepted_ecc_curves),
+        }
         # Parties are never changed or removed once added (the store has no such operation),
         # so the records that every release names as output recipients are read once. Whoever
         # adds party updates or removal must drop this cache.
@@ -253,7 +259,7 @@ class Broker:
         try:
             pub = tpmkeys.load_public(ak_public)
             if pub.tpm2b_public is not None:
-                tpmkeys.check_ak_attributes(pub)
+                tpmkeys.check_ak_attributes(pub, **self._ak_limits)
             if ek_id:
                 ek = self.store.get_ek(ek_id)
                 if ek.revoked:
@@ -289,7 +295,7 @@ class Broker:
             ak = tpmkeys.load_public(ak_public)
             if ak.name is None:
                 raise EnrollmentError("credential activation needs the AK as TPM2B_PUBLIC")
-            tpmkeys.check_ak_attributes(ak)
+            tpmkeys.check_ak_attributes(ak, **self._ak_limits)
             try:
                 ek_record = self.store.get_ek(ek.key_id)
             except UnknownKeyError:
