@@ -102,7 +102,10 @@ class Broker:
 
     @property
     def pids(self) -> list[int]:
-        return [p.pid for p in self.procs]
+        """Every broker process: those started here and, with ``--processes``, their
+        children (whose CPU /proc does not add to the parent's until they exit)."""
+        pids = [p.pid for p in self.procs]
+        return pids + [c for p in pids for c in _children(p)]
 
     def channel(self, kind: str, name: str = "") -> grpc.Channel:
         cert, key = self.pki.cert_and_key(kind, name)
@@ -111,6 +114,18 @@ class Broker:
 
     def admin(self, kind: str, name: str = "") -> admin_pb2_grpc.AdminServiceStub:
         return admin_pb2_grpc.AdminServiceStub(self.channel(kind, name))
+
+
+def _children(parent: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == parent:
+            out.append(int(stat.parent.name))
+    return out
 
 
 def _write_config(
@@ -175,26 +190,22 @@ def _start_one(cmd: list[str], log: Path, work: Path) -> tuple[subprocess.Popen[
 def _broker(
     config: Path, pki: PkiLayout, work: Path, *, processes: int, max_workers: int | None
 ) -> Iterator[Broker]:
-    """``cleanroom broker serve --log-json`` (or, for several processes on one port or another
-    worker-pool size, :mod:`bench._serve`, which is the same thing), each process's JSON log in a
-    file of its own, stopped with SIGTERM on exit."""
-    if processes == 1 and max_workers is None:
+    """``cleanroom broker serve --log-json [--processes N]`` (or, for another worker-pool size,
+    :mod:`bench._serve`, which is the same thing), its JSON log (all processes') in a file,
+    stopped with SIGTERM on exit."""
+    if max_workers is None:
         cmd = [str(CLEANROOM), "broker", "serve", "--config", str(config), "--log-json"]
     else:
         cmd = [sys.executable, "-m", "bench._serve", "--config", str(config)]
-        if processes > 1:
-            cmd.append("--reuse-port")
-        if max_workers is not None:
-            cmd += ["--max-workers", str(max_workers)]
+        cmd += ["--max-workers", str(max_workers)]
+    if processes > 1:
+        cmd += ["--processes", str(processes)]
     procs: list[subprocess.Popen[bytes]] = []
-    logs = [work / f"broker-{n}.log" for n in range(processes)]
+    logs = [work / "broker.log"]
     try:
-        address = ""
-        # One at a time: the first one migrates the database.
-        for log in logs:
-            env_cwd = _REPO if cmd[0] == sys.executable else work
-            proc, address = _start_one(cmd, log, env_cwd)
-            procs.append(proc)
+        env_cwd = _REPO if cmd[0] == sys.executable else work
+        proc, address = _start_one(cmd, logs[0], env_cwd)
+        procs.append(proc)
         yield Broker(procs, address, pki, logs)
     finally:
         for proc in procs:
@@ -636,7 +647,8 @@ def main(argv: list[str]) -> None:
         "--server-processes",
         type=int,
         default=1,
-        help="broker processes sharing the port with SO_REUSEPORT (default 1)",
+        help="broker processes sharing the port with SO_REUSEPORT: `cleanroom broker serve "
+        "--processes N` (default 1)",
     )
     parser.add_argument(
         "--server-workers", type=int, help="the broker's worker threads per process (default 64)"

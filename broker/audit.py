@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
 from broker.errors import AuditChainError, StorageError
-from broker.model import AuditEntry, AuditRecord
+from broker.model import AuditEntry, AuditRecord, Session
 from broker.storage import Store
 from broker.storage.schema import GENESIS_HASH, audit_head, audit_parties, audit_records
 
@@ -35,6 +35,11 @@ RECORD_FORMAT_VERSION = 1
 MAX_LIST_LIMIT = 1000
 
 _VERIFY_BATCH = 1000
+
+# json.dumps with any option builds a new encoder per call; these are built once (an encoder
+# keeps no state between calls, so threads can share them).
+_CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 Clock = Callable[[], datetime]
 
@@ -48,7 +53,13 @@ def format_time(t: datetime) -> str:
     """A record's time as hashed: UTC, ISO 8601, always six fractional digits, ``Z``."""
     if t.tzinfo is None or t.utcoffset() is None:
         raise ValueError("audit times must be timezone-aware")
-    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    v = t.astimezone(UTC)
+    # What strftime("%Y-%m-%dT%H:%M:%S.%fZ") gives, at a fraction of its cost (this runs for
+    # every record appended).
+    return (
+        f"{v.year:04d}-{v.month:02d}-{v.day:02d}T"
+        f"{v.hour:02d}:{v.minute:02d}:{v.second:02d}.{v.microsecond:06d}Z"
+    )
 
 
 def canonical_bytes(record: AuditRecord) -> bytes:
@@ -100,7 +111,7 @@ def _canonical(
         "parties": list(parties),
         "previous_hash": previous_hash,
     }
-    text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    text = _CANONICAL_JSON.encode(doc)
     return text.encode("utf-8")
 
 
@@ -151,8 +162,12 @@ class AuditLog:
         """
         return self.append_many([entry])[0]
 
-    def append_many(self, entries: Sequence[AuditEntry]) -> list[AuditRecord]:
-        """Appends several records in one transaction (consecutive sequence numbers).
+    def append_many(
+        self, entries: Sequence[AuditEntry], *, session: Session | None = None
+    ) -> list[AuditRecord]:
+        """Appends several records in one transaction (consecutive sequence numbers); with
+        ``session``, records that attested session in the same transaction, so that a release
+        and its session are stored together or not at all (and with one commit).
 
         The chain head row is locked first (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite's
         write transactions are ``BEGIN IMMEDIATE``), so appends from any number of threads,
@@ -161,11 +176,24 @@ class AuditLog:
         along the chain within one clock.
 
         Raises:
+            DuplicateError: a session with ``session``'s id exists (nothing is appended).
+            UnknownKeyError: ``session``'s AK is not enrolled (nothing is appended).
             StorageError: the database failed, or a field cannot be encoded.
         """
         if not entries:
+            if session is not None:
+                self._store.add_session(session)
             return []
-        with self._store.fast.session("append audit records", write=True, transaction=True) as cur:
+        duplicate, missing = (
+            self._store.session_errors(session) if session is not None else (None, None)
+        )
+        with self._store.fast.session(
+            "append audit records",
+            write=True,
+            transaction=True,
+            duplicate=duplicate,
+            missing_reference=missing,
+        ) as cur:
             head = cur.one(self._lock_head, {})
             if head is None:
                 raise StorageError("the audit chain head row is missing (database tampered?)")
@@ -191,6 +219,8 @@ class AuditLog:
             elif index:
                 cur.executemany(self._insert_party, index)
             cur.execute(self._update_head, {"seq": sequence, "hash": previous})
+            if session is not None:
+                self._store.insert_session(cur, session)
         return records
 
     def list_records(
@@ -308,7 +338,7 @@ def _record_values(r: AuditRecord) -> dict[str, Any]:
         "decision": r.decision,
         "reason": r.reason,
         "evidence_digest": r.evidence_digest,
-        "parties": json.dumps(list(r.parties), ensure_ascii=False, separators=(",", ":")),
+        "parties": _COMPACT_JSON.encode(list(r.parties)),
         "previous_hash": r.previous_hash,
         "record_hash": r.record_hash,
     }

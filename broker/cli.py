@@ -39,6 +39,14 @@ def _register_serve(group: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="broker TOML file ([broker] and [keyvault] tables); env overrides apply",
     )
     p.add_argument("--log-json", action="store_true", help="log one JSON object per line")
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="serve from N processes sharing the port (SO_REUSEPORT; about one core each; "
+        "tls.listen needs a fixed port; metrics on the configured port + 0..N-1)",
+    )
     p.set_defaults(func=_serve)
 
 
@@ -64,7 +72,29 @@ def _serve(args: argparse.Namespace) -> int:
         if addresses.metrics is not None:
             print(f"metrics on http://{addresses.metrics}/metrics", flush=True)
 
-    serve(config, on_ready=ready, key_vault=key_vault)
+    if args.processes == 1:
+        serve(config, on_ready=ready, key_vault=key_vault)
+        return 0
+
+    from broker.server.processes import serve_processes
+
+    def all_ready(addresses: Sequence[ServerAddresses]) -> None:
+        print(
+            f"broker listening on {addresses[0].grpc} (gRPC, mTLS; {len(addresses)} processes)",
+            flush=True,
+        )
+        for n, a in enumerate(addresses):
+            if a.metrics is not None:
+                print(f"metrics on http://{a.metrics}/metrics (process {n})", flush=True)
+
+    serve_processes(
+        config,
+        processes=args.processes,
+        on_ready=all_ready,
+        key_vault=key_vault,
+        log_json=args.log_json,
+        log_level=logging.DEBUG if args.verbose else logging.INFO,
+    )
     return 0
 
 

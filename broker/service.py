@@ -548,16 +548,18 @@ class Broker:
                 parties=tuple(owners),
             )
         )
-        self.audit.append_many(entries)
-        self.store.add_session(
-            Session(
+        # The records and the session in one transaction: one commit, and no release is
+        # recorded without its session (or the other way round).
+        self.audit.append_many(
+            entries,
+            session=Session(
                 session_id=session_id,
                 ak_name=evidence.ak_name,
                 peer=str(actor),
                 started_at=now,
                 expires_at=expires,
                 released_key_ids=tuple(k.key_id for k in released),
-            )
+            ),
         )
         recipients = tuple(self._party(p) for p in decision.output_recipients)
         return AttestOutcome(

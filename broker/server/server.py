@@ -69,8 +69,13 @@ class BrokerServer:
         max_workers: int = DEFAULT_MAX_WORKERS,
         metrics: BrokerMetrics | None = None,
         reuse_port: bool = False,
+        maintenance: bool = True,
     ) -> None:
+        """``maintenance`` runs the purge of expired nonces and credential challenges in this
+        server; of several processes serving one database, one is enough (see
+        :func:`broker.server.processes.serve_processes`)."""
         self.broker = broker
+        self.maintenance = maintenance
         self.config = config or broker.config
         self.max_workers = max_workers
         self.reuse_port = reuse_port
@@ -152,10 +157,11 @@ class BrokerServer:
         except BaseException:
             self.stop(grace=0)
             raise
-        self._maintenance = threading.Thread(
-            target=self._maintain, name="broker-maintenance", daemon=True
-        )
-        self._maintenance.start()
+        if self.maintenance:
+            self._maintenance = threading.Thread(
+                target=self._maintain, name="broker-maintenance", daemon=True
+            )
+            self._maintenance.start()
         self.addresses = ServerAddresses(grpc=f"{host}:{port}", metrics=metrics_address)
         return self.addresses
 
@@ -217,6 +223,7 @@ def serve(
     max_workers: int = DEFAULT_MAX_WORKERS,
     reuse_port: bool = False,
     key_vault: KeyVaultConfig | None = None,
+    maintenance: bool = True,
 ) -> None:
     """Runs the broker until SIGTERM or SIGINT (or ``stop_event``), then shuts down gracefully.
 
@@ -227,7 +234,9 @@ def serve(
     Signal handlers are installed only when called from the main thread; ``on_ready`` gets the
     bound addresses once the server accepts calls. ``reuse_port`` lets several broker processes
     listen on one port (SO_REUSEPORT; the kernel spreads connections over them); it is off by
-    default so that no other process can share the port unnoticed.
+    default so that no other process can share the port unnoticed. ``maintenance`` runs the
+    periodic purge of expired nonces and credential challenges here (one process of several
+    sharing a database is enough).
 
     Raises:
         ServerSetupError: the TLS files are unusable or an address cannot be bound.
@@ -247,7 +256,11 @@ def serve(
         with (
             open_broker(config, key_vault=key_vault) as broker,
             BrokerServer(
-                broker=broker, config=config, max_workers=max_workers, reuse_port=reuse_port
+                broker=broker,
+                config=config,
+                max_workers=max_workers,
+                reuse_port=reuse_port,
+                maintenance=maintenance,
             ) as server,
         ):
             addresses = server.start()

@@ -48,7 +48,7 @@ from broker.model import (
     Session,
 )
 from broker.storage import migrate as _migrate
-from broker.storage.fast import FastPath
+from broker.storage.fast import FastCursor, FastPath
 from broker.storage.schema import (
     aks,
     approvals,
@@ -76,6 +76,9 @@ class PartyKek:
     checked_key: str
     updated_at: datetime
 
+
+#: The most decoded approvals one Store keeps (beyond it, approvals are decoded per lookup).
+_MAX_CACHED_APPROVALS: Final = 10_000
 
 #: The PCR bank whose PCR 23 value indexes approvals (see :meth:`Store.find_active_approvals`).
 APPROVAL_INDEX_BANK: Final = "sha256"
@@ -178,6 +181,11 @@ class Store:
             describe=_describe,
         )
         self._q = _HotQueries(self.fast)
+        # Decoded approvals by id, for find_active_approvals. An approval is never changed
+        # once stored except for ``revoked``, which every lookup reads fresh from the database
+        # (the query selects the ids of unrevoked approvals), so an entry never goes stale,
+        # whichever process or replica revokes it. Only unrevoked approvals are cached.
+        self._approvals: dict[str, Approval] = {}
 
     # --- life cycle -----------------------------------------------------------------------
 
@@ -267,10 +275,14 @@ class Store:
         if backend == "postgresql":
             # A second pool in driver autocommit for the hot path's single statements (one
             # round trip each); Core's transactions need the first pool's non-autocommit ones.
+            # In autocommit nothing is left to reset when a connection comes back, and the fast
+            # path discards a connection whose explicit transaction it could not roll back, so
+            # the pool's reset-on-return (a ROLLBACK round trip per checkout) is off.
             fast_engine = sa.create_engine(
                 parsed,
                 connect_args={"connect_timeout": connect_timeout_seconds},
                 isolation_level="AUTOCOMMIT",
+                pool_reset_on_return=None,
                 **common,
             )
         try:
@@ -927,20 +939,35 @@ class Store:
                 .where(approvals.c.approval_id == approval_id)
                 .values(revoked=True)
             ).rowcount
+        # Not needed for correctness (lookups read ``revoked`` fresh), only to free the entry.
+        self._approvals.pop(approval_id, None)
         if n == 0:
             raise UnknownPolicyObjectError(f"approval {approval_id!r} does not exist")
 
     def find_active_approvals(self, expected_pcr_sha256: bytes) -> list[Approval]:
         """Unrevoked approvals whose expected sha256 PCR 23 value is this one, oldest first.
 
-        This is the attestation hot path: one index lookup.
+        This is the attestation hot path: one index lookup for the ids; the approvals
+        themselves come from a cache (their contents never change, only ``revoked``).
 
         Raises:
             StorageError: the database failed.
         """
         with self.fast.session("find approvals") as cur:
-            rows = cur.all(self._q.find_active_approvals, {"pcr": expected_pcr_sha256})
-        return [_approval(r) for r in rows]
+            ids = cur.all(self._q.find_active_approval_ids, {"pcr": expected_pcr_sha256})
+            out: list[Approval] = []
+            for (approval_id,) in ids:
+                approval = self._approvals.get(approval_id)
+                if approval is None:
+                    row = cur.one(self._q.get_approval, {"approval_id": approval_id})
+                    if row is None or row.revoked:
+                        # Revoked between the two statements: it is not active.
+                        continue
+                    approval = _approval(row)
+                    if len(self._approvals) < _MAX_CACHED_APPROVALS:
+                        self._approvals[approval_id] = approval
+                out.append(approval)
+        return out
 
     # --- sessions -------------------------------------------------------------------------
 
@@ -952,25 +979,42 @@ class Store:
             UnknownKeyError: its AK is not enrolled.
             StorageError: the database failed.
         """
+        duplicate, missing = self.session_errors(session)
         with self.fast.session(
-            "add session",
-            write=True,
-            duplicate=DuplicateError(f"session {session.session_id!r} exists"),
-            missing_reference=UnknownKeyError(f"AK {session.ak_name} is not enrolled"),
+            "add session", write=True, duplicate=duplicate, missing_reference=missing
         ) as cur:
-            cur.execute(
-                self._q.add_session,
-                {
-                    "session_id": session.session_id,
-                    "ak_name": session.ak_name,
-                    "peer": session.peer,
-                    "started_at": session.started_at,
-                    "expires_at": session.expires_at,
-                    "released_key_ids": _dumps(list(session.released_key_ids)),
-                    "ended_at": session.ended_at,
-                    "exit_code": session.exit_code,
-                },
-            )
+            self.insert_session(cur, session)
+
+    def session_errors(self, session: Session) -> tuple[BrokerError, BrokerError]:
+        """The ``duplicate`` and ``missing_reference`` errors of a fast-path session that
+        inserts ``session`` (for :meth:`insert_session` inside another write)."""
+        return (
+            DuplicateError(f"session {session.session_id!r} exists"),
+            UnknownKeyError(f"AK {session.ak_name} is not enrolled"),
+        )
+
+    def insert_session(self, cur: FastCursor, session: Session) -> None:
+        """Inserts ``session`` on a cursor of a caller's write session (``self.fast.session(...,
+        write=True)``), so that it commits, or not, with the caller's other statements; the
+        audit log records a release and its session this way in one transaction.
+
+        Raises:
+            sqlite3.Error, psycopg.Error: the driver's error, which the enclosing
+                ``fast.session`` maps (with :meth:`session_errors`) to a broker error.
+        """
+        cur.execute(
+            self._q.add_session,
+            {
+                "session_id": session.session_id,
+                "ak_name": session.ak_name,
+                "peer": session.peer,
+                "started_at": session.started_at,
+                "expires_at": session.expires_at,
+                "released_key_ids": _dumps(list(session.released_key_ids)),
+                "ended_at": session.ended_at,
+                "exit_code": session.exit_code,
+            },
+        )
 
     def end_session(self, session_id: str, ended_at: datetime, exit_code: int) -> Session:
         """Marks a session ended and returns it. Ending an ended session changes nothing
@@ -1040,8 +1084,12 @@ class _HotQueries:
         self.get_golden_set = fast.prepare(
             sa.select(golden_sets).where(golden_sets.c.name == sa.bindparam("name"))
         )
-        self.find_active_approvals = fast.prepare(
-            sa.select(approvals)
+        self.get_approval = fast.prepare(
+            sa.select(approvals).where(approvals.c.approval_id == sa.bindparam("approval_id"))
+        )
+        # Only the ids: the rest of an unrevoked approval never changes (see _approvals).
+        self.find_active_approval_ids = fast.prepare(
+            sa.select(approvals.c.approval_id)
             .where(
                 approvals.c.expected_pcr_sha256 == sa.bindparam("pcr"),
                 approvals.c.revoked.is_(False),
