@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from cleanroom import __version__
+from cleanroom.logs import StderrHandler
 
 # (module holding register(), module and name of that package's root error)
 _GROUPS: tuple[tuple[str, str, str], ...] = (
@@ -56,9 +57,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
-    # force=True rebinds the handler to the current stderr, so main() can run several times in
-    # one process (tests, embedding) without logging to a stream that was since replaced.
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    # The handler looks sys.stderr up at each record, so main() can run in a process whose
+    # stderr is replaced later (tests capturing output, embedding) without leaving a handler
+    # that writes to the old, possibly closed stream; force=True replaces an earlier call's.
+    logging.basicConfig(
+        level=level,
+        format="%(levelname)s %(name)s: %(message)s",
+        handlers=[StderrHandler()],
+        force=True,
+    )
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help(sys.stderr)

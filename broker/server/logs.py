@@ -15,9 +15,10 @@ import json
 import logging
 import re
 import secrets
-import sys
 from collections.abc import Mapping
 from typing import Any, Final, TextIO
+
+from cleanroom.logs import StderrHandler
 
 NO_REQUEST: Final = "-"
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar(
@@ -93,9 +94,14 @@ def configure_logging(
 ) -> logging.Handler:
     """Replaces the root logger's handlers with one structured handler and returns it.
 
-    Records below ``level`` are dropped; gRPC's own chatty loggers stay at WARNING.
+    Without ``stream`` the handler writes to the ``sys.stderr`` of the moment each record is
+    emitted (:class:`StderrHandler`), so it never outlives a temporary ``sys.stderr`` and
+    writes to it once closed. Records below ``level`` are dropped; gRPC's own chatty loggers
+    stay at WARNING.
     """
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler: logging.Handler = (
+        logging.StreamHandler(stream) if stream is not None else StderrHandler()
+    )
     handler.setFormatter(JsonFormatter() if json_output else TextFormatter())
     handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
@@ -111,6 +117,7 @@ __all__ = [
     "NO_REQUEST",
     "JsonFormatter",
     "RequestIdFilter",
+    "StderrHandler",
     "TextFormatter",
     "configure_logging",
     "new_request_id",
