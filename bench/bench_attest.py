@@ -65,6 +65,7 @@ from bench._loadgen import (
     proc_cpu_seconds,
 )
 from broker.custody import seal_for_registration
+from cleanroom.loopback import free_port
 from cleanroom.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 from evidence.binding import qualifying_data
 from evidence.pcr import measure_files
@@ -256,14 +257,6 @@ def _database(kind: str, work: Path) -> Iterator[Database]:
         yield Database(pg.url, getattr(pg, "_datadir", None))
     finally:
         pg.stop()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- what the operator and the parties do -----------------------------------------------------
@@ -710,7 +703,7 @@ def main(argv: list[str]) -> None:
         database = stack.enter_context(_database(args.database, work))
         config = work / "broker.toml"
         # Several processes share one port, so it is chosen here rather than by the kernel.
-        listen = f"127.0.0.1:{_free_port()}" if args.server_processes > 1 else "127.0.0.1:0"
+        listen = f"127.0.0.1:{free_port()}" if args.server_processes > 1 else "127.0.0.1:0"
         _write_config(
             config, work, pki, database.url, challenge_rate=args.challenge_rate, listen=listen
         )

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Final, Self
+
+from cleanroom.loopback import accepts, free_port, port_is_free
 
 __all__ = [
     "SWTPM_LOCALCA_DIR",
@@ -143,29 +144,6 @@ def manufacture(state_dir: str | os.PathLike[str]) -> None:
         )
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((_HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def _port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((_HOST, port))
-        except OSError:
-            return False
-        return True
-
-
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection((_HOST, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 class Swtpm:
     """One ``swtpm socket`` process serving a manufactured state on loopback.
 
@@ -264,7 +242,7 @@ class Swtpm:
         while time.monotonic() < deadline:
             if not self.running:
                 return False
-            if _accepts(self.port):
+            if accepts(self.port):
                 return True
             time.sleep(0.02)
         return False
@@ -283,9 +261,9 @@ class Swtpm:
         for _ in range(_START_ATTEMPTS):
             # Another process may take a port between the check and swtpm's bind; then swtpm
             # exits and the next attempt picks another pair.
-            self.port = _free_port()
+            self.port = free_port()
             self.ctrl_port = self.port + 1
-            if self.ctrl_port > 65535 or not _port_is_free(self.ctrl_port):
+            if self.ctrl_port > 65535 or not port_is_free(self.ctrl_port):
                 continue
             self._log = self._open_log()
             try:

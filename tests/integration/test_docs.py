@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ from pathlib import Path
 import pytest
 
 from cleanroom import devtpm
+from cleanroom.loopback import free_port
 from tests.harness.swtpm import Swtpm
 from tests.unit.test_docs_guards import ROOT, Block, doc_files, parse_blocks
 
@@ -78,12 +78,6 @@ class Script:
         return "unknown line"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def doc_environment(tcti: str | None) -> dict[str, str]:
     """The environment the blocks run in (see the module docstring)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(_DROPPED_PREFIXES)}
@@ -93,7 +87,7 @@ def doc_environment(tcti: str | None) -> dict[str, str]:
         env["TPM2TOOLS_TCTI"] = tcti
         env["CLEANROOM_SIDECAR_TPM_TCTI"] = tcti
         env["CLEANROOM_BROKER_TRUSTED_EK_CA_FILES"] = ",".join(str(p) for p in devtpm.ek_ca_files())
-    grpc_port, metrics_port = _free_port(), _free_port()
+    grpc_port, metrics_port = free_port(), free_port()
     env["CLEANROOM_BROKER_TLS_LISTEN"] = f"127.0.0.1:{grpc_port}"
     env["CLEANROOM_BROKER_METRICS_LISTEN"] = f"127.0.0.1:{metrics_port}"
     env["CLEANROOM_ADMIN_BROKER"] = f"127.0.0.1:{grpc_port}"
