@@ -40,6 +40,7 @@ from sidecar.dataplane.outputs import (
     OutputWriter,
     Recipient,
     check_output_name,
+    committed_receipt,
 )
 
 if TYPE_CHECKING:
@@ -271,7 +272,7 @@ class _BlobSealedOutput:
             self.abort()
             raise
         self._finish()
-        receipt = OutputReceipt(
+        return committed_receipt(
             name=self._name,
             location=self._location,
             plaintext_bytes=self._writer.plaintext_size,
@@ -279,15 +280,6 @@ class _BlobSealedOutput:
             recipients=self._parties,
             key_id=self.key_id,
         )
-        _log.info(
-            "output %r sealed to %s: %d plaintext bytes, %d sealed bytes at %s",
-            self._name,
-            ", ".join(self._parties),
-            receipt.plaintext_bytes,
-            receipt.sealed_bytes,
-            receipt.location,
-        )
-        return receipt
 
     def abort(self) -> None:
         """Discards the output; nothing is committed. Idempotent, never raises."""

@@ -83,6 +83,35 @@ class OutputReceipt:
     key_id: str
 
 
+def committed_receipt(
+    *,
+    name: str,
+    location: str,
+    plaintext_bytes: int,
+    sealed_bytes: int,
+    recipients: tuple[str, ...],
+    key_id: str,
+) -> OutputReceipt:
+    """The receipt of a committed output, logged (sizes and parties only, never content)."""
+    receipt = OutputReceipt(
+        name=name,
+        location=location,
+        plaintext_bytes=plaintext_bytes,
+        sealed_bytes=sealed_bytes,
+        recipients=recipients,
+        key_id=key_id,
+    )
+    _log.info(
+        "output %r sealed to %s: %d plaintext bytes, %d sealed bytes at %s",
+        name,
+        ", ".join(recipients),
+        plaintext_bytes,
+        sealed_bytes,
+        location,
+    )
+    return receipt
+
+
 @runtime_checkable
 class OutputWriter(Protocol):
     """One output being written. Exactly one of :meth:`commit` and :meth:`abort` ends it."""
@@ -428,7 +457,7 @@ class _LocalSealedOutput:
             _log.warning("output %r: cleaning up after commit failed: %s", self._name, e)
         finally:
             self._finish()
-        receipt = OutputReceipt(
+        return committed_receipt(
             name=self._name,
             location=self._location,
             plaintext_bytes=self._writer.plaintext_size,
@@ -436,15 +465,6 @@ class _LocalSealedOutput:
             recipients=self._parties,
             key_id=self.key_id,
         )
-        _log.info(
-            "output %r sealed to %s: %d plaintext bytes, %d sealed bytes at %s",
-            self._name,
-            ", ".join(self._parties),
-            receipt.plaintext_bytes,
-            receipt.sealed_bytes,
-            receipt.location,
-        )
-        return receipt
 
     def abort(self) -> None:
         """Discards the output and its temporary file. Idempotent, never raises."""
