@@ -9,7 +9,6 @@ of a managed identity). The commands are the ones shown in docs/admin-cli.md.
 
 from __future__ import annotations
 
-import json
 import os
 import select
 import sqlite3
@@ -19,15 +18,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from broker.client import BrokerClient
-from cleanroom.cli import main
 from cleanroom.demo.workspace import toml_document
 from cleanroom.emulators.keyvault import FakeKeyVault
 from pki.ca import PkiLayout, init_pki
+from tests.integration.broker.test_admin_cli import admin, admin_fails, admin_json
 
 CLEANROOM = Path(sys.executable).parent / "cleanroom"
 PARTIES = ("advertiser", "publisher")
@@ -163,27 +161,6 @@ def as_operator(served: ServedBroker, monkeypatch: pytest.MonkeyPatch) -> Served
         if k.startswith("CLEANROOM_ADMIN_"):
             monkeypatch.setenv(k, v)
     return served
-
-
-def admin(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
-    """``cleanroom admin ARGV`` in-process; it must succeed. Returns stdout."""
-    code = main(["admin", *argv])
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    return out
-
-
-def admin_json(capsys: pytest.CaptureFixture[str], *argv: str) -> Any:
-    return json.loads(admin(capsys, "--json", *argv))
-
-
-def admin_fails(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
-    """``cleanroom admin ARGV`` in-process; it must fail with one line on stderr."""
-    code = main(["admin", *argv])
-    out, err = capsys.readouterr()
-    assert code == 1 and out == "", out + err
-    assert err.startswith("cleanroom: error: ") and err.count("\n") == 1, err
-    return err
 
 
 def register(served: ServedBroker, party: str, key_id: str) -> str:
