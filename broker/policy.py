@@ -205,7 +205,10 @@ def _decide_key(
         return f"quote does not cover PCR {WORKLOAD_PCR} in {REQUIRED_BANK}"
     naming = [a for a in ordered if a.party == owner and record.key_id in a.key_ids]
     if not naming:
-        return f"not approved by {owner}: no approval by {owner} names this key"
+        return (
+            f"not approved by {owner}: no active approval by {owner} for this key matches "
+            "the measured workload"
+        )
     best: tuple[int, str] = (-1, "")
     for approval in naming:
         failure = _failure(approval, quoted, measured, golden_sets)

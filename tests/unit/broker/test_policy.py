@@ -42,6 +42,10 @@ NOW = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 BANKS = ("sha1", "sha256")
 BOOT_VALUE = hashlib.sha256(b"firmware").digest()
 
+NOT_APPROVED = (
+    "not approved by {p}: no active approval by {p} for this key matches the measured workload"
+)
+
 
 def entry(path: str, content: bytes) -> ManifestEntry:
     return ManifestEntry(
@@ -187,7 +191,10 @@ def test_one_party_approved_other_not_withholds_only_that_partys_keys() -> None:
     )
     assert decision.granted_key_ids == ("alice-k1", "alice-k2")
     assert decision.denied == (
-        Denial("bob-k1", "not approved by bob: no approval by bob names this key"),
+        Denial(
+            "bob-k1",
+            NOT_APPROVED.format(p="bob"),
+        ),
     )
     assert decision.output_recipients == ("alice",)
 
@@ -196,9 +203,7 @@ def test_approval_by_another_party_does_not_release_a_key() -> None:
     # Bob cannot approve Alice's key, even if a malformed approval names it.
     decision = decide([approval("b1", "bob", ["alice-k1", "bob-k1"])])
     assert decision.granted_key_ids == ("bob-k1",)
-    assert reasons(decision) == {
-        "alice-k1": "not approved by alice: no approval by alice names this key"
-    }
+    assert reasons(decision) == {"alice-k1": NOT_APPROVED.format(p="alice")}
 
 
 def test_revoked_ak_releases_nothing() -> None:
