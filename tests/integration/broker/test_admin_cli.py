@@ -64,28 +64,11 @@ class Broker:
             self.proc.wait()
 
 
-def start_broker(workdir: Path) -> Broker:
-    """Starts a broker on a free loopback port (port 0; the address is read from its output)."""
-    pki = init_pki(workdir / "pki")
-    cert, key = pki.cert_and_key("broker")
-    config = workdir / "broker.toml"
-    config.write_text(
-        "\n".join(
-            [
-                "[broker]",
-                f'database_url = "sqlite:///{workdir / "broker.db"}"',
-                f'state_dir = "{workdir / "state"}"',
-                "[broker.tls]",
-                'listen = "127.0.0.1:0"',
-                f'cert_file = "{cert}"',
-                f'key_file = "{key}"',
-                f'ca_file = "{pki.ca_cert}"',
-                "[broker.metrics]",
-                "enabled = false",
-            ]
-        )
-        + "\n"
-    )
+def spawn_broker(config: Path, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """Starts ``cleanroom broker serve --config CONFIG`` and waits for its listening line.
+
+    Returns the process and the address it listens on; stderr goes to ``workdir/broker.log``.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLEANROOM_")}
     log = workdir / "broker.log"
     with open(log, "wb") as err:
@@ -108,7 +91,33 @@ def start_broker(workdir: Path) -> Broker:
         if ready:
             seen += os.read(proc.stdout.fileno(), 4096)
     line = next(x for x in seen.decode().splitlines() if x.startswith("broker listening on "))
-    return Broker(proc=proc, address=line.split()[3], pki=pki, workdir=workdir)
+    return proc, line.split()[3]
+
+
+def start_broker(workdir: Path) -> Broker:
+    """Starts a broker on a free loopback port (port 0; the address is read from its output)."""
+    pki = init_pki(workdir / "pki")
+    cert, key = pki.cert_and_key("broker")
+    config = workdir / "broker.toml"
+    config.write_text(
+        "\n".join(
+            [
+                "[broker]",
+                f'database_url = "sqlite:///{workdir / "broker.db"}"',
+                f'state_dir = "{workdir / "state"}"',
+                "[broker.tls]",
+                'listen = "127.0.0.1:0"',
+                f'cert_file = "{cert}"',
+                f'key_file = "{key}"',
+                f'ca_file = "{pki.ca_cert}"',
+                "[broker.metrics]",
+                "enabled = false",
+            ]
+        )
+        + "\n"
+    )
+    proc, address = spawn_broker(config, workdir)
+    return Broker(proc=proc, address=address, pki=pki, workdir=workdir)
 
 
 @pytest.fixture(scope="module")

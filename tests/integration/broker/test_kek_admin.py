@@ -10,11 +10,9 @@ of a managed identity). The commands are the ones shown in docs/admin-cli.md.
 from __future__ import annotations
 
 import os
-import select
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +23,7 @@ from broker.client import BrokerClient
 from cleanroom.demo.workspace import toml_document
 from cleanroom.emulators.keyvault import FakeKeyVault
 from pki.ca import PkiLayout, init_pki
-from tests.integration.broker.test_admin_cli import admin, admin_fails, admin_json
+from tests.integration.broker.test_admin_cli import admin, admin_fails, admin_json, spawn_broker
 
 CLEANROOM = Path(sys.executable).parent / "cleanroom"
 PARTIES = ("advertiser", "publisher")
@@ -107,29 +105,8 @@ def write_broker_toml(workdir: Path, pki: PkiLayout, vault: FakeKeyVault) -> Pat
 def start_served_broker(workdir: Path, vault: FakeKeyVault) -> ServedBroker:
     pki = init_pki(workdir / "pki", parties=PARTIES)
     config = write_broker_toml(workdir, pki, vault)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLEANROOM_")}
-    log = workdir / "broker.log"
-    with open(log, "wb") as err:
-        proc = subprocess.Popen(
-            [str(CLEANROOM), "broker", "serve", "--config", str(config)],
-            stdout=subprocess.PIPE,
-            stderr=err,
-            env=env,
-        )
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 30
-    seen = b""
-    while b"broker listening on " not in seen or not seen.endswith(b"\n"):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or proc.poll() is not None:
-            proc.kill()
-            proc.wait()
-            raise AssertionError(f"broker did not start:\n{log.read_text()}")
-        ready, _, _ = select.select([proc.stdout], [], [], remaining)
-        if ready:
-            seen += os.read(proc.stdout.fileno(), 4096)
-    line = next(x for x in seen.decode().splitlines() if x.startswith("broker listening on "))
-    return ServedBroker(proc, line.split()[3], pki, workdir, vault)
+    proc, address = spawn_broker(config, workdir)
+    return ServedBroker(proc, address, pki, workdir, vault)
 
 
 @pytest.fixture
