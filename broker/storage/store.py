@@ -9,7 +9,9 @@ is one single-row or index-range statement each.
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -1117,7 +1119,7 @@ def _install_sqlite_hooks(engine: Engine, *, busy_timeout_ms: int, synchronous: 
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
-            mode = cursor.execute("PRAGMA journal_mode = WAL").fetchone()
+            mode = _enable_wal(cursor, timeout_seconds=busy_timeout_ms / 1000)
             if mode is None or str(mode[0]).lower() != "wal":
                 raise StorageError(
                     "SQLite refused WAL journal mode (is the file on a network filesystem?)"
@@ -1131,6 +1133,29 @@ def _install_sqlite_hooks(engine: Engine, *, busy_timeout_ms: int, synchronous: 
     def _on_begin(conn: Connection) -> None:
         mode = conn.get_execution_options().get("cleanroom_sqlite_begin", "DEFERRED")
         conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def _enable_wal(cursor: Any, *, timeout_seconds: float) -> Any:
+    """``PRAGMA journal_mode = WAL``, retried while another connection holds the file.
+
+    Switching a fresh database to WAL needs an exclusive lock, and SQLite answers "database is
+    locked" at once, without calling the busy handler, when another process is switching it
+    or opening its WAL at the same moment (replicas starting together on a new file). Once
+    the file is in WAL mode the pragma is a no-op that never waits, so the loop only ever
+    spins at first start.
+    """
+    deadline = time.monotonic() + timeout_seconds
+    delay = 0.005
+    while True:
+        try:
+            return cursor.execute("PRAGMA journal_mode = WAL").fetchone()
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) and "busy" not in str(e):
+                raise
+            if time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
 
 
 def _prepare_schema(engine: Engine, *, migrate: bool, display: str) -> None:

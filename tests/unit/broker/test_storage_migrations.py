@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -87,3 +89,43 @@ def test_the_upgrade_entry_point(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert storage_cli.main(["upgrade", url]) == 0
     assert storage_cli.main(["current", url]) == 0
     assert head_revision() in capsys.readouterr().out
+
+
+# --- first open of a new SQLite file while another process writes to it --------------------
+#
+# Switching a file to WAL needs an exclusive lock, and SQLite refuses the pragma at once (no
+# busy handler) while another connection holds a write transaction on a file still in the
+# rollback journal: replicas starting together on a fresh file hit exactly this.
+
+
+def _hold_write_lock(path: Path) -> sqlite3.Connection:
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("CREATE TABLE IF NOT EXISTS other_writer (x INTEGER)")
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("INSERT INTO other_writer VALUES (1)")
+    return holder
+
+
+def test_first_open_waits_for_another_writer_to_finish(tmp_path: Path) -> None:
+    path = tmp_path / "broker.db"
+    holder = _hold_write_lock(path)
+    release = threading.Timer(0.3, holder.execute, args=("COMMIT",))
+    release.start()
+    try:
+        with Store.open(f"sqlite:///{path}", busy_timeout_seconds=10) as store:
+            store.list_eks()
+            with store.engine.connect() as conn:
+                assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    finally:
+        release.join()
+        holder.close()
+
+
+def test_first_open_gives_up_after_the_busy_timeout(tmp_path: Path) -> None:
+    path = tmp_path / "broker.db"
+    holder = _hold_write_lock(path)
+    try:
+        with pytest.raises(StorageError, match=r"cannot open database .*database is locked"):
+            Store.open(f"sqlite:///{path}", busy_timeout_seconds=0.2)
+    finally:
+        holder.close()
