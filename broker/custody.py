@@ -31,13 +31,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol, Self
+from typing import TYPE_CHECKING, Protocol, Self
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from broker.errors import CustodyError, KekError
-from broker.model import DataKeyRecord
 from sealing.errors import SealingError
 from sealing.hpke import open_sealed, seal
 from sealing.keys import (
@@ -48,6 +47,9 @@ from sealing.keys import (
     load_private_key,
     write_private_key,
 )
+
+if TYPE_CHECKING:
+    from broker.model import DataKeyRecord
 
 #: Every data key in the clean room is an AES-256 key.
 DATA_KEY_SIZE = 32

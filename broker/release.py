@@ -13,13 +13,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from broker.custody import KekRegistry, check_data_key, encode_info, plain_data_key
 from broker.errors import CustodyError
-from broker.model import DataKeyRecord
 from sealing.errors import SealingError
 from sealing.hpke import open_sealed, seal
 from sealing.keys import RecipientPrivateKey, RecipientPublicKey
+
+if TYPE_CHECKING:
+    from broker.model import DataKeyRecord
 
 RELEASE_LABEL = b"cleanroom/v1 release"
 
