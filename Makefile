@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 DEB_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config gcc python3-venv python3-dev postgresql sqlite3
 PYTEST_ARGS ?=
 
-.PHONY: setup deb venv azurite protos check-protos lint typecheck test test-fast demo bench clean
+.PHONY: setup deb venv azurite protos check-protos proto-baseline lint typecheck test test-fast demo bench clean
 
 setup: deb venv azurite
 
@@ -20,8 +20,9 @@ $(AZURITE):
 azurite: $(AZURITE)
 
 # Installs the Debian packages the project needs when any is missing (needs root or sudo).
+# dpkg-query, not dpkg -s: a removed but not purged package (state "rc") counts as missing.
 deb:
-	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@missing=""; for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q '^install ok installed$$' || missing="$$missing $$p"; done; \
 	command -v npm >/dev/null 2>&1 || missing="$$missing nodejs npm"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
@@ -42,6 +43,11 @@ protos: venv
 
 check-protos: venv
 	PATH=$(VENV)/bin:$$PATH scripts/check_protos.sh
+
+# Records the current contract as the compatibility baseline that check-protos holds it to. Only
+# for a deliberate, announced break (normally a new package, cleanroom.v2, is the way).
+proto-baseline: venv
+	$(VENV)/bin/buf build --exclude-source-info -o '-#format=json' | $(VENV)/bin/python -m json.tool > .ci/proto-baseline.json
 
 lint: venv check-protos
 	$(VENV)/bin/ruff check .

@@ -352,3 +352,87 @@ def _relocated(block: Block) -> Block:
         attributes=block.attributes,
         lines=block.lines,
     )
+
+
+# --- cleanroom commands in blocks that are not run -------------------------------------------
+
+
+_PLACEHOLDER = re.compile(r"<[A-Za-z_][^<>\s]*>")
+
+
+def cleanroom_invocations(block: Block) -> list[list[str]]:
+    """The argument lists of the ``cleanroom`` commands in a shell block (continuations joined,
+    comments skipped; a command ends at ``|``, ``&&``, ``;`` or a redirection)."""
+    found: list[list[str]] = []
+    # A placeholder such as <EK_ID> stands for one argument, not for two redirections.
+    text = _PLACEHOLDER.sub("PLACEHOLDER", block.text)
+    for line in text.replace("\\\n", " ").splitlines():
+        lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        lexer.commenters = "#"
+        current: list[str] | None = None
+        start = True
+        for token in lexer:
+            if token and set(token) <= set("|&;()<>"):
+                if current is not None:
+                    found.append(current)
+                current, start = None, set(token) <= set("|&;()")
+                continue
+            if current is not None:
+                current.append(token)
+            elif start and Path(token).name == "cleanroom":
+                current = []
+            elif start and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", token):
+                continue  # VAR=value before the program
+            else:
+                start = False
+        if current is not None:
+            found.append(current)
+    return found
+
+
+def test_cleanroom_commands_in_guarded_and_external_blocks_parse() -> None:
+    """Blocks that no test runs verbatim must still be commands the CLI accepts, so a renamed
+    option or a usage summary (``[--x A|B]``) shown as a command is caught."""
+    import contextlib
+    import io
+
+    from cleanroom.cli import build_parser
+
+    problems = []
+    for block in all_blocks():
+        if not block.is_shell or block.runnable:
+            continue
+        for argv in cleanroom_invocations(block):
+            err = io.StringIO()
+            try:
+                with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                    build_parser(argv[0] if argv else None).parse_args(argv)
+            except SystemExit as e:
+                if e.code not in (0, None):
+                    last = err.getvalue().strip().splitlines()[-1:]
+                    problems.append(f"{block.where}: cleanroom {shlex.join(argv)}: {last}")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_invocation_finder_sees_what_a_shell_runs() -> None:
+    block = Block(
+        path=ROOT / "README.md",
+        line=1,
+        language="sh",
+        attributes=(),
+        lines=(
+            "# cleanroom not-a-command",
+            "X=1 .venv/bin/cleanroom seal -r a.pub in \\",
+            "  -o out && cleanroom open -k a.key out | head > f.txt",
+            "echo cleanroom",
+            "cleanroom keygen --out a [--kem x25519|mlkem768-x25519]",
+            "cleanroom admin ak revoke <AK_NAME> --reason r < /dev/null",
+        ),
+    )
+    assert cleanroom_invocations(block) == [
+        ["seal", "-r", "a.pub", "in", "-o", "out"],
+        ["open", "-k", "a.key", "out"],
+        ["keygen", "--out", "a", "[--kem", "x25519"],
+        ["admin", "ak", "revoke", "PLACEHOLDER", "--reason", "r"],
+    ]

@@ -21,6 +21,7 @@ from sealing.errors import (
     HeaderAuthenticationError,
     HeaderError,
     NoMatchingRecipientError,
+    SealingError,
     SealingIOError,
     SegmentAuthenticationError,
     TrailingDataError,
@@ -372,7 +373,9 @@ def test_truncated_stream(stream: Stream, where: str) -> None:
         assert stream.data.startswith(got)
 
 
-def test_errors_are_distinct_classes() -> None:
+def test_each_error_is_a_sealing_error_with_its_own_class() -> None:
+    # Callers catch SealingError for "cannot open this"; the subclasses say why, so none may
+    # fall outside the root or be caught by a sibling's handler.
     classes = [
         HeaderError,
         HeaderAuthenticationError,
@@ -382,9 +385,16 @@ def test_errors_are_distinct_classes() -> None:
         TruncatedError,
         TrailingDataError,
     ]
-    assert len(set(classes)) == len(classes)
-    for c in classes:
-        assert issubclass(c, EnvelopeError)
+    for cls in classes:
+        assert issubclass(cls, EnvelopeError) and issubclass(cls, SealingError), cls
+    related = {
+        (a.__name__, b.__name__)
+        for a in classes
+        for b in classes
+        if a is not b and issubclass(a, b)
+    }
+    # The one intended refinement: "no recipient entry matches" is a kind of wrong key.
+    assert related == {("NoMatchingRecipientError", "WrongKeyError")}
 
 
 # --- the reader after a failure ---------------------------------------------------------------
