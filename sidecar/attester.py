@@ -101,6 +101,8 @@ def make_quote(
             without binding, exactly 32 with it), or the binding inputs are malformed.
         QuoteError: the quoted PCRs kept changing.
         TpmUnavailableError: the TPM cannot be reached.
+        PcrNotAvailableError: the TPM left a requested bank or PCR out of the quote (the bank
+            is not allocated); the message names it.
         TpmCommandError: the TPM refuses a command.
     """
     if binding is None:

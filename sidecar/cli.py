@@ -208,9 +208,11 @@ def _quote(args: argparse.Namespace) -> int:
     config = _config(args)
     result = make_quote(config, nonce=nonce)
     files = write_tools_quote_files(result, args.out)
-    quoted = "+".join(
-        f"{bank}:{','.join(str(i) for i in config.quoted_pcrs)}" for bank in config.banks
-    )
+    # What the TPM actually quoted (read from the signed TPMS_ATTEST), not what was asked for.
+    by_bank: dict[str, list[int]] = {}
+    for index, bank in result.pcr_order:
+        by_bank.setdefault(bank, []).append(index)
+    quoted = "+".join(f"{bank}:{','.join(map(str, pcrs))}" for bank, pcrs in by_bank.items())
     print(f"quoted {quoted} with qualifying data {nonce.hex()}")
     print(f"wrote: {files.message}, {files.signature}, {files.pcrs}")
     return 0

@@ -33,6 +33,11 @@ class PcrResetError(TpmCommandError):
     """The platform does not allow resetting the PCR at the sidecar's locality."""
 
 
+class PcrNotAvailableError(TpmCommandError):
+    """A requested PCR bank (or PCR) is not available in this TPM: it returns no value for it
+    and leaves it out of a quote, typically because the bank is not allocated."""
+
+
 class CredentialActivationError(TpmCommandError):
     """ActivateCredential failed: the credential was made for another AK name or EK, or is
     malformed."""

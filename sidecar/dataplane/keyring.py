@@ -149,6 +149,27 @@ class KeyRing:
             self._valid_until = renewed
             _log.info("attestation renewed until %s", renewed.isoformat())
 
+    def check_key(self, key_id: str) -> None:
+        """:meth:`check`, then makes sure the key ring still holds ``key_id``.
+
+        The data path calls this between the chunks of a stream that opened with the key: a
+        re-attestation replaces the keys with those the broker released this time, and a key
+        it no longer releases must stop the streams that use it, although their cipher holds
+        its own copy. One dictionary lookup besides :meth:`check`.
+
+        Raises:
+            AttestationExpiredError, ReattestationError: see :meth:`check`.
+            UnknownKeyError: the key ring does not hold ``key_id`` (any more).
+        """
+        with self._lock:
+            self.check()
+            if key_id not in self._keys:
+                raise UnknownKeyError(
+                    f"data key {key_id!r} is no longer in the key ring (the broker did not "
+                    "release it again when the attestation was renewed, or it was wiped); "
+                    "no more data is served"
+                )
+
     def data_key(self, key_id: str) -> bytes:
         """Returns the data key ``key_id`` after :meth:`check`.
 

@@ -18,6 +18,11 @@ Wire behaviour:
   stream that ends any other way (cancelled, connection lost, no closing name) is discarded.
   The closing name makes "the workload finished" explicit rather than inferred from a
   half-close, which gRPC Python's server cannot tell apart from a cancellation reliably.
+- The key ring is checked (re-attesting when the attestation lapsed) before every chunk of an
+  input, which also stops when its key is no longer in the ring, and before an output is opened
+  and again before it is committed. When the attestation cannot be renewed, the call ends with
+  ``FAILED_PRECONDITION``: reads stop, new outputs are refused and an output still being
+  written is discarded.
 """
 
 from __future__ import annotations
@@ -204,7 +209,8 @@ class WorkloadServer:
         socket_dir: directory to hold the socket; created mode 0700 (an existing one must be
             ours and is set to 0700). Removed on stop if it was created here.
         inputs: the session's inputs (unique names).
-        keyring: the released data keys; checked before every chunk served.
+        keyring: the released data keys; checked before every chunk served (the input's key
+            must still be in it) and before an output is opened and committed.
         outputs: where sealed outputs go.
         recipients: (party, public key) pairs the outputs are sealed to.
         allowed_peer: ``(pid, uid) -> bool``; True for processes of the workload's tree. See
@@ -444,7 +450,7 @@ class WorkloadServer:
                     grpc.StatusCode.FAILED_PRECONDITION, f"input {name!r}: cannot read: {e}"
                 ) from e
             with reader:
-                for frame, n in self._frames(reader, name):
+                for frame, n in self._frames(reader, name, spec.key_id):
                     sent += n
                     yield frame
         _log.info("input %r served to pid %d: %d bytes, authenticated", name, creds.pid, sent)
@@ -477,7 +483,7 @@ class WorkloadServer:
             except SealingError as e:
                 raise InputIntegrityError(f"input {spec.name!r} failed authentication: {e}") from e
 
-    def _frames(self, reader: OpenReader, name: str) -> Iterator[tuple[bytes, int]]:
+    def _frames(self, reader: OpenReader, name: str, key_id: str) -> Iterator[tuple[bytes, int]]:
         """Yields (serialised ReadInputResponse, plaintext bytes in it).
 
         Each chunk is decrypted straight into a buffer that leaves room for the protobuf field
@@ -491,8 +497,11 @@ class WorkloadServer:
             while True:
                 try:
                     # Between chunks, not only at the start: an attestation that lapses during
-                    # a long stream stops the plaintext until it is renewed.
-                    self._keyring.check()
+                    # a long stream stops the plaintext until it is renewed, and a renewal
+                    # that no longer releases this input's key stops it for good (the reader
+                    # holds its own copy of the key, so dropping it from the ring is not
+                    # enough).
+                    self._keyring.check_key(key_id)
                 except KeyRingError as e:
                     raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, f"input {name!r}: {e}") from e
                 try:
@@ -554,6 +563,10 @@ class WorkloadServer:
         if not context.is_active():
             # Cancelled before we got here: do not even start a temporary file.
             raise _Abort(grpc.StatusCode.CANCELLED, f"output {name!r}: call cancelled")
+        # Outputs are accepted only while the attestation that started the session holds (or
+        # is renewed now): after a lapse whose renewal failed (AK revoked, approval withdrawn,
+        # broker gone) the sidecar no longer vouches for what the workload produces.
+        self._check_attestation(name, "is not accepted")
         try:
             writer = self._outputs.open_output(name, recipients=self._recipients)
         except OutputNameError as e:
@@ -567,6 +580,9 @@ class WorkloadServer:
             self._copy_output(name, requests, writer)
             if not context.is_active():
                 raise _Abort(grpc.StatusCode.CANCELLED, f"output {name!r}: call cancelled")
+            # Once more before committing: an output written while the attestation lapsed and
+            # could not be renewed is discarded, like one started after that point.
+            self._check_attestation(name, "was discarded")
             try:
                 receipt = writer.commit()
             except OutputExistsError as e:
@@ -583,6 +599,18 @@ class WorkloadServer:
             plaintext_bytes=receipt.plaintext_bytes,
             recipients=list(receipt.recipients),
         )
+
+    def _check_attestation(self, name: str, outcome: str) -> None:
+        """Raises _Abort(FAILED_PRECONDITION) unless the key ring's attestation holds (after
+        re-attesting, if it lapsed)."""
+        try:
+            self._keyring.check()
+        except KeyRingError as e:
+            _log.warning("output %r %s: %s", name, outcome, e)
+            raise _Abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"output {name!r} {outcome}: the sidecar's attestation is no longer valid: {e}",
+            ) from e
 
     @staticmethod
     def _copy_output(name: str, requests: Iterable[bytes], writer: OutputWriter) -> None:

@@ -3,7 +3,8 @@
 :func:`run_workload` does, in order:
 
 1. checks what it can without the TPM or the broker (the command, the workload directory, the
-   input files, the sidecar's certificate), so that a typo fails in milliseconds;
+   length of the workload socket's path, the input files, the sidecar's certificate), so that
+   a typo fails in milliseconds;
 2. asks the broker for a challenge in the background if this AK is known to be enrolled (the
    TLS handshake and the round trip overlap the TPM work below);
 3. opens the TPM once and loads the persistent AK (creating it on first use); enrolls it by
@@ -52,6 +53,8 @@ from sidecar.dataplane import (
     Recipient,
     WorkloadServer,
 )
+from sidecar.dataplane.errors import SocketSetupError
+from sidecar.dataplane.gate import check_socket_path
 from sidecar.dataplane.inputs import LocalFileInput, input_source_for
 from sidecar.run.attest import Attestation, Attester, broker_error, enroll, is_not_enrolled
 from sidecar.run.errors import (
@@ -173,13 +176,51 @@ def _resolve_command(command: Sequence[str], root: Path, env: dict[str, str]) ->
         raise RunSetupError(f"workload command {program!r} is not found on PATH")
 
 
+#: The prefix of the fresh socket directory made when ``[runtime] socket_dir`` is empty;
+#: :func:`tempfile.mkdtemp` appends eight random characters.
+_SOCKET_DIR_PREFIX = "cleanroom-sidecar-"
+_MKDTEMP_SUFFIX_LENGTH = 8
+
+
+def _default_socket_parent() -> Path:
+    """Where the fresh socket directory goes: ``$XDG_RUNTIME_DIR`` when it is usable, else the
+    system's temporary directory."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    if runtime and os.path.isdir(runtime) and os.access(runtime, os.W_OK):
+        return Path(runtime)
+    return Path(tempfile.gettempdir())
+
+
+def _check_socket_path(config: RunConfig) -> None:
+    """Checks that the workload socket's path will fit in a Unix socket address, so that a
+    long directory fails before the TPM and the broker are used, not after attestation."""
+    name = config.dataplane.socket_name
+    configured = config.runtime.socket_dir
+    if configured:
+        try:
+            check_socket_path(Path(configured).absolute() / name)
+        except SocketSetupError as e:
+            raise RunSetupError(f"[runtime] socket_dir: {e}") from e
+        return
+    parent = _default_socket_parent()
+    fresh = parent / (_SOCKET_DIR_PREFIX + "X" * _MKDTEMP_SUFFIX_LENGTH)
+    try:
+        check_socket_path(fresh.absolute() / name)
+    except SocketSetupError as e:
+        raise RunSetupError(
+            f"the workload socket would be {fresh / name} (a fresh directory under {parent}), "
+            "too long for a Unix socket path; set [runtime] socket_dir to a shorter directory"
+        ) from e
+
+
 def _preflight(config: RunConfig, command: Sequence[str]) -> bytes:
-    """Checks the command, the workload directory and the local inputs; returns the sidecar's
-    certificate (DER), which the quote binds."""
+    """Checks the command, the workload directory, the socket path and the local inputs;
+    returns the sidecar's certificate (DER), which the quote binds."""
     root = config.workload_root
     if not root.is_dir():
         raise RunSetupError(f"workload root {root} is not a directory")
     _resolve_command(command, root, dict(os.environ))
+    _check_socket_path(config)
     for item in config.inputs:
         if is_blob_url(item.url):
             continue  # checked when it is read; the blob store is not set up yet
@@ -252,10 +293,8 @@ def _socket_directory(configured: str) -> Iterator[Path]:
     if configured:
         yield Path(configured)
         return
-    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
-    parent = runtime if runtime and os.path.isdir(runtime) and os.access(runtime, os.W_OK) else None
     try:
-        path = Path(tempfile.mkdtemp(prefix="cleanroom-sidecar-", dir=parent))
+        path = Path(tempfile.mkdtemp(prefix=_SOCKET_DIR_PREFIX, dir=_default_socket_parent()))
     except OSError as e:
         raise RunSetupError(f"cannot create the workload socket directory: {e}") from e
     try:
@@ -303,7 +342,7 @@ def run_workload(config: RunConfig, command: Sequence[str]) -> RunResult:
 
     Raises:
         RunSetupError: the command, the workload directory, an input file or the certificate
-            cannot be used.
+            cannot be used, or the workload socket's path would be too long.
         TpmUnavailableError: the TPM cannot be reached (other TpmError: it failed).
         MeasurementError: a workload file cannot be measured.
         BrokerUnreachableError: the broker cannot be reached after the retries.

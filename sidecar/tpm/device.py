@@ -60,6 +60,7 @@ from sidecar.errors import (
     InvalidNonceError,
     MeasurementError,
     PcrMismatchError,
+    PcrNotAvailableError,
     PcrResetError,
     QuoteError,
     TpmCommandError,
@@ -85,6 +86,7 @@ _BANK_ALG: Mapping[str, int] = {
     "sha384": TPM2_ALG.SHA384,
 }
 _ALG_BANK: Mapping[int, str] = {int(v): k for k, v in _BANK_ALG.items()}
+_BANK_ORDER: Mapping[str, int] = {bank: i for i, bank in enumerate(_BANK_ALG)}
 
 # tpm2_createak's attributes: a restricted signing key that never leaves this TPM, whose
 # private part the TPM generated, used with its (empty) password.
@@ -143,6 +145,32 @@ def _selection_keys(selection: Any) -> list[PcrKey]:
             if bitmap[index // 8] & (1 << (index % 8)):
                 keys.append((index, bank))
     return keys
+
+
+def _check_quoted(requested: set[PcrKey], quoted: Sequence[PcrKey]) -> None:
+    """Raises PcrNotAvailableError unless the TPM quoted exactly the requested PCRs."""
+    got = set(quoted)
+    if got == requested:
+        return
+
+    def listing(keys: Iterable[PcrKey]) -> str:
+        by_bank: dict[str, list[int]] = {}
+        for index, bank in sorted(keys, key=lambda k: (_BANK_ORDER.get(k[1], 99), k[0])):
+            by_bank.setdefault(bank, []).append(index)
+        return _selection_string(by_bank) or "nothing"
+
+    missing = requested - got
+    if missing:
+        banks = sorted({bank for _, bank in missing}, key=lambda b: _BANK_ORDER.get(b, 99))
+        raise PcrNotAvailableError(
+            f"the TPM did not quote {listing(missing)} (asked for {listing(requested)}, "
+            f"quoted {listing(got)}): is the {' and '.join(banks)} PCR bank allocated in this "
+            "TPM? (tpm2_getcap pcrs lists the allocated banks)"
+        )
+    raise PcrNotAvailableError(
+        f"the TPM quoted {listing(got - requested)}, which was not asked for "
+        f"(asked for {listing(requested)})"
+    )
 
 
 def _check_pcr_index(index: int) -> None:
@@ -522,9 +550,12 @@ class Tpm:
             self._ctx.pcr_reset(ESYS_TR(index))
         except TSS2_Exception as e:
             if e.error == TPM2_RC.LOCALITY:
+                # Worded for PCR 23 too: the PC client profile makes it resettable at
+                # locality 0, but not every platform's (virtual) TPM follows that profile.
                 raise PcrResetError(
                     f"the platform does not allow resetting PCR {index} at this locality "
-                    f"(only PCR 16 and 23 are resettable at locality 0): {e}",
+                    "(the TPM PC client profile allows it at locality 0 for PCR 16 and 23 only, "
+                    f"and some platforms not even for those): {e}",
                     rc=int(e.rc),
                 ) from e
             raise self._translate(e, f"resetting PCR {index}") from e
@@ -557,7 +588,9 @@ class Tpm:
 
         Raises:
             TpmError: an unsupported bank or PCR index.
-            TpmCommandError: the TPM refuses, or does not have a requested bank allocated.
+            PcrNotAvailableError: the TPM returns no value for a requested PCR (the bank is
+                not allocated).
+            TpmCommandError: the TPM refuses.
         """
         remaining: dict[str, set[int]] = {}
         for bank, indices in selection.items():
@@ -581,7 +614,7 @@ class Tpm:
                     remaining[bank].discard(index)
                     progress = True
             if not progress:
-                raise TpmCommandError(
+                raise PcrNotAvailableError(
                     f"the TPM returned no values for PCRs {request}: "
                     "is that PCR bank allocated in this TPM?"
                 )
@@ -647,7 +680,9 @@ class Tpm:
         Raises:
             InvalidNonceError: ``qualifying_data`` is empty or longer than 64 bytes.
             QuoteError: the PCRs kept changing between quoting and reading them.
-            TpmCommandError: the TPM refuses (unallocated bank, AK problems).
+            PcrNotAvailableError: the TPM quoted other PCRs than those asked for (it leaves out
+                a bank it has not allocated); the message names what is missing.
+            TpmCommandError: the TPM refuses (AK problems, other failures).
         """
         if not 1 <= len(qualifying_data) <= MAX_QUALIFYING_DATA:
             raise InvalidNonceError(
@@ -661,6 +696,7 @@ class Tpm:
         ak = self._ensure_ak()
         banks = self._config.banks
         selection = TPML_PCR_SELECTION.parse(_selection_string({b: pcrs for b in banks}))
+        requested = {(index, bank) for bank in banks for index in pcrs}
         scheme = TPMT_SIG_SCHEME(scheme=_AK_SCHEME[self._config.ak_algorithm])
         scheme.details.any.hashAlg = TPM2_ALG.SHA256
         for _ in range(_QUOTE_ATTEMPTS):
@@ -676,6 +712,9 @@ class Tpm:
             quoted_selection, _ = TPML_PCR_SELECTION.unmarshal(quoted.pcrSelect.marshal())
             quoted_digest = bytes(quoted.pcrDigest)
             order = tuple(_selection_keys(quoted_selection))
+            # The TPM silently leaves out what it cannot quote (a bank it has not allocated),
+            # and still signs the rest: a quote over less than was asked must not pass as one.
+            _check_quoted(requested, order)
             by_bank: dict[str, list[int]] = {}
             for index, bank in order:
                 by_bank.setdefault(bank, []).append(index)

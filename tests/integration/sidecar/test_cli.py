@@ -113,3 +113,31 @@ def test_tcti_from_environment_and_config_file(swtpm: Swtpm, tmp_path: Path) -> 
         "cleanroom: error: [tpm] ak_algorithm must be 'rsa' or 'ecc', got 'dsa'"
     )
     assert_nothing_loaded(swtpm)
+
+
+def test_quote_over_a_bank_the_tpm_lacks_fails_and_prints_what_was_quoted(
+    swtpm: Swtpm, tmp_path: Path
+) -> None:
+    # The test TPM has sha1 and sha256 only. The quote must fail naming sha384, not print
+    # "quoted sha384:23" over a TPMS_ATTEST that covers no PCR (or drop sha384 silently).
+    for banks in ('["sha384"]', '["sha1", "sha384"]'):
+        config = tmp_path / "sidecar.toml"
+        config.write_text(f'[tpm]\ntcti = "{swtpm.tcti}"\nbanks = {banks}\n')
+        out = tmp_path / "q"
+        proc = run_cli(
+            "quote", "--config", str(config), "--nonce", "ab", "--out", str(out), env=_env()
+        )
+        assert proc.returncode == 1, (banks, proc.stdout)
+        assert proc.stdout == ""
+        lines = proc.stderr.splitlines()
+        assert len(lines) == 1, proc.stderr
+        assert lines[0].startswith("cleanroom: error: the TPM did not quote sha384:23 "), lines
+        assert "is the sha384 PCR bank allocated in this TPM?" in lines[0]
+        assert not out.exists()
+
+    # With banks the TPM has, the line reports the PCRs read from the signed quote.
+    config.write_text(f'[tpm]\ntcti = "{swtpm.tcti}"\nbanks = ["sha256"]\nextra_pcrs = [7, 0]\n')
+    proc = run_cli("quote", "--config", str(config), "--nonce", "ab", "--out", str(out), env=_env())
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == "quoted sha256:0,7,23 with qualifying data ab"
+    assert_nothing_loaded(swtpm)

@@ -9,10 +9,10 @@ import pytest
 
 from evidence.pcr import measure_files
 from sidecar.config import TpmConfig
-from sidecar.errors import PcrMismatchError, PcrResetError, TpmError
+from sidecar.errors import PcrMismatchError, PcrNotAvailableError, PcrResetError, TpmError
 from sidecar.tpm import Tpm
 from tests.harness.swtpm import Swtpm
-from tests.integration.sidecar.helpers import assert_nothing_loaded, write_files
+from tests.integration.sidecar.helpers import REPO, assert_nothing_loaded, write_files
 
 pytestmark = [pytest.mark.swtpm]
 
@@ -112,8 +112,24 @@ def test_reset_and_extend_errors(swtpm: Swtpm, make_config: Callable[..., TpmCon
         assert tpm.read_pcrs({"sha256": [16]})[(16, "sha256")] == bytes(32)
 
 
+def test_the_documented_reset_refusal_is_the_message_the_cli_prints(
+    swtpm: Swtpm, make_config: Callable[..., TpmConfig]
+) -> None:
+    # swtpm lets PCR 23 be reset (as the PC client profile says), so the refusal is produced
+    # with PCR 0, whose reset every PC-client TPM refuses at locality 0, through the same code.
+    with Tpm(make_config()) as tpm:
+        with pytest.raises(PcrResetError) as info:
+            tpm.reset_pcr(0)
+    assert info.value.rc == 0x907
+    printed = f"cleanroom: error: {info.value}"
+    assert "PCR 0 at this locality" in printed
+    documented = (REPO / "docs" / "sidecar-tpm.md").read_text()
+    assert printed.replace("PCR 0 at", "PCR 23 at") in documented.splitlines()
+    assert_nothing_loaded(swtpm)
+
+
 def test_unallocated_bank_is_reported(swtpm: Swtpm, make_config: Callable[..., TpmConfig]) -> None:
     # The test TPM has only sha1 and sha256 banks allocated.
     with Tpm(make_config()) as tpm:
-        with pytest.raises(TpmError, match=r"sha384:23.*bank allocated"):
+        with pytest.raises(PcrNotAvailableError, match=r"sha384:23.*bank allocated"):
             tpm.read_pcrs({"sha384": [23]})

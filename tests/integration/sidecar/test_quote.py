@@ -10,7 +10,7 @@ import pytest
 
 from evidence.pcr import measure_files
 from sidecar.config import TpmConfig
-from sidecar.errors import QuoteError
+from sidecar.errors import PcrNotAvailableError, QuoteError
 from sidecar.tpm import Tpm, write_tools_quote_files
 from sidecar.tpm.interface import PcrKey
 from tests.harness.swtpm import Swtpm
@@ -177,3 +177,27 @@ def test_a_hundred_quotes_leave_nothing_loaded(
             with Tpm(config) as tpm:
                 tpm.quote(i.to_bytes(4, "big"))
         assert_nothing_loaded(swtpm)
+
+
+@pytest.mark.parametrize(
+    ("banks", "asked", "quoted"),
+    [(("sha384",), "sha384:23", "nothing"), (("sha1", "sha384"), "sha1:23+sha384:23", "sha1:23")],
+)
+def test_a_bank_the_tpm_does_not_have_fails_the_quote(
+    swtpm: Swtpm,
+    make_config: Callable[..., TpmConfig],
+    banks: tuple[str, ...],
+    asked: str,
+    quoted: str,
+) -> None:
+    # The test TPM has only sha1 and sha256 banks; TPM2_Quote leaves sha384 out of the signed
+    # selection without an error, so the adapter has to compare what it got with what it asked.
+    with Tpm(make_config(banks=banks)) as tpm:
+        tpm.create_or_load_ak()
+        with pytest.raises(PcrNotAvailableError) as info:
+            tpm.quote(NONCE)
+    assert str(info.value).startswith(
+        f"the TPM did not quote sha384:23 (asked for {asked}, quoted {quoted}): "
+        "is the sha384 PCR bank allocated in this TPM?"
+    )
+    assert_nothing_loaded(swtpm)

@@ -58,7 +58,7 @@ WORKLOAD_SCRIPT = """\
 import os, sys, time
 from pathlib import Path
 
-from workload import create_output, open_input
+from workload import create_output, list_inputs, open_input
 from workload.errors import WorkloadError
 
 import lib
@@ -130,6 +130,14 @@ def main(argv):
         except WorkloadError as e:
             print(f"workload: {type(e).__name__}: {e}", file=sys.stderr)
             return 4
+        return 0
+    if mode == "socket":
+        # Publishes the socket's path for a process outside the workload's tree, waits until
+        # that process has tried it, then uses the socket itself.
+        Path(argv[2]).write_text(os.environ["CLEANROOM_WORKLOAD_SOCKET"])
+        wait_for(argv[3])
+        names = sorted(i.name for i in list_inputs())
+        print(f"workload served: {','.join(names)} {len(read_all('advertiser'))}", flush=True)
         return 0
     if mode == "reattest":
         read_all("advertiser")
@@ -594,6 +602,65 @@ def test_sigterm_stops_the_workload_and_leaves_no_complete_looking_output(
                 open_bytes(leftover.read_bytes(), private_key=key)
     ends = [r for r in audit(room) if r[0] == "session.end"]
     assert f"exit code {128 + signal.SIGTERM}; outputs: none" in ends[-1][3]
+
+
+SIBLING = """\
+import sys
+
+import workload
+from workload.errors import AccessDeniedError
+
+try:
+    workload.list_inputs()
+except AccessDeniedError as e:
+    print(f"denied: {e}")
+    sys.exit(0)
+print("served")
+sys.exit(1)
+"""
+
+
+def test_a_process_outside_the_workload_tree_is_refused_by_the_run_socket(
+    room: CleanRoom, module_tpm: Swtpm, rundir: Path
+) -> None:
+    config = config_for(room, module_tpm, rundir)
+    published, go = rundir / "socket-path", rundir / "go"
+    proc = start_sidecar(config, PY, "run.py", "socket", str(published), str(go), cwd=rundir)
+    try:
+        wait_for_file(published, proc)
+        socket_path = published.read_text()
+        # A sibling: started by the test, same user, not a descendant of the workload.
+        env = sidecar_env()
+        env["CLEANROOM_WORKLOAD_SOCKET"] = socket_path
+        sibling = subprocess.Popen(
+            [PY, "-c", SIBLING],
+            env=env,
+            cwd=rundir,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        sibling_out, sibling_err = sibling.communicate(timeout=60)
+        go.touch()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert sibling.returncode == 0, (sibling_out, sibling_err)
+    assert sibling_out.startswith("denied: list inputs: this process is not part of the "), (
+        sibling_out
+    )
+    # The workload itself is still served, after the refusal.
+    assert proc.returncode == 0, err
+    size = len(room.plaintexts["advertiser"])
+    assert f"workload served: advertiser,publisher {size}" in out
+    assert re.search(
+        rf"workload socket: DENIED ListInputs from pid={sibling.pid} uid={os.getuid()} .*"
+        "not in the workload's process tree",
+        err,
+    ), err
+    assert not Path(socket_path).exists()
 
 
 def test_failures_before_the_start_are_one_clear_line(

@@ -150,6 +150,28 @@ def test_reattest_may_replace_keys() -> None:
     assert ring.data_key("k1") == b"\x02" * 32
 
 
+def test_check_key_renews_and_then_requires_the_key() -> None:
+    clock = Clock()
+
+    def reattest() -> datetime:
+        # The renewal releases k2 only: k1 is dropped.
+        ring.clear()
+        ring.add("k2", KEY)
+        return clock.now + timedelta(minutes=5)
+
+    ring = KeyRing(valid_until=clock.now + timedelta(minutes=5), reattest=reattest, clock=clock)
+    ring.add("k1", KEY)
+    ring.check_key("k1")
+    clock.now += timedelta(minutes=10)
+    with pytest.raises(UnknownKeyError, match="'k1' is no longer in the key ring"):
+        ring.check_key("k1")
+    ring.check_key("k2")
+    expired = KeyRing(valid_until=clock.now - timedelta(seconds=1), clock=clock)
+    expired.add("k1", KEY)
+    with pytest.raises(AttestationExpiredError):
+        expired.check_key("k1")
+
+
 def test_one_reattestation_for_many_threads() -> None:
     clock = Clock()
     calls = 0

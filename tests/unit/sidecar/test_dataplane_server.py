@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import stat
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -30,8 +31,10 @@ from tests.unit.workload.dataplane_session import (
     only_this_process,
     open_sealed,
     running_session,
+    settled_files,
     short_tempdir,
 )
+from workload import Client, InputUnavailableError, OutputFailedError
 
 ALICE = Party("alice")
 BOB = Party("bob")
@@ -269,6 +272,134 @@ def test_key_not_released_is_a_failed_precondition(tmp_path: Path) -> None:
             _, err = _read_until_error(workload_pb2_grpc.WorkloadServiceStub(channel), "a.bin")
         assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "alice-key" in (err.details() or "")
+
+
+def test_a_key_dropped_by_reattestation_stops_a_stream_already_reading(tmp_path: Path) -> None:
+    clock = LapsingClock(lapse_after=5)
+    renewals = 0
+
+    def reattest() -> datetime:
+        # The broker renews the attestation but no longer releases alice's key (she revoked
+        # her approval): the key ring then holds bob's key only, as Attester.attest leaves it.
+        nonlocal renewals
+        renewals += 1
+        ring.clear()
+        ring.add(BOB.key_id, BOB.data_key)
+        return clock.start + timedelta(minutes=10)
+
+    ring = KeyRing(valid_until=clock.start + timedelta(minutes=1), reattest=reattest, clock=clock)
+    with (
+        running_session(
+            tmp_path,
+            inputs={"a.bin": (DATA, ALICE), "b.bin": (b"bob's rows\n", BOB)},
+            recipients=[ALICE],
+            allowed_peer=only_this_process,
+            keyring=ring,
+            config=DataPlaneConfig(chunk_size=64 << 10),
+        ) as s,
+        grpc.insecure_channel(f"unix:{s.socket}") as channel,
+    ):
+        stub = workload_pb2_grpc.WorkloadServiceStub(channel)
+        # Readings: one when the stream opens, one when the key is borrowed, then one before
+        # each chunk; the sixth lapses, the renewal drops alice's key, and the stream (whose
+        # cipher still holds a copy of that key) must stop there.
+        clock.readings = 0
+        got, err = _read_until_error(stub, "a.bin")
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "data key 'alice-key' is no longer in the key ring" in (err.details() or "")
+        assert b"".join(m.chunk for m in got) == DATA[: 3 * (64 << 10)]
+        assert not any(m.end_of_input for m in got)
+        assert renewals == 1
+        # Bob's input, whose key the renewal released, still reads.
+        assert b"".join(m.chunk for m in _read_all(stub, "b.bin")) == b"bob's rows\n"
+
+        # The same through the workload SDK: the read in progress raises InputUnavailableError.
+        ring.add(ALICE.key_id, ALICE.data_key)
+        ring.set_valid_until(clock.start + timedelta(minutes=1))
+        clock.readings = 0
+        with Client(s.socket) as client, client.open_input("a.bin") as f:
+            with pytest.raises(InputUnavailableError, match="'alice-key' is no longer"):
+                f.read()
+            assert f.bytes_read == 3 * (64 << 10)
+        assert renewals == 2
+
+
+class SettableClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2030, 1, 1, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def _wait_for_partial(directory: Path) -> None:
+    """Waits until the sidecar has opened an output (its temporary file exists)."""
+    deadline = time.monotonic() + 10
+    while not any(p.name.startswith(".partial-") for p in directory.rglob("*")):
+        assert time.monotonic() < deadline, "the output was never opened"
+        time.sleep(0.01)
+
+
+def test_outputs_are_refused_and_discarded_once_the_attestation_lapsed(tmp_path: Path) -> None:
+    clock = SettableClock()
+    start = clock.now
+    renew = False
+    attempts = 0
+
+    def reattest() -> datetime:
+        nonlocal attempts
+        attempts += 1
+        if not renew:
+            raise ConnectionError("broker unreachable")
+        return clock.now + timedelta(minutes=1)
+
+    ring = KeyRing(valid_until=start + timedelta(minutes=1), reattest=reattest, clock=clock)
+    with (
+        running_session(
+            tmp_path,
+            inputs={},
+            recipients=[ALICE],
+            allowed_peer=only_this_process,
+            keyring=ring,
+        ) as s,
+        Client(s.socket) as client,
+    ):
+        # An output being written when the attestation lapses, whose renewal then fails, is
+        # discarded at its commit, not sealed and published.
+        out = client.create_output("during.csv")
+        out.write(b"a,b\n" * 1000)
+        out.flush()
+        _wait_for_partial(s.output_dir)
+        clock.now = start + timedelta(minutes=2)
+        with pytest.raises(OutputFailedError) as info:
+            out.commit()
+        assert "FAILED_PRECONDITION" in str(info.value)
+        assert "output 'during.csv' was discarded: the sidecar's attestation is no longer " in str(
+            info.value
+        )
+        assert "re-attestation failed" in str(info.value)
+        assert attempts == 1
+
+        # A new output is refused before anything is opened.
+        with pytest.raises(OutputFailedError) as info:
+            with client.create_output("after.csv") as late:
+                late.write(b"late\n")
+        assert "output 'after.csv' is not accepted: the sidecar's attestation is no longer" in (
+            str(info.value)
+        )
+        assert attempts == 2
+        assert settled_files(s.output_dir) == []
+
+        # Once the broker renews the attestation, outputs are accepted again.
+        renew = True
+        with client.create_output("renewed.csv") as ok:
+            ok.write(b"ok\n")
+        assert attempts == 3
+        sealed = s.output_dir / "renewed.csv.sealed"
+        assert open_sealed(sealed, ALICE.recipient) == b"ok\n"
+        assert settled_files(s.output_dir) == [sealed]
 
 
 def _write(

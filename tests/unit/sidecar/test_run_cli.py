@@ -4,6 +4,8 @@ or the broker is contacted (one line, exit 1, nothing started)."""
 from __future__ import annotations
 
 import sys
+import tempfile
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -91,3 +93,66 @@ def test_failures_before_anything_is_contacted(
     assert _error(capsys, [*base, sys.executable, "run.py"]) == (
         f"cleanroom: error: config file {config}: unknown setting(s): bogus"
     )
+
+
+def _write_certificate(path: Path) -> None:
+    """A self-signed certificate: enough for the checks before the start, which only load it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import Encoding
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sidecar")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    path.write_bytes(cert.public_bytes(Encoding.PEM))
+
+
+def test_a_socket_path_too_long_fails_before_the_tpm_and_the_broker(
+    config: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _write_certificate(tmp_path / "missing.crt")
+    base = ["sidecar", "run", "--config", str(config), "--", sys.executable, "run.py"]
+    # With a short socket directory the checks pass and the run goes on to the broker (whose
+    # key file is missing, so it fails there).
+    config.write_text(CONFIG + f'[runtime]\nsocket_dir = "{tmp_path / "s"}"\n')
+    later = _error(capsys, base)
+    assert later.startswith("cleanroom: error: cannot set up the broker connection"), later
+
+    # A configured directory too long for a Unix socket address: one line, nothing created,
+    # neither the TPM nor the broker used.
+    long_dir = tmp_path / ("d" * 100)
+    config.write_text(CONFIG + f'[runtime]\nsocket_dir = "{long_dir}"\n')
+    assert _error(capsys, base) == (
+        f"cleanroom: error: [runtime] socket_dir: socket path {long_dir / 'workload.sock'} is "
+        "longer than 107 bytes; use a shorter directory"
+    )
+    assert not long_dir.exists()
+
+    # No socket_dir: the fresh directory would go under a temporary directory that is too long.
+    long_tmp = tmp_path / ("t" * 100)
+    long_tmp.mkdir()
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(long_tmp))
+    config.write_text(CONFIG)
+    assert _error(capsys, base) == (
+        f"cleanroom: error: the workload socket would be "
+        f"{long_tmp / 'cleanroom-sidecar-XXXXXXXX' / 'workload.sock'} (a fresh directory under "
+        f"{long_tmp}), too long for a Unix socket path; set [runtime] socket_dir to a shorter "
+        "directory"
+    )
+    assert list(long_tmp.iterdir()) == []
