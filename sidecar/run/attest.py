@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -61,6 +62,11 @@ _log = logging.getLogger(__name__)
 
 #: What :func:`broker_error` is told while attesting.
 ATTESTATION = "the attestation"
+
+#: Challenge-quote-attest cycles when the broker answers Attest with UNAVAILABLE.
+ATTEST_ATTEMPTS = 3
+#: Pause before the second cycle (seconds), doubled for each later one.
+ATTEST_RETRY_PAUSE = 0.5
 
 
 def broker_error(e: BrokerClientError, *, target: str, doing: str) -> RunError:
@@ -186,6 +192,11 @@ class Attester:
         self._key_ids = tuple(key_ids)
         self._lock = threading.Lock()
         self._sessions: list[str] = []
+        #: Challenge-quote-attest cycles tried when Attest is answered UNAVAILABLE.
+        self.attempts = ATTEST_ATTEMPTS
+        #: Pause before the second cycle, doubled for each later one (seconds).
+        self.retry_pause = ATTEST_RETRY_PAUSE
+        self._sleep: Callable[[float], None] = time.sleep
 
     @property
     def session_ids(self) -> tuple[str, ...]:
@@ -224,57 +235,40 @@ class Attester:
         ``challenge`` is a challenge fetched ahead of time; without it one is asked for now.
         The key ring's expiry is set to the new attestation's.
 
+        ``Attest`` itself is never resent: the broker burns the nonce before it looks at the
+        evidence. When the broker answers it with UNAVAILABLE (a transient fault such as its
+        database or a Key Vault KEK being briefly unavailable), the whole cycle runs again with
+        a new challenge, a new quote and a new ephemeral key, up to :attr:`attempts` times with
+        a growing pause.
+
         Raises:
             AttestationDeniedError: the broker refused the challenge or the evidence, or a
                 released key did not open with the ephemeral key.
-            BrokerUnreachableError: the broker cannot be reached.
+            BrokerUnreachableError: the broker cannot be reached, or stayed unavailable for
+                every attempt.
             TpmError, QuoteError: the TPM failed.
         """
         with self._lock:
             target = self._client.target
-            if challenge is None:
+            for attempt in range(1, self.attempts + 1):
                 try:
-                    challenge = self.challenge()
-                except BrokerClientError as e:
-                    raise broker_error(e, target=target, doing="a challenge") from e
-            pcrs = self._quoted_pcrs(challenge)
-            # A fresh ephemeral key for every attestation: a released key opens only in the
-            # process that made this quote, and only for this session.
-            with generate_recipient_key() as ephemeral:
-                public = ephemeral.public_key()
-                try:
-                    qualifying = qualifying_data(
-                        nonce=bytes(challenge.nonce),
-                        kem=public.kem,
-                        ephemeral_public_key=public.raw,
-                        tls_certificate_der=self._certificate_der,
+                    attestation, opened = self._attest_once(challenge, target)
+                    break
+                except UnavailableError as e:
+                    if attempt == self.attempts:
+                        raise BrokerUnreachableError(
+                            f"the broker at {target} could not complete the attestation, "
+                            f"{attempt} attempts: {e.details}"
+                        ) from e
+                    pause = self.retry_pause * 2 ** (attempt - 1)
+                    _log.warning(
+                        "the broker could not complete the attestation (%s); trying again with "
+                        "a new challenge in %.1f s",
+                        e.details,
+                        pause,
                     )
-                except EvidenceError as e:
-                    raise InvalidNonceError(f"cannot bind the quote: {e}") from e
-                result = self._tpm.quote(qualifying, pcrs)
-                quote = attestation_pb2.Quote(attest=result.attest, signature=result.signature)
-                for index, bank in result.pcr_order:
-                    quote.pcr_values.add(
-                        index=index, bank=bank_to_pb(bank), value=result.pcr_values[(index, bank)]
-                    )
-                try:
-                    response = self._client.attest(
-                        ak_name=self._ak_name,
-                        nonce=bytes(challenge.nonce),
-                        quote=quote,
-                        event_log=self._event_log,
-                        ephemeral_key=common_pb2.RecipientKey(
-                            kem=public.kem,  # type: ignore[arg-type]
-                            public_key=public.raw,
-                        ),
-                        key_ids=self._key_ids,
-                    )
-                except BrokerClientError as e:
-                    raise broker_error(e, target=target, doing=ATTESTATION) from e
-                # Recorded at once, so that the session is ended even if what follows fails.
-                self._sessions.append(response.session_id)
-                attestation = self._attestation(response)
-                opened = self._open_released(response, ephemeral)
+                    self._sleep(pause)
+                    challenge = None
             try:
                 keyring.clear()
                 for key_id, key in opened.items():
@@ -290,6 +284,61 @@ class Attester:
             attestation.expires_at.isoformat() if attestation.expires_at else "forever",
         )
         return attestation
+
+    def _attest_once(
+        self, challenge: attestation_pb2.GetChallengeResponse | None, target: str
+    ) -> tuple[Attestation, dict[str, bytes]]:
+        """One challenge-quote-attest cycle; returns the attestation and the opened keys.
+
+        Raises:
+            UnavailableError: ``Attest`` was answered UNAVAILABLE (the caller may start over).
+            the rest: as :meth:`attest`.
+        """
+        if challenge is None:
+            try:
+                challenge = self.challenge()
+            except BrokerClientError as e:
+                raise broker_error(e, target=target, doing="a challenge") from e
+        pcrs = self._quoted_pcrs(challenge)
+        # A fresh ephemeral key for every attestation: a released key opens only in the
+        # process that made this quote, and only for this session.
+        with generate_recipient_key() as ephemeral:
+            public = ephemeral.public_key()
+            try:
+                qualifying = qualifying_data(
+                    nonce=bytes(challenge.nonce),
+                    kem=public.kem,
+                    ephemeral_public_key=public.raw,
+                    tls_certificate_der=self._certificate_der,
+                )
+            except EvidenceError as e:
+                raise InvalidNonceError(f"cannot bind the quote: {e}") from e
+            result = self._tpm.quote(qualifying, pcrs)
+            quote = attestation_pb2.Quote(attest=result.attest, signature=result.signature)
+            for index, bank in result.pcr_order:
+                quote.pcr_values.add(
+                    index=index, bank=bank_to_pb(bank), value=result.pcr_values[(index, bank)]
+                )
+            try:
+                response = self._client.attest(
+                    ak_name=self._ak_name,
+                    nonce=bytes(challenge.nonce),
+                    quote=quote,
+                    event_log=self._event_log,
+                    ephemeral_key=common_pb2.RecipientKey(
+                        kem=public.kem,  # type: ignore[arg-type]
+                        public_key=public.raw,
+                    ),
+                    key_ids=self._key_ids,
+                )
+            except UnavailableError:
+                raise
+            except BrokerClientError as e:
+                raise broker_error(e, target=target, doing=ATTESTATION) from e
+            # Recorded at once, so that the session is ended even if what follows fails.
+            self._sessions.append(response.session_id)
+            attestation = self._attestation(response)
+            return attestation, self._open_released(response, ephemeral)
 
     def reattest(self, keyring: KeyRing) -> datetime:
         """The key ring's re-attestation callback: attests again and returns the new expiry.
