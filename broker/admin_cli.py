@@ -50,6 +50,13 @@ WORKLOAD_PCR: Final = 23
 MANIFEST_BANKS: Final = ("sha1", "sha256")
 _BANK_SIZES: Final[Mapping[str, int]] = {"sha1": 20, "sha256": 32, "sha384": 48}
 _MAX_INPUT_FILE: Final = 1 << 20  # public keys, certificates, quotes and manifests are small
+#: The broker's bounds on ``audit list`` (``broker.server.validate.MAX_AUDIT_SEQUENCE`` and
+#: ``MAX_AUDIT_PAGE``; repeated here so that building the parser imports nothing heavy). A
+#: number outside them is a usage error, before anything is sent.
+AUDIT_MAX_SEQUENCE: Final = 2**63 - 1
+AUDIT_MAX_PAGE: Final = 1000
+#: A manifest file size travels as a protobuf uint64.
+_MAX_FILE_SIZE: Final = 2**64 - 1
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -276,8 +283,10 @@ def manifest_from_json(data: bytes, source: str) -> list[ManifestFile]:
         path, size, digests = item.get("path"), item.get("size", 0), item.get("digests")
         if not isinstance(path, str) or not path:
             raise AdminUsageError(f'{where} needs a "path"')
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise AdminUsageError(f'{where}: "size" must be a non-negative integer')
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= _MAX_FILE_SIZE:
+            raise AdminUsageError(
+                f'{where}: "size" must be an integer from 0 to {_MAX_FILE_SIZE} (64 bits)'
+            )
         if not isinstance(digests, dict) or "sha256" not in digests:
             raise AdminUsageError(f'{where} needs "digests" with at least a sha256 digest')
         parsed: dict[str, bytes] = {}
@@ -998,7 +1007,10 @@ def _register_ek(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     g = _group(sub, "ek", "endorsement keys (operator)")
     p = _leaf(g, "enroll", "enroll an EK with its certificate, or vouch for it without", _ek_enroll)
     p.add_argument(
-        "--public", required=True, metavar="FILE", help="EK public: tpm2_createek --public or PEM"
+        "--public",
+        required=True,
+        metavar="FILE",
+        help="EK public as tpm2_createek --public writes it (TPM2B_PUBLIC; PEM is refused)",
     )
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--certificate", metavar="FILE", help="EK certificate, DER or PEM")
@@ -1176,23 +1188,38 @@ def _register_workload(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     _leaf(g, "list", "list approvals (a party sees its own)", _workload_list)
 
 
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be >= 0")
-    return value
+def _whole_number(maximum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from 0 to ``maximum`` (a usage error otherwise)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not 0 <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"must be from 0 to {maximum}, not {value}")
+        return value
+
+    return parse
 
 
 def _register_audit(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     g = _group(sub, "audit", "the audit log")
     p = _leaf(g, "list", "list audit records", _audit_list)
     p.add_argument(
-        "--after", type=_non_negative, default=0, metavar="N", help="records after sequence N"
+        "--after",
+        type=_whole_number(AUDIT_MAX_SEQUENCE),
+        default=0,
+        metavar="N",
+        help="records after sequence N",
     )
-    p.add_argument("--limit", type=_non_negative, default=0, metavar="N", help="at most N records")
+    p.add_argument(
+        "--limit",
+        type=_whole_number(AUDIT_MAX_PAGE),
+        default=0,
+        metavar="N",
+        help=f"at most N records (0: the broker's default page; at most {AUDIT_MAX_PAGE})",
+    )
     _leaf(g, "verify", "check the audit log's hash chain (exit 1 when broken)", _audit_verify)
 
 
@@ -1222,6 +1249,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 __all__ = [
+    "AUDIT_MAX_PAGE",
+    "AUDIT_MAX_SEQUENCE",
     "DEFAULT_BROKER",
     "ENV_BROKER",
     "ENV_CA",

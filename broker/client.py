@@ -781,8 +781,13 @@ class BrokerClient:
         """Audit records with a sequence number above ``after_sequence`` (``limit`` 0: the
         broker's default page size).
 
+        The broker takes ``after_sequence`` up to 2**63 - 1 and ``limit`` up to 1000, and
+        answers ``INVALID_ARGUMENT`` above that.
+
         Raises:
-            BrokerClientError: the subclass for the status code.
+            ValueError: a number that does not fit its field (uint64, uint32); nothing is sent.
+            BrokerClientError: the subclass for the status code (InvalidArgumentError for a
+                number out of the broker's range).
         """
         req = admin_pb2.ListAuditRecordsRequest(after_sequence=after_sequence, limit=limit)
         return list(self._call("ListAuditRecords", self._admin.ListAuditRecords, req).records)

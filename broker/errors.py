@@ -145,7 +145,16 @@ class CustodyError(BrokerError):
 
 
 class KekError(CustodyError):
-    """The key-encryption key is unavailable, or it refused to wrap or unwrap."""
+    """The key-encryption key is unavailable, or it refused to wrap or unwrap.
+
+    A plain ``KekError`` is permanent: the same call fails again until someone changes the key,
+    its role assignments or the broker's configuration.
+    """
+
+
+class KekUnavailableError(KekError):
+    """The KEK's service failed transiently (throttled after the retries, unreachable, a server
+    error): the same call may succeed later, with nothing changed."""
 
 
 # --- storage and audit ----------------------------------------------------------------------

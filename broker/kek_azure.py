@@ -35,8 +35,12 @@ role then takes effect within that time. Every wrap is verified by unwrapping it
 Key Vault, so a data key is never stored under a key the broker's identity cannot unwrap.
 
 Errors become :class:`~broker.errors.KekError` with a reason that starts with what happened:
-``forbidden``, ``key not found``, ``key disabled``, ``throttled``, ``unreachable``. Throttling
-(429) is retried by the SDK's retry policy, which honours ``Retry-After``.
+``forbidden``, ``key not found``, ``key disabled``, ``unauthorized``, ``throttled``,
+``unreachable``, ``unavailable``. Throttling (429), server errors (5xx) and network failures are
+retried by the SDK's retry policy, which honours ``Retry-After``; when the retries run out they
+are :class:`~broker.errors.KekUnavailableError` (transient: ``throttled``, ``unreachable``,
+``unavailable``), which the gRPC layer answers with ``UNAVAILABLE``. The others are permanent
+until someone changes the key, its role assignments or the configuration.
 """
 
 from __future__ import annotations
@@ -72,7 +76,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from broker.custody import KekRegistry, check_data_key, encode_info, zero
-from broker.errors import CustodyError, KekError
+from broker.errors import CustodyError, KekError, KekUnavailableError
 from cleanroom.config import ConfigError, load_config
 
 __all__ = [
@@ -342,10 +346,24 @@ def _kek_error(e: BaseException, action: str, kid: str) -> KekError:
         )
     if isinstance(e, ResourceNotFoundError) or status == 404:
         return KekError(f"key not found: {kid} ({code or 'NotFound'})")
+    # What the SDK already retried (408, 429, 5xx, network) and still failed is transient: the
+    # caller may try again later with nothing changed. Everything else needs someone to act.
     if status == 429:
-        return KekError(f"throttled: Key Vault kept answering 429 to {action} with {kid}")
+        return KekUnavailableError(
+            f"throttled: Key Vault kept answering 429 to {action} with {kid}"
+        )
     if isinstance(e, (ServiceRequestError, ServiceResponseError)):
-        return KekError(f"unreachable: cannot reach Key Vault to {action} with {kid}: {e}")
+        return KekUnavailableError(
+            f"unreachable: cannot reach Key Vault to {action} with {kid}: {e}"
+        )
+    if (
+        isinstance(e, HttpResponseError)
+        and isinstance(status, int)
+        and (status == 408 or status >= 500)
+    ):
+        return KekUnavailableError(
+            f"unavailable: Key Vault failed to {action} with {kid} ({status} {code})"
+        )
     if isinstance(e, HttpResponseError):
         return KekError(f"Key Vault failed to {action} with {kid} ({status} {code})")
     return KekError(f"Key Vault failed to {action} with {kid}: {type(e).__name__}: {e}")
@@ -526,9 +544,10 @@ class KeyVaultKek:
         """Fetches the key (the ref's version, or the current one) and checks it is usable.
 
         Raises:
-            KekError: ``key not found``, ``forbidden``, ``key disabled``, ``throttled``,
-                ``unreachable``, or the key is not an RSA key of this vault or not yet/no
-                longer valid.
+            KekUnavailableError: ``throttled``, ``unreachable`` or ``unavailable`` (a 5xx)
+                after the retries.
+            KekError: ``key not found``, ``forbidden``, ``key disabled``, or the key is not an
+                RSA key of this vault or not yet/no longer valid.
         """
         shown = self._key.url
         try:
@@ -570,7 +589,8 @@ class KeyVaultKek:
 
         Raises:
             CustodyError: the data key is not 32 bytes, or the key id or owner is empty.
-            KekError: Key Vault refused or failed (the message starts with the reason).
+            KekUnavailableError: Key Vault failed transiently (see :meth:`current_key`).
+            KekError: Key Vault refused (the message starts with the reason).
         """
         check_data_key(data_key)
         key = self.current_key()
@@ -603,10 +623,11 @@ class KeyVaultKek:
         """Unwraps a key wrapped by :meth:`wrap` for the same ``key_id`` and ``owner``.
 
         Raises:
-            KekError: the blob is malformed, names another Key Vault key, Key Vault refused or
-                failed (the message starts with the reason: ``forbidden``, ``key not found``,
-                ``key disabled``, ``throttled``, ``unreachable``), or the blob belongs to another
-                key id or owner or was altered.
+            KekUnavailableError: Key Vault failed transiently (``throttled``, ``unreachable``,
+                ``unavailable``).
+            KekError: the blob is malformed, names another Key Vault key, Key Vault refused
+                (the message starts with the reason: ``forbidden``, ``key not found``, ``key
+                disabled``), or the blob belongs to another key id or owner or was altered.
         """
         what = f"wrapped data key {key_id!r} of {owner!r}"
         blob = _Wrapped.decode(wrapped, what)

@@ -8,14 +8,16 @@ them in one place (:mod:`broker.server.status`).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import grpc
 
 from broker import rotation
 from broker.errors import UnknownPolicyObjectError
+from broker.model import AuditEntry
 from broker.server import convert, validate
-from broker.server.errors import RateLimitedError
+from broker.server.errors import InvalidRequestError, RateLimitedError
 from broker.server.interceptor import current_call
 from broker.server.metrics import BrokerMetrics
 from broker.server.ratelimit import TokenBucketLimiter
@@ -24,6 +26,7 @@ from broker.service import Broker, Evidence
 from cleanroom import __version__
 from cleanroom.v1 import admin_pb2, admin_pb2_grpc, attestation_pb2, attestation_pb2_grpc
 from evidence.proto import bank_to_pb, event_log_from_pb
+from pki.identity import SpiffeId
 
 log = logging.getLogger("cleanroom.broker.rpc")
 
@@ -110,9 +113,13 @@ class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):
     ) -> attestation_pb2.AttestResponse:
         call = current_call()
         try:
-            ephemeral_key = validate.check_attest(
-                request, max_event_log_entries=self.broker.config.max_event_log_entries
-            )
+            try:
+                ephemeral_key = validate.check_attest(
+                    request, max_event_log_entries=self.broker.config.max_event_log_entries
+                )
+            except InvalidRequestError as e:
+                self._audit_malformed(call.caller, request, e)
+                raise
             evidence = Evidence(
                 ak_name=request.ak_name,
                 nonce=bytes(request.nonce),
@@ -155,6 +162,38 @@ class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):
                 party=party.name, key=convert.recipient_key_pb(party.kem, party.public_key)
             )
         return response
+
+    def _audit_malformed(
+        self, caller: SpiffeId, request: attestation_pb2.AttestRequest, error: InvalidRequestError
+    ) -> None:
+        """Records an ``Attest`` refused by validation as the core records its own refusals
+        (action ``attest``, decision ``deny``), with the validation message as the reason.
+
+        The AK name is the subject only when it is well formed: a malformed one could be
+        anything up to the message size limit, and its problem is in the reason anyway.
+        """
+        try:
+            validate.check_ak_name(request.ak_name)
+            subject = request.ak_name
+        except InvalidRequestError:
+            subject = ""
+        quoted = bytes(request.quote.attest) + bytes(request.quote.signature)
+        try:
+            self.broker.audit.append(
+                AuditEntry(
+                    actor=str(caller),
+                    action="attest",
+                    subject=subject,
+                    decision="deny",
+                    reason=str(error),
+                    # The same digest the core records, so a retried quote can be matched.
+                    evidence_digest=hashlib.sha256(quoted).hexdigest() if quoted else "",
+                )
+            )
+        except Exception:
+            # The request is refused either way, and the refusal must stay INVALID_ARGUMENT: a
+            # failed audit write must not change the answer, but it must be visible.
+            log.exception("cannot record a malformed attestation in the audit log")
 
     def EndSession(
         self, request: attestation_pb2.EndSessionRequest, context: grpc.ServicerContext

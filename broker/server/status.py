@@ -7,15 +7,19 @@ audit log and the server log. The rules, most specific first:
   unacceptable key attributes.
 * ``UNAUTHENTICATED``: no usable client identity.
 * ``PERMISSION_DENIED``: the caller's role may not call the method; policy refusals. For
-  ``Attest`` every refusal (verification, policy, replayed or foreign nonce) gets the one opaque
-  message ``"attestation denied"``.
+  ``Attest`` every refusal (verification, policy, replayed or foreign nonce, a key its KEK
+  refuses to unwrap) gets the one opaque message ``"attestation denied"``.
 * ``FAILED_PRECONDITION``: not enrolled, revoked, credential challenge unknown or expired, nonce
-  expired; a KEK the operator named (``SetPartyKek``, ``RewrapDataKey``, ``CheckKek``) that the
-  broker cannot use, with the reason (``key not found: ...``, ``forbidden: ...``).
+  expired; a KEK that refuses for good (forbidden, not found, disabled): with the reason
+  (``key not found: ...``, ``forbidden: ...``) for the operator's KEK calls (``SetPartyKek``,
+  ``RewrapDataKey``, ``CheckKek``), with a short message that names nothing of the vault
+  elsewhere (``RegisterDataKey``).
 * ``NOT_FOUND``: unknown objects named in admin calls.
 * ``ALREADY_EXISTS``: duplicates.
 * ``RESOURCE_EXHAUSTED``: rate limits (gRPC itself answers oversized messages the same way).
-* ``UNAVAILABLE``: transient faults only (the database).
+* ``UNAVAILABLE``: transient faults only (the database; a KEK service that is throttled,
+  unreachable or failing, :class:`~broker.errors.KekUnavailableError`), in every method, with a
+  generic message asking to retry.
 * ``INTERNAL``: everything unexpected, with a generic message; the server logs the traceback.
 """
 
@@ -37,6 +41,7 @@ from broker.errors import (
     EnrollmentError,
     GoldenValueError,
     KekError,
+    KekUnavailableError,
     KeyAttributeError,
     MalformedEvidenceError,
     NonceError,
@@ -64,6 +69,14 @@ from sealing.errors import InvalidKeyError, ParameterError
 ATTEST_METHOD: Final = f"/{ATTESTATION_SERVICE}/Attest"
 ATTESTATION_DENIED: Final = "attestation denied"
 INTERNAL_MESSAGE: Final = "internal error"
+#: A transient KEK fault, in any method: nothing about the vault, only that a retry may work.
+KEK_UNAVAILABLE_MESSAGE: Final = "key custody is temporarily unavailable; retry later"
+#: A KEK that refuses for good, outside the operator's KEK calls: the caller (a party) learns
+#: that its KEK is the problem and who can look, not what the vault said.
+KEK_UNUSABLE_MESSAGE: Final = (
+    "the party's key encryption key cannot be used; "
+    "the operator can check it with `cleanroom admin kek check`"
+)
 
 #: Admin methods whose PolicyError means "this object is invalid" rather than "refused".
 _VALIDATING_METHODS: Final = frozenset(
@@ -95,6 +108,10 @@ def _attest_status(exc: BaseException) -> Status | None:
         return Status(grpc.StatusCode.FAILED_PRECONDITION, "AK is not enrolled")
     if isinstance(cause, MalformedEvidenceError | EvidenceError):
         return Status(grpc.StatusCode.INVALID_ARGUMENT, "quote: malformed evidence")
+    if isinstance(cause, KekUnavailableError):
+        # The evidence passed and a key's KEK service failed transiently: the sidecar can ask
+        # for a new challenge and try again. A KEK that refuses for good stays an opaque denial.
+        return Status(grpc.StatusCode.UNAVAILABLE, KEK_UNAVAILABLE_MESSAGE)
     if isinstance(exc, PolicyError | VerificationError | NonceError | EnrollmentError):
         return Status(grpc.StatusCode.PERMISSION_DENIED, ATTESTATION_DENIED)
     return None
@@ -126,12 +143,18 @@ def status_for(exc: BaseException, *, full_method: str) -> Status:
     if isinstance(exc, StorageError):
         # Storage messages may hold database details; the log has them.
         return Status(code.UNAVAILABLE, "storage is temporarily unavailable; retry", True)
+    if isinstance(exc, KekUnavailableError):
+        # Transient in every method; the reason (throttled, unreachable, a 5xx) is in the server
+        # log and, where the call records one, in the audit log.
+        return Status(code.UNAVAILABLE, KEK_UNAVAILABLE_MESSAGE)
     if isinstance(exc, KekError):
         if full_method in _KEK_ADMIN_METHODS:
             # The operator asked about this very KEK: the reason is the answer. KekError
             # messages name the key and what Key Vault said, never key material.
             return Status(code.FAILED_PRECONDITION, str(exc))
-        return Status(code.INTERNAL, "key custody failed", True)
+        # Elsewhere (a party's RegisterDataKey) the vault's name, key URL and answer are the
+        # operator's business: they are in the audit record and the server log.
+        return Status(code.FAILED_PRECONDITION, KEK_UNUSABLE_MESSAGE)
     if isinstance(exc, CustodyError):
         if full_method == _REGISTER_METHOD:
             return Status(code.INVALID_ARGUMENT, f"sealed_data_key: {exc}")
@@ -194,6 +217,9 @@ def attestation_reason_class(exc: BaseException | None) -> str:
         return "ak"
     if isinstance(cause, GoldenValueError):
         return "golden"
+    if isinstance(cause, CustodyError):
+        # A granted key could not be unwrapped (KekError) or sealed: not the evidence's fault.
+        return "custody"
     if isinstance(cause, VerificationError | EvidenceError):
         return "evidence"
     if isinstance(cause, NotApprovedError):
@@ -212,6 +238,8 @@ __all__ = [
     "ATTESTATION_DENIED",
     "ATTEST_METHOD",
     "INTERNAL_MESSAGE",
+    "KEK_UNAVAILABLE_MESSAGE",
+    "KEK_UNUSABLE_MESSAGE",
     "Status",
     "attestation_reason_class",
     "status_for",

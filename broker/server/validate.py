@@ -55,6 +55,9 @@ MAX_OUTPUTS: Final = 1024
 MAX_MANIFEST_ENTRIES: Final = 4096
 MAX_RECIPIENTS: Final = 64
 MAX_AUDIT_PAGE: Final = 1000
+#: Audit sequence numbers are SQL BIGINTs (signed 64-bit) in SQLite and PostgreSQL alike; a
+#: uint64 above this cannot be compared with them (the driver refuses to bind it).
+MAX_AUDIT_SEQUENCE: Final = 2**63 - 1
 #: TPM names are nameAlg (2 bytes) and a digest of at most 64 bytes, in hex.
 MAX_AK_NAME_LENGTH: Final = 2 * (2 + 64)
 #: A Key Vault key id is a vault host, a name of at most 127 and a version of 32 characters.
@@ -499,12 +502,15 @@ def check_check_kek(req: admin_pb2.CheckKekRequest) -> None:
 
 def check_list_audit_records(req: admin_pb2.ListAuditRecordsRequest) -> None:
     """Raises: InvalidRequestError."""
+    if req.after_sequence > MAX_AUDIT_SEQUENCE:
+        raise _fail("after_sequence", f"must be at most {MAX_AUDIT_SEQUENCE}")
     if req.limit > MAX_AUDIT_PAGE:
         raise _fail("limit", f"must be at most {MAX_AUDIT_PAGE} (0 for the default)")
 
 
 __all__ = [
     "MAX_AUDIT_PAGE",
+    "MAX_AUDIT_SEQUENCE",
     "NONCE_BYTES",
     "WORKLOAD_PCR",
     "check_add_party",

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from broker.client import BrokerClient
+from broker.client import BrokerClient, FailedPreconditionError, UnavailableError
+from broker.server.status import KEK_UNAVAILABLE_MESSAGE, KEK_UNUSABLE_MESSAGE
 from cleanroom.demo.workspace import toml_document
 from cleanroom.emulators.keyvault import FakeKeyVault
 from pki.ca import PkiLayout, init_pki
@@ -260,6 +261,36 @@ def test_an_unusable_key_vault_ref_is_refused_with_the_reason(
     denials = [r["reason"] for r in records if r["action"] == "party.kek"]
     assert denials and all(r["decision"] == "deny" for r in records if r["action"] == "party.kek")
     assert denials[0].startswith(f"KEK {missing} refused: key not found:")
+
+
+def test_a_party_whose_key_vault_kek_fails_gets_a_status_it_can_act_on(
+    served: ServedBroker,
+) -> None:
+    """A transient Key Vault fault is UNAVAILABLE (retry later), a refusal for good is
+    FAILED_PRECONDITION pointing at ``kek check``; neither names the vault to the party, and
+    the operator reads the whole reason in the audit log."""
+    # The broker's first request and both of its retries (retry_total = 2) get a 503.
+    served.vault.fail_next(503, "ServiceUnavailable", times=3)
+    with served.client("party", "advertiser") as client:
+        with pytest.raises(UnavailableError) as transient:
+            client.register_plain_data_key("adv-data", os.urandom(32))
+        served.vault.forbidden = True
+        with pytest.raises(FailedPreconditionError) as refused:
+            client.register_plain_data_key("adv-data", os.urandom(32))
+        served.vault.forbidden = False
+        assert client.register_plain_data_key("adv-data", os.urandom(32)).kek_ref == served.ref(
+            "advertiser-kek"
+        )
+    assert transient.value.details == KEK_UNAVAILABLE_MESSAGE
+    assert refused.value.details == KEK_UNUSABLE_MESSAGE
+    for error in (transient.value, refused.value):
+        assert served.vault.url not in str(error) and "advertiser-kek" not in str(error)
+    with served.client("operator") as operator:
+        records = operator.list_audit_records(limit=1000)
+    registrations = [(r.decision, r.reason) for r in records if r.action == "key.register"]
+    assert [d for d, _ in registrations] == ["deny", "deny", "allow"]
+    assert registrations[0][1].startswith("unavailable: ")
+    assert registrations[1][1].startswith("forbidden: ") and "advertiser-kek" in registrations[1][1]
 
 
 def test_a_party_cannot_call_the_kek_operations(served: ServedBroker) -> None:

@@ -16,7 +16,7 @@ import pytest
 from broker.app import open_broker
 from broker.config import BrokerConfig
 from broker.custody import KekRegistry, plain_data_key, seal_for_registration
-from broker.errors import KekError
+from broker.errors import KekError, KekUnavailableError
 from broker.kek_azure import (
     KeyVaultConfig,
     KeyVaultKek,
@@ -105,6 +105,11 @@ def test_a_versionless_ref_follows_rotation_and_old_wraps_keep_their_version(
             pinned.unwrap(new, key_id="k", owner="o")
 
 
+def _permanent(info: pytest.ExceptionInfo[KekError]) -> bool:
+    """Whether the error is one that needs someone to act (not worth retrying)."""
+    return not isinstance(info.value, KekUnavailableError)
+
+
 def test_forbidden_not_found_and_disabled_are_named(
     key_vault: FakeKeyVault, key_vault_config: KeyVaultConfig
 ) -> None:
@@ -112,23 +117,29 @@ def test_forbidden_not_found_and_disabled_are_named(
     with _kek(key_vault, key_vault_config) as kek:
         wrapped = kek.wrap(b"\x05" * 32, key_id="k", owner="o")
         key_vault.forbidden = True
-        with pytest.raises(KekError, match=r"^forbidden: .*ForbiddenByRbac.*Crypto User"):
+        with pytest.raises(KekError, match=r"^forbidden: .*ForbiddenByRbac.*Crypto User") as info:
             kek.unwrap(wrapped, key_id="k", owner="o")
-        with pytest.raises(KekError, match=r"^forbidden"):
+        assert _permanent(info)
+        with pytest.raises(KekError, match=r"^forbidden") as info:
             kek.wrap(b"\x05" * 32, key_id="k", owner="o")
+        assert _permanent(info)
         key_vault.forbidden = False
         key_vault.set_enabled("broker-kek", False)
-        with pytest.raises(KekError, match=r"^key disabled"):
+        with pytest.raises(KekError, match=r"^key disabled") as info:
             kek.unwrap(wrapped, key_id="k", owner="o")
-        with pytest.raises(KekError, match=r"^key disabled"):
+        assert _permanent(info)
+        with pytest.raises(KekError, match=r"^key disabled") as info:
             kek.wrap(b"\x05" * 32, key_id="k", owner="o")
+        assert _permanent(info)
         key_vault.set_enabled("broker-kek", True)
         assert kek.unwrap(wrapped, key_id="k", owner="o") == b"\x05" * 32
         key_vault.delete_key("broker-kek")
-        with pytest.raises(KekError, match=r"^key not found"):
+        with pytest.raises(KekError, match=r"^key not found") as info:
             kek.unwrap(wrapped, key_id="k", owner="o")
-        with pytest.raises(KekError, match=r"^key not found"):
+        assert _permanent(info)
+        with pytest.raises(KekError, match=r"^key not found") as info:
             kek.wrap(b"\x05" * 32, key_id="k", owner="o")
+        assert _permanent(info)
 
 
 def test_throttling_is_retried_after_the_retry_after_delay(
@@ -155,8 +166,39 @@ def test_throttling_that_does_not_end_is_a_clear_error(
     with _kek(key_vault, config) as kek:
         wrapped = kek.wrap(b"\x08" * 32, key_id="k", owner="o")
         key_vault.fail_next(429, "Throttled", times=2)
-        with pytest.raises(KekError, match=r"^throttled"):
+        with pytest.raises(KekUnavailableError, match=r"^throttled"):
             kek.unwrap(wrapped, key_id="k", owner="o")
+
+
+@pytest.mark.parametrize("status", [500, 503, 504])
+def test_server_errors_that_outlast_the_retries_are_transient(
+    key_vault: FakeKeyVault, key_vault_config: KeyVaultConfig, status: int
+) -> None:
+    key_vault.create_key("broker-kek")
+    config = replace(key_vault_config, retry_total=1, retry_backoff_max_seconds=0.2)
+    with _kek(key_vault, config) as kek:
+        wrapped = kek.wrap(b"\x0b" * 32, key_id="k", owner="o")
+        key_vault.fail_next(status, "ServiceUnavailable", times=2)
+        with pytest.raises(KekUnavailableError, match=rf"^unavailable: .*\({status} "):
+            kek.unwrap(wrapped, key_id="k", owner="o")
+        key_vault.fail_next(status, "ServiceUnavailable", times=2)
+        with pytest.raises(KekUnavailableError, match=r"^unavailable: "):
+            kek.wrap(b"\x0b" * 32, key_id="k", owner="o")
+        # One failure is absorbed by the retry.
+        key_vault.fail_next(status, "ServiceUnavailable", times=1)
+        assert kek.unwrap(wrapped, key_id="k", owner="o") == b"\x0b" * 32
+
+
+def test_a_bad_request_is_not_transient(
+    key_vault: FakeKeyVault, key_vault_config: KeyVaultConfig
+) -> None:
+    key_vault.create_key("broker-kek")
+    with _kek(key_vault, key_vault_config) as kek:
+        wrapped = kek.wrap(b"\x0c" * 32, key_id="k", owner="o")
+        key_vault.fail_next(400, "BadParameter")
+        with pytest.raises(KekError, match=r"\(400 BadParameter\)") as info:
+            kek.unwrap(wrapped, key_id="k", owner="o")
+        assert _permanent(info)
 
 
 def test_a_wrong_token_and_an_unreachable_vault(
@@ -170,12 +212,16 @@ def test_a_wrong_token_and_an_unreachable_vault(
         credential=StaticTokenCredential("not-the-token"),
         config=key_vault_config,
     )
-    with wrong, pytest.raises(KekError, match=r"^unauthorized"):
+    with wrong, pytest.raises(KekError, match=r"^unauthorized") as info:
         wrong.unwrap(wrapped, key_id="k", owner="o")
+    assert _permanent(info)
     key_vault.stop()
     offline = replace(key_vault_config, retry_total=0, timeout_seconds=2)
-    with _kek(key_vault, offline) as kek, pytest.raises(KekError, match=r"^unreachable"):
-        kek.unwrap(wrapped, key_id="k", owner="o")
+    with _kek(key_vault, offline) as kek:
+        with pytest.raises(KekUnavailableError, match=r"^unreachable"):
+            kek.unwrap(wrapped, key_id="k", owner="o")
+        with pytest.raises(KekUnavailableError, match=r"^unreachable"):
+            kek.wrap(b"\x09" * 32, key_id="k", owner="o")
 
 
 def test_the_unwrap_cache_saves_calls_and_expires(

@@ -476,6 +476,45 @@ def test_unknown_enums_and_missing_fields_are_invalid_argument(broker: BrokerPro
         assert code_of(call, req) == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_numbers_beyond_what_the_database_holds_are_invalid_argument(
+    broker: BrokerProcess,
+) -> None:
+    # The operator's query and a party's (joined on the records that name it) both bind it.
+    for who in (broker.admin("operator"), broker.admin("party", "advertiser")):
+        for after in (2**63, 2**64 - 1):
+            error = rpc_error(
+                who.ListAuditRecords, admin_pb2.ListAuditRecordsRequest(after_sequence=after)
+            )
+            assert (error.code(), error.details()) == (
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "after_sequence: must be at most 9223372036854775807",
+            )
+        last = admin_pb2.ListAuditRecordsRequest(after_sequence=2**63 - 1, limit=1000)
+        assert list(who.ListAuditRecords(last, timeout=TIMEOUT).records) == []
+    assert broker.proc.poll() is None
+
+
+def test_a_malformed_attest_is_in_the_audit_log(broker: BrokerProcess) -> None:
+    sidecar = broker.attestation("sidecar", "sidecar-1")
+    request = attestation_pb2.AttestRequest(ak_name="ab" * 34, nonce=b"\x01" * 31)
+    error = rpc_error(sidecar.Attest, request)
+    assert (error.code(), error.details()) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "nonce: must be 32 bytes, got 31",
+    )
+    operator = broker.admin("operator")
+    records = operator.ListAuditRecords(
+        admin_pb2.ListAuditRecordsRequest(limit=1000), timeout=TIMEOUT
+    ).records
+    last = [r for r in records if r.action == "attest"][-1]
+    assert (last.actor, last.subject, last.decision, last.reason) == (
+        f"spiffe://{TD}/sidecar/sidecar-1",
+        "ab" * 34,
+        "deny",
+        "nonce: must be 32 bytes, got 31",
+    )
+
+
 # --- metrics --------------------------------------------------------------------------------
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from broker.admin_cli import (
+    AUDIT_MAX_PAGE,
+    AUDIT_MAX_SEQUENCE,
     AdminUsageError,
     ManifestFile,
     PcrSpec,
@@ -29,6 +31,7 @@ from broker.admin_cli import (
     parse_pcr_spec,
 )
 from broker.custody import open_registered_key
+from broker.server.validate import MAX_AUDIT_PAGE, MAX_AUDIT_SEQUENCE
 from cleanroom.cli import build_parser, main
 from cleanroom.v1 import admin_pb2, common_pb2
 from pki.ca import PkiLayout
@@ -250,6 +253,8 @@ def test_manifest_json_forms(tmp_path: Path) -> None:
         ({"entries": [{"size": 1, "digests": {"sha256": SHA256_A}}]}, 'needs a "path"'),
         ({"entries": [{"path": "a", "digests": {"sha1": SHA1_B}}]}, "sha256"),
         ({"entries": [{"path": "a", "size": -1, "digests": {"sha256": SHA256_A}}]}, "size"),
+        # A size that no uint64 holds: refused here, not by protobuf with a traceback.
+        ({"entries": [{"path": "a", "size": 2**64, "digests": {"sha256": SHA256_A}}]}, "64 bits"),
         ({"entries": [{"path": "a", "digests": {"sha256": "aa"}}]}, "32 bytes"),
         ({"entries": [{"path": "a", "digests": {"sha256": "xyz"}}]}, "not hexadecimal"),
         ({"entries": [{"path": "a", "digests": {"md5": "aa", "sha256": SHA256_A}}]}, "bank"),
@@ -330,6 +335,12 @@ def test_workload_approve_key_means_key_ids() -> None:
         ["ek", "enroll", "--public", "ek.pub"],  # neither --certificate nor --no-certificate
         ["ek", "enroll", "--public", "p", "--certificate", "c", "--no-certificate"],
         ["audit", "list", "--limit", "-1"],
+        # Numbers that do not fit the request's fields, or are beyond what the broker takes.
+        ["audit", "list", "--after", "99999999999999999999"],
+        ["audit", "list", "--after", str(2**63)],
+        ["audit", "list", "--limit", "99999999999"],
+        ["audit", "list", "--limit", "1001"],
+        ["audit", "list", "--after", "x"],
         ["workload", "approve", "--name", "w", "--key", "k", "--file", "f"],  # no --recipient
     ],
 )
@@ -338,6 +349,33 @@ def test_bad_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str
         main(["admin", *argv])
     assert info.value.code == 2
     capsys.readouterr()
+
+
+def test_the_docs_and_the_help_say_what_the_broker_does_with_a_pem_ek(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from broker.errors import KeyAttributeError
+    from broker.tpmkeys import check_ek_attributes, load_public
+
+    pem = (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    with pytest.raises(KeyAttributeError) as refused:
+        check_ek_attributes(load_public(pem))
+    doc = (Path(__file__).parents[3] / "docs" / "admin-cli.md").read_text()
+    eks = " ".join(doc[doc.index("## EKs (operator)") : doc.index("## AKs (operator)")].split())
+    # The page quotes the broker's refusal and says why, rather than offering PEM.
+    assert f"A PEM public key is refused (`{refused.value}`)" in eks
+    assert "MakeCredential" in eks and "or a PEM public key" not in eks
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["admin", "ek", "enroll", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "TPM2B_PUBLIC; PEM is refused" in help_text
 
 
 def test_missing_certificate_is_one_clear_line(
@@ -422,6 +460,34 @@ def test_audit_verify_broken_chain_exits_non_zero(
         "problem": "record hash mismatch",
     }
     assert "broken at sequence 4" in err
+
+
+def test_audit_list_sends_the_largest_numbers_the_broker_takes(
+    fake: RunningFake, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake.fake.responses["ListAuditRecords"] = admin_pb2.ListAuditRecordsResponse()
+    code, out, err = run(
+        capsys, "--json", "audit", "list", "--after", str(2**63 - 1), "--limit", "1000"
+    )
+    assert (code, json.loads(out), err) == (0, [], "")
+    (request,) = fake.fake.requests["ListAuditRecords"]
+    assert isinstance(request, admin_pb2.ListAuditRecordsRequest)
+    assert (request.after_sequence, request.limit) == (2**63 - 1, 1000)
+    # The bounds are the broker's (repeated in the CLI to keep the parser light).
+    assert (AUDIT_MAX_SEQUENCE, AUDIT_MAX_PAGE) == (MAX_AUDIT_SEQUENCE, MAX_AUDIT_PAGE)
+
+
+def test_a_manifest_file_size_beyond_64_bits_is_one_clear_line(
+    fake: RunningFake, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    entry = {"path": "a", "size": 2**64, "digests": {"sha256": SHA256_A}}
+    (tmp_path / "m.json").write_text(json.dumps([entry]))
+    argv = ["workload", "approve", "--name", "w", "--key", "k", "--recipient", "p"]
+    code, out, err = run(capsys, *argv, "--manifest", str(tmp_path / "m.json"))
+    assert (code, out) == (1, "")
+    assert err.startswith("cleanroom: error: manifest ") and "64 bits" in err
+    assert err.count("\n") == 1
+    assert not fake.fake.requests["ApproveWorkload"]
 
 
 def test_audit_verify_intact(fake: RunningFake, capsys: pytest.CaptureFixture[str]) -> None:

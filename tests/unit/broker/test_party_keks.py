@@ -27,12 +27,12 @@ from broker.custody import (
     check_kek,
     seal_for_registration,
 )
-from broker.errors import KekError, UnknownPolicyObjectError
+from broker.errors import KekError, KekUnavailableError, UnknownPolicyObjectError
 from broker.kek_azure import KEYVAULT_REF_PREFIX, KeyVaultConfig, KeyVaultKek
 from broker.model import Party
 from broker.server import validate
 from broker.server.errors import InvalidRequestError
-from broker.server.status import status_for
+from broker.server.status import KEK_UNAVAILABLE_MESSAGE, KEK_UNUSABLE_MESSAGE, status_for
 from broker.service import Broker
 from broker.storage import Store
 from broker.storage import migrate as storage_migrate
@@ -343,9 +343,16 @@ def test_a_kek_the_operator_named_is_a_precondition_with_its_reason() -> None:
     for method in ("SetPartyKek", "RewrapDataKey", "CheckKek"):
         s = status_for(e, full_method=f"{ADMIN}/{method}")
         assert (s.code, s.message) == (grpc.StatusCode.FAILED_PRECONDITION, str(e))
-    # Elsewhere a KEK failure stays an opaque internal error.
+    # A party registering a key learns that its KEK is unusable and who can check it, nothing
+    # about the vault.
     s = status_for(e, full_method=f"{ADMIN}/RegisterDataKey")
-    assert (s.code, s.message) == (grpc.StatusCode.INTERNAL, "key custody failed")
+    assert (s.code, s.message) == (grpc.StatusCode.FAILED_PRECONDITION, KEK_UNUSABLE_MESSAGE)
+    assert "https://" not in s.message and not s.unexpected
+    # A transient fault is UNAVAILABLE for everyone, the operator included: retry later.
+    transient = KekUnavailableError("throttled: Key Vault kept answering 429 to unwrap with k")
+    for method in ("SetPartyKek", "RewrapDataKey", "CheckKek", "RegisterDataKey"):
+        s = status_for(transient, full_method=f"{ADMIN}/{method}")
+        assert (s.code, s.message) == (grpc.StatusCode.UNAVAILABLE, KEK_UNAVAILABLE_MESSAGE)
     s = status_for(
         UnknownPolicyObjectError("data key 'x' does not exist"),
         full_method=f"{ADMIN}/RewrapDataKey",

@@ -25,6 +25,8 @@ from broker.server.ratelimit import TokenBucketLimiter
 from broker.server.status import (
     ATTEST_METHOD,
     ATTESTATION_DENIED,
+    KEK_UNAVAILABLE_MESSAGE,
+    KEK_UNUSABLE_MESSAGE,
     attestation_reason_class,
     status_for,
 )
@@ -132,7 +134,9 @@ def _denied_from(cause: BaseException) -> AttestationDenied:
         (errors.PolicyError("bad set"), f"{ADMIN}/SetGoldenPcrSet", "INVALID_ARGUMENT"),
         (errors.NotApprovedError("B's key"), f"{ADMIN}/ApproveWorkload", "PERMISSION_DENIED"),
         (errors.CustodyError("no open"), f"{ADMIN}/RegisterDataKey", "INVALID_ARGUMENT"),
-        (errors.KekError("vault"), f"{ADMIN}/RegisterDataKey", "INTERNAL"),
+        (errors.KekError("forbidden: vault"), f"{ADMIN}/RegisterDataKey", "FAILED_PRECONDITION"),
+        (errors.KekUnavailableError("throttled"), f"{ADMIN}/RegisterDataKey", "UNAVAILABLE"),
+        (errors.KekUnavailableError("unreachable"), f"{ADMIN}/CheckKek", "UNAVAILABLE"),
         (BindingError("short nonce"), f"{ATT}/Attest", "INVALID_ARGUMENT"),
         (RuntimeError("bug"), f"{ADMIN}/ListEks", "INTERNAL"),
     ],
@@ -173,6 +177,61 @@ def test_attest_expired_nonce_and_unknown_ak_are_preconditions() -> None:
     assert (s.code, s.message) == (grpc.StatusCode.PERMISSION_DENIED, ATTESTATION_DENIED)
 
 
+VAULT_KEY = "https://cleanroom-kv.vault.azure.net/keys/advertiser-kek"
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        errors.KekUnavailableError(
+            f"throttled: Key Vault kept answering 429 to unwrap {VAULT_KEY}"
+        ),
+        errors.KekUnavailableError(f"unreachable: cannot reach Key Vault to wrap {VAULT_KEY}"),
+        errors.KekUnavailableError(f"unavailable: Key Vault failed to wrap {VAULT_KEY} (503 x)"),
+    ],
+)
+@pytest.mark.parametrize(
+    "method",
+    [
+        f"{ADMIN}/RegisterDataKey",
+        f"{ADMIN}/SetPartyKek",
+        f"{ADMIN}/RewrapDataKey",
+        f"{ADMIN}/CheckKek",
+        ATTEST_METHOD,
+    ],
+)
+def test_a_transient_kek_fault_is_unavailable_everywhere_with_a_generic_message(
+    exc: errors.KekUnavailableError, method: str
+) -> None:
+    # At Attest the core turns the fault into a denial raised from it.
+    raised = _denied_from(exc) if method == ATTEST_METHOD else exc
+    s = status_for(raised, full_method=method)
+    assert (s.code, s.message) == (grpc.StatusCode.UNAVAILABLE, KEK_UNAVAILABLE_MESSAGE)
+    assert "vault" not in s.message.lower() and not s.unexpected
+
+
+@pytest.mark.parametrize(
+    "reason",
+    [
+        f"forbidden: the broker's identity may not wrap with {VAULT_KEY} (ForbiddenByRbac)",
+        f"key not found: {VAULT_KEY} (KeyNotFound)",
+        f"key disabled: Key Vault refuses to wrap with {VAULT_KEY}",
+        "no KEK is configured for ref 'hsm:1'",
+    ],
+)
+def test_a_kek_that_refuses_for_good_is_a_precondition_that_names_no_vault(reason: str) -> None:
+    s = status_for(errors.KekError(reason), full_method=f"{ADMIN}/RegisterDataKey")
+    assert (s.code, s.message) == (grpc.StatusCode.FAILED_PRECONDITION, KEK_UNUSABLE_MESSAGE)
+    assert "cleanroom admin kek check" in s.message
+    assert "vault.azure.net" not in s.message and reason not in s.message
+    # The operator's own KEK calls keep the reason.
+    s = status_for(errors.KekError(reason), full_method=f"{ADMIN}/CheckKek")
+    assert (s.code, s.message) == (grpc.StatusCode.FAILED_PRECONDITION, reason)
+    # Attest keeps its one opaque denial: a key that does not unwrap is a refusal.
+    s = status_for(_denied_from(errors.KekError(reason)), full_method=ATTEST_METHOD)
+    assert (s.code, s.message) == (grpc.StatusCode.PERMISSION_DENIED, ATTESTATION_DENIED)
+
+
 @pytest.mark.parametrize(
     ("exc", "reason"),
     [
@@ -184,6 +243,9 @@ def test_attest_expired_nonce_and_unknown_ak_are_preconditions() -> None:
         (_denied_from(BindingError("x")), "evidence"),
         (_denied_from(errors.GoldenValueError("x")), "golden"),
         (_denied_from(errors.PolicyError("x")), "policy"),
+        (_denied_from(errors.KekError("forbidden: x")), "custody"),
+        (_denied_from(errors.KekUnavailableError("throttled: x")), "custody"),
+        (_denied_from(errors.CustodyError("cannot seal")), "custody"),
         (InvalidRequestError("nonce", "x"), "invalid_request"),
         (RuntimeError("x"), "error"),
     ],
@@ -213,6 +275,30 @@ def test_validation_names_the_field() -> None:
     assert _field_of(lambda: validate.check_get_challenge(attestation_pb2.GetChallengeRequest()))
     bad_hex = attestation_pb2.GetChallengeRequest(ak_name="ZZ")
     assert _field_of(lambda: validate.check_get_challenge(bad_hex)) == "ak_name"
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (admin_pb2.ListAuditRecordsRequest(after_sequence=2**63), "after_sequence"),
+        (admin_pb2.ListAuditRecordsRequest(after_sequence=2**64 - 1), "after_sequence"),
+        (admin_pb2.ListAuditRecordsRequest(limit=validate.MAX_AUDIT_PAGE + 1), "limit"),
+        (admin_pb2.ListAuditRecordsRequest(limit=2**32 - 1), "limit"),
+    ],
+)
+def test_audit_paging_numbers_beyond_the_database_are_refused(
+    request_: admin_pb2.ListAuditRecordsRequest, field: str
+) -> None:
+    assert _field_of(lambda: validate.check_list_audit_records(request_)) == field
+
+
+def test_audit_paging_numbers_at_the_bounds_pass() -> None:
+    validate.check_list_audit_records(
+        admin_pb2.ListAuditRecordsRequest(
+            after_sequence=validate.MAX_AUDIT_SEQUENCE, limit=validate.MAX_AUDIT_PAGE
+        )
+    )
+    assert validate.MAX_AUDIT_SEQUENCE == 2**63 - 1
 
 
 def test_unknown_and_unspecified_enums_are_refused() -> None:
