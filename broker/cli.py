@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from broker.quote import VerifiedQuote
     from broker.tpmkeys import ParsedPublic
+    from evidence.pcr import MeasurementEvent
 
 Golden = dict[tuple[int, str], set[bytes]]
 
@@ -193,46 +194,127 @@ def _hex(text: str, what: str) -> bytes:
     try:
         return bytes.fromhex(t)
     except ValueError:
-        raise BrokerError(f"{what} is not hex: {text!r}") from None
+        raise BrokerError(f"{what} is not hex: {_shorten(text)}") from None
+
+
+def _shorten(text: str, limit: int = 80) -> str:
+    """``repr(text)``, cut to ``limit`` characters: error lines stay one readable line."""
+    r = repr(text)
+    return r if len(r) <= limit else r[: limit - 4] + "...'"
+
+
+def _pcr_value(bank: str, index: int, value: object, where: str) -> bytes:
+    """One accepted value for ``bank:index``: hex of exactly the bank's digest size.
+
+    A value of the wrong size could never match a quoted PCR, so it is refused here as what it
+    is (a typo or a value from another bank) rather than reported later as a mismatch.
+    """
+    from broker.errors import BrokerError
+    from evidence.pcr import BANK_SIZES
+
+    label = f"{where}{bank}:{index}"
+    if not isinstance(value, str):
+        raise BrokerError(f"{label} value must be a hex string, not {type(value).__name__}")
+    digest = _hex(value, f"{label} value")
+    size = BANK_SIZES[bank]
+    if len(digest) != size:
+        n = len(digest)
+        raise BrokerError(
+            f"{label} value is {n} byte{'' if n == 1 else 's'}; {bank} values are {size} bytes"
+        )
+    return digest
+
+
+# A golden document names PCR indices as table keys, so they are strings: digits only (int()
+# would also take "2_3", " 23" or "+23").
+_PCR_KEY = frozenset(str(i) for i in range(32))
+
+_GOLDEN_EXAMPLE = '{"sha256": {"23": "HEX"}}'
 
 
 def _golden_from_doc(doc: Any, source: str) -> Golden:
+    """Reads a parsed golden document: ``{bank: {index: hex or [hex, ...]}}``.
+
+    Raises:
+        BrokerError: one line naming the first problem: not a table, an unknown bank, a PCR
+            index that is not 0..31, a value that is not hex or not the bank's digest size, or
+            a document (or bank) that names no PCR at all.
+    """
     from broker.errors import BrokerError
+    from evidence.pcr import BANK_SIZES
 
     if not isinstance(doc, Mapping):
-        raise BrokerError(f"{source}: expected a table of banks")
+        raise BrokerError(f"{source}: expected a table of banks, such as {_GOLDEN_EXAMPLE}")
     golden: Golden = {}
-    for bank, pcrs in doc.items():
+    for bank_key, pcrs in doc.items():
+        bank = str(bank_key).strip().lower()
+        if bank not in BANK_SIZES:
+            raise BrokerError(
+                f"{source}: unknown bank {_shorten(str(bank_key))} "
+                f"(supported: {', '.join(BANK_SIZES)})"
+            )
         if not isinstance(pcrs, Mapping):
             raise BrokerError(f"{source}: {bank} must map PCR indices to values")
-        for index, values in pcrs.items():
-            b, (i,) = _bank_index(f"{bank}:{index}")
+        if not pcrs:
+            raise BrokerError(f"{source}: {bank} names no PCR")
+        for index_key, values in pcrs.items():
+            if index_key not in _PCR_KEY:
+                raise BrokerError(
+                    f"{source}: {bank}: PCR index {_shorten(str(index_key))} is not an integer "
+                    "from 0 to 31"
+                )
+            index = int(index_key)
             vals = [values] if isinstance(values, str) else values
             if not isinstance(vals, list) or not vals:
-                raise BrokerError(f"{source}: {bank}:{index} needs a value or a list of values")
-            golden.setdefault((i, b), set()).update(
-                _hex(str(v), f"golden {b}:{i} value") for v in vals
+                raise BrokerError(f"{source}: {bank}:{index} needs a hex value or a list of them")
+            golden.setdefault((index, bank), set()).update(
+                _pcr_value(bank, index, v, f"{source}: ") for v in vals
             )
+    if not golden:
+        # An empty golden set would compare nothing and let every quote through as VALID.
+        raise BrokerError(f"{source}: names no PCR; give at least one, such as {_GOLDEN_EXAMPLE}")
     return golden
 
 
-def _load_golden(path: Path) -> Golden:
+def _parse_golden(data: bytes, path: Path) -> Any:
+    """Parses a golden file as JSON, else as TOML. When it is neither, the error is the one of
+    the format its suffix names (``.json``, ``.toml``), or both when the suffix names neither."""
     import tomllib
 
     from broker.errors import BrokerError
 
-    data = _read(path, "golden file")
     try:
-        doc = json.loads(data)
-    except ValueError:
-        try:
-            doc = tomllib.loads(data.decode())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise BrokerError(f"{path}: neither JSON nor TOML: {e}") from e
-    return _golden_from_doc(doc, str(path))
+        return json.loads(data)
+    except ValueError as e:  # also UnicodeDecodeError
+        json_error = str(e)
+    except RecursionError:
+        json_error = "nested too deeply"
+    try:
+        return tomllib.loads(data.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        toml_error = str(e)
+    except RecursionError:
+        toml_error = "nested too deeply"
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        raise BrokerError(f"{path}: not valid JSON: {json_error}")
+    if suffix == ".toml":
+        raise BrokerError(f"{path}: not valid TOML: {toml_error}")
+    raise BrokerError(f"{path}: neither JSON ({json_error}) nor TOML ({toml_error})")
+
+
+def _load_golden(path: Path) -> Golden:
+    from broker.errors import BrokerError
+
+    data = _read(path, "golden file")
+    if not data.strip():
+        raise BrokerError(f"{path}: golden file is empty; it must name at least one PCR")
+    return _golden_from_doc(_parse_golden(data, path), str(path))
 
 
 def _expected(args: argparse.Namespace) -> Golden | None:
+    from broker.errors import BrokerError
+
     if args.golden is not None:
         return _load_golden(args.golden)
     if not args.expect_pcr:
@@ -242,11 +324,43 @@ def _expected(args: argparse.Namespace) -> Golden | None:
         spec, sep, value = item.partition("=")
         bank, indices = _bank_index(spec)
         if not sep or len(indices) != 1:
-            from broker.errors import BrokerError
-
             raise BrokerError(f"--expect-pcr {item!r}: expected BANK:INDEX=HEX")
-        golden.setdefault((indices[0], bank), set()).add(_hex(value, f"--expect-pcr {spec}"))
+        golden.setdefault((indices[0], bank), set()).add(
+            _pcr_value(bank, indices[0], value, "--expect-pcr ")
+        )
     return golden
+
+
+def _load_event_log(path: Path, data: bytes) -> tuple[MeasurementEvent, ...]:
+    """Reads the ``--event-log`` file. An empty file is refused: it would otherwise mean "no
+    log", and the replay check would be skipped without a word.
+
+    Raises:
+        EventLogReplayError: the file is empty or malformed; the message names the file.
+    """
+    from broker import quote
+    from broker.errors import EventLogReplayError
+
+    if not data.strip():
+        raise EventLogReplayError(
+            f"event log {path} is empty; give the log the measurement wrote "
+            "(cleanroom sidecar measure --log-out) or leave --event-log out"
+        )
+    try:
+        return quote.event_log_from_json(data)
+    except EventLogReplayError as e:
+        # The library's messages say "event log ..." without knowing the file; name it.
+        message = str(e)
+        if message.startswith("event log "):
+            message = message.removeprefix("event log ")
+            raise EventLogReplayError(f"event log {path} {message}") from e
+        raise EventLogReplayError(f"event log {path}: {message}") from e
+    except RecursionError as e:
+        raise EventLogReplayError(f"event log {path} is malformed: nested too deeply") from e
+    except (OverflowError, ValueError, TypeError) as e:
+        # event_log_from_json lets a few of these through (a size of 1e400 is a float that
+        # int() cannot take); here they are one more malformed log.
+        raise EventLogReplayError(f"event log {path} is malformed: {e}") from e
 
 
 # --- the command ---------------------------------------------------------------------------
@@ -266,7 +380,7 @@ def _verify_quote(args: argparse.Namespace) -> int:
     for item in args.require_pcr:
         bank, indices = _bank_index(item)
         required.setdefault(bank, []).extend(indices)
-    event_log_bytes = _read(args.event_log, "event log") if args.event_log else None
+    event_log_bytes = _read(args.event_log, "event log") if args.event_log is not None else None
 
     warnings: list[str] = []
     ak: ParsedPublic | None = None
@@ -277,7 +391,9 @@ def _verify_quote(args: argparse.Namespace) -> int:
         tpmkeys.check_ak_attributes(ak, allow_pem=args.allow_unchecked_pem)
         if not ak.is_tpm_public:
             warnings.append("AK given as PEM: its TPM attributes (restricted) are not checked")
-        events = quote.event_log_from_json(event_log_bytes) if event_log_bytes else None
+        events = (
+            None if event_log_bytes is None else _load_event_log(args.event_log, event_log_bytes)
+        )
         pcr_values = quote.pcr_values_from_tools(
             pcr_file, attest=attest, pcr_format=args.pcr_format
         )

@@ -148,6 +148,7 @@ def test_cli_and_checkquote_accept_tools_files(
         ("omits-pcr23", "does not cover required PCR sha256:23"),
         ("certify", "not a quote"),
         ("event-log", "event log replays to"),
+        ("empty-event-log", "is empty"),
         ("golden", "golden values"),
     ],
 )
@@ -180,9 +181,18 @@ def test_cli_rejects(live: dict[str, QuoteVector], workdir: Path, case: str, rea
         assert bad.event_log is not None
         tampered.write_bytes(event_log_to_json(bad.event_log))
         args += ["--event-log", str(tampered)]
+    elif case == "empty-event-log":
+        # A 0-byte log is refused, not read as "no log" (which would skip the replay check).
+        tampered.write_bytes(b"")
+        args += ["--event-log", str(tampered)]
     elif case == "golden":
         args += ["--expect-pcr", "sha256:23=" + "00" * 32]
     proc = _cli(*args)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert proc.stdout.startswith("INVALID: "), proc.stdout
     assert reason in proc.stdout.splitlines()[0]
+    if reason == "signature does not verify":
+        # A flipped attest bit, a flipped signature bit and another AK's signature are one
+        # failure by construction (the signature covers the attest bytes); docs/manual-recipe.md
+        # says so next to verify-quote.
+        assert proc.stdout.splitlines()[0] == "INVALID: signature does not verify under the AK"

@@ -136,3 +136,156 @@ def test_usage_errors(
     (tmp_path / "q.msg").unlink()
     assert main(args) == 1
     assert "cannot read quote message" in capsys.readouterr().err
+
+
+# --- bad inputs: each gives one clear line and a non-zero exit, never a silent pass ----------
+
+
+@pytest.mark.parametrize("content", [b"", b" \n\n"], ids=["zero-bytes", "blank"])
+def test_empty_event_log_is_refused(
+    valid: QuoteVector, tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes
+) -> None:
+    log = tmp_path / "log.json"
+    log.write_bytes(content)
+    assert main([*_files(valid, tmp_path), "--event-log", str(log)]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith(f"INVALID: event log {log} is empty"), out
+
+
+_DIGEST = "00" * 32
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"\xff\xfe", "is not valid JSON"),
+        (b'{"events": 5}', 'must be a list or an object with "events"'),
+        (b'{"events": [{"digests": {"sha256": "00"}}]}', "sha256 digest must be 32 bytes"),
+        (f'{{"events": [{{"digests": {{"sha256": "{_DIGEST}"}}, "size": 1e400}}]}}', "malformed"),
+        (
+            f'{{"events": [{{"digests": {{"sha256": "{_DIGEST}"}}, "pcr_index": 1e400}}]}}',
+            "malformed",
+        ),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    ],
+    ids=["binary", "events-not-a-list", "short-digest", "huge-size", "huge-index", "deep"],
+)
+def test_unparsable_event_log_is_refused(
+    valid: QuoteVector,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    content: str | bytes,
+    reason: str,
+) -> None:
+    log = tmp_path / "log.json"
+    log.write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert main([*_files(valid, tmp_path), "--event-log", str(log), "--json"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["valid"] is False
+    assert doc["reason"].startswith(f"event log {log}"), doc["reason"]
+    assert reason in doc["reason"]
+
+
+def _golden_error(
+    valid: QuoteVector, tmp_path: Path, capsys: pytest.CaptureFixture[str], golden: Path
+) -> str:
+    """Runs verify-quote with ``golden``; returns its one error line (and checks it is one)."""
+    assert main([*_files(valid, tmp_path), "--golden", str(golden)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "", "a bad golden file must not get as far as a verdict"
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith(f"cleanroom: error: {golden}: "), lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "reason"),
+    [
+        ("golden.json", "", "is empty"),
+        ("golden.toml", " \n", "is empty"),
+        ("golden", "", "is empty"),
+        ("golden.json", "{}", "names no PCR"),
+        ("golden.toml", "# nothing\n", "names no PCR"),
+        ("golden.json", '{"sha256": {}}', "sha256 names no PCR"),
+        ("golden.toml", "[sha256]\n", "sha256 names no PCR"),
+    ],
+)
+def test_golden_naming_no_pcr_is_refused(
+    valid: QuoteVector,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+    content: str,
+    reason: str,
+) -> None:
+    golden = tmp_path / name
+    golden.write_text(content)
+    assert reason in _golden_error(valid, tmp_path, capsys, golden)
+
+
+_GOOD = "d6d4520965653e03a242a3b7b5346ed88c68623e6e98c88aa04f9a4265550c78"
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "reason"),
+    [
+        ("golden.json", '{"sha256": {"1,2": "00"}}', "PCR index '1,2' is not an integer"),
+        ("golden.json", f'{{"sha256": {{"2_3": "{_GOOD}"}}}}', "PCR index '2_3' is not an integer"),
+        ("golden.json", f'{{"sha256": {{"32": "{_GOOD}"}}}}', "PCR index '32' is not an integer"),
+        ("golden.json", '{"sha256": {"23": "zz"}}', "sha256:23 value is not hex"),
+        (
+            "golden.json",
+            '{"sha256": {"23": "00"}}',
+            "sha256:23 value is 1 byte; sha256 values are 32 bytes",
+        ),
+        (
+            "golden.toml",
+            f'[sha1]\n23 = ["{_GOOD}"]\n',
+            "sha1:23 value is 32 bytes; sha1 values are 20 bytes",
+        ),
+        ("golden.json", '{"md5": {"23": "00"}}', "unknown bank 'md5'"),
+        ("golden.json", '{"sha256": {"23": [1]}}', "sha256:23 value must be a hex string"),
+        ("golden.json", '{"sha256": {"23": true}}', "sha256:23 needs a hex value or a list"),
+        ("golden.json", '{"sha256": {"23": []}}', "sha256:23 needs a hex value or a list"),
+        ("golden.json", '{"sha256": "00"}', "sha256 must map PCR indices to values"),
+        ("golden.json", "[1]", "expected a table of banks"),
+        ("golden.json", '{"sha256": {"23":', "not valid JSON"),
+        ("golden.toml", "[sha256\n", "not valid TOML"),
+        ("golden", "[sha256\n", "neither JSON"),
+        ("golden.json", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ("golden.toml", "a = " + "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ("golden.json", b"\xff\xfe", "not valid JSON"),
+    ],
+)
+def test_malformed_golden_gives_one_clear_line(
+    valid: QuoteVector,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+    content: str | bytes,
+    reason: str,
+) -> None:
+    golden = tmp_path / name
+    golden.write_bytes(content if isinstance(content, bytes) else content.encode())
+    line = _golden_error(valid, tmp_path, capsys, golden)
+    assert reason in line, line
+    assert "Traceback" not in line
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [("00", "is 1 byte; sha256 values are 32 bytes"), ("", "is 0 bytes"), ("xy", "not hex")],
+)
+def test_expect_pcr_of_the_wrong_size_is_a_usage_error(
+    valid: QuoteVector,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    value: str,
+    reason: str,
+) -> None:
+    assert main([*_files(valid, tmp_path), "--expect-pcr", f"sha256:23={value}"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("cleanroom: error: --expect-pcr sha256:23")
+    assert reason in captured.err
