@@ -174,9 +174,12 @@ def main(argv: list[str]) -> None:
             f"  tpm2_checkquote, 1 process/quote {checkquote:>7,.0f} /s  "
             f"({args.checkquote_runs} runs)  verify_quote is {full_rate / checkquote:,.0f}x"
         )
+    # The broker always verifies with the event log, so that is the figure the target judges
+    # when the evidence has one.
     target = 15_000
-    verdict = "meets" if full_rate >= target else "misses"
-    print(f"  target >= {target:,}/s on one core: {verdict}")
+    judged, what = (log_rate, " with the event log") if log_rate is not None else (full_rate, "")
+    verdict = "meets" if judged >= target else "misses"
+    print(f"  target >= {target:,}/s on one core{what}: {verdict}")
 
 
 if __name__ == "__main__":

@@ -629,6 +629,8 @@ def event_log_from_json(
         doc = json.loads(data)
     except ValueError as e:
         raise EventLogReplayError("event log is not valid JSON") from e
+    except RecursionError as e:
+        raise EventLogReplayError("event log JSON is nested too deeply") from e
     items = doc if isinstance(doc, list) else doc.get("events") if isinstance(doc, dict) else None
     if not isinstance(items, list):
         raise EventLogReplayError('event log JSON must be a list or an object with "events"')
@@ -637,7 +639,7 @@ def event_log_from_json(
     if all(isinstance(i, dict) and isinstance(i.get("digests"), dict) for i in items):
         try:
             return tuple(_event_from_simple(n, item) for n, item in enumerate(items))
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise EventLogReplayError(f"event log JSON is malformed: {e}") from e
     from google.protobuf import json_format
 
@@ -647,5 +649,5 @@ def event_log_from_json(
     try:
         log = json_format.ParseDict({"events": items}, common_pb2.EventLog())
         return event_log_from_pb(log, max_events=max_events)
-    except (json_format.ParseError, EventLogError) as e:
+    except (json_format.ParseError, EventLogError, OverflowError, RecursionError) as e:
         raise EventLogReplayError(f"event log JSON is malformed: {e}") from e

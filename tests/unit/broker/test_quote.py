@@ -425,6 +425,10 @@ def test_event_log_json_forms(rsa_valid: QuoteVector) -> None:
         b"{}",
         b'[{"digests": {"sha256": "zz"}}]',
         b'[{"digests": {"md5": ""}}]',
+        # Numbers and nesting that Python's own conversions refuse with other exceptions.
+        b'[{"path": "a", "size": 1e400, "digests": {"sha256": "00"}}]',
+        b'{"events": [{"pcrIndex": 1e400}]}',
+        b"[" * 100_000 + b"]" * 100_000,
     ):
         with pytest.raises(EventLogReplayError):
             quote.event_log_from_json(bad)
