@@ -26,6 +26,7 @@ from sqlalchemy.engine import Connection, Row
 from broker.errors import AuditChainError, StorageError
 from broker.model import AuditEntry, AuditRecord, Session
 from broker.storage import Store
+from broker.storage.fast import FastCursor
 from broker.storage.schema import GENESIS_HASH, audit_head, audit_parties, audit_records
 
 #: Version of the canonical encoding, hashed into every record.
@@ -163,11 +164,20 @@ class AuditLog:
         return self.append_many([entry])[0]
 
     def append_many(
-        self, entries: Sequence[AuditEntry], *, session: Session | None = None
+        self,
+        entries: Sequence[AuditEntry],
+        *,
+        session: Session | None = None,
+        within: Callable[[FastCursor], object] | None = None,
     ) -> list[AuditRecord]:
         """Appends several records in one transaction (consecutive sequence numbers); with
         ``session``, records that attested session in the same transaction, so that a release
         and its session are stored together or not at all (and with one commit).
+
+        ``within`` runs further statements of the caller's in the same transaction, after the
+        chain head is locked and before the records are inserted (e.g. the nonce that an
+        audited challenge issues): the records and those rows commit together or not at all,
+        with one commit between them. It must not commit or roll back.
 
         The chain head row is locked first (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite's
         write transactions are ``BEGIN IMMEDIATE``), so appends from any number of threads,
@@ -178,9 +188,10 @@ class AuditLog:
         Raises:
             DuplicateError: a session with ``session``'s id exists (nothing is appended).
             UnknownKeyError: ``session``'s AK is not enrolled (nothing is appended).
-            StorageError: the database failed, or a field cannot be encoded.
+            StorageError: the database failed, or a field cannot be encoded (nothing is
+                appended, and nothing ``within`` wrote is kept).
         """
-        if not entries:
+        if not entries and within is None:
             if session is not None:
                 self._store.add_session(session)
             return []
@@ -198,6 +209,8 @@ class AuditLog:
             if head is None:
                 raise StorageError("the audit chain head row is missing (database tampered?)")
             sequence, previous = int(head.sequence), str(head.record_hash)
+            if within is not None:
+                within(cur)
             records: list[AuditRecord] = []
             for entry in entries:
                 sequence += 1
@@ -207,7 +220,7 @@ class AuditLog:
             values = [_record_values(r) for r in records]
             if len(values) == 1:
                 cur.execute(self._insert_record, values[0])
-            else:
+            elif values:
                 cur.executemany(self._insert_record, values)
             index = [
                 {"party": party, "sequence": r.sequence}

@@ -92,8 +92,16 @@ class BrokerConfig:
         for bank in self.required_banks:
             if bank not in BANK_SIZES:
                 raise ConfigError(f"required_banks: unknown bank {bank!r}")
-        if not self.required_banks or self.required_banks == ("sha1",):
-            raise ConfigError("required_banks must include a bank stronger than sha1")
+        # sha1 alone is never enough, however often it is listed: SHA-1 collisions are
+        # practical, so some bank the quote covers must be stronger.
+        if not any(bank != "sha1" for bank in self.required_banks):
+            raise ConfigError(
+                "required_banks must include a bank stronger than sha1 "
+                f"({', '.join(b for b in BANK_SIZES if b != 'sha1')})"
+            )
+        repeated = sorted({b for b in self.required_banks if self.required_banks.count(b) > 1})
+        if repeated:
+            raise ConfigError(f"required_banks lists {', '.join(repeated)} more than once")
         for name in ("nonce_ttl_seconds", "credential_ttl_seconds", "attestation_lifetime_seconds"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")

@@ -10,16 +10,22 @@ A nonce presented with the wrong AK, or after its expiry, is refused *and burned
 owner then has to ask for a new one (one extra round trip), which is cheaper than letting
 someone who has seen a nonce probe with it. Nonces are stored raw: see the ``nonces`` table in
 :mod:`broker.storage.schema` for why that is safe.
+
+:meth:`NonceService.issue_recorded` writes the nonce and its audit record in one transaction;
+the record holds the nonce's SHA-256 (:func:`nonce_digest`), not the nonce.
 """
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 
+from broker.audit import AuditLog
 from broker.errors import (
     NonceBindingError,
     NonceError,
@@ -27,6 +33,7 @@ from broker.errors import (
     NonceReplayError,
     NonceUnknownError,
 )
+from broker.model import AuditEntry
 from broker.storage import Store
 from broker.storage.schema import nonces
 
@@ -39,6 +46,16 @@ Clock = Callable[[], datetime]
 def utcnow() -> datetime:
     """The current time, timezone-aware, in UTC."""
     return datetime.now(UTC)
+
+
+def nonce_digest(nonce: bytes) -> str:
+    """The hex SHA-256 of ``nonce``: what the audit log keeps of an issued nonce.
+
+    The digest matches a challenge's record to the nonce row and to whoever presents it, while
+    a live nonce never sits in the audit log, which is kept for years, copied and read by more
+    people than the nonce table (purged after the TTL).
+    """
+    return hashlib.sha256(nonce).hexdigest()
 
 
 class NonceService:
@@ -74,21 +91,42 @@ class NonceService:
         Raises:
             StorageError: the database failed.
         """
+        nonce, expires_at, row = self._fresh(ak_name)
+        with self._store.fast.session("issue nonce", write=True) as cur:
+            cur.execute(self._insert, row)
+        return nonce, expires_at
+
+    def issue_recorded(
+        self, ak_name: str, *, audit: AuditLog, entry: Callable[[str], AuditEntry]
+    ) -> tuple[bytes, datetime]:
+        """:meth:`issue`, with the audit record ``entry(nonce_digest(nonce))`` appended in the
+        same transaction as the nonce: a nonce is never handed out unrecorded, nor recorded
+        without existing, and the two writes cost one commit.
+
+        The record gets the nonce's digest (:func:`nonce_digest`), never the nonce itself.
+
+        Raises:
+            StorageError: the database failed (no nonce was issued and nothing recorded).
+        """
+        nonce, expires_at, row = self._fresh(ak_name)
+        audit.append_many(
+            [entry(nonce_digest(nonce))], within=lambda cur: cur.execute(self._insert, row)
+        )
+        return nonce, expires_at
+
+    def _fresh(self, ak_name: str) -> tuple[bytes, datetime, dict[str, Any]]:
+        """A new nonce, its expiry and the row that stores it."""
         nonce = secrets.token_bytes(NONCE_BYTES)
         now = self._clock()
         expires_at = now + self._ttl
-        with self._store.fast.session("issue nonce", write=True) as cur:
-            cur.execute(
-                self._insert,
-                {
-                    "nonce": nonce,
-                    "ak_name": ak_name,
-                    "issued_at": now,
-                    "expires_at": expires_at,
-                    "used_at": None,
-                },
-            )
-        return nonce, expires_at
+        row = {
+            "nonce": nonce,
+            "ak_name": ak_name,
+            "issued_at": now,
+            "expires_at": expires_at,
+            "used_at": None,
+        }
+        return nonce, expires_at, row
 
     def consume(self, nonce: bytes, ak_name: str) -> None:
         """Accepts ``nonce`` for ``ak_name`` once; every later use is refused.

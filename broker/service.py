@@ -15,7 +15,8 @@ import hmac
 import logging
 import secrets
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -33,6 +34,7 @@ from broker.errors import (
     NotApprovedError,
     PolicyError,
     RevokedKeyError,
+    StorageError,
     UnknownKeyError,
     UnknownPolicyObjectError,
     VerificationError,
@@ -56,6 +58,7 @@ from broker.storage import Store
 from evidence.binding import qualifying_data
 from evidence.pcr import WORKLOAD_PCR, MeasurementEvent
 from pki.identity import SpiffeId
+from sealing.errors import SealingError
 from sealing.keys import RecipientPrivateKey, RecipientPublicKey
 
 log = logging.getLogger("cleanroom.broker")
@@ -183,6 +186,28 @@ class Broker:
             )
         )
 
+    @contextmanager
+    def _refusal_recorded(
+        self,
+        actor: SpiffeId,
+        action: str,
+        subject: str,
+        *,
+        parties: Sequence[str] = (),
+    ) -> Iterator[None]:
+        """Records a refused change (``deny`` with the exact reason) and re-raises it unchanged.
+
+        A database failure is not a refusal (and its record could not be written either), so
+        StorageError passes through unrecorded.
+        """
+        try:
+            yield
+        except StorageError:
+            raise
+        except (BrokerError, SealingError) as e:
+            self._record(actor, action, subject, "deny", str(e), parties=parties)
+            raise
+
     def _party(self, name: str) -> Party:
         """The party ``name`` (cached: parties are immutable once added).
 
@@ -253,13 +278,20 @@ class Broker:
     def enroll_ak(self, actor: SpiffeId, *, ak_public: bytes, ek_id: str | None) -> AkRecord:
         """Operator enrollment of an AK from `tpm2_createak --public` output or PEM.
 
+        The accepted sizes and curves (``accepted_rsa_bits``, ``accepted_ecc_curves``) apply
+        to both forms; the TPM attributes can be checked only on a TPM2B_PUBLIC.
+
         Raises:
-            EnrollmentError: bad attributes, unknown or revoked EK.
+            KeyAttributeError: bad attributes, or a size or curve the configuration refuses.
+            EnrollmentError: unknown or revoked EK.
+            DuplicateError: the AK is enrolled already.
         """
         try:
             pub = tpmkeys.load_public(ak_public)
-            if pub.tpm2b_public is not None:
-                tpmkeys.check_ak_attributes(pub, **self._ak_limits)
+            # A PEM key has no TPM attributes to check, but its size and curve are checked all
+            # the same: the operator vouches for where the key lives, not for a weak key, so an
+            # RSA-1024 or P-521 AK is refused with the same error in either form.
+            tpmkeys.check_ak_attributes(pub, allow_pem=True, **self._ak_limits)
             if ek_id:
                 ek = self.store.get_ek(ek_id)
                 if ek.revoked:
@@ -379,11 +411,25 @@ class Broker:
         return record
 
     def revoke_ek(self, actor: SpiffeId, ek_id: str, reason: str) -> None:
-        self.store.revoke_ek(ek_id, reason)
+        """Revokes an EK and every AK under it; a refusal is recorded with its reason.
+
+        Raises:
+            UnknownKeyError: no such EK.
+            StorageError: the database failed.
+        """
+        with self._refusal_recorded(actor, "ek.revoke", ek_id):
+            self.store.revoke_ek(ek_id, reason)
         self._record(actor, "ek.revoke", ek_id, "allow", reason)
 
     def revoke_ak(self, actor: SpiffeId, ak_name: str, reason: str) -> None:
-        self.store.revoke_ak(ak_name, reason)
+        """Revokes an AK; a refusal is recorded with its reason.
+
+        Raises:
+            UnknownKeyError: no such AK.
+            StorageError: the database failed.
+        """
+        with self._refusal_recorded(actor, "ak.revoke", ak_name):
+            self.store.revoke_ak(ak_name, reason)
         self._record(actor, "ak.revoke", ak_name, "allow", reason)
 
     # --- challenge and attestation ----------------------------------------------------------
@@ -391,17 +437,39 @@ class Broker:
     def challenge(self, actor: SpiffeId, ak_name: str) -> Challenge:
         """Issues a single-use nonce bound to an enrolled, active AK.
 
+        Every challenge is audited: a refusal with its reason, an issued nonce as ``allow``
+        with the nonce's SHA-256 as the evidence digest (the same transaction as the nonce).
+
         Raises:
             UnknownKeyError, RevokedKeyError: the AK cannot attest.
+            StorageError: the database failed.
         """
         try:
             ak = self.store.get_ak(ak_name)
-            if ak.revoked:
-                raise RevokedKeyError(f"AK {ak_name} is revoked")
         except BrokerError as e:
             self._record(actor, "challenge", ak_name, "deny", str(e))
             raise
-        nonce, expires = self.nonces.issue(ak_name)
+        if ak.revoked:
+            # The caller learns that the AK is revoked; the audit log also says why.
+            error = RevokedKeyError(f"AK {ak_name} is revoked")
+            why = ak.revoked_reason or "no reason given"
+            self._record(actor, "challenge", ak_name, "deny", f"{error}: {why}")
+            raise error
+        # The record keeps the nonce's digest, not the nonce: that matches the challenge to the
+        # nonce row and to its attestation, while no one who reads or archives the audit log
+        # ever holds a live nonce (to burn it first by presenting it with another AK, say).
+        nonce, expires = self.nonces.issue_recorded(
+            ak_name,
+            audit=self.audit,
+            entry=lambda digest: AuditEntry(
+                actor=str(actor),
+                action="challenge",
+                subject=ak_name,
+                decision="allow",
+                reason="nonce issued",
+                evidence_digest=digest,
+            ),
+        )
         return Challenge(nonce=nonce, expires_at=expires, pcr_selection=dict(self._required))
 
     def attest(self, actor: SpiffeId, evidence: Evidence) -> AttestOutcome:
@@ -414,15 +482,32 @@ class Broker:
         """
         evidence_digest = hashlib.sha256(evidence.attest + evidence.signature).hexdigest()
 
-        def deny(reason: str, *, parties: Sequence[str] = ()) -> AttestationDenied:
-            self._record(
-                actor,
-                "attest",
-                evidence.ak_name,
-                "deny",
-                reason,
+        def record(
+            action: str, subject: str, decision: str, reason: str, parties: tuple[str, ...]
+        ) -> AuditEntry:
+            return AuditEntry(
+                actor=str(actor),
+                action=action,
+                subject=subject,
+                decision=decision,
+                reason=reason,
                 evidence_digest=evidence_digest,
                 parties=parties,
+            )
+
+        def deny(
+            reason: str, *, parties: tuple[str, ...] = (), before: Sequence[AuditEntry] = ()
+        ) -> AttestationDenied:
+            """Records the verdict (after the records ``before``, in one transaction) and
+            returns the exception to raise.
+
+            A record's reason and parties are visible to every party it is tagged with, so a
+            verdict is tagged only with parties whose own keys its reason is solely about;
+            reasons about several parties' keys go to the operator's view alone, and each
+            party gets records of its own (``before``).
+            """
+            self.audit.append_many(
+                [*before, record("attest", evidence.ak_name, "deny", reason, parties)]
             )
             log.info("attestation denied for AK %s: %s", evidence.ak_name, reason)
             return AttestationDenied(reason)
@@ -493,59 +578,75 @@ class Broker:
         except PolicyError as e:
             raise deny(str(e)) from e
         owners = sorted({k.owner for k in keys.values()})
+        # One record per withheld key, tagged with its owner alone: each party reads why its
+        # own keys were withheld, and never another party's key ids or reasons.
+        withheld = [
+            record(
+                "key.release",
+                d.key_id,
+                "deny",
+                d.reason,
+                (keys[d.key_id].owner,) if d.key_id in keys else (),
+            )
+            for d in decision.denied
+        ]
         if not decision.granted:
             reasons = "; ".join(f"{d.key_id}: {d.reason}" for d in decision.denied)
-            raise deny(f"no key released: {reasons or 'workload not approved'}", parties=owners)
+            # The full reason names every party's keys: the operator's record only.
+            raise deny(f"no key released: {reasons or 'workload not approved'}", before=withheld)
 
         session_id = uuid.uuid4().hex
         now = self.clock()
         expires = now + timedelta(seconds=self.config.attestation_lifetime_seconds)
-        try:
-            released = release.seal_records(
-                self.keks,
-                [keys[g.key_id] for g in decision.granted],
-                evidence.ephemeral_key,
-                session_id=session_id,
-            )
-        except CustodyError as e:
-            # A KEK that refuses to unwrap is a denial with its reason, not a crash.
-            raise deny(f"key custody failed: {e}", parties=owners) from e
+        sealed: list[SealedRelease] = []
+        for grant in decision.granted:
+            key = keys[grant.key_id]
+            try:
+                # One key at a time, so that a failure is known to be this key's KEK's.
+                sealed.extend(
+                    release.seal_records(
+                        self.keks, (key,), evidence.ephemeral_key, session_id=session_id
+                    )
+                )
+            except CustodyError as e:
+                # A KEK that refuses to unwrap is a denial with its reason, not a crash. The
+                # reason names this key and its KEK, so its owner (and the operator) reads it;
+                # the other owners learn only that nothing was released, and why not in general.
+                others = [
+                    record(
+                        "attest",
+                        evidence.ak_name,
+                        "deny",
+                        "no key released: key custody failed for another party's key",
+                        (owner,),
+                    )
+                    for owner in owners
+                    if owner != key.owner
+                ]
+                raise deny(f"key custody failed: {e}", parties=(key.owner,), before=others) from e
+        released = tuple(sealed)
         approval_of = {g.key_id: g.approval_id for g in decision.granted}
         entries: list[AuditEntry] = [
-            AuditEntry(
-                actor=str(actor),
-                action="key.release",
-                subject=r.key_id,
-                decision="allow",
-                reason=f"session {session_id}, approval {approval_of[r.key_id]}",
-                evidence_digest=evidence_digest,
-                parties=(r.owner,),
+            record(
+                "key.release",
+                r.key_id,
+                "allow",
+                f"session {session_id}, approval {approval_of[r.key_id]}",
+                (r.owner,),
             )
             for r in released
         ]
-        for d in decision.denied:
-            owner = keys[d.key_id].owner if d.key_id in keys else ""
-            entries.append(
-                AuditEntry(
-                    actor=str(actor),
-                    action="key.release",
-                    subject=d.key_id,
-                    decision="deny",
-                    reason=d.reason,
-                    evidence_digest=evidence_digest,
-                    parties=(owner,) if owner else (),
-                )
-            )
+        entries.extend(withheld)
+        # The verdict counts every party's keys and names the workloads of the approvals that
+        # granted: the operator's record. Each party has its own keys' records above.
         entries.append(
-            AuditEntry(
-                actor=str(actor),
-                action="attest",
-                subject=evidence.ak_name,
-                decision="allow",
-                reason=f"session {session_id}: released {len(released)}, "
+            record(
+                "attest",
+                evidence.ak_name,
+                "allow",
+                f"session {session_id}: released {len(released)}, "
                 f"withheld {len(decision.denied)}; workload {decision.workload_name!r}",
-                evidence_digest=evidence_digest,
-                parties=tuple(owners),
+                (),
             )
         )
         # The records and the session in one transaction: one commit, and no release is
@@ -588,7 +689,14 @@ class Broker:
     # --- policy administration --------------------------------------------------------------
 
     def set_golden_set(self, actor: SpiffeId, golden: GoldenPcrSet) -> GoldenPcrSet:
-        policy.validate_golden_set(golden)
+        """Creates or replaces a golden PCR set; a refusal is recorded with its reason.
+
+        Raises:
+            PolicyError: the set is invalid (see :func:`broker.policy.validate_golden_set`).
+            StorageError: the database failed.
+        """
+        with self._refusal_recorded(actor, "golden.set", golden.name):
+            policy.validate_golden_set(golden)
         golden = replace(golden, updated_at=self.clock())
         self.store.put_golden_set(golden)
         self._record(
@@ -601,12 +709,30 @@ class Broker:
         return golden
 
     def delete_golden_set(self, actor: SpiffeId, name: str) -> None:
-        self.store.delete_golden_set(name)
+        """Deletes a golden PCR set; a refusal is recorded with its reason.
+
+        Raises:
+            UnknownPolicyObjectError: no such golden set.
+            StorageError: the database failed.
+        """
+        with self._refusal_recorded(actor, "golden.delete", name):
+            self.store.delete_golden_set(name)
         self._record(actor, "golden.delete", name, "allow")
 
     def add_party(self, actor: SpiffeId, party: Party) -> Party:
-        RecipientPublicKey(kem=party.kem, raw=party.public_key)  # validates the key
-        self.store.add_party(party)
+        """Registers a party and its recipient key; a refusal is recorded with its reason.
+
+        The refusal is the operator's record only: a party of that name does not exist (or is
+        another one), so no party's view should gain it.
+
+        Raises:
+            InvalidKeyError: the recipient key is not a valid key of its KEM.
+            DuplicateError: a party of this name exists.
+            StorageError: the database failed.
+        """
+        with self._refusal_recorded(actor, "party.add", party.name):
+            RecipientPublicKey(kem=party.kem, raw=party.public_key)  # validates the key
+            self.store.add_party(party)
         self._record(actor, "party.add", party.name, "allow", parties=(party.name,))
         return party
 
@@ -710,9 +836,36 @@ class Broker:
         return approval
 
     def revoke_approval(self, actor: SpiffeId, approval_id: str) -> None:
-        approval = self.store.get_approval(approval_id)
+        """Revokes an approval: a party its own, the operator any. Refusals are recorded.
+
+        Raises:
+            UnknownPolicyObjectError: no such approval.
+            PolicyError: the approval belongs to another party.
+            StorageError: the database failed.
+        """
+        caller = (actor.name,) if actor.kind == "party" else ()
+        with self._refusal_recorded(actor, "workload.revoke", approval_id, parties=caller):
+            approval = self.store.get_approval(approval_id)
         if actor.kind == "party" and approval.party != actor.name:
-            raise PolicyError("approval belongs to another party")
+            reason = "approval belongs to another party"
+            # Two records in one transaction. The caller's is tagged with the caller only: a
+            # record's parties are visible to everyone it is tagged with, so tagging the owner
+            # there would tell the caller whose approval it probed. The owner gets a record of
+            # its own, because an attempt on its approval is a security event about its own
+            # object, and the actor it names is the party that made it.
+            entries = [
+                AuditEntry(
+                    actor=str(actor),
+                    action="workload.revoke",
+                    subject=approval_id,
+                    decision="deny",
+                    reason=reason,
+                    parties=tagged,
+                )
+                for tagged in ((actor.name,), (approval.party,))
+            ]
+            self.audit.append_many(entries)
+            raise PolicyError(reason)
         self.store.revoke_approval(approval_id)
         self._record(actor, "workload.revoke", approval_id, "allow", parties=(approval.party,))
 

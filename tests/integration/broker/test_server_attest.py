@@ -308,3 +308,56 @@ def test_a_quote_bound_to_another_certificate_is_refused(
         == 1
     )
     assert "QualifyingDataError" in broker.stderr()
+
+
+def test_a_wrong_credential_secret_is_refused_and_audited(
+    broker: BrokerProcess, swtpm: Swtpm, tmp_path: Path
+) -> None:
+    ek = tt.create_ek(swtpm, tmp_path, alg="rsa")
+    ak = tt.create_ak(swtpm, tmp_path, ek)
+    cert = tmp_path / "ek.der"
+    swtpm.tools("tpm2_nvread", "0x1c00002", "-o", str(cert))
+    sidecar = broker.attestation("sidecar", "sidecar-1")
+    start = sidecar.StartEnrollment(
+        attestation_pb2.StartEnrollmentRequest(
+            ek_public=ek.public.read_bytes(),
+            ek_certificate=cert.read_bytes(),
+            ak_public=ak.public.read_bytes(),
+        ),
+        timeout=TIMEOUT,
+    )
+    credential = tmp_path / "credential.out"
+    credential.write_bytes(
+        to_tools_credential_file(bytes(start.credential_blob), bytes(start.encrypted_secret))
+    )
+    secret = tt.activate_credential(swtpm, tmp_path, ak=ak, ek=ek, credential=credential)
+    assert secret is not None
+    wrong = bytes([secret[0] ^ 1]) + secret[1:]
+
+    error = rpc_error(
+        sidecar.CompleteEnrollment,
+        attestation_pb2.CompleteEnrollmentRequest(enrollment_id=start.enrollment_id, secret=wrong),
+    )
+    assert (error.code(), error.details()) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "wrong credential secret",
+    )
+    # The challenge was spent by the wrong answer: the right secret cannot follow a guess.
+    error = rpc_error(
+        sidecar.CompleteEnrollment,
+        attestation_pb2.CompleteEnrollmentRequest(enrollment_id=start.enrollment_id, secret=secret),
+    )
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    operator = broker.admin("operator")
+    assert not operator.ListAks(admin_pb2.ListAksRequest(), timeout=TIMEOUT).aks
+
+    records = operator.ListAuditRecords(
+        admin_pb2.ListAuditRecordsRequest(limit=1000), timeout=TIMEOUT
+    ).records
+    activations = [r for r in records if r.action == "ak.activate"]
+    assert [(r.actor, r.subject, r.decision) for r in activations] == [
+        ("spiffe://cleanroom.local/sidecar/sidecar-1", start.enrollment_id, "deny")
+    ] * 2
+    assert activations[0].reason == "wrong credential secret"
+    assert secret.hex() not in activations[0].reason + activations[1].reason
+    assert operator.VerifyAuditLog(admin_pb2.VerifyAuditLogRequest(), timeout=TIMEOUT).valid

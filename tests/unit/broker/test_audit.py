@@ -23,6 +23,8 @@ from broker.audit import (
 from broker.errors import AuditChainError, StorageError
 from broker.model import AuditEntry, AuditRecord
 from broker.storage import Store
+from broker.storage.fast import FastCursor
+from broker.storage.schema import nonces
 
 BACKENDS = [
     pytest.param("sqlite", id="sqlite"),
@@ -125,6 +127,42 @@ def test_append_many_writes_consecutive_records(log: AuditLog) -> None:
     assert log.append_many([]) == []
     assert log.list_records() == [first, *batch]
     assert log.verify_chain() == ChainReport(valid=True, records_checked=4)
+
+
+def test_append_many_runs_within_in_the_same_transaction(store: Store, log: AuditLog) -> None:
+    insert = store.fast.prepare(sa.insert(nonces))
+    when = datetime(2025, 6, 1, tzinfo=UTC)
+
+    def row(n: int) -> dict[str, object]:
+        return {
+            "nonce": bytes([n]) * 32,
+            "ak_name": "ak-a",
+            "issued_at": when,
+            "expires_at": when,
+            "used_at": None,
+        }
+
+    def count() -> int:
+        with store.transaction("count nonces") as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(nonces)).scalar_one())
+
+    (record,) = log.append_many([entry(1)], within=lambda cur: cur.execute(insert, row(1)))
+    assert count() == 1 and log.head() == (1, record.record_hash)
+
+    def fail(cur: FastCursor) -> None:
+        cur.execute(insert, row(2))
+        raise StorageError("the caller's statement failed")
+
+    # A failure inside the transaction keeps neither the caller's row nor the records.
+    with pytest.raises(StorageError, match="the caller's statement failed"):
+        log.append_many([entry(2)], within=fail)
+    assert count() == 1 and log.head() == (1, record.record_hash)
+    # And a record that cannot be encoded rolls back what ``within`` wrote.
+    with pytest.raises(StorageError, match="cannot be encoded"):
+        log.append_many(
+            [replace(entry(3), reason="\ud800")], within=lambda cur: cur.execute(insert, row(3))
+        )
+    assert count() == 1 and log.verify_chain().valid
 
 
 def test_records_read_back_exactly_as_appended(log: AuditLog) -> None:

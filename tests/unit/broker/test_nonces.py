@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
+from broker.audit import AuditLog
 from broker.errors import (
     NonceBindingError,
     NonceExpiredError,
     NonceReplayError,
     NonceUnknownError,
+    StorageError,
 )
-from broker.nonces import NONCE_BYTES, NonceService
+from broker.model import AuditEntry
+from broker.nonces import NONCE_BYTES, NonceService, nonce_digest
 from broker.storage import Store
 
 BACKENDS = [
@@ -137,3 +142,43 @@ def test_nonces_are_kept_in_the_database(store: Store, service: NonceService, cl
 def test_ttl_must_be_positive(store: Store) -> None:
     with pytest.raises(ValueError, match="positive"):
         NonceService(store, ttl_seconds=0)
+
+
+def _challenge_entry(digest: str) -> AuditEntry:
+    return AuditEntry(
+        actor="spiffe://cleanroom.local/sidecar/s1",
+        action="challenge",
+        subject="ak-a",
+        decision="allow",
+        reason="nonce issued",
+        evidence_digest=digest,
+    )
+
+
+def test_issue_recorded_stores_the_nonce_and_its_record_with_the_digest_only(
+    store: Store, service: NonceService, clock: Clock
+) -> None:
+    audit = AuditLog(store, clock=clock)
+    nonce, expires = service.issue_recorded("ak-a", audit=audit, entry=_challenge_entry)
+    assert expires == clock.now + timedelta(seconds=30)
+    (record,) = audit.list_records()
+    assert record.evidence_digest == nonce_digest(nonce) == hashlib.sha256(nonce).hexdigest()
+    assert nonce.hex() not in record.reason + record.subject + record.evidence_digest
+    service.consume(nonce, "ak-a")  # the nonce is a real, usable one
+    assert audit.verify_chain().valid
+
+
+def test_issue_recorded_stores_neither_when_the_record_fails(
+    store: Store, service: NonceService, clock: Clock
+) -> None:
+    audit = AuditLog(store, clock=clock)
+
+    def unencodable(digest: str) -> AuditEntry:
+        # A lone surrogate cannot be encoded as UTF-8: the append fails after the nonce's
+        # insert ran in the same transaction, which must then be rolled back with it.
+        return replace(_challenge_entry(digest), reason="\ud800")
+
+    with pytest.raises(StorageError, match="cannot be encoded"):
+        service.issue_recorded("ak-a", audit=audit, entry=unencodable)
+    assert service.count_outstanding() == 0
+    assert audit.list_records() == []

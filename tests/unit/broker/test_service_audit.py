@@ -1,0 +1,378 @@
+"""What the broker's core writes to the audit log, and who can read it.
+
+A real :class:`~broker.service.Broker` over SQLite in ``tmp_path`` runs real attestations: a
+software AK (``bench._loadgen.SoftAk``, enrolled as a TPM2B_PUBLIC with tpm2_createak's
+attributes) signs TPM2_Quote structures built with tpm2-pytss over a real measurement of files,
+and the broker runs every one of its checks on them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from bench._loadgen import QUOTED_BANKS, QuoteMaker, SoftAk
+from broker.app import open_broker
+from broker.config import BrokerConfig
+from broker.custody import LocalKek, seal_for_registration
+from broker.errors import (
+    DuplicateError,
+    PolicyError,
+    RevokedKeyError,
+    StorageError,
+    UnknownKeyError,
+    UnknownPolicyObjectError,
+)
+from broker.model import AuditRecord, GoldenPcrSet, ManifestEntry, Party, PcrKey
+from broker.service import AttestationDenied, Broker, Evidence
+from broker.storage.schema import audit_head
+from evidence.binding import qualifying_data
+from evidence.pcr import Measurement, measure_files
+from pki.identity import SpiffeId
+from sealing.errors import InvalidKeyError
+from sealing.keys import KEM_X25519, generate_recipient_key
+
+TD = "cleanroom.local"
+OPERATOR = SpiffeId.operator(TD)
+ADVERTISER = SpiffeId.party(TD, "advertiser")
+PUBLISHER = SpiffeId.party(TD, "publisher")
+SIDECAR = SpiffeId.sidecar(TD, "sidecar-1")
+#: The sidecar's TLS certificate as the binding hashes it (any bytes do: only its hash counts).
+CERT_DER = b"the sidecar's certificate"
+WORKLOAD = [("model/train.py", b"print('join and train')\n"), ("bin/run.sh", b"#!/bin/sh\n")]
+OTHER_WORKLOAD = [("model/train.py", b"print('something else')\n")]
+
+
+@dataclass
+class Room:
+    broker: Broker
+    ak: SoftAk
+    maker: QuoteMaker
+    measured: Measurement
+    tmp: Path
+
+    def records(self, party: str | None = None) -> list[AuditRecord]:
+        return self.broker.audit.list_records(limit=1000, party=party)
+
+    def evidence(self, key_ids: Sequence[str], *, nonce: bytes | None = None) -> Evidence:
+        """A quote of the measured workload over a fresh challenge (or ``nonce``)."""
+        if nonce is None:
+            nonce = self.broker.challenge(SIDECAR, self.ak.name_hex).nonce
+        ephemeral = generate_recipient_key().public_key()
+        binding = qualifying_data(
+            nonce=nonce,
+            kem=ephemeral.kem,
+            ephemeral_public_key=ephemeral.raw,
+            tls_certificate_der=CERT_DER,
+        )
+        attest, signature = self.maker.quote(binding)
+        return Evidence(
+            ak_name=self.ak.name_hex,
+            nonce=nonce,
+            attest=attest,
+            signature=signature,
+            pcr_values={(23, bank): self.measured.pcrs[bank] for bank in QUOTED_BANKS},
+            event_log=self.measured.events,
+            ephemeral_key=ephemeral,
+            key_ids=tuple(key_ids),
+            peer_certificate_der=CERT_DER,
+        )
+
+    def approve(
+        self, who: SpiffeId, key_id: str, files: Sequence[tuple[str, bytes]], golden: str = ""
+    ) -> str:
+        manifest = [
+            ManifestEntry(path=e.path, size=e.size, digests=dict(e.digests))
+            for e in _measure(self.tmp / who.name, files).events
+        ]
+        approval = self.broker.approve_workload(
+            who,
+            workload_name=f"{who.name}-workload",
+            manifest=manifest,
+            key_ids=[key_id],
+            output_recipients=[who.name],
+            golden_set=golden or None,
+        )
+        return approval.approval_id
+
+
+def _measure(root: Path, files: Sequence[tuple[str, bytes]]) -> Measurement:
+    paths = []
+    for rel, data in files:
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        paths.append(path)
+    return measure_files(paths, QUOTED_BANKS, names=[rel for rel, _ in files])
+
+
+@pytest.fixture
+def room(tmp_path: Path) -> Iterator[Room]:
+    config = BrokerConfig(
+        database_url=f"sqlite:///{tmp_path / 'broker.db'}", state_dir=str(tmp_path / "state")
+    )
+    with open_broker(config) as broker:
+        ak = SoftAk.generate("ecc")
+        broker.enroll_ak(OPERATOR, ak_public=ak.tpm2b_public, ek_id=None)
+        for who in (ADVERTISER, PUBLISHER):
+            public = generate_recipient_key().public_key().raw
+            broker.add_party(OPERATOR, Party(name=who.name, kem=KEM_X25519, public_key=public))
+            key_id = f"{who.name}-data"
+            sealed = seal_for_registration(
+                broker.registration_key.public_key(), b"\x42" * 32, key_id=key_id, owner=who.name
+            )
+            broker.register_data_key(who, key_id=key_id, sealed_data_key=sealed, description="")
+        measured = _measure(tmp_path / "sidecar", WORKLOAD)
+        yield Room(broker, ak, QuoteMaker(ak, measured.pcrs), measured, tmp_path)
+
+
+def _last(records: Sequence[AuditRecord], action: str) -> AuditRecord:
+    return [r for r in records if r.action == action][-1]
+
+
+def _text(records: Sequence[AuditRecord]) -> str:
+    """Everything a reader of these records sees, as one string."""
+    return "\n".join(
+        f"{r.actor} {r.action} {r.subject} {r.decision} {r.reason} {r.evidence_digest} "
+        f"{' '.join(r.parties)}"
+        for r in records
+    )
+
+
+# --- challenges -----------------------------------------------------------------------------
+
+
+def test_an_issued_challenge_is_audited_with_the_nonces_digest_only(room: Room) -> None:
+    before = len(room.records())
+    challenge = room.broker.challenge(SIDECAR, room.ak.name_hex)
+    (record,) = room.records()[before:]
+    assert (record.actor, record.action, record.subject, record.decision) == (
+        str(SIDECAR),
+        "challenge",
+        room.ak.name_hex,
+        "allow",
+    )
+    assert record.evidence_digest == hashlib.sha256(challenge.nonce).hexdigest()
+    assert record.parties == ()
+    assert challenge.nonce.hex() not in _text([record])
+    assert room.broker.audit.verify_chain().valid
+
+
+def test_a_challenge_whose_record_cannot_be_written_issues_no_nonce(room: Room) -> None:
+    # The nonce and its record share one transaction: when the append fails (here the chain
+    # head row is gone), the nonce is not stored either, so no unaudited nonce can be used.
+    with room.broker.store.transaction("break the chain head", write=True) as conn:
+        conn.execute(sa.delete(audit_head))
+    with pytest.raises(StorageError, match="head row is missing"):
+        room.broker.challenge(SIDECAR, room.ak.name_hex)
+    assert room.broker.nonces.count_outstanding() == 0
+
+
+def test_a_revoked_aks_next_challenge_and_attestation_are_refused_and_audited(room: Room) -> None:
+    room.approve(ADVERTISER, "advertiser-data", WORKLOAD)
+    pending = room.evidence(["advertiser-data"])  # its nonce was issued before the revocation
+    room.broker.revoke_ak(OPERATOR, room.ak.name_hex, "machine retired")
+
+    with pytest.raises(RevokedKeyError, match=r"is revoked$"):
+        room.broker.challenge(SIDECAR, room.ak.name_hex)
+    refused = _last(room.records(), "challenge")
+    assert (refused.decision, refused.subject) == ("deny", room.ak.name_hex)
+    assert refused.reason == f"AK {room.ak.name_hex} is revoked: machine retired"
+
+    with pytest.raises(AttestationDenied) as denied:
+        room.broker.attest(SIDECAR, pending)
+    assert isinstance(denied.value.__cause__, RevokedKeyError)
+    verdict = _last(room.records(), "attest")
+    assert verdict.decision == "deny"
+    assert verdict.reason == f"AK {room.ak.name_hex} is revoked: machine retired"
+    assert not [r for r in room.records() if r.action == "key.release"]
+
+
+# --- attestation verdicts: each party reads only its own keys --------------------------------
+
+
+def test_a_stale_golden_set_denial_is_audited_with_its_reason(room: Room) -> None:
+    stale = b"\x01" * 32  # the PCR value of an image that no longer runs
+    room.broker.set_golden_set(
+        OPERATOR,
+        GoldenPcrSet(
+            name="image-v1",
+            accepted={PcrKey(23, "sha256"): frozenset({stale})},
+            updated_at=datetime.now(UTC),
+        ),
+    )
+    approval = room.approve(ADVERTISER, "advertiser-data", WORKLOAD, golden="image-v1")
+    with pytest.raises(AttestationDenied):
+        room.broker.attest(SIDECAR, room.evidence(["advertiser-data"]))
+    why = (
+        f"golden set 'image-v1': PCR 23 (sha256) value {room.measured.pcrs['sha256'].hex()} "
+        f"is not accepted (approval {approval} by advertiser)"
+    )
+    withheld = _last(room.records(party="advertiser"), "key.release")
+    assert (withheld.subject, withheld.decision, withheld.reason) == (
+        "advertiser-data",
+        "deny",
+        why,
+    )
+    verdict = _last(room.records(), "attest")
+    assert (verdict.decision, verdict.reason) == (
+        "deny",
+        f"no key released: advertiser-data: {why}",
+    )
+
+
+def test_a_full_denial_shows_each_party_only_its_own_keys(room: Room) -> None:
+    room.approve(ADVERTISER, "advertiser-data", OTHER_WORKLOAD)
+    room.approve(PUBLISHER, "publisher-data", OTHER_WORKLOAD)
+    with pytest.raises(AttestationDenied) as denied:
+        room.broker.attest(SIDECAR, room.evidence(["advertiser-data", "publisher-data"]))
+    assert denied.value.__cause__ is None  # "not approved", for the metrics
+
+    # The operator's verdict holds every key's reason...
+    verdict = _last(room.records(), "attest")
+    assert verdict.parties == ()
+    assert "advertiser-data: not approved by advertiser" in verdict.reason
+    assert "publisher-data: not approved by publisher" in verdict.reason
+    # ...and each party reads why its own key was withheld, and nothing of the other's.
+    for me, other in (("advertiser", "publisher"), ("publisher", "advertiser")):
+        mine = room.records(party=me)
+        withheld = [r for r in mine if r.action == "key.release"]
+        assert [(r.subject, r.decision, r.parties) for r in withheld] == [
+            (f"{me}-data", "deny", (me,))
+        ]
+        assert withheld[0].reason.startswith(f"not approved by {me}:")
+        assert other not in _text(mine)
+    assert room.broker.audit.verify_chain().valid
+
+
+def test_a_partial_release_shows_each_party_only_its_own_keys(room: Room) -> None:
+    room.approve(ADVERTISER, "advertiser-data", WORKLOAD)
+    room.approve(PUBLISHER, "publisher-data", OTHER_WORKLOAD)
+    evidence = room.evidence(["advertiser-data", "publisher-data"])
+    before = room.broker.audit.head()[0]
+    outcome = room.broker.attest(SIDECAR, evidence)
+    assert [r.key_id for r in outcome.released] == ["advertiser-data"]
+    # One transaction: the verdict and both keys' records follow each other in the chain.
+    written = room.broker.audit.list_records(after_sequence=before, limit=10)
+    assert [(r.action, r.subject, r.decision) for r in written] == [
+        ("key.release", "advertiser-data", "allow"),
+        ("key.release", "publisher-data", "deny"),
+        ("attest", room.ak.name_hex, "allow"),
+    ]
+    assert written[-1].parties == () and "withheld 1" in written[-1].reason
+    for me, other in (("advertiser", "publisher"), ("publisher", "advertiser")):
+        mine = [r for r in room.records(party=me) if r.sequence > before]
+        assert [r.subject for r in mine] == [f"{me}-data"]
+        assert other not in _text(mine)
+
+
+def test_a_kek_failure_shows_its_reason_only_to_the_keys_owner(room: Room) -> None:
+    room.approve(ADVERTISER, "advertiser-data", WORKLOAD)
+    room.approve(PUBLISHER, "publisher-data", WORKLOAD)
+    evidence = room.evidence(["advertiser-data", "publisher-data"])
+    # A closed KEK refuses to unwrap: the first granted key (the advertiser's) fails.
+    kek = room.broker.keks.get("local")
+    assert isinstance(kek, LocalKek)
+    kek.close()
+    with pytest.raises(AttestationDenied, match=r"^key custody failed: "):
+        room.broker.attest(SIDECAR, evidence)
+    verdict = room.records()[-1]
+    assert (verdict.action, verdict.decision, verdict.parties) == (
+        "attest",
+        "deny",
+        ("advertiser",),
+    )
+    assert verdict.reason.startswith("key custody failed: ")
+    (theirs,) = [r for r in room.records(party="publisher") if r.action == "attest"]
+    assert theirs.reason == "no key released: key custody failed for another party's key"
+    assert "advertiser" not in _text([theirs])
+
+
+# --- refused administration -------------------------------------------------------------------
+
+
+def test_revoking_another_partys_approval_is_audited_for_both_without_leaking(
+    room: Room,
+) -> None:
+    approval = room.approve(ADVERTISER, "advertiser-data", WORKLOAD)
+    with pytest.raises(PolicyError, match=r"^approval belongs to another party$"):
+        room.broker.revoke_approval(PUBLISHER, approval)
+    assert not room.broker.store.get_approval(approval).revoked
+
+    caller = [r for r in room.records(party="publisher") if r.action == "workload.revoke"]
+    assert [(r.actor, r.subject, r.decision, r.reason, r.parties) for r in caller] == [
+        (str(PUBLISHER), approval, "deny", "approval belongs to another party", ("publisher",))
+    ]
+    assert "advertiser" not in _text(room.records(party="publisher"))
+    owner = [r for r in room.records(party="advertiser") if r.action == "workload.revoke"]
+    assert [(r.actor, r.decision, r.parties) for r in owner] == [
+        (str(PUBLISHER), "deny", ("advertiser",))
+    ]
+
+    with pytest.raises(UnknownPolicyObjectError) as unknown:
+        room.broker.revoke_approval(PUBLISHER, "no-such-approval")
+    last = _last(room.records(party="publisher"), "workload.revoke")
+    assert (last.subject, last.decision, last.reason) == (
+        "no-such-approval",
+        "deny",
+        str(unknown.value),
+    )
+
+
+def _refusal(room: Room, action: str) -> AuditRecord:
+    last = room.records()[-1]
+    assert (last.action, last.actor, last.decision) == (action, str(OPERATOR), "deny")
+    return last
+
+
+def test_an_invalid_golden_set_is_refused_and_audited(room: Room) -> None:
+    bad = GoldenPcrSet(
+        name="image-v1",
+        accepted={PcrKey(0, "sha256"): frozenset({b"\x01" * 20})},
+        updated_at=datetime.now(UTC),
+    )
+    with pytest.raises(PolicyError) as refused:
+        room.broker.set_golden_set(OPERATOR, bad)
+    record = _refusal(room, "golden.set")
+    assert (record.subject, record.reason) == ("image-v1", str(refused.value))
+    assert "must be 32 bytes, got 20" in record.reason
+    assert room.broker.list_golden_sets() == []
+
+    with pytest.raises(UnknownPolicyObjectError) as unknown:
+        room.broker.delete_golden_set(OPERATOR, "image-v9")
+    record = _refusal(room, "golden.delete")
+    assert (record.subject, record.reason) == ("image-v9", str(unknown.value))
+
+
+@pytest.mark.parametrize("kind", ["ak", "ek"])
+def test_revoking_an_unknown_key_is_refused_and_audited(room: Room, kind: str) -> None:
+    name = "ab" * 34
+    with pytest.raises(UnknownKeyError) as unknown:
+        getattr(room.broker, f"revoke_{kind}")(OPERATOR, name, "lost")
+    record = _refusal(room, f"{kind}.revoke")
+    assert (record.subject, record.reason) == (name, str(unknown.value))
+
+
+def test_adding_a_party_with_a_bad_key_is_refused_and_audited(room: Room) -> None:
+    bad = Party(name="retailer", kem=KEM_X25519, public_key=b"\x01" * 31)
+    with pytest.raises(InvalidKeyError) as refused:
+        room.broker.add_party(OPERATOR, bad)
+    record = _refusal(room, "party.add")
+    assert (record.subject, record.reason, record.parties) == (
+        "retailer",
+        str(refused.value),
+        (),
+    )
+    assert "31" in record.reason
+    assert "retailer" not in {p.name for p in room.broker.list_parties()}
+
+    again = Party(name="advertiser", kem=KEM_X25519, public_key=b"\x01" * 32)
+    with pytest.raises(DuplicateError):
+        room.broker.add_party(OPERATOR, again)
+    assert _refusal(room, "party.add").reason == "party 'advertiser' exists"
