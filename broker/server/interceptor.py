@@ -26,7 +26,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
 
 from broker.model import AuditEntry
-from broker.server.authz import RULES, authorize
+from broker.server.authz import ATTESTATION_SERVICE, RULES, authorize
 from broker.server.errors import AccessDeniedError, InvalidRequestError, UnauthenticatedError
 from broker.server.logs import new_request_id, request_id_var
 from broker.server.metrics import BrokerMetrics
@@ -36,6 +36,8 @@ from pki.identity import SpiffeId
 from pki.tls import peer_certificate_der, peer_identity
 
 log = logging.getLogger("cleanroom.broker.rpc")
+
+_ATTEST_METHOD = f"/{ATTESTATION_SERVICE}/Attest"
 
 REQUEST_ID_METADATA = "x-request-id"
 
@@ -183,14 +185,19 @@ class CallGuard:
 
     def _audit_denial(self, actor: str, method: str, reason: str, parties: tuple[str, ...]) -> None:
         log.warning("access denied to %s: %s", method, reason)
+        self._audit_refusal(actor, "authz", method, reason, parties)
+
+    def _audit_refusal(
+        self, actor: str, action: str, subject: str, reason: str, parties: tuple[str, ...]
+    ) -> None:
         if self.audit is None:
             return
         try:
             self.audit.append(
                 AuditEntry(
                     actor=actor,
-                    action="authz",
-                    subject=method,
+                    action=action,
+                    subject=subject,
                     decision="deny",
                     reason=reason,
                     parties=parties,
@@ -199,7 +206,7 @@ class CallGuard:
         except Exception:
             # The caller is refused either way; a failed audit write must not turn the refusal
             # into an error, but it must be visible.
-            log.exception("cannot record an authorization denial in the audit log")
+            log.exception("cannot record a refusal (%s) in the audit log", action)
 
     @staticmethod
     def parse(raw: Any, deserialize: Deserializer | None, method: str) -> Any:
@@ -237,7 +244,14 @@ class CallGuard:
                 peer = self.authenticate(method, context)
                 caller = str(peer.identity)
                 self.check_access(method, peer)
-                request = self.parse(raw, deserialize, method)
+                try:
+                    request = self.parse(raw, deserialize, method)
+                except InvalidRequestError as e:
+                    if method == _ATTEST_METHOD:
+                        # Every refused attestation is in the audit log, bytes that are not an
+                        # AttestRequest at all included (the servicer records the rest).
+                        self._audit_refusal(caller, "attest", "", str(e), ())
+                    raise
                 call_token = _current_call.set(CallInfo(method, peer, request_id))
                 return behavior(request, context)
             except Exception as exc:

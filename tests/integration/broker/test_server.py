@@ -514,6 +514,23 @@ def test_a_malformed_attest_is_in_the_audit_log(broker: BrokerProcess) -> None:
         "nonce: must be 32 bytes, got 31",
     )
 
+    # Bytes that are not an AttestRequest at all are refused (and recorded) before parsing.
+    error = _raw(broker, "/cleanroom.v1.AttestationService/Attest", b"\x07")
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    records = operator.ListAuditRecords(
+        admin_pb2.ListAuditRecordsRequest(after_sequence=last.sequence, limit=1000),
+        timeout=TIMEOUT,
+    ).records
+    assert [(r.action, r.actor, r.subject, r.decision, r.reason) for r in records] == [
+        (
+            "attest",
+            f"spiffe://{TD}/sidecar/sidecar-1",
+            "",
+            "deny",
+            error.details(),
+        )
+    ]
+
 
 # --- metrics --------------------------------------------------------------------------------
 
