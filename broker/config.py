@@ -20,12 +20,16 @@ ENV_PREFIX = "CLEANROOM_BROKER"
 
 @dataclass(frozen=True)
 class TlsConfig:
-    """The mTLS listener. Client certificates are required and checked against ``ca_file``."""
+    """The mTLS listener. Client certificates are required and checked against ``ca_file``,
+    and against the revocation lists ``crl_files`` when any are named."""
 
     listen: str = "127.0.0.1:50051"
     cert_file: str = "pki/broker.crt"
     key_file: str = "pki/broker.key"
     ca_file: str = "pki/ca.crt"
+    #: CRL files (PEM or DER), each signed by a CA of ``ca_file``; re-read when they change.
+    #: Empty: no revocation checking.
+    crl_files: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,9 @@
   ``--force``) signed by the CA in DIR.
 * ``cleanroom pki show CERT``: the SPIFFE ID, validity, issuer and fingerprint of a certificate.
 * ``cleanroom pki verify CERT --ca FILE``: the checks the TLS handshake will make, offline.
+* ``cleanroom pki revoke --dir DIR CERT``: put a certificate on the CA's revocation list
+  (``DIR/crl.pem``).
+* ``cleanroom pki crl --dir DIR``: re-sign that list with a fresh nextUpdate (or create it).
 
 Heavy imports (cryptography) happen inside the handlers so that ``cleanroom --help`` is fast.
 """
@@ -95,6 +98,52 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--usage", choices=("client", "server"), help="also require this TLS usage (EKU)"
     )
     verify.set_defaults(func=_verify)
+
+    revoke = pki_sub.add_parser(
+        "revoke",
+        help="revoke a certificate (add it to DIR/crl.pem)",
+        description="Adds the certificate's serial to the CRL of the CA in DIR and re-signs "
+        "the CRL. A broker with the CRL in [tls] crl_files refuses the certificate within "
+        "about a second, without a restart.",
+    )
+    revoke.add_argument("--dir", required=True, type=Path, help="directory holding ca.crt/ca.key")
+    revoke.add_argument("cert", type=Path, metavar="CERT_FILE", help="PEM certificate to revoke")
+    revoke.add_argument(
+        "--reason",
+        default="unspecified",
+        choices=_REASONS,
+        help="RFC 5280 revocation reason (%(default)s)",
+    )
+    revoke.add_argument(
+        "--days", type=int, default=7, metavar="N", help="CRL valid for N days (%(default)s)"
+    )
+    revoke.set_defaults(func=_revoke)
+
+    crl = pki_sub.add_parser(
+        "crl",
+        help="re-sign the CA's revocation list with a fresh nextUpdate",
+        description="Re-signs DIR/crl.pem (creating an empty one when missing) so that it is "
+        "valid for N more days. A broker refuses every call once its CRL is stale, so run "
+        "this well before the nextUpdate passes.",
+    )
+    crl.add_argument("--dir", required=True, type=Path, help="directory holding ca.crt/ca.key")
+    crl.add_argument(
+        "--days", type=int, default=7, metavar="N", help="CRL valid for N days (%(default)s)"
+    )
+    crl.set_defaults(func=_crl)
+
+
+#: Kept in step with pki.crl.REASONS (tests/unit/pki/test_crl.py checks it) without importing
+#: cryptography for ``cleanroom --help``.
+_REASONS = (
+    "unspecified",
+    "key-compromise",
+    "ca-compromise",
+    "affiliation-changed",
+    "superseded",
+    "cessation-of-operation",
+    "privilege-withdrawn",
+)
 
 
 def _init(args: argparse.Namespace) -> int:
@@ -199,4 +248,27 @@ def _verify(args: argparse.Namespace) -> int:
             load_certificates(args.cert), load_certificates(args.ca), usage=args.usage
         )
     print(f"ok: {identity}")
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    from pki.crl import revoke
+
+    done = revoke(args.dir, args.cert, reason=args.reason, days=args.days)
+    state = "revoked" if done.newly_revoked else "already revoked"
+    print(
+        f"{state}: serial {done.serial:x} in {done.crl.path} (CRL #{done.crl.number}, "
+        f"{done.crl.entries} revoked, next update {done.crl.next_update:%Y-%m-%d %H:%M:%S} UTC)"
+    )
+    return 0
+
+
+def _crl(args: argparse.Namespace) -> int:
+    from pki.crl import refresh
+
+    info = refresh(args.dir, days=args.days)
+    print(
+        f"wrote {info.path} (CRL #{info.number}, {info.entries} revoked, "
+        f"next update {info.next_update:%Y-%m-%d %H:%M:%S} UTC)"
+    )
     return 0

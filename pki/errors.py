@@ -78,3 +78,39 @@ class UntrustedCertificateError(CertificateCheckError):
 
 class IssuanceError(PKIError):
     """A certificate cannot be issued with the requested parameters."""
+
+
+class CertificateRevokedError(CertificateCheckError):
+    """The certificate is listed as revoked on a certificate revocation list of its CA.
+
+    ``serial`` and ``issuer`` (RFC 4514) name the certificate; ``reason`` is the CRL entry's
+    reason code (``None`` when the entry has none) and ``source`` the CRL file that lists it.
+    """
+
+    def __init__(
+        self, message: str, *, serial: int, issuer: str, reason: str | None, source: str
+    ) -> None:
+        super().__init__(message)
+        self.serial = serial
+        self.issuer = issuer
+        self.reason = reason
+        self.source = source
+
+
+# --- revocation lists ---------------------------------------------------------------------
+
+
+class CrlError(PKIError):
+    """A certificate revocation list cannot be written, read or trusted."""
+
+
+class CrlFileError(CrlError):
+    """A CRL file is missing, unreadable, too large or not a CRL."""
+
+
+class CrlSignatureError(CrlError):
+    """No CA certificate of the trust bundle signed the CRL (or may sign CRLs)."""
+
+
+class CrlExpiredError(CrlError):
+    """The CRL is past its nextUpdate time, or has none: its information is stale."""

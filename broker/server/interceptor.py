@@ -6,6 +6,8 @@ the request bytes itself (so that a malformed message is ``INVALID_ARGUMENT``, n
 ``INTERNAL``), runs the servicer with the caller in a context variable, maps any exception to a
 status (:func:`broker.server.status.status_for`), and records latency and an access log line.
 Refusals by the table go to the audit log (action ``authz``, decision ``deny``, exact reason).
+With a :class:`RevocationCheck` (``[tls] crl_files``), a client certificate on a revocation list
+is refused as unauthenticated before the table is consulted.
 
 :class:`GuardInterceptor` installs the guard in front of the broker's services on a real
 server; :func:`guarded_servicer` does the same for grpcio-testing's in-process server, where
@@ -30,8 +32,8 @@ from broker.server.authz import ATTESTATION_SERVICE, RULES, authorize
 from broker.server.errors import AccessDeniedError, InvalidRequestError, UnauthenticatedError
 from broker.server.logs import new_request_id, request_id_var
 from broker.server.metrics import BrokerMetrics
-from broker.server.status import status_for
-from pki.errors import IdentityError, PeerIdentityError
+from broker.server.status import Status, status_for
+from pki.errors import CertificateRevokedError, CrlError, IdentityError, PeerIdentityError
 from pki.identity import SpiffeId
 from pki.tls import peer_certificate_der, peer_identity
 
@@ -110,6 +112,39 @@ def tls_peer(context: grpc.ServicerContext) -> Peer:
     return Peer(peer_identity(auth), peer_certificate_der(auth))
 
 
+class RevocationCheck(Protocol):
+    """Refuses revoked client certificates (:class:`pki.crl.CrlWatcher` in production).
+
+    ``check_der`` runs on every call, so it must cost about a dictionary lookup. It raises
+    CertificateRevokedError for a revoked certificate and CrlError while it cannot tell.
+    """
+
+    def check_der(self, der: bytes) -> None: ...
+
+
+#: What a caller with a revoked certificate is told (the serial and reason go to the audit log).
+REVOKED_MESSAGE = "client certificate revoked"
+#: What every caller is told while the revocation lists are unusable (fail closed).
+REVOCATION_UNKNOWN_MESSAGE = "client certificate revocation status unknown"
+
+
+class PeerRevokedError(UnauthenticatedError):
+    """The caller's certificate is revoked, or its revocation cannot be checked right now.
+
+    An :class:`UnauthenticatedError` (status ``UNAUTHENTICATED``) with its own client message.
+    """
+
+    def __init__(self, reason: str, *, public_message: str) -> None:
+        super().__init__(reason)
+        self.public_message = public_message
+
+
+def _status(exc: BaseException, method: str) -> Status:
+    if isinstance(exc, PeerRevokedError):
+        return Status(grpc.StatusCode.UNAUTHENTICATED, exc.public_message)
+    return status_for(exc, full_method=method)
+
+
 class AuditSink(Protocol):
     """Where refusals are recorded (the broker's :class:`broker.audit.AuditLog`)."""
 
@@ -150,8 +185,10 @@ class CallGuard:
         metrics: BrokerMetrics,
         identify: Identify = tls_peer,
         slow_call_seconds: float = 10.0,
+        revocation: RevocationCheck | None = None,
     ) -> None:
         self.trust_domain = trust_domain
+        self.revocation = revocation
         self.audit = audit
         self.metrics = metrics
         self.identify = identify
@@ -163,14 +200,35 @@ class CallGuard:
     # --- the pieces -------------------------------------------------------------------------
 
     def authenticate(self, method: str, context: grpc.ServicerContext) -> Peer:
-        """Raises: UnauthenticatedError (recorded in the audit log)."""
+        """Names the caller and, with a revocation check, refuses a revoked certificate.
+
+        Raises:
+            UnauthenticatedError: no usable identity; PeerRevokedError (a subclass) when the
+                certificate is revoked or the revocation lists are unusable. Recorded in the
+                audit log and counted.
+        """
         try:
-            return self.identify(context)
+            peer = self.identify(context)
         except (PeerIdentityError, IdentityError) as e:
             reason = f"unauthenticated peer {_peer_address(context)}: {e}"
-            self.metrics.authz_denials.labels(method.lstrip("/"), "unauthenticated").inc()
-            self._audit_denial("unauthenticated", method, reason, ())
+            self._deny_unauthenticated(method, reason)
             raise UnauthenticatedError(reason) from e
+        if self.revocation is not None:
+            try:
+                self.revocation.check_der(peer.certificate_der)
+            except CertificateRevokedError as e:
+                reason = f"client certificate revoked: {peer.identity}: {e}"
+                self._deny_unauthenticated(method, reason)
+                raise PeerRevokedError(reason, public_message=REVOKED_MESSAGE) from e
+            except CrlError as e:
+                reason = f"revocation of {peer.identity}'s certificate cannot be checked: {e}"
+                self._deny_unauthenticated(method, reason)
+                raise PeerRevokedError(reason, public_message=REVOCATION_UNKNOWN_MESSAGE) from e
+        return peer
+
+    def _deny_unauthenticated(self, method: str, reason: str) -> None:
+        self.metrics.authz_denials.labels(method.lstrip("/"), "unauthenticated").inc()
+        self._audit_denial("unauthenticated", method, reason, ())
 
     def check_access(self, method: str, peer: Peer) -> None:
         """Raises: AccessDeniedError (recorded in the audit log and counted)."""
@@ -255,7 +313,7 @@ class CallGuard:
                 call_token = _current_call.set(CallInfo(method, peer, request_id))
                 return behavior(request, context)
             except Exception as exc:
-                status = status_for(exc, full_method=method)
+                status = _status(exc, method)
                 if status.unexpected:
                     log.error(
                         "%s failed: %s",
@@ -313,7 +371,7 @@ class CallGuard:
         try:
             self.check_access(method, self.authenticate(method, context))
         except (UnauthenticatedError, AccessDeniedError) as exc:
-            status = status_for(exc, full_method=method)
+            status = _status(exc, method)
             context.abort(status.code, status.message)
 
 
@@ -437,12 +495,16 @@ def guarded_servicer(servicer: object, service: ServiceDescriptor, guard: CallGu
 
 __all__ = [
     "REQUEST_ID_METADATA",
+    "REVOCATION_UNKNOWN_MESSAGE",
+    "REVOKED_MESSAGE",
     "AuditSink",
     "CallGuard",
     "CallInfo",
     "GuardInterceptor",
     "Identify",
     "Peer",
+    "PeerRevokedError",
+    "RevocationCheck",
     "current_call",
     "guarded_servicer",
     "tls_peer",

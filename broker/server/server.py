@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from broker.app import open_broker
 from broker.config import BrokerConfig
+from broker.errors import BrokerConfigError
 from broker.server.authz import ADMIN_SERVICE, ATTESTATION_SERVICE
 from broker.server.errors import ServerSetupError
 from broker.server.interceptor import CallGuard, GuardInterceptor
@@ -33,6 +34,7 @@ from broker.server.metrics import BrokerMetrics, MetricsHttpServer
 from broker.server.servicers import AdminServicer, AttestationServicer
 from broker.service import Broker
 from cleanroom.v1 import admin_pb2_grpc, attestation_pb2_grpc
+from pki.crl import CrlWatcher
 from pki.errors import PKIError
 from pki.tls import server_credentials
 
@@ -55,6 +57,23 @@ class ServerAddresses:
     metrics: str | None
 
 
+def load_revocation(config: BrokerConfig) -> CrlWatcher | None:
+    """The revocation lists of ``tls.crl_files``, verified against ``tls.ca_file``; None when
+    no CRL is configured.
+
+    Raises:
+        BrokerConfigError: a CRL is unreadable, not signed by a CA of the bundle, or stale
+            (or the bundle is unreadable).
+    """
+    tls = config.tls
+    if not tls.crl_files:
+        return None
+    try:
+        return CrlWatcher.from_files(crl_files=tls.crl_files, ca_file=tls.ca_file)
+    except PKIError as e:
+        raise BrokerConfigError(f"tls.crl_files: {e}") from e
+
+
 class BrokerServer:
     """The broker's gRPC server around an open :class:`Broker` (which the caller closes).
 
@@ -70,11 +89,14 @@ class BrokerServer:
         metrics: BrokerMetrics | None = None,
         reuse_port: bool = False,
         maintenance: bool = True,
+        revocation: CrlWatcher | None = None,
     ) -> None:
         """``maintenance`` runs the purge of expired nonces and credential challenges in this
         server; of several processes serving one database, one is enough (see
-        :func:`broker.server.processes.serve_processes`)."""
+        :func:`broker.server.processes.serve_processes`). ``revocation`` is the loaded
+        ``tls.crl_files`` (see :func:`load_revocation`); without it :meth:`start` loads them."""
         self.broker = broker
+        self.revocation = revocation
         self.maintenance = maintenance
         self.config = config or broker.config
         self.max_workers = max_workers
@@ -99,6 +121,8 @@ class BrokerServer:
 
         Raises:
             ServerSetupError: the TLS files are unusable or an address cannot be bound.
+            BrokerConfigError: a CRL of ``tls.crl_files`` is unreadable, not signed by a CA
+                of ``tls.ca_file``, or stale.
         """
         if self._server is not None:
             raise ServerSetupError("the server is already started")
@@ -110,12 +134,14 @@ class BrokerServer:
             )
         except PKIError as e:
             raise ServerSetupError(f"TLS: {e}") from e
+        revocation = self.revocation or load_revocation(config)
         self.metrics.track_outstanding_nonces(self._outstanding_nonces)
         guard = CallGuard(
             trust_domain=config.trust_domain,
             audit=self.broker.audit,
             metrics=self.metrics,
             slow_call_seconds=config.deadline_budget_seconds,
+            revocation=revocation,
         )
         server = grpc.server(
             futures.ThreadPoolExecutor(
@@ -240,6 +266,7 @@ def serve(
 
     Raises:
         ServerSetupError: the TLS files are unusable or an address cannot be bound.
+        BrokerConfigError: a CRL of ``tls.crl_files`` is unusable (see :func:`load_revocation`).
         StorageError, KekError, CustodyError, BrokerConfigError: opening the broker failed.
     """
     stop = stop_event or threading.Event()
@@ -253,6 +280,8 @@ def serve(
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, on_signal)
     try:
+        # Before the database is opened, so that a bad CRL stops the start with one line.
+        revocation = load_revocation(config)
         with (
             open_broker(config, key_vault=key_vault) as broker,
             BrokerServer(
@@ -261,6 +290,7 @@ def serve(
                 max_workers=max_workers,
                 reuse_port=reuse_port,
                 maintenance=maintenance,
+                revocation=revocation,
             ) as server,
         ):
             addresses = server.start()
@@ -282,4 +312,4 @@ def serve(
             signal.signal(sig, handler)
 
 
-__all__ = ["DEFAULT_MAX_WORKERS", "BrokerServer", "ServerAddresses", "serve"]
+__all__ = ["DEFAULT_MAX_WORKERS", "BrokerServer", "ServerAddresses", "load_revocation", "serve"]
