@@ -42,6 +42,7 @@ ENV_CERT: Final = "CLEANROOM_ADMIN_CERT"
 ENV_KEY: Final = "CLEANROOM_ADMIN_KEY"
 ENV_CA: Final = "CLEANROOM_ADMIN_CA"
 ENV_TIMEOUT: Final = "CLEANROOM_ADMIN_TIMEOUT"
+ENV_SERVER_NAME: Final = "CLEANROOM_ADMIN_SERVER_NAME"
 
 #: The PCR workloads are measured into (``evidence.pcr.WORKLOAD_PCR``; repeated here so that
 #: building the parser imports nothing heavy).
@@ -540,8 +541,14 @@ def open_client(args: argparse.Namespace) -> Iterator[BrokerClient]:
         raise AdminUsageError(f"--timeout {timeout_text!r} is not a number") from None
     if timeout <= 0:
         raise AdminUsageError("--timeout must be positive")
+    server_name = getattr(args, "server_name", None) or os.environ.get(ENV_SERVER_NAME) or None
     client = BrokerClient.connect(
-        target=target, cert_file=cert, key_file=key, ca_file=ca, timeout=timeout
+        target=target,
+        cert_file=cert,
+        key_file=key,
+        ca_file=ca,
+        timeout=timeout,
+        server_name=server_name,
     )
     with client:
         yield client
@@ -970,6 +977,13 @@ def _connection_options(
         ("--key", "tls_key", "FILE", f"client private key PEM (env {ENV_KEY})"),
         ("--ca", "tls_ca", "FILE", f"CA bundle PEM (env {ENV_CA})"),
         ("--timeout", "timeout", "SECONDS", f"per-call deadline (env {ENV_TIMEOUT}; default 10)"),
+        (
+            "--server-name",
+            "server_name",
+            "NAME",
+            "the DNS name the broker's certificate carries, when --broker is an address that is "
+            f"not it (env {ENV_SERVER_NAME})",
+        ),
     ]
     for flag, dest, metavar, help_text in options:
         if flag not in skip:
