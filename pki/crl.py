@@ -24,7 +24,6 @@ import fcntl
 import functools
 import logging
 import os
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -46,7 +45,7 @@ from pki.errors import (
     CrlSignatureError,
     UntrustedCertificateError,
 )
-from pki.tls import load_certificates
+from pki.tls import load_certificates, read_bounded_file
 
 log = logging.getLogger(__name__)
 
@@ -96,19 +95,7 @@ def read_crl(path: Path | str) -> x509.CertificateRevocationList:
             CRL.
     """
     p = Path(path)
-    try:
-        st = p.stat()
-        if not stat.S_ISREG(st.st_mode):
-            raise CrlFileError(f"{p} is not a regular file")
-        if st.st_size > MAX_CRL_FILE_SIZE:
-            raise CrlFileError(f"{p} is too large to be a CRL")
-        data = p.read_bytes()
-    except FileNotFoundError:
-        raise CrlFileError(f"{p} does not exist") from None
-    except PermissionError:
-        raise CrlFileError(f"{p} is not readable (permission denied)") from None
-    except OSError as e:
-        raise CrlFileError(f"cannot read {p}: {e.strerror or e}") from e
+    data = read_bounded_file(p, max_size=MAX_CRL_FILE_SIZE, kind="a CRL", error=CrlFileError)
     try:
         if b"-----BEGIN X509 CRL-----" in data:
             return x509.load_pem_x509_crl(data)

@@ -31,6 +31,7 @@ from pki.errors import (
     CertificateNotYetValidError,
     KeyMismatchError,
     PeerIdentityError,
+    PKIError,
     UntrustedCertificateError,
 )
 from pki.identity import SpiffeId, spiffe_id_from_certificate
@@ -65,6 +66,28 @@ class TlsFiles:
 # --- reading files --------------------------------------------------------------------------
 
 
+def read_bounded_file(path: Path, *, max_size: int, kind: str, error: type[PKIError]) -> bytes:
+    """The bytes of a regular file of at most ``max_size`` bytes (``kind`` names what it should
+    be, for the message).
+
+    Raises:
+        error: the file is missing, unreadable, not a regular file or too large.
+    """
+    try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise error(f"{path} is not a regular file")
+        if st.st_size > max_size:
+            raise error(f"{path} is too large to be {kind}")
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise error(f"{path} does not exist") from None
+    except PermissionError:
+        raise error(f"{path} is not readable (permission denied)") from None
+    except OSError as e:
+        raise error(f"cannot read {path}: {e.strerror or e}") from e
+
+
 def load_pem(path: Path | str) -> bytes:
     """Reads a PEM file (certificate, chain, bundle or key) and returns its bytes.
 
@@ -76,19 +99,9 @@ def load_pem(path: Path | str) -> bytes:
             or holds no PEM block.
     """
     p = Path(path)
-    try:
-        st = p.stat()
-        if not stat.S_ISREG(st.st_mode):
-            raise CertificateFileError(f"{p} is not a regular file")
-        if st.st_size > MAX_PEM_FILE_SIZE:
-            raise CertificateFileError(f"{p} is too large to be a PEM file")
-        data = p.read_bytes()
-    except FileNotFoundError:
-        raise CertificateFileError(f"{p} does not exist") from None
-    except PermissionError:
-        raise CertificateFileError(f"{p} is not readable (permission denied)") from None
-    except OSError as e:
-        raise CertificateFileError(f"cannot read {p}: {e.strerror or e}") from e
+    data = read_bounded_file(
+        p, max_size=MAX_PEM_FILE_SIZE, kind="a PEM file", error=CertificateFileError
+    )
     if _PEM_MARKER not in data:
         raise CertificateFileError(f"{p} is not a PEM file (no '-----BEGIN' line)")
     return data

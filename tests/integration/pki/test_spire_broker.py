@@ -17,7 +17,6 @@ the call fails with gRPC's hostname verification message.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,9 +25,7 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from broker.client import (
     DEFAULT_RETRIES,
@@ -73,7 +70,7 @@ class SpireCa:
 
     @classmethod
     def create(cls, trust_domain: str) -> SpireCa:
-        root_key, root_cert = _spire_root(trust_domain)
+        root_key, root_cert = svid_factory.spire_root(trust_domain)
         signing_key, signing_cert = svid_factory.spire_intermediate(
             root_key=root_key, root_cert=root_cert, trust_domain=trust_domain
         )
@@ -104,54 +101,6 @@ class SpireCa:
         write_file_atomic(pair.cert, chain, mode=0o644)
         write_file_atomic(pair.key, key_to_pem(key), mode=0o600)
         return pair
-
-
-def _spire_root(trust_domain: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """A self-signed root as SPIRE makes one (``C=US, O=SPIFFE`` and a serial number, the trust
-    domain's SPIFFE ID as URI SAN, no path length limit)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.COUNTRY_NAME, "US"),
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "SPIFFE"),
-            # Sets the root's subject apart from the intermediate's (C=US, O=SPIFFE).
-            x509.NameAttribute(NameOID.SERIAL_NUMBER, str(x509.random_serial_number())),
-        ]
-    )
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]
-            ),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
 
 
 # --- fixtures -------------------------------------------------------------------------------

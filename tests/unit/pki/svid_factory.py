@@ -23,28 +23,26 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def spire_intermediate(
-    *, root_key: PrivateKey, root_cert: x509.Certificate, trust_domain: str
+def _spire_ca(
+    *,
+    subject: x509.Name,
+    trust_domain: str,
+    path_length: int | None,
+    issuer: tuple[PrivateKey, x509.Certificate] | None,
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """A SPIRE-style intermediate signing CA under ``root_cert`` (pathlen 0)."""
+    """A SPIRE-style CA certificate: self-signed without ``issuer``, else signed by it."""
     key = ec.generate_private_key(ec.SECP256R1())
+    signer_key: PrivateKey = key if issuer is None else issuer[0]
     now = _now()
-    cert = (
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(
-            x509.Name(
-                [
-                    x509.NameAttribute(NameOID.COUNTRY_NAME, "US"),
-                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "SPIFFE"),
-                ]
-            )
-        )
-        .issuer_name(root_cert.subject)
+        .subject_name(subject)
+        .issuer_name(subject if issuer is None else issuer[1].subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=1))
         .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
         .add_extension(
             x509.KeyUsage(
                 digital_signature=True,
@@ -61,17 +59,49 @@ def spire_intermediate(
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
         .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()), False
-        )
-        .add_extension(
             x509.SubjectAlternativeName(
                 [x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]
             ),
             critical=False,
         )
-        .sign(root_key, hashes.SHA256())
     )
-    return key, cert
+    if issuer is not None:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer[0].public_key()), False
+        )
+    return key, builder.sign(signer_key, hashes.SHA256())
+
+
+def spire_root(trust_domain: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A self-signed root as SPIRE makes one (``C=US, O=SPIFFE`` and a serial number, the trust
+    domain's SPIFFE ID as URI SAN, no path length limit)."""
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COUNTRY_NAME, "US"),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "SPIFFE"),
+            # Sets the root's subject apart from the intermediate's (C=US, O=SPIFFE).
+            x509.NameAttribute(NameOID.SERIAL_NUMBER, str(x509.random_serial_number())),
+        ]
+    )
+    return _spire_ca(subject=subject, trust_domain=trust_domain, path_length=None, issuer=None)
+
+
+def spire_intermediate(
+    *, root_key: PrivateKey, root_cert: x509.Certificate, trust_domain: str
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A SPIRE-style intermediate signing CA under ``root_cert`` (pathlen 0)."""
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COUNTRY_NAME, "US"),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "SPIFFE"),
+        ]
+    )
+    return _spire_ca(
+        subject=subject,
+        trust_domain=trust_domain,
+        path_length=0,
+        issuer=(root_key, root_cert),
+    )
 
 
 def leaf(
