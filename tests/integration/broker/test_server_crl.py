@@ -36,8 +36,9 @@ from tests.integration.broker.test_server import (
 
 #: The broker looks at its CRL files about once per second; allow for a slow machine.
 RELOAD_WAIT = 10.0
-#: Seconds from signing to nextUpdate of the CRL that goes stale while the broker runs.
-STALE_AFTER = 8.0
+#: Seconds from signing to nextUpdate of the CRL that goes stale while the broker runs: long
+#: enough for the broker to start and answer a first call on a busy machine.
+STALE_AFTER = 12.0
 UNKNOWN_AK = attestation_pb2.GetChallengeRequest(ak_name="000b" + "ab" * 32)
 
 
