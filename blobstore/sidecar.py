@@ -16,18 +16,15 @@ ciphertext. This module is the only place where ``blobstore`` knows the sidecar'
 from __future__ import annotations
 
 import logging
-import os
-import secrets
 import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, BinaryIO, cast
+from typing import TYPE_CHECKING, BinaryIO
 
 from blobstore.errors import BlobExistsError, BlobStoreError
 from blobstore.store import BlobStore
 from blobstore.urls import BlobLocation, parse_location
-from sealing.envelope import DEFAULT_CHUNK_SIZE, SealWriter
+from sealing.envelope import DEFAULT_CHUNK_SIZE
 from sealing.errors import SealingError
-from sealing.keys import DATA_KEY_SIZE
 from sidecar.dataplane.errors import (
     InputSourceError,
     OutputExistsError,
@@ -41,6 +38,7 @@ from sidecar.dataplane.outputs import (
     Recipient,
     check_output_name,
     committed_receipt,
+    start_sealing,
 )
 
 if TYPE_CHECKING:
@@ -210,25 +208,13 @@ class _BlobSealedOutput:
         except BlobStoreError as e:
             raise OutputStoreError(f"output {name!r}: {e}") from e
         self._location = str(getattr(self._blob, "location", url))
-        self.key_id = f"output-{secrets.token_hex(16)}"
-        data_key = bytearray(os.urandom(DATA_KEY_SIZE))
-        try:
-            self._writer = SealWriter(
-                self._blob,
-                data_key=cast(bytes, data_key),
-                key_id=self.key_id,
-                recipients=[r.key for r in recipients],
-                chunk_size=owner._chunk_size,
-            )
-        except (SealingError, OSError) as e:
-            self._discard()
-            raise OutputStoreError(f"output {name!r}: cannot start sealing: {e}") from e
-        except BaseException:
-            self._discard()
-            raise
-        finally:
-            # The writer derived its stream keys; nobody needs the data key any more.
-            data_key[:] = bytes(DATA_KEY_SIZE)
+        self.key_id, self._writer = start_sealing(
+            self._blob,
+            name=name,
+            recipients=recipients,
+            chunk_size=owner._chunk_size,
+            discard=self._discard,
+        )
 
     @property
     def name(self) -> str:

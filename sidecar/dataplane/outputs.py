@@ -19,10 +19,10 @@ import os
 import secrets
 import stat
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple, Protocol, cast, runtime_checkable
+from typing import TYPE_CHECKING, BinaryIO, NamedTuple, Protocol, cast, runtime_checkable
 
 from sealing.envelope import DEFAULT_CHUNK_SIZE, SealWriter
 from sealing.errors import SealingError
@@ -40,6 +40,8 @@ __all__ = [
     "OutputWriter",
     "Recipient",
     "check_output_name",
+    "committed_receipt",
+    "start_sealing",
 ]
 
 _log = logging.getLogger(__name__)
@@ -81,6 +83,45 @@ class OutputReceipt:
     sealed_bytes: int
     recipients: tuple[str, ...]
     key_id: str
+
+
+def start_sealing(
+    raw: BinaryIO,
+    *,
+    name: str,
+    recipients: Sequence[Recipient],
+    chunk_size: int,
+    discard: Callable[[], None],
+) -> tuple[str, SealWriter]:
+    """A :class:`SealWriter` over ``raw`` under a fresh data key, and the output's new key id.
+
+    The data key lives in a bytearray wiped as soon as the writer derived its stream keys,
+    whatever happens. On failure ``discard`` (which drops ``raw``) runs before the error
+    propagates.
+
+    Raises:
+        OutputStoreError: sealing cannot start (a bad recipient key, ``raw`` failing).
+    """
+    key_id = f"output-{secrets.token_hex(16)}"
+    data_key = bytearray(os.urandom(DATA_KEY_SIZE))
+    try:
+        writer = SealWriter(
+            raw,
+            # Any bytes-like key works (the envelope copies it); a bytearray can be wiped.
+            data_key=cast(bytes, data_key),
+            key_id=key_id,
+            recipients=[r.key for r in recipients],
+            chunk_size=chunk_size,
+        )
+    except (SealingError, OSError) as e:
+        discard()
+        raise OutputStoreError(f"output {name!r}: cannot start sealing: {e}") from e
+    except BaseException:
+        discard()
+        raise
+    finally:
+        data_key[:] = bytes(DATA_KEY_SIZE)
+    return key_id, writer
 
 
 def committed_receipt(
@@ -356,26 +397,13 @@ class _LocalSealedOutput:
             ) from e
         # Unbuffered: SealWriter hands over one whole segment per write.
         self._file = os.fdopen(fd, "wb", buffering=0)
-        self.key_id = f"output-{secrets.token_hex(16)}"
-        data_key = bytearray(os.urandom(DATA_KEY_SIZE))
-        try:
-            self._writer = SealWriter(
-                self._file,
-                # Any bytes-like key works (the envelope copies it); a bytearray can be wiped.
-                data_key=cast(bytes, data_key),
-                key_id=self.key_id,
-                recipients=[r.key for r in recipients],
-                chunk_size=owner._chunk_size,
-            )
-        except (SealingError, OSError) as e:
-            self._discard()
-            raise OutputStoreError(f"output {name!r}: cannot start sealing: {e}") from e
-        except BaseException:
-            self._discard()
-            raise
-        finally:
-            # The writer derived its stream keys; nobody needs the data key any more.
-            data_key[:] = bytes(DATA_KEY_SIZE)
+        self.key_id, self._writer = start_sealing(
+            self._file,
+            name=name,
+            recipients=recipients,
+            chunk_size=owner._chunk_size,
+            discard=self._discard,
+        )
 
     def _check_absent(self) -> None:
         try:
