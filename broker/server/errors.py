@@ -27,7 +27,21 @@ class InvalidRequestError(ServerError):
 
 
 class UnauthenticatedError(ServerError):
-    """The caller presented no usable identity (no client certificate, or no SPIFFE ID in it)."""
+    """The caller presented no usable identity (no client certificate, no SPIFFE ID in it, or
+    a revoked certificate).
+
+    ``str(e)`` is the exact reason (for the audit log); clients get the short
+    ``public_message``.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        public_message: str = "a client certificate with a SPIFFE ID is required",
+    ) -> None:
+        super().__init__(reason)
+        self.public_message = public_message
 
 
 class AccessDeniedError(ServerError):

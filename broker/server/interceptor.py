@@ -32,7 +32,7 @@ from broker.server.authz import ATTESTATION_SERVICE, RULES, authorize
 from broker.server.errors import AccessDeniedError, InvalidRequestError, UnauthenticatedError
 from broker.server.logs import new_request_id, request_id_var
 from broker.server.metrics import BrokerMetrics
-from broker.server.status import Status, status_for
+from broker.server.status import status_for
 from pki.errors import CertificateRevokedError, CrlError, IdentityError, PeerIdentityError
 from pki.identity import SpiffeId
 from pki.tls import peer_certificate_der, peer_identity
@@ -129,20 +129,8 @@ REVOCATION_UNKNOWN_MESSAGE = "client certificate revocation status unknown"
 
 
 class PeerRevokedError(UnauthenticatedError):
-    """The caller's certificate is revoked, or its revocation cannot be checked right now.
-
-    An :class:`UnauthenticatedError` (status ``UNAUTHENTICATED``) with its own client message.
-    """
-
-    def __init__(self, reason: str, *, public_message: str) -> None:
-        super().__init__(reason)
-        self.public_message = public_message
-
-
-def _status(exc: BaseException, method: str) -> Status:
-    if isinstance(exc, PeerRevokedError):
-        return Status(grpc.StatusCode.UNAUTHENTICATED, exc.public_message)
-    return status_for(exc, full_method=method)
+    """The caller's certificate is revoked, or its revocation cannot be checked right now
+    (status ``UNAUTHENTICATED``, with its own client message)."""
 
 
 class AuditSink(Protocol):
@@ -313,7 +301,7 @@ class CallGuard:
                 call_token = _current_call.set(CallInfo(method, peer, request_id))
                 return behavior(request, context)
             except Exception as exc:
-                status = _status(exc, method)
+                status = status_for(exc, full_method=method)
                 if status.unexpected:
                     log.error(
                         "%s failed: %s",
@@ -371,7 +359,7 @@ class CallGuard:
         try:
             self.check_access(method, self.authenticate(method, context))
         except (UnauthenticatedError, AccessDeniedError) as exc:
-            status = _status(exc, method)
+            status = status_for(exc, full_method=method)
             context.abort(status.code, status.message)
 
 

@@ -129,7 +129,7 @@ def status_for(exc: BaseException, *, full_method: str) -> Status:
     if isinstance(exc, InvalidRequestError):
         return Status(code.INVALID_ARGUMENT, str(exc))
     if isinstance(exc, UnauthenticatedError):
-        return Status(code.UNAUTHENTICATED, "a client certificate with a SPIFFE ID is required")
+        return Status(code.UNAUTHENTICATED, exc.public_message)
     if isinstance(exc, AccessDeniedError):
         return Status(code.PERMISSION_DENIED, exc.public_message)
     if isinstance(exc, RateLimitedError):
