@@ -163,27 +163,41 @@ def find_test(node_id: str) -> str | None:
     return None
 
 
-def commands(block: Block) -> list[str]:
-    """The program of every command of a shell block: continuations joined, comments skipped,
-    each part of a pipeline or list (``|``, ``&&``, ``;``) counted, ``VAR=value`` prefixes
-    passed over."""
-    programs: list[str] = []
-    for line in block.text.replace("\\\n", " ").splitlines():
+#: A placeholder such as <EK_ID> stands for one argument, not for two redirections.
+_PLACEHOLDER = re.compile(r"<[A-Za-z_][^<>\s]*>")
+
+
+def invocations(block: Block) -> list[list[str]]:
+    """Every command of a shell block as its argument list (program first): continuations
+    joined, comments skipped, each part of a pipeline or list (``|``, ``&&``, ``;``) its own
+    command, ``VAR=value`` prefixes and redirections (with their files) left out."""
+    found: list[list[str]] = []
+    text = _PLACEHOLDER.sub("PLACEHOLDER", block.text)
+    for line in text.replace("\\\n", " ").splitlines():
         lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
         lexer.whitespace_split = True
         lexer.commenters = "#"
-        start, redirect = True, False
+        current: list[str] = []
+        redirect = False
         for token in lexer:
             if redirect:
                 redirect = False  # the file a redirection names
             elif token and set(token) <= set("<>&") and set(token) & set("<>"):
                 redirect = True
             elif token and set(token) <= set("|&;()"):
-                start = True
-            elif start and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", token):
-                programs.append(token)
-                start = False
-    return programs
+                if current:
+                    found.append(current)
+                current = []
+            elif current or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", token):
+                current.append(token)
+        if current:
+            found.append(current)
+    return found
+
+
+def commands(block: Block) -> list[str]:
+    """The program of every command of a shell block (see :func:`invocations`)."""
+    return [argv[0] for argv in invocations(block)]
 
 
 def block_problems(block: Block) -> list[str]:
@@ -357,38 +371,9 @@ def _relocated(block: Block) -> Block:
 # --- cleanroom commands in blocks that are not run -------------------------------------------
 
 
-_PLACEHOLDER = re.compile(r"<[A-Za-z_][^<>\s]*>")
-
-
 def cleanroom_invocations(block: Block) -> list[list[str]]:
-    """The argument lists of the ``cleanroom`` commands in a shell block (continuations joined,
-    comments skipped; a command ends at ``|``, ``&&``, ``;`` or a redirection)."""
-    found: list[list[str]] = []
-    # A placeholder such as <EK_ID> stands for one argument, not for two redirections.
-    text = _PLACEHOLDER.sub("PLACEHOLDER", block.text)
-    for line in text.replace("\\\n", " ").splitlines():
-        lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
-        lexer.whitespace_split = True
-        lexer.commenters = "#"
-        current: list[str] | None = None
-        start = True
-        for token in lexer:
-            if token and set(token) <= set("|&;()<>"):
-                if current is not None:
-                    found.append(current)
-                current, start = None, set(token) <= set("|&;()")
-                continue
-            if current is not None:
-                current.append(token)
-            elif start and Path(token).name == "cleanroom":
-                current = []
-            elif start and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", token):
-                continue  # VAR=value before the program
-            else:
-                start = False
-        if current is not None:
-            found.append(current)
-    return found
+    """The arguments of the ``cleanroom`` commands in a shell block (see :func:`invocations`)."""
+    return [argv[1:] for argv in invocations(block) if Path(argv[0]).name == "cleanroom"]
 
 
 def test_cleanroom_commands_in_guarded_and_external_blocks_parse() -> None:
