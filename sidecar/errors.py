@@ -29,6 +29,12 @@ class TpmCommandError(TpmError):
         self.rc = rc
 
 
+class TpmLockoutError(TpmCommandError):
+    """The TPM is in dictionary-attack lockout (``TPM_RC_LOCKOUT``), or is rate-limiting the
+    writes that count authorization failures (``TPM_RC_NV_RATE``): it refuses to use its
+    DA-protected keys, the AK among them, until the lockout is cleared or recovers."""
+
+
 class PcrResetError(TpmCommandError):
     """The platform does not allow resetting the PCR at the sidecar's locality."""
 

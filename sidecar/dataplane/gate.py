@@ -20,6 +20,7 @@ import logging
 import os
 import secrets
 import socket
+import stat
 import threading
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from pathlib import Path
 from sidecar.dataplane.errors import SocketSetupError
 from sidecar.dataplane.peers import PeerCredentials, peer_credentials
 
-__all__ = ["GRPC_PEER_PREFIX", "PeerGate"]
+__all__ = ["GRPC_PEER_PREFIX", "PeerGate", "check_private_ancestry", "check_socket_path"]
 
 _log = logging.getLogger(__name__)
 _audit = logging.getLogger("sidecar.dataplane.audit")
@@ -47,6 +48,53 @@ def check_socket_path(path: Path) -> None:
         raise SocketSetupError(
             f"socket path {path} is longer than {_MAX_SOCKET_PATH} bytes; use a shorter directory"
         )
+
+
+def _ancestry_problem(path: Path, st: os.stat_result, euid: int) -> str | None:
+    """Why another user could replace entries of the directory ``path``, or None."""
+    if st.st_uid not in (0, euid):
+        return f"{path} belongs to another user (uid {st.st_uid})"
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        who = "all users" if st.st_mode & 0o002 else f"group {st.st_gid}"
+        return (
+            f"{path} is writable by {who} without the sticky bit "
+            f"(mode {stat.S_IMODE(st.st_mode):04o})"
+        )
+    return None
+
+
+def check_private_ancestry(path: Path) -> None:
+    """Checks that no other user can rename or replace ``path`` or any directory above it.
+
+    A directory that another user can write without the sticky bit (or that another non-root
+    user owns) lets that user rename the socket directory away and put an impostor socket in
+    its place, which would then receive the workload's outputs. The components that do not
+    exist yet are left out (they are created by us); the path is checked both as written and
+    with its symbolic links resolved.
+
+    Raises:
+        SocketSetupError: names the first such directory and why.
+    """
+    euid = os.geteuid()
+    written = Path(os.path.abspath(path))
+    candidates = [written, *written.parents]
+    resolved = Path(os.path.realpath(written))
+    candidates += [p for p in (resolved, *resolved.parents) if p not in candidates]
+    for candidate in candidates:
+        try:
+            st = os.stat(candidate)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise SocketSetupError(f"cannot inspect {candidate}: {e.strerror or e}") from e
+        if not stat.S_ISDIR(st.st_mode):
+            raise SocketSetupError(f"{candidate} is not a directory")
+        problem = _ancestry_problem(candidate, st, euid)
+        if problem is not None:
+            raise SocketSetupError(
+                f"{problem}: another user could replace the socket directory {written}; "
+                "use a directory that only root and this user can write"
+            )
 
 
 class _Link:

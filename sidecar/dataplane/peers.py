@@ -122,9 +122,12 @@ class ProcessTree:
     seconds for it (a workload can connect before its parent has recorded its pid), then is
     refused. ``uid`` defaults to this process's effective uid (None: any uid).
 
-    Limits: a process the workload started but that was re-parented (its parent exited, so it
-    now hangs under init or a subreaper) is no longer in the tree and loses access; and the
-    check reads /proc at call time, so a peer that exits and whose pid is reused by a process
+    A process the workload started but that was re-parented (its parent exited, so it now hangs
+    under init or a subreaper) is no longer in the tree and loses access, open streams included
+    (the server asks again before every chunk). Limits: the check follows the process that
+    connected (``SO_PEERCRED``), so a connection handed to another process (inherited across a
+    fork, passed with SCM_RIGHTS) is judged by the process that made it; and the check reads
+    /proc at call time, so a peer that exits and whose pid is reused by a process
     inside the tree would pass, which needs a workload-tree process to be started in between.
     """
 

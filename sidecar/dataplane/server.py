@@ -5,7 +5,9 @@ plaintext streams, which it seals to the approved recipients. The socket lives i
 directory (mode 0700) and is itself mode 0600; a :class:`~sidecar.dataplane.gate.PeerGate`
 in front of gRPC learns each connection's kernel credentials (``SO_PEERCRED``), and every call
 is checked against them with the caller's ``allowed_peer`` predicate (the workload's process
-tree). See docs/workload-sdk.md for the security model and the error semantics.
+tree), at its start and again before every chunk it moves, so a stream whose process left the
+tree (re-parented after the workload exited, or double-forked away) is cut with
+``PERMISSION_DENIED``. See docs/workload-sdk.md for the security model and the error semantics.
 
 Wire behaviour:
 
@@ -34,7 +36,7 @@ import shutil
 import stat
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent import futures
 from pathlib import Path
 from types import TracebackType
@@ -134,19 +136,11 @@ class _Servicer:
 
     def _authorize(self, context: grpc.ServicerContext, method: str) -> PeerCredentials:
         creds = self._s._gate_credentials(context.peer())
-        reason: str | None = None
-        if creds is None:
-            reason = "connection did not come through the workload socket"
-        elif creds.start_time is None or process_start_time(creds.pid) != creds.start_time:
-            reason = "the connecting process has exited"
-        else:
-            try:
-                allowed = self._s._allowed_peer(creds.pid, creds.uid)
-            except Exception as e:
-                _log.warning("allowed-peer check raised %s; refusing", type(e).__name__)
-                allowed = False
-            if not allowed:
-                reason = "not in the workload's process tree"
+        reason = (
+            "connection did not come through the workload socket"
+            if creds is None
+            else self._s._peer_refusal(creds)
+        )
         if reason is not None:
             who = (
                 f"unknown peer {context.peer()!r}"
@@ -400,6 +394,33 @@ class WorkloadServer:
 
     # --- helpers for the servicer ------------------------------------------------------------
 
+    def _peer_refusal(self, creds: PeerCredentials) -> str | None:
+        """Why the process behind ``creds`` may not use the socket now, or None if it may."""
+        if creds.start_time is None or process_start_time(creds.pid) != creds.start_time:
+            return "the connecting process has exited"
+        try:
+            allowed = self._allowed_peer(creds.pid, creds.uid)
+        except Exception as e:
+            _log.warning("allowed-peer check raised %s; refusing", type(e).__name__)
+            allowed = False
+        return None if allowed else "not in the workload's process tree"
+
+    def _recheck_peer(self, creds: PeerCredentials, what: str, done: int) -> None:
+        """Raises _Abort(PERMISSION_DENIED) when the peer of an open stream may no longer use
+        the socket; ``done`` is the number of bytes the stream moved so far (for the audit)."""
+        reason = self._peer_refusal(creds)
+        if reason is not None:
+            _audit.warning(
+                "workload socket: CUT %s of pid=%d uid=%d gid=%d after %d bytes: %s",
+                what,
+                creds.pid,
+                creds.uid,
+                creds.gid,
+                done,
+                reason,
+            )
+            raise _Abort(grpc.StatusCode.PERMISSION_DENIED, _DENIED)
+
     def _gate_credentials(self, peer: str) -> PeerCredentials | None:
         gate = self._gate
         return None if gate is None else gate.credentials_for(peer)
@@ -451,6 +472,10 @@ class WorkloadServer:
                 ) from e
             with reader:
                 for frame, n in self._frames(reader, name, spec.key_id):
+                    # Before every chunk, not only at the call: a reader that left the
+                    # workload's tree while its stream is open (re-parented after the workload
+                    # exited, or double-forked away) gets no more plaintext.
+                    self._recheck_peer(creds, f"ReadInput of {name!r}", sent)
                     sent += n
                     yield frame
         _log.info("input %r served to pid %d: %d bytes, authenticated", name, creds.pid, sent)
@@ -577,7 +602,12 @@ class WorkloadServer:
             raise _Abort(grpc.StatusCode.INTERNAL, str(e)) from e
         committed = False
         try:
-            self._copy_output(name, requests, writer)
+            self._copy_output(
+                name,
+                requests,
+                writer,
+                lambda done: self._recheck_peer(creds, f"WriteOutput of {name!r}", done),
+            )
             if not context.is_active():
                 raise _Abort(grpc.StatusCode.CANCELLED, f"output {name!r}: call cancelled")
             # Once more before committing: an output written while the attestation lapsed and
@@ -613,13 +643,21 @@ class WorkloadServer:
             ) from e
 
     @staticmethod
-    def _copy_output(name: str, requests: Iterable[bytes], writer: OutputWriter) -> None:
-        """Feeds chunks to ``writer`` until the closing name message.
+    def _copy_output(
+        name: str,
+        requests: Iterable[bytes],
+        writer: OutputWriter,
+        recheck_peer: Callable[[int], None],
+    ) -> None:
+        """Feeds chunks to ``writer`` until the closing name message, checking the peer with
+        ``recheck_peer(bytes so far)`` before each.
 
         Raises:
-            _Abort: protocol error, cancellation, or the stream ended without the closing name.
+            _Abort: protocol error, cancellation, the stream ended without the closing name, or
+                the peer left the workload's tree.
         """
         closed = False
+        received = 0
         try:
             for raw in requests:
                 if closed:
@@ -631,7 +669,9 @@ class WorkloadServer:
                     part_name, chunk = decode_write_request(raw)
                 except WireError as e:
                     raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
+                recheck_peer(received)
                 if chunk is not None:
+                    received += len(chunk)
                     try:
                         writer.write(chunk)
                     except WorkloadOutputError as e:

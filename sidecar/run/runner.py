@@ -54,7 +54,7 @@ from sidecar.dataplane import (
     WorkloadServer,
 )
 from sidecar.dataplane.errors import SocketSetupError
-from sidecar.dataplane.gate import check_socket_path
+from sidecar.dataplane.gate import check_private_ancestry, check_socket_path
 from sidecar.dataplane.inputs import LocalFileInput, input_source_for
 from sidecar.run.attest import Attestation, Attester, broker_error, enroll, is_not_enrolled
 from sidecar.run.errors import (
@@ -192,17 +192,26 @@ def _default_socket_parent() -> Path:
 
 
 def _check_socket_path(config: RunConfig) -> None:
-    """Checks that the workload socket's path will fit in a Unix socket address, so that a
-    long directory fails before the TPM and the broker are used, not after attestation."""
+    """Checks that the workload socket's path will fit in a Unix socket address and that no
+    other user can replace its directory (see :func:`check_private_ancestry`), so that both
+    fail before the TPM and the broker are used, not after attestation."""
     name = config.dataplane.socket_name
     configured = config.runtime.socket_dir
     if configured:
         try:
             check_socket_path(Path(configured).absolute() / name)
+            check_private_ancestry(Path(configured))
         except SocketSetupError as e:
             raise RunSetupError(f"[runtime] socket_dir: {e}") from e
         return
     parent = _default_socket_parent()
+    try:
+        check_private_ancestry(parent)
+    except SocketSetupError as e:
+        raise RunSetupError(
+            f"the workload socket's directory would be under {parent}: {e}; "
+            "set [runtime] socket_dir"
+        ) from e
     fresh = parent / (_SOCKET_DIR_PREFIX + "X" * _MKDTEMP_SUFFIX_LENGTH)
     try:
         check_socket_path(fresh.absolute() / name)
@@ -291,7 +300,20 @@ class _RecordingWriter:
 def _socket_directory(configured: str) -> Iterator[Path]:
     """The workload socket's directory: the configured one, or a fresh private one."""
     if configured:
-        yield Path(configured)
+        path = Path(configured)
+        try:
+            # Missing levels are created here, private, rather than with the umask's mode by
+            # the server; then the whole path is checked again (it may have changed since the
+            # check before attesting).
+            for level in reversed([path, *path.parents]):
+                if not level.exists():
+                    os.mkdir(level, 0o700)
+            check_private_ancestry(path)
+        except SocketSetupError as e:
+            raise RunSetupError(f"[runtime] socket_dir: {e}") from e
+        except OSError as e:
+            raise RunSetupError(f"[runtime] socket_dir: cannot create {path}: {e}") from e
+        yield path
         return
     try:
         path = Path(tempfile.mkdtemp(prefix=_SOCKET_DIR_PREFIX, dir=_default_socket_parent()))

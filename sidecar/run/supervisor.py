@@ -6,6 +6,12 @@ reach it twice (once from the terminal, once forwarded). SIGTERM, SIGINT and SIG
 sidecar are forwarded to that group; if the workload is still running ``grace_seconds`` after
 the first of them, the group is killed.
 
+Every process the workload starts is contained (see :mod:`sidecar.run.containment`): in its own
+cgroup v2 when the system allows it, else under the sidecar as a child subreaper; the root
+process dies with the sidecar (parent-death signal), and a watchdog ends the rest should the
+sidecar be killed. At the end, :meth:`WorkloadProcess.terminate_leftovers` kills whatever is
+left, including processes that left the process group (``setsid``) or were re-parented.
+
 Before the workload starts, the same signals abort the run instead (SIGINT as the usual
 KeyboardInterrupt, SIGTERM and SIGHUP as :class:`RunInterruptedError`), so that the TPM and the
 broker connection are released cleanly and nothing is started.
@@ -25,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from types import FrameType, TracebackType
 from typing import Any, Self
 
+from sidecar.run.containment import Containment, ContainmentMode, open_containment
 from sidecar.run.errors import RunInterruptedError, WorkloadStartError
 
 __all__ = ["FORWARDED_SIGNALS", "WorkloadProcess", "exit_status"]
@@ -51,6 +58,10 @@ class WorkloadProcess:
         command: the program and its arguments.
         cwd: the working directory.
         grace_seconds: how long the workload may take to exit after a forwarded signal.
+        containment: ``auto`` (a cgroup when possible, else a child subreaper), ``cgroup``
+            (fail to start without one) or ``subreaper``. :meth:`start` must be called from a
+            thread that lives as long as the workload (the parent-death signal follows the
+            thread that forked).
     """
 
     def __init__(
@@ -59,8 +70,11 @@ class WorkloadProcess:
         *,
         cwd: str | os.PathLike[str],
         grace_seconds: float,
+        containment: ContainmentMode = "auto",
     ) -> None:
         self._command = list(command)
+        self._containment_mode: ContainmentMode = containment
+        self._containment: Containment | None = None
         self._cwd = cwd
         self._grace = grace_seconds
         self._proc: subprocess.Popen[bytes] | None = None
@@ -94,8 +108,11 @@ class WorkloadProcess:
         self._old.clear()
         if self._proc is not None and self._proc.poll() is None:
             # Only reached when the sidecar itself failed while the workload ran.
-            self._signal_group(signal.SIGKILL)
+            self._kill_everything()
             self._proc.wait()
+        if self._containment is not None:
+            self._containment.kill_all()
+            self._containment.close()
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -148,26 +165,60 @@ class WorkloadProcess:
     def pid(self) -> int | None:
         return None if self._proc is None else self._proc.pid
 
+    @property
+    def containment(self) -> Containment | None:
+        """The workload's containment, once started (its mode, its cgroup, its processes)."""
+        return self._containment
+
     def start(self, env: Mapping[str, str]) -> int:
-        """Starts the workload with the complete environment ``env`` in a new process group;
-        returns its pid.
+        """Starts the workload with the complete environment ``env`` in a new process group,
+        contained (see :mod:`sidecar.run.containment`); returns its pid.
 
         Raises:
-            WorkloadStartError: the command cannot be executed, or was started already.
+            WorkloadStartError: the command cannot be executed, the containment cannot be set
+                up, or the workload was started already.
         """
         if self._proc is not None:
             raise WorkloadStartError("the workload was started already")
+        try:
+            containment = open_containment(self._containment_mode)
+        except (OSError, ValueError) as e:
+            raise WorkloadStartError(f"cannot contain the workload: {e}") from e
+        self._containment = containment
+        _log.info("workload containment: %s", containment.describe())
+        try:
+            if containment.cgroup is not None:
+                # Before the workload: a sidecar killed from now on leaves nothing behind.
+                containment.start_watchdog()
+        except OSError as e:
+            raise WorkloadStartError(f"cannot start the workload's watchdog: {e}") from e
         self._starting = True
         try:
             self._proc = subprocess.Popen(
-                self._command, cwd=self._cwd, env=dict(env), process_group=0, close_fds=True
+                self._command,
+                cwd=self._cwd,
+                env=dict(env),
+                process_group=0,
+                close_fds=True,
+                preexec_fn=containment.child_setup,
             )
         except OSError as e:
             raise WorkloadStartError(
                 f"cannot start the workload {self._command[0]!r}: {e.strerror or e}"
             ) from e
+        except subprocess.SubprocessError as e:
+            # child_setup failed (joining the cgroup): the child exited before exec.
+            raise WorkloadStartError(
+                f"cannot start the workload {self._command[0]!r} in its containment: {e}"
+            ) from e
         finally:
             self._starting = False
+        containment.started(self._proc.pid)
+        if containment.cgroup is None:
+            try:
+                containment.start_watchdog(process_group=self._proc.pid)
+            except OSError as e:
+                _log.warning("cannot start the workload's watchdog: %s", e)
         for signum in self._pending:
             self._forward(signum)
         self._pending.clear()
@@ -192,7 +243,7 @@ class WorkloadProcess:
                         "the workload did not exit within %.1f s of the signal; killing it",
                         self._grace,
                     )
-                    self._signal_group(signal.SIGKILL)
+                    self._kill_everything()
                     proc.wait()
                     break
                 self._sleep_until_event(pidfd, timeout)
@@ -214,9 +265,18 @@ class WorkloadProcess:
                 os.read(self._wake_r, 64)
 
     def terminate_leftovers(self) -> None:
-        """Sends SIGTERM to what is left of the workload's process group after it exited
-        (processes it started and did not wait for; they lost socket access already)."""
-        self._signal_group(signal.SIGTERM)
+        """Kills (SIGKILL) every process of the workload still running after it exited:
+        processes it started and did not wait for, in its process group or not (they lost
+        socket access already). Waits until they are gone, a few seconds at most."""
+        self._kill_everything()
+
+    def _kill_everything(self) -> None:
+        # The containment finds every process, its group included; the group alone is the
+        # fallback before the containment exists.
+        if self._containment is not None:
+            self._containment.kill_all()
+        else:
+            self._signal_group(signal.SIGKILL)
 
 
 def _pidfd_open(pid: int) -> int | None:

@@ -65,6 +65,7 @@ from sidecar.errors import (
     QuoteError,
     TpmCommandError,
     TpmError,
+    TpmLockoutError,
     TpmUnavailableError,
 )
 from sidecar.tpm.files import write_file, write_tools_quote_files
@@ -104,6 +105,27 @@ _AK_SCHEME = {"rsa": TPM2_ALG.RSASSA, "ecc": TPM2_ALG.ECDSA}
 _QUOTE_ATTEMPTS = 3
 _TCTI_LAYER = 10 << 16
 _LAYER_MASK = 0xFF << 16
+# TPM response codes come from the TPM itself (layer 0) or through a resource manager, which
+# passes them on in its own layer (11).
+_TPM_LAYERS = (0, 11 << 16)
+
+#: The one-line explanation of a dictionary-attack lockout: its cause and the fixes.
+LOCKOUT_HINT = (
+    "the TPM is in dictionary-attack lockout (too many failed authorizations, or unclean "
+    "shutdowns of the TPM) and refuses to use the AK; clear it with "
+    "'tpm2_dictionarylockout --clear-lockout' (with the lockout authorization, -p, if one is "
+    "set), or wait for the TPM's recovery time (tpm2_getcap properties-variable shows "
+    "TPM2_PT_LOCKOUT_COUNTER and TPM2_PT_LOCKOUT_INTERVAL)"
+)
+
+
+def is_lockout(rc: int) -> bool:
+    """True when ``rc`` (a TSS2 response code) says the TPM is in dictionary-attack lockout or
+    rate-limits the failure counter's writes."""
+    return rc & _LAYER_MASK in _TPM_LAYERS and rc & 0xFFFF in (
+        int(TPM2_RC.LOCKOUT),
+        int(TPM2_RC.NV_RATE),
+    )
 
 
 def _ak_template(algorithm: str) -> Any:
@@ -278,6 +300,10 @@ class Tpm:
         if int(e.rc) & _LAYER_MASK == _TCTI_LAYER:
             return TpmUnavailableError(
                 f"lost the TPM at TCTI {self._config.tcti!r} while {what}: {e}"
+            )
+        if is_lockout(int(e.rc)):
+            return TpmLockoutError(
+                f"{what} failed: {LOCKOUT_HINT} (TPM response 0x{int(e.rc):x})", rc=int(e.rc)
             )
         return TpmCommandError(f"{what} failed: {e}", rc=int(e.rc))
 
@@ -521,7 +547,7 @@ class Tpm:
                     ak.handle, ek, credential, secret, session1=ESYS_TR.PASSWORD, session2=session
                 )
             except TSS2_Exception as e:
-                if int(e.rc) & _LAYER_MASK == _TCTI_LAYER:
+                if int(e.rc) & _LAYER_MASK == _TCTI_LAYER or is_lockout(int(e.rc)):
                     raise self._translate(e, "activating a credential") from e
                 if e.error == TPM2_RC.INTEGRITY:
                     reason = (
