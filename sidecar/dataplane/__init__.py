@@ -18,6 +18,8 @@ an output sink and the recipients, and runs a :class:`WorkloadServer` while the 
         proc.wait()
 """
 
+# First: it decides how gRPC is initialised.
+from sidecar.dataplane import _grpcinit  # noqa: F401
 from sidecar.dataplane.config import DataPlaneConfig, load_dataplane_config
 from sidecar.dataplane.errors import (
     AttestationExpiredError,

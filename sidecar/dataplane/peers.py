@@ -10,7 +10,9 @@ recycled pid is not mistaken for the workload.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import socket
 import struct
 import threading
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "AllowedPeer",
+    "LineageWatch",
     "PeerCredentials",
     "ProcessTree",
     "is_descendant",
@@ -114,6 +117,69 @@ def is_descendant(pid: int, root: int) -> bool:
     return False
 
 
+class LineageWatch:
+    """A process and its ancestors up to the workload's root, held as pidfds.
+
+    A process's parent changes only when that parent exits, so while none of these processes
+    has exited the process is still where it was in the tree. :meth:`intact` asks exactly that,
+    with one ``poll(2)`` over the pidfds (an exited process's pidfd becomes readable): about a
+    microsecond, against tens of microseconds for walking /proc again. When it says False the
+    caller does the full check (which then refuses the process, or finds it elsewhere in the
+    tree). Close it when the stream ends.
+    """
+
+    __slots__ = ("_fds", "_poll")
+
+    def __init__(self, fds: list[int]) -> None:
+        self._fds = fds
+        self._poll = select.poll()
+        for fd in fds:
+            self._poll.register(fd, select.POLLIN)
+
+    def intact(self) -> bool:
+        """True while none of the watched processes has exited."""
+        return not self._fds or not self._poll.poll(0)
+
+    def close(self) -> None:
+        for fd in self._fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds = []
+
+
+def watch_lineage(pid: int, root: int) -> LineageWatch | None:
+    """Pidfds of ``pid`` and each of its ancestors up to ``root``, or None when ``pid`` is not
+    (or no longer) a descendant of ``root`` or the lineage changed while it was being read."""
+    fds: list[int] = []
+    try:
+        current = pid
+        for _ in range(_MAX_DEPTH):
+            fields = _stat_fields(current)
+            if fields is None or len(fields) < 20:
+                return None
+            try:
+                fd = os.pidfd_open(current)
+            except OSError:
+                return None
+            fds.append(fd)
+            # The pidfd must be the process whose parent we read, not a reused pid.
+            if process_start_time(current) != int(fields[19]):
+                return None
+            if current == root:
+                watch = LineageWatch(fds)
+                fds = []
+                return watch
+            if current <= 1:
+                return None
+            current = int(fields[1])
+        return None
+    except ValueError:
+        return None
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 class ProcessTree:
     """An allowed-peer predicate: the workload's root process and its descendants, with a uid.
 
@@ -173,6 +239,14 @@ class ProcessTree:
         if process_start_time(root) != self._root_start:
             return False
         return is_descendant(pid, root)
+
+    def watch(self, pid: int) -> LineageWatch | None:
+        """A cheap way to learn whether ``pid`` may have left the tree since: see
+        :class:`LineageWatch` (None when it is not in the tree now)."""
+        root = self._root
+        if root is None or process_start_time(root) != self._root_start:
+            return None
+        return watch_lineage(pid, root)
 
     def __repr__(self) -> str:
         return f"ProcessTree(root_pid={self._root}, uid={self._uid})"

@@ -64,7 +64,12 @@ from sidecar.dataplane.gate import PeerGate, check_socket_path
 from sidecar.dataplane.inputs import InputSource, InputSpec, input_source_for, plaintext_size
 from sidecar.dataplane.keyring import KeyRing
 from sidecar.dataplane.outputs import OutputSink, OutputWriter, Recipient
-from sidecar.dataplane.peers import AllowedPeer, PeerCredentials, process_start_time
+from sidecar.dataplane.peers import (
+    AllowedPeer,
+    LineageWatch,
+    PeerCredentials,
+    process_start_time,
+)
 from workload.wire import (
     END_OF_INPUT,
     MAX_PREFIX,
@@ -405,6 +410,19 @@ class WorkloadServer:
             allowed = False
         return None if allowed else "not in the workload's process tree"
 
+    def _watch_peer(self, creds: PeerCredentials) -> LineageWatch | None:
+        """A cheap per-chunk test that the peer's place in the tree is unchanged, when the
+        allowed-peer predicate offers one (:meth:`ProcessTree.watch`); None: check in full."""
+        watch = getattr(self._allowed_peer, "watch", None)
+        if watch is None:
+            return None
+        try:
+            result = watch(creds.pid)
+        except Exception as e:
+            _log.warning("allowed-peer watch raised %s; checking in full", type(e).__name__)
+            return None
+        return result if isinstance(result, LineageWatch) else None
+
     def _recheck_peer(self, creds: PeerCredentials, what: str, done: int) -> None:
         """Raises _Abort(PERMISSION_DENIED) when the peer of an open stream may no longer use
         the socket; ``done`` is the number of bytes the stream moved so far (for the audit)."""
@@ -470,14 +488,20 @@ class WorkloadServer:
                 raise _Abort(
                     grpc.StatusCode.FAILED_PRECONDITION, f"input {name!r}: cannot read: {e}"
                 ) from e
-            with reader:
-                for frame, n in self._frames(reader, name, spec.key_id):
-                    # Before every chunk, not only at the call: a reader that left the
-                    # workload's tree while its stream is open (re-parented after the workload
-                    # exited, or double-forked away) gets no more plaintext.
-                    self._recheck_peer(creds, f"ReadInput of {name!r}", sent)
-                    sent += n
-                    yield frame
+            watch = self._watch_peer(creds)
+            try:
+                with reader:
+                    for frame, n in self._frames(reader, name, spec.key_id):
+                        # Before every chunk, not only at the call: a reader that left the
+                        # workload's tree while its stream is open (re-parented after the
+                        # workload exited, or double-forked away) gets no more plaintext.
+                        if watch is None or not watch.intact():
+                            self._recheck_peer(creds, f"ReadInput of {name!r}", sent)
+                        sent += n
+                        yield frame
+            finally:
+                if watch is not None:
+                    watch.close()
         _log.info("input %r served to pid %d: %d bytes, authenticated", name, creds.pid, sent)
 
     def _open_reader(self, spec: InputSpec, f: Any) -> OpenReader:
@@ -602,12 +626,17 @@ class WorkloadServer:
             raise _Abort(grpc.StatusCode.INTERNAL, str(e)) from e
         committed = False
         try:
-            self._copy_output(
-                name,
-                requests,
-                writer,
-                lambda done: self._recheck_peer(creds, f"WriteOutput of {name!r}", done),
-            )
+            watch = self._watch_peer(creds)
+
+            def recheck(done: int) -> None:
+                if watch is None or not watch.intact():
+                    self._recheck_peer(creds, f"WriteOutput of {name!r}", done)
+
+            try:
+                self._copy_output(name, requests, writer, recheck)
+            finally:
+                if watch is not None:
+                    watch.close()
             if not context.is_active():
                 raise _Abort(grpc.StatusCode.CANCELLED, f"output {name!r}: call cancelled")
             # Once more before committing: an output written while the attestation lapsed and

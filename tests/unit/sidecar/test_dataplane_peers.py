@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -82,3 +84,41 @@ def test_an_exited_root_refuses_everyone() -> None:
     assert not tree(proc.pid, os.geteuid())
     with pytest.raises(ValueError, match="no process"):
         tree.set_root(proc.pid)
+
+
+def test_a_lineage_watch_notices_when_an_ancestor_exits(tmp_path: Path) -> None:
+    # root -> middle -> leaf; the middle exits on request, re-parenting the leaf out of the tree.
+    leaf_code = "import os, time; print(os.getpid(), flush=True); time.sleep(60)"
+    middle_code = (
+        "import subprocess, sys, time; from pathlib import Path\n"
+        f"subprocess.Popen([sys.executable, '-c', {leaf_code!r}])\n"
+        f"while not Path({str(tmp_path / 'go')!r}).exists(): time.sleep(0.01)\n"
+    )
+    root_code = (
+        f"import subprocess, sys, time; subprocess.run([sys.executable, '-c', {middle_code!r}]);"
+        " time.sleep(60)"
+    )
+    root = subprocess.Popen([sys.executable, "-c", root_code], stdout=subprocess.PIPE, text=True)
+    assert root.stdout is not None
+    leaf = int(root.stdout.readline())
+    try:
+        tree = ProcessTree(root_pid=root.pid)
+        watch = tree.watch(leaf)
+        assert watch is not None
+        try:
+            assert watch.intact()
+            assert tree.watch(os.getpid()) is None  # not in the tree
+            (tmp_path / "go").touch()
+            deadline = time.monotonic() + 10
+            while watch.intact():
+                assert time.monotonic() < deadline, "the middle's exit was not noticed"
+                time.sleep(0.01)
+            # The full check agrees: the leaf left the tree.
+            assert not tree(leaf, os.geteuid())
+            assert tree.watch(leaf) is None
+        finally:
+            watch.close()
+    finally:
+        os.kill(leaf, signal.SIGKILL)
+        root.kill()
+        root.wait()

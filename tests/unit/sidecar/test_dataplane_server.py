@@ -552,3 +552,55 @@ def test_bad_construction(tmp_path: Path) -> None:
     spec = InputSpec("a", "/x", "k")
     with pytest.raises(Exception, match="two inputs"):
         WorkloadServer(inputs=[spec, spec], recipients=[("a", key)], **common)  # type: ignore[arg-type]
+
+
+class LeavesAfter:
+    """An allowed-peer predicate that says yes ``calls`` times, then no: the peer left the
+    workload's tree while its stream was open."""
+
+    def __init__(self, calls: int) -> None:
+        self.left = calls
+
+    def __call__(self, pid: int, uid: int) -> bool:
+        self.left -= 1
+        return self.left >= 0 and only_this_process(pid, uid)
+
+
+def test_a_peer_that_leaves_the_tree_has_its_open_input_stream_cut(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    chunk = 64 << 10
+    with (
+        running_session(
+            tmp_path,
+            inputs={"a.bin": (DATA, ALICE)},
+            recipients=[ALICE],
+            # The call's own check, then two chunks' checks; the third chunk's check says no.
+            allowed_peer=LeavesAfter(3),
+            config=DataPlaneConfig(chunk_size=chunk),
+        ) as s,
+        grpc.insecure_channel(f"unix:{s.socket}") as channel,
+        caplog.at_level(logging.WARNING, logger="sidecar.dataplane.audit"),
+    ):
+        got, err = _read_until_error(workload_pb2_grpc.WorkloadServiceStub(channel), "a.bin")
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "not part of the workload's process tree" in (err.details() or "")
+    assert b"".join(m.chunk for m in got) == DATA[: 2 * chunk]
+    audit = [r.getMessage() for r in caplog.records if r.name == "sidecar.dataplane.audit"]
+    assert len(audit) == 1
+    assert f"CUT ReadInput of 'a.bin' of pid={os.getpid()}" in audit[0]
+    assert f"after {2 * chunk} bytes" in audit[0]
+
+
+def test_a_peer_that_leaves_the_tree_has_its_open_output_discarded(tmp_path: Path) -> None:
+    req = workload_pb2.WriteOutputRequest
+    with (
+        running_session(tmp_path, inputs={}, recipients=[ALICE], allowed_peer=LeavesAfter(3)) as s,
+        grpc.insecure_channel(f"unix:{s.socket}") as channel,
+    ):
+        stub = workload_pb2_grpc.WorkloadServiceStub(channel)
+        messages = [req(name="x.csv"), *(req(chunk=b"row\n") for _ in range(5)), req(name="x.csv")]
+        with pytest.raises(grpc.RpcError) as info:
+            _write(stub, messages)
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert list(s.output_dir.rglob("*")) == []
