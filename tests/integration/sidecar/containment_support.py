@@ -31,7 +31,6 @@ from tests.integration.sidecar.test_run import (
 __all__ = [
     "ATTACK_SCRIPT",
     "approve_attacks",
-    "drive_into_lockout",
     "gone",
     "start_attack",
     "wait_for",
@@ -50,6 +49,12 @@ def wait_for(path):
         time.sleep(0.01)
 
 
+def publish(path, text):
+    # Written whole, then renamed: a reader never sees half of it.
+    Path(path + ".tmp").write_text(text)
+    os.rename(path + ".tmp", path)
+
+
 def orphan(ready):
     # A grandchild that reads plaintext, leaves the process group (setsid) and the tree (its
     # parent exits), and keeps what it read.
@@ -58,7 +63,7 @@ def orphan(ready):
         if os.fork() == 0:
             with open_input("publisher") as f:
                 kept = f.read()
-            Path(ready).write_text(f"{os.getpid()} {len(kept)}")
+            publish(ready, f"{os.getpid()} {len(kept)}")
             time.sleep(600)
             os._exit(0)
         wait_for(ready)
@@ -81,7 +86,7 @@ def tree(ready):
         os._exit(0)
     os.wait()
     wait_for(escaped)
-    Path(ready).write_text(f"{os.getpid()} {child.pid} {Path(escaped).read_text()}")
+    publish(ready, f"{os.getpid()} {child.pid} {Path(escaped).read_text()}")
     time.sleep(600)
     return 0
 
@@ -104,7 +109,7 @@ def reparent(opened, go, result):
                     got += len(data)
             except WorkloadError as e:
                 error = f"{type(e).__name__}: {e}"
-            Path(result).write_text(f"{got}\\n{error}")
+            publish(result, f"{got}\\n{error}")
             os._exit(0)
         wait_for(opened)
         os._exit(0)
@@ -158,7 +163,7 @@ def start_attack(
 ) -> subprocess.Popen[str]:
     """Starts ``cleanroom sidecar run`` with the attack script and ``args`` (mode first).
     ``config_lines`` are appended to the sidecar.toml (its last table is ``[runtime]``)."""
-    path = config_for(room, tpm, rundir, **config)  # type: ignore[arg-type]
+    path = config_for(room, tpm, rundir, **config)
     if config_lines:
         path.write_text(path.read_text() + "".join(line + "\n" for line in config_lines))
     return start_sidecar(path, PY, "run.py", *args, cwd=rundir)
@@ -204,41 +209,3 @@ def kill_leftovers(pids: Sequence[int]) -> None:
                 os.kill(pid, 9)
             except OSError:
                 pass
-
-
-def drive_into_lockout(tpm: Swtpm, directory: Path) -> None:
-    """Puts the TPM into dictionary-attack lockout the way a real one gets there: failed
-    authorizations of a DA-protected key, after lowering the threshold to two failures."""
-    tpm.tools(
-        "tpm2_dictionarylockout",
-        "--setup-parameters",
-        "--max-tries=2",
-        "--recovery-time=600",
-        "--lockout-recovery-time=600",
-    )
-    ctx = directory / "da-key.ctx"
-    tpm.tools("tpm2_createprimary", "-C", "o", "-G", "ecc", "-p", "secret", "-c", str(ctx))
-    # No resource manager: what the tools leave loaded stays, so flush as we go.
-    tpm.tools("tpm2_flushcontext", "-t")
-    try:
-        for _ in range(3):
-            failed = tpm.tools(
-                "tpm2_create",
-                "-C",
-                str(ctx),
-                "-P",
-                "wrong",
-                "-G",
-                "ecc",
-                "-u",
-                str(directory / "x.pub"),
-                "-r",
-                str(directory / "x.priv"),
-                check=False,
-            )
-            assert failed.returncode != 0
-            tpm.tools("tpm2_flushcontext", "-t")
-    finally:
-        tpm.tools("tpm2_flushcontext", "-t", check=False)
-    counter = tpm.tools("tpm2_getcap", "properties-variable").stdout
-    assert "TPM2_PT_LOCKOUT_COUNTER: 0x2" in counter, counter

@@ -69,3 +69,41 @@ def write_files(directory: Path, contents: dict[str, bytes]) -> list[Path]:
         path.write_bytes(data)
         paths.append(path)
     return paths
+
+
+def drive_into_lockout(tpm: Swtpm, directory: Path) -> None:
+    """Puts the TPM into dictionary-attack lockout the way a real one gets there: failed
+    authorizations of a DA-protected key, after lowering the threshold to two failures."""
+    tpm.tools(
+        "tpm2_dictionarylockout",
+        "--setup-parameters",
+        "--max-tries=2",
+        "--recovery-time=600",
+        "--lockout-recovery-time=600",
+    )
+    ctx = directory / "da-key.ctx"
+    tpm.tools("tpm2_createprimary", "-C", "o", "-G", "ecc", "-p", "secret", "-c", str(ctx))
+    # No resource manager: what the tools leave loaded stays, so flush as we go.
+    tpm.tools("tpm2_flushcontext", "-t")
+    try:
+        for _ in range(3):
+            failed = tpm.tools(
+                "tpm2_create",
+                "-C",
+                str(ctx),
+                "-P",
+                "wrong",
+                "-G",
+                "ecc",
+                "-u",
+                str(directory / "x.pub"),
+                "-r",
+                str(directory / "x.priv"),
+                check=False,
+            )
+            assert failed.returncode != 0
+            tpm.tools("tpm2_flushcontext", "-t")
+    finally:
+        tpm.tools("tpm2_flushcontext", "-t", check=False)
+    counter = tpm.tools("tpm2_getcap", "properties-variable").stdout
+    assert "TPM2_PT_LOCKOUT_COUNTER: 0x2" in counter, counter

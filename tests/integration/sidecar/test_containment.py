@@ -22,12 +22,12 @@ import pytest
 from tests.harness.swtpm import Swtpm
 from tests.integration.sidecar.containment_support import (
     approve_attacks,
-    drive_into_lockout,
     gone,
     kill_leftovers,
     start_attack,
     wait_for,
 )
+from tests.integration.sidecar.helpers import drive_into_lockout
 from tests.integration.sidecar.test_run import CleanRoom, audit, build_clean_room
 
 pytestmark = [pytest.mark.swtpm]

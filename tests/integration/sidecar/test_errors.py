@@ -13,11 +13,21 @@ from tpm2_pytss import TPMS_ATTEST
 from evidence.binding import qualifying_data
 from sidecar.attester import QuoteBinding, make_quote
 from sidecar.config import TpmConfig
-from sidecar.errors import InvalidNonceError, MeasurementError, TpmUnavailableError
+from sidecar.errors import (
+    InvalidNonceError,
+    MeasurementError,
+    TpmLockoutError,
+    TpmUnavailableError,
+)
 from sidecar.tpm import Tpm
 from tests.harness.net import free_port
 from tests.harness.swtpm import Swtpm
-from tests.integration.sidecar.helpers import assert_nothing_loaded, run_cli, write_files
+from tests.integration.sidecar.helpers import (
+    assert_nothing_loaded,
+    drive_into_lockout,
+    run_cli,
+    write_files,
+)
 
 
 def _one_line_error(proc: object) -> str:
@@ -128,3 +138,36 @@ def test_invalid_nonce_lengths_say_what_is_accepted(
     line = _one_line_error(run_cli("quote", "--tcti", swtpm.tcti, "--nonce", "xyz", "--out", out))
     assert "hexadecimal" in line
     assert not Path(out).exists()
+
+
+def test_a_tpm_in_dictionary_attack_lockout_names_the_cause_and_the_fix(
+    swtpm: Swtpm, make_config: Callable[..., TpmConfig], tmp_path: Path
+) -> None:
+    config = make_config()
+    with Tpm(config) as tpm:
+        tpm.create_or_load_ak()
+    drive_into_lockout(swtpm, tmp_path)
+    with Tpm(config) as tpm, pytest.raises(TpmLockoutError) as info:
+        tpm.quote(b"n" * 32)
+    assert info.value.rc == 0x921
+    assert "dictionary-attack lockout" in str(info.value)
+    assert "tpm2_dictionarylockout --clear-lockout" in str(info.value)
+    assert_nothing_loaded(swtpm)
+    line = _one_line_error(
+        run_cli("quote", "--tcti", swtpm.tcti, "--nonce", "00" * 32, "--out", str(tmp_path / "q"))
+    )
+    assert "the TPM is in dictionary-attack lockout" in line
+    # A restart of the software TPM does not clear it (the counter is in its NV state); the
+    # command the message names does.
+    swtpm.stop()
+    swtpm.start()
+    assert "lockout" in _one_line_error(
+        run_cli("quote", "--tcti", swtpm.tcti, "--nonce", "00" * 32, "--out", str(tmp_path / "q"))
+    )
+    swtpm.tools("tpm2_dictionarylockout", "--clear-lockout")
+    assert (
+        run_cli(
+            "quote", "--tcti", swtpm.tcti, "--nonce", "00" * 32, "--out", str(tmp_path / "q")
+        ).returncode
+        == 0
+    )

@@ -65,7 +65,9 @@ if os.fork() == 0:
 os.wait()
 while not Path(escaped).exists():
     time.sleep(0.01)
-Path(sys.argv[1]).write_text(f"{os.getpid()} {child.pid} {Path(escaped).read_text()}")
+# Written whole, then renamed: the test must never read half of it.
+Path(sys.argv[1] + ".tmp").write_text(f"{os.getpid()} {child.pid} {Path(escaped).read_text()}")
+os.rename(sys.argv[1] + ".tmp", sys.argv[1])
 time.sleep(60)
 """
 
