@@ -5,8 +5,8 @@ plaintext streams, which it seals to the approved recipients. The socket lives i
 directory (mode 0700) and is itself mode 0600; a :class:`~sidecar.dataplane.gate.PeerGate`
 in front of gRPC learns each connection's kernel credentials (``SO_PEERCRED``), and every call
 is checked against them with the caller's ``allowed_peer`` predicate (the workload's process
-tree), at its start and again before every chunk it moves, so a stream whose process left the
-tree (re-parented after the workload exited, or double-forked away) is cut with
+tree), at its start, and for ``ReadInput`` again before every chunk, so a read whose process
+left the tree (re-parented after the workload exited, or double-forked away) is cut with
 ``PERMISSION_DENIED``. See docs/workload-sdk.md for the security model and the error semantics.
 
 Wire behaviour:
@@ -36,7 +36,7 @@ import shutil
 import stat
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent import futures
 from pathlib import Path
 from types import TracebackType
@@ -626,17 +626,10 @@ class WorkloadServer:
             raise _Abort(grpc.StatusCode.INTERNAL, str(e)) from e
         committed = False
         try:
-            watch = self._watch_peer(creds)
-
-            def recheck(done: int) -> None:
-                if watch is None or not watch.intact():
-                    self._recheck_peer(creds, f"WriteOutput of {name!r}", done)
-
-            try:
-                self._copy_output(name, requests, writer, recheck)
-            finally:
-                if watch is not None:
-                    watch.close()
+            # Unlike a read, an output is not re-checked per chunk: what a writer hands in is
+            # sealed to the approved recipients only, and the processes the workload leaves
+            # behind may finish their outputs during the grace period after it exited.
+            self._copy_output(name, requests, writer)
             if not context.is_active():
                 raise _Abort(grpc.StatusCode.CANCELLED, f"output {name!r}: call cancelled")
             # Once more before committing: an output written while the attestation lapsed and
@@ -672,21 +665,13 @@ class WorkloadServer:
             ) from e
 
     @staticmethod
-    def _copy_output(
-        name: str,
-        requests: Iterable[bytes],
-        writer: OutputWriter,
-        recheck_peer: Callable[[int], None],
-    ) -> None:
-        """Feeds chunks to ``writer`` until the closing name message, checking the peer with
-        ``recheck_peer(bytes so far)`` before each.
+    def _copy_output(name: str, requests: Iterable[bytes], writer: OutputWriter) -> None:
+        """Feeds chunks to ``writer`` until the closing name message.
 
         Raises:
-            _Abort: protocol error, cancellation, the stream ended without the closing name, or
-                the peer left the workload's tree.
+            _Abort: protocol error, cancellation, or the stream ended without the closing name.
         """
         closed = False
-        received = 0
         try:
             for raw in requests:
                 if closed:
@@ -698,9 +683,7 @@ class WorkloadServer:
                     part_name, chunk = decode_write_request(raw)
                 except WireError as e:
                     raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
-                recheck_peer(received)
                 if chunk is not None:
-                    received += len(chunk)
                     try:
                         writer.write(chunk)
                     except WorkloadOutputError as e:

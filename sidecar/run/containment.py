@@ -8,9 +8,11 @@ sidecar's run. A process group is not enough: a grandchild that forks twice and 
     When a cgroup v2 hierarchy is mounted and this process may create a child of its own cgroup
     and move processes into it (root, or a delegated subtree such as systemd's
     ``Delegate=yes``), and the kernel has ``cgroup.kill`` (Linux 5.14), the workload joins a
-    fresh cgroup between ``fork()`` and ``exec()``, before it can run any code of its own. No
-    process can leave a cgroup without write access to a common ancestor, so at the end one
-    write to ``cgroup.kill`` ends every descendant, however it detached itself.
+    fresh cgroup between ``fork()`` and ``exec()``, before it can run any code of its own.
+    Forking, ``setsid`` and re-parenting do not leave a cgroup, so at the end one write to
+    ``cgroup.kill`` ends every descendant, however it detached itself. (A workload that writes
+    its pid into another cgroup's ``cgroup.procs``, which its user may, does leave it: the
+    cgroup contains daemonising, not a deliberate escape by the approved code.)
 
 ``subreaper``
     Otherwise the sidecar becomes a child subreaper (``PR_SET_CHILD_SUBREAPER``): a workload

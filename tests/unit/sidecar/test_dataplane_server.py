@@ -590,17 +590,3 @@ def test_a_peer_that_leaves_the_tree_has_its_open_input_stream_cut(
     assert len(audit) == 1
     assert f"CUT ReadInput of 'a.bin' of pid={os.getpid()}" in audit[0]
     assert f"after {2 * chunk} bytes" in audit[0]
-
-
-def test_a_peer_that_leaves_the_tree_has_its_open_output_discarded(tmp_path: Path) -> None:
-    req = workload_pb2.WriteOutputRequest
-    with (
-        running_session(tmp_path, inputs={}, recipients=[ALICE], allowed_peer=LeavesAfter(3)) as s,
-        grpc.insecure_channel(f"unix:{s.socket}") as channel,
-    ):
-        stub = workload_pb2_grpc.WorkloadServiceStub(channel)
-        messages = [req(name="x.csv"), *(req(chunk=b"row\n") for _ in range(5)), req(name="x.csv")]
-        with pytest.raises(grpc.RpcError) as info:
-            _write(stub, messages)
-    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert list(s.output_dir.rglob("*")) == []
