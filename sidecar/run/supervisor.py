@@ -180,8 +180,47 @@ class WorkloadProcess:
         """
         if self._proc is not None:
             raise WorkloadStartError("the workload was started already")
+        self._starting = True
         try:
-            containment = open_containment(self._containment_mode)
+            try:
+                self._proc = self._spawn(env, self._containment_mode)
+            except _ContainmentFailedError as e:
+                if self._containment_mode != "auto":
+                    raise WorkloadStartError(
+                        f"cannot start the workload {self._command[0]!r} in its cgroup: {e}"
+                    ) from e
+                # The cgroup looked usable but the kernel refused the move (a threaded or
+                # otherwise unusual subtree). Nothing ran: start over as a subreaper.
+                _log.warning("cannot put the workload in a cgroup (%s); using a subreaper", e)
+                self._proc = self._spawn(env, "subreaper")
+        finally:
+            self._starting = False
+        containment = self._containment
+        assert containment is not None and self._proc is not None
+        containment.started(self._proc.pid)
+        if containment.cgroup is None:
+            try:
+                containment.start_watchdog(process_group=self._proc.pid)
+            except OSError as e:
+                _log.warning("cannot start the workload's watchdog: %s", e)
+        for signum in self._pending:
+            self._forward(signum)
+        self._pending.clear()
+        return self._proc.pid
+
+    def _spawn(self, env: Mapping[str, str], mode: ContainmentMode) -> subprocess.Popen[bytes]:
+        """Sets up the containment in ``mode`` and starts the workload in it.
+
+        Raises:
+            WorkloadStartError: the containment or the command cannot be set up or executed.
+            _ContainmentFailedError: the child could not join its cgroup (nothing ran).
+        """
+        if self._containment is not None:
+            self._containment.kill_all()
+            self._containment.close()
+            self._containment = None
+        try:
+            containment = open_containment(mode)
         except (OSError, ValueError) as e:
             raise WorkloadStartError(f"cannot contain the workload: {e}") from e
         self._containment = containment
@@ -192,9 +231,8 @@ class WorkloadProcess:
                 containment.start_watchdog()
         except OSError as e:
             raise WorkloadStartError(f"cannot start the workload's watchdog: {e}") from e
-        self._starting = True
         try:
-            self._proc = subprocess.Popen(
+            return subprocess.Popen(
                 self._command,
                 cwd=self._cwd,
                 env=dict(env),
@@ -207,22 +245,8 @@ class WorkloadProcess:
                 f"cannot start the workload {self._command[0]!r}: {e.strerror or e}"
             ) from e
         except subprocess.SubprocessError as e:
-            # child_setup failed (joining the cgroup): the child exited before exec.
-            raise WorkloadStartError(
-                f"cannot start the workload {self._command[0]!r} in its containment: {e}"
-            ) from e
-        finally:
-            self._starting = False
-        containment.started(self._proc.pid)
-        if containment.cgroup is None:
-            try:
-                containment.start_watchdog(process_group=self._proc.pid)
-            except OSError as e:
-                _log.warning("cannot start the workload's watchdog: %s", e)
-        for signum in self._pending:
-            self._forward(signum)
-        self._pending.clear()
-        return self._proc.pid
+            # child_setup raised: the child could not join the cgroup and exited before exec.
+            raise _ContainmentFailedError(str(e)) from e
 
     def wait(self) -> int:
         """Waits for the workload to exit; returns its exit status (128 + N for signal N).
@@ -277,6 +301,10 @@ class WorkloadProcess:
             self._containment.kill_all()
         else:
             self._signal_group(signal.SIGKILL)
+
+
+class _ContainmentFailedError(Exception):
+    """The workload's child could not join its cgroup; it exited before exec."""
 
 
 def _pidfd_open(pid: int) -> int | None:
