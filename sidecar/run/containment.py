@@ -404,20 +404,16 @@ class Containment:
                     _log.warning("cannot remove the workload's cgroup %s: %s", self._cgroup, e)
         elif not self._was_subreaper:
             _prctl(self._libc, _PR_SET_CHILD_SUBREAPER, 0)
+        if self._watchdog is not None:
+            # Everything it would do is done: end it rather than wait for it (it may still be
+            # starting its interpreter after a short run).
+            with contextlib.suppress(OSError):
+                self._watchdog.kill()
+            self._watchdog.wait()
+            self._watchdog = None
         if self._watch_w is not None:
             os.close(self._watch_w)
             self._watch_w = None
-        if self._watchdog is not None:
-            self._reap_watchdog(self._watchdog)
-            self._watchdog = None
-
-    @staticmethod
-    def _reap_watchdog(proc: subprocess.Popen[bytes]) -> None:
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def open_containment(mode: ContainmentMode = "auto") -> Containment:

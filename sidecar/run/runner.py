@@ -399,6 +399,8 @@ def _run(
     cert_der: bytes,
     timeline: _Timeline,
 ) -> RunResult:
+    # The workload's cgroup and watchdog are set up while the TPM and the broker work.
+    process.prepare()
     target = config.broker.target
     record = load_enrollment(config.runtime.state_dir)
     known = record.ak_name if record is not None and record.matches(broker=target) else None

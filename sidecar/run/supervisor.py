@@ -208,13 +208,18 @@ class WorkloadProcess:
         self._pending.clear()
         return self._proc.pid
 
-    def _spawn(self, env: Mapping[str, str], mode: ContainmentMode) -> subprocess.Popen[bytes]:
-        """Sets up the containment in ``mode`` and starts the workload in it.
+    def prepare(self) -> None:
+        """Sets up the containment (the cgroup and its watchdog) ahead of :meth:`start`, so that
+        it costs nothing on the way to the workload's start when called early (``sidecar run``
+        calls it before attesting). Idempotent; :meth:`start` calls it if needed.
 
         Raises:
-            WorkloadStartError: the containment or the command cannot be set up or executed.
-            _ContainmentFailedError: the child could not join its cgroup (nothing ran).
+            WorkloadStartError: the containment cannot be set up.
         """
+        if self._containment is None:
+            self._open_containment(self._containment_mode)
+
+    def _open_containment(self, mode: ContainmentMode) -> Containment:
         if self._containment is not None:
             self._containment.kill_all()
             self._containment.close()
@@ -231,6 +236,18 @@ class WorkloadProcess:
                 containment.start_watchdog()
         except OSError as e:
             raise WorkloadStartError(f"cannot start the workload's watchdog: {e}") from e
+        return containment
+
+    def _spawn(self, env: Mapping[str, str], mode: ContainmentMode) -> subprocess.Popen[bytes]:
+        """Starts the workload in the containment of ``mode`` (set up now unless prepared).
+
+        Raises:
+            WorkloadStartError: the containment or the command cannot be set up or executed.
+            _ContainmentFailedError: the child could not join its cgroup (nothing ran).
+        """
+        containment = self._containment
+        if containment is None or (mode == "subreaper" and containment.cgroup is not None):
+            containment = self._open_containment(mode)
         try:
             return subprocess.Popen(
                 self._command,
