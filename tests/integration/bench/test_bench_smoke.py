@@ -56,3 +56,13 @@ def test_datapath_benchmark_reports_both_baselines_and_memory(tmp_path: Path) ->
     # Each data-path row carries its ratio to both baselines and the sidecar's peak RSS.
     for row in (read_row, write_row):
         assert len(row.split()) >= 10, row
+
+
+@pytest.mark.slow
+def test_peercheck_benchmark_reports_the_decrypt_baseline() -> None:
+    out = _bench("bench_peercheck", "--rounds", "200")
+    assert "full peer check" in out and "per-chunk check as served" in out
+    rows = [line for line in out.splitlines() if line.startswith("decrypting one")]
+    assert len(rows) == 2 and all(
+        "(baseline)" in r and "the per-chunk check adds" in r for r in rows
+    )
