@@ -16,10 +16,12 @@
    expires with the attestation and re-attests on demand;
 6. starts the workload socket, then the workload (cwd: the workload root; environment: the
    sidecar's, without the sidecar's own settings, plus ``CLEANROOM_WORKLOAD_SOCKET``), in its
-   own process group, forwarding SIGTERM/SIGINT/SIGHUP to it;
+   own process group and contained (a cgroup of its own, else the sidecar as a child
+   subreaper; see :mod:`sidecar.run.containment`), forwarding SIGTERM/SIGINT/SIGHUP to it;
 7. when the workload exits: lets outputs still being written finish for ``grace_seconds``
-   (discarding incomplete ones), ends the broker session(s) with the exit status and the output
-   names, wipes the keys, and returns the workload's exit status.
+   (discarding incomplete ones), kills every process the workload left running, ends the
+   broker session(s) with the exit status and the output names, wipes the keys, and returns
+   the workload's exit status.
 
 Any failure before step 6 raises (one line, nothing started); see :mod:`sidecar.run.errors`.
 """
@@ -302,10 +304,11 @@ def _socket_directory(configured: str) -> Iterator[Path]:
     if configured:
         path = Path(configured)
         try:
-            # Missing levels are created here, private, rather than with the umask's mode by
-            # the server; then the whole path is checked again (it may have changed since the
-            # check before attesting).
-            for level in reversed([path, *path.parents]):
+            # Missing levels above it are created here, private, rather than with the umask's
+            # mode by the server (which creates the directory itself, and removes it at the
+            # end); then the whole path is checked again (it may have changed since the check
+            # before attesting).
+            for level in reversed(path.parents):
                 if not level.exists():
                     os.mkdir(level, 0o700)
             check_private_ancestry(path)
