@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from broker.quote import VerifiedQuote
+    from broker.snp import SnpClaims
     from broker.tpmkeys import ParsedPublic
     from evidence.pcr import MeasurementEvent
 
@@ -110,7 +111,11 @@ def _register_verify_quote(group: argparse._SubParsersAction[argparse.ArgumentPa
         ),
     )
     p.add_argument(
-        "--public", "-u", required=True, type=Path, help="AK public: tpm2_createak --public or PEM"
+        "--public",
+        "-u",
+        type=Path,
+        help="AK public: tpm2_createak --public or PEM (optional with --hcl-report, which "
+        "names the AK; given too, it must be the same key)",
     )
     p.add_argument("--message", "-m", required=True, type=Path, help="quote (TPMS_ATTEST)")
     p.add_argument("--signature", "-s", required=True, type=Path, help="signature (TPMT_SIGNATURE)")
@@ -152,6 +157,28 @@ def _register_verify_quote(group: argparse._SubParsersAction[argparse.ArgumentPa
         "--allow-unchecked-pem",
         action="store_true",
         help="accept a PEM AK even though its TPM attributes cannot be checked",
+    )
+    snp = p.add_argument_group("Azure SEV-SNP (the hardware root behind the vTPM)")
+    snp.add_argument(
+        "--hcl-report",
+        type=Path,
+        help="the vTPM's HCL report (NV index 0x01400001): the AK comes from its runtime claims",
+    )
+    snp.add_argument("--vcek", type=Path, help="the chip's VCEK (or VLEK) certificate, DER or PEM")
+    snp.add_argument(
+        "--amd-root",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="PEM",
+        help="an extra trusted AMD root (ARK with its ASK/ASVK), besides the pinned Milan, "
+        "Genoa and Turin roots (repeatable)",
+    )
+    snp.add_argument(
+        "--snp-fresh",
+        action="store_true",
+        help="require the report's user-data to be the digest of --qualification, as the "
+        "sidecar writes it (off: evidence captured without it still verifies)",
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_verify_quote)
@@ -367,10 +394,27 @@ def _load_event_log(path: Path, data: bytes) -> tuple[MeasurementEvent, ...]:
 
 
 def _verify_quote(args: argparse.Namespace) -> int:
-    from broker import quote, tpmkeys
-    from broker.errors import GoldenValueError, KeyAttributeError, VerificationError
+    from broker import quote, snp, tpmkeys
+    from broker.errors import (
+        BrokerError,
+        GoldenValueError,
+        KeyAttributeError,
+        SnpError,
+        VerificationError,
+    )
 
-    ak_bytes = _read(args.public, "AK public")
+    if args.public is None and args.hcl_report is None:
+        raise BrokerError("give the AK with --public, or an --hcl-report that names it")
+    if (args.hcl_report is None) != (args.vcek is None):
+        raise BrokerError("--hcl-report and --vcek go together")
+    if args.hcl_report is None and (args.amd_root or args.snp_fresh):
+        raise BrokerError("--amd-root and --snp-fresh need --hcl-report")
+    ak_bytes = _read(args.public, "AK public") if args.public is not None else None
+    hcl = _read(args.hcl_report, "HCL report") if args.hcl_report is not None else None
+    vcek = _read(args.vcek, "VCEK") if args.vcek is not None else None
+    roots = snp.pinned_amd_roots()
+    for path in args.amd_root:
+        roots = roots + snp.load_amd_roots(_read(path, "AMD root"), what=str(path))
     attest = _read(args.message, "quote message")
     signature = _read(args.signature, "signature")
     pcr_file = _read(args.pcr, "PCR file")
@@ -386,10 +430,31 @@ def _verify_quote(args: argparse.Namespace) -> int:
     ak: ParsedPublic | None = None
     verified: VerifiedQuote | None = None
     golden_report: list[tuple[str, str, bool]] = []
+    claims: snp.SnpClaims | None = None
     try:
-        ak = tpmkeys.load_public(ak_bytes)
-        tpmkeys.check_ak_attributes(ak, allow_pem=args.allow_unchecked_pem)
-        if not ak.is_tpm_public:
+        if hcl is not None and vcek is not None:
+            # The report is checked first: without --public, the AK that must have signed the
+            # quote is the one the hardware-signed runtime claims name.
+            claims = snp.verify_hcl_report(
+                hcl_report=hcl,
+                vcek=vcek,
+                roots=roots,
+                expected_user_data=snp.user_data_for(qualification) if args.snp_fresh else None,
+            )
+            hcl_ak = tpmkeys.load_public(_pem(claims.ak_public))
+            if ak_bytes is not None:
+                ak = tpmkeys.load_public(ak_bytes)
+                snp.check_ak_binding(claims, ak.key)
+                tpmkeys.check_ak_attributes(ak, allow_pem=args.allow_unchecked_pem)
+            else:
+                # The vTPM's own paravisor vouches for this key in the signed runtime claims,
+                # so its TPM attributes are not needed to trust that it is the vTPM's AK.
+                ak = hcl_ak
+        else:
+            assert ak_bytes is not None
+            ak = tpmkeys.load_public(ak_bytes)
+            tpmkeys.check_ak_attributes(ak, allow_pem=args.allow_unchecked_pem)
+        if not ak.is_tpm_public and claims is None:
             warnings.append("AK given as PEM: its TPM attributes (restricted) are not checked")
         events = (
             None if event_log_bytes is None else _load_event_log(args.event_log, event_log_bytes)
@@ -422,10 +487,22 @@ def _verify_quote(args: argparse.Namespace) -> int:
         reason = f"golden values: {e}"
     except KeyAttributeError as e:
         reason = f"AK refused: {e}"
+    except SnpError as e:
+        reason = f"SEV-SNP: {type(e).__name__}: {e}"
     except VerificationError as e:
         reason = str(e)
-    _print_result(args, ak, verified, reason, golden_report, warnings)
+    _print_result(args, ak, verified, reason, golden_report, warnings, claims)
     return 0 if reason is None else 1
+
+
+def _pem(key: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return bytes(
+        key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
 
 
 def _print_result(
@@ -435,6 +512,7 @@ def _print_result(
     reason: str | None,
     golden_report: Sequence[tuple[str, str, bool]],
     warnings: Sequence[str],
+    claims: SnpClaims | None = None,
 ) -> None:
     if args.json:
         doc: dict[str, Any] = {"valid": reason is None}
@@ -448,6 +526,9 @@ def _print_result(
             doc.update(_verified_doc(verified))
         if golden_report:
             doc["golden"] = {pcr: {"value": v, "match": ok} for pcr, v, ok in golden_report}
+        if claims is not None:
+            doc["snp"] = claims.to_json()
+            doc["runtime_claims"] = dict(claims.runtime_claims)
         json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return
@@ -456,6 +537,19 @@ def _print_result(
         print(f"warning: {w}")
     if ak is not None:
         print(f"AK: {ak.key_type.upper()}-{ak.key_bits} key id {ak.key_id}")
+    if claims is not None:
+        tcb = ", ".join(f"{k} {v}" for k, v in claims.reported_tcb.components().items())
+        print(
+            f"SEV-SNP: {claims.product} {claims.signing_key.upper()}, "
+            f"report v{claims.report_version}"
+        )
+        print(f"  measurement {claims.measurement.hex()}")
+        print(
+            f"  policy 0x{claims.policy:x} (debug {'allowed' if claims.debug else 'off'}), "
+            f"VMPL {claims.vmpl}"
+        )
+        print(f"  reported TCB: {tcb}")
+        print(f"  vm-configuration: {json.dumps(dict(claims.vm_configuration), sort_keys=True)}")
     if verified is None:
         return
     c = verified.clock_info

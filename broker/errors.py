@@ -166,3 +166,62 @@ class StorageError(BrokerError):
 
 class AuditChainError(BrokerError):
     """The audit log's hash chain is broken: a record was deleted, inserted or altered."""
+
+
+# --- AMD SEV-SNP hardware root (Azure confidential VMs) -------------------------------------
+
+
+class SnpError(VerificationError):
+    """The SEV-SNP evidence behind a vTPM (HCL report, VCEK) failed verification or policy."""
+
+
+class SnpMalformedError(SnpError):
+    """The HCL report or SNP report cannot be parsed (too short, wrong signature or type,
+    runtime claims out of bounds)."""
+
+
+class SnpUnsupportedError(SnpError):
+    """An SNP report version, signature algorithm, signing key or claims hash not supported."""
+
+
+class SnpCertificateError(SnpError):
+    """The VCEK is not a certificate, not a P-384 key, or has a malformed AMD extension."""
+
+
+class SnpChainError(SnpError):
+    """The VCEK does not chain to a trusted AMD root (ARK/ASK), or a chain certificate has
+    expired."""
+
+
+class SnpSignatureError(SnpError):
+    """The SNP report's ECDSA P-384 signature does not verify under the VCEK."""
+
+
+class SnpTcbError(SnpError):
+    """The VCEK's TCB extensions are not the report's REPORTED_TCB."""
+
+
+class SnpChipIdError(SnpError):
+    """The VCEK's hwID is not the report's CHIP_ID (another chip's VCEK), or CHIP_ID is
+    masked."""
+
+
+class SnpReportDataError(SnpError):
+    """The SNP report's REPORT_DATA is not the hash of the runtime claims."""
+
+
+class SnpRuntimeClaimsError(SnpError):
+    """The runtime claims are not valid JSON or lack exactly one ``HCLAkPub`` key."""
+
+
+class SnpAkBindingError(SnpError):
+    """The runtime claims' ``HCLAkPub`` is not the AK that signed the quote."""
+
+
+class SnpFreshnessError(SnpError):
+    """The runtime claims' ``user-data`` is not bound to this quote's qualifying data."""
+
+
+class SnpPolicyError(SnpError, PolicyError):
+    """Verified SNP claims fail policy: debug allowed, VMPL, measurement, TCB, VM
+    configuration, or SNP evidence required but absent."""
