@@ -503,8 +503,10 @@ class BrokerClient:
         event_log: common_pb2.EventLog,
         ephemeral_key: common_pb2.RecipientKey,
         key_ids: Iterable[str] = (),
+        snp_evidence: attestation_pb2.SnpEvidence | None = None,
     ) -> attestation_pb2.AttestResponse:
-        """Presents the quote and event log; returns the released (sealed) keys.
+        """Presents the quote and event log (and, on an Azure SEV-SNP confidential VM, the
+        vTPM's HCL report and the chip's VCEK); returns the released (sealed) keys.
 
         Sent at most once (the nonce is single use): on UnavailableError ask for a new
         challenge and attest again.
@@ -522,6 +524,8 @@ class BrokerClient:
             ephemeral_key=ephemeral_key,
             key_ids=list(key_ids),
         )
+        if snp_evidence is not None:
+            req.snp_evidence.CopyFrom(snp_evidence)
         return self._call("Attest", self._attestation.Attest, req)
 
     def end_session(

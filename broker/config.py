@@ -40,6 +40,56 @@ class MetricsConfig:
     listen: str = "127.0.0.1:9464"
 
 
+#: TCB components a minimum can name (``[broker.azure_snp.min_tcb]``).
+SNP_TCB_COMPONENTS = ("bootloader", "tee", "snp", "microcode", "fmc")
+
+
+@dataclass(frozen=True)
+class AzureSnpConfig:
+    """The AMD SEV-SNP hardware root behind an Azure confidential VM's vTPM
+    (``[broker.azure_snp]``). Evidence a sidecar sends is always verified; these settings say
+    whether it is required and what it must show."""
+
+    #: Every attestation must carry a verified, fresh HCL report binding its AK.
+    required: bool = False
+    #: Accepted launch measurements (hex, 48 bytes each). Empty: any measurement.
+    allowed_measurements: tuple[str, ...] = ()
+    #: Minimum REPORTED_TCB per component (bootloader, tee, snp, microcode, fmc).
+    min_tcb: Mapping[str, int] = field(default_factory=dict)
+    #: Accept guests whose SNP policy allows debugging. Never in production.
+    allow_debug: bool = False
+    #: Highest VMPL the SNP report may come from (Azure's paravisor reports at VMPL 0).
+    max_vmpl: int = 0
+    #: Runtime-claims ``vm-configuration`` values that must hold, e.g. ``secure-boot``.
+    require_vm_configuration: Mapping[str, bool] = field(
+        default_factory=lambda: {"secure-boot": True}
+    )
+    #: PEM files of extra trusted AMD roots (ARK with its ASK/ASVK), besides the pinned
+    #: Milan, Genoa and Turin roots.
+    trusted_root_files: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for m in self.allowed_measurements:
+            try:
+                ok = len(bytes.fromhex(m)) == 48
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ConfigError(f"azure_snp.allowed_measurements: {m!r} is not 48 bytes of hex")
+        for name, floor in self.min_tcb.items():
+            if name not in SNP_TCB_COMPONENTS:
+                raise ConfigError(
+                    f"azure_snp.min_tcb: unknown component {name!r} "
+                    f"({', '.join(SNP_TCB_COMPONENTS)})"
+                )
+            if not isinstance(floor, int) or not 0 <= floor <= 255:
+                raise ConfigError(f"azure_snp.min_tcb.{name} must be an integer 0..255")
+        if not 0 <= self.max_vmpl <= 3:
+            raise ConfigError("azure_snp.max_vmpl must be 0..3")
+        object.__setattr__(self, "min_tcb", dict(self.min_tcb))
+        object.__setattr__(self, "require_vm_configuration", dict(self.require_vm_configuration))
+
+
 @dataclass(frozen=True)
 class BrokerConfig:
     """Every setting of the broker. Security limits are named here with safe defaults."""
@@ -91,6 +141,7 @@ class BrokerConfig:
 
     tls: TlsConfig = field(default_factory=TlsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    azure_snp: AzureSnpConfig = field(default_factory=AzureSnpConfig)
 
     def __post_init__(self) -> None:
         for bank in self.required_banks:

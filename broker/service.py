@@ -23,6 +23,7 @@ from typing import Any
 
 from broker import policy, quote, release, tpmkeys
 from broker.audit import AuditLog, ChainReport
+from broker.azure_snp import SnpGate
 from broker.config import BrokerConfig
 from broker.custody import KekRegistry, open_registered_key
 from broker.errors import (
@@ -34,6 +35,7 @@ from broker.errors import (
     NotApprovedError,
     PolicyError,
     RevokedKeyError,
+    SnpError,
     StorageError,
     UnknownKeyError,
     UnknownPolicyObjectError,
@@ -54,6 +56,7 @@ from broker.model import (
 )
 from broker.nonces import NonceService
 from broker.release import SealedRelease
+from broker.snp import SnpClaims
 from broker.storage import Store
 from evidence.binding import qualifying_data
 from evidence.pcr import WORKLOAD_PCR, MeasurementEvent
@@ -111,6 +114,9 @@ class Evidence:
     ephemeral_key: RecipientPublicKey
     key_ids: tuple[str, ...]
     peer_certificate_der: bytes
+    #: On an Azure SEV-SNP confidential VM: the vTPM's HCL report and the chip's VCEK (DER).
+    hcl_report: bytes = b""
+    vcek: bytes = b""
 
 
 class AttestationDenied(PolicyError):
@@ -138,6 +144,8 @@ class Broker:
         self.clock = clock
         self.nonces = NonceService(store, ttl_seconds=config.nonce_ttl_seconds, clock=clock)
         self.audit = AuditLog(store, clock=clock)
+        # The AMD roots and the [broker.azure_snp] policy, read once (the root files are small).
+        self.snp = SnpGate.from_config(config.azure_snp)
         self._required = {bank: (WORKLOAD_PCR, *config.boot_pcrs) for bank in config.required_banks}
         # The AK sizes and curves an operator accepts (BrokerConfig.accepted_rsa_bits/_ecc_curves).
         self._ak_limits: dict[str, Any] = {
@@ -521,6 +529,7 @@ class Broker:
         except BrokerError as e:
             raise deny(f"nonce refused: {e}") from e
         ek = self.store.get_ek(ak.ek_id) if ak.ek_id else None
+        snp_claims: SnpClaims | None = None
         try:
             expected = qualifying_data(
                 nonce=evidence.nonce,
@@ -538,6 +547,16 @@ class Broker:
                 event_log=evidence.event_log,
                 max_event_log_entries=self.config.max_event_log_entries,
             )
+            # The hardware root after the quote: the report must bind the AK that signed it
+            # and be as fresh as its qualifying data.
+            snp_claims = self.snp.check(
+                hcl_report=evidence.hcl_report,
+                vcek=evidence.vcek,
+                ak=tpmkeys.load_public(ak.public).key,
+                qualifying_data=expected,
+            )
+        except SnpError as e:
+            raise deny(f"SEV-SNP evidence rejected: {type(e).__name__}: {e}") from e
         except (VerificationError, BrokerError) as e:
             raise deny(f"evidence rejected: {type(e).__name__}: {e}") from e
         except Exception as e:  # evidence.errors from binding: malformed input

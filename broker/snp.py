@@ -62,6 +62,7 @@ from broker.errors import (
     SnpTcbError,
     SnpUnsupportedError,
 )
+from evidence.binding import snp_user_data
 
 __all__ = [
     "AMD_PRODUCTS",
@@ -648,11 +649,9 @@ def check_ak_binding(claims: SnpClaims, ak: object) -> None:
 
 
 def user_data_for(qualifying_data: bytes) -> bytes:
-    """The 64 bytes a sidecar writes to NV index 0x01400002 before it reads the HCL report:
-    SHA-512 over a domain label and the quote's qualifying data. The qualifying data already
-    commits to the broker's nonce, the ephemeral key and the TLS certificate, so the report is
-    as fresh, and as bound, as the quote."""
-    return hashlib.sha512(b"cleanroom.v1 snp user-data\x00" + qualifying_data).digest()
+    """The ``user-data`` a fresh report carries for a quote with this qualifying data
+    (:func:`evidence.binding.snp_user_data`: SHA-512 over a label and the qualifying data)."""
+    return snp_user_data(qualifying_data)
 
 
 # --- the verifier -------------------------------------------------------------------------

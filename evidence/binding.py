@@ -43,3 +43,18 @@ def qualifying_data(
     h.update(struct.pack(">I", len(ephemeral_public_key)) + ephemeral_public_key)
     h.update(hashlib.sha256(tls_certificate_der).digest())
     return h.digest()
+
+
+SNP_USER_DATA_LABEL = b"cleanroom/v1 snp user-data\x00"
+SNP_USER_DATA_SIZE = 64
+
+
+def snp_user_data(qualifying_data: bytes) -> bytes:
+    """The 64 bytes a sidecar on an Azure SEV-SNP confidential VM writes to the vTPM's NV index
+    0x01400002 before it reads the HCL report (0x01400001), whose runtime claims then carry them
+    as ``user-data``: ``SHA-512(label || qualifying_data)``.
+
+    The qualifying data already commits to the broker's nonce, the ephemeral key and the TLS
+    certificate, so the hardware report is as fresh, and as bound, as the quote.
+    """
+    return hashlib.sha512(SNP_USER_DATA_LABEL + qualifying_data).digest()

@@ -49,6 +49,15 @@ class TpmConfig:
     ak_context_file: str | None = None
     banks: tuple[str, ...] = DEFAULT_BANKS
     extra_pcrs: tuple[int, ...] = ()
+    #: On an Azure SEV-SNP confidential VM: send the vTPM's HCL report, bound to each quote's
+    #: qualifying data, and the chip's VCEK with every quote (docs/azure.md).
+    azure_snp: bool = False
+    #: The VCEK from this file (DER, PEM or the metadata service's JSON) instead of ``vcek_url``.
+    vcek_file: str | None = None
+    #: Where the VCEK is fetched from (Azure's instance metadata service).
+    vcek_url: str = "http://169.254.169.254/metadata/THIM/amd/certification"
+    #: How long fetching the VCEK may take.
+    vcek_timeout_seconds: float = 5.0
 
     def __post_init__(self) -> None:
         # The config loader passes strings through for Literal fields, so check them here.
@@ -78,6 +87,10 @@ class TpmConfig:
         for pcr in self.extra_pcrs:
             if not 0 <= pcr <= WORKLOAD_PCR:
                 raise ValueError(f"extra_pcrs: PCR {pcr} is outside 0..{WORKLOAD_PCR}")
+        if not self.vcek_url.startswith(("http://", "https://")):
+            raise ValueError(f"vcek_url must be http:// or https://, got {self.vcek_url!r}")
+        if self.vcek_timeout_seconds <= 0:
+            raise ValueError("vcek_timeout_seconds must be positive")
 
     @property
     def quoted_pcrs(self) -> tuple[int, ...]:

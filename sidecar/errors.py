@@ -73,3 +73,11 @@ class InvalidNonceError(QuoteError):
 class OutputError(SidecarError):
     """A file the sidecar was asked to write (enrollment material, quote files) cannot be
     written."""
+
+
+class SnpEvidenceError(SidecarError):
+    """The Azure SEV-SNP evidence (the vTPM's HCL report, the chip's VCEK) cannot be collected."""
+
+
+class VcekUnavailableError(SnpEvidenceError):
+    """The VCEK cannot be fetched from the instance metadata service or read from its file."""

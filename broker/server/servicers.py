@@ -134,6 +134,8 @@ class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):
                 # The quote's qualifying data must bind the certificate of this very
                 # connection, so a quote relayed over another sidecar's channel is refused.
                 peer_certificate_der=call.peer.certificate_der,
+                hcl_report=bytes(request.snp_evidence.hcl_report),
+                vcek=bytes(request.snp_evidence.vcek),
             )
             outcome = self.broker.attest(call.caller, evidence)
         except Exception as e:

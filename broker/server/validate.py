@@ -41,6 +41,8 @@ MAX_CREDENTIAL_SECRET_BYTES: Final = 64
 NONCE_BYTES: Final = 32
 #: A TPMS_ATTEST for a quote is about 150 bytes; a TPMT_SIGNATURE at most about 520 (RSA-4096).
 MAX_ATTEST_BYTES: Final = 4096
+#: An Azure vTPM's HCL report NV index holds a few KiB (2600 bytes on today's VMs).
+MAX_HCL_REPORT_BYTES: Final = 16384
 MAX_SIGNATURE_BYTES: Final = 2048
 MAX_PCR_INDEX: Final = 23
 MAX_PCR_VALUES: Final = (MAX_PCR_INDEX + 1) * len(BANK_SIZES)
@@ -353,6 +355,10 @@ def check_attest(
     require_message(req, "ephemeral_key")
     ephemeral = check_recipient_key(req.ephemeral_key, "ephemeral_key")
     check_key_ids(req.key_ids, "key_ids", required=False)
+    if req.HasField("snp_evidence"):
+        snp = req.snp_evidence
+        check_bytes(snp.hcl_report, "snp_evidence.hcl_report", max_len=MAX_HCL_REPORT_BYTES)
+        check_bytes(snp.vcek, "snp_evidence.vcek", max_len=MAX_CERTIFICATE_BYTES)
     return ephemeral
 
 

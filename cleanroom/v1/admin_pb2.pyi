@@ -737,11 +737,16 @@ class Approval(_message.Message):
     GOLDEN_SET_FIELD_NUMBER: _builtins.int
     REVOKED_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    REQUIRE_SNP_FIELD_NUMBER: _builtins.int
     approval_id: _builtins.str
     party: _builtins.str
     golden_set: _builtins.str
     """The golden PCR set the attesting machine must also match (boot PCRs); empty for none."""
     revoked: _builtins.bool
+    require_snp: _builtins.bool
+    """The approving party demands verified AMD SEV-SNP evidence (an Azure confidential VM's HCL
+    report binding the AK) before its keys are released under this approval.
+    """
     @_builtins.property
     def manifest(self) -> _common_pb2.WorkloadManifest: ...
     @_builtins.property
@@ -768,10 +773,11 @@ class Approval(_message.Message):
         golden_set: _builtins.str = ...,
         revoked: _builtins.bool = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        require_snp: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "manifest", b"manifest"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_id", b"approval_id", "created_at", b"created_at", "expected_pcrs", b"expected_pcrs", "golden_set", b"golden_set", "key_ids", b"key_ids", "manifest", b"manifest", "output_recipients", b"output_recipients", "party", b"party", "revoked", b"revoked"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_id", b"approval_id", "created_at", b"created_at", "expected_pcrs", b"expected_pcrs", "golden_set", b"golden_set", "key_ids", b"key_ids", "manifest", b"manifest", "output_recipients", b"output_recipients", "party", b"party", "require_snp", b"require_snp", "revoked", b"revoked"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -785,7 +791,10 @@ class ApproveWorkloadRequest(_message.Message):
     KEY_IDS_FIELD_NUMBER: _builtins.int
     OUTPUT_RECIPIENTS_FIELD_NUMBER: _builtins.int
     GOLDEN_SET_FIELD_NUMBER: _builtins.int
+    REQUIRE_SNP_FIELD_NUMBER: _builtins.int
     golden_set: _builtins.str
+    require_snp: _builtins.bool
+    """See Approval.require_snp."""
     @_builtins.property
     def manifest(self) -> _common_pb2.WorkloadManifest: ...
     @_builtins.property
@@ -799,10 +808,11 @@ class ApproveWorkloadRequest(_message.Message):
         key_ids: _abc.Iterable[_builtins.str] | None = ...,
         output_recipients: _abc.Iterable[_builtins.str] | None = ...,
         golden_set: _builtins.str = ...,
+        require_snp: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["golden_set", b"golden_set", "key_ids", b"key_ids", "manifest", b"manifest", "output_recipients", b"output_recipients"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["golden_set", b"golden_set", "key_ids", b"key_ids", "manifest", b"manifest", "output_recipients", b"output_recipients", "require_snp", b"require_snp"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

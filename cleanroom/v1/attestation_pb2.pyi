@@ -256,6 +256,7 @@ class AttestRequest(_message.Message):
     EVENT_LOG_FIELD_NUMBER: _builtins.int
     EPHEMERAL_KEY_FIELD_NUMBER: _builtins.int
     KEY_IDS_FIELD_NUMBER: _builtins.int
+    SNP_EVIDENCE_FIELD_NUMBER: _builtins.int
     ak_name: _builtins.str
     nonce: _builtins.bytes
     @_builtins.property
@@ -270,6 +271,12 @@ class AttestRequest(_message.Message):
     def key_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The data keys the workload needs. Empty means every key approved for this workload."""
 
+    @_builtins.property
+    def snp_evidence(self) -> Global___SnpEvidence:
+        """On an Azure SEV-SNP confidential VM: the hardware evidence behind the vTPM's AK. Field
+        numbers from 20 on are this feature's, apart from other additions.
+        """
+
     def __init__(
         self,
         *,
@@ -279,14 +286,44 @@ class AttestRequest(_message.Message):
         event_log: _common_pb2.EventLog | None = ...,
         ephemeral_key: _common_pb2.RecipientKey | None = ...,
         key_ids: _abc.Iterable[_builtins.str] | None = ...,
+        snp_evidence: Global___SnpEvidence | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ephemeral_key", b"ephemeral_key", "event_log", b"event_log", "quote", b"quote"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ephemeral_key", b"ephemeral_key", "event_log", b"event_log", "quote", b"quote", "snp_evidence", b"snp_evidence"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ak_name", b"ak_name", "ephemeral_key", b"ephemeral_key", "event_log", b"event_log", "key_ids", b"key_ids", "nonce", b"nonce", "quote", b"quote"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ak_name", b"ak_name", "ephemeral_key", b"ephemeral_key", "event_log", b"event_log", "key_ids", b"key_ids", "nonce", b"nonce", "quote", b"quote", "snp_evidence", b"snp_evidence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AttestRequest: _TypeAlias = AttestRequest  # noqa: Y015
+
+@_typing.final
+class SnpEvidence(_message.Message):
+    """The AMD SEV-SNP evidence of an Azure confidential VM's vTPM."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HCL_REPORT_FIELD_NUMBER: _builtins.int
+    VCEK_FIELD_NUMBER: _builtins.int
+    hcl_report: _builtins.bytes
+    """The HCL report (NV index 0x01400001), read right after writing SHA-512 over the label
+    "cleanroom/v1 snp user-data", a NUL byte and the quote's qualifying data to NV index
+    0x01400002, so its runtime claims' user-data binds this attestation's nonce.
+    """
+    vcek: _builtins.bytes
+    """The chip's VCEK (or VLEK) certificate, DER, from the Azure instance metadata service."""
+    def __init__(
+        self,
+        *,
+        hcl_report: _builtins.bytes = ...,
+        vcek: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hcl_report", b"hcl_report", "vcek", b"vcek"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnpEvidence: _TypeAlias = SnpEvidence  # noqa: Y015
 
 @_typing.final
 class DeniedKey(_message.Message):

@@ -48,6 +48,7 @@ from sidecar.run.errors import (
 if TYPE_CHECKING:
     # Only for types: importing sidecar.tpm loads tpm2-pytss, which the runner imports later,
     # while the first broker round trip is in flight.
+    from sidecar.snp import SnpCollector
     from sidecar.tpm.interface import AkInfo, TpmDevice
 
 __all__ = [
@@ -181,8 +182,11 @@ class Attester:
         banks: Sequence[str],
         pcrs: Sequence[int],
         key_ids: Sequence[str],
+        snp: SnpCollector | None = None,
     ) -> None:
         self._tpm = tpm
+        # On an Azure SEV-SNP confidential VM: the hardware evidence sent with every quote.
+        self._snp = snp
         self._client = client
         self._ak_name = ak_name
         self._event_log = event_log
@@ -314,6 +318,7 @@ class Attester:
             except EvidenceError as e:
                 raise InvalidNonceError(f"cannot bind the quote: {e}") from e
             result = self._tpm.quote(qualifying, pcrs)
+            snp_evidence = None if self._snp is None else self._snp.collect(self._tpm, qualifying)
             quote = attestation_pb2.Quote(attest=result.attest, signature=result.signature)
             for index, bank in result.pcr_order:
                 quote.pcr_values.add(
@@ -330,6 +335,7 @@ class Attester:
                         public_key=public.raw,
                     ),
                     key_ids=self._key_ids,
+                    snp_evidence=snp_evidence,
                 )
             except UnavailableError:
                 raise

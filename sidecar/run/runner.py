@@ -67,6 +67,7 @@ from sidecar.run.errors import (
 from sidecar.run.state import load_enrollment, save_enrollment
 from sidecar.run.supervisor import WorkloadProcess
 from sidecar.runconfig import RunConfig, is_blob_url
+from sidecar.snp import snp_collector
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
@@ -440,6 +441,7 @@ def _run(
         banks=config.tpm.banks,
         pcrs=config.tpm.quoted_pcrs,
         key_ids=config.key_ids(),
+        snp=snp_collector(config.tpm),
     )
     challenge = _challenge(attester, challenge_future, target)
     if challenge is None:

@@ -25,18 +25,22 @@ from tpm2_pytss import (
     TPM2_ALG,
     TPM2_CAP,
     TPM2_HT,
+    TPM2_PT_NV,
     TPM2_RC,
     TPM2_SE,
     TPM2B_DATA,
     TPM2B_ENCRYPTED_SECRET,
     TPM2B_ID_OBJECT,
+    TPM2B_NV_PUBLIC,
     TPM2B_PRIVATE,
     TPM2B_PUBLIC,
     TPM2B_SENSITIVE_CREATE,
+    TPMA_NV,
     TPMA_OBJECT,
     TPML_DIGEST_VALUES,
     TPML_PCR_SELECTION,
     TPMS_ATTEST,
+    TPMS_NV_PUBLIC,
     TPMT_HA,
     TPMT_SIG_SCHEME,
     TPMU_HA,
@@ -762,6 +766,74 @@ class Tpm:
             f"the quoted PCRs kept changing between quoting and reading them "
             f"({_QUOTE_ATTEMPTS} attempts): something else is extending them"
         )
+
+    # --- NV indices (an Azure vTPM's HCL report) ---------------------------------------------
+
+    def _nv_buffer_max(self) -> int:
+        with self._tss("reading TPM_PT_NV_BUFFER_MAX"):
+            _more, data = self._ctx.get_capability(
+                TPM2_CAP.TPM_PROPERTIES, int(TPM2_PT_NV.BUFFER_MAX), 1
+            )
+        props = [
+            p for p in data.data.tpmProperties if int(p.property) == int(TPM2_PT_NV.BUFFER_MAX)
+        ]
+        # 512 bytes is below every TPM's buffer, should the property be missing.
+        return int(props[0].value) if props else 512
+
+    def nv_read(self, index: int) -> bytes:
+        """Reads the whole NV index ``index``, authorised by the owner hierarchy (empty auth),
+        as ``tpm2_nvread -C o`` does.
+
+        Raises:
+            TpmCommandError: the index does not exist or the TPM refuses the read.
+            TpmUnavailableError: the TPM cannot be reached.
+        """
+        if index not in self._handles(TPM2_HT.NV_INDEX):
+            raise TpmCommandError(f"NV index 0x{index:08x} is not defined in this TPM")
+        chunk = self._nv_buffer_max()
+        with self._tss(f"reading NV index 0x{index:08x}"):
+            nv = self._ctx.tr_from_tpmpublic(index)
+            try:
+                public, _name = self._ctx.nv_read_public(nv)
+                size = int(public.nvPublic.dataSize)
+                out = bytearray()
+                while len(out) < size:
+                    n = min(chunk, size - len(out))
+                    out += bytes(self._ctx.nv_read(nv, n, len(out), auth_handle=ESYS_TR.OWNER))
+            finally:
+                self._ctx.tr_close(nv)
+        return bytes(out)
+
+    def nv_write(self, index: int, data: bytes) -> None:
+        """Writes ``data`` at offset 0 of NV index ``index`` with owner authorisation
+        (``tpm2_nvwrite -C o``), first defining it (owner read/write and auth read/write, the
+        size of ``data``) when it does not exist, as Azure's guest attestation does for the
+        user-data index 0x01400002.
+
+        Raises:
+            TpmCommandError: the TPM refuses to define or write the index.
+            TpmUnavailableError: the TPM cannot be reached.
+        """
+        if index not in self._handles(TPM2_HT.NV_INDEX):
+            attrs = TPMA_NV.OWNERWRITE | TPMA_NV.OWNERREAD | TPMA_NV.AUTHWRITE | TPMA_NV.AUTHREAD
+            public = TPM2B_NV_PUBLIC(
+                nvPublic=TPMS_NV_PUBLIC(
+                    nvIndex=index, nameAlg=TPM2_ALG.SHA256, attributes=attrs, dataSize=len(data)
+                )
+            )
+            with self._tss(f"defining NV index 0x{index:08x}"):
+                handle = self._ctx.nv_define_space(None, public, auth_handle=ESYS_TR.OWNER)
+                self._ctx.tr_close(handle)
+        chunk = self._nv_buffer_max()
+        with self._tss(f"writing NV index 0x{index:08x}"):
+            nv = self._ctx.tr_from_tpmpublic(index)
+            try:
+                # One TPM2_NV_Write carries at most TPM_PT_NV_BUFFER_MAX bytes.
+                for offset in range(0, len(data), chunk):
+                    part = data[offset : offset + chunk]
+                    self._ctx.nv_write(nv, part, offset, auth_handle=ESYS_TR.OWNER)
+            finally:
+                self._ctx.tr_close(nv)
 
 
 def open_tpm(config: TpmConfig) -> Tpm:

@@ -25,6 +25,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
+from broker.tpmkeys import load_public
+from sidecar.config import TpmConfig
+from sidecar.snp import HCL_REPORT_NV_INDEX, USER_DATA_NV_INDEX
+from sidecar.tpm.device import Tpm
+
 _PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)
 _AMD = "1.3.6.1.4.1.3704.1"
 
@@ -236,3 +241,42 @@ def _jwk(key: Any) -> dict[str, Any]:
 
     crv = {"secp256r1": "P-256", "secp384r1": "P-384"}[key.curve.name]
     return {"kid": "HCLAkPub", "kty": "EC", "crv": crv, "x": coord(enums.x), "y": coord(enums.y)}
+
+
+class EmulatedParavisorTpm(Tpm):
+    """The sidecar's real TPM adapter on swtpm, plus what Azure's paravisor does on a
+    confidential VM: when NV index 0x01400002 (user data) is written, a new HCL report binding
+    the TPM's AK and those bytes is written into NV index 0x01400001 of the same swtpm.
+
+    ``report`` holds keyword arguments for :meth:`SyntheticChip.hcl_report` (debug policy,
+    another measurement...); ``stale`` keeps the user data of the first report, as a report
+    read from NV without being refreshed would.
+    """
+
+    #: Azure pads the report NV index; the emulation pads to a size every TPM accepts.
+    REPORT_NV_SIZE = 2048
+
+    def __init__(
+        self,
+        config: TpmConfig,
+        *,
+        chip: SyntheticChip,
+        report: Mapping[str, Any] | None = None,
+        stale: bool = False,
+    ) -> None:
+        super().__init__(config)
+        self.chip = chip
+        self.report = dict(report or {})
+        self.stale = stale
+        self.reports_made = 0
+
+    def nv_write(self, index: int, data: bytes) -> None:
+        super().nv_write(index, data)
+        if index != USER_DATA_NV_INDEX:
+            return
+        ak = load_public(self.create_or_load_ak().public).key
+        user_data = bytes(64) if self.stale else data
+        report = self.chip.hcl_report(ak_public=ak, user_data=user_data, **self.report)
+        assert len(report) <= self.REPORT_NV_SIZE
+        super().nv_write(HCL_REPORT_NV_INDEX, report.ljust(self.REPORT_NV_SIZE, b"\0"))
+        self.reports_made += 1

@@ -254,7 +254,7 @@ def test_stale_user_data_is_refused(milan: MilanEvidence, pinned: snp.AmdRoots) 
 
 def test_user_data_binding_is_sha512_of_label_and_qualifying_data() -> None:
     q = bytes(range(32))
-    assert snp.user_data_for(q) == hashlib.sha512(b"cleanroom.v1 snp user-data\x00" + q).digest()
+    assert snp.user_data_for(q) == hashlib.sha512(b"cleanroom/v1 snp user-data\x00" + q).digest()
     assert len(snp.user_data_for(q)) == 64
 
 
