@@ -473,6 +473,7 @@ def approval_dict(a: admin_pb2.Approval) -> dict[str, Any]:
         "key_ids": list(a.key_ids),
         "output_recipients": list(a.output_recipients),
         "golden_set": a.golden_set,
+        "require_snp": a.require_snp,
         "revoked": a.revoked,
         "created_at": _time(a.created_at),
         "expected_pcrs": {_bank(v.bank): v.value.hex() for v in a.expected_pcrs},
@@ -840,6 +841,7 @@ def _approval_text(a: admin_pb2.Approval) -> str:
         ("keys", ", ".join(a.key_ids)),
         ("recipients", ", ".join(a.output_recipients)),
         ("golden set", a.golden_set or "-"),
+        ("requires SEV-SNP", _yes(a.require_snp)),
         ("revoked", _yes(a.revoked)),
     ]
     for v in a.expected_pcrs:
@@ -857,6 +859,7 @@ def _workload_approve(args: argparse.Namespace) -> int:
             key_ids=args.key_ids,
             output_recipients=args.recipient,
             golden_set=args.golden_set or "",
+            require_snp=args.require_snp,
         )
     # The broker computes the expected PCR 23 itself; a difference from the local computation
     # means the two disagree on the manifest, which the party must hear about.
@@ -1188,6 +1191,12 @@ def _register_workload(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     _workload_file_options(p)
     p.add_argument(
         "--manifest", metavar="FILE.json", help="the files' digests as JSON instead of --file"
+    )
+    p.add_argument(
+        "--require-snp",
+        action="store_true",
+        help="release your keys under this approval only to an Azure SEV-SNP confidential VM "
+        "whose hardware evidence (HCL report, VCEK) the broker verified",
     )
     p = g.add_parser(
         "manifest",

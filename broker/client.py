@@ -704,8 +704,10 @@ class BrokerClient:
         key_ids: Sequence[str],
         output_recipients: Sequence[str],
         golden_set: str = "",
+        require_snp: bool = False,
     ) -> admin_pb2.Approval:
-        """Approves a workload (its measured files) for the caller's keys.
+        """Approves a workload (its measured files) for the caller's keys; with
+        ``require_snp``, only for attesters with verified AMD SEV-SNP evidence.
 
         Raises:
             BrokerClientError: NotFoundError for an unknown key, party or golden set,
@@ -716,6 +718,7 @@ class BrokerClient:
             key_ids=list(key_ids),
             output_recipients=list(output_recipients),
             golden_set=golden_set,
+            require_snp=require_snp,
         )
         return self._call("ApproveWorkload", self._admin.ApproveWorkload, req).approval
 

@@ -109,6 +109,9 @@ class Approval:
     golden_set: str | None
     created_at: datetime
     revoked: bool = False
+    #: The party demands verified AMD SEV-SNP evidence (an Azure confidential VM's HCL report
+    #: binding the AK) before its keys are released under this approval.
+    require_snp: bool = False
 
 
 @dataclass(frozen=True)

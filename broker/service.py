@@ -565,6 +565,22 @@ class Broker:
         measured = policy.manifest_from_events(evidence.event_log)
         pcr23 = verified.pcr_values.get((WORKLOAD_PCR, "sha256"))
         candidates = self.store.find_active_approvals(pcr23) if pcr23 else []
+        # An approval that demands the hardware root counts only with verified SNP evidence;
+        # its party reads why in its own record.
+        snp_withheld = [
+            record(
+                "key.release",
+                key_id,
+                "deny",
+                f"approval {a.approval_id} requires AMD SEV-SNP evidence; none was verified",
+                (a.party,),
+            )
+            for a in candidates
+            if a.require_snp and snp_claims is None
+            for key_id in a.key_ids
+        ]
+        if snp_withheld:
+            candidates = [a for a in candidates if not a.require_snp]
         wanted = set(evidence.key_ids)
         for a in candidates:
             if not evidence.key_ids:
@@ -609,6 +625,7 @@ class Broker:
             )
             for d in decision.denied
         ]
+        withheld = snp_withheld + withheld
         if not decision.granted:
             reasons = "; ".join(f"{d.key_id}: {d.reason}" for d in decision.denied)
             # The full reason names every party's keys: the operator's record only.
@@ -812,8 +829,10 @@ class Broker:
         key_ids: Sequence[str],
         output_recipients: Sequence[str],
         golden_set: str | None,
+        require_snp: bool = False,
     ) -> Approval:
-        """A party approves a measured workload for some of its own keys.
+        """A party approves a measured workload for some of its own keys; with
+        ``require_snp``, only for an attester that presents verified SEV-SNP evidence.
 
         Raises:
             PolicyError: not a party, a key of another party, unknown recipient or golden set.
@@ -830,6 +849,7 @@ class Broker:
             output_recipients=tuple(output_recipients),
             golden_set=golden_set or None,
             created_at=self.clock(),
+            require_snp=require_snp,
         )
         try:
             policy.validate_approval(
@@ -849,7 +869,8 @@ class Broker:
             "workload.approve",
             approval.approval_id,
             "allow",
-            f"workload {workload_name!r} for keys {', '.join(key_ids)}",
+            f"workload {workload_name!r} for keys {', '.join(key_ids)}"
+            + ("; requires AMD SEV-SNP evidence" if require_snp else ""),
             parties=(owner, *output_recipients),
         )
         return approval

@@ -149,6 +149,7 @@ def approval_to_pb(approval: Approval) -> admin_pb2.Approval:
         golden_set=approval.golden_set or "",
         revoked=approval.revoked,
         created_at=timestamp(approval.created_at),
+        require_snp=approval.require_snp,
     )
     for bank in sorted(approval.expected_pcrs):
         msg.expected_pcrs.add(

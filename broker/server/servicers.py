@@ -333,6 +333,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             key_ids=tuple(request.key_ids),
             output_recipients=tuple(request.output_recipients),
             golden_set=request.golden_set or None,
+            require_snp=request.require_snp,
         )
         return admin_pb2.ApproveWorkloadResponse(approval=convert.approval_to_pb(approval))
 

@@ -171,6 +171,8 @@ approvals = sa.Table(
     sa.Column("golden_set", sa.Text, nullable=True),
     sa.Column("created_at", UtcDateTime, nullable=False),
     sa.Column("revoked", sa.Boolean, nullable=False),
+    # Approvals made before revision 0006 did not demand the SEV-SNP hardware root.
+    sa.Column("require_snp", sa.Boolean, nullable=False, server_default=sa.false()),
 )
 
 sessions = sa.Table(

@@ -1303,6 +1303,7 @@ def _approval_values(approval: Approval, sha256: bytes) -> dict[str, Any]:
         "golden_set": approval.golden_set,
         "created_at": approval.created_at,
         "revoked": approval.revoked,
+        "require_snp": approval.require_snp,
     }
 
 
@@ -1326,6 +1327,7 @@ def _approval(row: Row[Any]) -> Approval:
         golden_set=row.golden_set,
         created_at=row.created_at,
         revoked=bool(row.revoked),
+        require_snp=bool(row.require_snp),
     )
 
 
