@@ -166,6 +166,7 @@ DOCUMENTED = {
     "broker.config.BrokerConfig": "[broker]",
     "broker.config.TlsConfig": "[broker.tls]",
     "broker.config.MetricsConfig": "[broker.metrics]",
+    "broker.config.AzureSnpConfig": "[broker.azure_snp]",
     "broker.kek_azure.KeyVaultConfig": "[keyvault]",
     "sidecar.config.TpmConfig": "[tpm]",
     "sidecar.runconfig.BrokerSettings": "[broker]",
@@ -263,6 +264,10 @@ PROBES: dict[tuple[str, str], Any] = {
     ("BrokerConfig", "boot_pcrs"): (0, 7),
     ("TpmConfig", "extra_pcrs"): (0, 7),
     ("BrokerConfig", "accepted_rsa_bits"): (2048,),
+    ("AzureSnpConfig", "allowed_measurements"): ("ab" * 48, "cd" * 48),
+    ("AzureSnpConfig", "min_tcb"): {"snp": 24, "microcode": 219},
+    ("AzureSnpConfig", "require_vm_configuration"): {"secure-boot": False, "tpm-enabled": True},
+    ("TpmConfig", "vcek_url"): "http://127.0.0.1:8080/vcek",
 }
 
 
@@ -326,6 +331,7 @@ def _loaders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Calla
         "BrokerConfig": broker,
         "TlsConfig": lambda env: broker(env).tls,
         "MetricsConfig": lambda env: broker(env).metrics,
+        "AzureSnpConfig": lambda env: broker(env).azure_snp,
         "KeyVaultConfig": lambda env: load_key_vault_config(None, env=dict(env)),
         "TpmConfig": lambda env: run(env).tpm,
         "BrokerSettings": lambda env: run(env).broker,
