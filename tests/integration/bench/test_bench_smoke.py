@@ -44,6 +44,7 @@ def test_verify_benchmark_reports_both_baselines() -> None:
     assert "bare signature check" in out
     assert "x the bare check" in out
     assert "tpm2_checkquote, 1 process/quote" in out
+    assert "SEV-SNP verify_hcl_report" in out and "x the quote's time" in out
 
 
 @pytest.mark.slow
