@@ -15,6 +15,7 @@ from pathlib import Path
 from broker import snp
 from broker.config import AzureSnpConfig
 from broker.errors import BrokerConfigError, SnpError, SnpMalformedError, SnpPolicyError
+from evidence.binding import snp_enrollment_binding
 
 __all__ = ["MAX_ROOT_FILE_BYTES", "SnpGate"]
 
@@ -29,6 +30,8 @@ class SnpGate:
     required: bool
     roots: snp.AmdRoots
     policy: snp.SnpPolicy
+    #: Whether a verified HCL report may vouch for an EK at enrollment.
+    enroll: bool = False
 
     @classmethod
     def from_config(cls, config: AzureSnpConfig) -> SnpGate:
@@ -59,7 +62,7 @@ class SnpGate:
             vm_configuration=dict(config.require_vm_configuration),
             max_vmpl=config.max_vmpl,
         )
-        return cls(required=config.required, roots=roots, policy=policy)
+        return cls(required=config.required, roots=roots, policy=policy, enroll=config.enroll)
 
     def check(
         self, *, hcl_report: bytes, vcek: bytes, ak: object, qualifying_data: bytes
@@ -85,5 +88,42 @@ class SnpGate:
             ak=ak,
             expected_user_data=snp.user_data_for(qualifying_data),
         )
+        snp.check_snp_policy(claims, self.policy)
+        return claims
+
+    def check_enrollment(
+        self,
+        *,
+        hcl_report: bytes,
+        vcek: bytes,
+        ek: object,
+        ak: object,
+        ek_public: bytes,
+        ak_public: bytes,
+        tls_certificate_der: bytes,
+    ) -> snp.SnpClaims:
+        """Verifies enrollment evidence: an HCL report whose runtime claims name ``ek`` and
+        ``ak`` (``cryptography`` keys) and whose ``user-data`` binds this request (the EK and
+        AK publics as sent and the caller's TLS certificate), then the SNP policy.
+
+        Raises:
+            SnpPolicyError: enrollment through SEV-SNP is not enabled, or the claims fail policy.
+            SnpError: the evidence fails verification or names other keys.
+        """
+        if not self.enroll:
+            raise SnpPolicyError("enroll: EKs vouched by SEV-SNP evidence are not accepted")
+        if not hcl_report or not vcek:
+            raise SnpMalformedError("an HCL report and a VCEK must be sent together")
+        binding = snp_enrollment_binding(
+            ek_public=ek_public, ak_public=ak_public, tls_certificate_der=tls_certificate_der
+        )
+        claims = snp.verify_hcl_report(
+            hcl_report=hcl_report,
+            vcek=vcek,
+            roots=self.roots,
+            ak=ak,
+            expected_user_data=snp.user_data_for(binding),
+        )
+        snp.check_ek_binding(claims, ek)
         snp.check_snp_policy(claims, self.policy)
         return claims

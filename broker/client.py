@@ -457,9 +457,15 @@ class BrokerClient:
     # --- AttestationService (sidecars) -----------------------------------------------------
 
     def start_enrollment(
-        self, *, ek_public: bytes, ak_public: bytes, ek_certificate: bytes = b""
+        self,
+        *,
+        ek_public: bytes,
+        ak_public: bytes,
+        ek_certificate: bytes = b"",
+        snp_evidence: attestation_pb2.SnpEvidence | None = None,
     ) -> attestation_pb2.StartEnrollmentResponse:
-        """Starts credential activation of an AK under an EK (both marshalled TPM2B_PUBLIC).
+        """Starts credential activation of an AK under an EK (both marshalled TPM2B_PUBLIC);
+        on an Azure SEV-SNP confidential VM ``snp_evidence`` may vouch for the EK.
 
         Raises:
             BrokerClientError: the subclass for the status code (InvalidArgumentError for a
@@ -468,6 +474,8 @@ class BrokerClient:
         req = attestation_pb2.StartEnrollmentRequest(
             ek_public=ek_public, ek_certificate=ek_certificate, ak_public=ak_public
         )
+        if snp_evidence is not None:
+            req.snp_evidence.CopyFrom(snp_evidence)
         return self._call("StartEnrollment", self._attestation.StartEnrollment, req)
 
     def complete_enrollment(self, *, enrollment_id: str, secret: bytes) -> str:

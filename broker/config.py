@@ -67,6 +67,9 @@ class AzureSnpConfig:
     #: PEM files of extra trusted AMD roots (ARK with its ASK/ASVK), besides the pinned
     #: Milan, Genoa and Turin roots.
     trusted_root_files: tuple[str, ...] = ()
+    #: Let a sidecar enroll an EK without a trusted certificate when a verified HCL report
+    #: names that EK and the AK (credential activation still proves the AK).
+    enroll: bool = False
 
     def __post_init__(self) -> None:
         for m in self.allowed_measurements:

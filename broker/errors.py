@@ -218,6 +218,10 @@ class SnpAkBindingError(SnpError):
     """The runtime claims' ``HCLAkPub`` is not the AK that signed the quote."""
 
 
+class SnpEkBindingError(SnpError):
+    """The runtime claims' ``HCLEkPub`` is not the EK being enrolled."""
+
+
 class SnpFreshnessError(SnpError):
     """The runtime claims' ``user-data`` is not bound to this quote's qualifying data."""
 

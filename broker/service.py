@@ -319,12 +319,22 @@ class Broker:
         return record
 
     def start_enrollment(
-        self, actor: SpiffeId, *, ek_public: bytes, ek_certificate: bytes | None, ak_public: bytes
+        self,
+        actor: SpiffeId,
+        *,
+        ek_public: bytes,
+        ek_certificate: bytes | None,
+        ak_public: bytes,
+        hcl_report: bytes = b"",
+        vcek: bytes = b"",
+        peer_certificate_der: bytes = b"",
     ) -> EnrollmentChallenge:
         """Sidecar enrollment, step 1: MakeCredential for the AK's name under the EK.
 
-        The EK is enrolled on the way when its certificate chains to a trusted EK CA (or when
-        configuration allows EKs without certificates); an EK the operator enrolled is reused.
+        The EK is enrolled on the way when its certificate chains to a trusted EK CA, when a
+        verified SEV-SNP HCL report (``hcl_report``, ``vcek``) names it and the AK and
+        ``[broker.azure_snp]`` allows that, or when configuration allows EKs without
+        certificates; an EK the operator enrolled is reused.
 
         Raises:
             EnrollmentError: the EK or AK is unacceptable.
@@ -339,16 +349,44 @@ class Broker:
             try:
                 ek_record = self.store.get_ek(ek.key_id)
             except UnknownKeyError:
-                if ek_certificate:
+                vouched = ""
+                if (hcl_report or vcek) and self.snp.enroll:
+                    # The hardware root vouches for the EK instead of a certificate; the
+                    # credential activation that follows still proves the AK lives with it.
+                    try:
+                        self.snp.check_enrollment(
+                            hcl_report=hcl_report,
+                            vcek=vcek,
+                            ek=ek.key,
+                            ak=ak.key,
+                            ek_public=ek_public,
+                            ak_public=ak_public,
+                            tls_certificate_der=peer_certificate_der,
+                        )
+                    except SnpError as e:
+                        # An enrollment refusal like an untrusted EK certificate; the audit
+                        # record names the failed check.
+                        raise EkCertificateError(
+                            f"SEV-SNP evidence rejected: {type(e).__name__}: {e}"
+                        ) from e
+                    vouched = "vouched by a verified AMD SEV-SNP HCL report"
+                elif ek_certificate:
                     tpmkeys.verify_ek_certificate(
                         ek_certificate, ek_public, self.trusted_ek_cas, now=self.clock()
                     )
                 elif not self.config.allow_ek_without_certificate:
-                    raise EkCertificateError("EK is not enrolled and has no certificate") from None
+                    raise EkCertificateError(
+                        "EK is not enrolled and has no certificate"
+                        + (
+                            " (SEV-SNP evidence was sent, but [broker.azure_snp] enroll is off)"
+                            if hcl_report or vcek
+                            else ""
+                        )
+                    ) from None
                 ek_record = EkRecord(
                     ek_id=ek.key_id,
                     public=ek_public,
-                    certificate=ek_certificate or None,
+                    certificate=None if vouched else ek_certificate or None,
                     enrolled_at=self.clock(),
                 )
                 self.store.add_ek(ek_record)
@@ -357,9 +395,12 @@ class Broker:
                     "ek.enroll",
                     ek_record.ek_id,
                     "allow",
-                    "certificate chains to a trusted EK CA"
-                    if ek_certificate
-                    else "no certificate (allowed by configuration)",
+                    vouched
+                    or (
+                        "certificate chains to a trusted EK CA"
+                        if ek_certificate
+                        else "no certificate (allowed by configuration)"
+                    ),
                 )
             if ek_record.revoked:
                 raise RevokedKeyError(f"EK {ek_record.ek_id} is revoked")

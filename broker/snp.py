@@ -53,6 +53,7 @@ from broker.errors import (
     SnpCertificateError,
     SnpChainError,
     SnpChipIdError,
+    SnpEkBindingError,
     SnpFreshnessError,
     SnpMalformedError,
     SnpPolicyError,
@@ -76,6 +77,7 @@ __all__ = [
     "SnpReport",
     "TcbVersion",
     "check_ak_binding",
+    "check_ek_binding",
     "check_snp_policy",
     "load_amd_roots",
     "parse_hcl_report",
@@ -609,20 +611,22 @@ def _b64url(value: object, what: str) -> bytes:
 _JWK_CURVES: Final = {"P-256": ec.SECP256R1(), "P-384": ec.SECP384R1()}
 
 
-def _jwk_public(jwk: Mapping[str, Any]) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey:
+def _jwk_public(
+    jwk: Mapping[str, Any], kid: str = "HCLAkPub"
+) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey:
     kty = jwk.get("kty")
     try:
         if kty == "RSA":
-            n = int.from_bytes(_b64url(jwk.get("n"), "HCLAkPub n"), "big")
-            e = int.from_bytes(_b64url(jwk.get("e"), "HCLAkPub e"), "big")
+            n = int.from_bytes(_b64url(jwk.get("n"), f"{kid} n"), "big")
+            e = int.from_bytes(_b64url(jwk.get("e"), f"{kid} e"), "big")
             return rsa.RSAPublicNumbers(e, n).public_key()
         if kty == "EC" and jwk.get("crv") in _JWK_CURVES:
-            x = int.from_bytes(_b64url(jwk.get("x"), "HCLAkPub x"), "big")
-            y = int.from_bytes(_b64url(jwk.get("y"), "HCLAkPub y"), "big")
+            x = int.from_bytes(_b64url(jwk.get("x"), f"{kid} x"), "big")
+            y = int.from_bytes(_b64url(jwk.get("y"), f"{kid} y"), "big")
             return ec.EllipticCurvePublicNumbers(x, y, _JWK_CURVES[jwk["crv"]]).public_key()
     except ValueError as e:
-        raise SnpRuntimeClaimsError(f"HCLAkPub is not a valid public key: {e}") from e
-    raise SnpRuntimeClaimsError(f"HCLAkPub has an unsupported key type {kty!r}")
+        raise SnpRuntimeClaimsError(f"{kid} is not a valid public key: {e}") from e
+    raise SnpRuntimeClaimsError(f"{kid} has an unsupported key type {kty!r}")
 
 
 def _parse_claims(
@@ -649,6 +653,21 @@ def _same_key(a: rsa.RSAPublicKey | ec.EllipticCurvePublicKey, b: object) -> boo
     if isinstance(a, ec.EllipticCurvePublicKey) and isinstance(b, ec.EllipticCurvePublicKey):
         return a.public_numbers() == b.public_numbers()
     return False
+
+
+def check_ek_binding(claims: SnpClaims, ek: object) -> None:
+    """Checks that the verified claims name ``ek`` (a ``cryptography`` key) as ``HCLEkPub``.
+
+    Raises:
+        SnpRuntimeClaimsError: the claims name no valid ``HCLEkPub`` (or several).
+        SnpEkBindingError: they name another key.
+    """
+    keys = claims.runtime_claims.get("keys", [])
+    eks = [k for k in keys if isinstance(k, dict) and k.get("kid") == "HCLEkPub"]
+    if len(eks) != 1:
+        raise SnpRuntimeClaimsError(f"runtime claims name {len(eks)} HCLEkPub keys, not one")
+    if not _same_key(_jwk_public(eks[0], "HCLEkPub"), ek):
+        raise SnpEkBindingError("the HCL report's HCLEkPub is not the EK being enrolled")
 
 
 def check_ak_binding(claims: SnpClaims, ak: object) -> None:

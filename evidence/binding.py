@@ -49,6 +49,21 @@ SNP_USER_DATA_LABEL = b"cleanroom/v1 snp user-data\x00"
 SNP_USER_DATA_SIZE = 64
 
 
+SNP_ENROLLMENT_LABEL = b"cleanroom/v1 snp enrollment\x00"
+
+
+def snp_enrollment_binding(
+    *, ek_public: bytes, ak_public: bytes, tls_certificate_der: bytes
+) -> bytes:
+    """What an enrollment's HCL report binds (through :func:`snp_user_data`): SHA-256 over a
+    label and the length-prefixed EK public, AK public and the sidecar's TLS certificate."""
+    h = hashlib.sha256(SNP_ENROLLMENT_LABEL)
+    for part in (ek_public, ak_public, tls_certificate_der):
+        h.update(struct.pack(">I", len(part)))
+        h.update(part)
+    return h.digest()
+
+
 def snp_user_data(qualifying_data: bytes) -> bytes:
     """The 64 bytes a sidecar on an Azure SEV-SNP confidential VM writes to the vTPM's NV index
     0x01400002 before it reads the HCL report (0x01400001), whose runtime claims then carry them

@@ -68,6 +68,9 @@ class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):
             ek_public=bytes(request.ek_public),
             ek_certificate=bytes(request.ek_certificate) or None,
             ak_public=bytes(request.ak_public),
+            hcl_report=bytes(request.snp_evidence.hcl_report),
+            vcek=bytes(request.snp_evidence.vcek),
+            peer_certificate_der=current_call().peer.certificate_der,
         )
         return attestation_pb2.StartEnrollmentResponse(
             enrollment_id=challenge.enrollment_id,

@@ -306,6 +306,16 @@ def check_start_enrollment(req: attestation_pb2.StartEnrollmentRequest) -> None:
     check_bytes(req.ek_public, "ek_public", max_len=MAX_PUBLIC_KEY_BYTES)
     check_bytes(req.ek_certificate, "ek_certificate", min_len=0, max_len=MAX_CERTIFICATE_BYTES)
     check_bytes(req.ak_public, "ak_public", max_len=MAX_PUBLIC_KEY_BYTES)
+    _check_snp_evidence(req)
+
+
+def _check_snp_evidence(
+    req: attestation_pb2.StartEnrollmentRequest | attestation_pb2.AttestRequest,
+) -> None:
+    if req.HasField("snp_evidence"):
+        snp = req.snp_evidence
+        check_bytes(snp.hcl_report, "snp_evidence.hcl_report", max_len=MAX_HCL_REPORT_BYTES)
+        check_bytes(snp.vcek, "snp_evidence.vcek", max_len=MAX_CERTIFICATE_BYTES)
 
 
 def check_complete_enrollment(req: attestation_pb2.CompleteEnrollmentRequest) -> None:
@@ -355,10 +365,7 @@ def check_attest(
     require_message(req, "ephemeral_key")
     ephemeral = check_recipient_key(req.ephemeral_key, "ephemeral_key")
     check_key_ids(req.key_ids, "key_ids", required=False)
-    if req.HasField("snp_evidence"):
-        snp = req.snp_evidence
-        check_bytes(snp.hcl_report, "snp_evidence.hcl_report", max_len=MAX_HCL_REPORT_BYTES)
-        check_bytes(snp.vcek, "snp_evidence.vcek", max_len=MAX_CERTIFICATE_BYTES)
+    _check_snp_evidence(req)
     return ephemeral
 
 

@@ -26,45 +26,45 @@ from cleanroom.v1 import common_pb2 as cleanroom_dot_v1_dot_common__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63leanroom/v1/attestation.proto\x12\x0c\x63leanroom.v1\x1a\x19\x63leanroom/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"V\n\x16StartEnrollmentRequest\x12\x11\n\tek_public\x18\x01 \x01(\x0c\x12\x16\n\x0e\x65k_certificate\x18\x02 \x01(\x0c\x12\x11\n\tak_public\x18\x03 \x01(\x0c\"\x93\x01\n\x17StartEnrollmentResponse\x12\x15\n\renrollment_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63redential_blob\x18\x02 \x01(\x0c\x12\x18\n\x10\x65ncrypted_secret\x18\x03 \x01(\x0c\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"B\n\x19\x43ompleteEnrollmentRequest\x12\x15\n\renrollment_id\x18\x01 \x01(\t\x12\x0e\n\x06secret\x18\x02 \x01(\x0c\"-\n\x1a\x43ompleteEnrollmentResponse\x12\x0f\n\x07\x61k_name\x18\x01 \x01(\t\"&\n\x13GetChallengeRequest\x12\x0f\n\x07\x61k_name\x18\x01 \x01(\t\"\x88\x01\n\x14GetChallengeResponse\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rpcr_selection\x18\x03 \x03(\x0b\x32\x1a.cleanroom.v1.PcrSelection\"J\n\x0cPcrSelection\x12)\n\x04\x62\x61nk\x18\x01 \x01(\x0e\x32\x1b.cleanroom.v1.HashAlgorithm\x12\x0f\n\x07indices\x18\x02 \x03(\r\"V\n\x05Quote\x12\x0e\n\x06\x61ttest\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12*\n\npcr_values\x18\x03 \x03(\x0b\x32\x16.cleanroom.v1.PcrValue\"\xf3\x01\n\rAttestRequest\x12\x0f\n\x07\x61k_name\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\"\n\x05quote\x18\x03 \x01(\x0b\x32\x13.cleanroom.v1.Quote\x12)\n\tevent_log\x18\x04 \x01(\x0b\x32\x16.cleanroom.v1.EventLog\x12\x31\n\rephemeral_key\x18\x05 \x01(\x0b\x32\x1a.cleanroom.v1.RecipientKey\x12\x0f\n\x07key_ids\x18\x06 \x03(\t\x12/\n\x0csnp_evidence\x18\x14 \x01(\x0b\x32\x19.cleanroom.v1.SnpEvidence\"/\n\x0bSnpEvidence\x12\x12\n\nhcl_report\x18\x01 \x01(\x0c\x12\x0c\n\x04vcek\x18\x02 \x01(\x0c\"G\n\tDeniedKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12*\n\x06reason\x18\x02 \x01(\x0e\x32\x1a.cleanroom.v1.DenialReason\"I\n\x0fOutputRecipient\x12\r\n\x05party\x18\x01 \x01(\t\x12\'\n\x03key\x18\x02 \x01(\x0b\x32\x1a.cleanroom.v1.RecipientKey\"\xfc\x01\n\x0e\x41ttestResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x32\n\rreleased_keys\x18\x02 \x03(\x0b\x32\x1b.cleanroom.v1.SealedDataKey\x12,\n\x0b\x64\x65nied_keys\x18\x03 \x03(\x0b\x32\x17.cleanroom.v1.DeniedKey\x12\x38\n\x11output_recipients\x18\x04 \x03(\x0b\x32\x1d.cleanroom.v1.OutputRecipient\x12:\n\x16\x61ttestation_expires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"T\n\x11\x45ndSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1a\n\x12workload_exit_code\x18\x02 \x01(\x05\x12\x0f\n\x07outputs\x18\x03 \x03(\t\"\x14\n\x12\x45ndSessionResponse*M\n\x0c\x44\x65nialReason\x12\x1d\n\x19\x44\x45NIAL_REASON_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x44\x45NIAL_REASON_NOT_APPROVED\x10\x01\x32\xca\x03\n\x12\x41ttestationService\x12^\n\x0fStartEnrollment\x12$.cleanroom.v1.StartEnrollmentRequest\x1a%.cleanroom.v1.StartEnrollmentResponse\x12g\n\x12\x43ompleteEnrollment\x12\'.cleanroom.v1.CompleteEnrollmentRequest\x1a(.cleanroom.v1.CompleteEnrollmentResponse\x12U\n\x0cGetChallenge\x12!.cleanroom.v1.GetChallengeRequest\x1a\".cleanroom.v1.GetChallengeResponse\x12\x43\n\x06\x41ttest\x12\x1b.cleanroom.v1.AttestRequest\x1a\x1c.cleanroom.v1.AttestResponse\x12O\n\nEndSession\x12\x1f.cleanroom.v1.EndSessionRequest\x1a .cleanroom.v1.EndSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63leanroom/v1/attestation.proto\x12\x0c\x63leanroom.v1\x1a\x19\x63leanroom/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x87\x01\n\x16StartEnrollmentRequest\x12\x11\n\tek_public\x18\x01 \x01(\x0c\x12\x16\n\x0e\x65k_certificate\x18\x02 \x01(\x0c\x12\x11\n\tak_public\x18\x03 \x01(\x0c\x12/\n\x0csnp_evidence\x18\x14 \x01(\x0b\x32\x19.cleanroom.v1.SnpEvidence\"\x93\x01\n\x17StartEnrollmentResponse\x12\x15\n\renrollment_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63redential_blob\x18\x02 \x01(\x0c\x12\x18\n\x10\x65ncrypted_secret\x18\x03 \x01(\x0c\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"B\n\x19\x43ompleteEnrollmentRequest\x12\x15\n\renrollment_id\x18\x01 \x01(\t\x12\x0e\n\x06secret\x18\x02 \x01(\x0c\"-\n\x1a\x43ompleteEnrollmentResponse\x12\x0f\n\x07\x61k_name\x18\x01 \x01(\t\"&\n\x13GetChallengeRequest\x12\x0f\n\x07\x61k_name\x18\x01 \x01(\t\"\x88\x01\n\x14GetChallengeResponse\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rpcr_selection\x18\x03 \x03(\x0b\x32\x1a.cleanroom.v1.PcrSelection\"J\n\x0cPcrSelection\x12)\n\x04\x62\x61nk\x18\x01 \x01(\x0e\x32\x1b.cleanroom.v1.HashAlgorithm\x12\x0f\n\x07indices\x18\x02 \x03(\r\"V\n\x05Quote\x12\x0e\n\x06\x61ttest\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12*\n\npcr_values\x18\x03 \x03(\x0b\x32\x16.cleanroom.v1.PcrValue\"\xf3\x01\n\rAttestRequest\x12\x0f\n\x07\x61k_name\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\"\n\x05quote\x18\x03 \x01(\x0b\x32\x13.cleanroom.v1.Quote\x12)\n\tevent_log\x18\x04 \x01(\x0b\x32\x16.cleanroom.v1.EventLog\x12\x31\n\rephemeral_key\x18\x05 \x01(\x0b\x32\x1a.cleanroom.v1.RecipientKey\x12\x0f\n\x07key_ids\x18\x06 \x03(\t\x12/\n\x0csnp_evidence\x18\x14 \x01(\x0b\x32\x19.cleanroom.v1.SnpEvidence\"/\n\x0bSnpEvidence\x12\x12\n\nhcl_report\x18\x01 \x01(\x0c\x12\x0c\n\x04vcek\x18\x02 \x01(\x0c\"G\n\tDeniedKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12*\n\x06reason\x18\x02 \x01(\x0e\x32\x1a.cleanroom.v1.DenialReason\"I\n\x0fOutputRecipient\x12\r\n\x05party\x18\x01 \x01(\t\x12\'\n\x03key\x18\x02 \x01(\x0b\x32\x1a.cleanroom.v1.RecipientKey\"\xfc\x01\n\x0e\x41ttestResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x32\n\rreleased_keys\x18\x02 \x03(\x0b\x32\x1b.cleanroom.v1.SealedDataKey\x12,\n\x0b\x64\x65nied_keys\x18\x03 \x03(\x0b\x32\x17.cleanroom.v1.DeniedKey\x12\x38\n\x11output_recipients\x18\x04 \x03(\x0b\x32\x1d.cleanroom.v1.OutputRecipient\x12:\n\x16\x61ttestation_expires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"T\n\x11\x45ndSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1a\n\x12workload_exit_code\x18\x02 \x01(\x05\x12\x0f\n\x07outputs\x18\x03 \x03(\t\"\x14\n\x12\x45ndSessionResponse*M\n\x0c\x44\x65nialReason\x12\x1d\n\x19\x44\x45NIAL_REASON_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x44\x45NIAL_REASON_NOT_APPROVED\x10\x01\x32\xca\x03\n\x12\x41ttestationService\x12^\n\x0fStartEnrollment\x12$.cleanroom.v1.StartEnrollmentRequest\x1a%.cleanroom.v1.StartEnrollmentResponse\x12g\n\x12\x43ompleteEnrollment\x12\'.cleanroom.v1.CompleteEnrollmentRequest\x1a(.cleanroom.v1.CompleteEnrollmentResponse\x12U\n\x0cGetChallenge\x12!.cleanroom.v1.GetChallengeRequest\x1a\".cleanroom.v1.GetChallengeResponse\x12\x43\n\x06\x41ttest\x12\x1b.cleanroom.v1.AttestRequest\x1a\x1c.cleanroom.v1.AttestResponse\x12O\n\nEndSession\x12\x1f.cleanroom.v1.EndSessionRequest\x1a .cleanroom.v1.EndSessionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cleanroom.v1.attestation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DENIALREASON']._serialized_start=1610
-  _globals['_DENIALREASON']._serialized_end=1687
-  _globals['_STARTENROLLMENTREQUEST']._serialized_start=108
-  _globals['_STARTENROLLMENTREQUEST']._serialized_end=194
-  _globals['_STARTENROLLMENTRESPONSE']._serialized_start=197
-  _globals['_STARTENROLLMENTRESPONSE']._serialized_end=344
-  _globals['_COMPLETEENROLLMENTREQUEST']._serialized_start=346
-  _globals['_COMPLETEENROLLMENTREQUEST']._serialized_end=412
-  _globals['_COMPLETEENROLLMENTRESPONSE']._serialized_start=414
-  _globals['_COMPLETEENROLLMENTRESPONSE']._serialized_end=459
-  _globals['_GETCHALLENGEREQUEST']._serialized_start=461
-  _globals['_GETCHALLENGEREQUEST']._serialized_end=499
-  _globals['_GETCHALLENGERESPONSE']._serialized_start=502
-  _globals['_GETCHALLENGERESPONSE']._serialized_end=638
-  _globals['_PCRSELECTION']._serialized_start=640
-  _globals['_PCRSELECTION']._serialized_end=714
-  _globals['_QUOTE']._serialized_start=716
-  _globals['_QUOTE']._serialized_end=802
-  _globals['_ATTESTREQUEST']._serialized_start=805
-  _globals['_ATTESTREQUEST']._serialized_end=1048
-  _globals['_SNPEVIDENCE']._serialized_start=1050
-  _globals['_SNPEVIDENCE']._serialized_end=1097
-  _globals['_DENIEDKEY']._serialized_start=1099
-  _globals['_DENIEDKEY']._serialized_end=1170
-  _globals['_OUTPUTRECIPIENT']._serialized_start=1172
-  _globals['_OUTPUTRECIPIENT']._serialized_end=1245
-  _globals['_ATTESTRESPONSE']._serialized_start=1248
-  _globals['_ATTESTRESPONSE']._serialized_end=1500
-  _globals['_ENDSESSIONREQUEST']._serialized_start=1502
-  _globals['_ENDSESSIONREQUEST']._serialized_end=1586
-  _globals['_ENDSESSIONRESPONSE']._serialized_start=1588
-  _globals['_ENDSESSIONRESPONSE']._serialized_end=1608
-  _globals['_ATTESTATIONSERVICE']._serialized_start=1690
-  _globals['_ATTESTATIONSERVICE']._serialized_end=2148
+  _globals['_DENIALREASON']._serialized_start=1660
+  _globals['_DENIALREASON']._serialized_end=1737
+  _globals['_STARTENROLLMENTREQUEST']._serialized_start=109
+  _globals['_STARTENROLLMENTREQUEST']._serialized_end=244
+  _globals['_STARTENROLLMENTRESPONSE']._serialized_start=247
+  _globals['_STARTENROLLMENTRESPONSE']._serialized_end=394
+  _globals['_COMPLETEENROLLMENTREQUEST']._serialized_start=396
+  _globals['_COMPLETEENROLLMENTREQUEST']._serialized_end=462
+  _globals['_COMPLETEENROLLMENTRESPONSE']._serialized_start=464
+  _globals['_COMPLETEENROLLMENTRESPONSE']._serialized_end=509
+  _globals['_GETCHALLENGEREQUEST']._serialized_start=511
+  _globals['_GETCHALLENGEREQUEST']._serialized_end=549
+  _globals['_GETCHALLENGERESPONSE']._serialized_start=552
+  _globals['_GETCHALLENGERESPONSE']._serialized_end=688
+  _globals['_PCRSELECTION']._serialized_start=690
+  _globals['_PCRSELECTION']._serialized_end=764
+  _globals['_QUOTE']._serialized_start=766
+  _globals['_QUOTE']._serialized_end=852
+  _globals['_ATTESTREQUEST']._serialized_start=855
+  _globals['_ATTESTREQUEST']._serialized_end=1098
+  _globals['_SNPEVIDENCE']._serialized_start=1100
+  _globals['_SNPEVIDENCE']._serialized_end=1147
+  _globals['_DENIEDKEY']._serialized_start=1149
+  _globals['_DENIEDKEY']._serialized_end=1220
+  _globals['_OUTPUTRECIPIENT']._serialized_start=1222
+  _globals['_OUTPUTRECIPIENT']._serialized_end=1295
+  _globals['_ATTESTRESPONSE']._serialized_start=1298
+  _globals['_ATTESTRESPONSE']._serialized_end=1550
+  _globals['_ENDSESSIONREQUEST']._serialized_start=1552
+  _globals['_ENDSESSIONREQUEST']._serialized_end=1636
+  _globals['_ENDSESSIONRESPONSE']._serialized_start=1638
+  _globals['_ENDSESSIONRESPONSE']._serialized_end=1658
+  _globals['_ATTESTATIONSERVICE']._serialized_start=1740
+  _globals['_ATTESTATIONSERVICE']._serialized_end=2198
 # @@protoc_insertion_point(module_scope)

@@ -44,22 +44,32 @@ class StartEnrollmentRequest(_message.Message):
     EK_PUBLIC_FIELD_NUMBER: _builtins.int
     EK_CERTIFICATE_FIELD_NUMBER: _builtins.int
     AK_PUBLIC_FIELD_NUMBER: _builtins.int
+    SNP_EVIDENCE_FIELD_NUMBER: _builtins.int
     ek_public: _builtins.bytes
     """The EK public area, marshalled TPM2B_PUBLIC."""
     ek_certificate: _builtins.bytes
     """The EK certificate (DER) from NV 0x01C00002 / 0x01C0000A, when the TPM has one."""
     ak_public: _builtins.bytes
     """The AK public area, marshalled TPM2B_PUBLIC (as `tpm2_createak --public` writes it)."""
+    @_builtins.property
+    def snp_evidence(self) -> Global___SnpEvidence:
+        """On an Azure SEV-SNP confidential VM: an HCL report whose runtime claims name this EK
+        (HCLEkPub) and AK (HCLAkPub), with user-data bound to this request (EK, AK and the TLS
+        certificate), and the VCEK. It vouches for an EK without a trusted certificate when the
+        broker's [broker.azure_snp] enroll setting allows it.
+        """
+
     def __init__(
         self,
         *,
         ek_public: _builtins.bytes = ...,
         ek_certificate: _builtins.bytes = ...,
         ak_public: _builtins.bytes = ...,
+        snp_evidence: Global___SnpEvidence | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["snp_evidence", b"snp_evidence"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ak_public", b"ak_public", "ek_certificate", b"ek_certificate", "ek_public", b"ek_public"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ak_public", b"ak_public", "ek_certificate", b"ek_certificate", "ek_public", b"ek_public", "snp_evidence", b"snp_evidence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -31,7 +31,7 @@ from broker.client import (
 from broker.errors import CustodyError
 from broker.release import open_release
 from cleanroom.v1 import attestation_pb2, common_pb2
-from evidence.binding import qualifying_data
+from evidence.binding import qualifying_data, snp_enrollment_binding
 from evidence.errors import EvidenceError
 from evidence.proto import bank_from_pb, bank_to_pb
 from sealing.errors import SealingError
@@ -99,12 +99,22 @@ def is_not_enrolled(e: BrokerClientError) -> bool:
     return isinstance(e, FailedPreconditionError) and "not enrolled" in e.details
 
 
-def enroll(tpm: TpmDevice, client: BrokerClient, ak: AkInfo) -> str:
+def enroll(
+    tpm: TpmDevice,
+    client: BrokerClient,
+    ak: AkInfo,
+    *,
+    snp: SnpCollector | None = None,
+    certificate_der: bytes = b"",
+) -> str:
     """Enrolls ``ak`` by credential activation under the TPM's EK; returns the AK name (hex).
 
     The broker checks the EK certificate (from NV) against its trusted EK CAs, seals a secret to
     the AK's name under the EK (MakeCredential), and the TPM releases it only if this AK and
-    that EK live in it together (ActivateCredential).
+    that EK live in it together (ActivateCredential). With ``snp`` (an Azure SEV-SNP
+    confidential VM), an HCL report naming the EK and the AK, bound to them and to the
+    sidecar's TLS certificate ``certificate_der``, is sent too: the broker may take it instead
+    of an EK certificate.
 
     Raises:
         EnrollmentFailedError: the broker refused the EK or AK, or the secret did not match.
@@ -113,9 +123,18 @@ def enroll(tpm: TpmDevice, client: BrokerClient, ak: AkInfo) -> str:
     """
     ek = tpm.create_ek()
     target = client.target
+    snp_evidence = None
+    if snp is not None:
+        binding = snp_enrollment_binding(
+            ek_public=ek.public, ak_public=ak.public, tls_certificate_der=certificate_der
+        )
+        snp_evidence = snp.collect(tpm, binding)
     try:
         start = client.start_enrollment(
-            ek_public=ek.public, ak_public=ak.public, ek_certificate=ek.certificate or b""
+            ek_public=ek.public,
+            ak_public=ak.public,
+            ek_certificate=ek.certificate or b"",
+            snp_evidence=snp_evidence,
         )
     except BrokerClientError as e:
         raise _enrollment_error(e, target, "starting enrollment") from e

@@ -424,7 +424,7 @@ def _run(
         if known is not None:
             _log.info("the recorded AK %s is not the TPM's AK %s; enrolling again", known, ak_name)
         challenge_future = None
-        ak_name = enroll(tpm, client, ak)
+        ak_name = enroll(tpm, client, ak, snp=snp_collector(config.tpm), certificate_der=cert_der)
         save_enrollment(config.runtime.state_dir, ak_name=ak_name, broker=target)
         enrolled_now = True
         timeline.mark("enrolled")
@@ -451,7 +451,7 @@ def _run(
             raise AttestationDeniedError(
                 f"the broker at {target} says AK {ak_name} is not enrolled right after enrolling it"
             )
-        ak_name = enroll(tpm, client, ak)
+        ak_name = enroll(tpm, client, ak, snp=snp_collector(config.tpm), certificate_der=cert_der)
         save_enrollment(config.runtime.state_dir, ak_name=ak_name, broker=target)
         timeline.mark("enrolled")
         challenge = _challenge(attester, None, target)

@@ -177,20 +177,28 @@ class SyntheticChip:
         vm_configuration: Mapping[str, Any] | None = None,
         claims_override: bytes | None = None,
         report_data: bytes | None = None,
+        ek_public: Any = None,
     ) -> bytes:
-        """An HCL report whose runtime claims name ``ak_public`` as ``HCLAkPub``."""
+        """An HCL report whose runtime claims name ``ak_public`` as ``HCLAkPub`` (and
+        ``ek_public``, when given, as ``HCLEkPub``)."""
+        keys = [_jwk(ak_public)]
+        if ek_public is not None:
+            keys.append(_jwk(ek_public, kid="HCLEkPub"))
         claims = (
             claims_override
             or json.dumps(
                 {
-                    "keys": [_jwk(ak_public)],
+                    "keys": keys,
                     "vm-configuration": dict(
                         vm_configuration
                         if vm_configuration is not None
                         else {"console-enabled": True, "secure-boot": True, "tpm-enabled": True}
                     ),
                     "user-data": user_data.hex().upper(),
-                }
+                },
+                # Compact, so that a report with an RSA AK and an ECC EK fits the 2 KiB an NV
+                # index of swtpm holds.
+                separators=(",", ":"),
             ).encode()
         )
         t = (tcb or self.tcb).raw()
@@ -215,7 +223,7 @@ class SyntheticChip:
         return header + bytes(r) + claims_header + claims
 
 
-def _jwk(key: Any) -> dict[str, Any]:
+def _jwk(key: Any, kid: str = "HCLAkPub") -> dict[str, Any]:
     def b64(n: int) -> str:
         return (
             base64.urlsafe_b64encode(n.to_bytes((n.bit_length() + 7) // 8, "big"))
@@ -226,7 +234,7 @@ def _jwk(key: Any) -> dict[str, Any]:
     if isinstance(key, rsa.RSAPublicKey):
         nums = key.public_numbers()
         return {
-            "kid": "HCLAkPub",
+            "kid": kid,
             "key_ops": ["sign"],
             "kty": "RSA",
             "e": b64(nums.e),
@@ -240,7 +248,7 @@ def _jwk(key: Any) -> dict[str, Any]:
         return base64.urlsafe_b64encode(n.to_bytes(size, "big")).decode().rstrip("=")
 
     crv = {"secp256r1": "P-256", "secp384r1": "P-384"}[key.curve.name]
-    return {"kid": "HCLAkPub", "kty": "EC", "crv": crv, "x": coord(enums.x), "y": coord(enums.y)}
+    return {"kid": kid, "kty": "EC", "crv": crv, "x": coord(enums.x), "y": coord(enums.y)}
 
 
 class EmulatedParavisorTpm(Tpm):
@@ -263,8 +271,11 @@ class EmulatedParavisorTpm(Tpm):
         chip: SyntheticChip,
         report: Mapping[str, Any] | None = None,
         stale: bool = False,
+        ek_public: Any = None,
     ) -> None:
         super().__init__(config)
+        #: The HCLEkPub to claim instead of this TPM's EK (another TPM's, in attack tests).
+        self.ek_public = ek_public
         self.chip = chip
         self.report = dict(report or {})
         self.stale = stale
@@ -275,8 +286,11 @@ class EmulatedParavisorTpm(Tpm):
         if index != USER_DATA_NV_INDEX:
             return
         ak = load_public(self.create_or_load_ak().public).key
+        ek = self.ek_public or load_public(self.create_ek().public).key
         user_data = bytes(64) if self.stale else data
-        report = self.chip.hcl_report(ak_public=ak, user_data=user_data, **self.report)
+        report = self.chip.hcl_report(
+            ak_public=ak, ek_public=ek, user_data=user_data, **self.report
+        )
         assert len(report) <= self.REPORT_NV_SIZE
         super().nv_write(HCL_REPORT_NV_INDEX, report.ljust(self.REPORT_NV_SIZE, b"\0"))
         self.reports_made += 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from evidence.proto import bank_to_pb, event_log_to_pb
 from sidecar.config import TpmConfig
 from sidecar.dataplane.keyring import KeyRing
 from sidecar.run.attest import Attester, enroll
-from sidecar.run.errors import AttestationDeniedError
+from sidecar.run.errors import AttestationDeniedError, EnrollmentFailedError
 from sidecar.snp import SnpCollector, VcekSource
 from tests.harness.amd_snp import EmulatedParavisorTpm, SyntheticAmdRoot, SyntheticChip
 from tests.harness.swtpm import SWTPM_LOCALCA_DIR, Swtpm
@@ -79,12 +80,18 @@ class Setup:
         return [r for r in records.records if r.action == action]
 
 
-def _broker(tmp: Path, amd: SyntheticAmdRoot, **snp: Any) -> BrokerProcess:
+def _broker(
+    tmp: Path, amd: SyntheticAmdRoot, *, trust_ek_ca: bool = True, **snp: Any
+) -> BrokerProcess:
     pki = make_pki(tmp / "pki")
     cas = [
         str(SWTPM_LOCALCA_DIR / "swtpm-localca-rootca-cert.pem"),
         str(SWTPM_LOCALCA_DIR / "issuercert.pem"),
     ]
+    if not trust_ek_ca:
+        # The swtpm's EK certificate chains to nothing the broker trusts: only the hardware
+        # root can vouch for its EK.
+        cas = []
     config = write_config(tmp / "broker.toml", tmp, pki, trusted_ek_ca_files=cas)
     root_file = tmp / "amd-test-root.pem"
     root_file.write_bytes(amd.pem())
@@ -100,8 +107,10 @@ def _broker(tmp: Path, amd: SyntheticAmdRoot, **snp: Any) -> BrokerProcess:
     return start_broker(config, pki, tmp)
 
 
-def _setup(tmp: Path, swtpm: Swtpm, amd: SyntheticAmdRoot, **snp: Any) -> Iterator[Setup]:
-    broker = _broker(tmp, amd, **snp)
+def _setup(
+    tmp: Path, swtpm: Swtpm, amd: SyntheticAmdRoot, *, trust_ek_ca: bool = True, **snp: Any
+) -> Iterator[Setup]:
+    broker = _broker(tmp, amd, trust_ek_ca=trust_ek_ca, **snp)
     try:
         add_parties(broker, "advertiser", "publisher")
         register_key(broker, "advertiser", "adv-data", secrets.token_bytes(32))
@@ -113,6 +122,16 @@ def _setup(tmp: Path, swtpm: Swtpm, amd: SyntheticAmdRoot, **snp: Any) -> Iterat
 @pytest.fixture
 def required(tmp_path: Path, swtpm: Swtpm, amd: SyntheticAmdRoot) -> Iterator[Setup]:
     yield from _setup(tmp_path, swtpm, amd, required=True)
+
+
+@pytest.fixture
+def snp_enrollment(tmp_path: Path, swtpm: Swtpm, amd: SyntheticAmdRoot) -> Iterator[Setup]:
+    yield from _setup(tmp_path, swtpm, amd, trust_ek_ca=False, required=True, enroll=True)
+
+
+@pytest.fixture
+def no_snp_enrollment(tmp_path: Path, swtpm: Swtpm, amd: SyntheticAmdRoot) -> Iterator[Setup]:
+    yield from _setup(tmp_path, swtpm, amd, trust_ek_ca=False, required=True)
 
 
 @pytest.fixture
@@ -147,6 +166,7 @@ def _attest(
     chip: SyntheticChip | None,
     report: dict[str, Any] | None = None,
     stale: bool = False,
+    ek_public: Any = None,
 ) -> tuple[set[str], EmulatedParavisorTpm]:
     """Enrolls the swtpm's AK, measures the workload and attests with the sidecar's code;
     returns the released key ids (empty when denied)."""
@@ -156,18 +176,22 @@ def _attest(
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
         files.append(path)
-    config = TpmConfig(tcti=s.swtpm.tcti)
+    # An ECC AK keeps the HCL report (AK and RSA EK as JWKs) within the 2 KiB of an swtpm NV
+    # index (Azure's vTPM has an RSA AK and a larger NV index; the unit tests verify that one).
+    config = TpmConfig(tcti=s.swtpm.tcti, ak_algorithm="ecc")
     assert chip is not None or report is None
     owner = chip or SyntheticAmdRoot(product="Unused").chip()
-    with (
-        EmulatedParavisorTpm(config, chip=owner, report=report, stale=stale) as tpm,
-        s.client() as client,
-    ):
-        ak = tpm.create_or_load_ak()
-        ak_name = enroll(tpm, client, ak)
-        measurement = tpm.measure(files, list(WORKLOAD))
+    tpm = EmulatedParavisorTpm(config, chip=owner, report=report, stale=stale, ek_public=ek_public)
+    with tpm, s.client() as client:
         vcek_file = s.tmp / "vcek.pem"
         vcek_file.write_bytes(owner.vcek.public_bytes(serialization.Encoding.PEM))
+        collector = SnpCollector(vcek=VcekSource(file=str(vcek_file))) if chip is not None else None
+        ak = tpm.create_or_load_ak()
+        try:
+            ak_name = enroll(tpm, client, ak, snp=collector, certificate_der=_sidecar_der(s))
+        except EnrollmentFailedError:
+            raise NotEnrolled(str(sys.exc_info()[1])) from None
+        measurement = tpm.measure(files, list(WORKLOAD))
         attester = Attester(
             tpm=tpm,
             client=client,
@@ -177,7 +201,7 @@ def _attest(
             banks=config.banks,
             pcrs=config.quoted_pcrs,
             key_ids=["adv-data"],
-            snp=SnpCollector(vcek=VcekSource(file=str(vcek_file))) if chip is not None else None,
+            snp=collector,
         )
         with KeyRing(valid_until=None) as ring:
             try:
@@ -187,6 +211,10 @@ def _attest(
                 assert e.__cause__.code == grpc.StatusCode.PERMISSION_DENIED
                 return set(), tpm
             return set(attestation.owners), tpm
+
+
+class NotEnrolled(Exception):
+    """The broker refused the enrollment."""
 
 
 def _sidecar_der(s: Setup) -> bytes:
@@ -206,7 +234,9 @@ def test_released_with_fresh_hardware_evidence(required: Setup, chip: SyntheticC
     _approve(required)
     released, tpm = _attest(required, chip=chip)
     assert released == {"adv-data"}
-    assert tpm.reports_made == 1
+    # One report for the enrollment (sent, but the EK certificate is what counts here), one
+    # for the attestation.
+    assert tpm.reports_made == 2
     # The report really sits in the swtpm's NV index, where tpm2-tools reads it too.
     nv = required.swtpm.tools("tpm2_nvreadpublic", "0x01400001").stdout
     assert "0x1400001" in nv
@@ -238,7 +268,9 @@ def test_refused_with_bad_hardware_evidence(
     _approve(required)
     released, tpm = _attest(required, chip=chip, **variant)
     assert released == set()
-    assert tpm.reports_made == 1
+    # One report for the enrollment (sent, but the EK certificate is what counts here), one
+    # for the attestation.
+    assert tpm.reports_made == 2
     assert reason in _last_denial(required)
 
 
@@ -259,3 +291,70 @@ def test_per_approval_requirement(optional: Setup, chip: SyntheticChip) -> None:
     assert any("requires AMD SEV-SNP evidence; none was verified" in r for r in withheld)
     released, _ = _attest(optional, chip=chip)
     assert released == {"adv-data"}
+
+
+# --- enrollment without an EK certificate ----------------------------------------------------
+
+
+def _ek_enrollments(s: Setup) -> list[admin_pb2.AuditRecord]:
+    return s.audit("ek.enroll")
+
+
+def _credential_denials(s: Setup) -> list[str]:
+    return [r.reason for r in s.audit("ak.credential") if r.decision == "deny"]
+
+
+def test_hardware_root_vouches_for_an_ek_without_a_trusted_certificate(
+    snp_enrollment: Setup, chip: SyntheticChip
+) -> None:
+    _approve(snp_enrollment)
+    released, tpm = _attest(snp_enrollment, chip=chip)
+    assert released == {"adv-data"}
+    # One report for the enrollment, one for the attestation.
+    assert tpm.reports_made == 2
+    (ek,) = _ek_enrollments(snp_enrollment)
+    assert ek.reason == "vouched by a verified AMD SEV-SNP HCL report"
+    aks = snp_enrollment.broker.admin("operator").ListAks(
+        admin_pb2.ListAksRequest(), timeout=TIMEOUT
+    )
+    assert [a.enrolled_by for a in aks.aks] == ["credential-activation"]
+
+
+def test_no_enrollment_without_the_hardware_root(snp_enrollment: Setup) -> None:
+    # The swtpm's EK certificate is not trusted here, and no SNP evidence comes with it.
+    with pytest.raises(NotEnrolled):
+        _attest(snp_enrollment, chip=None)
+    assert "no self-signed root among the trusted CA" in _credential_denials(snp_enrollment)[-1]
+    assert _ek_enrollments(snp_enrollment) == []
+
+
+def test_no_enrollment_through_the_hardware_root_unless_configured(
+    no_snp_enrollment: Setup, chip: SyntheticChip
+) -> None:
+    with pytest.raises(NotEnrolled):
+        _attest(no_snp_enrollment, chip=chip)
+    # The evidence is not even looked at: the untrusted EK certificate decides.
+    assert "no self-signed root among the trusted CA" in _credential_denials(no_snp_enrollment)[-1]
+    assert _ek_enrollments(no_snp_enrollment) == []
+
+
+@pytest.mark.parametrize(
+    "variant, reason",
+    [
+        ({"stale": True}, "SnpFreshnessError"),
+        ({"report": {"policy": 0x3001F | (1 << 19)}}, "SnpPolicyError: debug"),
+        ("other-ek", "SnpEkBindingError"),
+    ],
+    ids=["stale-user-data", "debug", "another-tpms-ek"],
+)
+def test_enrollment_refused_with_bad_hardware_evidence(
+    snp_enrollment: Setup, chip: SyntheticChip, variant: Any, reason: str
+) -> None:
+    if variant == "other-ek":
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        variant = {"ek_public": ec.generate_private_key(ec.SECP256R1()).public_key()}
+    with pytest.raises(NotEnrolled):
+        _attest(snp_enrollment, chip=chip, **variant)
+    assert reason in _credential_denials(snp_enrollment)[-1]
+    assert _ek_enrollments(snp_enrollment) == []
