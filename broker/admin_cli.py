@@ -841,7 +841,7 @@ def _approval_text(a: admin_pb2.Approval) -> str:
         ("keys", ", ".join(a.key_ids)),
         ("recipients", ", ".join(a.output_recipients)),
         ("golden set", a.golden_set or "-"),
-        ("requires SEV-SNP", _yes(a.require_snp)),
+        ("needs SNP", _yes(a.require_snp)),
         ("revoked", _yes(a.revoked)),
     ]
     for v in a.expected_pcrs:

@@ -181,7 +181,7 @@ class SyntheticChip:
     ) -> bytes:
         """An HCL report whose runtime claims name ``ak_public`` as ``HCLAkPub`` (and
         ``ek_public``, when given, as ``HCLEkPub``)."""
-        keys = [_jwk(ak_public)]
+        keys = [] if claims_override is not None else [_jwk(ak_public)]
         if ek_public is not None:
             keys.append(_jwk(ek_public, kid="HCLEkPub"))
         claims = (

@@ -460,3 +460,17 @@ def test_tcb_layout_on_turin() -> None:
     assert (t.fmc, t.bootloader, t.tee, t.snp, t.microcode) == (7, 4, 1, 24, 219)
     m = snp.TcbVersion.from_raw(raw, turin=False)
     assert (m.bootloader, m.tee, m.snp, m.microcode, m.fmc) == (7, 4, 0, 219, None)
+
+
+def test_ek_binding(chip: SyntheticChip, trusted: snp.AmdRoots, ak: rsa.RSAPrivateKey) -> None:
+    ek = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+    report = chip.hcl_report(ak_public=ak.public_key(), ek_public=ek)
+    claims = snp.verify_hcl_report(hcl_report=report, vcek=chip.vcek_der(), roots=trusted)
+    snp.check_ek_binding(claims, ek)
+    with pytest.raises(errors.SnpEkBindingError):
+        snp.check_ek_binding(claims, ak.public_key())
+    without = snp.verify_hcl_report(
+        hcl_report=chip.hcl_report(ak_public=ak.public_key()), vcek=chip.vcek_der(), roots=trusted
+    )
+    with pytest.raises(errors.SnpRuntimeClaimsError, match="0 HCLEkPub"):
+        snp.check_ek_binding(without, ek)
