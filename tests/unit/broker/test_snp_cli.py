@@ -105,3 +105,23 @@ def test_hcl_report_needs_the_vcek(tmp_path: Path, capsys: pytest.CaptureFixture
     del args[i : i + 2]
     assert main(args) != 0
     assert "--hcl-report and --vcek go together" in capsys.readouterr().err
+
+
+def test_public_that_is_the_reports_ak_is_accepted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    from broker import snp
+
+    m = milan_evidence()
+    claims = snp.verify_hcl_report(
+        hcl_report=m.hcl_report, vcek=m.vcek, roots=snp.pinned_amd_roots()
+    )
+    pem = claims.ak_public.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    (tmp_path / "ak.pem").write_bytes(pem)
+    args = [*_args(tmp_path), "--public", str(tmp_path / "ak.pem"), "--allow-unchecked-pem"]
+    assert main(args) == 0
+    assert capsys.readouterr().out.startswith("VALID\n")
