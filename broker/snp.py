@@ -115,6 +115,7 @@ _POLICY_SMT_BIT: Final = 1 << 16
 _POLICY_MIGRATE_MA_BIT: Final = 1 << 18
 _SIGNING_KEY_VCEK: Final = 0
 _SIGNING_KEY_VLEK: Final = 1
+_SIGNING_KEY_NAMES: Final = {_SIGNING_KEY_VCEK: "VCEK", _SIGNING_KEY_VLEK: "VLEK"}
 _TURIN_FAMILY: Final = 0x1A
 
 # AMD's VCEK/VLEK certificate extensions.
@@ -513,6 +514,8 @@ def _load_vcek(der: bytes) -> x509.Certificate:
 @dataclass(frozen=True)
 class _Chained:
     product: str
+    #: Whether the intermediate is AMD's VLEK signing key (ASVK, ``SEV-VLEK-<product>``).
+    vlek: bool
     #: (what, subject, not before, not after) of the VCEK, its ASK and the ARK.
     validity: tuple[tuple[str, str, datetime, datetime], ...]
 
@@ -533,7 +536,9 @@ def _chain_signatures(vcek_der: bytes, roots: AmdRoots) -> _Chained:
                 (what, c.subject.rfc4514_string(), c.not_valid_before_utc, c.not_valid_after_utc)
                 for c, what in ((vcek, "VCEK"), (inter, "ASK"), (root.ark, "ARK"))
             )
-            return _Chained(product=root.product, validity=validity)
+            cn = inter.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+            vlek = bool(cn) and str(cn[0].value).startswith("SEV-VLEK-")
+            return _Chained(product=root.product, vlek=vlek, validity=validity)
     raise SnpChainError(
         f"VCEK issuer {vcek.issuer.rfc4514_string()} is not a trusted AMD key "
         f"(trusted: {', '.join(roots.products) or 'none'})"
@@ -732,6 +737,14 @@ def verify_hcl_report(
         if not not_before <= at <= not_after:
             raise SnpChainError(f"{what} {subject} is not valid now")
     product = chained.product
+    # A VLEK is issued to a cloud provider, not to one chip: the report must say which key
+    # signed it, and that must be the kind of key the certificate is.
+    if chained.vlek != (report.signing_key == _SIGNING_KEY_VLEK):
+        kind = "a VLEK" if chained.vlek else "a VCEK"
+        raise SnpChainError(
+            f"the report's signing key field says {_SIGNING_KEY_NAMES[report.signing_key]} but "
+            f"the certificate is {kind}"
+        )
     try:
         key.verify(
             encode_dss_signature(report.signature_r, report.signature_s),

@@ -89,7 +89,7 @@ class Tcb:
 
 @dataclass
 class SyntheticAmdRoot:
-    """ARK and ASK of a made-up product line, ``ARK-<product>``."""
+    """ARK, ASK and ASVK (which signs VLEKs) of a made-up product line, ``ARK-<product>``."""
 
     product: str = "Test"
     #: An ASK subject to copy (an impostor's chain naming itself like AMD's real ASK).
@@ -98,22 +98,34 @@ class SyntheticAmdRoot:
     ask_key: rsa.RSAPrivateKey = field(init=False)
     ark: x509.Certificate = field(init=False)
     ask: x509.Certificate = field(init=False)
+    asvk_key: rsa.RSAPrivateKey = field(init=False)
+    asvk: x509.Certificate = field(init=False)
 
     def __post_init__(self) -> None:
         self.ark_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.ask_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.asvk_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         ark_name, ask_name = f"ARK-{self.product}", f"SEV-{self.product}"
         self.ark = _cert(ark_name, ark_name, self.ark_key.public_key(), self.ark_key)
         self.ask = _cert(
             self.ask_subject or ask_name, ark_name, self.ask_key.public_key(), self.ark_key
         )
+        self.asvk = _cert(
+            f"SEV-VLEK-{self.product}", ark_name, self.asvk_key.public_key(), self.ark_key
+        )
 
     def pem(self) -> bytes:
-        """ASK then ARK, as AMD's KDS serves a cert_chain."""
-        return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (self.ask, self.ark))
+        """ASK, ARK and ASVK, as in AMD's published files."""
+        certs = (self.ask, self.ark, self.asvk)
+        return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
 
-    def chip(self, chip_id: bytes | None = None, tcb: Tcb | None = None) -> SyntheticChip:
-        return SyntheticChip(root=self, chip_id=chip_id or os.urandom(64), tcb=tcb or Tcb())
+    def chip(
+        self, chip_id: bytes | None = None, tcb: Tcb | None = None, *, vlek: bool = False
+    ) -> SyntheticChip:
+        """A chip with its VCEK, or (``vlek``) a cloud provider's VLEK."""
+        return SyntheticChip(
+            root=self, chip_id=chip_id or os.urandom(64), tcb=tcb or Tcb(), vlek=vlek
+        )
 
 
 @dataclass
@@ -123,6 +135,7 @@ class SyntheticChip:
     root: SyntheticAmdRoot
     chip_id: bytes
     tcb: Tcb
+    vlek: bool = False
     key: ec.EllipticCurvePrivateKey = field(init=False)
     vcek: x509.Certificate = field(init=False)
 
@@ -149,9 +162,20 @@ class SyntheticChip:
             x509.UnrecognizedExtension(x509.ObjectIdentifier(f"{_AMD}.3.2"), _der_int(t.tee)),
             x509.UnrecognizedExtension(x509.ObjectIdentifier(f"{_AMD}.3.3"), _der_int(t.snp)),
             x509.UnrecognizedExtension(x509.ObjectIdentifier(f"{_AMD}.3.8"), _der_int(t.microcode)),
-            x509.UnrecognizedExtension(x509.ObjectIdentifier(f"{_AMD}.4"), hwid or self.chip_id),
         ]
         public = (key or self.key).public_key()
+        if self.vlek:
+            # A VLEK names no chip: AMD issues it to a cloud provider, signed by the ASVK.
+            return _cert(
+                "SEV-VLEK",
+                self.root.asvk.subject,
+                public,
+                self.root.asvk_key,
+                ext,  # type: ignore[arg-type]
+            )
+        ext.append(
+            x509.UnrecognizedExtension(x509.ObjectIdentifier(f"{_AMD}.4"), hwid or self.chip_id)
+        )
         return _cert(
             "SEV-VCEK",
             self.root.ask.subject,
@@ -178,6 +202,7 @@ class SyntheticChip:
         claims_override: bytes | None = None,
         report_data: bytes | None = None,
         ek_public: Any = None,
+        signing_key: int | None = None,
     ) -> bytes:
         """An HCL report whose runtime claims name ``ak_public`` as ``HCLAkPub`` (and
         ``ek_public``, when given, as ``HCLEkPub``)."""
@@ -206,6 +231,9 @@ class SyntheticChip:
         struct.pack_into("<IIQ", r, 0, version, 1, policy)
         struct.pack_into("<II", r, 0x30, vmpl, 1)
         struct.pack_into("<QQ", r, 0x38, t, 0)
+        # Bits 2-4 of the flags: 0 for a VCEK, 1 for a VLEK.
+        key_kind = signing_key if signing_key is not None else int(self.vlek)
+        struct.pack_into("<I", r, 0x48, key_kind << 2)
         r[0x50:0x90] = report_data or hashlib.sha256(claims).digest() + bytes(32)
         r[0x90:0xC0] = measurement
         struct.pack_into("<Q", r, 0x180, t)

@@ -474,3 +474,22 @@ def test_ek_binding(chip: SyntheticChip, trusted: snp.AmdRoots, ak: rsa.RSAPriva
     )
     with pytest.raises(errors.SnpRuntimeClaimsError, match="0 HCLEkPub"):
         snp.check_ek_binding(without, ek)
+
+
+def test_vlek_signed_report_verifies(
+    root: SyntheticAmdRoot, trusted: snp.AmdRoots, ak: rsa.RSAPrivateKey
+) -> None:
+    vlek = root.chip(vlek=True)
+    report = vlek.hcl_report(ak_public=ak.public_key())
+    claims = snp.verify_hcl_report(hcl_report=report, vcek=vlek.vcek_der(), roots=trusted)
+    assert claims.signing_key == "vlek" and claims.product == "Test"
+
+
+@pytest.mark.parametrize("vlek", [False, True], ids=["vcek-says-vlek", "vlek-says-vcek"])
+def test_signing_key_field_must_match_the_certificate(
+    root: SyntheticAmdRoot, trusted: snp.AmdRoots, ak: rsa.RSAPrivateKey, vlek: bool
+) -> None:
+    signer = root.chip(vlek=vlek)
+    report = signer.hcl_report(ak_public=ak.public_key(), signing_key=0 if vlek else 1)
+    with pytest.raises(errors.SnpChainError, match="signing key field"):
+        snp.verify_hcl_report(hcl_report=report, vcek=signer.vcek_der(), roots=trusted)
