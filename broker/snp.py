@@ -37,7 +37,7 @@ import warnings
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from importlib import resources
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
@@ -490,7 +490,9 @@ def pinned_amd_roots() -> AmdRoots:
         SnpChainError: the package data is damaged.
     """
     roots = AmdRoots(roots=())
-    base = resources.files("broker") / "amd_roots"
+    # Next to this module, not resources.files("broker"): a directory named broker/ in the
+    # working directory (the demo's state folder) must not stand in for the package's data.
+    base = Path(__file__).with_name("amd_roots")
     for product in AMD_PRODUCTS:
         pem = (base / f"{product.lower()}.pem").read_bytes()
         roots = roots + load_amd_roots(pem, what=f"pinned {product} roots")
