@@ -16,10 +16,12 @@ the recipients the approved workload names. See docs/workload-sdk.md.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from typing import Any
 
 from workload.client import (
+    DEFAULT_MAX_SEEKABLE_BYTES,
     SOCKET_ENV,
     Client,
     InputInfo,
@@ -28,12 +30,14 @@ from workload.client import (
     OutputStream,
     TextOutputStream,
     default_client,
+    seekable_copy,
 )
 from workload.errors import (
     AccessDeniedError,
     InputError,
     InputIntegrityError,
     InputNotFoundError,
+    InputTooLargeError,
     InputUnavailableError,
     OutputError,
     OutputFailedError,
@@ -44,6 +48,7 @@ from workload.errors import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_SEEKABLE_BYTES",
     "SOCKET_ENV",
     "AccessDeniedError",
     "Client",
@@ -52,6 +57,7 @@ __all__ = [
     "InputIntegrityError",
     "InputNotFoundError",
     "InputStream",
+    "InputTooLargeError",
     "InputUnavailableError",
     "OutputError",
     "OutputFailedError",
@@ -67,7 +73,9 @@ __all__ = [
     "default_client",
     "list_inputs",
     "open_input",
+    "open_seekable_input",
     "read_csv",
+    "seekable_copy",
 ]
 
 
@@ -87,6 +95,18 @@ def open_input(name: str) -> InputStream:
         SidecarConnectionError: ``CLEANROOM_WORKLOAD_SOCKET`` is unset.
     """
     return default_client().open_input(name)
+
+
+def open_seekable_input(name: str, *, max_bytes: int = DEFAULT_MAX_SEEKABLE_BYTES) -> io.BytesIO:
+    """Reads a whole input into a bounded in-memory seekable file, for Parquet (see
+    :meth:`Client.open_seekable_input`).
+
+    Raises:
+        SidecarConnectionError: ``CLEANROOM_WORKLOAD_SOCKET`` is unset.
+        InputTooLargeError: the input holds more than ``max_bytes``.
+        InputIntegrityError, InputNotFoundError, WorkloadError: see :class:`InputStream`.
+    """
+    return default_client().open_seekable_input(name, max_bytes=max_bytes)
 
 
 def create_output(name: str) -> OutputStream:

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Self
+from typing import IO, TYPE_CHECKING, Any, Final, Self
 
 import grpc
 
@@ -26,6 +26,7 @@ from workload.errors import (
     AccessDeniedError,
     InputIntegrityError,
     InputNotFoundError,
+    InputTooLargeError,
     InputUnavailableError,
     OutputFailedError,
     OutputRejectedError,
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_MAX_MESSAGE_SIZE",
+    "DEFAULT_MAX_SEEKABLE_BYTES",
     "SOCKET_ENV",
     "Client",
     "InputInfo",
@@ -54,6 +56,7 @@ __all__ = [
     "OutputReceipt",
     "OutputStream",
     "TextOutputStream",
+    "seekable_copy",
 ]
 
 #: The environment variable that holds the sidecar's socket path.
@@ -64,6 +67,9 @@ DEFAULT_CHUNK_SIZE: Final = 1 << 20
 
 #: Largest gRPC message sent or received; the sidecar's default limit.
 DEFAULT_MAX_MESSAGE_SIZE: Final = 4 << 20
+
+#: Largest input :func:`seekable_copy` holds in memory by default (512 MiB).
+DEFAULT_MAX_SEEKABLE_BYTES: Final = 512 << 20
 
 # Chunks queued between write() and the gRPC sender thread: enough to keep the socket busy,
 # little enough that memory does not grow with the output.
@@ -518,6 +524,35 @@ class TextOutputStream(io.TextIOWrapper):
             self.abort()
 
 
+def seekable_copy(
+    stream: IO[bytes] | InputStream, *, max_bytes: int = DEFAULT_MAX_SEEKABLE_BYTES, name: str = ""
+) -> io.BytesIO:
+    """The rest of ``stream`` as a seekable in-memory file, for readers that need random access
+    (Parquet reads its footer first). The copy lives only in this process's memory, never on
+    disk, and holds at most ``max_bytes``.
+
+    The sidecar serves an input only as one authenticated forward stream, so a seekable view
+    costs the input's size in memory; the limit turns an input too large for that into a clear
+    error instead of an exhausted TEE. Stream CSV instead when an input may be that large.
+
+    Raises:
+        InputTooLargeError: the stream holds more than ``max_bytes``.
+        InputIntegrityError, WorkloadError: reading the stream failed (see :class:`InputStream`).
+    """
+    copy = io.BytesIO()
+    while chunk := stream.read(min(1 << 20, max_bytes + 1 - copy.tell())):
+        copy.write(chunk)
+        if copy.tell() > max_bytes:
+            copy.close()
+            what = f"input {name!r}" if name else "the input"
+            raise InputTooLargeError(
+                f"{what} is larger than {max_bytes} bytes, the limit for an in-memory seekable "
+                "copy; raise max_bytes or stream it (CSV) instead"
+            )
+    copy.seek(0)
+    return copy
+
+
 class Client:
     """A connection to the sidecar's workload socket (a context manager).
 
@@ -602,6 +637,19 @@ class Client:
         """
         call = self._read_input(workload_pb2.ReadInputRequest(name=name))
         return InputStream(call, name)
+
+    def open_seekable_input(
+        self, name: str, *, max_bytes: int = DEFAULT_MAX_SEEKABLE_BYTES
+    ) -> io.BytesIO:
+        """Reads a whole input into a seekable in-memory file (see :func:`seekable_copy`), for
+        ``pyarrow.parquet.read_table`` and other readers that need random access.
+
+        Raises:
+            InputTooLargeError: the input holds more than ``max_bytes``.
+            InputIntegrityError, InputNotFoundError, WorkloadError: see :class:`InputStream`.
+        """
+        with self.open_input(name) as stream:
+            return seekable_copy(stream, max_bytes=max_bytes, name=name)
 
     def create_output(self, name: str) -> OutputStream:
         """Starts an output (use it in a ``with`` block; see :class:`OutputStream`).

@@ -9,8 +9,9 @@ The tree, by failure area::
     ├── InputError                 an input cannot be read
     │   ├── InputNotFoundError         no input of that name
     │   ├── InputIntegrityError        the input is tampered or truncated: discard what was read
-    │   └── InputUnavailableError      the sidecar cannot serve it now (attestation expired,
-    │                                  storage unreachable)
+    │   ├── InputUnavailableError      the sidecar cannot serve it now (attestation expired,
+    │   │                              storage unreachable)
+    │   └── InputTooLargeError         a seekable (in-memory) copy would exceed its limit
     └── OutputError                an output cannot be written
         ├── OutputRejectedError        bad name or an output of that name already exists
         └── OutputFailedError          the sidecar could not seal or store it; nothing is kept
@@ -50,6 +51,11 @@ class InputIntegrityError(InputError):
 class InputUnavailableError(InputError):
     """The sidecar cannot serve the input now: its attestation expired and could not be renewed,
     or the sealed data cannot be read from storage."""
+
+
+class InputTooLargeError(InputError):
+    """An input is larger than the limit set for an in-memory seekable copy of it (see
+    :func:`workload.client.seekable_copy`); nothing of it is kept."""
 
 
 class OutputError(WorkloadError):

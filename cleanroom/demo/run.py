@@ -72,6 +72,9 @@ _DATA_DESCRIPTION: Final = {
     "advertiser": "ad impressions, clicks and conversions",
     "publisher": "page views and audience segments",
 }
+#: The example workload's HTML report, which each party opens in a browser.
+REPORT_OUTPUT: Final = "report.html"
+
 #: The file the tamper step changes (a module of the example workload, not the SDK).
 TAMPER_TARGET: Final = "workload/example/analysis.py"
 _BROKER_START_TIMEOUT: Final = 60.0
@@ -132,6 +135,8 @@ class DemoResult:
     kek_refs: dict[str, str] = field(default_factory=dict)
     #: Key Vault unwraps the broker made while the good run attested (--azure-emulators).
     key_vault_unwraps: int = 0
+    #: party -> its opened copy of the workload's HTML report.
+    reports: dict[str, Path] = field(default_factory=dict)
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -989,6 +994,10 @@ class Demo:
                 else f"opened {', '.join(done)}"
             )
             self.say(party, f"{did} with its private key: {self.layout.rel(opened_dir)}/")
+            report = opened_dir / REPORT_OUTPUT
+            if report.is_file():
+                self.result.reports[party] = report
+                self.say(party, f"its visual report, to open in a browser: {report}")
         first = self.layout.opened(PARTIES[0])
         for path in sorted(first.iterdir()):
             self.result.headlines[path.name] = _headline(path)
@@ -1067,6 +1076,8 @@ class Demo:
                     f"sealed to {', '.join(recipients)}" + (f": {headline}" if headline else ""),
                 )
             )
+        for party, report in r.reports.items():
+            rows.append((f"{party}'s report", str(report)))
         if r.tampered is not None and r.tampered_byte is not None:
             t = r.tampered
             pcr = t.pcr23.get("sha256")
@@ -1189,6 +1200,11 @@ def _headline(path: Path) -> str:
                 header = next(reader, [])
                 count = sum(1 for _ in reader)
             return f"{count:,} synthetic rows, columns {', '.join(header)}"
+        if path.suffix == ".html":
+            return (
+                f"HTML report ({human_bytes(path.stat().st_size)}, charts inline): conversion "
+                "by segment, ROC curve, synthetic vs real marginals"
+            )
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"unreadable: {e}"
     return human_bytes(path.stat().st_size)

@@ -1,10 +1,9 @@
-"""The example workload's entry point: read both parties' inputs through the workload SDK, run
-:func:`workload.example.analysis.analyze`, write ``insights.json`` and ``synthetic.csv``.
+"""The example workload's entry point (``python -m workload.example``): read both parties'
+inputs through the workload SDK with pandas, analyse them, write ``insights.json``,
+``synthetic.csv`` and ``report.html``.
 
-Run it under the sidecar as ``python -m workload.example``. It reaches its data only through
-the SDK (:class:`WorkloadIO`, by default the sidecar client from ``CLEANROOM_WORKLOAD_SOCKET``)
-and never sees a key. Everything is computed before the first output is written, so a failure
-in the analysis leaves no output behind.
+Inputs are CSV or Parquet (recognised by Parquet's ``PAR1`` magic). Everything is computed
+before the first output is written, so a failure leaves no output behind.
 
 Exit status: 0 on success; 2 when the inputs or the arguments are unusable (a missing column,
 too few people in common); 1 when the sidecar fails (unreachable, an input tampered with, an
@@ -14,227 +13,163 @@ output refused).
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import json
 import os
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Final, Literal, Protocol
+from typing import Final, Literal, Protocol, cast
 
 import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
 
+from workload.client import seekable_copy
 from workload.errors import WorkloadError
-from workload.example.analysis import (
-    DEFAULT_K,
-    DEFAULT_L2,
-    DEFAULT_TEST_FRACTION,
-    ID_COLUMN,
-    Analysis,
-    Table,
-    analyze,
-    read_advertiser,
-    read_publisher,
-)
-from workload.example.errors import ExampleError
-
-__all__ = [
-    "ADVERTISER_INPUT_ENV",
-    "EXIT_INPUT",
-    "EXIT_OK",
-    "EXIT_SIDECAR",
-    "K_ENV",
-    "PUBLISHER_INPUT_ENV",
-    "SEED_ENV",
-    "BinarySink",
-    "Options",
-    "WorkloadIO",
-    "insights_json",
-    "main",
-    "options_from_args",
-    "run",
-    "write_synthetic_csv",
-]
+from workload.example import analysis as A
+from workload.example.errors import ExampleError, InputDataError
+from workload.example.report import render
+from workload.example.synthetic import synthesize
 
 ADVERTISER_INPUT_ENV: Final = "CLEANROOM_EXAMPLE_ADVERTISER_INPUT"
 PUBLISHER_INPUT_ENV: Final = "CLEANROOM_EXAMPLE_PUBLISHER_INPUT"
 K_ENV: Final = "CLEANROOM_EXAMPLE_K"
 SEED_ENV: Final = "CLEANROOM_EXAMPLE_SEED"
-
 EXIT_OK: Final = 0
 EXIT_SIDECAR: Final = 1
 EXIT_INPUT: Final = 2
-
-_CSV_CHUNK_ROWS: Final = 65_536
-
-
-class BinarySink(Protocol):
-    """A writable binary stream (an SDK output)."""
-
-    def write(self, data: bytes, /) -> object: ...
+NUMERIC: Final = (*A.ADVERTISER_NUMERIC, *A.PUBLISHER_NUMERIC)
 
 
 class WorkloadIO(Protocol):
     """The part of the workload SDK this workload uses; :class:`workload.Client` is one."""
 
-    def read_csv(self, name: str) -> Iterable[Mapping[str, str]]: ...
+    def open_input(self, name: str) -> AbstractContextManager[io.RawIOBase | io.BufferedIOBase]: ...
 
-    def create_output(self, name: str) -> AbstractContextManager[BinarySink]: ...
+    def create_output(
+        self, name: str
+    ) -> AbstractContextManager[io.RawIOBase | io.BufferedIOBase]: ...
 
 
 @dataclass(frozen=True, kw_only=True)
 class Options:
-    """What to read, what to write and how to analyse."""
+    """What to read, what to write and how to analyse (see ``--help``)."""
 
     advertiser_input: str = "advertiser"
     publisher_input: str = "publisher"
     insights_output: str = "insights.json"
     synthetic_output: str = "synthetic.csv"
-    k: int = DEFAULT_K
-    test_fraction: float = DEFAULT_TEST_FRACTION
-    l2: float = DEFAULT_L2
+    report_output: str = "report.html"
+    k: int = A.DEFAULT_K
+    test_fraction: float = A.DEFAULT_TEST_FRACTION
+    l2: float = A.DEFAULT_L2
     synthetic_rows: int | None = None
     exclude_real_rows: Literal["all", "rare"] = "all"
-    #: None draws fresh randomness for the split and the synthetic data.
     seed: int | None = None
 
 
-def insights_json(insights: Mapping[str, object]) -> bytes:
-    """The insights document as UTF-8 JSON (strict: no NaN or infinity).
+def read_input(sdk: WorkloadIO, name: str, *, source: str) -> pd.DataFrame:
+    """An input as strings, from its plaintext stream: CSV through ``pandas.read_csv``, Parquet
+    (which needs random access to its footer) through an in-memory copy.
 
     Raises:
-        ValueError: a figure is not finite.
+        InputDataError: the input is not CSV or Parquet that pandas can parse.
+        WorkloadError: the SDK failed to read it (see :class:`workload.InputStream`).
     """
-    return (json.dumps(insights, indent=2, allow_nan=False) + "\n").encode()
+    with (
+        sdk.open_input(name) as raw,
+        io.BufferedReader(cast(io.RawIOBase, raw), 1 << 20) as stream,
+    ):
+        try:
+            if stream.peek(4)[:4] == b"PAR1":
+                # Parquet needs its footer first: a bounded in-memory copy, never a file.
+                table = pq.read_table(seekable_copy(stream, name=name))
+                return table.to_pandas().astype(str)
+            return pd.read_csv(stream, dtype=str, keep_default_na=False)
+        except (ValueError, OSError) as e:
+            if isinstance(e, WorkloadError):
+                raise
+            # The parser's message can quote the data; name only the input.
+            raise InputDataError(
+                f"{source} input is not a CSV or Parquet file pandas can read"
+            ) from None
 
 
-def write_synthetic_csv(table: Table, out: BinarySink) -> None:
-    """Writes ``table`` as UTF-8 CSV (``user_id`` then the data columns), in chunks."""
-    columns = [*table.numeric.values(), *table.categorical.values()]
-    buffer = io.StringIO(newline="")
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([ID_COLUMN, *table.columns])
-    for start in range(0, len(table), _CSV_CHUNK_ROWS):
-        stop = start + _CSV_CHUNK_ROWS
-        ids = [uid.decode() for uid in table.ids[start:stop].tolist()]
-        writer.writerows(zip(ids, *(c[start:stop].tolist() for c in columns), strict=True))
-        out.write(buffer.getvalue().encode())
-        buffer.seek(0)
-        buffer.truncate()
-    if buffer.tell():
-        out.write(buffer.getvalue().encode())
-
-
-def run(sdk: WorkloadIO, options: Options) -> Analysis:
-    """Reads both inputs, analyses them, then writes both outputs.
+def run(sdk: WorkloadIO, options: Options) -> A.Analysis:
+    """Reads both inputs, analyses them, then writes the three outputs.
 
     Raises:
-        InputDataError, InsufficientDataError, ModelFitError, SynthesisError: the data cannot
-            be analysed (nothing is written).
+        ExampleError: the data cannot be analysed (nothing is written).
         WorkloadError: the SDK failed to read an input or to commit an output.
         ValueError: an option is out of range.
     """
-    advertiser = read_advertiser(sdk.read_csv(options.advertiser_input))
-    publisher = read_publisher(sdk.read_csv(options.publisher_input))
-    analysis = analyze(
+    advertiser = A.validate(
+        read_input(sdk, options.advertiser_input, source="advertiser"),
+        source="advertiser",
+        numeric=A.ADVERTISER_NUMERIC,
+    )
+    publisher = A.validate(
+        read_input(sdk, options.publisher_input, source="publisher"),
+        source="publisher",
+        numeric=A.PUBLISHER_NUMERIC,
+        categorical=A.PUBLISHER_CATEGORICAL,
+    )
+    analysis = A.analyze(
         advertiser,
         publisher,
         k=options.k,
         test_fraction=options.test_fraction,
         l2=options.l2,
-        synthetic_rows=options.synthetic_rows,
-        exclude_real_rows=options.exclude_real_rows,
-        rng=np.random.default_rng(options.seed),
+        seed=options.seed,
     )
-    document = insights_json(analysis.insights)
+    real = analysis.joined.drop(columns=A.ID_COLUMN)
+    synthetic, redrawn = synthesize(
+        real,
+        rows=options.synthetic_rows or len(real),
+        k=options.k,
+        categorical=A.PUBLISHER_CATEGORICAL,
+        numeric=NUMERIC,
+        by="segment",
+        rng=np.random.default_rng(options.seed),
+        exclude_ids=pd.concat([advertiser[A.ID_COLUMN], publisher[A.ID_COLUMN]]),
+        exclude=options.exclude_real_rows,
+    )
+    analysis.insights["synthetic"] = {
+        "method": "gaussian_copula_per_segment",
+        "rows": len(synthetic),
+        "columns": list(synthetic.columns),
+        "excluded_real_rows": options.exclude_real_rows,
+        "redrawn_share": redrawn,
+    }
+    document = json.dumps(analysis.insights, indent=2, allow_nan=False) + "\n"
+    report = render(
+        analysis.insights,
+        by_segment=analysis.by_segment,
+        two_way=analysis.by_segment_and_age_band,
+        roc=analysis.roc,
+        real=real,
+        synthetic=synthetic,
+        columns=[*NUMERIC, *A.PUBLISHER_CATEGORICAL],
+    )
     with sdk.create_output(options.insights_output) as out:
-        out.write(document)
+        out.write(document.encode())
     with sdk.create_output(options.synthetic_output) as out:
-        write_synthetic_csv(analysis.synthetic, out)
+        synthetic.to_csv(out, index=False, lineterminator="\n", chunksize=65_536)
+    with sdk.create_output(options.report_output) as out:
+        out.write(report.encode())
     return analysis
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be a positive integer")
-    return value
+def _checked(kind: type[float], test: str, ok: object) -> object:
+    def parse(text: str) -> float:
+        value = kind(text)
+        if not ok(value):  # type: ignore[operator]
+            raise argparse.ArgumentTypeError(test)
+        return value
 
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError("must be strictly between 0 and 1")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if not value >= 0.0 or value == float("inf"):
-        raise argparse.ArgumentTypeError("must be a non-negative number")
-    return value
-
-
-def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m workload.example",
-        description=(
-            "The example clean-room workload: join the advertiser's and the publisher's data, "
-            "train a conversion model, write aggregate insights and synthetic data. Runs under "
-            "the clean-room sidecar."
-        ),
-    )
-    p.add_argument(
-        "--advertiser-input",
-        default=env.get(ADVERTISER_INPUT_ENV, "advertiser"),
-        help=f"advertiser's input name (${ADVERTISER_INPUT_ENV}, default advertiser)",
-    )
-    p.add_argument(
-        "--publisher-input",
-        default=env.get(PUBLISHER_INPUT_ENV, "publisher"),
-        help=f"publisher's input name (${PUBLISHER_INPUT_ENV}, default publisher)",
-    )
-    p.add_argument("--insights-output", default="insights.json", help="(insights.json)")
-    p.add_argument("--synthetic-output", default="synthetic.csv", help="(synthetic.csv)")
-    p.add_argument(
-        "-k",
-        type=_positive_int,
-        default=env.get(K_ENV, str(DEFAULT_K)),
-        help=f"smallest group any published figure may describe (${K_ENV}, default {DEFAULT_K})",
-    )
-    p.add_argument(
-        "--test-fraction",
-        type=_fraction,
-        default=DEFAULT_TEST_FRACTION,
-        help=f"held-out share of the joined rows ({DEFAULT_TEST_FRACTION})",
-    )
-    p.add_argument(
-        "--l2", type=_non_negative, default=DEFAULT_L2, help=f"L2 penalty ({DEFAULT_L2})"
-    )
-    p.add_argument(
-        "--synthetic-rows",
-        type=_positive_int,
-        default=None,
-        help="synthetic rows to write (default: as many as the join)",
-    )
-    p.add_argument(
-        "--exclude-real-rows",
-        choices=("all", "rare"),
-        default="all",
-        help=(
-            "redraw synthetic rows equal to any real row (all, the default) or only to a real "
-            "row fewer than k people share (rare)"
-        ),
-    )
-    p.add_argument(
-        "--seed",
-        type=int,
-        default=env.get(SEED_ENV),
-        help=f"random seed for the split and the synthetic data (${SEED_ENV}; default: fresh)",
-    )
-    return p
+    return parse
 
 
 def options_from_args(
@@ -245,19 +180,35 @@ def options_from_args(
     Raises:
         SystemExit: the arguments are invalid (argparse prints why; status 2).
     """
-    args = _parser(os.environ if env is None else env).parse_args(argv)
-    return Options(
-        advertiser_input=args.advertiser_input,
-        publisher_input=args.publisher_input,
-        insights_output=args.insights_output,
-        synthetic_output=args.synthetic_output,
-        k=args.k,
-        test_fraction=args.test_fraction,
-        l2=args.l2,
-        synthetic_rows=args.synthetic_rows,
-        exclude_real_rows=args.exclude_real_rows,
-        seed=args.seed,
+    env = os.environ if env is None else env
+    positive = _checked(int, "must be a positive integer", lambda v: v >= 1)
+    p = argparse.ArgumentParser(
+        prog="python -m workload.example",
+        description="The example clean-room workload: join the advertiser's and the "
+        "publisher's data, train a conversion model, write aggregate insights, synthetic data "
+        "and an HTML report. Runs under the clean-room sidecar.",
     )
+    p.add_argument("--advertiser-input", default=env.get(ADVERTISER_INPUT_ENV, "advertiser"))
+    p.add_argument("--publisher-input", default=env.get(PUBLISHER_INPUT_ENV, "publisher"))
+    p.add_argument("--insights-output", default="insights.json")
+    p.add_argument("--synthetic-output", default="synthetic.csv")
+    p.add_argument("--report-output", default="report.html")
+    p.add_argument("-k", type=positive, default=env.get(K_ENV, str(A.DEFAULT_K)))  # type: ignore[arg-type]
+    p.add_argument(
+        "--test-fraction",
+        type=_checked(float, "must be strictly between 0 and 1", lambda v: 0 < v < 1),  # type: ignore[arg-type]
+        default=A.DEFAULT_TEST_FRACTION,
+    )
+    p.add_argument(
+        "--l2",
+        type=_checked(float, "must be a non-negative number", lambda v: 0 <= v < float("inf")),  # type: ignore[arg-type]
+        default=A.DEFAULT_L2,
+    )
+    p.add_argument("--synthetic-rows", type=positive, default=None)  # type: ignore[arg-type]
+    p.add_argument("--exclude-real-rows", choices=("all", "rare"), default="all")
+    p.add_argument("--seed", type=int, default=env.get(SEED_ENV))
+    args = p.parse_args(argv)
+    return Options(**{k: v for k, v in vars(args).items()})
 
 
 def main(
@@ -275,8 +226,9 @@ def main(
         if sdk is None:
             from workload import default_client
 
-            sdk = default_client()
-        run(sdk, options)
+            run(default_client(), options)
+        else:
+            run(sdk, options)
     except ExampleError as e:
         print(f"example workload: {e}", file=sys.stderr)
         return EXIT_INPUT
@@ -284,8 +236,6 @@ def main(
         print(f"example workload: {e}", file=sys.stderr)
         return EXIT_SIDECAR
     # Counts stay out of the log: the operator who reads it is not one of the parties.
-    print(
-        f"example workload: wrote {options.insights_output} and {options.synthetic_output}",
-        file=sys.stderr,
-    )
+    names = (options.insights_output, options.synthetic_output, options.report_output)
+    print(f"example workload: wrote {', '.join(names)}", file=sys.stderr)
     return EXIT_OK

@@ -7,7 +7,6 @@ The tree::
     ExampleError
     ├── InputDataError           an input lacks a column, has a malformed value or repeats an id
     ├── InsufficientDataError    too few joined people (or one outcome only) to report safely
-    ├── ModelFitError            the logistic regression did not converge
     └── SynthesisError           no synthetic sample free of real rows could be drawn
 
 Messages name columns and row numbers, never values: the values are the parties' plaintext.
@@ -21,7 +20,6 @@ __all__ = [
     "ExampleError",
     "InputDataError",
     "InsufficientDataError",
-    "ModelFitError",
     "SynthesisError",
 ]
 
@@ -38,10 +36,6 @@ class InputDataError(ExampleError):
 class InsufficientDataError(ExampleError):
     """The joined data is too small to report on without exposing individuals (fewer than k
     people), or it holds only one outcome, so no model can be trained or evaluated."""
-
-
-class ModelFitError(ExampleError):
-    """The logistic regression did not converge (or its system was singular)."""
 
 
 class SynthesisError(ExampleError):
