@@ -26,7 +26,7 @@ from matplotlib.patches import Rectangle
 # Text stays text in the SVG (smaller, searchable, readable by screen readers); fixed ids and
 # no date make the same analysis give the same bytes.
 plt.rcParams.update({"svg.fonttype": "none", "svg.hashsalt": "cleanroom", "figure.dpi": 96})
-_SUPPRESSED: dict[str, Any] = {"color": "#eeeeee", "edgecolor": "#999999", "hatch": "///"}
+_SUPPRESSED: dict[str, Any] = {"facecolor": "#eeeeee", "edgecolor": "#999999", "hatch": "///"}
 
 
 def _svg(fig: Figure) -> str:

@@ -133,19 +133,19 @@ def synthesize(
     forbidden_keys = set(forbidden.index)
     out = _draw(real, rows, categorical=categorical, numeric=numeric, by=by, k=k, rng=rng)
     redrawn = np.zeros(rows, dtype=bool)
-    for _ in range(max_rounds):
+    for attempt in range(max_rounds + 1):
         clash = np.array([key in forbidden_keys for key in out.itertuples(index=False, name=None)])
         if not clash.any():
             break
+        if attempt == max_rounds:
+            raise SynthesisError(
+                f"rows equal to real rows were still drawn after {max_rounds} redraws; the data "
+                "has too few distinct values for a synthetic copy"
+            )
         redrawn |= clash
         fresh = _draw(
             real, int(clash.sum()), categorical=categorical, numeric=numeric, by=by, k=k, rng=rng
         )
         out.loc[clash, columns] = fresh.to_numpy()
-    else:
-        raise SynthesisError(
-            f"rows equal to real rows were still drawn after {max_rounds} redraws; the data "
-            "has too few distinct values for a synthetic copy"
-        )
     out.insert(0, "user_id", synthetic_ids(rows, rng, exclude=exclude_ids))
     return out.astype({c: np.int64 for c in numeric}), float(redrawn.mean())

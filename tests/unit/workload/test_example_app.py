@@ -1,6 +1,6 @@
 """The example workload end to end: through in-memory SDK streams, through a real sidecar data
-path on a Unix socket (in this process and as ``python -m workload.example``), and its exit
-statuses."""
+path on a Unix socket (in this process and as ``python -m workload.example``, with CSV and
+Parquet inputs), its exit statuses, and that no suppressed cell reaches any output."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ import csv
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from sidecar.dataplane import ProcessTree
@@ -35,23 +37,36 @@ PUBLISHER = Party("publisher")
 
 
 class MemorySDK:
-    """The SDK's two calls over in-memory CSV inputs; an output is kept only if its ``with``
-    block completes, as the sidecar commits it only then."""
+    """The SDK's two calls over in-memory inputs; an output is kept only if its ``with`` block
+    completes, as the sidecar commits it only then."""
 
     def __init__(self, inputs: dict[str, bytes]) -> None:
         self.inputs = inputs
         self.outputs: dict[str, bytes] = {}
 
-    def read_csv(self, name: str) -> Iterator[dict[str, str]]:
+    def open_input(self, name: str) -> io.BytesIO:
         if name not in self.inputs:
             raise InputNotFoundError(f"input {name!r}: no such input")
-        return csv.DictReader(io.StringIO(self.inputs[name].decode()))
+        return io.BytesIO(self.inputs[name])
 
     @contextmanager
     def create_output(self, name: str) -> Iterator[io.BytesIO]:
         buffer = io.BytesIO()
         yield buffer
         self.outputs[name] = buffer.getvalue()
+
+
+OUTPUTS = {"insights.json", "synthetic.csv", "report.html"}
+
+
+def _check_report(report: bytes) -> None:
+    text = report.decode()
+    assert text.startswith("<!DOCTYPE html>") and text.count("<svg") == 3
+    # Self-contained: nothing is fetched when a party opens it (links stay inside the page or
+    # are data: URIs, as matplotlib embeds the heat map's raster).
+    targets = re.findall(r'(?:href|src)\s*=\s*"([^"]*)"', text)
+    assert targets and all(t.startswith(("#", "data:image/png;base64,")) for t in targets)
+    assert "url(http" not in text and "@import" not in text
 
 
 def _check_outputs(insights_bytes: bytes, synthetic_bytes: bytes) -> None:
@@ -79,10 +94,11 @@ def _check_outputs(insights_bytes: bytes, synthetic_bytes: bytes) -> None:
 def test_runs_end_to_end_over_memory_streams(capsys: pytest.CaptureFixture[str]) -> None:
     sdk = MemorySDK({"advertiser": DATA.advertiser, "publisher": DATA.publisher})
     assert app.main(["--seed", "1"], sdk=sdk, env={}) == app.EXIT_OK
-    assert set(sdk.outputs) == {"insights.json", "synthetic.csv"}
+    assert set(sdk.outputs) == OUTPUTS
     _check_outputs(sdk.outputs["insights.json"], sdk.outputs["synthetic.csv"])
+    _check_report(sdk.outputs["report.html"])
     err = capsys.readouterr().err
-    assert "wrote insights.json and synthetic.csv" in err
+    assert "wrote insights.json, synthetic.csv, report.html" in err
     assert "2100" not in err  # no figures in the operator's log
 
 
@@ -149,7 +165,7 @@ def test_runs_through_a_real_sidecar_data_path(tmp_path: Path) -> None:
     ):
         assert app.main(["--seed", "3"], sdk=client, env={}) == app.EXIT_OK
     sealed = {p.name for p in session.output_dir.iterdir()}
-    assert sealed == {"insights.json.sealed", "synthetic.csv.sealed"}
+    assert sealed == {f"{name}.sealed" for name in OUTPUTS}
     for party in (ADVERTISER, PUBLISHER):
         _check_outputs(
             open_sealed(session.output_dir / "insights.json.sealed", party.recipient),
@@ -198,3 +214,94 @@ def test_module_without_a_sidecar_exits_1() -> None:
     assert done.returncode == app.EXIT_SIDECAR
     assert "CLEANROOM_WORKLOAD_SOCKET is not set" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def _parquet(csv_bytes: bytes) -> bytes:
+    buffer = io.BytesIO()
+    pd.read_csv(io.BytesIO(csv_bytes), dtype=str).to_parquet(buffer, index=False)
+    return buffer.getvalue()
+
+
+def test_parquet_inputs_run_end_to_end_under_the_sidecar(tmp_path: Path) -> None:
+    tree = ProcessTree()
+    with running_session(
+        tmp_path,
+        inputs={
+            "advertiser": (_parquet(DATA.advertiser), ADVERTISER),
+            "publisher": (DATA.publisher, PUBLISHER),
+        },
+        recipients=[PUBLISHER],
+        allowed_peer=tree,
+    ) as session:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "workload.example", "--seed", "4"],
+            cwd=ROOT,
+            env=session.env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        tree.set_root(proc.pid)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    _check_outputs(
+        open_sealed(session.output_dir / "insights.json.sealed", PUBLISHER.recipient),
+        open_sealed(session.output_dir / "synthetic.csv.sealed", PUBLISHER.recipient),
+    )
+
+
+def test_an_unreadable_input_is_named_without_its_content(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    sdk = MemorySDK({"advertiser": b"PAR1 not really parquet secret", "publisher": DATA.publisher})
+    assert app.main(["--seed", "1"], sdk=sdk, env={}) == app.EXIT_INPUT
+    err = capsys.readouterr().err
+    assert "advertiser input is not a CSV or Parquet file" in err and "secret" not in err
+    assert sdk.outputs == {}
+
+
+def _with_small_cell(size: int) -> tuple[bytes, bytes, set[str]]:
+    """The sample inputs changed so that exactly ``size`` joined people are finance readers
+    aged 55+, every one of whom converted: a cell below k whose figures (``size`` users, a 100%
+    rate) would stand out in any output."""
+    adv = pd.read_csv(io.BytesIO(DATA.advertiser), dtype=str)
+    pub = pd.read_csv(io.BytesIO(DATA.publisher), dtype=str)
+    joined = pub[pub.user_id.isin(adv.user_id)]
+    cell = joined[(joined.segment == "finance") & (joined.age_band == "55+")].user_id
+    assert len(cell) > size
+    pub.loc[pub.user_id.isin(cell[size:]), "age_band"] = "45-54"
+    kept = set(cell[:size])
+    converted = adv.user_id.isin(kept)
+    adv.loc[converted, ["clicks", "conversions"]] = "1"
+    return adv.to_csv(index=False).encode(), pub.to_csv(index=False).encode(), kept
+
+
+def test_suppressed_cells_never_appear_in_any_output() -> None:
+    advertiser, publisher, _ = _with_small_cell(7)
+    sdk = MemorySDK({"advertiser": advertiser, "publisher": publisher})
+    assert app.main(["--seed", "2"], sdk=sdk, env={}) == app.EXIT_OK
+
+    insights = json.loads(sdk.outputs["insights.json"])
+    cells = insights["conversion_rates"]["by_segment_and_age_band"]
+    finance = {c["age_band"]: c for c in cells if c["segment"] == "finance"}
+    assert finance["55+"] == {
+        "segment": "finance",
+        "age_band": "55+",
+        "users": None,
+        "converters": None,
+        "conversion_rate": None,
+        "suppressed": True,
+    }
+    # Its cover: another finance cell is hidden so that subtraction cannot recover it.
+    assert sum(c["suppressed"] for c in finance.values()) == 2
+    published = [c for c in cells if not c["suppressed"]]
+    assert all(c["users"] >= 10 and c["conversion_rate"] < 1 for c in published)
+
+    # The report draws the hidden cells as hatched placeholders without a figure: no 100%
+    # rate (no published cell has one), and as many "suppressed" marks as hidden cells.
+    report = sdk.outputs["report.html"].decode()
+    assert "100%" not in report
+    assert report.count(">suppressed<") == sum(c["suppressed"] for c in cells)
+
+    # No synthetic person belongs to the small cell either.
+    synthetic = pd.read_csv(io.BytesIO(sdk.outputs["synthetic.csv"]), dtype=str)
+    assert not ((synthetic.segment == "finance") & (synthetic.age_band == "55+")).any()
