@@ -25,7 +25,7 @@ from sealing.keys import load_private_key, load_public_key
 pytestmark = [pytest.mark.swtpm, pytest.mark.slow]
 
 PARTIES = ("advertiser", "publisher")
-OUTPUTS = ("insights.json", "synthetic.csv")
+OUTPUTS = ("insights.json", "report.html", "synthetic.csv")
 
 
 def run_demo(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -120,6 +120,13 @@ def check_completed_demo(proc: subprocess.CompletedProcess[str], directory: Path
     synthetic = opened["publisher"]["synthetic.csv"].decode().splitlines()
     assert synthetic[0].startswith("user_id,")
     assert f"{len(synthetic) - 1:,} synthetic rows" in rows["output synthetic.csv"]
+    # Each party's report is where the demo says, and is the page the workload sealed.
+    for party in PARTIES:
+        report = directory / "parties" / party / "opened" / "report.html"
+        assert rows[f"{party}'s report"] == str(report)
+        assert f"its visual report, to open in a browser: {report}" in proc.stdout
+        assert report.read_bytes() == opened[party]["report.html"]
+        assert report.read_text().startswith("<!DOCTYPE html>")
 
     # The tampered copy differs from the approved one in exactly one byte, and got nothing.
     good = directory / "workload" / "workload" / "example" / "analysis.py"
