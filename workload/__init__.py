@@ -10,6 +10,10 @@ The module-level helpers use one shared :class:`Client` made from that variable:
     with workload.create_output("insights/summary.csv") as out:
         out.write(b"segment,count\\n...")
 
+The streams work with the data stack directly: ``pandas.read_csv(workload.open_input(name))``,
+``pyarrow.csv.open_csv(...)`` over the same stream, ``frame.to_csv(out)`` or
+``fig.savefig(out)`` into an output, and ``workload.open_seekable_input(name)`` for Parquet.
+
 The workload never sees a key: it gets plaintext streams, and the sidecar seals each output to
 the recipients the approved workload names. See docs/workload-sdk.md.
 """

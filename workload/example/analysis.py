@@ -62,8 +62,10 @@ def validate(
     for column in required:
         text = out[column].astype("string").fillna("")
         if column in numeric:
-            # ASCII digits only, as the parties' export promises: no signs, no decimals.
-            bad = ~text.str.strip().str.fullmatch(r"[0-9]+", na=False)
+            # ASCII digits only, as the parties' export promises: no signs, no decimals, and
+            # at most 18 of them, so the value fits an int64.
+            text = text.str.strip()
+            bad = ~text.str.fullmatch(r"[0-9]{1,18}", na=False)
             what = "is not a non-negative integer"
         else:
             bad = text.eq("")

@@ -85,12 +85,10 @@ def read_input(sdk: WorkloadIO, name: str, *, source: str) -> pd.DataFrame:
         try:
             if stream.peek(4)[:4] == b"PAR1":
                 # Parquet needs its footer first: a bounded in-memory copy, never a file.
-                table = pq.read_table(seekable_copy(stream, name=name))
-                return table.to_pandas().astype(str)
+                # validate() types the columns; a Parquet null becomes an empty value there.
+                return pq.read_table(seekable_copy(stream, name=name)).to_pandas()
             return pd.read_csv(stream, dtype=str, keep_default_na=False)
-        except (ValueError, OSError) as e:
-            if isinstance(e, WorkloadError):
-                raise
+        except (ValueError, OSError):
             # The parser's message can quote the data; name only the input.
             raise InputDataError(
                 f"{source} input is not a CSV or Parquet file pandas can read"

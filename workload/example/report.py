@@ -53,7 +53,9 @@ def _segment_chart(by_segment: pd.DataFrame, two_way: pd.DataFrame) -> str:
             right.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, **_SUPPRESSED))
             right.text(j, i, "suppressed", ha="center", va="center", fontsize=8)
         else:
-            right.text(j, i, f"{value:.0%}", ha="center", va="center", fontsize=9)
+            dark = value > 0.6 * np.nanmax(grid.to_numpy(dtype=float))
+            color = "white" if dark else "black"
+            right.text(j, i, f"{value:.0%}", ha="center", va="center", fontsize=9, color=color)
     right.set(xticks=range(grid.shape[1]), yticks=range(grid.shape[0]))
     right.set_xticklabels(grid.columns)
     right.set_yticklabels(grid.index)

@@ -51,8 +51,11 @@ def _copula_sample(real: pd.DataFrame, n: int, k: int, rng: np.random.Generator)
             ordered = np.sort(real[column].to_numpy())
             clipped[column] = real[column].clip(ordered[k - 1], ordered[-k])
     scores = stats.norm.ppf((clipped.rank().to_numpy() - 0.5) / len(clipped))
-    correlation = np.corrcoef(scores, rowvar=False) if len(clipped) > 2 else np.eye(real.shape[1])
     # A constant column has no defined correlation: it is independent of the others.
+    with np.errstate(invalid="ignore", divide="ignore"):
+        correlation = (
+            np.corrcoef(scores, rowvar=False) if len(clipped) > 2 else np.eye(len(real.columns))
+        )
     correlation = np.nan_to_num(np.atleast_2d(correlation))
     np.fill_diagonal(correlation, 1.0)
     drawn = rng.multivariate_normal(np.zeros(real.shape[1]), correlation, n, method="eigh")

@@ -56,12 +56,17 @@ def test_validation_types_the_required_columns_and_drops_the_rest() -> None:
     assert t["segment"].tolist() == ["news"]
 
 
+def test_counts_may_carry_spaces() -> None:
+    t = _advertiser("user_id,impressions,clicks,conversions\nu1, 3 ,1,0\n")
+    assert t["impressions"].tolist() == [3]
+
+
 def test_missing_column_is_named() -> None:
     with pytest.raises(InputDataError, match=r"missing column.*conversions"):
         _advertiser("user_id,impressions,clicks\nu1,3,1\n")
 
 
-@pytest.mark.parametrize("bad", ["-1", "3.5", "many", "", "²", "1e3"])
+@pytest.mark.parametrize("bad", ["-1", "3.5", "many", "", "²", "1e3", "9" * 19])
 def test_malformed_count_names_row_and_column_not_value(bad: str) -> None:
     text = f"user_id,impressions,clicks,conversions\nu1,3,1,0\nu2,{bad},1,0\n"
     with pytest.raises(InputDataError) as info:

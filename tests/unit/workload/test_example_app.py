@@ -249,6 +249,16 @@ def test_parquet_inputs_run_end_to_end_under_the_sidecar(tmp_path: Path) -> None
     )
 
 
+def test_a_parquet_null_is_named_by_row_and_column(capsys: pytest.CaptureFixture[str]) -> None:
+    publisher = pd.read_csv(io.BytesIO(DATA.publisher), dtype=str)
+    publisher.loc[4, "segment"] = None
+    buffer = io.BytesIO()
+    publisher.to_parquet(buffer, index=False)
+    sdk = MemorySDK({"advertiser": DATA.advertiser, "publisher": buffer.getvalue()})
+    assert app.main(["--seed", "1"], sdk=sdk, env={}) == app.EXIT_INPUT
+    assert "publisher input, row 5: column segment is empty" in capsys.readouterr().err
+
+
 def test_an_unreadable_input_is_named_without_its_content(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
