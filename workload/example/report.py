@@ -31,14 +31,14 @@ _SUPPRESSED: dict[str, Any] = {"facecolor": "#eeeeee", "edgecolor": "#999999", "
 
 def _svg(fig: Figure) -> str:
     buffer = io.StringIO()
-    fig.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None})
+    fig.savefig(buffer, format="svg", metadata={"Date": None})
     plt.close(fig)
     text = buffer.getvalue()
     return text[text.index("<svg") :]
 
 
 def _segment_chart(by_segment: pd.DataFrame, two_way: pd.DataFrame) -> str:
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
     shown = by_segment["conversion_rate"].fillna(0).astype(float)
     bars = left.bar(by_segment["segment"], shown, color="#3a7dc9")
     for bar, hidden in zip(bars, by_segment["suppressed"], strict=True):
@@ -64,7 +64,7 @@ def _segment_chart(by_segment: pd.DataFrame, two_way: pd.DataFrame) -> str:
 
 
 def _roc_chart(roc: pd.DataFrame, auc: float) -> str:
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), layout="constrained")
     ax.plot(roc["false_positive_rate"], roc["true_positive_rate"], label=f"model (AUC {auc:.3f})")
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance")
     ax.set(title="ROC curve on the held-out rows", xlabel="false positive rate")
@@ -76,7 +76,7 @@ def _roc_chart(roc: pd.DataFrame, auc: float) -> str:
 def _marginals_chart(
     real: pd.DataFrame, synthetic: pd.DataFrame, columns: Sequence[str], *, k: int
 ) -> str:
-    fig, axes = plt.subplots(2, (len(columns) + 1) // 2, figsize=(12, 6))
+    fig, axes = plt.subplots(2, (len(columns) + 1) // 2, figsize=(12, 6), layout="constrained")
     for ax, column in zip(axes.flat, columns, strict=False):
         if pd.api.types.is_numeric_dtype(real[column]):
             # Bins between the k-th smallest and k-th largest values: beyond them lie values
@@ -105,7 +105,6 @@ def _marginals_chart(
     for ax in list(axes.flat)[len(columns) :]:
         ax.axis("off")
     fig.suptitle(f"Synthetic vs real marginals (hatched: a real bin under {k} people)")
-    fig.tight_layout()
     return _svg(fig)
 
 
