@@ -132,23 +132,25 @@ def synthesize(
         raise ValueError("rows must be positive and exclude 'all' or 'rare'")
     columns = [*numeric, *categorical]
     shared = real.value_counts(columns)
-    forbidden = shared if exclude == "all" else shared[shared < k]
-    forbidden_keys = set(forbidden.index)
+    forbidden = (shared if exclude == "all" else shared[shared < k]).index
     out = _draw(real, rows, categorical=categorical, numeric=numeric, by=by, k=k, rng=rng)
     redrawn = np.zeros(rows, dtype=bool)
+    # Only the rows drawn in the last round need checking.
+    pending = np.arange(rows)
     for attempt in range(max_rounds + 1):
-        clash = np.array([key in forbidden_keys for key in out.itertuples(index=False, name=None)])
-        if not clash.any():
+        pending = pending[pd.MultiIndex.from_frame(out.iloc[pending][columns]).isin(forbidden)]
+        if not len(pending):
             break
         if attempt == max_rounds:
             raise SynthesisError(
                 f"rows equal to real rows were still drawn after {max_rounds} redraws; the data "
                 "has too few distinct values for a synthetic copy"
             )
-        redrawn |= clash
+        redrawn[pending] = True
         fresh = _draw(
-            real, int(clash.sum()), categorical=categorical, numeric=numeric, by=by, k=k, rng=rng
+            real, len(pending), categorical=categorical, numeric=numeric, by=by, k=k, rng=rng
         )
-        out.loc[clash, columns] = fresh.to_numpy()
+        for column in columns:
+            out.loc[out.index[pending], column] = fresh[column].to_numpy()
     out.insert(0, "user_id", synthetic_ids(rows, rng, exclude=exclude_ids))
     return out.astype({c: np.int64 for c in numeric}), float(redrawn.mean())
