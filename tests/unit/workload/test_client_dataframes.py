@@ -67,6 +67,16 @@ def session(tmp_path: Path) -> Iterator[Session]:
         yield s
 
 
+def test_the_sdk_imports_none_of_the_data_stack() -> None:
+    # The SDK and the sidecar stay lean: the stack is the optional group "example".
+    code = (
+        "import sys, workload, sidecar.dataplane\n"
+        "heavy = {'pandas', 'pyarrow', 'sklearn', 'scipy', 'matplotlib'} & set(sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+
+
 def test_pandas_reads_an_input_stream_directly(session: Session) -> None:
     with Client(session.socket) as client:
         frame = pd.read_csv(client.open_input("table.csv"))

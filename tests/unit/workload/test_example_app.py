@@ -69,6 +69,14 @@ def _check_report(report: bytes) -> None:
     assert "url(http" not in text and "@import" not in text
 
 
+def _real_ids() -> set[str]:
+    return {
+        r["user_id"]
+        for data in (DATA.advertiser, DATA.publisher)
+        for r in csv.DictReader(io.StringIO(data.decode()))
+    }
+
+
 def _check_outputs(insights_bytes: bytes, synthetic_bytes: bytes) -> None:
     insights = json.loads(insights_bytes)
     assert insights["join"]["overlap"] == DATA.counts.overlap == 2100
@@ -86,7 +94,7 @@ def _check_outputs(insights_bytes: bytes, synthetic_bytes: bytes) -> None:
         "age_band",
         "device",
     ]
-    real_ids = {r["user_id"] for r in csv.DictReader(io.StringIO(DATA.advertiser.decode()))}
+    real_ids = _real_ids()
     assert not real_ids & {r["user_id"] for r in rows}
     assert not any(uid in insights_bytes.decode() for uid in real_ids)
 
@@ -97,6 +105,8 @@ def test_runs_end_to_end_over_memory_streams(capsys: pytest.CaptureFixture[str])
     assert set(sdk.outputs) == OUTPUTS
     _check_outputs(sdk.outputs["insights.json"], sdk.outputs["synthetic.csv"])
     _check_report(sdk.outputs["report.html"])
+    report = sdk.outputs["report.html"].decode()
+    assert not any(uid in report for uid in _real_ids())
     err = capsys.readouterr().err
     assert "wrote insights.json, synthetic.csv, report.html" in err
     assert "2100" not in err  # no figures in the operator's log
