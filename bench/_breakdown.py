@@ -44,6 +44,7 @@ from evidence.proto import bank_to_pb, event_log_to_pb
 from pki.ca import init_pki
 from pki.identity import SpiffeId
 from sealing.keys import KEM_X25519, generate_recipient_key
+from tests.harness.launch import TEST_LAUNCH
 
 TD = "cleanroom.local"
 GET_CHALLENGE = "/cleanroom.v1.AttestationService/GetChallenge"
@@ -136,10 +137,13 @@ def run_breakdown(*, database_url: str | None, attestations: int, ak_alg: str) -
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
             files.append(path)
-        measured = measure_files(files, QUOTED_BANKS, names=[rel for rel, _ in WORKLOAD])
+        measured = measure_files(
+            files, QUOTED_BANKS, names=[rel for rel, _ in WORKLOAD], launch=TEST_LAUNCH
+        )
         manifest = [
             ManifestEntry(path=e.path, size=e.size, digests=dict(e.digests))
             for e in measured.events
+            if e.launch is None
         ]
         for name in PARTIES:
             public = generate_recipient_key().public_key().raw
@@ -162,6 +166,7 @@ def run_breakdown(*, database_url: str | None, attestations: int, ak_alg: str) -
                 key_ids=[key_id],
                 output_recipients=list(PARTIES),
                 golden_set=None,
+                launch=TEST_LAUNCH,
             )
             key_ids.append(key_id)
 

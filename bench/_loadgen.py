@@ -226,21 +226,21 @@ class QuoteMaker:
 
 
 def events_to_json(events: Sequence[MeasurementEvent]) -> list[dict[str, Any]]:
-    return [
-        {"path": e.path, "size": e.size, "digests": {b: v.hex() for b, v in e.digests.items()}}
-        for e in events
-    ]
+    """The events in the protobuf JSON mapping (launch events included), for a subprocess."""
+    from google.protobuf import json_format
+
+    doc = json_format.MessageToDict(event_log_to_pb(events))
+    return list(doc.get("events", []))
 
 
 def events_from_json(items: Sequence[Mapping[str, Any]]) -> tuple[MeasurementEvent, ...]:
-    return tuple(
-        MeasurementEvent(
-            path=i["path"],
-            size=int(i["size"]),
-            digests={b: bytes.fromhex(v) for b, v in i["digests"].items()},
-        )
-        for i in items
-    )
+    from google.protobuf import json_format
+
+    from cleanroom.v1 import common_pb2
+    from evidence.proto import event_log_from_pb
+
+    log = json_format.ParseDict({"events": list(items)}, common_pb2.EventLog())
+    return event_log_from_pb(log)
 
 
 def _cert_der(cert_file: str) -> bytes:

@@ -73,6 +73,7 @@ from evidence.proto import bank_to_pb
 from pki.ca import PkiLayout, init_pki
 from pki.tls import channel_credentials
 from sealing.keys import RecipientPublicKey, generate_recipient_key
+from tests.harness.launch import TEST_LAUNCH, with_test_launch
 
 _REPO = Path(__file__).resolve().parents[1]
 CLEANROOM = Path(sys.executable).parent / "cleanroom"
@@ -277,7 +278,9 @@ def _provision(broker: Broker, aks: Sequence[SoftAk], work: Path) -> Setup:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
         files.append(path)
-    measured = measure_files(files, QUOTED_BANKS, names=[rel for rel, _ in WORKLOAD])
+    measured = measure_files(
+        files, QUOTED_BANKS, names=[rel for rel, _ in WORKLOAD], launch=TEST_LAUNCH
+    )
 
     operator = broker.admin("operator")
     for name in PARTIES:
@@ -292,8 +295,10 @@ def _provision(broker: Broker, aks: Sequence[SoftAk], work: Path) -> Setup:
         if enrolled.ak.ak_name != ak.name_hex:
             raise RuntimeError("the broker named the AK differently")
 
-    manifest = common_pb2.WorkloadManifest(name="join-and-train")
+    manifest = with_test_launch(common_pb2.WorkloadManifest(name="join-and-train"))
     for e in measured.events:
+        if e.launch is not None:
+            continue
         entry = manifest.entries.add(path=e.path, size=e.size)
         for bank, value in e.digests.items():
             entry.digests.add(algorithm=bank_to_pb(bank), value=value)

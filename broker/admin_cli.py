@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
     from broker.client import BrokerClient
     from cleanroom.v1 import admin_pb2, common_pb2
+    from evidence.launch import Launch
 
 #: Where the broker listens unless told otherwise (the broker's default ``tls.listen``).
 DEFAULT_BROKER: Final = "127.0.0.1:50051"
@@ -301,29 +302,36 @@ def manifest_from_json(data: bytes, source: str) -> list[ManifestFile]:
     return out
 
 
-def manifest_to_pb(name: str, files: Sequence[ManifestFile]) -> common_pb2.WorkloadManifest:
-    """The WorkloadManifest message for ``files`` (banks in a fixed order)."""
+def manifest_to_pb(
+    name: str, files: Sequence[ManifestFile], launch: Launch | None = None
+) -> common_pb2.WorkloadManifest:
+    """The WorkloadManifest message for ``files`` (banks in a fixed order) and ``launch``."""
     from cleanroom.v1 import common_pb2
-    from evidence.proto import bank_to_pb
+    from evidence.proto import bank_to_pb, launch_to_pb
 
     msg = common_pb2.WorkloadManifest(name=name)
     for f in files:
         entry = msg.entries.add(path=f.path, size=f.size)
         for bank in sorted(f.digests, key=list(_BANK_SIZES).index):
             entry.digests.add(algorithm=bank_to_pb(bank), value=f.digests[bank])
+    if launch is not None:
+        msg.launch.CopyFrom(launch_to_pb(launch))
     return msg
 
 
-def expected_pcr23(files: Sequence[ManifestFile]) -> dict[str, bytes]:
-    """PCR 23 per bank after measuring ``files`` (banks every file has a digest for).
+def expected_pcr23(files: Sequence[ManifestFile], launch: Launch | None = None) -> dict[str, bytes]:
+    """PCR 23 per bank after measuring ``files`` (banks every file has a digest for), then
+    ``launch`` when given: what ``sidecar run`` extends.
 
     Raises:
         EventLogError: a digest has the wrong size.
     """
-    from evidence.pcr import MeasurementEvent, replay
+    from evidence.pcr import MeasurementEvent, launch_event, replay
 
     banks = [b for b in _BANK_SIZES if all(b in f.digests for f in files)]
     events = [MeasurementEvent(path=f.path, size=f.size, digests=f.digests) for f in files]
+    if launch is not None:
+        events.append(launch_event(launch, banks))
     return replay(events, banks)
 
 
@@ -451,8 +459,9 @@ def party_kek_dict(k: admin_pb2.PartyKek) -> dict[str, Any]:
 
 
 def manifest_dict(m: common_pb2.WorkloadManifest) -> dict[str, Any]:
-    """The manifest in the JSON form that ``workload approve --manifest`` reads back."""
-    return {
+    """The manifest in the JSON form that ``workload approve --manifest`` reads back (its
+    files; the launch is shown too, and given to ``approve`` with ``--command``)."""
+    doc: dict[str, Any] = {
         "name": m.name,
         "entries": [
             {
@@ -463,6 +472,15 @@ def manifest_dict(m: common_pb2.WorkloadManifest) -> dict[str, Any]:
             for e in m.entries
         ],
     }
+    if m.HasField("launch"):
+        doc["launch"] = {
+            "argv": list(m.launch.argv),
+            "executable": m.launch.executable,
+            "executable_sha256": m.launch.executable_sha256.hex(),
+            "env": {v.name: v.value for v in m.launch.env},
+            "working_directory": m.launch.working_directory,
+        }
+    return doc
 
 
 def approval_dict(a: admin_pb2.Approval) -> dict[str, Any]:
@@ -832,6 +850,68 @@ def workload_files(args: argparse.Namespace) -> list[ManifestFile]:
     return manifest_from_files(args.file, root=args.root)
 
 
+_LAUNCH_HELP = (
+    'an approval covers the launch: give --command "/absolute/program ARGS" (the exact '
+    "command the sidecar runs) and --env NAME=VALUE for each variable the workload gets"
+)
+
+
+def workload_launch(args: argparse.Namespace) -> Launch:
+    """The launch from ``--command``, ``--env``, ``--workdir``/``--root`` and
+    ``--interpreter-sha256`` (default: the SHA-256 of the executable as found here).
+
+    Raises:
+        AdminUsageError: no command, a command whose first word is not an absolute path, a
+            malformed ``--env``, no working directory, or an executable that cannot be read
+            here without ``--interpreter-sha256``.
+    """
+    from evidence.errors import LaunchError, MeasurementError
+    from evidence.launch import digest_executable, parse_command, parse_env_assignments
+
+    if not args.command:
+        raise AdminUsageError(_LAUNCH_HELP)
+    try:
+        argv = parse_command(args.command)
+        env = parse_env_assignments(args.env or ())
+    except LaunchError as e:
+        raise AdminUsageError(str(e)) from e
+    if args.workdir:
+        if not args.workdir.startswith("/"):
+            raise AdminUsageError(
+                f"--workdir {args.workdir!r} must be absolute (the workload root on the TEE)"
+            )
+        workdir = os.path.normpath(args.workdir)
+    elif getattr(args, "root", None):
+        workdir = os.path.abspath(args.root)
+    else:
+        raise AdminUsageError(
+            "give --workdir DIR: the workload's working directory on the TEE (its root), "
+            "or --root to use the local root's absolute path"
+        )
+    if args.interpreter_sha256:
+        try:
+            digest = bytes.fromhex(args.interpreter_sha256)
+        except ValueError:
+            digest = b""
+        if len(digest) != 32:
+            raise AdminUsageError("--interpreter-sha256 must be 64 hexadecimal digits")
+    else:
+        try:
+            digest = digest_executable(argv[0])
+        except MeasurementError as e:
+            raise AdminUsageError(
+                f"{e}; give the executable's SHA-256 as it is on the TEE with "
+                "--interpreter-sha256 (sha256sum there, or 'cleanroom sidecar measure "
+                "--offline --command ...')"
+            ) from e
+    try:
+        from evidence.launch import Launch
+
+        return Launch.create(argv=argv, executable_sha256=digest, env=env, cwd=workdir)
+    except LaunchError as e:
+        raise AdminUsageError(str(e)) from e
+
+
 def _approval_text(a: admin_pb2.Approval) -> str:
     fields = [
         ("approval id", a.approval_id),
@@ -844,15 +924,32 @@ def _approval_text(a: admin_pb2.Approval) -> str:
         ("needs SNP", _yes(a.require_snp)),
         ("revoked", _yes(a.revoked)),
     ]
+    fields += _launch_fields(a.manifest)
     for v in a.expected_pcrs:
         fields.append((f"{_bank(v.bank)}:{v.index}", v.value.hex()))
     return format_fields(fields)
 
 
+def _launch_fields(m: common_pb2.WorkloadManifest) -> list[tuple[str, str]]:
+    if not m.HasField("launch"):
+        return [("command", "(none: approved before launches were measured)")]
+    import shlex
+
+    launch = m.launch
+    env = " ".join(shlex.quote(f"{v.name}={v.value}") for v in launch.env)
+    return [
+        ("command", shlex.join(launch.argv)),
+        ("interpreter sha256", launch.executable_sha256.hex()),
+        ("environment", env or "(empty)"),
+        ("working dir", launch.working_directory),
+    ]
+
+
 def _workload_approve(args: argparse.Namespace) -> int:
     files = workload_files(args)
-    manifest = manifest_to_pb(args.name, files)
-    local = expected_pcr23(files)
+    launch = workload_launch(args)
+    manifest = manifest_to_pb(args.name, files, launch)
+    local = expected_pcr23(files, launch)
     with open_client(args) as client:
         approval = client.approve_workload(
             manifest,
@@ -877,8 +974,9 @@ def _workload_approve(args: argparse.Namespace) -> int:
 
 def _workload_manifest(args: argparse.Namespace) -> int:
     files = manifest_from_files(args.file, root=args.root)
-    doc = manifest_dict(manifest_to_pb(args.name, files))
-    doc["expected_pcrs"] = {b: v.hex() for b, v in expected_pcr23(files).items()}
+    launch = workload_launch(args) if args.command else None
+    doc = manifest_dict(manifest_to_pb(args.name, files, launch))
+    doc["expected_pcrs"] = {b: v.hex() for b, v in expected_pcr23(files, launch).items()}
     sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     return 0
 
@@ -1159,6 +1257,35 @@ def _workload_file_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", metavar="DIR", help="name the files relative to DIR")
 
 
+def _workload_launch_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--command",
+        metavar='"CMD"',
+        help="the command the sidecar runs, one shell-quoted string (split like a shell "
+        'would); its first word must be an absolute path, e.g. "/usr/bin/python3 run.py"',
+    )
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a variable of the workload's environment (repeatable); nothing else is passed "
+        "except the sidecar's socket variable",
+    )
+    p.add_argument(
+        "--workdir",
+        metavar="DIR",
+        help="the workload root on the TEE, its working directory (absolute; default: the "
+        "absolute path of --root)",
+    )
+    p.add_argument(
+        "--interpreter-sha256",
+        metavar="HEX",
+        help="pin the executable's SHA-256 (default: the SHA-256 of the command's first word "
+        "as found on this machine)",
+    )
+
+
 def _register_workload(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     g = _group(sub, "workload", "workload approvals (parties)")
     # Here --key names data keys, so the client key must come before the group (or from env).
@@ -1198,6 +1325,7 @@ def _register_workload(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         help="release your keys under this approval only to an Azure SEV-SNP confidential VM "
         "whose hardware evidence (HCL report, VCEK) the broker verified",
     )
+    _workload_launch_options(p)
     p = g.add_parser(
         "manifest",
         help="print a workload manifest (JSON) of files, offline",
@@ -1205,6 +1333,7 @@ def _register_workload(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     )
     p.add_argument("--name", required=True, help="the workload's name")
     _workload_file_options(p)
+    _workload_launch_options(p)
     p.set_defaults(func=_workload_manifest)
     p = _leaf(g, "revoke", "revoke one of your approvals", _workload_revoke)
     p.add_argument("approval_id", metavar="ID")

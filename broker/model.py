@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from evidence.launch import Launch
+
 
 @dataclass(frozen=True)
 class EkRecord:
@@ -97,7 +99,12 @@ class ManifestEntry:
 
 @dataclass(frozen=True)
 class Approval:
-    """A party's approval of a measured workload for some of its keys."""
+    """A party's approval of a measured workload for some of its keys.
+
+    ``launch`` is the approved launch (command, executable and its digest, environment,
+    working directory), measured after the files; ``expected_pcrs`` covers it. Approvals
+    stored before launches were measured have none and never match (docs/policy.md).
+    """
 
     approval_id: str
     party: str
@@ -112,6 +119,7 @@ class Approval:
     #: The party demands verified AMD SEV-SNP evidence (an Azure confidential VM's HCL report
     #: binding the AK) before its keys are released under this approval.
     require_snp: bool = False
+    launch: Launch | None = None
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,12 @@ returns a :class:`Decision`, or raises when the attester itself may not receive 
 Rules (see ``docs/policy.md``):
 
 * A revoked AK, or an AK whose EK is revoked, gets nothing: :class:`AttesterRevokedError`.
-* A key is granted when an active approval by the key's *owner* names it, its expected PCR 23
-  equals the quoted PCR 23 in every bank both list (sha256 always), its manifest equals the
-  measured manifest (same ordered paths and digests), and its golden set, if any, exists and
-  accepts every PCR value it lists.
+* A key is granted when an active approval by the key's *owner* names it, its manifest equals
+  the measured manifest (same ordered paths and digests), its launch equals the measured
+  launch (command, executable, the executable's digest, environment, working directory), its
+  expected PCR 23 equals the quoted PCR 23 in every bank both list (sha256 always), and its
+  golden set, if any, exists and accepts every PCR value it lists. An approval without a
+  launch (stored before launches were measured) grants nothing.
 * Keys are decided one by one (partial release): a key whose owner did not approve the workload
   is withheld with an exact reason while the other parties' keys are released.
 """
@@ -38,7 +40,8 @@ from broker.model import (
     Party,
 )
 from evidence.errors import EventLogError
-from evidence.pcr import BANK_SIZES, WORKLOAD_PCR, MeasurementEvent, replay
+from evidence.launch import Launch, launch_difference
+from evidence.pcr import BANK_SIZES, WORKLOAD_PCR, MeasurementEvent, launch_event, replay
 
 #: The bank every comparison of PCR 23 must include: sha1 alone is never enough.
 REQUIRED_BANK = "sha256"
@@ -94,8 +97,10 @@ class Decision:
 
 # Stages an approval can fail at, in the order they are checked. When no approval grants a
 # key, the reason reported comes from the approval that got furthest, since that is the one the
-# owner most likely meant for this workload.
-_REVOKED, _PCR, _MANIFEST, _GOLDEN = range(4)
+# owner most likely meant for this workload. A launch that differs also changes PCR 23, so the
+# launch is compared as soon as the files are known to be equal: the reason then says what in
+# the launch differs rather than only that PCR 23 does.
+_REVOKED, _PCR, _NO_LAUNCH, _LAUNCH, _MANIFEST, _GOLDEN = range(6)
 
 
 def evaluate(
@@ -109,11 +114,14 @@ def evaluate(
     approvals: Sequence[Approval],
     golden_sets: Mapping[str, GoldenPcrSet],
     now: datetime,
+    measured_launch: Launch | None = None,
 ) -> Decision:
     """Decides which requested data keys a verified attestation may receive.
 
     ``quoted_pcrs`` are the verified quoted PCR values, ``measured_manifest`` the files of the
-    verified event log (:func:`manifest_from_events`). ``approvals`` are the candidates (the
+    verified event log (:func:`manifest_from_events`), ``measured_launch`` its launch
+    (:func:`launch_from_events`; None when it has none, which no approval accepts).
+    ``approvals`` are the candidates (the
     caller may pre-select active approvals whose expected PCR 23 matches; every rule is checked
     here again regardless). When ``requested_key_ids`` is empty, every key named by an active
     approval that matches this measurement is considered.
@@ -127,7 +135,7 @@ def evaluate(
     """
     _check_attester(ak, ek)
     ordered = sorted(approvals, key=lambda a: (-a.created_at.timestamp(), a.approval_id))
-    measured = tuple(measured_manifest)
+    measured = _Measured(tuple(measured_manifest), measured_launch)
 
     if requested_key_ids:
         wanted = list(dict.fromkeys(requested_key_ids))
@@ -177,6 +185,14 @@ def evaluate(
     )
 
 
+@dataclass(frozen=True)
+class _Measured:
+    """What the verified event log measured: the files, then the launch."""
+
+    files: tuple[ManifestEntry, ...]
+    launch: Launch | None
+
+
 def _check_attester(ak: AkRecord, ek: EkRecord | None) -> None:
     if ak.revoked:
         raise AttesterRevokedError(f"AK {ak.ak_name} is revoked: {ak.revoked_reason or 'revoked'}")
@@ -196,7 +212,7 @@ def _decide_key(
     record: DataKeyRecord,
     ordered: Sequence[Approval],
     quoted: Mapping[tuple[int, str], bytes],
-    measured: tuple[ManifestEntry, ...],
+    measured: _Measured,
     golden_sets: Mapping[str, GoldenPcrSet],
 ) -> Approval | str:
     """The first approval that grants ``record``, or the exact reason none does."""
@@ -234,36 +250,51 @@ def _decide_key(
 def _failure_stage(
     approval: Approval,
     quoted: Mapping[tuple[int, str], bytes],
-    measured: tuple[ManifestEntry, ...],
+    measured: _Measured,
 ) -> int:
     """How far ``approval`` gets before golden values: ``_GOLDEN`` means it matches this
-    measurement (active, PCR 23 and manifest equal)."""
-    if approval.revoked:
-        return _REVOKED
-    if not _pcr23_matches(approval, quoted):
-        return _PCR
-    if _manifest_difference(approval.manifest, measured) is not None:
-        return _MANIFEST
-    return _GOLDEN
+    measurement (active; files, launch and PCR 23 equal)."""
+    failure = _failure(approval, quoted, measured, None)
+    return _GOLDEN if failure is None else failure[0]
 
 
 def _failure(
     approval: Approval,
     quoted: Mapping[tuple[int, str], bytes],
-    measured: tuple[ManifestEntry, ...],
-    golden_sets: Mapping[str, GoldenPcrSet],
+    measured: _Measured,
+    golden_sets: Mapping[str, GoldenPcrSet] | None,
 ) -> tuple[int, str] | None:
-    """``None`` if ``approval`` allows a release on this evidence, else (stage, exact reason)."""
+    """``None`` if ``approval`` allows a release on this evidence, else (stage, exact reason).
+
+    With ``golden_sets`` None, golden sets are not checked (a match up to them is ``None``).
+    """
     who = f"approval {approval.approval_id} by {approval.party}"
     if approval.revoked:
         return _REVOKED, f"{who} is revoked"
-    if not _pcr23_matches(approval, quoted):
+    pcr_matches = _pcr23_matches(approval, quoted)
+    files_equal = _manifest_difference(approval.manifest, measured.files) is None
+    if not pcr_matches and not files_equal:
         return _PCR, f"{who}: expected PCR {WORKLOAD_PCR} differs from the quoted value"
-    difference = _manifest_difference(approval.manifest, measured)
+    if approval.launch is None:
+        return _NO_LAUNCH, (
+            f"{who} approves no launch (it was made before launches were measured): approve "
+            "the workload again with --command"
+        )
+    if files_equal:
+        if measured.launch is None:
+            return _LAUNCH, f"{who}: the event log has no launch event"
+        launch_diff = launch_difference(approval.launch, measured.launch)
+        if launch_diff is not None:
+            return _LAUNCH, f"{who}: launch differs from the approved launch ({launch_diff})"
+    if not pcr_matches:
+        return _PCR, f"{who}: expected PCR {WORKLOAD_PCR} differs from the quoted value"
+    difference = _manifest_difference(approval.manifest, measured.files)
     if difference is not None:
         return _MANIFEST, (
             f"{who}: approved manifest differs from the measured event log ({difference})"
         )
+    if golden_sets is None:
+        return None
     if approval.golden_set:
         golden = golden_sets.get(approval.golden_set)
         if golden is None or golden.name != approval.golden_set:
@@ -323,16 +354,37 @@ def golden_mismatch(golden: GoldenPcrSet, quoted: Mapping[tuple[int, str], bytes
 
 
 def manifest_from_events(events: Iterable[MeasurementEvent]) -> tuple[ManifestEntry, ...]:
-    """The workload manifest an event log measured: its PCR 23 events, in order."""
+    """The workload manifest an event log measured: its PCR 23 file events, in order."""
     return tuple(
         ManifestEntry(path=e.path, size=e.size, digests=dict(e.digests))
         for e in events
-        if e.pcr_index == WORKLOAD_PCR
+        if e.pcr_index == WORKLOAD_PCR and e.launch is None
     )
 
 
-def expected_pcr23(manifest: Sequence[ManifestEntry], banks: Sequence[str]) -> dict[str, bytes]:
-    """The PCR 23 value per bank that measuring ``manifest`` in order gives, from a reset PCR.
+def launch_from_events(events: Sequence[MeasurementEvent]) -> Launch | None:
+    """The launch an event log measured, or None when it has no launch event.
+
+    Raises:
+        PolicyError: more than one launch event, or a launch event that is not the last PCR 23
+            event (the sidecar measures the launch after every file, right before the quote).
+    """
+    workload = [e for e in events if e.pcr_index == WORKLOAD_PCR]
+    launches = [n for n, e in enumerate(workload) if e.launch is not None]
+    if not launches:
+        return None
+    if len(launches) > 1:
+        raise PolicyError(f"the event log has {len(launches)} launch events; one is measured")
+    if launches[0] != len(workload) - 1:
+        raise PolicyError("the event log's launch event is not its last PCR 23 event")
+    return workload[launches[0]].launch
+
+
+def expected_pcr23(
+    manifest: Sequence[ManifestEntry], banks: Sequence[str], launch: Launch | None = None
+) -> dict[str, bytes]:
+    """The PCR 23 value per bank that measuring ``manifest`` in order, then ``launch`` when
+    given, gives from a reset PCR.
 
     Raises:
         PolicyError: a bank is unsupported, or an entry lacks a digest (or has one of the wrong
@@ -340,6 +392,8 @@ def expected_pcr23(manifest: Sequence[ManifestEntry], banks: Sequence[str]) -> d
     """
     events = [MeasurementEvent(path=e.path, size=e.size, digests=e.digests) for e in manifest]
     try:
+        if launch is not None:
+            events.append(launch_event(launch, banks))
         return replay(events, banks)
     except EventLogError as e:
         raise PolicyError(f"cannot compute the expected PCR {WORKLOAD_PCR}: {e}") from e
@@ -358,13 +412,13 @@ def validate_approval(
     """Checks a new approval before it is stored.
 
     ``keys``, ``parties`` and ``golden_sets`` hold (at least) the objects the approval names.
-    The expected PCR values must be the ones the manifest produces, so that a stored approval
-    can never match a PCR 23 that its own manifest does not explain.
+    The expected PCR values must be the ones the manifest and the launch produce, so that a
+    stored approval can never match a PCR 23 that its own manifest and launch do not explain.
 
     Raises:
-        PolicyError: empty workload name or manifest, a malformed manifest entry, expected PCR
-            values that are missing, malformed or inconsistent with the manifest, no key ids or
-            duplicates.
+        PolicyError: empty workload name or manifest, no launch, a malformed manifest entry,
+            expected PCR values that are missing, malformed or inconsistent with the manifest
+            and launch, no key ids or duplicates.
         NotApprovedError: a key id belongs to another party (a party approves only its own keys).
         UnknownPolicyObjectError: a key, recipient party or golden set does not exist.
     """
@@ -374,6 +428,11 @@ def validate_approval(
         raise PolicyError("an approval needs a workload name")
     if not approval.manifest:
         raise PolicyError("an approval needs a non-empty manifest")
+    if approval.launch is None:
+        raise PolicyError(
+            "an approval needs the launch: approve it with 'cleanroom admin workload approve "
+            '... --command "/absolute/program ARGS" [--env NAME=VALUE ...]\' (docs/policy.md)'
+        )
     for n, entry in enumerate(approval.manifest):
         if not entry.path:
             raise PolicyError(f"manifest file {n} has an empty path")
@@ -388,11 +447,12 @@ def validate_approval(
         raise PolicyError(f"an approval needs the expected PCR {WORKLOAD_PCR} in {REQUIRED_BANK}")
     for bank, value in approval.expected_pcrs.items():
         _check_digest(bank, value, f"expected PCR {WORKLOAD_PCR}")
-    computed = expected_pcr23(approval.manifest, sorted(approval.expected_pcrs))
+    computed = expected_pcr23(approval.manifest, sorted(approval.expected_pcrs), approval.launch)
     for bank, value in approval.expected_pcrs.items():
         if bytes(value) != computed[bank]:
             raise PolicyError(
-                f"expected PCR {WORKLOAD_PCR} ({bank}) is not the value the manifest produces"
+                f"expected PCR {WORKLOAD_PCR} ({bank}) is not the value the manifest and the "
+                "launch produce"
             )
 
     if not approval.key_ids:

@@ -59,6 +59,7 @@ from broker.release import SealedRelease
 from broker.snp import SnpClaims
 from broker.storage import Store
 from evidence.binding import qualifying_data
+from evidence.launch import Launch
 from evidence.pcr import WORKLOAD_PCR, MeasurementEvent
 from pki.identity import SpiffeId
 from sealing.errors import SealingError
@@ -604,8 +605,17 @@ class Broker:
             raise deny(f"evidence rejected: {e}") from e
 
         measured = policy.manifest_from_events(evidence.event_log)
+        try:
+            measured_launch = policy.launch_from_events(evidence.event_log)
+        except PolicyError as e:
+            raise deny(f"evidence rejected: {e}") from e
         pcr23 = verified.pcr_values.get((WORKLOAD_PCR, "sha256"))
-        candidates = self.store.find_active_approvals(pcr23) if pcr23 else []
+        # Approvals of the same files are candidates too, whatever their launch: when only the
+        # launch differs, the audit reason then says what in it differs.
+        files_pcr23 = _files_pcr23(measured)
+        candidates = (
+            self.store.find_active_approvals(pcr23, files_pcr_sha256=files_pcr23) if pcr23 else []
+        )
         # An approval that demands the hardware root counts only with verified SNP evidence;
         # its party reads why in its own record.
         snp_withheld = [
@@ -650,6 +660,7 @@ class Broker:
                 approvals=candidates,
                 golden_sets=golden,
                 now=self.clock(),
+                measured_launch=measured_launch,
             )
         except PolicyError as e:
             raise deny(str(e)) from e
@@ -871,12 +882,14 @@ class Broker:
         output_recipients: Sequence[str],
         golden_set: str | None,
         require_snp: bool = False,
+        launch: Launch | None = None,
     ) -> Approval:
-        """A party approves a measured workload for some of its own keys; with
-        ``require_snp``, only for an attester that presents verified SEV-SNP evidence.
+        """A party approves a measured workload (files and launch) for some of its own keys;
+        with ``require_snp``, only for an attester that presents verified SEV-SNP evidence.
 
         Raises:
-            PolicyError: not a party, a key of another party, unknown recipient or golden set.
+            PolicyError: not a party, no launch, a key of another party, unknown recipient or
+                golden set.
         """
         owner = self._require_party(actor)
         banks = sorted({b for e in manifest for b in e.digests})
@@ -885,7 +898,8 @@ class Broker:
             party=owner,
             workload_name=workload_name,
             manifest=tuple(manifest),
-            expected_pcrs=policy.expected_pcr23(manifest, banks),
+            launch=launch,
+            expected_pcrs=policy.expected_pcr23(manifest, banks, launch),
             key_ids=tuple(key_ids),
             output_recipients=tuple(output_recipients),
             golden_set=golden_set or None,
@@ -1011,3 +1025,14 @@ __all__ = [
     "Evidence",
     "NotApprovedError",
 ]
+
+
+def _files_pcr23(measured: Sequence[ManifestEntry]) -> bytes | None:
+    """The sha256 PCR 23 value of the measured files alone (before the launch), which approvals
+    are also indexed by; None when there are no files or a file has no sha256 digest."""
+    if not measured:
+        return None
+    try:
+        return policy.expected_pcr23(measured, ["sha256"])["sha256"]
+    except PolicyError:
+        return None

@@ -15,3 +15,7 @@ class EventLogError(EvidenceError):
 
 class BindingError(EvidenceError):
     """The inputs to the quote's qualifying data are malformed (wrong nonce length, empty key)."""
+
+
+class LaunchError(EvidenceError):
+    """A launch (command, executable, environment, working directory) is malformed."""

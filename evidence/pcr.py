@@ -1,8 +1,9 @@
 """PCR banks, extension and the offline computation of PCR 23 from a workload's files.
 
 The sidecar extends each manifest file's digest, in order, into PCR 23 of every configured bank
-(``PCR := H(PCR || digest)`` with ``H`` the bank's hash, starting from all zeros after a reset).
-Parties and operators use :func:`measure_files` to compute the same golden values without a TPM.
+(``PCR := H(PCR || digest)`` with ``H`` the bank's hash, starting from all zeros after a reset),
+then one launch event (:mod:`evidence.launch`). Parties and operators use :func:`measure_files`
+to compute the same golden values without a TPM.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from evidence.errors import EventLogError, MeasurementError
+from evidence.launch import Launch, launch_digests
 
 #: The PCR the sidecar measures the workload into (resettable, debug/application PCR).
 WORKLOAD_PCR = 23
@@ -65,12 +67,28 @@ def extend(pcr: bytes, digest: bytes, bank: str) -> bytes:
 
 @dataclass(frozen=True)
 class MeasurementEvent:
-    """One file extended into a PCR: the path as given, its size and one digest per bank."""
+    """One event extended into a PCR: a file (the path as given, its size and one digest per
+    bank) or, with ``launch`` set, the launch event (path: the executable, size 0; its digests
+    are the launch's, :func:`evidence.launch.launch_digests`)."""
 
     path: str
     size: int
     digests: Mapping[str, bytes]
     pcr_index: int = WORKLOAD_PCR
+    launch: Launch | None = None
+
+
+def launch_event(launch: Launch, banks: Sequence[str]) -> MeasurementEvent:
+    """The event log entry of ``launch``, with its digest in each of ``banks``.
+
+    Raises:
+        EventLogError: an unsupported bank.
+    """
+    for bank in banks:
+        check_bank(bank)
+    return MeasurementEvent(
+        path=launch.executable, size=0, digests=launch_digests(launch, banks), launch=launch
+    )
 
 
 @dataclass(frozen=True)
@@ -116,9 +134,13 @@ def replay(
 ) -> dict[str, bytes]:
     """Replays the events for ``pcr_index`` from a reset PCR and returns its value per bank.
 
+    A launch event's digests must be those of the launch it reports, so that every field of
+    the launch is bound into the PCR value the log replays to.
+
     Raises:
-        EventLogError: an event lacks a digest for a bank, a digest has the wrong size, or the
-            log has more than ``max_events`` events.
+        EventLogError: an event lacks a digest for a bank, a digest has the wrong size, a
+            launch event's digest is not its launch's, or the log has more than
+            ``max_events`` events.
     """
     # Banks are checked and their hash and size looked up once, not per extend: the broker
     # replays a log for every quote it verifies (see docs/benchmarks.md, quote verification).
@@ -137,6 +159,13 @@ def replay(
             if len(digest) != size:
                 raise EventLogError(f"event {n} ({event.path!r}) has a malformed {bank} digest")
             values[bank] = h(values[bank] + digest).digest()
+        if event.launch is not None:
+            computed = launch_digests(event.launch, [bank for bank, _, _ in plan])
+            for bank, _, _ in plan:
+                if digests[bank] != computed[bank]:
+                    raise EventLogError(
+                        f"event {n} (the launch) has a {bank} digest that is not its launch's"
+                    )
     return values
 
 
@@ -145,8 +174,10 @@ def measure_files(
     banks: Sequence[str] = DEFAULT_BANKS,
     *,
     names: Sequence[str] | None = None,
+    launch: Launch | None = None,
 ) -> Measurement:
-    """Computes, without a TPM, the event log and PCR 23 values that measuring ``files`` gives.
+    """Computes, without a TPM, the event log and PCR 23 values that measuring ``files`` gives,
+    followed by the launch event of ``launch`` when given (as ``sidecar run`` measures).
 
     ``names`` are the paths recorded in the log (default: the paths as given).
 
@@ -161,4 +192,6 @@ def measure_files(
         events.append(
             MeasurementEvent(path=str(names[i] if names else f), size=size, digests=digests)
         )
+    if launch is not None:
+        events.append(launch_event(launch, banks))
     return Measurement(events=tuple(events), pcrs=replay(events, banks))

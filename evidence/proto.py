@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from cleanroom.v1 import common_pb2
-from evidence.errors import EventLogError
+from evidence.errors import EventLogError, LaunchError
+from evidence.launch import Launch
 from evidence.pcr import BANK_SIZES, MeasurementEvent
 
 _BANK_TO_PB = {
@@ -32,19 +33,49 @@ def bank_from_pb(value: int) -> str:
         raise EventLogError(f"unsupported hash algorithm {value}") from None
 
 
+def launch_to_pb(launch: Launch) -> common_pb2.Launch:
+    """The ``cleanroom.v1.Launch`` message of ``launch``."""
+    msg = common_pb2.Launch(
+        argv=list(launch.argv),
+        executable=launch.executable,
+        executable_sha256=launch.executable_sha256,
+        working_directory=launch.cwd,
+    )
+    for name, value in launch.env:
+        msg.env.add(name=name, value=value)
+    return msg
+
+
+def launch_from_pb(msg: common_pb2.Launch) -> Launch:
+    """The launch a ``cleanroom.v1.Launch`` message describes.
+
+    Raises:
+        LaunchError: the launch is malformed (see :class:`evidence.launch.Launch`).
+    """
+    return Launch(
+        argv=tuple(msg.argv),
+        executable=msg.executable,
+        executable_sha256=bytes(msg.executable_sha256),
+        env=tuple((v.name, v.value) for v in msg.env),
+        cwd=msg.working_directory,
+    )
+
+
 def event_log_to_pb(events: Iterable[MeasurementEvent]) -> common_pb2.EventLog:
     log = common_pb2.EventLog()
     for e in events:
         pe = log.events.add(pcr_index=e.pcr_index, path=e.path, size=e.size)
         for bank, value in e.digests.items():
             pe.digests.add(algorithm=bank_to_pb(bank), value=value)
+        if e.launch is not None:
+            pe.launch.CopyFrom(launch_to_pb(e.launch))
     return log
 
 
 def event_log_from_pb(
     log: common_pb2.EventLog, *, max_events: int | None = None
 ) -> tuple[MeasurementEvent, ...]:
-    """Raises: EventLogError when the log is too long or a digest is malformed."""
+    """Raises: EventLogError when the log is too long, a digest or a launch is malformed."""
     if max_events is not None and len(log.events) > max_events:
         raise EventLogError(f"event log has {len(log.events)} events, more than {max_events}")
     out = []
@@ -57,7 +88,15 @@ def event_log_from_pb(
             if bank in digests:
                 raise EventLogError(f"event {n}: two {bank} digests")
             digests[bank] = bytes(d.value)
+        launch = None
+        if pe.HasField("launch"):
+            try:
+                launch = launch_from_pb(pe.launch)
+            except LaunchError as e:
+                raise EventLogError(f"event {n}: malformed launch: {e}") from e
         out.append(
-            MeasurementEvent(path=pe.path, size=pe.size, digests=digests, pcr_index=pe.pcr_index)
+            MeasurementEvent(
+                path=pe.path, size=pe.size, digests=digests, pcr_index=pe.pcr_index, launch=launch
+            )
         )
     return tuple(out)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from evidence.binding import NONCE_SIZE
 from evidence.binding import qualifying_data as bound_qualifying_data
 from evidence.errors import BindingError
+from evidence.launch import Launch
 from evidence.pcr import Measurement
 from sidecar.config import TpmConfig
 from sidecar.errors import InvalidNonceError
@@ -69,8 +70,10 @@ def measure_manifest(
     *,
     names: Sequence[str] | None = None,
     tpm: TpmDevice | None = None,
+    launch: Launch | None = None,
 ) -> Measurement:
-    """Resets PCR 23 and measures ``files`` into it, in order; returns the event log and values.
+    """Resets PCR 23 and measures ``files`` into it, in order, then ``launch`` when given;
+    returns the event log and values.
 
     Raises:
         MeasurementError: a file cannot be measured (the message names it).
@@ -79,7 +82,7 @@ def measure_manifest(
         TpmCommandError: the TPM refuses a command.
     """
     with _device(config, tpm) as device:
-        return device.measure(files, names)
+        return device.measure(files, names, launch=launch)
 
 
 def make_quote(

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from evidence.launch import Launch
     from evidence.pcr import Measurement
     from sidecar.config import TpmConfig
 
@@ -59,6 +60,29 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="compute the PCR 23 values without a TPM (what a party computes as golden values)",
     )
     measure.add_argument("--log-out", metavar="FILE", help="write the event log here as JSON")
+    measure.add_argument(
+        "--command",
+        metavar='"CMD"',
+        help="measure this launch after the files, as 'sidecar run' does: one shell-quoted "
+        "string whose first word is an absolute path",
+    )
+    measure.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a variable of the launch's environment (repeatable; with --command)",
+    )
+    measure.add_argument(
+        "--workdir",
+        metavar="DIR",
+        help="the launch's working directory, the workload root (default: the current one)",
+    )
+    measure.add_argument(
+        "--interpreter-sha256",
+        metavar="HEX",
+        help="the executable's SHA-256, when the executable is not on this machine",
+    )
     measure.add_argument("files", metavar="FILE", nargs="+", help="files in measurement order")
     measure.set_defaults(func=_measure)
 
@@ -78,11 +102,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run = group.add_parser(
         "run",
         help="attest, then run the workload with plaintext over a local socket",
-        description="Measure the workload's files into PCR 23, attest with the broker, receive "
-        "the inputs' data keys, and run COMMAND with its inputs served as plaintext over a "
-        "private Unix socket (CLEANROOM_WORKLOAD_SOCKET); outputs are sealed to the approved "
-        "recipients. Exits with COMMAND's exit status. See docs/sidecar-run.md.",
-        usage="%(prog)s [-h] --config FILE [--tcti TCTI] -- COMMAND [ARGS ...]",
+        description="Measure the workload's files and its launch ([workload] command and env) "
+        "into PCR 23, attest with the broker, receive the inputs' data keys, and run exactly "
+        "the measured command with its inputs served as plaintext over a private Unix socket "
+        "(CLEANROOM_WORKLOAD_SOCKET); outputs are sealed to the approved recipients. A "
+        "COMMAND after '--' must equal [workload] command. Exits with the workload's exit "
+        "status. See docs/sidecar-run.md.",
+        usage="%(prog)s [-h] --config FILE [--tcti TCTI] [-- COMMAND [ARGS ...]]",
     )
     _add_tpm_options(run, default=argparse.SUPPRESS)
     run.add_argument(
@@ -109,10 +135,6 @@ def _run(args: argparse.Namespace) -> int:
         from cleanroom.config import ConfigError
 
         raise ConfigError("sidecar run needs --config FILE (sidecar.toml; see docs/sidecar-run.md)")
-    if not command:
-        from cleanroom.config import ConfigError
-
-        raise ConfigError("sidecar run needs the workload command after '--'")
     if not getattr(args, "verbose", 0):
         os.environ.setdefault("TSS2_LOG", "all+NONE")
     from sidecar.runconfig import load_run_config
@@ -158,32 +180,76 @@ def _enroll(args: argparse.Namespace) -> int:
 
 
 def _event_log_json(measurement: Measurement, banks: tuple[str, ...]) -> str:
+    events: list[dict[str, Any]] = []
+    for e in measurement.events:
+        item: dict[str, Any] = {
+            "pcr_index": e.pcr_index,
+            "path": e.path,
+            "size": e.size,
+            "digests": {bank: e.digests[bank].hex() for bank in banks},
+        }
+        if e.launch is not None:
+            item["launch"] = {
+                "argv": list(e.launch.argv),
+                "executable": e.launch.executable,
+                "executable_sha256": e.launch.executable_sha256.hex(),
+                "env": dict(e.launch.env),
+                "working_directory": e.launch.cwd,
+            }
+        events.append(item)
     doc = {
         "banks": list(banks),
-        "events": [
-            {
-                "pcr_index": e.pcr_index,
-                "path": e.path,
-                "size": e.size,
-                "digests": {bank: e.digests[bank].hex() for bank in banks},
-            }
-            for e in measurement.events
-        ],
+        "events": events,
         "pcrs": {bank: measurement.pcrs[bank].hex() for bank in banks},
     }
     return json.dumps(doc, indent=2) + "\n"
+
+
+def _launch(args: argparse.Namespace) -> Launch | None:
+    """The launch of ``--command``/``--env``/``--workdir``/``--interpreter-sha256``, or None.
+
+    Raises:
+        LaunchError: a malformed command, variable, directory or digest.
+        MeasurementError: the executable cannot be read (and no digest was given).
+    """
+    from evidence.errors import LaunchError
+    from evidence.launch import (
+        Launch,
+        digest_executable,
+        parse_command,
+        parse_env_assignments,
+    )
+
+    if not args.command:
+        if args.env or args.workdir or args.interpreter_sha256:
+            raise LaunchError("--env, --workdir and --interpreter-sha256 need --command")
+        return None
+    argv = parse_command(args.command)
+    env = parse_env_assignments(args.env)
+    workdir = os.path.abspath(args.workdir or os.getcwd())
+    if args.interpreter_sha256:
+        try:
+            digest = bytes.fromhex(args.interpreter_sha256)
+        except ValueError:
+            digest = b""
+        if len(digest) != 32:
+            raise LaunchError("--interpreter-sha256 must be 64 hexadecimal digits")
+    else:
+        digest = digest_executable(argv[0])
+    return Launch.create(argv=argv, executable_sha256=digest, env=env, cwd=workdir)
 
 
 def _measure(args: argparse.Namespace) -> int:
     from evidence.pcr import WORKLOAD_PCR, measure_files
 
     config = _config(args)
+    launch = _launch(args)
     if args.offline:
-        measurement = measure_files(args.files, config.banks)
+        measurement = measure_files(args.files, config.banks, launch=launch)
     else:
         from sidecar.attester import measure_manifest
 
-        measurement = measure_manifest(config, args.files)
+        measurement = measure_manifest(config, args.files, launch=launch)
     for bank in config.banks:
         print(f"{bank}:{WORKLOAD_PCR} 0x{measurement.pcrs[bank].hex().upper()}")
     if args.log_out:

@@ -18,6 +18,8 @@ every setting; this is the layout::
     name = "example"
     root = "workload"
     files = ["run.py", "analysis.py"]
+    command = ["/usr/bin/python3", "run.py"]
+    env = { LANG = "C.UTF-8" }
     [[inputs]]
     name = "advertiser"
     url = "sealed/advertiser.csv.sealed"
@@ -117,16 +119,34 @@ class WorkloadSettings:
         files: relative POSIX paths under ``root``. They are the names the event log records,
             so they must be the names the parties approved (``cleanroom admin workload
             approve --root ROOT --file ...`` computes the same names).
+        command: the command the sidecar runs, measured into PCR 23 after the files as the
+            launch event; its first word is an absolute path (no PATH lookup). Empty: the
+            command given after ``--`` on the command line is the one measured.
+        env: the workload's complete environment (besides ``CLEANROOM_WORKLOAD_SOCKET``, which
+            the sidecar adds); measured with the command. Nothing is inherited.
 
     Raises:
-        ValueError: no files, or a file name that is absolute, empty or contains ``..``.
+        ValueError: no files, a file name that is absolute, empty or contains ``..``, a
+            command whose first word is not an absolute path, or a malformed variable name.
     """
 
     name: str = "workload"
     root: str = "."
     files: tuple[str, ...] = ()
+    command: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        from evidence.errors import LaunchError
+        from evidence.launch import check_command, check_variable_name
+
+        try:
+            if self.command:
+                check_command(self.command)
+            for name in self.env:
+                check_variable_name(name)
+        except LaunchError as e:
+            raise ValueError(f"[workload] {e}") from e
         if not self.files:
             raise ValueError("[workload] files must list at least one file to measure")
         for name in self.files:

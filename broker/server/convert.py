@@ -23,8 +23,9 @@ from broker.model import (
     PcrKey,
 )
 from cleanroom.v1 import admin_pb2, common_pb2
+from evidence.launch import Launch
 from evidence.pcr import WORKLOAD_PCR
-from evidence.proto import bank_from_pb, bank_to_pb
+from evidence.proto import bank_from_pb, bank_to_pb, launch_from_pb, launch_to_pb
 
 
 def timestamp(when: datetime | None) -> Timestamp:
@@ -130,12 +131,26 @@ def manifest_from_pb(msg: common_pb2.WorkloadManifest) -> tuple[ManifestEntry, .
     )
 
 
-def manifest_to_pb(name: str, entries: Iterable[ManifestEntry]) -> common_pb2.WorkloadManifest:
+def launch_from_manifest_pb(msg: common_pb2.WorkloadManifest) -> Launch | None:
+    """The manifest's launch (validated already), or None when it has none.
+
+    Raises:
+        LaunchError: the launch is malformed (requests are validated before, so only for
+            callers that skip validation).
+    """
+    return launch_from_pb(msg.launch) if msg.HasField("launch") else None
+
+
+def manifest_to_pb(
+    name: str, entries: Iterable[ManifestEntry], launch: Launch | None = None
+) -> common_pb2.WorkloadManifest:
     msg = common_pb2.WorkloadManifest(name=name)
     for e in entries:
         pe = msg.entries.add(path=e.path, size=e.size)
         for bank, value in e.digests.items():
             pe.digests.add(algorithm=bank_to_pb(bank), value=value)
+    if launch is not None:
+        msg.launch.CopyFrom(launch_to_pb(launch))
     return msg
 
 
@@ -143,7 +158,7 @@ def approval_to_pb(approval: Approval) -> admin_pb2.Approval:
     msg = admin_pb2.Approval(
         approval_id=approval.approval_id,
         party=approval.party,
-        manifest=manifest_to_pb(approval.workload_name, approval.manifest),
+        manifest=manifest_to_pb(approval.workload_name, approval.manifest, approval.launch),
         key_ids=list(approval.key_ids),
         output_recipients=list(approval.output_recipients),
         golden_set=approval.golden_set or "",
@@ -182,6 +197,7 @@ __all__ = [
     "ek_to_pb",
     "golden_set_from_pb",
     "golden_set_to_pb",
+    "launch_from_manifest_pb",
     "manifest_from_pb",
     "manifest_to_pb",
     "party_from_pb",

@@ -333,6 +333,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             current_call().caller,
             workload_name=request.manifest.name,
             manifest=convert.manifest_from_pb(request.manifest),
+            launch=convert.launch_from_manifest_pb(request.manifest),
             key_ids=tuple(request.key_ids),
             output_recipients=tuple(request.output_recipients),
             golden_set=request.golden_set or None,

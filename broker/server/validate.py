@@ -23,8 +23,9 @@ from google.protobuf.message import Message
 
 from broker.server.errors import InvalidRequestError
 from cleanroom.v1 import admin_pb2, attestation_pb2, common_pb2
+from evidence.errors import LaunchError
 from evidence.pcr import BANK_SIZES, WORKLOAD_PCR
-from evidence.proto import bank_from_pb
+from evidence.proto import bank_from_pb, launch_from_pb
 from pki.errors import IdentityError
 from pki.identity import validate_name
 from sealing.errors import SealingError
@@ -362,6 +363,8 @@ def check_attest(
             raise _fail(f"{where}.pcr_index", f"must be 0..{MAX_PCR_INDEX}")
         check_path(e.path, f"{where}.path")
         _check_digests(e.digests, f"{where}.digests")
+        if e.HasField("launch"):
+            check_launch(e.launch, f"{where}.launch")
     require_message(req, "ephemeral_key")
     ephemeral = check_recipient_key(req.ephemeral_key, "ephemeral_key")
     check_key_ids(req.key_ids, "key_ids", required=False)
@@ -436,6 +439,23 @@ def check_register_data_key(req: admin_pb2.RegisterDataKeyRequest) -> None:
     check_text(req.description, "description", required=False)
 
 
+#: Why an approval without a launch is refused, and how to approve one.
+LAUNCH_REQUIRED = (
+    "is required: an approval covers the launch too; approve it with "
+    '\'cleanroom admin workload approve ... --command "/absolute/program ARGS" '
+    "[--env NAME=VALUE ...]' (docs/policy.md)"
+)
+
+
+def check_launch(msg: common_pb2.Launch, field: str) -> None:
+    """Raises: InvalidRequestError: the launch is malformed (argv[0] not absolute, an
+    environment unsorted or repeating a name, a digest that is not 32 bytes, too large)."""
+    try:
+        launch_from_pb(msg)
+    except LaunchError as e:
+        raise _fail(field, f"is malformed: {e}") from e
+
+
 def check_approve_workload(req: admin_pb2.ApproveWorkloadRequest) -> None:
     """Raises: InvalidRequestError."""
     require_message(req, "manifest")
@@ -451,6 +471,9 @@ def check_approve_workload(req: admin_pb2.ApproveWorkloadRequest) -> None:
         banks = {bank_from_pb(d.algorithm) for d in e.digests}
         if "sha256" not in banks:
             raise _fail(f"manifest.entries[{n}].digests", "needs a sha256 digest")
+    if not m.HasField("launch"):
+        raise _fail("manifest.launch", LAUNCH_REQUIRED)
+    check_launch(m.launch, "manifest.launch")
     check_key_ids(req.key_ids, "key_ids", required=True)
     if len(req.output_recipients) > MAX_RECIPIENTS:
         raise _fail("output_recipients", f"must list at most {MAX_RECIPIENTS} parties")

@@ -173,6 +173,14 @@ approvals = sa.Table(
     sa.Column("revoked", sa.Boolean, nullable=False),
     # Approvals made before revision 0006 did not demand the SEV-SNP hardware root.
     sa.Column("require_snp", sa.Boolean, nullable=False, server_default=sa.false()),
+    # JSON: {"argv": [...], "executable": ..., "executable_sha256": "<hex>", "env": [[name,
+    # value], ...], "cwd": ...}; NULL for approvals stored before launches were measured
+    # (migration 0003), which never match.
+    sa.Column("launch", sa.Text, nullable=True),
+    # The sha256 PCR 23 value of the files alone (before the launch event), indexed: an
+    # attestation whose files match but whose launch differs finds the approval by it, so
+    # that the audit reason can say what in the launch differs.
+    sa.Column("files_pcr_sha256", sa.LargeBinary, nullable=True, index=True),
 )
 
 sessions = sa.Table(

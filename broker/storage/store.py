@@ -62,6 +62,9 @@ from broker.storage.schema import (
     party_keks,
     sessions,
 )
+from evidence.errors import EventLogError
+from evidence.launch import Launch
+from evidence.pcr import MeasurementEvent, replay
 
 
 class UnknownSessionError(UnknownPolicyObjectError):
@@ -946,8 +949,12 @@ class Store:
         if n == 0:
             raise UnknownPolicyObjectError(f"approval {approval_id!r} does not exist")
 
-    def find_active_approvals(self, expected_pcr_sha256: bytes) -> list[Approval]:
-        """Unrevoked approvals whose expected sha256 PCR 23 value is this one, oldest first.
+    def find_active_approvals(
+        self, expected_pcr_sha256: bytes, *, files_pcr_sha256: bytes | None = None
+    ) -> list[Approval]:
+        """Unrevoked approvals whose expected sha256 PCR 23 value is this one, or whose files
+        alone give ``files_pcr_sha256`` (approvals of the same files with another launch),
+        oldest first.
 
         This is the attestation hot path: one index lookup for the ids; the approvals
         themselves come from a cache (their contents never change, only ``revoked``).
@@ -956,7 +963,12 @@ class Store:
             StorageError: the database failed.
         """
         with self.fast.session("find approvals") as cur:
-            ids = cur.all(self._q.find_active_approval_ids, {"pcr": expected_pcr_sha256})
+            ids = cur.all(
+                self._q.find_active_approval_ids,
+                # A value no approval has stands for "no files value": the statement is prepared
+                # once, with both parameters.
+                {"pcr": expected_pcr_sha256, "files_pcr": files_pcr_sha256 or b""},
+            )
             out: list[Approval] = []
             for (approval_id,) in ids:
                 approval = self._approvals.get(approval_id)
@@ -1093,7 +1105,10 @@ class _HotQueries:
         self.find_active_approval_ids = fast.prepare(
             sa.select(approvals.c.approval_id)
             .where(
-                approvals.c.expected_pcr_sha256 == sa.bindparam("pcr"),
+                sa.or_(
+                    approvals.c.expected_pcr_sha256 == sa.bindparam("pcr"),
+                    approvals.c.files_pcr_sha256 == sa.bindparam("files_pcr"),
+                ),
                 approvals.c.revoked.is_(False),
             )
             .order_by(approvals.c.created_at, approvals.c.approval_id)
@@ -1304,7 +1319,40 @@ def _approval_values(approval: Approval, sha256: bytes) -> dict[str, Any]:
         "created_at": approval.created_at,
         "revoked": approval.revoked,
         "require_snp": approval.require_snp,
+        "launch": None if approval.launch is None else _dumps(_launch_doc(approval.launch)),
+        "files_pcr_sha256": _files_pcr_sha256(approval.manifest),
     }
+
+
+def _files_pcr_sha256(manifest: Sequence[ManifestEntry]) -> bytes | None:
+    events = [MeasurementEvent(path=e.path, size=e.size, digests=e.digests) for e in manifest]
+    try:
+        return replay(events, [APPROVAL_INDEX_BANK])[APPROVAL_INDEX_BANK]
+    except EventLogError:
+        return None
+
+
+def _launch_doc(launch: Launch) -> dict[str, Any]:
+    return {
+        "argv": list(launch.argv),
+        "executable": launch.executable,
+        "executable_sha256": launch.executable_sha256.hex(),
+        "env": [list(item) for item in launch.env],
+        "cwd": launch.cwd,
+    }
+
+
+def _launch_from_doc(text: str | None) -> Launch | None:
+    if text is None:
+        return None
+    doc = json.loads(text)
+    return Launch(
+        argv=tuple(doc["argv"]),
+        executable=str(doc["executable"]),
+        executable_sha256=bytes.fromhex(doc["executable_sha256"]),
+        env=tuple((str(n), str(v)) for n, v in doc["env"]),
+        cwd=str(doc["cwd"]),
+    )
 
 
 def _approval(row: Row[Any]) -> Approval:
@@ -1328,6 +1376,7 @@ def _approval(row: Row[Any]) -> Approval:
         created_at=row.created_at,
         revoked=bool(row.revoked),
         require_snp=bool(row.require_snp),
+        launch=_launch_from_doc(row.launch),
     )
 
 

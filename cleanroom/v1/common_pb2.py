@@ -25,33 +25,37 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63leanroom/v1/common.proto\x12\x0c\x63leanroom.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"G\n\x06\x44igest\x12.\n\talgorithm\x18\x01 \x01(\x0e\x32\x1b.cleanroom.v1.HashAlgorithm\x12\r\n\x05value\x18\x02 \x01(\x0c\"S\n\x08PcrValue\x12\r\n\x05index\x18\x01 \x01(\r\x12)\n\x04\x62\x61nk\x18\x02 \x01(\x0e\x32\x1b.cleanroom.v1.HashAlgorithm\x12\r\n\x05value\x18\x03 \x01(\x0c\"h\n\x10MeasurementEvent\x12\x11\n\tpcr_index\x18\x01 \x01(\r\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12%\n\x07\x64igests\x18\x04 \x03(\x0b\x32\x14.cleanroom.v1.Digest\":\n\x08\x45ventLog\x12.\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1e.cleanroom.v1.MeasurementEvent\"K\n\x0cRecipientKey\x12\'\n\x03kem\x18\x01 \x01(\x0e\x32\x1a.cleanroom.v1.KemAlgorithm\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\"R\n\rManifestEntry\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12%\n\x07\x64igests\x18\x03 \x03(\x0b\x32\x14.cleanroom.v1.Digest\"N\n\x10WorkloadManifest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x1b.cleanroom.v1.ManifestEntry\"H\n\rSealedDataKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x13\n\x0bowner_party\x18\x02 \x01(\t\x12\x12\n\nsealed_key\x18\x03 \x01(\x0c\"i\n\x08Validity\x12.\n\nnot_before\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tnot_after\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*~\n\rHashAlgorithm\x12\x1e\n\x1aHASH_ALGORITHM_UNSPECIFIED\x10\x00\x12\x17\n\x13HASH_ALGORITHM_SHA1\x10\x01\x12\x19\n\x15HASH_ALGORITHM_SHA256\x10\x02\x12\x19\n\x15HASH_ALGORITHM_SHA384\x10\x03*j\n\x0cKemAlgorithm\x12\x1d\n\x19KEM_ALGORITHM_UNSPECIFIED\x10\x00\x12\x18\n\x14KEM_ALGORITHM_X25519\x10\x01\x12!\n\x1dKEM_ALGORITHM_MLKEM768_X25519\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63leanroom/v1/common.proto\x12\x0c\x63leanroom.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"G\n\x06\x44igest\x12.\n\talgorithm\x18\x01 \x01(\x0e\x32\x1b.cleanroom.v1.HashAlgorithm\x12\r\n\x05value\x18\x02 \x01(\x0c\"S\n\x08PcrValue\x12\r\n\x05index\x18\x01 \x01(\r\x12)\n\x04\x62\x61nk\x18\x02 \x01(\x0e\x32\x1b.cleanroom.v1.HashAlgorithm\x12\r\n\x05value\x18\x03 \x01(\x0c\"\x8e\x01\n\x10MeasurementEvent\x12\x11\n\tpcr_index\x18\x01 \x01(\r\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12%\n\x07\x64igests\x18\x04 \x03(\x0b\x32\x14.cleanroom.v1.Digest\x12$\n\x06launch\x18\x05 \x01(\x0b\x32\x14.cleanroom.v1.Launch\"2\n\x13\x45nvironmentVariable\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\x90\x01\n\x06Launch\x12\x0c\n\x04\x61rgv\x18\x01 \x03(\t\x12\x12\n\nexecutable\x18\x02 \x01(\t\x12\x19\n\x11\x65xecutable_sha256\x18\x03 \x01(\x0c\x12.\n\x03\x65nv\x18\x04 \x03(\x0b\x32!.cleanroom.v1.EnvironmentVariable\x12\x19\n\x11working_directory\x18\x05 \x01(\t\":\n\x08\x45ventLog\x12.\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1e.cleanroom.v1.MeasurementEvent\"K\n\x0cRecipientKey\x12\'\n\x03kem\x18\x01 \x01(\x0e\x32\x1a.cleanroom.v1.KemAlgorithm\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\"R\n\rManifestEntry\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12%\n\x07\x64igests\x18\x03 \x03(\x0b\x32\x14.cleanroom.v1.Digest\"t\n\x10WorkloadManifest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x1b.cleanroom.v1.ManifestEntry\x12$\n\x06launch\x18\x03 \x01(\x0b\x32\x14.cleanroom.v1.Launch\"H\n\rSealedDataKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x13\n\x0bowner_party\x18\x02 \x01(\t\x12\x12\n\nsealed_key\x18\x03 \x01(\x0c\"i\n\x08Validity\x12.\n\nnot_before\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tnot_after\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*~\n\rHashAlgorithm\x12\x1e\n\x1aHASH_ALGORITHM_UNSPECIFIED\x10\x00\x12\x17\n\x13HASH_ALGORITHM_SHA1\x10\x01\x12\x19\n\x15HASH_ALGORITHM_SHA256\x10\x02\x12\x19\n\x15HASH_ALGORITHM_SHA384\x10\x03*j\n\x0cKemAlgorithm\x12\x1d\n\x19KEM_ALGORITHM_UNSPECIFIED\x10\x00\x12\x18\n\x14KEM_ALGORITHM_X25519\x10\x01\x12!\n\x1dKEM_ALGORITHM_MLKEM768_X25519\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cleanroom.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_HASHALGORITHM']._serialized_start=822
-  _globals['_HASHALGORITHM']._serialized_end=948
-  _globals['_KEMALGORITHM']._serialized_start=950
-  _globals['_KEMALGORITHM']._serialized_end=1056
+  _globals['_HASHALGORITHM']._serialized_start=1098
+  _globals['_HASHALGORITHM']._serialized_end=1224
+  _globals['_KEMALGORITHM']._serialized_start=1226
+  _globals['_KEMALGORITHM']._serialized_end=1332
   _globals['_DIGEST']._serialized_start=76
   _globals['_DIGEST']._serialized_end=147
   _globals['_PCRVALUE']._serialized_start=149
   _globals['_PCRVALUE']._serialized_end=232
-  _globals['_MEASUREMENTEVENT']._serialized_start=234
-  _globals['_MEASUREMENTEVENT']._serialized_end=338
-  _globals['_EVENTLOG']._serialized_start=340
-  _globals['_EVENTLOG']._serialized_end=398
-  _globals['_RECIPIENTKEY']._serialized_start=400
-  _globals['_RECIPIENTKEY']._serialized_end=475
-  _globals['_MANIFESTENTRY']._serialized_start=477
-  _globals['_MANIFESTENTRY']._serialized_end=559
-  _globals['_WORKLOADMANIFEST']._serialized_start=561
-  _globals['_WORKLOADMANIFEST']._serialized_end=639
-  _globals['_SEALEDDATAKEY']._serialized_start=641
-  _globals['_SEALEDDATAKEY']._serialized_end=713
-  _globals['_VALIDITY']._serialized_start=715
-  _globals['_VALIDITY']._serialized_end=820
+  _globals['_MEASUREMENTEVENT']._serialized_start=235
+  _globals['_MEASUREMENTEVENT']._serialized_end=377
+  _globals['_ENVIRONMENTVARIABLE']._serialized_start=379
+  _globals['_ENVIRONMENTVARIABLE']._serialized_end=429
+  _globals['_LAUNCH']._serialized_start=432
+  _globals['_LAUNCH']._serialized_end=576
+  _globals['_EVENTLOG']._serialized_start=578
+  _globals['_EVENTLOG']._serialized_end=636
+  _globals['_RECIPIENTKEY']._serialized_start=638
+  _globals['_RECIPIENTKEY']._serialized_end=713
+  _globals['_MANIFESTENTRY']._serialized_start=715
+  _globals['_MANIFESTENTRY']._serialized_end=797
+  _globals['_WORKLOADMANIFEST']._serialized_start=799
+  _globals['_WORKLOADMANIFEST']._serialized_end=915
+  _globals['_SEALEDDATAKEY']._serialized_start=917
+  _globals['_SEALEDDATAKEY']._serialized_end=989
+  _globals['_VALIDITY']._serialized_start=991
+  _globals['_VALIDITY']._serialized_end=1096
 # @@protoc_insertion_point(module_scope)

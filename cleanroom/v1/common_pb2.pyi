@@ -115,7 +115,7 @@ Global___PcrValue: _TypeAlias = PcrValue  # noqa: Y015
 
 @_typing.final
 class MeasurementEvent(_message.Message):
-    """One entry of the sidecar's measurement log: a file extended into a PCR."""
+    """One entry of the sidecar's measurement log: a file extended into a PCR, or the launch."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -123,13 +123,22 @@ class MeasurementEvent(_message.Message):
     PATH_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
     DIGESTS_FIELD_NUMBER: _builtins.int
+    LAUNCH_FIELD_NUMBER: _builtins.int
     pcr_index: _builtins.int
     path: _builtins.str
-    """The path as given in the workload manifest (relative to the workload root)."""
+    """The path as given in the workload manifest (relative to the workload root); for the
+    launch event, the executable's path.
+    """
     size: _builtins.int
     @_builtins.property
     def digests(self) -> _containers.RepeatedCompositeFieldContainer[Global___Digest]:
-        """One digest per PCR bank extended, in bank order."""
+        """One digest per PCR bank extended, in bank order. For the launch event, the bank's hash
+        over the launch's canonical encoding (docs/measurement.md).
+        """
+
+    @_builtins.property
+    def launch(self) -> Global___Launch:
+        """Set on the launch event only: what the sidecar executes."""
 
     def __init__(
         self,
@@ -138,14 +147,81 @@ class MeasurementEvent(_message.Message):
         path: _builtins.str = ...,
         size: _builtins.int = ...,
         digests: _abc.Iterable[Global___Digest] | None = ...,
+        launch: Global___Launch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["launch", b"launch"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["digests", b"digests", "path", b"path", "pcr_index", b"pcr_index", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digests", b"digests", "launch", b"launch", "path", b"path", "pcr_index", b"pcr_index", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MeasurementEvent: _TypeAlias = MeasurementEvent  # noqa: Y015
+
+@_typing.final
+class EnvironmentVariable(_message.Message):
+    """One environment variable of a launch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    value: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        value: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnvironmentVariable: _TypeAlias = EnvironmentVariable  # noqa: Y015
+
+@_typing.final
+class Launch(_message.Message):
+    """A launch: the process the sidecar starts, measured into PCR 23 after the files."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARGV_FIELD_NUMBER: _builtins.int
+    EXECUTABLE_FIELD_NUMBER: _builtins.int
+    EXECUTABLE_SHA256_FIELD_NUMBER: _builtins.int
+    ENV_FIELD_NUMBER: _builtins.int
+    WORKING_DIRECTORY_FIELD_NUMBER: _builtins.int
+    executable: _builtins.str
+    """The absolute path executed (no PATH lookup)."""
+    executable_sha256: _builtins.bytes
+    """SHA-256 of the executable's contents."""
+    working_directory: _builtins.str
+    """The absolute working directory (the workload root)."""
+    @_builtins.property
+    def argv(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The argument vector; argv[0] is an absolute path."""
+
+    @_builtins.property
+    def env(self) -> _containers.RepeatedCompositeFieldContainer[Global___EnvironmentVariable]:
+        """The complete environment, sorted by name (the sidecar adds only its socket variable)."""
+
+    def __init__(
+        self,
+        *,
+        argv: _abc.Iterable[_builtins.str] | None = ...,
+        executable: _builtins.str = ...,
+        executable_sha256: _builtins.bytes = ...,
+        env: _abc.Iterable[Global___EnvironmentVariable] | None = ...,
+        working_directory: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["argv", b"argv", "env", b"env", "executable", b"executable", "executable_sha256", b"executable_sha256", "working_directory", b"working_directory"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Launch: _TypeAlias = Launch  # noqa: Y015
 
 @_typing.final
 class EventLog(_message.Message):
@@ -224,24 +300,32 @@ Global___ManifestEntry: _TypeAlias = ManifestEntry  # noqa: Y015
 
 @_typing.final
 class WorkloadManifest(_message.Message):
-    """A workload as it is measured: the ordered list of files extended into PCR 23."""
+    """A workload as it is measured: the ordered list of files extended into PCR 23, then the
+    launch.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
     ENTRIES_FIELD_NUMBER: _builtins.int
+    LAUNCH_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     @_builtins.property
     def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___ManifestEntry]: ...
+    @_builtins.property
+    def launch(self) -> Global___Launch:
+        """The launch approved with the files; required for new approvals."""
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         entries: _abc.Iterable[Global___ManifestEntry] | None = ...,
+        launch: Global___Launch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["launch", b"launch"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "launch", b"launch", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,8 +1,8 @@
 """``cleanroom sidecar run``: attest with the broker, then run the workload beside its data.
 
-``run_workload(load_run_config("sidecar.toml"), ["python", "run.py"])`` does what the command
-does (see :mod:`sidecar.run.runner` for the steps and docs/sidecar-run.md for the config). The
-package imports gRPC and tpm2-pytss; the CLI imports it only when ``run`` is invoked.
+``run_workload(load_run_config("sidecar.toml"), [])`` does what the command does (see
+:mod:`sidecar.run.runner` for the steps and docs/sidecar-run.md for the config). The package
+imports gRPC and tpm2-pytss; the CLI imports it only when ``run`` is invoked.
 """
 
 from sidecar.run.errors import (
@@ -16,25 +16,27 @@ from sidecar.run.errors import (
     WorkloadStartError,
 )
 from sidecar.run.runner import (
-    ENVIRONMENT_DROPPED_PREFIXES,
     NOT_STARTED_EXIT_CODE,
+    PreparedLaunch,
     RunResult,
+    prepare_launch,
     run_workload,
     workload_environment,
 )
 
 __all__ = [
-    "ENVIRONMENT_DROPPED_PREFIXES",
     "NOT_STARTED_EXIT_CODE",
     "AttestationDeniedError",
     "BrokerUnreachableError",
     "EnrollmentFailedError",
     "KeyNotReleasedError",
+    "PreparedLaunch",
     "RunError",
     "RunInterruptedError",
     "RunResult",
     "RunSetupError",
     "WorkloadStartError",
+    "prepare_launch",
     "run_workload",
     "workload_environment",
 ]

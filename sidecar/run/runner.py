@@ -4,20 +4,23 @@
 
 1. checks what it can without the TPM or the broker (the command, the workload directory, the
    length of the workload socket's path, the input files, the sidecar's certificate), so that
-   a typo fails in milliseconds;
+   a typo fails in milliseconds; opens the executable and digests it through that descriptor
+   (the launch, :func:`prepare_launch`);
 2. asks the broker for a challenge in the background if this AK is known to be enrolled (the
    TLS handshake and the round trip overlap the TPM work below);
 3. opens the TPM once and loads the persistent AK (creating it on first use); enrolls it by
    credential activation when the state directory has no record of the enrollment, or when the
    broker answers "not enrolled";
-4. measures the workload's files into PCR 23 (reset first), with an event log;
+4. measures the workload's files into PCR 23 (reset first), then the launch event (argv,
+   executable and its digest, environment, working directory), with an event log;
 5. quotes PCR 23 (and what the challenge names) bound to the nonce, a fresh ephemeral HPKE key
    and the sidecar's TLS certificate, and attests; opens the released keys into a key ring that
    expires with the attestation and re-attests on demand;
-6. starts the workload socket, then the workload (cwd: the workload root; environment: the
-   sidecar's, without the sidecar's own settings, plus ``CLEANROOM_WORKLOAD_SOCKET``), in its
-   own process group and contained (a cgroup of its own, else the sidecar as a child
-   subreaper; see :mod:`sidecar.run.containment`), forwarding SIGTERM/SIGINT/SIGHUP to it;
+6. starts the workload socket, then exactly the measured launch: the executable through the
+   descriptor it was digested from, the measured argv, in the workload root, with the measured
+   environment plus ``CLEANROOM_WORKLOAD_SOCKET`` and nothing inherited; in its own process
+   group and contained (a cgroup of its own, else the sidecar as a child subreaper; see
+   :mod:`sidecar.run.containment`), forwarding SIGTERM/SIGINT/SIGHUP to it;
 7. when the workload exits: lets outputs still being written finish for ``grace_seconds``
    (discarding incomplete ones), kills every process the workload left running, ends the
    broker session(s) with the exit status and the output names, wipes the keys, and returns
@@ -31,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shlex
 import shutil
 import tempfile
 import threading
@@ -43,6 +47,8 @@ from typing import TYPE_CHECKING
 
 from broker.client import BrokerClient, BrokerClientError, ClientSetupError
 from cleanroom.v1 import attestation_pb2
+from evidence.errors import LaunchError, MeasurementError
+from evidence.launch import Launch, check_command, digest_fd
 from evidence.proto import event_log_to_pb
 from sidecar.dataplane import (
     InputSpec,
@@ -75,25 +81,15 @@ if TYPE_CHECKING:
     from blobstore.store import BlobStore
 
 __all__ = [
-    "ENVIRONMENT_DROPPED_PREFIXES",
     "NOT_STARTED_EXIT_CODE",
+    "PreparedLaunch",
     "RunResult",
+    "prepare_launch",
     "run_workload",
     "workload_environment",
 ]
 
 _log = logging.getLogger(__name__)
-
-#: Environment variables the workload does not inherit: the sidecar's own settings (they name
-#: its credentials and TPM), the blob store's (they may hold a connection string or SAS token),
-#: the broker's, and the TPM tools'.
-ENVIRONMENT_DROPPED_PREFIXES = (
-    "CLEANROOM_SIDECAR_",
-    "CLEANROOM_BLOB_",
-    "CLEANROOM_BROKER_",
-    "TPM2TOOLS_",
-    "TSS2_",
-)
 
 #: The exit code reported to the broker (EndSession) when the workload never started.
 NOT_STARTED_EXIT_CODE = -1
@@ -112,11 +108,95 @@ class RunResult:
     outputs: tuple[str, ...]
 
 
-def workload_environment(base: Mapping[str, str], socket_env: Mapping[str, str]) -> dict[str, str]:
-    """The workload's environment: ``base`` without the sidecar's settings, plus the socket."""
-    env = {k: v for k, v in base.items() if not k.startswith(ENVIRONMENT_DROPPED_PREFIXES)}
+def workload_environment(
+    approved: Mapping[str, str], socket_env: Mapping[str, str]
+) -> dict[str, str]:
+    """The workload's complete environment: the measured (approved) one plus the socket
+    variable. Nothing comes from the sidecar's own environment: whoever starts the sidecar
+    chooses that (``PYTHONPATH``, ``LD_PRELOAD``, ``CLEANROOM_ADMIN_*``...), and none of it
+    was approved."""
+    env = dict(approved)
     env.update(socket_env)
     return env
+
+
+@dataclass
+class PreparedLaunch:
+    """The launch to measure and run, and the open executable it was digested from.
+
+    ``fd`` stays open until the workload starts: the workload is executed through it, so the
+    file that was digested is the file that runs, whatever happens to its path meanwhile.
+    ``fd`` is None when ``/proc/self/fd`` is not available (the path is executed then).
+    """
+
+    launch: Launch
+    fd: int | None
+
+    def close(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = None
+
+
+def prepare_launch(config: RunConfig, command: Sequence[str]) -> PreparedLaunch:
+    """The launch of ``[workload] command`` (or ``command`` when the config has none) with
+    ``[workload] env`` in the workload root; opens and digests the executable.
+
+    Raises:
+        RunSetupError: no command, a command that differs from ``[workload] command``, a first
+            word that is not an absolute path, or an executable that cannot be opened, is not
+            a regular executable file, or a malformed environment.
+    """
+    configured = tuple(config.workload.command)
+    given = tuple(command)
+    if configured and given and given != configured:
+        raise RunSetupError(
+            f"the command after '--' ({shlex.join(given)}) is not [workload] command "
+            f"({shlex.join(configured)}): the sidecar runs only the configured command, which "
+            "is what the parties approved; nothing was attested"
+        )
+    argv = configured or given
+    if not argv:
+        raise RunSetupError(
+            "no workload command: set [workload] command in the config (or give it after '--')"
+        )
+    try:
+        check_command(argv)
+    except LaunchError as e:
+        raise RunSetupError(f"workload command: {e}") from e
+    program = argv[0]
+    try:
+        fd = os.open(program, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise RunSetupError(
+            f"workload command {program!r} cannot be opened: {e.strerror or e}"
+        ) from e
+    try:
+        if not os.access(program, os.X_OK):
+            raise RunSetupError(f"workload command {program!r} is not executable")
+        try:
+            digest = digest_fd(fd, program)
+        except MeasurementError as e:
+            raise RunSetupError(str(e)) from e
+        try:
+            launch = Launch.create(
+                argv=argv,
+                executable_sha256=digest,
+                env=config.workload.env,
+                cwd=os.path.abspath(config.workload_root),
+            )
+        except LaunchError as e:
+            raise RunSetupError(f"[workload] {e}") from e
+    except BaseException:
+        os.close(fd)
+        raise
+    if not os.path.isdir("/proc/self/fd"):
+        # Without /proc the path is executed again: the window between digest and exec is
+        # then the residual one docs/sidecar-run.md describes.
+        os.close(fd)
+        return PreparedLaunch(launch=launch, fd=None)
+    return PreparedLaunch(launch=launch, fd=fd)
 
 
 def _process_age() -> float | None:
@@ -166,19 +246,6 @@ def _disable_dumps() -> None:
 # --- checks before anything starts -------------------------------------------------------------
 
 
-def _resolve_command(command: Sequence[str], root: Path, env: dict[str, str]) -> None:
-    if not command:
-        raise RunSetupError("no workload command given (cleanroom sidecar run ... -- COMMAND)")
-    program = command[0]
-    if "/" in program:
-        # Popen looks a relative program path up from the working directory (the root).
-        path = root / program
-        if not (path.is_file() and os.access(path, os.X_OK)):
-            raise RunSetupError(f"workload command {program!r} is not an executable file")
-    elif shutil.which(program, path=env.get("PATH", os.defpath)) is None:
-        raise RunSetupError(f"workload command {program!r} is not found on PATH")
-
-
 #: The prefix of the fresh socket directory made when ``[runtime] socket_dir`` is empty;
 #: :func:`tempfile.mkdtemp` appends eight random characters.
 _SOCKET_DIR_PREFIX = "cleanroom-sidecar-"
@@ -225,13 +292,13 @@ def _check_socket_path(config: RunConfig) -> None:
         ) from e
 
 
-def _preflight(config: RunConfig, command: Sequence[str]) -> bytes:
-    """Checks the command, the workload directory, the socket path and the local inputs;
-    returns the sidecar's certificate (DER), which the quote binds."""
+def _preflight(config: RunConfig) -> bytes:
+    """Checks the workload directory, the socket path and the local inputs; returns the
+    sidecar's certificate (DER), which the quote binds. (The command is checked by
+    :func:`prepare_launch` before.)"""
     root = config.workload_root
     if not root.is_dir():
         raise RunSetupError(f"workload root {root} is not a directory")
-    _resolve_command(command, root, dict(os.environ))
     _check_socket_path(config)
     for item in config.inputs:
         if is_blob_url(item.url):
@@ -364,11 +431,17 @@ def _prefetch(
 
 
 def run_workload(config: RunConfig, command: Sequence[str]) -> RunResult:
-    """Attests and runs ``command`` as the workload; returns its exit status and the session.
+    """Attests and runs the workload; returns its exit status and the session.
+
+    The workload is ``[workload] command``; ``command`` (what followed ``--``) must equal it
+    when both are given, and is the command when the config has none. Either way it is
+    measured as the launch event and executed exactly as measured.
 
     Raises:
-        RunSetupError: the command, the workload directory, an input file or the certificate
-            cannot be used, or the workload socket's path would be too long.
+        RunSetupError: no command, a command other than ``[workload] command``, a command
+            that is not an absolute path to an executable file, the workload directory, an
+            input file or the certificate cannot be used, or the workload socket's path would
+            be too long.
         TpmUnavailableError: the TPM cannot be reached (other TpmError: it failed).
         MeasurementError: a workload file cannot be measured.
         BrokerUnreachableError: the broker cannot be reached after the retries.
@@ -381,18 +454,25 @@ def run_workload(config: RunConfig, command: Sequence[str]) -> RunResult:
         DataPlaneError: the workload socket or the output directory cannot be set up.
     """
     timeline = _Timeline()
-    cert_der = _preflight(config, command)
-    _disable_dumps()
-    # The signal handlers go in first, so that SIGTERM during attestation unwinds cleanly
-    # (flushing TPM objects) instead of killing the sidecar in the middle of a TPM command.
-    with (
-        WorkloadProcess(
-            command, cwd=config.workload_root, grace_seconds=config.runtime.grace_seconds
-        ) as process,
-        contextlib.ExitStack() as stack,
-    ):
-        client = stack.enter_context(_connect(config))
-        return _run(config, client, process, stack, cert_der, timeline)
+    prepared = prepare_launch(config, command)
+    try:
+        cert_der = _preflight(config)
+        _disable_dumps()
+        # The signal handlers go in first, so that SIGTERM during attestation unwinds cleanly
+        # (flushing TPM objects) instead of killing the sidecar in the middle of a TPM command.
+        with (
+            WorkloadProcess(
+                prepared.launch.argv,
+                cwd=prepared.launch.cwd,
+                grace_seconds=config.runtime.grace_seconds,
+                executable_fd=prepared.fd,
+            ) as process,
+            contextlib.ExitStack() as stack,
+        ):
+            client = stack.enter_context(_connect(config))
+            return _run(config, client, process, stack, cert_der, timeline, prepared)
+    finally:
+        prepared.close()
 
 
 def _run(
@@ -402,6 +482,7 @@ def _run(
     stack: contextlib.ExitStack,
     cert_der: bytes,
     timeline: _Timeline,
+    prepared: PreparedLaunch,
 ) -> RunResult:
     # The workload's cgroup and watchdog are set up while the TPM and the broker work.
     process.prepare()
@@ -429,7 +510,9 @@ def _run(
         enrolled_now = True
         timeline.mark("enrolled")
 
-    measurement = tpm.measure(config.workload_files(), config.workload.measured_names())
+    measurement = tpm.measure(
+        config.workload_files(), config.workload.measured_names(), launch=prepared.launch
+    )
     timeline.mark("measured")
 
     attester = Attester(
@@ -495,8 +578,12 @@ def _run(
         )
         server.start()
         try:
-            pid = process.start(workload_environment(os.environ, server.environment()))
+            pid = process.start(
+                workload_environment(prepared.launch.environment, server.environment())
+            )
             started = True
+            # The workload holds its own descriptor of the executable now.
+            prepared.close()
             tree.set_root(pid)
             timeline.mark("workload started")
             _log.info("start-up: %s", timeline.summary())

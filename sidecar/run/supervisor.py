@@ -62,6 +62,9 @@ class WorkloadProcess:
             (fail to start without one) or ``subreaper``. :meth:`start` must be called from a
             thread that lives as long as the workload (the parent-death signal follows the
             thread that forked).
+        executable_fd: an open descriptor of the program to execute instead of looking
+            ``command[0]`` up again: the file that was measured through it is the one that
+            runs (``execve`` of ``/proc/self/fd/N``; the workload inherits the descriptor).
     """
 
     def __init__(
@@ -71,10 +74,12 @@ class WorkloadProcess:
         cwd: str | os.PathLike[str],
         grace_seconds: float,
         containment: ContainmentMode = "auto",
+        executable_fd: int | None = None,
     ) -> None:
         self._command = list(command)
         self._containment_mode: ContainmentMode = containment
         self._containment: Containment | None = None
+        self._executable_fd = executable_fd
         self._cwd = cwd
         self._grace = grace_seconds
         self._proc: subprocess.Popen[bytes] | None = None
@@ -248,9 +253,12 @@ class WorkloadProcess:
         containment = self._containment
         if containment is None or (mode == "subreaper" and containment.cgroup is not None):
             containment = self._open_containment(mode)
+        fd = self._executable_fd
         try:
             return subprocess.Popen(
                 self._command,
+                executable=f"/proc/self/fd/{fd}" if fd is not None else None,
+                pass_fds=(fd,) if fd is not None else (),
                 cwd=self._cwd,
                 env=dict(env),
                 process_group=0,

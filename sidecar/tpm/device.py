@@ -49,12 +49,14 @@ from tpm2_pytss import (
 from tpm2_pytss.utils import NoSuchIndex, NVReadEK, create_ek_template
 
 from evidence.errors import MeasurementError as EvidenceMeasurementError
+from evidence.launch import Launch
 from evidence.pcr import (
     BANK_SIZES,
     WORKLOAD_PCR,
     Measurement,
     MeasurementEvent,
     digest_file,
+    launch_event,
     replay,
 )
 from sidecar.config import TpmConfig
@@ -654,8 +656,11 @@ class Tpm:
         self,
         files: Sequence[str | os.PathLike[str]],
         names: Sequence[str] | None = None,
+        *,
+        launch: Launch | None = None,
     ) -> Measurement:
-        """Measures files into PCR 23, in order, in every configured bank, with an event log.
+        """Measures files into PCR 23, in order, in every configured bank, with an event log,
+        then the launch event of ``launch`` when given.
 
         PCR 23 is reset first; each file is read once in chunks, digested in every bank and
         extended. ``names`` are the paths recorded in the event log (default: as given). The
@@ -686,6 +691,10 @@ class Tpm:
                     digests=digests,
                 )
             )
+        if launch is not None:
+            event = launch_event(launch, banks)
+            self.extend(WORKLOAD_PCR, event.digests)
+            events.append(event)
         expected = replay(events, banks)
         actual = self.read_pcrs({bank: [WORKLOAD_PCR] for bank in banks})
         for bank in banks:

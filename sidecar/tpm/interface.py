@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from evidence.launch import Launch
 from evidence.pcr import WORKLOAD_PCR, Measurement
 
 #: A PCR value's key: (PCR index, bank name as tpm2-tools spells it, e.g. ``"sha256"``).
@@ -96,6 +97,8 @@ class TpmDevice(Protocol):
         self,
         files: Sequence[str | os.PathLike[str]],
         names: Sequence[str] | None = None,
+        *,
+        launch: Launch | None = None,
     ) -> Measurement: ...
 
     def read_pcrs(self, selection: Mapping[str, Iterable[int]]) -> dict[PcrKey, bytes]: ...

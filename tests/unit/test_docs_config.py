@@ -268,6 +268,7 @@ PROBES: dict[tuple[str, str], Any] = {
     ("AzureSnpConfig", "min_tcb"): {"snp": 24, "microcode": 219},
     ("AzureSnpConfig", "require_vm_configuration"): {"secure-boot": False, "tpm-enabled": True},
     ("TpmConfig", "vcek_url"): "http://127.0.0.1:8080/vcek",
+    ("WorkloadSettings", "command"): ("/usr/bin/python3", "run.py"),
 }
 
 

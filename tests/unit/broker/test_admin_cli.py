@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from broker.custody import open_registered_key
 from broker.server.validate import MAX_AUDIT_PAGE, MAX_AUDIT_SEQUENCE
 from cleanroom.cli import build_parser, main
 from cleanroom.v1 import admin_pb2, common_pb2
+from evidence.launch import Launch, encode_launch
 from pki.ca import PkiLayout
 from sealing.keys import generate_recipient_key, write_data_key, write_public_key
 from tests.unit.broker.test_client_fake_broker import RunningFake, make_pki, running_fake
@@ -42,13 +44,39 @@ SHA256_A = "aa" * 32
 SHA1_B = "bb" * 20
 
 
-def pcr_chain(bank: str, contents: list[bytes]) -> bytes:
-    """PCR 23 after extending each content's digest, from zeros: computed independently."""
+def pcr_chain(bank: str, contents: list[bytes], launch: bytes | None = None) -> bytes:
+    """PCR 23 after extending each content's digest, from zeros, then the launch encoding's
+    digest when given: computed independently of the product's replay."""
     size = hashlib.new(bank).digest_size
     pcr = bytes(size)
-    for c in contents:
+    for c in [*contents, *([launch] if launch is not None else [])]:
         pcr = hashlib.new(bank, pcr + hashlib.new(bank, c).digest()).digest()
     return pcr
+
+
+#: A pinned interpreter digest (the approving machine need not have the image's Python).
+PINNED = hashlib.sha256(b"the image's python").hexdigest()
+LAUNCH_OPTIONS = (
+    "--command",
+    "/usr/bin/python3 train.py --depth '3 4'",
+    "--env",
+    "LANG=C.UTF-8",
+    "--workdir",
+    "/srv/workload",
+    "--interpreter-sha256",
+    PINNED,
+)
+
+
+def pinned_launch_encoding() -> bytes:
+    return encode_launch(
+        Launch.create(
+            argv=("/usr/bin/python3", "train.py", "--depth", "3 4"),
+            executable_sha256=bytes.fromhex(PINNED),
+            env={"LANG": "C.UTF-8"},
+            cwd="/srv/workload",
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -504,12 +532,13 @@ def test_workload_approve_sends_the_manifest_and_prints_expected_pcrs(
     (tmp_path / "train.py").write_bytes(b"train")
     (tmp_path / "data.csv").write_bytes(b"a,b\n")
     contents = [b"train", b"a,b\n"]
+    launch = pinned_launch_encoding()
     approval = admin_pb2.Approval(approval_id="ap1", party="advertiser", key_ids=["k1"])
     for bank, enum in (
         ("sha1", common_pb2.HASH_ALGORITHM_SHA1),
         ("sha256", common_pb2.HASH_ALGORITHM_SHA256),
     ):
-        approval.expected_pcrs.add(index=23, bank=enum, value=pcr_chain(bank, contents))
+        approval.expected_pcrs.add(index=23, bank=enum, value=pcr_chain(bank, contents, launch))
     fake.fake.responses["ApproveWorkload"] = admin_pb2.ApproveWorkloadResponse(approval=approval)
     code, out, _ = run(
         capsys,
@@ -530,6 +559,7 @@ def test_workload_approve_sends_the_manifest_and_prints_expected_pcrs(
         str(tmp_path / "data.csv"),
         "--root",
         str(tmp_path),
+        *LAUNCH_OPTIONS,
     )
     assert code == 0
     (req,) = fake.fake.requests["ApproveWorkload"]
@@ -538,9 +568,15 @@ def test_workload_approve_sends_the_manifest_and_prints_expected_pcrs(
     assert list(req.output_recipients) == ["advertiser", "publisher"]
     assert req.golden_set == "prod"
     assert [e.path for e in req.manifest.entries] == ["train.py", "data.csv"]
+    sent = req.manifest.launch
+    assert list(sent.argv) == ["/usr/bin/python3", "train.py", "--depth", "3 4"]
+    assert sent.executable == "/usr/bin/python3"
+    assert sent.executable_sha256.hex() == PINNED
+    assert [(v.name, v.value) for v in sent.env] == [("LANG", "C.UTF-8")]
+    assert sent.working_directory == "/srv/workload"
     assert "approval id: ap1" in out
-    assert f"sha256:23:   {pcr_chain('sha256', contents).hex()}" in out
-    assert f"sha1:23:     {pcr_chain('sha1', contents).hex()}" in out
+    assert f"sha256:23:   {pcr_chain('sha256', contents, launch).hex()}" in out
+    assert f"sha1:23:     {pcr_chain('sha1', contents, launch).hex()}" in out
 
 
 def test_workload_approve_refuses_a_broker_that_disagrees(
@@ -563,6 +599,7 @@ def test_workload_approve_refuses_a_broker_that_disagrees(
         "p",
         "--file",
         str(tmp_path / "f"),
+        *LAUNCH_OPTIONS,
     )
     assert code == 1
     assert "the broker expects sha256:23=" in err and "workload revoke ap2" in err
@@ -582,10 +619,13 @@ def test_workload_manifest_round_trips_through_approve(
         str(tmp_path / "a"),
         "--root",
         str(tmp_path),
+        *LAUNCH_OPTIONS,
     )
     assert code == 0
     doc = json.loads(out)
-    assert doc["expected_pcrs"]["sha256"] == pcr_chain("sha256", [b"a"]).hex()
+    assert doc["expected_pcrs"]["sha256"] == (
+        pcr_chain("sha256", [b"a"], pinned_launch_encoding()).hex()
+    )
     (tmp_path / "m.json").write_text(out)
     code, _, _ = run(
         capsys,
@@ -600,6 +640,7 @@ def test_workload_manifest_round_trips_through_approve(
         "p",
         "--manifest",
         str(tmp_path / "m.json"),
+        *LAUNCH_OPTIONS,
     )
     assert code == 0
     (req,) = fake.fake.requests["ApproveWorkload"]
@@ -677,3 +718,114 @@ def test_permission_denied_is_one_line(
     assert err == (
         "cleanroom: error: ListEks: scripted permission_denied for ListEks [PERMISSION_DENIED]\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        pytest.param((), "an approval covers the launch: give --command", id="no-command"),
+        pytest.param(
+            ("--command", "python3 train.py", "--workdir", "/srv/w"),
+            "the command's first word 'python3' must be an absolute path (such as "
+            "/usr/bin/python3): the sidecar executes exactly the measured path and never "
+            "searches PATH",
+            id="bare-name",
+        ),
+        pytest.param(
+            ("--command", "/usr/bin/python3 'train.py", "--workdir", "/srv/w"),
+            "cannot split the command",
+            id="unclosed-quote",
+        ),
+        pytest.param(
+            ("--command", "/usr/bin/python3 t.py", "--env", "LANG", "--workdir", "/srv/w"),
+            "--env 'LANG': expected NAME=VALUE",
+            id="env-without-value",
+        ),
+        pytest.param(
+            ("--command", "/usr/bin/python3 t.py", "--env", "A=1", "--env", "A=2"),
+            "--env names A twice",
+            id="env-twice",
+        ),
+        pytest.param(
+            ("--command", "/usr/bin/python3 t.py", "--env", "CLEANROOM_WORKLOAD_SOCKET=/x"),
+            "CLEANROOM_WORKLOAD_SOCKET is set by the sidecar itself",
+            id="reserved-variable",
+        ),
+        pytest.param(
+            ("--command", "/usr/bin/python3 t.py", "--workdir", "srv/w"),
+            "--workdir 'srv/w' must be absolute",
+            id="relative-workdir",
+        ),
+        pytest.param(
+            ("--command", "/nonexistent/python3 t.py", "--workdir", "/srv/w"),
+            "give the executable's SHA-256 as it is on the TEE with --interpreter-sha256",
+            id="executable-not-here",
+        ),
+        pytest.param(
+            ("--command", "/usr/bin/python3 t.py", "--interpreter-sha256", "abcd"),
+            "--interpreter-sha256 must be 64 hexadecimal digits",
+            id="short-digest",
+        ),
+    ],
+)
+def test_workload_approve_refuses_a_malformed_launch_in_one_line(
+    fake: RunningFake,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    options: tuple[str, ...],
+    message: str,
+) -> None:
+    (tmp_path / "t.py").write_bytes(b"t")
+    code, _, err = run(
+        capsys,
+        *party_options(fake.layout),
+        "workload",
+        "approve",
+        "--name",
+        "w",
+        "--key",
+        "k",
+        "--recipient",
+        "p",
+        "--root",
+        str(tmp_path),
+        "--file",
+        str(tmp_path / "t.py"),
+        *options,
+    )
+    assert code != 0
+    assert message in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "ApproveWorkload" not in fake.fake.requests
+
+
+def test_workload_approve_digests_the_executable_found_here_by_default(
+    fake: RunningFake, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    (tmp_path / "t.py").write_bytes(b"t")
+    code, _, err = run(
+        capsys,
+        *party_options(fake.layout),
+        "workload",
+        "approve",
+        "--name",
+        "w",
+        "--key",
+        "k",
+        "--recipient",
+        "p",
+        "--root",
+        str(tmp_path),
+        "--file",
+        str(tmp_path / "t.py"),
+        "--command",
+        f"{sys.executable} t.py",
+    )
+    assert code == 0, err
+    (req,) = fake.fake.requests["ApproveWorkload"]
+    assert isinstance(req, admin_pb2.ApproveWorkloadRequest)
+    expected = hashlib.sha256(Path(sys.executable).read_bytes()).digest()
+    assert req.manifest.launch.executable_sha256 == expected
+    # The working directory defaults to --root's absolute path, as sidecar.toml's root.
+    assert req.manifest.launch.working_directory == str(tmp_path.absolute())
+    assert list(req.manifest.launch.env) == []

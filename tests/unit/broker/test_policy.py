@@ -32,11 +32,13 @@ from broker.policy import (
     Grant,
     evaluate,
     expected_pcr23,
+    launch_from_events,
     manifest_from_events,
     validate_approval,
     validate_golden_set,
 )
-from evidence.pcr import MeasurementEvent
+from evidence.launch import Launch
+from evidence.pcr import MeasurementEvent, launch_event
 
 NOW = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 BANKS = ("sha1", "sha256")
@@ -57,13 +59,24 @@ def entry(path: str, content: bytes) -> ManifestEntry:
 
 MANIFEST = (entry("bin/train.py", b"train code"), entry("conf/model.toml", b"depth = 3"))
 OTHER_MANIFEST = (entry("bin/train.py", b"exfiltrate"), entry("conf/model.toml", b"depth = 3"))
+PYTHON_SHA256 = hashlib.sha256(b"the image's python").digest()
+LAUNCH = Launch.create(
+    argv=("/usr/bin/python3", "bin/train.py", "--depth", "3"),
+    executable_sha256=PYTHON_SHA256,
+    env={"LANG": "C.UTF-8", "OMP_NUM_THREADS": "2"},
+    cwd="/srv/workload",
+)
 
 
 def quoted_for(
-    manifest: Sequence[ManifestEntry], *, boot: bytes = BOOT_VALUE
+    manifest: Sequence[ManifestEntry],
+    *,
+    boot: bytes = BOOT_VALUE,
+    launch: Launch | None = LAUNCH,
 ) -> dict[tuple[int, str], bytes]:
-    """The quoted PCRs of a machine that measured ``manifest`` (and booted to ``boot``)."""
-    pcrs = {(23, bank): value for bank, value in expected_pcr23(manifest, BANKS).items()}
+    """The quoted PCRs of a machine that measured ``manifest`` then ``launch`` (and booted to
+    ``boot``)."""
+    pcrs = {(23, bank): value for bank, value in expected_pcr23(manifest, BANKS, launch).items()}
     pcrs[(0, "sha256")] = boot
     return pcrs
 
@@ -104,13 +117,15 @@ def approval(
     revoked: bool = False,
     created_at: datetime = NOW,
     workload_name: str = "trainer",
+    launch: Launch | None = LAUNCH,
 ) -> Approval:
     return Approval(
         approval_id=approval_id,
         party=party,
         workload_name=workload_name,
         manifest=tuple(manifest),
-        expected_pcrs=expected_pcr23(manifest, BANKS),
+        launch=launch,
+        expected_pcrs=expected_pcr23(manifest, BANKS, launch),
         key_ids=tuple(key_ids),
         output_recipients=tuple(recipients),
         golden_set=golden_set,
@@ -128,17 +143,21 @@ def decide(
     golden: Mapping[str, GoldenPcrSet] | None = None,
     ak: AkRecord = AK,
     ek: EkRecord | None = EK,
+    launch: Launch | None = LAUNCH,
 ) -> Decision:
+    if quoted is None:
+        quoted = quoted_for(measured, launch=launch)
     return evaluate(
         ak=ak,
         ek=ek,
-        quoted_pcrs=quoted if quoted is not None else quoted_for(measured),
+        quoted_pcrs=quoted,
         measured_manifest=measured,
         requested_key_ids=requested,
         keys=KEYS,
         approvals=approvals,
         golden_sets=golden if golden is not None else {"boot": GOLDEN},
         now=NOW,
+        measured_launch=launch,
     )
 
 
@@ -173,7 +192,7 @@ def test_unapproved_workload_is_denied_with_reason() -> None:
         measured=OTHER_MANIFEST,
     )
     assert decision.granted == ()
-    measured_pcr = expected_pcr23(OTHER_MANIFEST, BANKS)["sha256"].hex()
+    measured_pcr = expected_pcr23(OTHER_MANIFEST, BANKS, LAUNCH)["sha256"].hex()
     assert reasons(decision) == {
         "alice-k1": f"not approved by alice: measured PCR 23 (sha256 {measured_pcr}) "
         "matches no active approval by alice for this key",
@@ -327,7 +346,7 @@ def test_approval_whose_pcr_does_not_follow_its_manifest_denies() -> None:
     # a corrupted store must not turn into a release).
     forged = replace(
         approval("a1", "alice", ["alice-k1"], manifest=OTHER_MANIFEST),
-        expected_pcrs=expected_pcr23(MANIFEST, BANKS),
+        expected_pcrs=expected_pcr23(MANIFEST, BANKS, LAUNCH),
     )
     decision = decide([forged], requested=("alice-k1",))
     assert reasons(decision) == {
@@ -340,7 +359,7 @@ def test_manifest_with_another_number_of_files_denies() -> None:
     longer = (*MANIFEST, entry("data/extra.bin", b"x"))
     forged = replace(
         approval("a1", "alice", ["alice-k1"], manifest=longer),
-        expected_pcrs=expected_pcr23(MANIFEST, BANKS),
+        expected_pcrs=expected_pcr23(MANIFEST, BANKS, LAUNCH),
     )
     decision = decide([forged], requested=("alice-k1",))
     assert "3 files approved, 2 measured" in reasons(decision)["alice-k1"]
@@ -545,3 +564,150 @@ def test_invalid_golden_set_is_refused(
         validate_golden_set(replace(GOLDEN, accepted=accepted))
     with pytest.raises(PolicyError, match="needs a name"):
         validate_golden_set(replace(GOLDEN, name=""))
+
+
+# --- the launch -----------------------------------------------------------------------------
+
+
+def _measured_with(**changes: object) -> Launch:
+    return replace(LAUNCH, **changes)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("measured", "reason"),
+    [
+        pytest.param(
+            _measured_with(argv=("/usr/bin/python3", "bin/train.py", "--depth", "9")),
+            "command: approved '/usr/bin/python3 bin/train.py --depth 3', measured "
+            "'/usr/bin/python3 bin/train.py --depth 9'",
+            id="another-argv",
+        ),
+        pytest.param(
+            _measured_with(
+                argv=("/tmp/evil/python3", "bin/train.py", "--depth", "3"),
+                executable="/tmp/evil/python3",
+            ),
+            "command: approved '/usr/bin/python3 bin/train.py --depth 3', measured "
+            "'/tmp/evil/python3 bin/train.py --depth 3'; executable: approved "
+            "'/usr/bin/python3', measured '/tmp/evil/python3'",
+            id="another-executable",
+        ),
+        pytest.param(
+            _measured_with(executable_sha256=hashlib.sha256(b"patched python").digest()),
+            f"interpreter digest: approved sha256 {PYTHON_SHA256.hex()}, measured "
+            f"{hashlib.sha256(b'patched python').hexdigest()}",
+            id="another-interpreter",
+        ),
+        pytest.param(
+            _measured_with(
+                env=(
+                    ("LANG", "C.UTF-8"),
+                    ("LD_PRELOAD", "/tmp/hook.so"),
+                    ("OMP_NUM_THREADS", "8"),
+                    ("PYTHONPATH", "/tmp/inject"),
+                )
+            ),
+            "environment: not approved LD_PRELOAD, PYTHONPATH, other value for OMP_NUM_THREADS",
+            id="injected-environment",
+        ),
+        pytest.param(
+            _measured_with(env=(("LANG", "C.UTF-8"),)),
+            "environment: missing OMP_NUM_THREADS",
+            id="missing-variable",
+        ),
+        pytest.param(
+            _measured_with(cwd="/tmp/elsewhere"),
+            "working directory: approved '/srv/workload', measured '/tmp/elsewhere'",
+            id="another-workdir",
+        ),
+    ],
+)
+def test_a_launch_other_than_the_approved_one_is_denied_saying_what_differs(
+    measured: Launch, reason: str
+) -> None:
+    decision = decide(
+        [approval("a1", "alice", ["alice-k1"]), approval("b1", "bob", ["bob-k1"])],
+        launch=measured,
+    )
+    assert decision.granted == ()
+    assert reasons(decision) == {
+        "alice-k1": f"approval a1 by alice: launch differs from the approved launch ({reason})",
+        "bob-k1": f"approval b1 by bob: launch differs from the approved launch ({reason})",
+    }
+
+
+def test_the_launch_reason_wins_over_an_approval_of_other_files() -> None:
+    # Two approvals by alice: one of other files, one of these files with another command.
+    other = _measured_with(argv=("/usr/bin/python3", "-c", "print(1)"))
+    decision = decide(
+        [
+            approval("a-files", "alice", ["alice-k1"], manifest=OTHER_MANIFEST),
+            approval("a-launch", "alice", ["alice-k1"]),
+        ],
+        requested=("alice-k1",),
+        launch=other,
+    )
+    assert reasons(decision)["alice-k1"].startswith(
+        "approval a-launch by alice: launch differs from the approved launch (command: "
+    )
+
+
+def test_an_event_log_without_a_launch_is_denied() -> None:
+    decision = decide(
+        [approval("a1", "alice", ["alice-k1"])],
+        requested=("alice-k1",),
+        launch=None,
+        quoted=quoted_for(MANIFEST, launch=None),
+    )
+    assert reasons(decision) == {
+        "alice-k1": "approval a1 by alice: the event log has no launch event"
+    }
+
+
+def test_an_approval_stored_before_launches_were_measured_grants_nothing() -> None:
+    old = approval("a-old", "alice", ["alice-k1"], launch=None)
+    for launch in (LAUNCH, None):
+        decision = decide(
+            [old],
+            requested=("alice-k1",),
+            launch=launch,
+            quoted=quoted_for(MANIFEST, launch=launch),
+        )
+        assert decision.granted == ()
+        assert reasons(decision) == {
+            "alice-k1": "approval a-old by alice approves no launch (it was made before "
+            "launches were measured): approve the workload again with --command"
+        }
+
+
+def test_the_measured_launch_is_the_single_last_event() -> None:
+    files = [MeasurementEvent(e.path, e.size, e.digests) for e in MANIFEST]
+    event = launch_event(LAUNCH, BANKS)
+    assert launch_from_events([*files, event]) == LAUNCH
+    assert launch_from_events(files) is None
+    assert manifest_from_events([*files, event]) == MANIFEST
+    with pytest.raises(PolicyError, match="2 launch events"):
+        launch_from_events([*files, event, event])
+    with pytest.raises(PolicyError, match="not its last PCR 23 event"):
+        launch_from_events([files[0], event, files[1]])
+
+
+def test_a_valid_approval_needs_a_launch_and_its_pcr_covers_it() -> None:
+    parties = {"alice": Party("alice", 1, b"k")}
+    good = approval("a1", "alice", ["alice-k1"])
+    validate_approval(good, keys=KEYS, parties=parties, golden_sets={})
+    with pytest.raises(PolicyError, match="needs the launch: approve it with"):
+        validate_approval(
+            replace(good, launch=None, expected_pcrs=expected_pcr23(MANIFEST, BANKS)),
+            keys=KEYS,
+            parties=parties,
+            golden_sets={},
+        )
+    # The PCR of the files alone does not explain an approval with a launch.
+    with pytest.raises(PolicyError, match="the manifest and the launch produce"):
+        validate_approval(
+            replace(good, expected_pcrs=expected_pcr23(MANIFEST, BANKS)),
+            keys=KEYS,
+            parties=parties,
+            golden_sets={},
+        )

@@ -34,6 +34,7 @@ from pki.ca import PkiLayout, init_pki
 from pki.errors import PeerIdentityError
 from pki.identity import SpiffeId
 from sealing.keys import generate_recipient_key
+from tests.harness.launch import with_test_launch
 from tests.vectors.evidence import quote_vector
 
 TD = "cleanroom.local"
@@ -142,7 +143,7 @@ def _manifest() -> common_pb2.WorkloadManifest:
         e.digests.add(
             algorithm=common_pb2.HASH_ALGORITHM_SHA256, value=hashlib.sha256(data).digest()
         )
-    return m
+    return with_test_launch(m)
 
 
 # --- admin ----------------------------------------------------------------------------------
@@ -421,3 +422,25 @@ def test_latency_is_recorded_by_method_and_code(h: Harness) -> None:
             )
             == 1.0
         )
+
+
+def test_an_approval_without_a_launch_is_refused_saying_how_to_approve_one(h: Harness) -> None:
+    _add_parties(h)
+    _register(h, ADVERTISER, "adv-key")
+    manifest = _manifest()
+    manifest.ClearField("launch")
+    request = admin_pb2.ApproveWorkloadRequest(
+        manifest=manifest, key_ids=["adv-key"], output_recipients=["advertiser"]
+    )
+    _, code, details = h.call(ADVERTISER, "ApproveWorkload", request)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details.startswith("manifest.launch: is required: an approval covers the launch too")
+    assert "--command" in details
+    # A launch that names a program by a bare name is refused too: the sidecar never searches
+    # PATH.
+    request.manifest.CopyFrom(_manifest())
+    request.manifest.launch.argv[0] = "python3"
+    request.manifest.launch.executable = "python3"
+    _, code, details = h.call(ADVERTISER, "ApproveWorkload", request)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "must be an absolute path" in details

@@ -37,6 +37,7 @@ from evidence.pcr import Measurement, measure_files
 from pki.identity import SpiffeId
 from sealing.errors import InvalidKeyError
 from sealing.keys import KEM_X25519, generate_recipient_key
+from tests.harness.launch import TEST_LAUNCH
 
 TD = "cleanroom.local"
 OPERATOR = SpiffeId.operator(TD)
@@ -90,6 +91,7 @@ class Room:
         manifest = [
             ManifestEntry(path=e.path, size=e.size, digests=dict(e.digests))
             for e in _measure(self.tmp / who.name, files).events
+            if e.launch is None
         ]
         approval = self.broker.approve_workload(
             who,
@@ -98,6 +100,7 @@ class Room:
             key_ids=[key_id],
             output_recipients=[who.name],
             golden_set=golden or None,
+            launch=TEST_LAUNCH,
         )
         return approval.approval_id
 
@@ -109,7 +112,7 @@ def _measure(root: Path, files: Sequence[tuple[str, bytes]]) -> Measurement:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
         paths.append(path)
-    return measure_files(paths, QUOTED_BANKS, names=[rel for rel, _ in files])
+    return measure_files(paths, QUOTED_BANKS, names=[rel for rel, _ in files], launch=TEST_LAUNCH)
 
 
 @pytest.fixture

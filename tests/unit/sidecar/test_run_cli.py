@@ -64,7 +64,8 @@ def test_config_and_command_are_required(config: Path, capsys: pytest.CaptureFix
         "cleanroom: error: sidecar run needs --config FILE (sidecar.toml; see docs/sidecar-run.md)"
     )
     assert _error(capsys, ["sidecar", "run", "--config", str(config), "--"]) == (
-        "cleanroom: error: sidecar run needs the workload command after '--'"
+        "cleanroom: error: no workload command: set [workload] command in the config (or give "
+        "it after '--')"
     )
 
 
@@ -72,11 +73,18 @@ def test_failures_before_anything_is_contacted(
     config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     base = ["sidecar", "run", "--config", str(config), "--"]
-    assert _error(capsys, [*base, "no-such-workload-binary-x"]) == (
-        "cleanroom: error: workload command 'no-such-workload-binary-x' is not found on PATH"
+    assert _error(capsys, [*base, "python3", "run.py"]) == (
+        "cleanroom: error: workload command: the command's first word 'python3' must be an "
+        "absolute path (such as /usr/bin/python3): the sidecar executes exactly the measured "
+        "path and never searches PATH"
     )
     assert _error(capsys, [*base, "./run.py"]) == (
-        "cleanroom: error: workload command './run.py' is not an executable file"
+        "cleanroom: error: workload command: the command's first word './run.py' must be an "
+        "absolute path (such as /usr/bin/./run.py): the sidecar executes exactly the measured "
+        "path and never searches PATH"
+    )
+    assert _error(capsys, [*base, str(tmp_path / "wl" / "run.py")]) == (
+        f"cleanroom: error: workload command {str(tmp_path / 'wl' / 'run.py')!r} is not executable"
     )
     (tmp_path / "sealed" / "a.sealed").unlink()
     assert _error(capsys, [*base, sys.executable, "run.py"]) == (
@@ -156,3 +164,40 @@ def test_a_socket_path_too_long_fails_before_the_tpm_and_the_broker(
         "directory"
     )
     assert list(long_tmp.iterdir()) == []
+
+
+def test_a_command_other_than_the_configured_one_is_refused_before_attesting(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config.write_text(
+        CONFIG.replace(
+            'files = ["run.py"]', f'files = ["run.py"]\ncommand = ["{sys.executable}", "run.py"]'
+        )
+    )
+    base = ["sidecar", "run", "--config", str(config), "--"]
+    # The broker and the TPM in the config do not exist: refusing before them is the point.
+    assert _error(capsys, [*base, sys.executable, "-c", "print(1)"]) == (
+        f"cleanroom: error: the command after '--' ({sys.executable} -c 'print(1)') is not "
+        f"[workload] command ({sys.executable} run.py): the sidecar runs only the configured "
+        "command, which is what the parties approved; nothing was attested"
+    )
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ('command = ["python3", "run.py"]', "[workload] the command's first word 'python3' must"),
+        ('command = ["/usr/bin/python3"]\nenv = { "A=B" = "1" }', "'A=B' is not a valid"),
+        (
+            'command = ["/usr/bin/python3"]\nenv = { CLEANROOM_WORKLOAD_SOCKET = "/x" }',
+            "CLEANROOM_WORKLOAD_SOCKET is set by the sidecar itself",
+        ),
+    ],
+)
+def test_a_malformed_workload_command_or_env_is_a_config_error(
+    config: Path, capsys: pytest.CaptureFixture[str], setting: str, message: str
+) -> None:
+    config.write_text(CONFIG.replace('files = ["run.py"]', f'files = ["run.py"]\n{setting}'))
+    err = _error(capsys, ["sidecar", "run", "--config", str(config)])
+    assert err.startswith(f"cleanroom: error: config file {config}: "), err
+    assert message in err

@@ -63,22 +63,12 @@ def test_an_unwritable_state_dir_is_a_setup_error(tmp_path: Path) -> None:
         save_enrollment(blocker / "state", ak_name="x", broker="b:1")
 
 
-def test_the_workload_environment_drops_the_sidecar_settings() -> None:
-    base = {
-        "PATH": "/usr/bin",
-        "HOME": "/home/w",
-        "CLEANROOM_SIDECAR_BROKER_KEY_FILE": "/etc/sidecar/key.pem",
-        "CLEANROOM_SIDECAR_TPM_TCTI": "device:/dev/tpmrm0",
-        "TPM2TOOLS_TCTI": "swtpm:port=2321",
-        "TSS2_LOG": "all+NONE",
-        "CLEANROOM_EXAMPLE_K": "5",
-        SOCKET_ENV: "/stale/socket",
-    }
-    env = workload_environment(base, {SOCKET_ENV: "/run/user/1/x/workload.sock"})
+def test_the_workload_environment_is_the_approved_one_plus_the_socket() -> None:
+    approved = {"LANG": "C.UTF-8", "OMP_NUM_THREADS": "2"}
+    env = workload_environment(approved, {SOCKET_ENV: "/run/user/1/x/workload.sock"})
     assert env == {
-        "PATH": "/usr/bin",
-        "HOME": "/home/w",
-        "CLEANROOM_EXAMPLE_K": "5",
+        "LANG": "C.UTF-8",
+        "OMP_NUM_THREADS": "2",
         SOCKET_ENV: "/run/user/1/x/workload.sock",
     }
 
