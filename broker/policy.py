@@ -226,12 +226,16 @@ def _decide_key(
             "the measured workload"
         )
     best: tuple[int, str] = (-1, "")
+    best_rank = (-1, 0)
     for approval in naming:
         failure = _failure(approval, quoted, measured, golden_sets)
         if failure is None:
             return approval
-        if failure[0] > best[0]:
-            best = failure
+        # Among approvals that fail at the same stage, the one whose launch differs in the
+        # fewest fields is the one the owner most likely meant (its reason is the useful one).
+        rank = (failure[0], -failure[1].count("; ") if failure[0] == _LAUNCH else 0)
+        if rank > best_rank:
+            best, best_rank = failure, rank
     stage, reason = best
     if stage == _REVOKED:
         ids = ", ".join(sorted(a.approval_id for a in naming))

@@ -307,7 +307,7 @@ def launch_difference(approved: Launch, measured: Launch) -> str | None:
     parts: list[str] = []
     if approved.argv != measured.argv:
         parts.append(
-            f"command: approved {approved.command_line()!r}, measured {measured.command_line()!r}"
+            f"command: approved `{approved.command_line()}`, measured `{measured.command_line()}`"
         )
     if approved.executable != measured.executable:
         parts.append(

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from evidence.pcr import WORKLOAD_PCR, MeasurementEvent
+from evidence.launch import Launch
+from evidence.pcr import WORKLOAD_PCR, MeasurementEvent, launch_event
 
 
 class ToolsRunner(Protocol):
@@ -146,6 +147,17 @@ def measure(
         _run(tpm, "tpm2_pcrextend", f"{WORKLOAD_PCR}:{spec}")
         events.append(MeasurementEvent(path=path, size=len(data), digests=digests))
     return tuple(events)
+
+
+def measure_launch(
+    tpm: ToolsRunner, launch: Launch, banks: tuple[str, ...] = ("sha1", "sha256")
+) -> MeasurementEvent:
+    """Extends the launch event with ``tpm2_pcrextend``, as ``sidecar run`` does after the
+    files; returns its log entry."""
+    event = launch_event(launch, banks)
+    spec = ",".join(f"{bank}={d.hex()}" for bank, d in event.digests.items())
+    _run(tpm, "tpm2_pcrextend", f"{WORKLOAD_PCR}:{spec}")
+    return event
 
 
 def quote(

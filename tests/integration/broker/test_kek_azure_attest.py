@@ -25,6 +25,7 @@ from broker.service import AttestationDenied, Broker, Evidence
 from pki.identity import SpiffeId
 from sealing.keys import RecipientPrivateKey, generate_recipient_key
 from tests.harness.keyvault import FakeKeyVault
+from tests.harness.launch import TEST_LAUNCH
 from tests.harness.swtpm import Swtpm
 from tests.vectors import tpm2tools as tt
 
@@ -80,6 +81,7 @@ def _setup_party_key_and_approval(broker: Broker, data_key: bytes) -> None:
         key_ids=["adv-data"],
         output_recipients=["advertiser"],
         golden_set=None,
+        launch=TEST_LAUNCH,
     )
 
 
@@ -99,7 +101,7 @@ def _evidence(
         tls_certificate_der=SIDECAR_CERT_DER,
     )
     tt.reset_pcr23(swtpm)
-    events = tt.measure(swtpm, WORKLOAD)
+    events = (*tt.measure(swtpm, WORKLOAD), tt.measure_launch(swtpm, TEST_LAUNCH))
     quote = tt.quote(swtpm, workdir, ak, qualification=binding, prefix=prefix)
     attest = quote.message.read_bytes()
     evidence = Evidence(

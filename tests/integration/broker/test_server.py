@@ -48,6 +48,7 @@ from pki.ca import (
 from pki.identity import SpiffeId
 from pki.tls import channel_credentials
 from sealing.keys import RecipientPublicKey, generate_recipient_key
+from tests.harness.launch import with_test_launch
 from tests.vectors.evidence import quote_vector
 
 CLEANROOM = Path(sys.executable).parent / "cleanroom"
@@ -333,7 +334,7 @@ def test_party_a_cannot_act_on_or_read_party_b(broker: BrokerProcess) -> None:
 
     # Approving a workload for the publisher's key is refused.
     advertiser = broker.admin("party", "advertiser")
-    manifest = common_pb2.WorkloadManifest(name="join")
+    manifest = with_test_launch(common_pb2.WorkloadManifest(name="join"))
     entry = manifest.entries.add(path="run.py", size=3)
     entry.digests.add(algorithm=common_pb2.HASH_ALGORITHM_SHA256, value=b"\x01" * 32)
     approve = admin_pb2.ApproveWorkloadRequest(

@@ -23,9 +23,11 @@ from broker.release import open_release
 from broker.tpmkeys import to_tools_credential_file
 from cleanroom.v1 import admin_pb2, attestation_pb2, common_pb2
 from evidence.binding import qualifying_data
+from evidence.launch import Launch
 from evidence.pcr import MeasurementEvent
 from evidence.proto import bank_to_pb, event_log_to_pb
 from sealing.keys import RecipientPrivateKey, generate_recipient_key
+from tests.harness.launch import TEST_LAUNCH, with_test_launch
 from tests.harness.swtpm import SWTPM_LOCALCA_DIR, Swtpm
 from tests.integration.broker.test_server import (
     TIMEOUT,
@@ -73,7 +75,7 @@ def _manifest(name: str, files: list[tuple[str, bytes]]) -> common_pb2.WorkloadM
         entry = manifest.entries.add(path=path, size=len(data))
         for bank in ("sha1", "sha256"):
             entry.digests.add(algorithm=bank_to_pb(bank), value=hashlib.new(bank, data).digest())
-    return manifest
+    return with_test_launch(manifest)
 
 
 def _enroll_by_credential_activation(
@@ -136,6 +138,7 @@ def _evidence(
     files: list[tuple[str, bytes]],
     bind_certificate: bytes,
     prefix: str,
+    launch: Launch = TEST_LAUNCH,
 ) -> tuple[attestation_pb2.AttestRequest, RecipientPrivateKey]:
     """GetChallenge, then measure and quote as the sidecar would, into an AttestRequest."""
     sidecar = broker.attestation("sidecar", "sidecar-1")
@@ -154,7 +157,10 @@ def _evidence(
         tls_certificate_der=bind_certificate,
     )
     tt.reset_pcr23(swtpm)
-    events: tuple[MeasurementEvent, ...] = tt.measure(swtpm, files)
+    events: tuple[MeasurementEvent, ...] = (
+        *tt.measure(swtpm, files),
+        tt.measure_launch(swtpm, launch),
+    )
     quote = tt.quote(swtpm, workdir, ak, qualification=binding, prefix=prefix)
     attest = quote.message.read_bytes()
     request = attestation_pb2.AttestRequest(ak_name=ak_name, nonce=challenge.nonce)
@@ -361,3 +367,56 @@ def test_a_wrong_credential_secret_is_refused_and_audited(
     assert activations[0].reason == "wrong credential secret"
     assert secret.hex() not in activations[0].reason + activations[1].reason
     assert operator.VerifyAuditLog(admin_pb2.VerifyAuditLogRequest(), timeout=TIMEOUT).valid
+
+
+def test_the_approved_files_launched_with_another_command_get_nothing_and_the_audit_says_why(
+    broker: BrokerProcess, swtpm: Swtpm, tmp_path: Path
+) -> None:
+    add_parties(broker, "advertiser")
+    register_key(broker, "advertiser", "adv-launch", secrets.token_bytes(32))
+    broker.admin("party", "advertiser").ApproveWorkload(
+        admin_pb2.ApproveWorkloadRequest(
+            manifest=_manifest("join-and-train", WORKLOAD),
+            key_ids=["adv-launch"],
+            output_recipients=["advertiser"],
+        ),
+        timeout=TIMEOUT,
+    )
+    ak_name, ak = _enroll_by_credential_activation(broker, swtpm, tmp_path)
+    sidecar_der = _cert_der(broker.pki.cert_and_key("sidecar", "sidecar-1").cert)
+    other = Launch.create(
+        argv=(*TEST_LAUNCH.argv[:1], "-c", "import workload; print(workload.read_csv('a'))"),
+        executable_sha256=TEST_LAUNCH.executable_sha256,
+        env={**TEST_LAUNCH.environment, "PYTHONPATH": "/tmp/inject"},
+        cwd=TEST_LAUNCH.cwd,
+    )
+    request, _ = _evidence(
+        broker,
+        swtpm,
+        tmp_path,
+        ak,
+        ak_name,
+        files=WORKLOAD,
+        bind_certificate=sidecar_der,
+        prefix="q-launch",
+        launch=other,
+    )
+    request.key_ids[:] = ["adv-launch"]
+    error = rpc_error(broker.attestation("sidecar", "sidecar-1").Attest, request)
+    assert (error.code(), error.details()) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "attestation denied",
+    )
+    records = (
+        broker.admin("party", "advertiser")
+        .ListAuditRecords(admin_pb2.ListAuditRecordsRequest(limit=1000), timeout=TIMEOUT)
+        .records
+    )
+    (withheld,) = [r for r in records if r.action == "key.release" and r.subject == "adv-launch"]
+    assert withheld.decision == "deny"
+    assert (
+        "launch differs from the approved launch (command: approved `/usr/bin/python3 run.py`, "
+        "measured `/usr/bin/python3 -c 'import workload; print(workload.read_csv("
+        "'\"'\"'a'\"'\"'))'`"
+    ) in withheld.reason
+    assert withheld.reason.endswith("; environment: not approved PYTHONPATH)")

@@ -47,6 +47,7 @@ from evidence.proto import bank_to_pb, event_log_to_pb
 from pki.ca import PkiLayout
 from pki.tls import channel_credentials
 from sealing.keys import RecipientPrivateKey, generate_recipient_key
+from tests.harness.launch import TEST_LAUNCH, with_test_launch
 from tests.harness.net import free_port, port_is_free
 from tests.integration.broker.test_server import (
     CLEANROOM,
@@ -230,10 +231,14 @@ def provision(b: BrokerProcess, ak: SoftAk, workdir: Path) -> tuple[Measurement,
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
         files.append(path)
-    measured = measure_files(files, QUOTED_BANKS, names=[rel for rel, _ in WORKLOAD])
+    measured = measure_files(
+        files, QUOTED_BANKS, names=[rel for rel, _ in WORKLOAD], launch=TEST_LAUNCH
+    )
     add_parties(b, *PARTIES)
-    manifest = common_pb2.WorkloadManifest(name="join")
+    manifest = with_test_launch(common_pb2.WorkloadManifest(name="join"))
     for e in measured.events:
+        if e.launch is not None:
+            continue
         entry = manifest.entries.add(path=e.path, size=e.size)
         for bank, value in e.digests.items():
             entry.digests.add(algorithm=bank_to_pb(bank), value=value)

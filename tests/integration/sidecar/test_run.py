@@ -13,6 +13,7 @@ by ``bench/bench_startup.py``.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ import pytest
 from broker.admin_cli import manifest_from_files, manifest_to_pb
 from broker.client import BrokerClient
 from cleanroom.v1 import common_pb2
+from evidence.launch import Launch, digest_executable
+from evidence.proto import launch_to_pb
 from pki.ca import PkiLayout
 from sealing.envelope import new_data_key, open_bytes, seal_bytes
 from sealing.errors import SealingError
@@ -52,8 +55,9 @@ PY = sys.executable
 PARTIES = ("advertiser", "publisher")
 OUTPUT_RECIPIENTS = ["advertiser", "publisher"]
 
-#: The workload: one script and one helper module, both measured. The mode comes from argv
-#: (not measured), so one approved workload serves every test.
+#: The workload: one script and one helper module, both measured. The mode comes from argv,
+#: which is measured too (the launch): :func:`start_sidecar` has both parties approve each
+#: command a test runs, with the files, before the sidecar starts.
 WORKLOAD_SCRIPT = """\
 import os, sys, time
 from pathlib import Path
@@ -191,6 +195,32 @@ class CleanRoom:
     marker: str
     workload_root: Path
     sealed: dict[str, Path] = field(default_factory=dict)
+    manifest: common_pb2.WorkloadManifest = field(default_factory=common_pb2.WorkloadManifest)
+    approved_launches: set[tuple[str, ...]] = field(default_factory=set)
+
+    def launch(self, command: Sequence[str], env: Mapping[str, str] | None = None) -> Launch:
+        """The launch ``sidecar run`` measures for ``command`` in this room's workload root."""
+        return Launch.create(
+            argv=tuple(command),
+            executable_sha256=digest_executable(command[0]),
+            env=dict(env or {}),
+            cwd=os.path.abspath(self.workload_root),
+        )
+
+    def approve_launch(self, command: Sequence[str]) -> None:
+        """Both parties approve the workload's files launched with ``command`` (no
+        environment), for their keys, once per command."""
+        if tuple(command) in self.approved_launches:
+            return
+        manifest = common_pb2.WorkloadManifest()
+        manifest.CopyFrom(self.manifest)
+        manifest.launch.CopyFrom(launch_to_pb(self.launch(command)))
+        for party in PARTIES:
+            with self.client("party", party) as client:
+                client.approve_workload(
+                    manifest, key_ids=[f"{party}-data"], output_recipients=OUTPUT_RECIPIENTS
+                )
+        self.approved_launches.add(tuple(command))
 
     @property
     def pki(self) -> PkiLayout:
@@ -214,6 +244,8 @@ class CleanRoom:
         grace_seconds: float = 5,
         target: str | None = None,
         retries: int = 5,
+        command: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
     ) -> Path:
         """Writes a sidecar.toml in the layout the docs describe; paths may be relative to it."""
         cert, key = self.pki.cert_and_key("sidecar", "sidecar-1")
@@ -237,6 +269,12 @@ class CleanRoom:
             f'root = "{root}"',
             f"files = {list(WORKLOAD_FILES)!r}",
         ]
+        if command:
+            lines.append(f"command = {json.dumps(list(command))}")
+        if env:
+            lines.append(
+                f"env = {{ {', '.join(f'{k} = {json.dumps(v)}' for k, v in env.items())} }}"
+            )
         for name, url, key_id in inputs:
             lines += ["[[inputs]]", f'name = "{name}"', f'url = "{url}"', f'key_id = "{key_id}"']
         lines += [
@@ -300,6 +338,8 @@ def build_clean_room(directory: Path, *, rows: int = 2000, **broker_settings: An
         manifest = manifest_to_pb(
             "join", manifest_from_files([str(root / f) for f in WORKLOAD_FILES], root=str(root))
         )
+        room.manifest = manifest
+        _ROOMS[directory] = room
         (directory / "sealed").mkdir()
         for party in PARTIES:
             data_key = new_data_key()
@@ -309,9 +349,6 @@ def build_clean_room(directory: Path, *, rows: int = 2000, **broker_settings: An
             room.sealed[party] = sealed
             with room.client("party", party) as client:
                 client.register_plain_data_key(key_id, data_key)
-                client.approve_workload(
-                    manifest, key_ids=[key_id], output_recipients=OUTPUT_RECIPIENTS
-                )
         return room
     except BaseException:
         broker.stop()
@@ -332,14 +369,28 @@ def sidecar_env(*, pycache: Path | None = None) -> dict[str, str]:
     return env
 
 
+#: The clean rooms built in this process, by directory: a sidecar config under a room's
+#: directory runs that room's workload, whose launches :func:`start_sidecar` has approved.
+_ROOMS: dict[Path, CleanRoom] = {}
+
+
 def start_sidecar(
     config: Path,
     *command: str,
     cwd: Path,
     verbose: bool = False,
     env: dict[str, str] | None = None,
+    approve: bool = True,
 ) -> subprocess.Popen[str]:
-    """Starts ``cleanroom sidecar run --config CONFIG -- COMMAND`` as a user would."""
+    """Starts ``cleanroom sidecar run --config CONFIG -- COMMAND`` as a user would.
+
+    With ``approve`` (the default), the parties of the room whose directory holds ``config``
+    first approve ``COMMAND`` as the launch: every test's command is then an approved one,
+    except in the tests of unapproved launches (``approve=False``).
+    """
+    room = next((_ROOMS[d] for d in config.parents if d in _ROOMS), None)
+    if approve and room is not None and command:
+        room.approve_launch(command)
     args = [str(CLEANROOM), *(["-v"] if verbose else []), "sidecar", "run", "--config", str(config)]
     return subprocess.Popen(
         [*args, "--", *command],
@@ -352,9 +403,14 @@ def start_sidecar(
 
 
 def run_sidecar(
-    config: Path, *command: str, cwd: Path, timeout: float = 120
+    config: Path,
+    *command: str,
+    cwd: Path,
+    timeout: float = 120,
+    approve: bool = True,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    proc = start_sidecar(config, *command, cwd=cwd)
+    proc = start_sidecar(config, *command, cwd=cwd, approve=approve, env=env)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -716,11 +772,15 @@ def test_failures_before_the_start_are_one_clear_line(
         assert len(proc.stderr.splitlines()) == 1, (config.name, proc.stderr)
         assert proc.stderr.startswith(expected), (config.name, proc.stderr)
         assert not ran.exists()
-    # A command that does not exist is caught before anything is contacted.
-    proc = run_sidecar(no_tpm, "no-such-workload-binary", cwd=rundir)
+    # A command named by a bare name (looked up on PATH) is refused before anything is
+    # contacted: the sidecar runs only an absolute path.
+    proc = run_sidecar(no_tpm, "no-such-workload-binary", cwd=rundir, approve=False)
     assert proc.returncode == 1
     assert proc.stderr == (
-        "cleanroom: error: workload command 'no-such-workload-binary' is not found on PATH\n"
+        "cleanroom: error: workload command: the command's first word "
+        "'no-such-workload-binary' must be an absolute path (such as "
+        "/usr/bin/no-such-workload-binary): the sidecar executes exactly the measured path and "
+        "never searches PATH\n"
     )
 
 
@@ -849,3 +909,258 @@ def test_reattestation_after_expiry_and_revocation_stops_reads(
     assert challenges and "revoked" in challenges[-1][3]
     ends = [r for r in audit(room) if r[0] == "session.end"]
     assert len(ends) == len(after) and all("exit code 5" in e[3] for e in ends)
+
+
+# --- the launch: what runs is what the parties approved ----------------------------------------
+#
+# Each attack below got the advertiser's plaintext before the launch was measured: the sidecar
+# ran whatever command, interpreter and environment it was started with.
+
+
+def _read_plaintext_command(marker_file: Path) -> tuple[str, ...]:
+    """An unapproved command that would write the advertiser's plaintext to ``marker_file``."""
+    code = (
+        "import workload, pathlib; "
+        f"pathlib.Path({str(marker_file)!r}).write_bytes(workload.open_input('advertiser').read())"
+    )
+    return (PY, "-c", code)
+
+
+def _reason_for(room: CleanRoom, key_id: str, before: int) -> str:
+    reasons = [r[3] for r in audit(room)[before:] if r[:3] == ("key.release", key_id, "deny")]
+    assert reasons, audit(room)[before:]
+    return reasons[-1]
+
+
+def test_another_argv_gets_no_key(room: CleanRoom, module_tpm: Swtpm, rundir: Path) -> None:
+    room.approve_launch((PY, "run.py", "join"))
+    stolen = rundir / "stolen"
+    config = config_for(room, module_tpm, rundir)
+    before = len(audit(room))
+    proc = run_sidecar(config, *_read_plaintext_command(stolen), cwd=rundir, approve=False)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith("cleanroom: error: the broker denied the attestation")
+    assert not stolen.exists()
+    reason = _reason_for(room, "advertiser-data", before)
+    assert "launch differs from the approved launch (command: approved `" in reason, reason
+    assert f", measured `{PY} -c " in reason, reason
+
+
+def _hijacking_python(directory: Path, marker: Path) -> Path:
+    """A ``python`` that records that it ran, then runs the real interpreter."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fake = directory / "python"
+    fake.write_text(f'#!/bin/sh\necho hijacked > "{marker}"\nexec "{PY}" "$@"\n')
+    fake.chmod(0o755)
+    return fake
+
+
+def test_another_interpreter_first_on_path_never_runs(
+    room: CleanRoom, module_tpm: Swtpm, rundir: Path
+) -> None:
+    marker = rundir / "hijacked"
+    fake = _hijacking_python(rundir / "evil-bin", marker)
+    env = sidecar_env()
+    env["PATH"] = f"{fake.parent}:{env.get('PATH', os.defpath)}"
+    # A bare name would be looked up on PATH: refused before anything is attested.
+    config = config_for(room, module_tpm, rundir)
+    proc = run_sidecar(config, "python", "run.py", "join", cwd=rundir, env=env, approve=False)
+    assert proc.returncode == 1
+    assert "must be an absolute path" in proc.stderr and "never searches PATH" in proc.stderr
+    assert not marker.exists()
+    # The same interpreter named by its absolute path: another executable, so no key.
+    before = len(audit(room))
+    proc = run_sidecar(config, str(fake), "run.py", "join", cwd=rundir, env=env, approve=False)
+    assert proc.returncode == 1, proc.stderr
+    assert not marker.exists()
+    reason = _reason_for(room, "advertiser-data", before)
+    assert f"executable: approved '{PY}', measured '{fake}'" in reason, reason
+    # The approved launch, from [workload] command, runs the approved interpreter whatever
+    # PATH says.
+    command = (PY, "run.py", "join")
+    room.approve_launch(command)
+    config = config_for(room, module_tpm, rundir, command=command)
+    proc = run_sidecar(config, cwd=rundir, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert not marker.exists()
+    assert (rundir / "outputs" / "joined.csv.sealed").exists()
+
+
+def test_an_interpreter_changed_after_approval_gets_no_key(
+    room: CleanRoom, module_tpm: Swtpm, rundir: Path
+) -> None:
+    # The parties approve an interpreter at a fixed path (a wrapper here); it is then replaced.
+    interpreter = rundir / "bin" / "py"
+    interpreter.parent.mkdir()
+    interpreter.write_text(f'#!/bin/sh\nexec "{PY}" "$@"\n')
+    interpreter.chmod(0o755)
+    command = (str(interpreter), "run.py", "join")
+    room.approve_launch(command)
+    approved = room.launch(command).executable_sha256.hex()
+    marker = rundir / "tampered"
+    interpreter.write_text(f'#!/bin/sh\necho tampered > "{marker}"\nexec "{PY}" "$@"\n')
+    config = config_for(room, module_tpm, rundir, command=command)
+    before = len(audit(room))
+    proc = run_sidecar(config, cwd=rundir, approve=False)
+    assert proc.returncode == 1, proc.stderr
+    assert not marker.exists()
+    measured = room.launch(command).executable_sha256.hex()
+    assert _reason_for(room, "advertiser-data", before).endswith(
+        f"(interpreter digest: approved sha256 {approved}, measured {measured})"
+    )
+
+
+def test_an_injected_pythonpath_sitecustomize_never_reaches_the_workload(
+    room: CleanRoom, module_tpm: Swtpm, rundir: Path
+) -> None:
+    inject, marker = rundir / "inject", rundir / "injected"
+    inject.mkdir()
+    # Only in the workload (the sidecar is Python too, and loads it as well).
+    (inject / "sitecustomize.py").write_text(
+        "import os\n"
+        "if 'CLEANROOM_WORKLOAD_SOCKET' in os.environ:\n"
+        f"    open({str(marker)!r}, 'w').write('injected')\n"
+    )
+    env = sidecar_env()
+    env["PYTHONPATH"] = str(inject)
+    config = config_for(room, module_tpm, rundir)
+    proc = run_sidecar(config, PY, "run.py", "join", cwd=rundir, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert not marker.exists()
+    # Put in the measured environment instead, it is not what the parties approved.
+    config = config_for(
+        room, module_tpm, rundir, command=(PY, "run.py", "join"), env={"PYTHONPATH": str(inject)}
+    )
+    before = len(audit(room))
+    proc = run_sidecar(config, cwd=rundir)
+    assert proc.returncode == 1, proc.stderr
+    assert not marker.exists()
+    assert _reason_for(room, "advertiser-data", before).endswith(
+        "(environment: not approved PYTHONPATH)"
+    )
+
+
+_PRELOAD_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+__attribute__((constructor)) static void hook(void) {
+    /* Only in the workload: the sidecar itself is started with the same environment. */
+    if (getenv("CLEANROOM_WORKLOAD_SOCKET") != NULL) {
+        FILE *f = fopen(MARKER, "w");
+        if (f) { fputs("preloaded", f); fclose(f); }
+    }
+}
+"""
+
+
+def test_ld_preload_never_reaches_the_workload(
+    room: CleanRoom, module_tpm: Swtpm, rundir: Path
+) -> None:
+    marker = rundir / "preloaded"
+    source, library = rundir / "hook.c", rundir / "hook.so"
+    source.write_text(_PRELOAD_C)
+    subprocess.run(
+        ["gcc", "-shared", "-fPIC", f'-DMARKER="{marker}"', "-o", str(library), str(source)],
+        check=True,
+        timeout=60,
+    )
+    env = sidecar_env()
+    env["LD_PRELOAD"] = str(library)
+    config = config_for(room, module_tpm, rundir)
+    proc = run_sidecar(config, PY, "run.py", "join", cwd=rundir, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert not marker.exists()
+
+
+def test_admin_variables_never_reach_the_workload(
+    room: CleanRoom, module_tpm: Swtpm, rundir: Path
+) -> None:
+    seen = rundir / "env-seen"
+    env = sidecar_env()
+    env["CLEANROOM_ADMIN_CERT"] = str(room.pki.cert_and_key("operator").cert)
+    env["CLEANROOM_ADMIN_KEY"] = str(room.pki.cert_and_key("operator").key)
+    env["CLEANROOM_ADMIN_CA"] = str(room.pki.ca_cert)
+    env["TSS2_LOG"] = "all+NONE"
+    config = config_for(room, module_tpm, rundir)
+    proc = run_sidecar(config, PY, "run.py", "env", str(seen), cwd=rundir, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert seen.read_text() == "CLEANROOM_WORKLOAD_SOCKET"
+
+
+def _pcr23(tpm: Swtpm) -> str:
+    out = tpm.tools("tpm2_pcrread", "sha256:23").stdout
+    return out.split("23:", 1)[1].split()[0].lower().removeprefix("0x")
+
+
+def test_the_parties_and_sidecar_measure_predict_the_pcr_23_of_a_run(
+    room: CleanRoom, module_tpm: Swtpm, rundir: Path
+) -> None:
+    command = f"{PY} run.py join"
+    launch_options = ["--command", command, "--env", "LANG=C.UTF-8", "--env", "SEED=7"]
+    files = [str(room.workload_root / f) for f in WORKLOAD_FILES]
+    predicted = set()
+    for party in PARTIES:
+        cert, key = room.pki.cert_and_key("party", party)
+        proc = subprocess.run(
+            [
+                str(CLEANROOM),
+                "admin",
+                "--broker",
+                room.broker.grpc_address,
+                "--ca",
+                str(room.pki.ca_cert),
+                "--cert",
+                str(cert),
+                "--key",
+                str(key),
+                "--json",
+                "workload",
+                "approve",
+                "--name",
+                "join",
+                "--key",
+                f"{party}-data",
+                "--recipient",
+                *OUTPUT_RECIPIENTS,
+                "--root",
+                str(room.workload_root),
+                "--file",
+                *files,
+                *launch_options,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=sidecar_env(),
+        )
+        assert proc.returncode == 0, proc.stderr
+        predicted.add(json.loads(proc.stdout)["expected_pcrs"]["sha256"])
+    offline = subprocess.run(
+        [
+            str(CLEANROOM),
+            "sidecar",
+            "measure",
+            "--offline",
+            *launch_options,
+            "--workdir",
+            str(room.workload_root),
+            *files,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=sidecar_env(),
+    )
+    assert offline.returncode == 0, offline.stderr
+    predicted.add(offline.stdout.split("sha256:23 0x", 1)[1].split()[0].lower())
+
+    config = config_for(
+        room,
+        module_tpm,
+        rundir,
+        command=(PY, "run.py", "join"),
+        env={"LANG": "C.UTF-8", "SEED": "7"},
+    )
+    proc = run_sidecar(config, cwd=rundir, approve=False)
+    assert proc.returncode == 0, proc.stderr
+    assert predicted == {_pcr23(module_tpm)}

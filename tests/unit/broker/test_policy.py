@@ -578,8 +578,8 @@ def _measured_with(**changes: object) -> Launch:
     [
         pytest.param(
             _measured_with(argv=("/usr/bin/python3", "bin/train.py", "--depth", "9")),
-            "command: approved '/usr/bin/python3 bin/train.py --depth 3', measured "
-            "'/usr/bin/python3 bin/train.py --depth 9'",
+            "command: approved `/usr/bin/python3 bin/train.py --depth 3`, measured "
+            "`/usr/bin/python3 bin/train.py --depth 9`",
             id="another-argv",
         ),
         pytest.param(
@@ -587,8 +587,8 @@ def _measured_with(**changes: object) -> Launch:
                 argv=("/tmp/evil/python3", "bin/train.py", "--depth", "3"),
                 executable="/tmp/evil/python3",
             ),
-            "command: approved '/usr/bin/python3 bin/train.py --depth 3', measured "
-            "'/tmp/evil/python3 bin/train.py --depth 3'; executable: approved "
+            "command: approved `/usr/bin/python3 bin/train.py --depth 3`, measured "
+            "`/tmp/evil/python3 bin/train.py --depth 3`; executable: approved "
             "'/usr/bin/python3', measured '/tmp/evil/python3'",
             id="another-executable",
         ),
