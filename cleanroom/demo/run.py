@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -61,6 +62,7 @@ if TYPE_CHECKING:
     from broker.client import BrokerClient
     from cleanroom.emulators.keyvault import FakeKeyVault
     from cleanroom.v1 import admin_pb2
+    from evidence.launch import Launch
     from sealing.keys import RecipientPrivateKey, RecipientPublicKey
 
 __all__ = ["DemoOptions", "DemoResult", "main", "run_demo"]
@@ -129,6 +131,7 @@ class DemoResult:
     headlines: dict[str, str] = field(default_factory=dict)
     tampered: RunOutcome | None = None
     tampered_byte: TamperedByte | None = None
+    other_command: RunOutcome | None = None
     failures: list[str] = field(default_factory=list)
     summary: str = ""
     #: key id -> the KEK ref that wrapped it, as the broker reported at registration.
@@ -234,11 +237,11 @@ class AzureBackends:
 
         return f"azure://{AZURITE_ACCOUNT}/{party}-in/{party}.csv.sealed"
 
-    def output_prefix(self, *, tampered: bool = False) -> str:
+    def output_prefix(self, *, tampered: bool = False, run: str = "") -> str:
         """Where the sidecar writes sealed outputs: a path prefix in the output container."""
         from cleanroom.emulators.azurite import AZURITE_ACCOUNT
 
-        return f"azure://{AZURITE_ACCOUNT}/{OUTPUT_CONTAINER}/{_run_name(tampered)}"
+        return f"azure://{AZURITE_ACCOUNT}/{OUTPUT_CONTAINER}/{_run_name(tampered, run)}"
 
     def kek_name(self, party: str) -> str:
         return f"{party}-kek"
@@ -252,7 +255,7 @@ class AzureBackends:
             1 for r in self.vault.recorded(method="POST", suffix="/unwrapkey") if r.status == 200
         )
 
-    def list_outputs(self, *, tampered: bool = False) -> list[str]:
+    def list_outputs(self, *, tampered: bool = False, run: str = "") -> list[str]:
         """The names (``insights.json.sealed``, ...) of the blobs under the output prefix.
 
         Raises:
@@ -263,7 +266,7 @@ class AzureBackends:
 
         from cleanroom.emulators import EmulatorError
 
-        prefix = f"{_run_name(tampered)}/"
+        prefix = f"{_run_name(tampered, run)}/"
         client = ContainerClient.from_connection_string(self.connection_string, OUTPUT_CONTAINER)
         try:
             return sorted(
@@ -279,8 +282,18 @@ def _open_binary(path: Path) -> BinaryIO:
     return open(path, "rb")
 
 
-def _run_name(tampered: bool) -> str:
-    return "run-tampered" if tampered else "run"
+def _run_name(tampered: bool, run: str = "") -> str:
+    name = run or ("tampered" if tampered else "")
+    return f"run-{name}" if name else "run"
+
+
+#: The other command the demo launches the approved files with: it would print the
+#: advertiser's plaintext.
+_OTHER_COMMAND_CODE: Final = (
+    "import sys, workload; sys.stdout.buffer.write(workload.open_input('advertiser').read())"
+)
+#: The name of that run's files (``sidecar-other-command.toml``, ``outputs-other-command/``).
+OTHER_COMMAND_RUN: Final = "other-command"
 
 
 def _kek_words(ref: str) -> str:
@@ -674,8 +687,9 @@ class Demo:
             files = manifest_from_files(
                 [str(copy.root / name) for name in copy.files], root=str(copy.root)
             )
-            manifest = manifest_to_pb(WORKLOAD_NAME, files)
-            expected = expected_pcr23(files)
+            launch = self.launch(copy)
+            manifest = manifest_to_pb(WORKLOAD_NAME, files, launch)
+            expected = expected_pcr23(files, launch)
         self.result.expected_pcr23 = expected
         for party in PARTIES:
             key_id = self.key_ids[party]
@@ -693,7 +707,8 @@ class Demo:
                     )
             self.say(
                 party,
-                f"approved workload {WORKLOAD_NAME!r} ({len(files)} files measured locally: "
+                f"approved workload {WORKLOAD_NAME!r} ({len(files)} files and the launch "
+                f"`{launch.command_line()}` with an empty environment, measured locally: "
                 f"PCR 23 sha256={short_hex(expected['sha256'])}) for key {key_id}; outputs to "
                 f"{', '.join(approval.output_recipients)} (approval "
                 f"{short_hex(approval.approval_id, 8)})",
@@ -701,9 +716,39 @@ class Demo:
 
     # --- the sidecar ---------------------------------------------------------------------------
 
-    def _write_sidecar_config(self, copy: WorkloadCopy, *, tampered: bool) -> Path:
+    @staticmethod
+    def command(copy: WorkloadCopy) -> list[str]:
+        """The approved command: this interpreter, isolated from the environment (``-E -s``)
+        and writing no bytecode (``-B``), running the measured launcher."""
+        return [sys.executable, "-B", "-E", "-s", str(copy.launcher)]
+
+    def launch(self, copy: WorkloadCopy, command: Sequence[str] | None = None) -> Launch:
+        """The launch the sidecar measures for ``command`` (default: the approved one) in the
+        copy's directory, with no environment.
+
+        Raises:
+            MeasurementError: the interpreter cannot be read.
+        """
+        from evidence.launch import Launch, digest_executable
+
+        argv = list(command or self.command(copy))
+        return Launch.create(
+            argv=argv,
+            executable_sha256=digest_executable(argv[0]),
+            env={},
+            cwd=os.path.abspath(copy.root),
+        )
+
+    def _write_sidecar_config(
+        self,
+        copy: WorkloadCopy,
+        *,
+        tampered: bool,
+        run: str = "",
+        command: Sequence[str] | None = None,
+    ) -> Path:
         layout = self.layout
-        config = layout.sidecar_config(tampered=tampered)
+        config = layout.sidecar_config(tampered=tampered, run=run)
         stem = f"sidecar-{SIDECAR_ID}"
         tables: list[tuple[str, Mapping[str, str | int | Sequence[str]]]] = [
             ("tpm", {"tcti": self.tcti}),
@@ -720,7 +765,12 @@ class Demo:
             ),
             (
                 "workload",
-                {"name": WORKLOAD_NAME, "root": layout.rel(copy.root), "files": copy.files},
+                {
+                    "name": WORKLOAD_NAME,
+                    "root": layout.rel(copy.root),
+                    "files": copy.files,
+                    "command": list(command or self.command(copy)),
+                },
             ),
         ]
         azure = self.azure
@@ -738,9 +788,9 @@ class Demo:
                 )
             )
         outputs = (
-            azure.output_prefix(tampered=tampered)
+            azure.output_prefix(tampered=tampered, run=run)
             if azure is not None
-            else layout.rel(layout.outputs(tampered=tampered))
+            else layout.rel(layout.outputs(tampered=tampered, run=run))
         )
         tables.append(("outputs", {"directory": outputs}))
         tables.append(("runtime", {"state_dir": layout.rel(layout.sidecar_state)}))
@@ -751,20 +801,28 @@ class Demo:
         write_text(config, toml_document(tables))
         return config
 
-    def run_sidecar(self, copy: WorkloadCopy, *, tampered: bool) -> RunOutcome:
-        """Runs ``cleanroom sidecar run`` on ``copy`` and reads back what happened."""
+    def run_sidecar(
+        self,
+        copy: WorkloadCopy,
+        *,
+        tampered: bool,
+        run: str = "",
+        command: Sequence[str] | None = None,
+    ) -> RunOutcome:
+        """Runs ``cleanroom sidecar run`` on ``copy`` (with ``[workload] command`` set to
+        ``command``, default the approved one) and reads back what happened."""
         layout = self.layout
-        config = self._write_sidecar_config(copy, tampered=tampered)
-        layout.outputs(tampered=tampered).mkdir(exist_ok=True)
+        config = self._write_sidecar_config(copy, tampered=tampered, run=run, command=command)
+        layout.outputs(tampered=tampered, run=run).mkdir(exist_ok=True)
         operator = self.client("operator")
         with _step("operator", "reading the audit log"):
             before = self._last_sequence(operator)
-        command = [sys.executable, "-B", "-E", "-s", str(copy.launcher)]
-        log_file = layout.sidecar_log(tampered=tampered)
+        log_file = layout.sidecar_log(tampered=tampered, run=run)
         started = time.monotonic()
+        name = run or ("tampered" if tampered else "")
         child = self.sup.start(
-            SIDECAR_ID if not tampered else f"{SIDECAR_ID} (tampered)",
-            _cli("sidecar", "run", "--config", str(config), "--", *command),
+            f"{SIDECAR_ID} ({name})" if name else SIDECAR_ID,
+            _cli("sidecar", "run", "--config", str(config)),
             log_file=log_file,
             cwd=layout.root,
             env=self.env,
@@ -1047,6 +1105,44 @@ class Demo:
             f"{outcome.attest_reason}",
         )
 
+    def other_command_run(self) -> None:
+        """The approved files, untouched, launched with another command: refused too."""
+        assert self.workload is not None
+        copy = self.workload
+        command = [sys.executable, "-B", "-E", "-s", "-c", _OTHER_COMMAND_CODE]
+        self.say(
+            "intruder",
+            f"launched the approved files with another command, which would print the "
+            f"advertiser's plaintext: {shlex.join(command)}",
+        )
+        outcome = self.run_sidecar(copy, tampered=False, run=OTHER_COMMAND_RUN, command=command)
+        self.result.other_command = outcome
+        leaked = [k for k, _ in outcome.released]
+        wrote = sorted(p.name for p in self.layout.outputs(run=OTHER_COMMAND_RUN).iterdir())
+        if leaked:
+            raise UnexpectedOutcomeError(
+                f"the broker released {', '.join(leaked)} to another command"
+            )
+        if outcome.exit_code == 0 or wrote:
+            raise UnexpectedOutcomeError(
+                f"the other command ran (exit {outcome.exit_code}, outputs: "
+                f"{', '.join(wrote) or 'none'}) although no key was released"
+            )
+        if outcome.attest_decision != "deny" or not outcome.withheld:
+            raise UnexpectedOutcomeError(
+                "the broker recorded no denial for the other command "
+                f"(see {self.layout.rel(self.layout.sidecar_log(run=OTHER_COMMAND_RUN))})"
+            )
+        pcr = outcome.pcr23.get("sha256", b"")
+        self.say(
+            SIDECAR_ID,
+            f"measured the same files and the other launch into PCR 23 "
+            f"(sha256={short_hex(pcr) if pcr else '?'}) and attested: denied, no key released, "
+            f"so the command never started (sidecar exit {outcome.exit_code})",
+        )
+        key_id, reason = outcome.withheld[0]
+        self.say("broker", f"recorded why {key_id} was withheld: {reason}")
+
     # --- summary ---------------------------------------------------------------------------
 
     def summarize(self) -> None:
@@ -1096,6 +1192,18 @@ class Demo:
                 where += f" and {self.layout.rel(self.layout.logs)}/broker.log line {line}"
             rows.append(("why, per the audit log", f"record #{t.attest_sequence} in {where}"))
             rows.append(("", t.attest_reason))
+        o = r.other_command
+        if o is not None:
+            rows.append(
+                (
+                    "another command",
+                    f"{'denied' if o.attest_decision == 'deny' else o.attest_decision}, "
+                    f"{len(o.released)} keys released, no outputs (the approved files, launched "
+                    "with python -c ...)",
+                )
+            )
+            if o.withheld:
+                rows.append(("", o.withheld[0][1]))
         if self.azure is not None:
             azure = self.azure
             rows.append(
@@ -1164,6 +1272,7 @@ class Demo:
                 self.say("demo", f"failed: {e}; going on with the tamper check (--keep-going)")
             if self.options.tamper:
                 self.tamper_run()
+                self.other_command_run()
             self.summarize()
         finally:
             self.close_clients()

@@ -18,6 +18,7 @@ Everything the demo makes stays under one directory::
       sidecar.toml, sidecar-tampered.toml, sidecar-state/
       outputs/                   the sealed outputs of the good run
       outputs-tampered/          empty: the tampered run gets no keys, so it writes nothing
+      outputs-other-command/     empty: the same files launched with another command get none
       logs/                      swtpm.log, broker.log, sidecar.log, sidecar-tampered.log
                                  (and azurite.log with --azure-emulators)
       summary.txt                the summary printed at the end
@@ -67,7 +68,8 @@ SIDECAR_ID: Final = "sidecar-1"
 WORKLOAD_NAME: Final = "example"
 
 #: The launcher copied beside the workload. It is measured with the workload and it pins the
-#: workload's arguments, so the parties approve those too (a command line is not measured).
+#: workload's arguments in a measured file (the command line that starts it is measured too,
+#: as the launch).
 _LAUNCHER: Final = '''\
 """Runs the example clean-room workload from the files beside this launcher.
 
@@ -180,14 +182,14 @@ class Layout:
     def workload(self, *, tampered: bool = False) -> Path:
         return self.root / ("workload-tampered" if tampered else "workload")
 
-    def outputs(self, *, tampered: bool = False) -> Path:
-        return self.root / ("outputs-tampered" if tampered else "outputs")
+    def outputs(self, *, tampered: bool = False, run: str = "") -> Path:
+        return self.root / f"outputs{_suffix(tampered, run)}"
 
-    def sidecar_config(self, *, tampered: bool = False) -> Path:
-        return self.root / ("sidecar-tampered.toml" if tampered else "sidecar.toml")
+    def sidecar_config(self, *, tampered: bool = False, run: str = "") -> Path:
+        return self.root / f"sidecar{_suffix(tampered, run)}.toml"
 
-    def sidecar_log(self, *, tampered: bool = False) -> Path:
-        return self.logs / ("sidecar-tampered.log" if tampered else "sidecar.log")
+    def sidecar_log(self, *, tampered: bool = False, run: str = "") -> Path:
+        return self.logs / f"sidecar{_suffix(tampered, run)}.log"
 
     def rel(self, path: Path) -> str:
         """``path`` relative to the demo directory (POSIX form), for messages and configs."""
@@ -195,6 +197,13 @@ class Layout:
             return path.relative_to(self.root).as_posix()
         except ValueError:
             return str(path)
+
+
+def _suffix(tampered: bool, run: str) -> str:
+    """The file-name suffix of a sidecar run: none for the good run, ``-tampered`` for the
+    tampered one, ``-<run>`` for another named run (``-other-command``)."""
+    name = run or ("tampered" if tampered else "")
+    return f"-{name}" if name else ""
 
 
 def _writable(directory: Path) -> bool:

@@ -136,6 +136,13 @@ def check_completed_demo(proc: subprocess.CompletedProcess[str], directory: Path
     assert sum(a != b for a, b in pairs) == 1
     assert list((directory / "outputs-tampered").iterdir()) == []
 
+    # The approved files launched with another command got nothing either, and the audit log
+    # says that the command differs.
+    other = rows["another command"]
+    assert re.match(r"denied, 0 keys released, no outputs", other), other
+    assert "launch differs from the approved launch (command: approved `" in other, other
+    assert list((directory / "outputs-other-command").iterdir()) == []
+
     # The audit log says the same as the summary, in the broker's own database.
     import sqlite3
 
