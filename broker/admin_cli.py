@@ -262,8 +262,9 @@ def manifest_from_files(
 def manifest_from_json(data: bytes, source: str) -> list[ManifestFile]:
     """Reads a manifest of digests: ``{"entries": [{"path", "size", "digests": {bank: hex}}]}``.
 
-    ``{"events": [...]}`` (what ``cleanroom sidecar measure --log-out`` writes) and a bare list
-    are accepted too. Every entry needs a path and a sha256 digest.
+    ``{"events": [...]}`` (what ``cleanroom sidecar measure --log-out`` writes; its launch event
+    is skipped, the launch is given with ``--command``) and a bare list are accepted too. Every
+    entry needs a path and a sha256 digest.
 
     Raises:
         AdminUsageError: the JSON is malformed or an entry is incomplete.
@@ -277,6 +278,8 @@ def manifest_from_json(data: bytes, source: str) -> list[ManifestFile]:
         items = doc.get("entries", doc.get("events"))
     if not isinstance(items, list) or not items:
         raise AdminUsageError(f'manifest {source}: expected a non-empty "entries" list')
+    # An event log's launch event is not a file: the launch is approved with --command.
+    items = [i for i in items if not (isinstance(i, dict) and "launch" in i)]
     out = []
     for n, item in enumerate(items):
         where = f"manifest {source}: entry {n}"
@@ -473,13 +476,10 @@ def manifest_dict(m: common_pb2.WorkloadManifest) -> dict[str, Any]:
         ],
     }
     if m.HasField("launch"):
-        doc["launch"] = {
-            "argv": list(m.launch.argv),
-            "executable": m.launch.executable,
-            "executable_sha256": m.launch.executable_sha256.hex(),
-            "env": {v.name: v.value for v in m.launch.env},
-            "working_directory": m.launch.working_directory,
-        }
+        from evidence.launch import launch_to_json
+        from evidence.proto import launch_from_pb
+
+        doc["launch"] = launch_to_json(launch_from_pb(m.launch))
     return doc
 
 

@@ -584,7 +584,10 @@ def pcr_values_from_tools(
 
 def event_log_to_json(events: Iterable[MeasurementEvent]) -> bytes:
     """The event log as JSON: ``{"events": [{"path", "size", "pcr_index", "digests":
-    {bank: hex}}]}``, the format :func:`event_log_from_json` and the CLI read."""
+    {bank: hex}, "launch" (the launch event only)}]}``, the format
+    :func:`event_log_from_json` and the CLI read."""
+    from evidence.launch import launch_to_json
+
     doc = {
         "events": [
             {
@@ -592,6 +595,7 @@ def event_log_to_json(events: Iterable[MeasurementEvent]) -> bytes:
                 "size": e.size,
                 "pcr_index": e.pcr_index,
                 "digests": {bank: d.hex() for bank, d in e.digests.items()},
+                **({"launch": launch_to_json(e.launch)} if e.launch is not None else {}),
             }
             for e in events
         ]
@@ -608,11 +612,21 @@ def _event_from_simple(n: int, item: Mapping[str, Any]) -> MeasurementEvent:
         if len(digest) != BANK_SIZES[bank]:
             raise EventLogReplayError(f"event {n}: {bank} digest must be {BANK_SIZES[bank]} bytes")
         digests[bank] = digest
+    launch = None
+    if "launch" in item:
+        from evidence.errors import LaunchError
+        from evidence.launch import launch_from_json
+
+        try:
+            launch = launch_from_json(item["launch"])
+        except LaunchError as e:
+            raise EventLogReplayError(f"event {n}: {e}") from e
     return MeasurementEvent(
         path=str(item.get("path", "")),
         size=int(item.get("size", 0)),
         digests=digests,
         pcr_index=int(item.get("pcr_index", item.get("pcrIndex", WORKLOAD_PCR))),
+        launch=launch,
     )
 
 

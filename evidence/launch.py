@@ -338,3 +338,40 @@ def _env_difference(approved: Mapping[str, str], measured: Mapping[str, str]) ->
     if changed:
         parts.append("other value for " + ", ".join(changed))
     return ", ".join(parts)
+
+
+def launch_to_json(launch: Launch) -> dict[str, object]:
+    """The launch as the JSON event logs and manifests write it: ``{"argv", "executable",
+    "executable_sha256" (hex), "env" (an object), "working_directory"}``."""
+    return {
+        "argv": list(launch.argv),
+        "executable": launch.executable,
+        "executable_sha256": launch.executable_sha256.hex(),
+        "env": dict(launch.env),
+        "working_directory": launch.cwd,
+    }
+
+
+def launch_from_json(doc: object) -> Launch:
+    """Reads :func:`launch_to_json`'s form back.
+
+    Raises:
+        LaunchError: the object is malformed or the launch it describes is.
+    """
+    if not isinstance(doc, dict):
+        raise LaunchError("a launch must be a JSON object")
+    argv, env = doc.get("argv"), doc.get("env", {})
+    if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+        raise LaunchError('a launch needs "argv", a list of strings')
+    if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
+        raise LaunchError('a launch\'s "env" must be an object of strings')
+    try:
+        digest = bytes.fromhex(str(doc.get("executable_sha256", "")))
+    except ValueError as e:
+        raise LaunchError('a launch\'s "executable_sha256" must be hex') from e
+    launch = Launch.create(
+        argv=argv, executable_sha256=digest, env=env, cwd=str(doc.get("working_directory", ""))
+    )
+    if doc.get("executable", launch.executable) != launch.executable:
+        raise LaunchError('a launch\'s "executable" must be its argv[0]')
+    return launch

@@ -189,13 +189,9 @@ def _event_log_json(measurement: Measurement, banks: tuple[str, ...]) -> str:
             "digests": {bank: e.digests[bank].hex() for bank in banks},
         }
         if e.launch is not None:
-            item["launch"] = {
-                "argv": list(e.launch.argv),
-                "executable": e.launch.executable,
-                "executable_sha256": e.launch.executable_sha256.hex(),
-                "env": dict(e.launch.env),
-                "working_directory": e.launch.cwd,
-            }
+            from evidence.launch import launch_to_json
+
+            item["launch"] = launch_to_json(e.launch)
         events.append(item)
     doc = {
         "banks": list(banks),

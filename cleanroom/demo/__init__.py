@@ -94,7 +94,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--no-tamper",
         action="store_true",
-        help="skip the second run with a tampered workload",
+        help="skip the runs with a tampered workload and with another command",
     )
     p.add_argument(
         "--azure-emulators",

@@ -15,11 +15,12 @@ Everything the demo makes stays under one directory::
       sealed/                    the sealed inputs, as handed to the clean room
       workload/                  the measured copy of the example workload and its launcher
       workload-tampered/         the same with one byte changed
-      sidecar.toml, sidecar-tampered.toml, sidecar-state/
+      sidecar.toml, sidecar-tampered.toml, sidecar-other-command.toml, sidecar-state/
       outputs/                   the sealed outputs of the good run
       outputs-tampered/          empty: the tampered run gets no keys, so it writes nothing
       outputs-other-command/     empty: the same files launched with another command get none
-      logs/                      swtpm.log, broker.log, sidecar.log, sidecar-tampered.log
+      logs/                      swtpm.log, broker.log, sidecar.log, sidecar-tampered.log,
+                                 sidecar-other-command.log
                                  (and azurite.log with --azure-emulators)
       summary.txt                the summary printed at the end
 

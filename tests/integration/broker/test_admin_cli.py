@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from cleanroom.cli import main
+from evidence.launch import Launch, encode_launch
 from pki.ca import PkiLayout, init_pki
 from tests.harness.swtpm import Swtpm
 from tests.vectors import tpm2tools
@@ -412,6 +413,26 @@ def test_party_registers_a_key_and_approves_a_workload(
     (workload / "src" / "train.py").write_bytes(b"import model\n")
     (workload / "requirements.txt").write_bytes(b"numpy\n")
     contents = [b"import model\n", b"numpy\n"]
+    # The launch: the image's interpreter (pinned, it is not on this machine) and the script.
+    interpreter = hashlib.sha256(b"the image's python3").hexdigest()
+    launch_options = [
+        "--command",
+        "/usr/bin/python3 src/train.py --epochs 3",
+        "--env",
+        "LANG=C.UTF-8",
+        "--workdir",
+        "/srv/workload",
+        "--interpreter-sha256",
+        interpreter,
+    ]
+    launch = encode_launch(
+        Launch.create(
+            argv=("/usr/bin/python3", "src/train.py", "--epochs", "3"),
+            executable_sha256=bytes.fromhex(interpreter),
+            env={"LANG": "C.UTF-8"},
+            cwd="/srv/workload",
+        )
+    )
     out = admin(
         capsys,
         *adv,
@@ -429,11 +450,14 @@ def test_party_registers_a_key_and_approves_a_workload(
         str(workload / "requirements.txt"),
         "--root",
         str(workload),
+        *launch_options,
     )
     fields = dict(line.split(": ", 1) for line in out.splitlines())
     approval_id = fields["approval id"].strip()
-    assert fields["sha256:23"].strip() == pcr_chain("sha256", contents)
-    assert fields["sha1:23"].strip() == pcr_chain("sha1", contents)
+    assert fields["sha256:23"].strip() == pcr_chain("sha256", [*contents, launch])
+    assert fields["sha1:23"].strip() == pcr_chain("sha1", [*contents, launch])
+    assert fields["command"].strip() == "/usr/bin/python3 src/train.py --epochs 3"
+    assert fields["environment"].strip() == "LANG=C.UTF-8"
 
     approvals = admin_json(capsys, *adv, "workload", "list")
     assert isinstance(approvals, list)
@@ -459,6 +483,7 @@ def test_party_registers_a_key_and_approves_a_workload(
         "advertiser",
         "--manifest",
         str(tmp_path / "manifest.json"),
+        *launch_options,
     )
     assert isinstance(again, dict)
     assert again["expected_pcrs"] == approval["expected_pcrs"]
@@ -487,6 +512,7 @@ def test_party_registers_a_key_and_approves_a_workload(
         "publisher",
         "--manifest",
         str(tmp_path / "manifest.json"),
+        *launch_options,
     )
     assert "[PERMISSION_DENIED]" in err or "[NOT_FOUND]" in err
 

@@ -16,6 +16,8 @@ from evidence.launch import (
     encode_launch,
     launch_difference,
     launch_digests,
+    launch_from_json,
+    launch_to_json,
     parse_command,
     parse_env_assignments,
 )
@@ -169,3 +171,22 @@ def test_the_difference_names_each_field_that_differs() -> None:
         "environment: not approved PYTHONPATH, missing PYTHONHASHSEED; working directory: "
         "approved '/srv/workload', measured '/tmp'"
     )
+
+
+def test_the_json_form_round_trips_through_the_brokers_event_log_reader(
+    tmp_path: pytest.TempPathFactory,
+) -> None:
+    from broker.quote import EventLogReplayError, event_log_from_json, event_log_to_json
+
+    assert launch_from_json(launch_to_json(LAUNCH)) == LAUNCH
+    path = tmp_path / "run.py"  # type: ignore[operator]
+    path.write_bytes(b"print(1)")
+    events = measure_files([path], ["sha256"], names=["run.py"], launch=LAUNCH).events
+    assert event_log_from_json(event_log_to_json(events)) == events
+    doc = launch_to_json(LAUNCH)
+    doc["executable"] = "/bin/sh"
+    with pytest.raises(LaunchError, match="must be its argv"):
+        launch_from_json(doc)
+    broken = event_log_to_json(events).replace(b'"/srv/workload"', b'"srv"')
+    with pytest.raises(EventLogReplayError, match="event 1: the working directory 'srv'"):
+        event_log_from_json(broken)
