@@ -82,7 +82,8 @@ class Launch:
         if not self.argv:
             raise LaunchError("a launch needs a command (argv must not be empty)")
         for n, arg in enumerate(self.argv):
-            _check_text(arg, f"argument {n}")
+            # An empty argument is a real one (``prog ""``); only the program needs a name.
+            _check_text(arg, f"argument {n}", allow_empty=n > 0)
         _check_text(self.executable, "the executable")
         if not self.executable.startswith("/"):
             raise LaunchError(f"the executable {self.executable!r} must be an absolute path")
@@ -99,7 +100,7 @@ class Launch:
         names = [name for name, _ in self.env]
         for name, value in self.env:
             check_variable_name(name)
-            _check_text(value, f"the value of {name}")
+            _check_text(value, f"the value of {name}", allow_empty=True)
         if names != sorted(names, key=_utf8):
             raise LaunchError("the environment must be sorted by name")
         if len(set(names)) != len(names):
@@ -146,8 +147,8 @@ def _utf8(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
-def _check_text(value: str, what: str) -> None:
-    if not value:
+def _check_text(value: str, what: str, *, allow_empty: bool = False) -> None:
+    if not value and not allow_empty:
         raise LaunchError(f"{what} must not be empty")
     if "\x00" in value:
         raise LaunchError(f"{what} must not contain a NUL character")

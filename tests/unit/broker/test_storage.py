@@ -6,6 +6,7 @@ Every test runs on both backends; the PostgreSQL runs are marked ``postgres``.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -559,3 +560,25 @@ def test_a_bare_postgresql_url_means_psycopg(postgres_url: str) -> None:
         assert s.dialect == "postgresql"
         s.add_party(party("adv"))
         assert s.get_party("adv") == party("adv")
+
+
+def test_an_approvals_launch_round_trips_and_its_files_find_it(policy_store: Store) -> None:
+    from evidence.launch import Launch
+    from evidence.pcr import MeasurementEvent, replay
+
+    store = policy_store
+    launch = Launch.create(
+        argv=("/usr/bin/python3", "bin/train", "--x", "a b"),
+        executable_sha256=b"\x07" * 32,
+        env={"LANG": "C.UTF-8", "Z": ""},
+        cwd="/srv/w",
+    )
+    a = replace(approval("a-launch", "adv", ("adv-k1",), pcr=PCR_B), launch=launch)
+    store.add_approval(a)
+    assert store.get_approval("a-launch") == a
+    files = [MeasurementEvent(e.path, e.size, e.digests) for e in a.manifest]
+    files_pcr = replay(files, ["sha256"])["sha256"]
+    # Found by its full PCR 23, and by the PCR 23 of its files alone (another launch measured).
+    assert store.find_active_approvals(PCR_B) == [a]
+    assert store.find_active_approvals(b"\xee" * 32, files_pcr_sha256=files_pcr) == [a]
+    assert store.find_active_approvals(b"\xee" * 32, files_pcr_sha256=b"\xdd" * 32) == []

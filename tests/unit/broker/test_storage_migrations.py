@@ -129,3 +129,48 @@ def test_first_open_gives_up_after_the_busy_timeout(tmp_path: Path) -> None:
             Store.open(f"sqlite:///{path}", busy_timeout_seconds=0.2)
     finally:
         holder.close()
+
+
+def test_approvals_stored_before_0003_keep_no_launch_and_are_found_by_their_files(
+    db_url: str,
+) -> None:
+    """Migration 0003 on a database with an approval made before launches were measured."""
+    from broker.storage import migrate
+
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            migrate.upgrade(conn, "0002")
+        with engine.begin() as conn:
+            now = datetime.now(UTC)
+            conn.execute(
+                sa.text("INSERT INTO parties (name, kem, public_key) VALUES ('adv', 1, :k)"),
+                {"k": b"k"},
+            )
+            conn.execute(
+                sa.text(
+                    "INSERT INTO approvals (approval_id, party, workload_name, manifest, "
+                    "expected_pcrs, expected_pcr_sha256, key_ids, output_recipients, "
+                    "golden_set, created_at, revoked) VALUES ('old', 'adv', 'w', :m, :e, :p, "
+                    "'[]', '[]', NULL, :t, :r)"
+                ),
+                {
+                    "m": '[{"path": "run.py", "size": 1, "digests": {"sha256": "'
+                    + "11" * 32
+                    + '"}}]',
+                    "e": '{"sha256": "' + "22" * 32 + '"}',
+                    "p": b"\x22" * 32,
+                    "t": now,
+                    "r": False,
+                },
+            )
+    finally:
+        engine.dispose()
+    with Store.open(db_url) as store:
+        old = store.get_approval("old")
+        assert old.launch is None
+        # Its PCR 23 covered its files only, so that value finds it by its files now.
+        assert [
+            a.approval_id
+            for a in store.find_active_approvals(b"\xee" * 32, files_pcr_sha256=b"\x22" * 32)
+        ] == ["old"]

@@ -87,3 +87,66 @@ def test_quote_requires_nonce_and_out(capsys: pytest.CaptureFixture[str]) -> Non
         main(["sidecar", "quote", "--out", "x"])
     assert info.value.code == 2
     assert "--nonce" in capsys.readouterr().err
+
+
+def test_offline_measure_with_a_launch_ends_with_the_launch_event(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hashlib
+
+    from evidence.launch import Launch
+
+    monkeypatch.delenv("CLEANROOM_SIDECAR_TPM_BANKS", raising=False)
+    files = _files(tmp_path)
+    digest = hashlib.sha256(b"python").hexdigest()
+    log_out = tmp_path / "events.json"
+    args = [
+        "sidecar",
+        "measure",
+        "--offline",
+        "--log-out",
+        str(log_out),
+        "--command",
+        "/usr/bin/python3 a.py 'x y'",
+        "--env",
+        "LANG=C.UTF-8",
+        "--workdir",
+        "/srv/w",
+        "--interpreter-sha256",
+        digest,
+        *map(str, files),
+    ]
+    assert main(args) == 0
+    launch = Launch.create(
+        argv=("/usr/bin/python3", "a.py", "x y"),
+        executable_sha256=bytes.fromhex(digest),
+        env={"LANG": "C.UTF-8"},
+        cwd="/srv/w",
+    )
+    expected = measure_files(files, launch=launch)
+    assert f"sha256:23 0x{expected.pcrs['sha256'].hex().upper()}" in capsys.readouterr().out
+    last = json.loads(log_out.read_text())["events"][-1]
+    assert last["launch"]["argv"] == ["/usr/bin/python3", "a.py", "x y"]
+    assert last["launch"]["env"] == {"LANG": "C.UTF-8"}
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--env", "A=1"], "--env, --workdir and --interpreter-sha256 need --command"),
+        (["--command", "python3 a.py"], "'python3' must be an absolute path"),
+        (["--command", "/usr/bin/python3", "--env", "NOVALUE"], "expected NAME=VALUE"),
+        (
+            ["--command", "/usr/bin/python3", "--interpreter-sha256", "zz"],
+            "64 hexadecimal digits",
+        ),
+        (["--command", "/nonexistent/python3"], "cannot measure the executable"),
+    ],
+)
+def test_offline_measure_refuses_a_malformed_launch_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], options: list[str], message: str
+) -> None:
+    files = _files(tmp_path)
+    assert main(["sidecar", "measure", "--offline", *options, *map(str, files)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
