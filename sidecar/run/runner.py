@@ -514,6 +514,16 @@ def _run(
         config.workload_files(), config.workload.measured_names(), launch=prepared.launch
     )
     timeline.mark("measured")
+    launch = prepared.launch
+    # Variable names only: a value may be something the parties approved but not for logs.
+    _log.info(
+        "measured %d file(s) and the launch: %s (sha256 %s), environment %s, in %s",
+        len(config.workload.files),
+        launch.command_line(),
+        launch.executable_sha256.hex(),
+        ", ".join(name for name, _ in launch.env) or "(empty)",
+        launch.cwd,
+    )
 
     attester = Attester(
         tpm=tpm,

@@ -711,3 +711,23 @@ def test_a_valid_approval_needs_a_launch_and_its_pcr_covers_it() -> None:
             parties=parties,
             golden_sets={},
         )
+
+
+def test_the_reason_comes_from_the_approval_whose_launch_differs_least() -> None:
+    # Alice approved the files with two launches; the measured one differs from the second in
+    # its environment only, and from the first in its command, executable and environment.
+    far = _measured_with(
+        argv=("/opt/py/bin/python3", "bin/train.py"), executable="/opt/py/bin/python3"
+    )
+    decision = decide(
+        [
+            approval("a-far", "alice", ["alice-k1"], launch=far, created_at=NOW + timedelta(1)),
+            approval("a-near", "alice", ["alice-k1"]),
+        ],
+        requested=("alice-k1",),
+        launch=_measured_with(env=(("LANG", "C.UTF-8"), ("OMP_NUM_THREADS", "2"), ("X", "1"))),
+    )
+    assert reasons(decision) == {
+        "alice-k1": "approval a-near by alice: launch differs from the approved launch "
+        "(environment: not approved X)"
+    }

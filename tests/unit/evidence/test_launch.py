@@ -176,7 +176,8 @@ def test_the_difference_names_each_field_that_differs() -> None:
 def test_the_json_form_round_trips_through_the_brokers_event_log_reader(
     tmp_path: pytest.TempPathFactory,
 ) -> None:
-    from broker.quote import EventLogReplayError, event_log_from_json, event_log_to_json
+    from broker.errors import EventLogReplayError
+    from broker.quote import event_log_from_json, event_log_to_json
 
     assert launch_from_json(launch_to_json(LAUNCH)) == LAUNCH
     path = tmp_path / "run.py"  # type: ignore[operator]
