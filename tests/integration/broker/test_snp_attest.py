@@ -31,6 +31,7 @@ from sidecar.run.attest import Attester, enroll
 from sidecar.run.errors import AttestationDeniedError, EnrollmentFailedError
 from sidecar.snp import SnpCollector, VcekSource
 from tests.harness.amd_snp import EmulatedParavisorTpm, SyntheticAmdRoot, SyntheticChip
+from tests.harness.launch import TEST_LAUNCH, with_test_launch
 from tests.harness.swtpm import SWTPM_LOCALCA_DIR, Swtpm
 from tests.integration.broker.test_server import (
     TIMEOUT,
@@ -145,7 +146,7 @@ def _manifest() -> common_pb2.WorkloadManifest:
         entry = manifest.entries.add(path=path, size=len(data))
         for bank in ("sha1", "sha256"):
             entry.digests.add(algorithm=bank_to_pb(bank), value=hashlib.new(bank, data).digest())
-    return manifest
+    return with_test_launch(manifest)
 
 
 def _approve(s: Setup, *, require_snp: bool = False) -> None:
@@ -191,7 +192,7 @@ def _attest(
             ak_name = enroll(tpm, client, ak, snp=collector, certificate_der=_sidecar_der(s))
         except EnrollmentFailedError:
             raise NotEnrolled(str(sys.exc_info()[1])) from None
-        measurement = tpm.measure(files, list(WORKLOAD))
+        measurement = tpm.measure(files, list(WORKLOAD), launch=TEST_LAUNCH)
         attester = Attester(
             tpm=tpm,
             client=client,

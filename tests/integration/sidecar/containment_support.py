@@ -3,9 +3,8 @@
 The workloads try to keep plaintext past their session: an orphan that double-forks and calls
 ``setsid``, a process tree left behind by a SIGKILLed sidecar, a reader that leaves the
 workload's process tree while its stream is open. They are one measured script (``run.py``,
-beside the clean room's ``lib.py``), approved by both parties; the attack comes from argv.
-When the launch itself becomes part of the approval, :func:`approve_attacks` and
-:func:`start_attack` are what change.
+beside the clean room's ``lib.py``); the attack comes from argv, which is measured too, so
+both parties approve the script with each attack's launch before it starts.
 """
 
 from __future__ import annotations
@@ -19,8 +18,6 @@ from pathlib import Path
 from broker.admin_cli import manifest_from_files, manifest_to_pb
 from tests.harness.swtpm import Swtpm
 from tests.integration.sidecar.test_run import (
-    OUTPUT_RECIPIENTS,
-    PARTIES,
     PY,
     WORKLOAD_FILES,
     CleanRoom,
@@ -139,18 +136,15 @@ if __name__ == "__main__":
 
 
 def approve_attacks(room: CleanRoom) -> None:
-    """Makes ``run.py`` the attack script and has both parties approve the workload as it is
-    now (the clean room's own approval covered the other script)."""
+    """Makes ``run.py`` the attack script; both parties approve it with each launch a test
+    starts (:func:`start_attack`, through ``start_sidecar``), since the clean room's own
+    approvals covered the other script."""
     root = room.workload_root
     (root / "run.py").write_text(ATTACK_SCRIPT)
-    manifest = manifest_to_pb(
+    room.manifest = manifest_to_pb(
         "attacks", manifest_from_files([str(root / f) for f in WORKLOAD_FILES], root=str(root))
     )
-    for party in PARTIES:
-        with room.client("party", party) as client:
-            client.approve_workload(
-                manifest, key_ids=[f"{party}-data"], output_recipients=OUTPUT_RECIPIENTS
-            )
+    room.approved_launches.clear()
 
 
 def start_attack(
@@ -161,8 +155,9 @@ def start_attack(
     config_lines: Sequence[str] = (),
     **config: object,
 ) -> subprocess.Popen[str]:
-    """Starts ``cleanroom sidecar run`` with the attack script and ``args`` (mode first).
-    ``config_lines`` are appended to the sidecar.toml (its last table is ``[runtime]``)."""
+    """Starts ``cleanroom sidecar run`` with the attack script and ``args`` (mode first), that
+    launch approved by both parties first. ``config_lines`` are appended to the sidecar.toml
+    (its last table is ``[runtime]``)."""
     path = config_for(room, tpm, rundir, **config)
     if config_lines:
         path.write_text(path.read_text() + "".join(line + "\n" for line in config_lines))

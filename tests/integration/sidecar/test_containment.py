@@ -28,7 +28,7 @@ from tests.integration.sidecar.containment_support import (
     wait_for,
 )
 from tests.integration.sidecar.helpers import drive_into_lockout
-from tests.integration.sidecar.test_run import CleanRoom, audit, build_clean_room
+from tests.integration.sidecar.test_run import PY, CleanRoom, audit, build_clean_room
 
 pytestmark = [pytest.mark.swtpm]
 
@@ -172,6 +172,8 @@ def test_a_socket_directory_under_a_world_writable_parent_is_refused_before_atte
     # chmod, not mkdir's mode: the umask would narrow it.
     os.chmod(shared, 0o777)
     ran = rundir / "ran"
+    # The launch is approved first, so that the only records the run could add are its own.
+    room.approve_launch((PY, "run.py", "touch", str(ran)))
     records_before = len(audit(room))
     proc = start_attack(
         room,
