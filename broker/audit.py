@@ -28,6 +28,7 @@ from broker.model import AuditEntry, AuditRecord, Session
 from broker.storage import Store
 from broker.storage.fast import FastCursor
 from broker.storage.schema import GENESIS_HASH, audit_head, audit_parties, audit_records
+from broker.storage.unit import UnitOfWork
 
 #: Version of the canonical encoding, hashed into every record.
 RECORD_FORMAT_VERSION = 1
@@ -141,27 +142,36 @@ class AuditLog:
     def __init__(self, store: Store, *, clock: Clock = utcnow) -> None:
         self._store = store
         self._clock = clock
-        fast = store.fast
-        self._lock_head = fast.prepare(
-            sa.select(audit_head.c.sequence, audit_head.c.record_hash)
-            .where(audit_head.c.id == 1)
-            .with_for_update()
-        )
-        self._insert_record = fast.prepare(sa.insert(audit_records))
-        self._insert_party = fast.prepare(sa.insert(audit_parties))
-        self._update_head = fast.prepare(
-            sa.update(audit_head)
-            .where(audit_head.c.id == 1)
-            .values(sequence=sa.bindparam("seq"), record_hash=sa.bindparam("hash"))
-        )
 
     def append(self, entry: AuditEntry) -> AuditRecord:
-        """Appends one record and returns it as stored.
+        """Appends one record (in a transaction of its own) and returns it as stored.
 
         Raises:
             StorageError: the database failed, or a field cannot be encoded.
         """
         return self.append_many([entry])[0]
+
+    def append_in(self, uow: UnitOfWork, entries: Sequence[AuditEntry]) -> list[AuditRecord]:
+        """Seals ``entries`` onto the chain head of ``uow`` (a decision's unit of work, see
+        :meth:`broker.storage.Store.unit_of_work`) and stores them there: they commit with the
+        unit's other writes, or not at all.
+
+        The record times are read from the clock while the unit holds the head, so they never
+        run backwards along the chain within one clock.
+
+        Raises:
+            StorageError: a field cannot be encoded.
+            sqlite3.Error, psycopg.Error: the driver's error (the unit maps it).
+        """
+        sequence, previous = uow.head
+        records: list[AuditRecord] = []
+        for entry in entries:
+            sequence += 1
+            record = _seal(entry, sequence, self._clock(), previous)
+            previous = record.record_hash
+            records.append(record)
+        uow.append_records([_record_values(r) for r in records], [r.parties for r in records])
+        return records
 
     def append_many(
         self,
@@ -170,7 +180,7 @@ class AuditLog:
         session: Session | None = None,
         within: Callable[[FastCursor], object] | None = None,
     ) -> list[AuditRecord]:
-        """Appends several records in one transaction (consecutive sequence numbers); with
+        """Appends several records in one unit of work (consecutive sequence numbers); with
         ``session``, records that attested session in the same transaction, so that a release
         and its session are stored together or not at all (and with one commit).
 
@@ -181,9 +191,7 @@ class AuditLog:
 
         The chain head row is locked first (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite's
         write transactions are ``BEGIN IMMEDIATE``), so appends from any number of threads,
-        processes or replicas queue up and each sees the previous one's hash. The record
-        times are read from the clock while holding the lock, so they never run backwards
-        along the chain within one clock.
+        processes or replicas queue up and each sees the previous one's hash.
 
         Raises:
             DuplicateError: a session with ``session``'s id exists (nothing is appended).
@@ -198,42 +206,14 @@ class AuditLog:
         duplicate, missing = (
             self._store.session_errors(session) if session is not None else (None, None)
         )
-        with self._store.fast.session(
-            "append audit records",
-            write=True,
-            transaction=True,
-            duplicate=duplicate,
-            missing_reference=missing,
-        ) as cur:
-            head = cur.one(self._lock_head, {})
-            if head is None:
-                raise StorageError("the audit chain head row is missing (database tampered?)")
-            sequence, previous = int(head.sequence), str(head.record_hash)
+        with self._store.fast_unit_of_work(
+            "append audit records", duplicate=duplicate, missing_reference=missing
+        ) as uow:
             if within is not None:
-                within(cur)
-            records: list[AuditRecord] = []
-            for entry in entries:
-                sequence += 1
-                record = _seal(entry, sequence, self._clock(), previous)
-                previous = record.record_hash
-                records.append(record)
-            values = [_record_values(r) for r in records]
-            if len(values) == 1:
-                cur.execute(self._insert_record, values[0])
-            elif values:
-                cur.executemany(self._insert_record, values)
-            index = [
-                {"party": party, "sequence": r.sequence}
-                for r in records
-                for party in sorted(set(r.parties))
-            ]
-            if len(index) == 1:
-                cur.execute(self._insert_party, index[0])
-            elif index:
-                cur.executemany(self._insert_party, index)
-            cur.execute(self._update_head, {"seq": sequence, "hash": previous})
+                within(uow.cursor)
+            records = self.append_in(uow, entries)
             if session is not None:
-                self._store.insert_session(cur, session)
+                self._store.insert_session(uow.cursor, session)
         return records
 
     def list_records(
@@ -310,7 +290,9 @@ class AuditLog:
 
 def _seal(entry: AuditEntry, sequence: int, time: datetime, previous_hash: str) -> AuditRecord:
     time = time.astimezone(UTC)
-    parties = tuple(entry.parties)
+    # A party named twice (an approving party that is also an output recipient, say) is named
+    # once: the list says who the record concerns, in the caller's order.
+    parties = tuple(dict.fromkeys(entry.parties))
     try:
         canonical = _canonical(
             sequence,

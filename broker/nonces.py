@@ -36,6 +36,7 @@ from broker.errors import (
 from broker.model import AuditEntry
 from broker.storage import Store
 from broker.storage.schema import nonces
+from broker.storage.unit import UnitOfWork
 
 #: Size of a nonce in bytes (the quote's qualifying data binds it, hashed, with the other inputs).
 NONCE_BYTES = 32
@@ -160,6 +161,29 @@ class NonceService:
         if row is None:
             raise NonceUnknownError("the nonce was never issued (or has been purged)")
         raise NonceReplayError("the nonce was already used")
+
+    def consume_in(self, uow: UnitOfWork, nonce: bytes, ak_name: str) -> NonceError | None:
+        """:meth:`consume` inside a decision's unit of work: the burn commits with the unit's
+        records (a release or a denial), or not at all. Returns why the nonce is refused, or
+        None when it is accepted; a refused nonce is burned all the same when the unit commits,
+        so the caller records the refusal in the unit rather than raising through it.
+
+        Raises:
+            sqlite3.Error, psycopg.Error: the driver's error (the unit maps it).
+        """
+        if len(nonce) != NONCE_BYTES:
+            return NonceUnknownError(f"a nonce is {NONCE_BYTES} bytes, got {len(nonce)}")
+        now = self._clock()
+        burned = uow.cursor.one(self._burn, {"n": nonce, "now": now})
+        if burned is not None:
+            if burned.ak_name != ak_name:
+                return NonceBindingError("the nonce was issued to another AK")
+            if now >= burned.expires_at:
+                return NonceExpiredError("the nonce expired")
+            return None
+        if uow.cursor.one(self._lookup, {"n": nonce}) is None:
+            return NonceUnknownError("the nonce was never issued (or has been purged)")
+        return NonceReplayError("the nonce was already used")
 
     def purge_expired(self, older_than: datetime) -> int:
         """Deletes nonces that expired before ``older_than``; returns how many.

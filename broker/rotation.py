@@ -47,23 +47,20 @@ PARTY_KEK_ACTION = "party.kek"
 KEK_CHECK_ACTION = "kek.check"
 
 
-def _audit(
-    broker: Broker,
+def _rewrap_entry(
     actor: SpiffeId | str,
     record: DataKeyRecord | None,
     key_id: str,
     decision: str,
     reason: str,
-) -> None:
-    broker.audit.append(
-        AuditEntry(
-            actor=str(actor),
-            action=ROTATION_ACTION,
-            subject=key_id,
-            decision=decision,
-            reason=reason,
-            parties=(record.owner,) if record is not None else (),
-        )
+) -> AuditEntry:
+    return AuditEntry(
+        actor=str(actor),
+        action=ROTATION_ACTION,
+        subject=key_id,
+        decision=decision,
+        reason=reason,
+        parties=(record.owner,) if record is not None else (),
     )
 
 
@@ -94,11 +91,26 @@ def rotate_data_key(
                     raise KekError(f"the new wrapping of {key_id!r} unwraps to another key")
             finally:
                 back[:] = bytes(len(back))
-        broker.store.rewrap_data_key(key_id, wrapped, new.ref)
+        # The new wrapping and its record commit together (one unit of work).
+        with broker.store.unit_of_work("rewrap data key") as uow:
+            broker.store.rewrap_data_key(key_id, wrapped, new.ref, uow=uow)
+            broker.audit.append_in(
+                uow,
+                [
+                    _rewrap_entry(
+                        actor,
+                        record,
+                        key_id,
+                        "allow",
+                        f"rewrapped from {record.kek_ref} to {new.ref}",
+                    )
+                ],
+            )
     except BrokerError as e:
-        _audit(broker, actor, record, key_id, "deny", f"rewrap to {new_kek_ref} failed: {e}")
+        broker.audit.append(
+            _rewrap_entry(actor, record, key_id, "deny", f"rewrap to {new_kek_ref} failed: {e}")
+        )
         raise
-    _audit(broker, actor, record, key_id, "allow", f"rewrapped from {record.kek_ref} to {new.ref}")
     return replace(record, wrapped_key=wrapped, kek_ref=new.ref)
 
 
@@ -160,23 +172,29 @@ def set_party_kek(
         record = PartyKek(
             party=party, kek_ref=kek.ref, checked_key=checked, updated_at=broker.clock()
         )
-        broker.store.set_party_kek(
-            party, record.kek_ref, checked_key=checked, updated_at=record.updated_at
-        )
+        # The party's KEK and its record commit together (one unit of work).
+        with broker.store.unit_of_work("set party KEK") as uow:
+            broker.store.set_party_kek(
+                party, record.kek_ref, checked_key=checked, updated_at=record.updated_at, uow=uow
+            )
+            broker.audit.append_in(
+                uow,
+                [
+                    _kek_entry(
+                        actor,
+                        PARTY_KEK_ACTION,
+                        party,
+                        "allow",
+                        f"new data keys wrapped by {record.kek_ref} (checked: {checked})",
+                        party,
+                    )
+                ],
+            )
     except BrokerError as e:
         _audit_kek(
             broker, actor, PARTY_KEK_ACTION, party, "deny", f"KEK {kek_ref} refused: {e}", party
         )
         raise
-    _audit_kek(
-        broker,
-        actor,
-        PARTY_KEK_ACTION,
-        party,
-        "allow",
-        f"new data keys wrapped by {record.kek_ref} (checked: {checked})",
-        party,
-    )
     return record
 
 
@@ -220,6 +238,24 @@ def party_keks(broker: Broker) -> list[PartyKekChoice]:
     return out
 
 
+def _kek_entry(
+    actor: SpiffeId | str,
+    action: str,
+    subject: str,
+    decision: str,
+    reason: str,
+    party: str = "",
+) -> AuditEntry:
+    return AuditEntry(
+        actor=str(actor),
+        action=action,
+        subject=subject,
+        decision=decision,
+        reason=reason,
+        parties=(party,) if party else (),
+    )
+
+
 def _audit_kek(
     broker: Broker,
     actor: SpiffeId | str,
@@ -229,13 +265,4 @@ def _audit_kek(
     reason: str,
     party: str = "",
 ) -> None:
-    broker.audit.append(
-        AuditEntry(
-            actor=str(actor),
-            action=action,
-            subject=subject,
-            decision=decision,
-            reason=reason,
-            parties=(party,) if party else (),
-        )
-    )
+    broker.audit.append(_kek_entry(actor, action, subject, decision, reason, party))

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 from broker import policy, quote, release, tpmkeys
 from broker.audit import AuditLog, ChainReport
@@ -32,6 +32,7 @@ from broker.errors import (
     CustodyError,
     EkCertificateError,
     EnrollmentError,
+    NonceError,
     NotApprovedError,
     PolicyError,
     RevokedKeyError,
@@ -58,6 +59,7 @@ from broker.nonces import NonceService
 from broker.release import SealedRelease
 from broker.snp import SnpClaims
 from broker.storage import Store
+from broker.storage.unit import UnitOfWork
 from evidence.binding import qualifying_data
 from evidence.launch import Launch
 from evidence.pcr import WORKLOAD_PCR, MeasurementEvent
@@ -118,6 +120,27 @@ class Evidence:
     #: On an Azure SEV-SNP confidential VM: the vTPM's HCL report and the chip's VCEK (DER).
     hcl_report: bytes = b""
     vcek: bytes = b""
+
+
+def _entry(
+    actor: SpiffeId | str,
+    action: str,
+    subject: str,
+    decision: str,
+    reason: str = "",
+    *,
+    evidence_digest: str = "",
+    parties: Sequence[str] = (),
+) -> AuditEntry:
+    return AuditEntry(
+        actor=str(actor),
+        action=action,
+        subject=subject,
+        decision=decision,
+        reason=reason,
+        evidence_digest=evidence_digest,
+        parties=tuple(parties),
+    )
 
 
 class AttestationDenied(PolicyError):
@@ -183,16 +206,33 @@ class Broker:
         evidence_digest: str = "",
         parties: Sequence[str] = (),
     ) -> AuditRecord:
+        """Records a decision that changes nothing (a refusal, a check) on its own."""
         return self.audit.append(
-            AuditEntry(
-                actor=str(actor),
-                action=action,
-                subject=subject,
-                decision=decision,
-                reason=reason,
+            _entry(
+                actor,
+                action,
+                subject,
+                decision,
+                reason,
                 evidence_digest=evidence_digest,
-                parties=tuple(parties),
+                parties=parties,
             )
+        )
+
+    def _record_in(
+        self,
+        uow: UnitOfWork,
+        actor: SpiffeId | str,
+        action: str,
+        subject: str,
+        decision: str,
+        reason: str = "",
+        *,
+        parties: Sequence[str] = (),
+    ) -> None:
+        """Records a decision in the unit of work that makes its change."""
+        self.audit.append_in(
+            uow, [_entry(actor, action, subject, decision, reason, parties=parties)]
         )
 
     @contextmanager
@@ -274,14 +314,16 @@ class Broker:
             certificate=certificate or None,
             enrolled_at=self.clock(),
         )
-        self.store.add_ek(record)
-        self._record(
-            actor,
-            "ek.enroll",
-            record.ek_id,
-            "allow",
-            "with certificate" if certificate else "without certificate (operator)",
-        )
+        with self.store.unit_of_work("enroll EK") as uow:
+            self.store.add_ek(record, uow=uow)
+            self._record_in(
+                uow,
+                actor,
+                "ek.enroll",
+                record.ek_id,
+                "allow",
+                "with certificate" if certificate else "without certificate (operator)",
+            )
         return record
 
     def enroll_ak(self, actor: SpiffeId, *, ak_public: bytes, ek_id: str | None) -> AkRecord:
@@ -315,8 +357,9 @@ class Broker:
             enrolled_by="operator",
             enrolled_at=self.clock(),
         )
-        self.store.add_ak(record)
-        self._record(actor, "ak.enroll", record.ak_name, "allow", "operator enrollment")
+        with self.store.unit_of_work("enroll AK") as uow:
+            self.store.add_ak(record, uow=uow)
+            self._record_in(uow, actor, "ak.enroll", record.ak_name, "allow", "operator enrollment")
         return record
 
     def start_enrollment(
@@ -347,6 +390,8 @@ class Broker:
             if ak.name is None:
                 raise EnrollmentError("credential activation needs the AK as TPM2B_PUBLIC")
             tpmkeys.check_ak_attributes(ak, **self._ak_limits)
+            new_ek: EkRecord | None = None
+            ek_vouched = ""
             try:
                 ek_record = self.store.get_ek(ek.key_id)
             except UnknownKeyError:
@@ -384,25 +429,13 @@ class Broker:
                             else ""
                         )
                     ) from None
-                ek_record = EkRecord(
+                ek_record = new_ek = EkRecord(
                     ek_id=ek.key_id,
                     public=ek_public,
                     certificate=None if vouched else ek_certificate or None,
                     enrolled_at=self.clock(),
                 )
-                self.store.add_ek(ek_record)
-                self._record(
-                    actor,
-                    "ek.enroll",
-                    ek_record.ek_id,
-                    "allow",
-                    vouched
-                    or (
-                        "certificate chains to a trusted EK CA"
-                        if ek_certificate
-                        else "no certificate (allowed by configuration)"
-                    ),
-                )
+                ek_vouched = vouched
             if ek_record.revoked:
                 raise RevokedKeyError(f"EK {ek_record.ek_id} is revoked")
             secret = secrets.token_bytes(32)
@@ -420,8 +453,27 @@ class Broker:
             secret_digest=hashlib.sha256(secret).digest(),
             expires_at=self.clock() + timedelta(seconds=self.config.credential_ttl_seconds),
         )
-        self.store.put_credential_challenge(challenge)
-        self._record(actor, "ak.credential", challenge.ak_name, "allow", "credential issued")
+        # The EK enrolled on the way and the challenge commit with their records, together.
+        with self.store.unit_of_work("issue credential") as uow:
+            if new_ek is not None:
+                self.store.add_ek(new_ek, uow=uow)
+                self._record_in(
+                    uow,
+                    actor,
+                    "ek.enroll",
+                    new_ek.ek_id,
+                    "allow",
+                    ek_vouched
+                    or (
+                        "certificate chains to a trusted EK CA"
+                        if ek_certificate
+                        else "no certificate (allowed by configuration)"
+                    ),
+                )
+            self.store.put_credential_challenge(challenge, uow=uow)
+            self._record_in(
+                uow, actor, "ak.credential", challenge.ak_name, "allow", "credential issued"
+            )
         return EnrollmentChallenge(challenge.enrollment_id, blob, encrypted, challenge.expires_at)
 
     def complete_enrollment(
@@ -432,32 +484,52 @@ class Broker:
         Raises:
             CredentialError: unknown or expired challenge, or the wrong secret.
         """
-        try:
-            challenge = self.store.take_credential_challenge(enrollment_id, self.clock())
-            if not hmac.compare_digest(hashlib.sha256(secret).digest(), challenge.secret_digest):
-                raise CredentialError("wrong credential secret")
-        except BrokerError as e:
-            self._record(actor, "ak.activate", enrollment_id, "deny", str(e))
-            raise
-        try:
-            existing = self.store.get_ak(challenge.ak_name)
-        except UnknownKeyError:
-            existing = None
-        if existing is not None:
-            if existing.revoked:
-                self._record(actor, "ak.activate", existing.ak_name, "deny", "AK is revoked")
-                raise RevokedKeyError(f"AK {existing.ak_name} is revoked")
-            self._record(actor, "ak.activate", existing.ak_name, "allow", "already enrolled")
-            return existing
-        record = AkRecord(
-            ak_name=challenge.ak_name,
-            public=challenge.ak_public,
-            ek_id=challenge.ek_id,
-            enrolled_by="credential-activation",
-            enrolled_at=self.clock(),
-        )
-        self.store.add_ak(record)
-        self._record(actor, "ak.activate", record.ak_name, "allow", "credential activated")
+        # Taking the challenge and the outcome's record are one unit of work: a taken (so
+        # burned) challenge is always recorded, and a wrong secret burns it for good.
+        refused: BrokerError | None = None
+        record: AkRecord | None = None
+        with self.store.unit_of_work("activate credential") as uow:
+            try:
+                challenge = self.store.take_credential_challenge(
+                    enrollment_id, self.clock(), uow=uow
+                )
+                if not hmac.compare_digest(
+                    hashlib.sha256(secret).digest(), challenge.secret_digest
+                ):
+                    raise CredentialError("wrong credential secret")
+            except CredentialError as e:
+                self._record_in(uow, actor, "ak.activate", enrollment_id, "deny", str(e))
+                refused = e
+            else:
+                try:
+                    existing: AkRecord | None = self.store.get_ak(challenge.ak_name)
+                except UnknownKeyError:
+                    existing = None
+                if existing is not None and existing.revoked:
+                    self._record_in(
+                        uow, actor, "ak.activate", existing.ak_name, "deny", "AK is revoked"
+                    )
+                    refused = RevokedKeyError(f"AK {existing.ak_name} is revoked")
+                elif existing is not None:
+                    self._record_in(
+                        uow, actor, "ak.activate", existing.ak_name, "allow", "already enrolled"
+                    )
+                    record = existing
+                else:
+                    record = AkRecord(
+                        ak_name=challenge.ak_name,
+                        public=challenge.ak_public,
+                        ek_id=challenge.ek_id,
+                        enrolled_by="credential-activation",
+                        enrolled_at=self.clock(),
+                    )
+                    self.store.add_ak(record, uow=uow)
+                    self._record_in(
+                        uow, actor, "ak.activate", record.ak_name, "allow", "credential activated"
+                    )
+        if refused is not None:
+            raise refused
+        assert record is not None
         return record
 
     def revoke_ek(self, actor: SpiffeId, ek_id: str, reason: str) -> None:
@@ -467,9 +539,12 @@ class Broker:
             UnknownKeyError: no such EK.
             StorageError: the database failed.
         """
-        with self._refusal_recorded(actor, "ek.revoke", ek_id):
-            self.store.revoke_ek(ek_id, reason)
-        self._record(actor, "ek.revoke", ek_id, "allow", reason)
+        with (
+            self._refusal_recorded(actor, "ek.revoke", ek_id),
+            self.store.unit_of_work("revoke EK") as uow,
+        ):
+            self.store.revoke_ek(ek_id, reason, uow=uow)
+            self._record_in(uow, actor, "ek.revoke", ek_id, "allow", reason)
 
     def revoke_ak(self, actor: SpiffeId, ak_name: str, reason: str) -> None:
         """Revokes an AK; a refusal is recorded with its reason.
@@ -478,9 +553,12 @@ class Broker:
             UnknownKeyError: no such AK.
             StorageError: the database failed.
         """
-        with self._refusal_recorded(actor, "ak.revoke", ak_name):
-            self.store.revoke_ak(ak_name, reason)
-        self._record(actor, "ak.revoke", ak_name, "allow", reason)
+        with (
+            self._refusal_recorded(actor, "ak.revoke", ak_name),
+            self.store.unit_of_work("revoke AK") as uow,
+        ):
+            self.store.revoke_ak(ak_name, reason, uow=uow)
+            self._record_in(uow, actor, "ak.revoke", ak_name, "allow", reason)
 
     # --- challenge and attestation ----------------------------------------------------------
 
@@ -525,10 +603,16 @@ class Broker:
     def attest(self, actor: SpiffeId, evidence: Evidence) -> AttestOutcome:
         """Verifies evidence, evaluates policy and seals each granted key to the ephemeral key.
 
+        The nonce is burned, and the verdict recorded, in one unit of work at the end: a
+        release commits with its nonce, its records and its session, after re-checking inside
+        that unit that the AK and every approval it cites are still unrevoked; a denial commits
+        with the nonce it burned. A refused nonce outranks every other reason (as if it had been
+        checked first), but the evidence is verified before the nonce is burned, so a replayed
+        nonce costs the broker one verification.
+
         Raises:
-            NonceError: the nonce is unknown, used, expired or another AK's.
-            AttestationDenied: verification or policy refused everything (reason in the audit).
-            UnknownKeyError: the AK is not enrolled.
+            AttestationDenied: the nonce, the evidence or policy refused everything (reason in
+                the audit log).
         """
         evidence_digest = hashlib.sha256(evidence.attest + evidence.signature).hexdigest()
 
@@ -545,31 +629,49 @@ class Broker:
                 parties=parties,
             )
 
+        def refusal(uow: UnitOfWork, burn: bool) -> NonceError | None:
+            """Burns the nonce in ``uow`` (when ``burn``); why it is refused, if it is."""
+            return self.nonces.consume_in(uow, evidence.nonce, evidence.ak_name) if burn else None
+
+        def denied(reason: str, cause: BaseException | None) -> NoReturn:
+            log.info("attestation denied for AK %s: %s", evidence.ak_name, reason)
+            # The cause classifies the denial (the metrics' reason label).
+            raise AttestationDenied(reason) from cause
+
         def deny(
-            reason: str, *, parties: tuple[str, ...] = (), before: Sequence[AuditEntry] = ()
-        ) -> AttestationDenied:
-            """Records the verdict (after the records ``before``, in one transaction) and
-            returns the exception to raise.
+            reason: str,
+            *,
+            parties: tuple[str, ...] = (),
+            before: Sequence[AuditEntry] = (),
+            burn: bool = True,
+            cause: BaseException | None = None,
+        ) -> NoReturn:
+            """Burns the nonce and records the verdict (after the records ``before``) in one
+            unit of work, then raises the denial.
 
             A record's reason and parties are visible to every party it is tagged with, so a
             verdict is tagged only with parties whose own keys its reason is solely about;
             reasons about several parties' keys go to the operator's view alone, and each
             party gets records of its own (``before``).
+
+            Raises:
+                AttestationDenied: always, from the nonce's refusal or else from ``cause``.
             """
-            self.audit.append_many(
-                [*before, record("attest", evidence.ak_name, "deny", reason, parties)]
-            )
-            log.info("attestation denied for AK %s: %s", evidence.ak_name, reason)
-            return AttestationDenied(reason)
+            with self.store.fast_unit_of_work("deny attestation") as uow:
+                nonce_refused = refusal(uow, burn)
+                if nonce_refused is not None:
+                    reason, parties, before = f"nonce refused: {nonce_refused}", (), ()
+                    cause = nonce_refused
+                self.audit.append_in(
+                    uow, [*before, record("attest", evidence.ak_name, "deny", reason, parties)]
+                )
+            denied(reason, cause)
 
         try:
             ak = self.store.get_ak(evidence.ak_name)
         except UnknownKeyError as e:
-            raise deny(str(e)) from e
-        try:
-            self.nonces.consume(evidence.nonce, evidence.ak_name)
-        except BrokerError as e:
-            raise deny(f"nonce refused: {e}") from e
+            # No nonce is burned: a nonce is bound to an enrolled AK, and this one is none.
+            deny(str(e), burn=False, cause=e)
         ek = self.store.get_ek(ak.ek_id) if ak.ek_id else None
         snp_claims: SnpClaims | None = None
         try:
@@ -600,9 +702,9 @@ class Broker:
         except SnpError as e:
             raise deny(f"SEV-SNP evidence rejected: {type(e).__name__}: {e}") from e
         except (VerificationError, BrokerError) as e:
-            raise deny(f"evidence rejected: {type(e).__name__}: {e}") from e
+            deny(f"evidence rejected: {type(e).__name__}: {e}", cause=e)
         except Exception as e:  # evidence.errors from binding: malformed input
-            raise deny(f"evidence rejected: {e}") from e
+            deny(f"evidence rejected: {e}", cause=e)
 
         measured = policy.manifest_from_events(evidence.event_log)
         try:
@@ -663,7 +765,7 @@ class Broker:
                 measured_launch=measured_launch,
             )
         except PolicyError as e:
-            raise deny(str(e)) from e
+            deny(str(e), cause=e)
         owners = sorted({k.owner for k in keys.values()})
         # One record per withheld key, tagged with its owner alone: each party reads why its
         # own keys were withheld, and never another party's key ids or reasons.
@@ -681,7 +783,7 @@ class Broker:
         if not decision.granted:
             reasons = "; ".join(f"{d.key_id}: {d.reason}" for d in decision.denied)
             # The full reason names every party's keys: the operator's record only.
-            raise deny(f"no key released: {reasons or 'workload not approved'}", before=withheld)
+            deny(f"no key released: {reasons or 'workload not approved'}", before=withheld)
 
         session_id = uuid.uuid4().hex
         now = self.clock()
@@ -711,50 +813,100 @@ class Broker:
                     for owner in owners
                     if owner != key.owner
                 ]
-                raise deny(f"key custody failed: {e}", parties=(key.owner,), before=others) from e
-        released = tuple(sealed)
+                deny(f"key custody failed: {e}", parties=(key.owner,), before=others, cause=e)
         approval_of = {g.key_id: g.approval_id for g in decision.granted}
-        entries: list[AuditEntry] = [
-            record(
-                "key.release",
-                r.key_id,
-                "allow",
-                f"session {session_id}, approval {approval_of[r.key_id]}",
-                (r.owner,),
-            )
-            for r in released
-        ]
-        entries.extend(withheld)
-        # The verdict counts every party's keys and names the workloads of the approvals that
-        # granted: the operator's record. Each party has its own keys' records above.
-        entries.append(
-            record(
-                "attest",
-                evidence.ak_name,
-                "allow",
-                f"session {session_id}: released {len(released)}, "
-                f"withheld {len(decision.denied)}; workload {decision.workload_name!r}",
-                (),
-            )
+        session = Session(
+            session_id=session_id,
+            ak_name=evidence.ak_name,
+            peer=str(actor),
+            started_at=now,
+            expires_at=expires,
+            released_key_ids=(),
         )
-        # The records and the session in one transaction: one commit, and no release is
-        # recorded without its session (or the other way round).
-        self.audit.append_many(
-            entries,
-            session=Session(
-                session_id=session_id,
-                ak_name=evidence.ak_name,
-                peer=str(actor),
-                started_at=now,
-                expires_at=expires,
-                released_key_ids=tuple(k.key_id for k in released),
-            ),
-        )
+        duplicate, missing = self.store.session_errors(session)
+        dropped: list[tuple[str, str]] = []
+        # The nonce, the re-check, the records and the session: one unit of work, one commit.
+        with self.store.fast_unit_of_work(
+            "release keys", duplicate=duplicate, missing_reference=missing
+        ) as uow:
+            denied_reason: str | None = None
+            denial_cause: BaseException | None = refusal(uow, True)
+            if denial_cause is not None:
+                denied_reason = f"nonce refused: {denial_cause}"
+            else:
+                ak_active, active = self.store.still_active(
+                    uow, ak_name=evidence.ak_name, approval_ids=sorted(set(approval_of.values()))
+                )
+                if not ak_active:
+                    denial_cause = RevokedKeyError(f"AK {evidence.ak_name} is revoked")
+                    denied_reason = f"AK {evidence.ak_name} was revoked during the attestation"
+                else:
+                    # A key whose approval was revoked while this attestation was in flight is
+                    # withheld: the chain never shows a release citing a revoked approval.
+                    dropped = [(k, a) for k, a in approval_of.items() if a not in active]
+                    sealed = [r for r in sealed if approval_of[r.key_id] in active]
+                    if not sealed:
+                        denied_reason = "no key released: every approval was revoked meanwhile"
+            withheld.extend(
+                record(
+                    "key.release",
+                    key_id,
+                    "deny",
+                    f"approval {approval_id} was revoked during the attestation",
+                    (keys[key_id].owner,),
+                )
+                for key_id, approval_id in dropped
+            )
+            if denied_reason is not None:
+                self.audit.append_in(
+                    uow,
+                    [
+                        *(withheld if not isinstance(denial_cause, NonceError) else ()),
+                        record("attest", evidence.ak_name, "deny", denied_reason, ()),
+                    ],
+                )
+            else:
+                released = tuple(sealed)
+                entries: list[AuditEntry] = [
+                    record(
+                        "key.release",
+                        r.key_id,
+                        "allow",
+                        f"session {session_id}, approval {approval_of[r.key_id]}",
+                        (r.owner,),
+                    )
+                    for r in released
+                ]
+                entries.extend(withheld)
+                # The verdict counts every party's keys and names the workloads of the
+                # approvals that granted: the operator's record. Each party has its own keys'
+                # records above.
+                entries.append(
+                    record(
+                        "attest",
+                        evidence.ak_name,
+                        "allow",
+                        f"session {session_id}: released {len(released)}, "
+                        f"withheld {len(decision.denied) + len(dropped)}; "
+                        f"workload {decision.workload_name!r}",
+                        (),
+                    )
+                )
+                self.audit.append_in(uow, entries)
+                self.store.insert_session(
+                    uow.cursor,
+                    replace(session, released_key_ids=tuple(k.key_id for k in released)),
+                )
+        if denied_reason is not None:
+            denied(denied_reason, denial_cause)
         recipients = tuple(self._party(p) for p in decision.output_recipients)
         return AttestOutcome(
             session_id=session_id,
             released=released,
-            denied=tuple((d.key_id, d.reason) for d in decision.denied),
+            denied=(
+                *((d.key_id, d.reason) for d in decision.denied),
+                *((k, f"approval {a} was revoked during the attestation") for k, a in dropped),
+            ),
             output_recipients=recipients,
             expires_at=expires,
         )
@@ -765,14 +917,16 @@ class Broker:
         session = self.store.get_session(session_id)
         if session.peer != str(actor):
             raise PolicyError("session belongs to another sidecar")
-        self.store.end_session(session_id, self.clock(), exit_code)
-        self._record(
-            actor,
-            "session.end",
-            session_id,
-            "allow",
-            f"exit code {exit_code}; outputs: {', '.join(outputs) or 'none'}",
-        )
+        with self.store.unit_of_work("end session") as uow:
+            self.store.end_session(session_id, self.clock(), exit_code, uow=uow)
+            self._record_in(
+                uow,
+                actor,
+                "session.end",
+                session_id,
+                "allow",
+                f"exit code {exit_code}; outputs: {', '.join(outputs) or 'none'}",
+            )
 
     # --- policy administration --------------------------------------------------------------
 
@@ -786,14 +940,16 @@ class Broker:
         with self._refusal_recorded(actor, "golden.set", golden.name):
             policy.validate_golden_set(golden)
         golden = replace(golden, updated_at=self.clock())
-        self.store.put_golden_set(golden)
-        self._record(
-            actor,
-            "golden.set",
-            golden.name,
-            "allow",
-            f"{sum(len(v) for v in golden.accepted.values())} accepted values",
-        )
+        with self.store.unit_of_work("set golden set") as uow:
+            self.store.put_golden_set(golden, uow=uow)
+            self._record_in(
+                uow,
+                actor,
+                "golden.set",
+                golden.name,
+                "allow",
+                f"{sum(len(v) for v in golden.accepted.values())} accepted values",
+            )
         return golden
 
     def delete_golden_set(self, actor: SpiffeId, name: str) -> None:
@@ -803,9 +959,12 @@ class Broker:
             UnknownPolicyObjectError: no such golden set.
             StorageError: the database failed.
         """
-        with self._refusal_recorded(actor, "golden.delete", name):
-            self.store.delete_golden_set(name)
-        self._record(actor, "golden.delete", name, "allow")
+        with (
+            self._refusal_recorded(actor, "golden.delete", name),
+            self.store.unit_of_work("delete golden set") as uow,
+        ):
+            self.store.delete_golden_set(name, uow=uow)
+            self._record_in(uow, actor, "golden.delete", name, "allow")
 
     def add_party(self, actor: SpiffeId, party: Party) -> Party:
         """Registers a party and its recipient key; a refusal is recorded with its reason.
@@ -820,8 +979,9 @@ class Broker:
         """
         with self._refusal_recorded(actor, "party.add", party.name):
             RecipientPublicKey(kem=party.kem, raw=party.public_key)  # validates the key
-            self.store.add_party(party)
-        self._record(actor, "party.add", party.name, "allow", parties=(party.name,))
+            with self.store.unit_of_work("add party") as uow:
+                self.store.add_party(party, uow=uow)
+                self._record_in(uow, actor, "party.add", party.name, "allow", parties=(party.name,))
         return party
 
     def kek_ref_for_party(self, party: str) -> str:
@@ -866,10 +1026,17 @@ class Broker:
             created_at=self.clock(),
             description=description,
         )
-        self.store.add_data_key(record)
-        self._record(
-            actor, "key.register", key_id, "allow", f"wrapped by {kek.ref}", parties=(owner,)
-        )
+        with self.store.unit_of_work("register data key") as uow:
+            self.store.add_data_key(record, uow=uow)
+            self._record_in(
+                uow,
+                actor,
+                "key.register",
+                key_id,
+                "allow",
+                f"wrapped by {kek.ref}",
+                parties=(owner,),
+            )
         return record
 
     def approve_workload(
@@ -918,16 +1085,18 @@ class Broker:
         except BrokerError as e:
             self._record(actor, "workload.approve", workload_name, "deny", str(e), parties=(owner,))
             raise
-        self.store.add_approval(approval)
-        self._record(
-            actor,
-            "workload.approve",
-            approval.approval_id,
-            "allow",
-            f"workload {workload_name!r} for keys {', '.join(key_ids)}"
-            + ("; requires AMD SEV-SNP evidence" if require_snp else ""),
-            parties=(owner, *output_recipients),
-        )
+        with self.store.unit_of_work("approve workload") as uow:
+            self.store.add_approval(approval, uow=uow)
+            self._record_in(
+                uow,
+                actor,
+                "workload.approve",
+                approval.approval_id,
+                "allow",
+                f"workload {workload_name!r} for keys {', '.join(key_ids)}"
+                + ("; requires AMD SEV-SNP evidence" if require_snp else ""),
+                parties=(owner, *output_recipients),
+            )
         return approval
 
     def revoke_approval(self, actor: SpiffeId, approval_id: str) -> None:
@@ -961,8 +1130,11 @@ class Broker:
             ]
             self.audit.append_many(entries)
             raise PolicyError(reason)
-        self.store.revoke_approval(approval_id)
-        self._record(actor, "workload.revoke", approval_id, "allow", parties=(approval.party,))
+        with self.store.unit_of_work("revoke approval") as uow:
+            self.store.revoke_approval(approval_id, uow=uow)
+            self._record_in(
+                uow, actor, "workload.revoke", approval_id, "allow", parties=(approval.party,)
+            )
 
     def audit_records(self, actor: SpiffeId, *, after: int, limit: int) -> list[AuditRecord]:
         party = actor.name if actor.kind == "party" else None

@@ -239,6 +239,16 @@ class FastPath:
                 self._held.discard(held)
             _close_quietly(held.fairy)
 
+    @property
+    def dialect(self) -> str:
+        """``"sqlite"`` or ``"postgresql"``."""
+        return "sqlite" if self._sqlite else "postgresql"
+
+    def cursor_for(self, driver_cursor: Any) -> FastCursor:
+        """A :class:`FastCursor` over a driver cursor the caller opened (on a connection of a
+        Core transaction, so that prepared statements join that transaction)."""
+        return FastCursor(driver_cursor, self._time_in)
+
     def prepare(self, stmt: ClauseElement) -> FastStatement:
         """Compiles ``stmt`` for this backend (once; keep the result)."""
         compiled = stmt.compile(dialect=self._compile_dialect)

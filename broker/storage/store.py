@@ -12,6 +12,7 @@ import json
 import sqlite3
 import threading
 import time
+from collections import namedtuple
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ from broker.model import (
     Session,
 )
 from broker.storage import migrate as _migrate
-from broker.storage.fast import FastCursor, FastPath
+from broker.storage.fast import FastCursor, FastPath, FastStatement
 from broker.storage.schema import (
     aks,
     approvals,
@@ -62,6 +63,7 @@ from broker.storage.schema import (
     party_keks,
     sessions,
 )
+from broker.storage.unit import ChainStatements, UnitOfWork
 from evidence.errors import EventLogError
 from evidence.launch import Launch
 from evidence.pcr import MeasurementEvent, replay
@@ -186,6 +188,8 @@ class Store:
             describe=_describe,
         )
         self._q = _HotQueries(self.fast)
+        self._chain = ChainStatements(self.fast)
+        self._dbapi: Any = engine.dialect.loaded_dbapi
         # Decoded approvals by id, for find_active_approvals. An approval is never changed
         # once stored except for ``revoked``, which every lookup reads fresh from the database
         # (the query selects the ids of unrevoked approvals), so an entry never goes stale,
@@ -372,17 +376,113 @@ class Store:
         try:
             with self._writer(operation) if write else nullcontext(), engine.begin() as conn:
                 yield conn
-        except sa.exc.IntegrityError as e:
+        except sa.exc.SQLAlchemyError as e:
+            raise self._mapped(operation, e, duplicate, missing_reference) from e
+
+    def _mapped(
+        self,
+        operation: str,
+        e: BaseException,
+        duplicate: BrokerError | None,
+        missing_reference: BrokerError | None,
+    ) -> BrokerError:
+        """The broker error for a database error ``e`` (SQLAlchemy's or the driver's)."""
+        if isinstance(e, sa.exc.IntegrityError | self._dbapi.IntegrityError):
             kind = _integrity_kind(e)
             if kind == "unique" and duplicate is not None:
-                raise duplicate from e
+                return duplicate
             if kind == "foreign_key" and missing_reference is not None:
-                raise missing_reference from e
-            raise StorageError(f"{operation}: constraint violated: {_describe(e)}") from e
-        except sa.exc.OperationalError as e:
-            raise StorageError(f"{operation} on {self.display_url}: {_describe(e)}") from e
+                return missing_reference
+            return StorageError(f"{operation}: constraint violated: {_describe(e)}")
+        if isinstance(e, sa.exc.OperationalError | self._dbapi.OperationalError):
+            return StorageError(f"{operation} on {self.display_url}: {_describe(e)}")
+        return StorageError(f"{operation}: {_describe(e)}")
+
+    @contextmanager
+    def _write(
+        self,
+        operation: str,
+        uow: UnitOfWork | None,
+        *,
+        duplicate: BrokerError | None = None,
+        missing_reference: BrokerError | None = None,
+    ) -> Iterator[Connection]:
+        """A write transaction of its own, or the statements of ``uow``'s (whose errors are
+        mapped here, so that the caller sees the same error either way, and which then rolls
+        back as a whole)."""
+        if uow is None:
+            with self.transaction(
+                operation, write=True, duplicate=duplicate, missing_reference=missing_reference
+            ) as conn:
+                yield conn
+            return
+        try:
+            yield uow.conn
         except sa.exc.SQLAlchemyError as e:
-            raise StorageError(f"{operation}: {_describe(e)}") from e
+            raise self._mapped(operation, e, duplicate, missing_reference) from e
+
+    @contextmanager
+    def unit_of_work(
+        self,
+        operation: str,
+        *,
+        duplicate: BrokerError | None = None,
+        missing_reference: BrokerError | None = None,
+    ) -> Iterator[UnitOfWork]:
+        """One decision's transaction (see :mod:`broker.storage.unit`): the audit chain head is
+        locked first; the repository's write methods (``uow=``), the audit log
+        (:meth:`broker.audit.AuditLog.append_in`) and the nonce service write in it; it commits
+        when the block ends without an exception and rolls back as a whole otherwise.
+
+        Raises:
+            DuplicateError: ``duplicate``, on a unique-constraint violation, when given.
+            BrokerError: ``missing_reference``, on a foreign-key violation, when given.
+            StorageError: any other database failure, with the operation named.
+        """
+        with self.transaction(
+            operation, write=True, duplicate=duplicate, missing_reference=missing_reference
+        ) as conn:
+            # The prepared statements run on a driver cursor of the same connection, so they
+            # are part of the same transaction.
+            driver_cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            try:
+                uow = UnitOfWork(
+                    cursor=self.fast.cursor_for(driver_cursor), chain=self._chain, conn=conn
+                )
+                yield uow
+                uow.finish()
+            except ValueError as e:
+                raise StorageError(f"{operation}: {e}") from e
+            except self._dbapi.Error as e:
+                raise self._mapped(operation, e, duplicate, missing_reference) from e
+            finally:
+                driver_cursor.close()
+
+    @contextmanager
+    def fast_unit_of_work(
+        self,
+        operation: str,
+        *,
+        duplicate: BrokerError | None = None,
+        missing_reference: BrokerError | None = None,
+    ) -> Iterator[UnitOfWork]:
+        """:meth:`unit_of_work` on the hot path: prepared statements only (``uow.cursor``), one
+        pooled driver connection, two round trips on PostgreSQL (its pipeline mode) for the
+        statements whose results are not read.
+
+        Raises:
+            DuplicateError, BrokerError, StorageError: as :meth:`unit_of_work`.
+        """
+        with self.fast.session(
+            operation,
+            write=True,
+            transaction=True,
+            duplicate=duplicate,
+            missing_reference=missing_reference,
+        ) as cur:
+            uow = UnitOfWork(cursor=cur, chain=self._chain)
+            yield uow
+            uow.finish()
 
     @contextmanager
     def _writer(self, operation: str) -> Iterator[None]:
@@ -398,15 +498,15 @@ class Store:
 
     # --- endorsement keys -----------------------------------------------------------------
 
-    def add_ek(self, record: EkRecord) -> None:
+    def add_ek(self, record: EkRecord, *, uow: UnitOfWork | None = None) -> None:
         """Enrolls an EK.
 
         Raises:
             DuplicateError: an EK with this id is already enrolled.
             StorageError: the database failed.
         """
-        with self.transaction(
-            "add EK", write=True, duplicate=DuplicateError(f"EK {record.ek_id} is already enrolled")
+        with self._write(
+            "add EK", uow, duplicate=DuplicateError(f"EK {record.ek_id} is already enrolled")
         ) as conn:
             conn.execute(
                 sa.insert(eks).values(
@@ -442,7 +542,7 @@ class Store:
             rows = conn.execute(sa.select(eks).order_by(eks.c.ek_id)).all()
         return [_ek(r) for r in rows]
 
-    def revoke_ek(self, ek_id: str, reason: str) -> None:
+    def revoke_ek(self, ek_id: str, reason: str, *, uow: UnitOfWork | None = None) -> None:
         """Revokes an EK and every AK enrolled under it, in one transaction.
 
         Already revoked keys keep their first reason. The AKs get the reason
@@ -452,7 +552,7 @@ class Store:
             UnknownKeyError: no such EK.
             StorageError: the database failed.
         """
-        with self.transaction("revoke EK", write=True) as conn:
+        with self._write("revoke EK", uow) as conn:
             # The row lock makes a concurrent add_ak under this EK (which takes a share lock
             # on it) finish first, so that the AK update below sees its AK.
             found = conn.execute(
@@ -474,7 +574,7 @@ class Store:
 
     # --- attestation keys -----------------------------------------------------------------
 
-    def add_ak(self, record: AkRecord) -> None:
+    def add_ak(self, record: AkRecord, *, uow: UnitOfWork | None = None) -> None:
         """Enrolls an AK, under an EK or (``ek_id`` None) directly by the operator.
 
         Raises:
@@ -483,9 +583,9 @@ class Store:
             RevokedKeyError: its EK is revoked.
             StorageError: the database failed.
         """
-        with self.transaction(
+        with self._write(
             "add AK",
-            write=True,
+            uow,
             duplicate=DuplicateError(f"AK {record.ak_name} is already enrolled"),
             missing_reference=UnknownKeyError(f"EK {record.ek_id} is not enrolled"),
         ) as conn:
@@ -539,14 +639,14 @@ class Store:
             rows = conn.execute(sa.select(aks).order_by(aks.c.ak_name)).all()
         return [_ak(r) for r in rows]
 
-    def revoke_ak(self, ak_name: str, reason: str) -> None:
+    def revoke_ak(self, ak_name: str, reason: str, *, uow: UnitOfWork | None = None) -> None:
         """Revokes an AK (an already revoked one keeps its first reason).
 
         Raises:
             UnknownKeyError: no such AK.
             StorageError: the database failed.
         """
-        with self.transaction("revoke AK", write=True) as conn:
+        with self._write("revoke AK", uow) as conn:
             updated = conn.execute(
                 sa.update(aks)
                 .where(aks.c.ak_name == ak_name, aks.c.revoked.is_(False))
@@ -561,7 +661,9 @@ class Store:
 
     # --- credential challenges ------------------------------------------------------------
 
-    def put_credential_challenge(self, challenge: CredentialChallenge) -> None:
+    def put_credential_challenge(
+        self, challenge: CredentialChallenge, *, uow: UnitOfWork | None = None
+    ) -> None:
         """Stores a challenge, replacing any outstanding one for the same AK (one per AK).
 
         Raises:
@@ -576,9 +678,9 @@ class Store:
             "secret_digest": challenge.secret_digest,
             "expires_at": challenge.expires_at,
         }
-        with self.transaction(
+        with self._write(
             "put credential challenge",
-            write=True,
+            uow,
             duplicate=DuplicateError(f"enrollment id {challenge.enrollment_id} is in use"),
         ) as conn:
             # One statement, so that two replicas replacing the same AK's challenge at once
@@ -586,7 +688,9 @@ class Store:
             stmt = self._upsert(credential_challenges, values, ["ak_name"])
             conn.execute(stmt)
 
-    def take_credential_challenge(self, enrollment_id: str, now: datetime) -> CredentialChallenge:
+    def take_credential_challenge(
+        self, enrollment_id: str, now: datetime, *, uow: UnitOfWork | None = None
+    ) -> CredentialChallenge:
         """Removes and returns the challenge, atomically (a second take finds nothing).
 
         Raises:
@@ -595,7 +699,7 @@ class Store:
             StorageError: the database failed.
         """
         t = credential_challenges
-        with self.transaction("take credential challenge", write=True) as conn:
+        with self._write("take credential challenge", uow) as conn:
             row = conn.execute(
                 sa.delete(t).where(t.c.enrollment_id == enrollment_id).returning(*t.c)
             ).one_or_none()
@@ -618,7 +722,7 @@ class Store:
 
     # --- golden PCR sets ------------------------------------------------------------------
 
-    def put_golden_set(self, golden: GoldenPcrSet) -> None:
+    def put_golden_set(self, golden: GoldenPcrSet, *, uow: UnitOfWork | None = None) -> None:
         """Creates or replaces the golden set of this name.
 
         Raises:
@@ -629,7 +733,7 @@ class Store:
             "accepted": _encode_accepted(golden.accepted),
             "updated_at": golden.updated_at,
         }
-        with self.transaction("put golden set", write=True) as conn:
+        with self._write("put golden set", uow) as conn:
             conn.execute(self._upsert(golden_sets, values, ["name"]))
 
     def get_golden_set(self, name: str) -> GoldenPcrSet:
@@ -655,29 +759,29 @@ class Store:
             rows = conn.execute(sa.select(golden_sets).order_by(golden_sets.c.name)).all()
         return [_golden(r) for r in rows]
 
-    def delete_golden_set(self, name: str) -> None:
+    def delete_golden_set(self, name: str, *, uow: UnitOfWork | None = None) -> None:
         """Deletes a golden set. Approvals that name it then fail closed at attestation.
 
         Raises:
             UnknownPolicyObjectError: no such golden set.
             StorageError: the database failed.
         """
-        with self.transaction("delete golden set", write=True) as conn:
+        with self._write("delete golden set", uow) as conn:
             n = conn.execute(sa.delete(golden_sets).where(golden_sets.c.name == name)).rowcount
         if n == 0:
             raise UnknownPolicyObjectError(f"golden set {name!r} does not exist")
 
     # --- parties --------------------------------------------------------------------------
 
-    def add_party(self, party: Party) -> None:
+    def add_party(self, party: Party, *, uow: UnitOfWork | None = None) -> None:
         """Registers a party.
 
         Raises:
             DuplicateError: a party of this name exists.
             StorageError: the database failed.
         """
-        with self.transaction(
-            "add party", write=True, duplicate=DuplicateError(f"party {party.name!r} exists")
+        with self._write(
+            "add party", uow, duplicate=DuplicateError(f"party {party.name!r} exists")
         ) as conn:
             conn.execute(
                 sa.insert(parties).values(
@@ -711,7 +815,13 @@ class Store:
     # --- party KEKs -----------------------------------------------------------------------
 
     def set_party_kek(
-        self, party: str, kek_ref: str, *, checked_key: str, updated_at: datetime
+        self,
+        party: str,
+        kek_ref: str,
+        *,
+        checked_key: str,
+        updated_at: datetime,
+        uow: UnitOfWork | None = None,
     ) -> None:
         """Records (or replaces) the KEK that wraps ``party``'s new data keys.
 
@@ -728,9 +838,9 @@ class Store:
             "checked_key": checked_key,
             "updated_at": updated_at,
         }
-        with self.transaction(
+        with self._write(
             "set party KEK",
-            write=True,
+            uow,
             missing_reference=UnknownPolicyObjectError(f"party {party!r} does not exist"),
         ) as conn:
             conn.execute(self._upsert(party_keks, values, ["party"]))
@@ -757,7 +867,7 @@ class Store:
 
     # --- data keys ------------------------------------------------------------------------
 
-    def add_data_key(self, record: DataKeyRecord) -> None:
+    def add_data_key(self, record: DataKeyRecord, *, uow: UnitOfWork | None = None) -> None:
         """Stores a party's wrapped data key.
 
         Raises:
@@ -765,9 +875,9 @@ class Store:
             UnknownPolicyObjectError: the owner is not a registered party.
             StorageError: the database failed.
         """
-        with self.transaction(
+        with self._write(
             "add data key",
-            write=True,
+            uow,
             duplicate=DuplicateError(f"data key {record.key_id!r} exists"),
             missing_reference=UnknownPolicyObjectError(f"party {record.owner!r} does not exist"),
         ) as conn:
@@ -827,14 +937,16 @@ class Store:
             rows = conn.execute(stmt).all()
         return [_data_key(r) for r in rows]
 
-    def rewrap_data_key(self, key_id: str, wrapped_key: bytes, kek_ref: str) -> None:
+    def rewrap_data_key(
+        self, key_id: str, wrapped_key: bytes, kek_ref: str, *, uow: UnitOfWork | None = None
+    ) -> None:
         """Replaces a key's wrapping (KEK rotation): the same data key under another KEK.
 
         Raises:
             UnknownPolicyObjectError: no such key.
             StorageError: the database failed.
         """
-        with self.transaction("rewrap data key", write=True) as conn:
+        with self._write("rewrap data key", uow) as conn:
             n = conn.execute(
                 sa.update(data_keys)
                 .where(data_keys.c.key_id == key_id)
@@ -845,7 +957,7 @@ class Store:
 
     # --- approvals ------------------------------------------------------------------------
 
-    def add_approval(self, approval: Approval) -> None:
+    def add_approval(self, approval: Approval, *, uow: UnitOfWork | None = None) -> None:
         """Stores a party's approval of a workload, after checking what it names.
 
         The party, every key, every output recipient and the golden set (when named) must
@@ -866,9 +978,9 @@ class Store:
         if len(set(approval.key_ids)) != len(approval.key_ids):
             raise PolicyError("an approval names a key twice")
         problem: BrokerError | None = None
-        with self.transaction(
+        with self._write(
             "add approval",
-            write=True,
+            uow,
             duplicate=DuplicateError(f"approval {approval.approval_id!r} exists"),
         ) as conn:
             wanted_parties = {approval.party, *approval.output_recipients}
@@ -931,14 +1043,14 @@ class Store:
             rows = conn.execute(stmt).all()
         return [_approval(r) for r in rows]
 
-    def revoke_approval(self, approval_id: str) -> None:
+    def revoke_approval(self, approval_id: str, *, uow: UnitOfWork | None = None) -> None:
         """Revokes an approval (idempotent).
 
         Raises:
             UnknownPolicyObjectError: no such approval.
             StorageError: the database failed.
         """
-        with self.transaction("revoke approval", write=True) as conn:
+        with self._write("revoke approval", uow) as conn:
             n = conn.execute(
                 sa.update(approvals)
                 .where(approvals.c.approval_id == approval_id)
@@ -1030,7 +1142,30 @@ class Store:
             },
         )
 
-    def end_session(self, session_id: str, ended_at: datetime, exit_code: int) -> Session:
+    def still_active(
+        self, uow: UnitOfWork, *, ak_name: str, approval_ids: Sequence[str]
+    ) -> tuple[bool, frozenset[str]]:
+        """Inside a release's unit of work: whether the AK is still unrevoked, and which of
+        ``approval_ids`` still are (one statement).
+
+        Run after the unit locked the chain head, this sees every revocation whose unit of work
+        committed before (each revocation appends its record, so it took the head too), and no
+        revocation can commit until this unit has: the release and the revocations are ordered
+        in the chain as they happened.
+
+        Raises:
+            sqlite3.Error, psycopg.Error: the driver's error (the unit maps it).
+        """
+        ids: Any = (
+            list(approval_ids) if self.dialect == "postgresql" else _dumps(list(approval_ids))
+        )
+        rows = uow.cursor.all(self._q.still_active, {"ak": ak_name, "ids": ids})
+        ak_ok = any(r.kind == "ak" for r in rows)
+        return ak_ok, frozenset(r.id for r in rows if r.kind == "approval")
+
+    def end_session(
+        self, session_id: str, ended_at: datetime, exit_code: int, *, uow: UnitOfWork | None = None
+    ) -> Session:
         """Marks a session ended and returns it. Ending an ended session changes nothing
         (a retried call is harmless) and returns it as first ended.
 
@@ -1038,7 +1173,7 @@ class Store:
             UnknownSessionError: no such session.
             StorageError: the database failed.
         """
-        with self.transaction("end session", write=True) as conn:
+        with self._write("end session", uow) as conn:
             conn.execute(
                 sa.update(sessions)
                 .where(sessions.c.session_id == session_id, sessions.c.ended_at.is_(None))
@@ -1114,6 +1249,26 @@ class _HotQueries:
             .order_by(approvals.c.created_at, approvals.c.approval_id)
         )
         self.add_session = fast.prepare(sa.insert(sessions))
+        # Which of an AK and a list of approvals are still unrevoked, in one statement: the
+        # list is an array on PostgreSQL and a JSON array on SQLite (a prepared statement
+        # cannot expand an IN list).
+        if fast.dialect == "postgresql":
+            sql = (
+                "SELECT 'ak' AS kind, ak_name AS id FROM aks"
+                " WHERE ak_name = %(ak)s AND revoked = false"
+                " UNION ALL SELECT 'approval', approval_id FROM approvals"
+                " WHERE approval_id = ANY(%(ids)s) AND revoked = false"
+            )
+        else:
+            sql = (
+                "SELECT 'ak' AS kind, ak_name AS id FROM aks"
+                " WHERE ak_name = :ak AND revoked = 0"
+                " UNION ALL SELECT 'approval', approval_id FROM approvals"
+                " WHERE approval_id IN (SELECT value FROM json_each(:ids)) AND revoked = 0"
+            )
+        self.still_active = FastStatement(
+            sql, {}, namedtuple("ActiveRow", ["kind", "id"]), (None, None)
+        )
 
 
 # --- engine setup -------------------------------------------------------------------------
