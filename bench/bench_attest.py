@@ -192,9 +192,9 @@ def _start_one(cmd: list[str], log: Path, work: Path) -> tuple[subprocess.Popen[
 def _broker(
     config: Path, pki: PkiLayout, work: Path, *, processes: int, max_workers: int | None
 ) -> Iterator[Broker]:
-    """``cleanroom broker serve --log-json [--processes N]`` (or, for another worker-pool size,
-    :mod:`bench._serve`, which is the same thing), its JSON log (all processes') in a file,
-    stopped with SIGTERM on exit."""
+    """``cleanroom broker init``, then ``cleanroom broker serve --log-json [--processes N]``
+    (or, for another worker-pool size, :mod:`bench._serve`, which is the same thing), its JSON
+    log (all processes') in a file, stopped with SIGTERM on exit."""
     if max_workers is None:
         cmd = [str(CLEANROOM), "broker", "serve", "--config", str(config), "--log-json"]
     else:
@@ -204,6 +204,14 @@ def _broker(
         cmd += ["--processes", str(processes)]
     procs: list[subprocess.Popen[bytes]] = []
     logs = [work / "broker.log"]
+    # The broker's state is made once by `broker init`, as an operator does; serve creates
+    # nothing.
+    subprocess.run(
+        [str(CLEANROOM), "broker", "init", "--config", str(config)],
+        check=True,
+        capture_output=True,
+        cwd=work,
+    )
     try:
         env_cwd = _REPO if cmd[0] == sys.executable else work
         proc, address = _start_one(cmd, logs[0], env_cwd)

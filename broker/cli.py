@@ -21,8 +21,51 @@ Golden = dict[tuple[int, str], set[bytes]]
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser("broker", help="run the key broker and verify evidence")
     group = parser.add_subparsers(dest="broker_command", metavar="SUBCOMMAND", required=True)
+    _register_init(group)
     _register_serve(group)
     _register_verify_quote(group)
+
+
+def _register_init(group: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = group.add_parser(
+        "init",
+        help="create the broker's database and KEK (once, before serve)",
+        description=(
+            "Creates what `broker serve` needs and says where it is: the database (migrated), "
+            "the state directory with the local KEK and the registration key, and the KEKs' "
+            "fingerprints in the database. Keeps and checks what exists; refuses a new KEK "
+            "for a database that records another."
+        ),
+    )
+    p.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        required=True,
+        help="broker TOML file ([broker] and [keyvault] tables); relative paths in it are "
+        "relative to its directory",
+    )
+    p.set_defaults(func=_init)
+
+
+def _init(args: argparse.Namespace) -> int:
+    from broker.app import init_broker
+    from broker.config import load_broker_config
+    from broker.kek_azure import load_key_vault_config
+
+    config = load_broker_config(args.config)
+    state = init_broker(config, key_vault=load_key_vault_config(args.config))
+    print(f"database: {state.database} (schema {state.schema_revision})")
+    print(f"state directory: {state.state_dir}")
+    print(f"local KEK: {state.kek_file}")
+    print(f"registration key: {state.registration_key_file}")
+    for ref, fingerprint in sorted(state.kek_fingerprints.items()):
+        print(f"KEK {ref}: fingerprint {fingerprint}")
+    if state.created:
+        print("created: " + ", ".join(state.created))
+    else:
+        print("nothing to create: the broker's state exists and matches")
+    return 0
 
 
 def _register_serve(group: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -6,9 +6,13 @@ environment variables (``CLEANROOM_BROKER_TLS_LISTEN`` for the nested ``tls.list
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from cleanroom.config import ConfigError, load_config
 from evidence.pcr import BANK_SIZES
@@ -192,7 +196,56 @@ class BrokerConfig:
 def load_broker_config(path: Path | None = None) -> BrokerConfig:
     """Reads ``[broker]`` from ``path`` (if any) and the environment.
 
+    Relative paths (a SQLite ``database_url``'s file, ``state_dir``, the TLS files, CRLs and
+    EK CA files) are resolved against the directory of ``path``, as the sidecar's are, so
+    the broker finds the same state whatever directory it is started from. Without a file
+    they stay relative to the working directory.
+
     Raises:
         ConfigError: the file or a setting is invalid.
     """
-    return load_config(BrokerConfig, path, env_prefix=ENV_PREFIX, section="broker")
+    config = load_config(BrokerConfig, path, env_prefix=ENV_PREFIX, section="broker")
+    if path is None:
+        return config
+    return resolve_paths(config, Path(os.path.abspath(Path(path).parent)))
+
+
+def _resolve(base: Path, value: str) -> str:
+    return value if not value else os.fspath(base / os.path.expanduser(value))
+
+
+def _resolve_database_url(base: Path, url: str) -> str:
+    """A SQLite URL with a relative file made absolute against ``base``; others unchanged."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return url  # Store.open reports the malformed URL.
+    database = parsed.database
+    if (
+        not parsed.drivername.startswith("sqlite")
+        or not database
+        or database == ":memory:"
+        or database.startswith("file:")
+        or os.path.isabs(database)
+    ):
+        return url
+    return parsed.set(database=_resolve(base, database)).render_as_string(hide_password=False)
+
+
+def resolve_paths(config: BrokerConfig, base: Path) -> BrokerConfig:
+    """``config`` with every relative path resolved against ``base`` (see
+    :func:`load_broker_config`)."""
+    tls = config.tls
+    return replace(
+        config,
+        database_url=_resolve_database_url(base, config.database_url),
+        state_dir=_resolve(base, config.state_dir),
+        trusted_ek_ca_files=tuple(_resolve(base, f) for f in config.trusted_ek_ca_files),
+        tls=replace(
+            tls,
+            cert_file=_resolve(base, tls.cert_file),
+            key_file=_resolve(base, tls.key_file),
+            ca_file=_resolve(base, tls.ca_file),
+            crl_files=tuple(_resolve(base, f) for f in tls.crl_files),
+        ),
+    )

@@ -67,6 +67,7 @@ _TAG_SIZE = 16
 _WRAPPED_SIZE = 1 + _NONCE_SIZE + DATA_KEY_SIZE + _TAG_SIZE
 
 WRAP_LABEL = b"cleanroom/v1 kek-wrap"
+FINGERPRINT_LABEL = b"cleanroom/v1 kek-fingerprint"
 REGISTRATION_LABEL = b"cleanroom/v1 register-data-key"
 
 #: File names under the broker's state directory.
@@ -136,6 +137,10 @@ class LocalKek:
             raise KekError(f"the local KEK must be {KEK_SIZE} bytes, got {len(key)}")
         self._aead: AESGCM | None = AESGCM(key)
         self.path = path
+        # A MAC of a fixed label under the key identifies the key without revealing it (HMAC
+        # is a PRF: the tag says nothing about the key but whether two keys are the same).
+        tag = hmac.new(bytes(key), FINGERPRINT_LABEL, "sha256").hexdigest()
+        self.fingerprint = f"local:hmac-sha256:{tag[:32]}"
 
     @property
     def ref(self) -> str:
@@ -252,14 +257,21 @@ class KekRegistry:
 
     @classmethod
     def open_local(
-        cls, state_dir: str | os.PathLike[str], *, default_ref: str = LOCAL_KEK_REF
+        cls,
+        state_dir: str | os.PathLike[str],
+        *,
+        default_ref: str = LOCAL_KEK_REF,
+        create: bool = True,
     ) -> KekRegistry:
-        """A registry holding the :class:`LocalKek` of ``state_dir/kek.key`` (created if new).
+        """A registry holding the :class:`LocalKek` of ``state_dir/kek.key`` (created if new
+        and ``create``).
 
         Raises:
-            KekError: the KEK file is unusable (see :meth:`LocalKek.open`).
+            KekError: the KEK file is unusable or (without ``create``) missing (see
+                :meth:`LocalKek.open`).
         """
-        return cls(default_ref=default_ref, keks=[LocalKek.open(Path(state_dir) / LOCAL_KEK_FILE)])
+        kek = LocalKek.open(Path(state_dir) / LOCAL_KEK_FILE, create=create)
+        return cls(default_ref=default_ref, keks=[kek])
 
     def add(self, kek: Kek) -> None:
         """Raises: KekError: a KEK with the same ref is already registered."""
@@ -366,6 +378,15 @@ def check_kek(kek: Kek) -> str:
     return kek.ref
 
 
+def kek_fingerprint(kek: Kek) -> str:
+    """What identifies ``kek`` without revealing it, for the database to record and every
+    broker to compare at start: for the local KEK an HMAC of a fixed label under the key, for a
+    Key Vault KEK the key's identifier without a version (a rotation inside the key keeps it).
+    A KEK without a ``fingerprint`` attribute is known by its ref."""
+    fingerprint = getattr(kek, "fingerprint", None)
+    return str(fingerprint) if fingerprint else kek.ref
+
+
 @contextmanager
 def plain_data_key(kek: Kek, record: DataKeyRecord) -> Iterator[bytearray]:
     """Unwraps ``record`` with ``kek`` and yields the plain key, zeroed when the block ends.
@@ -427,6 +448,11 @@ def load_or_create_registration_key(
             raise CustodyError(f"cannot create the registration key {p}: {e}") from e
         except OSError as e:
             raise CustodyError(f"cannot create the registration key {p}: {e.strerror}") from e
+    if not create and not p.exists():
+        raise CustodyError(
+            f"the registration key {p} does not exist "
+            "(create it with `cleanroom broker init --config FILE`)"
+        )
     _check_private_file(p, CustodyError)
     try:
         return load_private_key(p)
@@ -562,7 +588,10 @@ def _read_secret_file(path: Path, size: int) -> bytearray:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError as e:
-        raise KekError(f"the KEK file {path} does not exist") from e
+        raise KekError(
+            f"the KEK file {path} does not exist "
+            "(create it with `cleanroom broker init --config FILE`)"
+        ) from e
     except OSError as e:
         raise KekError(f"cannot open the KEK file {path}: {e.strerror or e}") from e
     try:

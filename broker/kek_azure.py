@@ -518,6 +518,12 @@ class KeyVaultKek:
         """The Key Vault key this KEK names (without a version: the current one)."""
         return self._key
 
+    @property
+    def fingerprint(self) -> str:
+        """The key's identifier without a version (see :func:`broker.custody.kek_fingerprint`):
+        it names the key, not a secret, and stays the same across the key's rotations."""
+        return f"{KEYVAULT_REF_PREFIX}{self._key.vault_url}/keys/{self._key.name.lower()}"
+
     # -- clients ---------------------------------------------------------------------------
 
     def _keys(self) -> KeyClient:

@@ -283,7 +283,10 @@ def serve(
         # Before the database is opened, so that a bad CRL stops the start with one line.
         revocation = load_revocation(config)
         with (
-            open_broker(config, key_vault=key_vault) as broker,
+            # Nothing is created here: `cleanroom broker init` made the state, and a broker
+            # started on a missing database or KEK stops, naming it, instead of serving an
+            # empty one.
+            open_broker(config, key_vault=key_vault, create=False) as broker,
             BrokerServer(
                 broker=broker,
                 config=config,

@@ -250,3 +250,15 @@ audit_head = sa.Table(
     sa.Column("record_hash", sa.Text, nullable=False),
     sa.CheckConstraint("id = 1", name="single_row"),
 )
+
+# The fingerprint of each KEK the broker uses (see broker.custody.kek_fingerprint): recorded by
+# ``cleanroom broker init``, compared by every broker and replica at start, so that one with
+# another KEK (its own state directory, a copied database) refuses to start instead of wrapping
+# keys the others cannot unwrap.
+kek_fingerprints = sa.Table(
+    "kek_fingerprints",
+    metadata,
+    sa.Column("kek_ref", sa.Text, primary_key=True),
+    sa.Column("fingerprint", sa.Text, nullable=False),
+    sa.Column("recorded_at", UtcDateTime, nullable=False),
+)

@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
 
@@ -59,6 +60,7 @@ from broker.storage.schema import (
     data_keys,
     eks,
     golden_sets,
+    kek_fingerprints,
     parties,
     party_keks,
     sessions,
@@ -210,6 +212,7 @@ class Store:
         connect_timeout_seconds: int = 10,
         busy_timeout_seconds: float = 30.0,
         sqlite_synchronous: str = "NORMAL",
+        require_existing: bool = False,
     ) -> Store:
         """Opens the database at ``url`` and, with ``migrate``, upgrades its schema to head.
 
@@ -219,6 +222,10 @@ class Store:
         ``busy_timeout_seconds`` for the write lock; ``sqlite_synchronous`` is NORMAL by default
         (in WAL mode a crash of the process loses nothing, a power cut may lose the last
         commits; FULL syncs every commit, at a large cost in throughput).
+
+        With ``require_existing`` nothing is created: a SQLite file that does not exist, or a
+        database without the broker's schema, is refused (``cleanroom broker init`` creates
+        them); an existing database is still upgraded when ``migrate`` is true.
 
         Raises:
             StorageError: the URL is invalid or of an unsupported backend, the database cannot
@@ -247,6 +254,12 @@ class Store:
                 raise StorageError(
                     "an in-memory SQLite database cannot be shared by the pool; "
                     "use a file: sqlite:///path/to/broker.db"
+                )
+            # Checked before connecting: SQLite creates a missing file on connect.
+            if require_existing and not Path(str(parsed.database)).is_file():
+                raise StorageError(
+                    f"the database {Path(str(parsed.database)).absolute()} does not exist "
+                    "(create it with `cleanroom broker init --config FILE`)"
                 )
             if sqlite_synchronous.upper() not in _SQLITE_SYNCHRONOUS:
                 raise StorageError(
@@ -295,7 +308,9 @@ class Store:
                 **common,
             )
         try:
-            _prepare_schema(engine, migrate=migrate, display=display)
+            _prepare_schema(
+                engine, migrate=migrate, display=display, require_existing=require_existing
+            )
             return cls(
                 engine=engine,
                 display_url=display,
@@ -495,6 +510,37 @@ class Store:
             yield
         finally:
             self._write_lock.release()
+
+    # --- KEK fingerprints -----------------------------------------------------------------
+
+    def kek_fingerprints(self) -> dict[str, str]:
+        """The fingerprint recorded for each KEK ref (see ``cleanroom broker init``).
+
+        Raises:
+            StorageError: the database failed.
+        """
+        with self.transaction("read KEK fingerprints") as conn:
+            rows = conn.execute(sa.select(kek_fingerprints)).all()
+        return {r.kek_ref: r.fingerprint for r in rows}
+
+    def record_kek_fingerprint(
+        self, kek_ref: str, fingerprint: str, *, at: datetime, uow: UnitOfWork | None = None
+    ) -> str:
+        """Records ``fingerprint`` for ``kek_ref`` unless one is recorded already; returns the
+        fingerprint recorded (the earlier one, when there was one: the caller compares).
+
+        Raises:
+            StorageError: the database failed.
+        """
+        t = kek_fingerprints
+        with self._write("record KEK fingerprint", uow) as conn:
+            found = conn.execute(sa.select(t.c.fingerprint).where(t.c.kek_ref == kek_ref)).first()
+            if found is not None:
+                return str(found.fingerprint)
+            conn.execute(
+                sa.insert(t).values(kek_ref=kek_ref, fingerprint=fingerprint, recorded_at=at)
+            )
+        return fingerprint
 
     # --- endorsement keys -----------------------------------------------------------------
 
@@ -1328,9 +1374,19 @@ def _enable_wal(cursor: Any, *, timeout_seconds: float) -> Any:
         delay = min(delay * 2, 0.2)
 
 
-def _prepare_schema(engine: Engine, *, migrate: bool, display: str) -> None:
+def _prepare_schema(
+    engine: Engine, *, migrate: bool, display: str, require_existing: bool = False
+) -> None:
     try:
         with engine.connect() as conn:
+            if require_existing:
+                found = _migrate.current_revision(conn)
+                conn.rollback()
+                if found is None:
+                    raise StorageError(
+                        f"the database {display} has no broker schema "
+                        "(create it with `cleanroom broker init --config FILE`)"
+                    )
             if migrate:
                 _migrate.upgrade(conn)
                 return

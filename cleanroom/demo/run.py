@@ -487,6 +487,31 @@ class Demo:
                 "reached with the double's static token and CA ([keyvault])"
             )
         write_text(layout.broker_config, toml_document(tables))
+        # As an operator does: `broker init` creates the database and the KEK once, and
+        # `broker serve` refuses to start without them.
+        init = subprocess.run(
+            _cli("broker", "init", "--config", str(layout.broker_config)),
+            cwd=layout.root,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if init.returncode != 0:
+            raise DemoError(f"`cleanroom broker init` failed: {init.stderr.strip()}")
+        fingerprint = next(
+            (
+                ln.split("fingerprint ", 1)[1]
+                for ln in init.stdout.splitlines()
+                if "KEK local" in ln
+            ),
+            "?",
+        )
+        self.say(
+            "operator",
+            f"ran `cleanroom broker init`: database {layout.rel(layout.broker_db)}, local KEK "
+            f"{layout.rel(layout.broker_dir / 'state' / 'kek.key')} (fingerprint {fingerprint})",
+        )
         log_file = layout.logs / "broker.log"
         child = self.sup.start(
             "broker",

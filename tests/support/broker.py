@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,11 +73,10 @@ def spawn_broker(
     init: bool = True,
     timeout: float = 30.0,
     stderr_name: str = "broker.stderr",
-    expect_metrics: bool = True,
 ) -> Spawned:
     """Initializes the broker's state (unless ``init`` is false: it exists already) and
     starts ``cleanroom broker serve`` in a process group of its own; waits until it prints
-    its gRPC address and every metrics address.
+    its gRPC address and every metrics address (when the configuration enables metrics).
 
     Raises:
         AssertionError: it did not start (its stderr is in the message).
@@ -97,7 +97,11 @@ def spawn_broker(
     grpc_address, buffered = "", b""
     metrics: list[str] = []
     deadline = time.monotonic() + timeout
-    while not (grpc_address and len(metrics) >= (processes if expect_metrics else 0)):
+    with open(config, "rb") as f:
+        metrics_enabled = (
+            tomllib.load(f).get("broker", {}).get("metrics", {}).get("enabled", True) is not False
+        )
+    while not (grpc_address and len(metrics) >= (processes if metrics_enabled else 0)):
         remaining = deadline - time.monotonic()
         if remaining <= 0 or proc.poll() is not None:
             Spawned(proc, "", stderr_path).kill_all()

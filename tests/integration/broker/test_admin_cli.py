@@ -11,11 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import select
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ from cleanroom.cli import main
 from evidence.launch import Launch, encode_launch
 from pki.ca import PkiLayout, init_pki
 from tests.harness.swtpm import Swtpm
+from tests.support.broker import spawn_broker as support_spawn_broker
 from tests.vectors import tpm2tools
 
 CLEANROOM = Path(sys.executable).parent / "cleanroom"
@@ -66,33 +65,13 @@ class Broker:
 
 
 def spawn_broker(config: Path, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """Starts ``cleanroom broker serve --config CONFIG`` and waits for its listening line.
+    """Runs ``cleanroom broker init`` and starts ``cleanroom broker serve --config CONFIG``
+    (the launcher of tests/support), waiting for its listening line.
 
     Returns the process and the address it listens on; stderr goes to ``workdir/broker.log``.
     """
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLEANROOM_")}
-    log = workdir / "broker.log"
-    with open(log, "wb") as err:
-        proc = subprocess.Popen(
-            [str(CLEANROOM), "broker", "serve", "--config", str(config)],
-            stdout=subprocess.PIPE,
-            stderr=err,
-            env=env,
-        )
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 30
-    seen = b""
-    while b"broker listening on " not in seen or not seen.endswith(b"\n"):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or proc.poll() is not None:
-            proc.kill()
-            proc.wait()
-            raise AssertionError(f"broker did not start:\n{log.read_text()}")
-        ready, _, _ = select.select([proc.stdout], [], [], remaining)
-        if ready:
-            seen += os.read(proc.stdout.fileno(), 4096)
-    line = next(x for x in seen.decode().splitlines() if x.startswith("broker listening on "))
-    return proc, line.split()[3]
+    spawned = support_spawn_broker(config, workdir, log_json=False, stderr_name="broker.log")
+    return spawned.proc, spawned.grpc_address
 
 
 def start_broker(workdir: Path) -> Broker:

@@ -408,7 +408,7 @@ def test_kill_9_under_mixed_load_loses_nothing_and_audits_everything(
     name, database_url, processes = backend
     pki = init_pki(tmp_path / "pki", parties=PARTIES, sidecars=("sidecar-1",))
     config = _write_config(tmp_path, pki, database_url, free_port())
-    broker: Spawned = spawn_broker(config, tmp_path, processes=processes, expect_metrics=False, init=False)
+    broker: Spawned = spawn_broker(config, tmp_path, processes=processes)
     rng = random.Random(1234)
     kinds = ["attest", "attest", "operator", "party", "party", "party", "party"]
     try:
@@ -428,9 +428,7 @@ def test_kill_9_under_mixed_load_loses_nothing_and_audits_everything(
             for w in workers:
                 w.join(timeout=30)
             if cycle < CYCLES[name] - 1:
-                broker = spawn_broker(
-                    config, tmp_path, processes=processes, init=False, expect_metrics=False
-                )
+                broker = spawn_broker(config, tmp_path, processes=processes, init=False)
     finally:
         broker.kill_all()
     found = _check(database_url, room.ledger)

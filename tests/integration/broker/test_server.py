@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import select
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -49,9 +46,9 @@ from pki.identity import SpiffeId
 from pki.tls import channel_credentials
 from sealing.keys import RecipientPublicKey, generate_recipient_key
 from tests.harness.launch import with_test_launch
+from tests.support.broker import spawn_broker
 from tests.vectors.evidence import quote_vector
 
-CLEANROOM = Path(sys.executable).parent / "cleanroom"
 TD = "cleanroom.local"
 TIMEOUT = 10.0
 
@@ -130,37 +127,11 @@ def write_config(
 
 
 def start_broker(config: Path, pki: PkiLayout, workdir: Path) -> BrokerProcess:
-    """Starts ``cleanroom broker serve`` and waits for the addresses it prints."""
-    stderr_path = workdir / "broker.stderr"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLEANROOM_")}
-    with open(stderr_path, "wb") as err:
-        proc = subprocess.Popen(
-            [str(CLEANROOM), "broker", "serve", "--config", str(config), "--log-json"],
-            stdout=subprocess.PIPE,
-            stderr=err,
-            env=env,
-        )
-    assert proc.stdout is not None
-    grpc_address = metrics_address = ""
-    deadline = time.monotonic() + 30
-    buffered = b""
-    while not (grpc_address and metrics_address):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or proc.poll() is not None:
-            proc.kill()
-            proc.wait()
-            raise AssertionError(f"broker did not start:\n{stderr_path.read_text()}")
-        ready, _, _ = select.select([proc.stdout], [], [], remaining)
-        if not ready:
-            continue
-        chunk = os.read(proc.stdout.fileno(), 4096)
-        buffered += chunk
-        for line in buffered.decode().splitlines():
-            if line.startswith("broker listening on "):
-                grpc_address = line.split()[3]
-            elif line.startswith("metrics on http://"):
-                metrics_address = line.split("http://")[1].split("/")[0]
-    return BrokerProcess(proc, grpc_address, metrics_address, pki, stderr_path)
+    """Runs ``cleanroom broker init`` and starts ``cleanroom broker serve`` (the launcher of
+    tests/support), waiting for the addresses it prints."""
+    spawned = spawn_broker(config, workdir)
+    metrics = spawned.metrics[0] if spawned.metrics else ""
+    return BrokerProcess(spawned.proc, spawned.grpc_address, metrics, pki, spawned.stderr_path)
 
 
 def code_of(call: Any, request: Any, **kwargs: Any) -> grpc.StatusCode:

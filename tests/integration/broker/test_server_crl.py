@@ -24,7 +24,6 @@ from pki.ca import PkiLayout, init_pki
 from pki.crl import CRL_FILE, refresh
 from pki.tls import load_certificates
 from tests.integration.broker.test_server import (
-    CLEANROOM,
     TD,
     TIMEOUT,
     BrokerProcess,
@@ -33,6 +32,7 @@ from tests.integration.broker.test_server import (
     start_broker,
     write_config,
 )
+from tests.support.broker import CLEANROOM
 
 #: The broker looks at its CRL files about once per second; allow for a slow machine.
 RELOAD_WAIT = 10.0

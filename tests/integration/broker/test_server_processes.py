@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import select
 import signal
 import subprocess
 import time
@@ -50,7 +49,6 @@ from sealing.keys import RecipientPrivateKey, generate_recipient_key
 from tests.harness.launch import TEST_LAUNCH, with_test_launch
 from tests.harness.net import free_port, port_is_free
 from tests.integration.broker.test_server import (
-    CLEANROOM,
     TD,
     TIMEOUT,
     BrokerProcess,
@@ -58,6 +56,7 @@ from tests.integration.broker.test_server import (
     make_pki,
     register_key,
 )
+from tests.support.broker import CLEANROOM, spawn_broker
 
 PROCESSES = 2
 PARTIES = ("advertiser", "publisher")
@@ -188,39 +187,15 @@ class MultiBroker:
 
 
 def start_multi(config: Path, pki: PkiLayout, workdir: Path) -> tuple[BrokerProcess, list[str]]:
-    """Starts ``cleanroom broker serve --processes 2`` and waits until every process serves
-    (the parent prints the gRPC address and each process's metrics address then); returns the
-    broker and the metrics addresses, process 0's first."""
-    stderr_path = workdir / "broker.stderr"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLEANROOM_")}
-    command = [str(CLEANROOM), "broker", "serve", "--config", str(config), "--log-json"]
-    with open(stderr_path, "wb") as err:
-        proc = subprocess.Popen(
-            [*command, "--processes", str(PROCESSES)],
-            stdout=subprocess.PIPE,
-            stderr=err,
-            env=env,
-        )
-    assert proc.stdout is not None
-    grpc_address, buffered = "", b""
-    metrics: list[str] = []
-    deadline = time.monotonic() + 30
-    while not (grpc_address and len(metrics) == PROCESSES):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or proc.poll() is not None:
-            proc.kill()
-            proc.wait()
-            raise AssertionError(f"broker did not start:\n{stderr_path.read_text()}")
-        ready, _, _ = select.select([proc.stdout], [], [], remaining)
-        if not ready:
-            continue
-        buffered += os.read(proc.stdout.fileno(), 4096)
-        lines = buffered.decode().splitlines()
-        grpc_address = next(
-            (ln.split()[3] for ln in lines if ln.startswith("broker listening")), ""
-        )
-        metrics = [ln.split("http://")[1].split("/")[0] for ln in lines if "/metrics" in ln]
-    return BrokerProcess(proc, grpc_address, metrics[0], pki, stderr_path), metrics
+    """Runs ``cleanroom broker init`` and starts ``cleanroom broker serve --processes 2`` (the
+    launcher of tests/support), waiting until every process serves (the parent prints the gRPC
+    address and each process's metrics address then); returns the broker and the metrics
+    addresses, process 0's first."""
+    spawned = spawn_broker(config, workdir, processes=PROCESSES)
+    metrics = spawned.metrics
+    return BrokerProcess(
+        spawned.proc, spawned.grpc_address, metrics[0], pki, spawned.stderr_path
+    ), metrics
 
 
 def provision(b: BrokerProcess, ak: SoftAk, workdir: Path) -> tuple[Measurement, dict[str, bytes]]:
