@@ -72,8 +72,11 @@ _ATTESTATION_RULES: Final[Mapping[str, frozenset[str]]] = {
     "EndSession": SIDECAR,
 }
 
-#: Services any authenticated caller of the broker's trust domain may use.
+#: Services every role of the broker's trust domain may use (health and reflection).
 OPEN_SERVICES: Final = frozenset({HEALTH_SERVICE, *REFLECTION_SERVICES})
+#: The roles that may use :data:`OPEN_SERVICES`: every role with methods of its own. The
+#: broker's own identity (``/broker``) is none of them: it may call nothing, as documented.
+OPEN_SERVICE_KINDS: Final = OPERATOR | PARTY | SIDECAR
 
 
 def _full(service: str, rules: Mapping[str, frozenset[str]]) -> dict[str, frozenset[str]]:
@@ -107,6 +110,11 @@ def authorize(full_method: str, caller: SpiffeId, *, trust_domain: str) -> None:
         )
     service, _ = split_method(full_method)
     if service in OPEN_SERVICES:
+        if caller.kind not in OPEN_SERVICE_KINDS:
+            raise AccessDeniedError(
+                f"{caller} ({caller.kind}) may not call {full_method}",
+                public_message=f"permission denied: {full_method} is not open to this identity",
+            )
         return
     allowed = RULES.get(full_method)
     if allowed is None:
@@ -124,6 +132,7 @@ __all__ = [
     "ATTESTATION_SERVICE",
     "HEALTH_SERVICE",
     "OPEN_SERVICES",
+    "OPEN_SERVICE_KINDS",
     "REFLECTION_SERVICES",
     "RULES",
     "authorize",

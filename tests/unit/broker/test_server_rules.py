@@ -88,6 +88,9 @@ def test_allowed(caller: SpiffeId, method: str) -> None:
         (OPERATOR, f"{ADMIN}/RegisterDataKey"),
         (OPERATOR, f"{ADMIN}/ApproveWorkload"),
         (SpiffeId.broker(TD), f"{ADMIN}/ListEks"),
+        # The broker's own identity may call nothing (docs/protocol.md), health included.
+        (SpiffeId.broker(TD), "/grpc.health.v1.Health/Check"),
+        (SpiffeId.broker(TD), "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"),
         (OPERATOR, f"{ADMIN}/NoSuchMethod"),
     ],
 )

@@ -13,11 +13,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
 from bench._loadgen import QUOTED_BANKS, QuoteMaker, SoftAk
+from broker import release
 from broker.app import open_broker
 from broker.config import BrokerConfig
 from broker.custody import LocalKek, seal_for_registration
@@ -379,3 +381,67 @@ def test_adding_a_party_with_a_bad_key_is_refused_and_audited(room: Room) -> Non
     with pytest.raises(DuplicateError):
         room.broker.add_party(OPERATOR, again)
     assert _refusal(room, "party.add").reason == "party 'advertiser' exists"
+
+
+# --- one unit of work per decision -----------------------------------------------------------
+
+
+def test_a_change_whose_record_cannot_be_written_is_not_stored(room: Room) -> None:
+    # An enrollment, a registration and an approval each commit with their record or not at
+    # all: with the chain head row gone no record can be written, so nothing is stored.
+    with room.broker.store.transaction("break the chain head", write=True) as conn:
+        conn.execute(sa.delete(audit_head))
+    ak = SoftAk.generate("ecc")
+    with pytest.raises(StorageError, match="head row is missing"):
+        room.broker.enroll_ak(OPERATOR, ak_public=ak.tpm2b_public, ek_id=None)
+    assert ak.name_hex not in {a.ak_name for a in room.broker.list_aks()}
+    sealed = seal_for_registration(
+        room.broker.registration_key.public_key(), b"\x17" * 32, key_id="k2", owner="advertiser"
+    )
+    with pytest.raises(StorageError, match="head row is missing"):
+        room.broker.register_data_key(
+            ADVERTISER, key_id="k2", sealed_data_key=sealed, description=""
+        )
+    assert "k2" not in {k.key_id for k in room.broker.list_data_keys(OPERATOR)}
+    with pytest.raises(StorageError, match="head row is missing"):
+        room.approve(ADVERTISER, "advertiser-data", WORKLOAD)
+    assert room.broker.list_approvals(OPERATOR) == []
+
+
+def test_a_release_re_checks_its_approvals_in_its_transaction(
+    room: Room, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The approval is revoked after policy granted the key and before the release commits
+    # (as a concurrent RevokeApproval would): the key is withheld, and the chain never shows a
+    # release citing the approval after its revocation record.
+    approval = room.approve(ADVERTISER, "advertiser-data", WORKLOAD)
+    evidence = room.evidence(["advertiser-data"])
+    real_seal = release.seal_records
+
+    def revoke_then_seal(*args: Any, **kwargs: Any) -> Any:
+        room.broker.revoke_approval(ADVERTISER, approval)
+        return real_seal(*args, **kwargs)
+
+    monkeypatch.setattr(release, "seal_records", revoke_then_seal)
+    with pytest.raises(AttestationDenied, match="revoked meanwhile"):
+        room.broker.attest(SIDECAR, evidence)
+    records = room.records()
+    revoked_at = next(r.sequence for r in records if r.action == "workload.revoke")
+    assert not [r for r in records if r.action == "key.release" and r.decision == "allow"], (
+        "a key was released on a revoked approval"
+    )
+    withheld = _last(records, "key.release")
+    assert withheld.sequence > revoked_at and withheld.decision == "deny"
+    assert f"approval {approval} was revoked during the attestation" == withheld.reason
+    # The nonce was burned with the denial: the same evidence cannot be replayed.
+    monkeypatch.setattr(release, "seal_records", real_seal)
+    with pytest.raises(AttestationDenied, match="nonce refused"):
+        room.broker.attest(SIDECAR, evidence)
+
+
+def test_a_record_names_each_party_once(room: Room) -> None:
+    # The advertiser approves with itself as the output recipient: it is named once.
+    approval = room.approve(ADVERTISER, "advertiser-data", WORKLOAD)
+    record = next(r for r in room.records() if r.subject == approval)
+    assert record.parties == ("advertiser",)
+    assert room.broker.audit.verify_chain().valid
