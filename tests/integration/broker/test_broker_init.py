@@ -23,7 +23,7 @@ from broker.app import init_broker, open_broker
 from broker.config import BrokerConfig, load_broker_config
 from broker.custody import LocalKek, kek_fingerprint
 from broker.errors import BrokerError, KekError, StorageError
-from broker.kek_azure import KeyVaultKek
+from broker.kek_azure import KeyVaultConfig, KeyVaultKek
 from pki.ca import init_pki
 from tests.support.broker import CLEANROOM, clean_env, spawn_broker
 
@@ -195,3 +195,20 @@ def test_kek_fingerprints_identify_without_revealing() -> None:
     )
     # The Key Vault key id without its version: a rotation inside the key keeps it.
     assert kek_fingerprint(vault) == "azurekv:https://vault-1.vault.azure.net/keys/party-kek"
+
+
+def test_a_key_vault_default_kek_is_recorded_and_another_one_refused(tmp_path: Path) -> None:
+    # Resolving a Key Vault KEK and taking its fingerprint contacts no vault.
+    vault = KeyVaultConfig(credential="static-token", access_token="unused")
+    kek_a = "azurekv:https://vault-a.vault.azure.net/keys/broker-kek"
+    kek_b = "azurekv:https://vault-b.vault.azure.net/keys/broker-kek"
+    db = f"sqlite:///{tmp_path / 'broker.db'}"
+    first = BrokerConfig(database_url=db, state_dir=str(tmp_path / "s"), default_kek=kek_a)
+    state = init_broker(first, key_vault=vault)
+    assert state.kek_fingerprints[kek_a] == kek_a
+    with open_broker(first, create=False, key_vault=vault) as broker:
+        assert broker.store.kek_fingerprints()[kek_a] == kek_a
+    # A replica configured with another vault's key refuses to start until init records it.
+    other = BrokerConfig(database_url=db, state_dir=str(tmp_path / "s"), default_kek=kek_b)
+    with pytest.raises(KekError, match="records no fingerprint for KEK"):
+        open_broker(other, create=False, key_vault=vault)
