@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from prometheus_client import CollectorRegistry
 
 from bench._loadgen import QUOTED_BANKS, QuoteMaker, SoftAk
-from broker import audit, nonces, policy, quote, release
+from broker import nonces, policy, quote, release
 from broker.app import open_broker
 from broker.config import BrokerConfig
 from broker.custody import seal_for_registration
@@ -36,6 +36,7 @@ from broker.server import interceptor, servicers, validate
 from broker.server.interceptor import CallGuard
 from broker.server.logs import configure_logging
 from broker.server.metrics import BrokerMetrics
+from broker.service import Broker
 from broker.storage import Store
 from cleanroom.v1 import admin_pb2, attestation_pb2
 from evidence.binding import qualifying_data
@@ -255,9 +256,10 @@ def run_breakdown(*, database_url: str | None, attestations: int, ak_alg: str) -
         timer = _Timer()
         targets: list[tuple[object, str, str]] = [
             (
-                audit.AuditLog,
-                "append_many",
-                "audit log: the attestation's records (hash chain) + the session, one transaction",
+                Broker,
+                "_commit_release",
+                "audit log: the attestation's records (hash chain) + the nonce's burn, the "
+                "approvals' re-check and the session, one transaction",
             ),
             (release, "seal_records", "release: unwrap + HPKE-seal one key per call"),
             (quote, "verify_quote", "quote: verify_quote"),
@@ -267,7 +269,7 @@ def run_breakdown(*, database_url: str | None, attestations: int, ak_alg: str) -
                 "issue_recorded",
                 "nonces: issue + the challenge's audit record, one transaction",
             ),
-            (nonces.NonceService, "consume", "nonces: consume"),
+            (nonces.NonceService, "consume_in", "nonces: consume (in the release's transaction)"),
             (validate, "check_attest", "servicer: validate AttestRequest"),
             (servicers, "event_log_from_pb", "servicer: event log from protobuf"),
             (CallGuard, "_finish", "guard: access log line + latency metric"),
