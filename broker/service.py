@@ -700,7 +700,7 @@ class Broker:
                 qualifying_data=expected,
             )
         except SnpError as e:
-            raise deny(f"SEV-SNP evidence rejected: {type(e).__name__}: {e}") from e
+            deny(f"SEV-SNP evidence rejected: {type(e).__name__}: {e}", cause=e)
         except (VerificationError, BrokerError) as e:
             deny(f"evidence rejected: {type(e).__name__}: {e}", cause=e)
         except Exception as e:  # evidence.errors from binding: malformed input
