@@ -196,10 +196,10 @@ class BrokerConfig:
 def load_broker_config(path: Path | None = None) -> BrokerConfig:
     """Reads ``[broker]`` from ``path`` (if any) and the environment.
 
-    Relative paths (a SQLite ``database_url``'s file, ``state_dir``, the TLS files, CRLs and
-    EK CA files) are resolved against the directory of ``path``, as the sidecar's are, so
-    the broker finds the same state whatever directory it is started from. Without a file
-    they stay relative to the working directory.
+    Relative paths (a SQLite ``database_url``'s file, ``state_dir``, the TLS files, CRLs, EK CA
+    files and extra AMD root files) are resolved against the directory of ``path``, as the
+    sidecar's are, so the broker finds the same state whatever directory it is started from.
+    Without a file they stay relative to the working directory.
 
     Raises:
         ConfigError: the file or a setting is invalid.
@@ -241,6 +241,12 @@ def resolve_paths(config: BrokerConfig, base: Path) -> BrokerConfig:
         database_url=_resolve_database_url(base, config.database_url),
         state_dir=_resolve(base, config.state_dir),
         trusted_ek_ca_files=tuple(_resolve(base, f) for f in config.trusted_ek_ca_files),
+        azure_snp=replace(
+            config.azure_snp,
+            trusted_root_files=tuple(
+                _resolve(base, f) for f in config.azure_snp.trusted_root_files
+            ),
+        ),
         tls=replace(
             tls,
             cert_file=_resolve(base, tls.cert_file),

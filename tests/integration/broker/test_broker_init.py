@@ -50,6 +50,11 @@ def _config(directory: Path, db: str = "broker.db", state: str = "broker-state")
     return path
 
 
+def _with(config: Path, extra: str) -> Path:
+    config.write_text(config.read_text() + extra)
+    return config
+
+
 def _cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(CLEANROOM), *args],
@@ -78,6 +83,10 @@ def test_config_paths_are_relative_to_the_config_file(
     assert loaded.state_dir == str(etc / "broker-state")
     assert loaded.tls.cert_file == str(etc / "pki/broker.crt")
     assert loaded.tls.ca_file == str(etc / "pki/ca.crt")
+    with_roots = load_broker_config(
+        _with(config, '\n[broker.azure_snp]\ntrusted_root_files = ["amd/ark.pem"]\n')
+    )
+    assert with_roots.azure_snp.trusted_root_files == (str(etc / "amd/ark.pem"),)
     assert config.exists()
 
 
