@@ -1,7 +1,7 @@
 """KEK fingerprints: the KEKs `cleanroom broker init` recorded, checked at every start.
 
 Revision ID: 0005
-Revises: 0006
+Revises: 0003
 Create Date: 2026-12-07
 """
 
@@ -13,7 +13,7 @@ from alembic import op
 from broker.storage.schema import UtcDateTime
 
 revision: str = "0005"
-down_revision: str | None = "0006"
+down_revision: str | None = "0003"
 branch_labels: str | None = None
 depends_on: str | None = None
 
