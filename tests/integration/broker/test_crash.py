@@ -53,6 +53,7 @@ from evidence.proto import bank_to_pb, event_log_to_pb
 from pki.ca import PkiLayout, init_pki
 from pki.tls import channel_credentials
 from sealing.keys import RecipientPublicKey, generate_recipient_key
+from tests.harness.launch import TEST_LAUNCH, with_test_launch
 from tests.harness.net import free_port
 from tests.support.broker import Spawned, spawn_broker
 
@@ -146,9 +147,12 @@ def _provision(room_pki: PkiLayout, address: str, workdir: Path) -> Room:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
         files.append(path)
-    measured = measure_files(files, QUOTED_BANKS, names=[rel for rel, _ in WORKLOAD])
-    manifest = common_pb2.WorkloadManifest(name="join")
-    for e in measured.events:
+    measured = measure_files(
+        files, QUOTED_BANKS, names=[rel for rel, _ in WORKLOAD], launch=TEST_LAUNCH
+    )
+    manifest = with_test_launch(common_pb2.WorkloadManifest(name="join"))
+    # The manifest lists the files; the launch event that ends the log is the manifest's launch.
+    for e in measured.events[: len(WORKLOAD)]:
         entry = manifest.entries.add(path=e.path, size=e.size)
         for bank, value in e.digests.items():
             entry.digests.add(algorithm=bank_to_pb(bank), value=value)
