@@ -578,8 +578,9 @@ class Broker:
                 ephemeral_public_key=evidence.ephemeral_key.raw,
                 tls_certificate_der=evidence.peer_certificate_der,
             )
+            ak_public = tpmkeys.load_public(ak.public)
             verified = quote.verify_quote(
-                ak=tpmkeys.load_public(ak.public),
+                ak=ak_public,
                 attest=evidence.attest,
                 signature=evidence.signature,
                 pcr_values=evidence.pcr_values,
@@ -587,6 +588,13 @@ class Broker:
                 required_pcrs=self._required,
                 event_log=evidence.event_log,
                 max_event_log_entries=self.config.max_event_log_entries,
+                # An AK bound to an EK is the EK's child (credential activation, tpm2_createak):
+                # the quote must name exactly that object as its signer.
+                expected_signer=(
+                    tpmkeys.ak_qualified_name(ak_public, tpmkeys.load_public(ek.public))
+                    if ek is not None
+                    else None
+                ),
             )
             # The hardware root after the quote: the report must bind the AK that signed it
             # and be as fresh as its qualifying data.
