@@ -10,15 +10,15 @@ Rules (see ``docs/policy.md``):
 * A revoked AK, or an AK whose EK is revoked, gets nothing: :class:`AttesterRevokedError`.
 * A key is granted when an active approval by the key's *owner* names it, its expected PCR 23
   equals the quoted PCR 23 in every bank both list (sha256 always), its manifest equals the
-  measured manifest (same ordered paths and digests), and its golden set, if any, exists and
-  accepts every PCR value it lists.
+  measured manifest (same ordered paths, digests and sizes), and its golden set, if any, exists
+  and accepts every PCR value it lists.
 * Keys are decided one by one (partial release): a key whose owner did not approve the workload
   is withheld with an exact reason while the other parties' keys are released.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -26,6 +26,7 @@ from broker.errors import (
     NotApprovedError,
     PolicyError,
     RevokedKeyError,
+    UncoveredPcrError,
     UnknownPolicyObjectError,
 )
 from broker.model import (
@@ -38,7 +39,7 @@ from broker.model import (
     Party,
 )
 from evidence.errors import EventLogError
-from evidence.pcr import BANK_SIZES, WORKLOAD_PCR, MeasurementEvent, replay
+from evidence.pcr import BANK_SIZES, WORKLOAD_PCR, MeasurementEvent, check_event_size, replay
 
 #: The bank every comparison of PCR 23 must include: sha1 alone is never enough.
 REQUIRED_BANK = "sha256"
@@ -301,6 +302,13 @@ def _manifest_difference(
         for bank in sorted(set(a.digests) & set(m.digests)):
             if bytes(a.digests[bank]) != bytes(m.digests[bank]):
                 return f"file {n} ({a.path!r}): {bank} digest differs"
+        # Same digests, so the same data: the approved size was measured from it, and an event
+        # log that states another size for it is false (the size is not in PCR 23).
+        if a.size != m.size:
+            return (
+                f"file {n} ({a.path!r}): the event log says {m.size} bytes, the approved file "
+                f"with these digests is {a.size} bytes"
+            )
     return None
 
 
@@ -354,19 +362,23 @@ def validate_approval(
     keys: Mapping[str, DataKeyRecord],
     parties: Mapping[str, Party],
     golden_sets: Mapping[str, GoldenPcrSet],
+    quoted_pcrs: Collection[int] | None = None,
 ) -> None:
     """Checks a new approval before it is stored.
 
     ``keys``, ``parties`` and ``golden_sets`` hold (at least) the objects the approval names.
     The expected PCR values must be the ones the manifest produces, so that a stored approval
-    can never match a PCR 23 that its own manifest does not explain.
+    can never match a PCR 23 that its own manifest does not explain. ``quoted_pcrs`` are the
+    PCR indices every quote covers (see :func:`check_golden_coverage`); when given, the
+    approval's golden set may name no other.
 
     Raises:
-        PolicyError: empty workload name or manifest, a malformed manifest entry, expected PCR
-            values that are missing, malformed or inconsistent with the manifest, no key ids or
-            duplicates.
+        PolicyError: empty workload name or manifest, a malformed manifest entry (a size that
+            its digests contradict, say), expected PCR values that are missing, malformed or
+            inconsistent with the manifest, no key ids or duplicates.
         NotApprovedError: a key id belongs to another party (a party approves only its own keys).
         UnknownPolicyObjectError: a key, recipient party or golden set does not exist.
+        UncoveredPcrError: the golden set names a PCR that no quote is sure to cover.
     """
     if not approval.party:
         raise PolicyError("an approval needs the approving party")
@@ -383,6 +395,12 @@ def validate_approval(
             raise PolicyError(f"manifest file {n} ({entry.path!r}) has no {REQUIRED_BANK} digest")
         for bank, digest in entry.digests.items():
             _check_digest(bank, digest, f"manifest file {n} ({entry.path!r})")
+        # Sizes are compared with the measured ones, so an approved size must be the file's:
+        # one that its own digests contradict could never match an honest measurement.
+        try:
+            check_event_size(n, MeasurementEvent(entry.path, entry.size, entry.digests))
+        except EventLogError as e:
+            raise PolicyError(f"manifest {str(e).replace('event', 'file', 1)}") from e
 
     if REQUIRED_BANK not in approval.expected_pcrs:
         raise PolicyError(f"an approval needs the expected PCR {WORKLOAD_PCR} in {REQUIRED_BANK}")
@@ -419,14 +437,42 @@ def validate_approval(
             raise PolicyError("an empty golden set name; use None for no golden set")
         if approval.golden_set not in golden_sets:
             raise UnknownPolicyObjectError(f"unknown golden set {approval.golden_set!r}")
+        if quoted_pcrs is not None:
+            check_golden_coverage(golden_sets[approval.golden_set], quoted_pcrs)
 
 
-def validate_golden_set(golden: GoldenPcrSet) -> None:
-    """Checks a golden PCR set before it is stored.
+def check_golden_coverage(golden: GoldenPcrSet, quoted_pcrs: Collection[int]) -> None:
+    """Checks that every PCR ``golden`` names is one that every quote covers.
+
+    ``quoted_pcrs`` are the indices the broker makes every quote cover: PCR 23 and its
+    ``boot_pcrs`` (the challenge names them). A sidecar may quote more (``[tpm] extra_pcrs``),
+    but the broker cannot know that of every sidecar, so a golden set over any other PCR would
+    withhold its keys from every sidecar that does not: it is refused when it is set, and when
+    an approval names it.
+
+    Raises:
+        UncoveredPcrError: naming the PCRs that no quote is sure to cover, and those quoted.
+    """
+    uncovered = sorted({k.index for k in golden.accepted} - set(quoted_pcrs))
+    if uncovered:
+        quoted = ", ".join(str(i) for i in sorted(set(quoted_pcrs)))
+        raise UncoveredPcrError(
+            f"golden set {golden.name!r} names PCR {', '.join(map(str, uncovered))}, which no "
+            f"quote is sure to cover: quotes cover PCR {quoted} (PCR {WORKLOAD_PCR} and the "
+            "broker's boot_pcrs); add the PCR to boot_pcrs or remove it from the golden set"
+        )
+
+
+def validate_golden_set(
+    golden: GoldenPcrSet, *, quoted_pcrs: Collection[int] | None = None
+) -> None:
+    """Checks a golden PCR set before it is stored; with ``quoted_pcrs``, also that every quote
+    covers its PCRs (:func:`check_golden_coverage`).
 
     Raises:
         PolicyError: empty name or set, a PCR index outside 0..23, an unknown bank, a PCR with
             no accepted value, or a value of the wrong size for its bank.
+        UncoveredPcrError: the set names a PCR that no quote is sure to cover.
     """
     if not golden.name:
         raise PolicyError("a golden set needs a name")
@@ -443,6 +489,8 @@ def validate_golden_set(golden: GoldenPcrSet) -> None:
             )
         for value in values:
             _check_digest(key.bank, value, f"golden set {golden.name!r}: PCR {key.index}")
+    if quoted_pcrs is not None:
+        check_golden_coverage(golden, quoted_pcrs)
 
 
 def _check_digest(bank: str, value: bytes, where: str) -> None:

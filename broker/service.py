@@ -230,6 +230,11 @@ class Broker:
                 self._parties[name] = party
         return party
 
+    @property
+    def _quoted_pcrs(self) -> frozenset[int]:
+        """The PCRs every quote covers: PCR 23 and ``boot_pcrs`` (every challenge names them)."""
+        return frozenset((WORKLOAD_PCR, *self.config.boot_pcrs))
+
     @staticmethod
     def _require_party(actor: SpiffeId) -> str:
         if actor.kind != "party":
@@ -778,10 +783,11 @@ class Broker:
 
         Raises:
             PolicyError: the set is invalid (see :func:`broker.policy.validate_golden_set`).
+            UncoveredPcrError: the set names a PCR that no quote is sure to cover.
             StorageError: the database failed.
         """
         with self._refusal_recorded(actor, "golden.set", golden.name):
-            policy.validate_golden_set(golden)
+            policy.validate_golden_set(golden, quoted_pcrs=self._quoted_pcrs)
         golden = replace(golden, updated_at=self.clock())
         self.store.put_golden_set(golden)
         self._record(
@@ -885,6 +891,7 @@ class Broker:
 
         Raises:
             PolicyError: not a party, a key of another party, unknown recipient or golden set.
+            UncoveredPcrError: the golden set names a PCR that no quote is sure to cover.
         """
         owner = self._require_party(actor)
         banks = sorted({b for e in manifest for b in e.digests})
@@ -908,6 +915,7 @@ class Broker:
                 golden_sets={golden_set: self.store.get_golden_set(golden_set)}
                 if golden_set
                 else {},
+                quoted_pcrs=self._quoted_pcrs,
             )
         except BrokerError as e:
             self._record(actor, "workload.approve", workload_name, "deny", str(e), parties=(owner,))

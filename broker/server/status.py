@@ -4,7 +4,8 @@ Clients get a code they can act on and a short message; exact reasons of refusal
 audit log and the server log. The rules, most specific first:
 
 * ``INVALID_ARGUMENT``: malformed requests (naming the field), malformed TPM structures and keys,
-  unacceptable key attributes.
+  unacceptable key attributes; a golden set (set, or named by an approval) over a PCR that no
+  quote is sure to cover.
 * ``UNAUTHENTICATED``: no usable client identity.
 * ``PERMISSION_DENIED``: the caller's role may not call the method; policy refusals. For
   ``Attest`` every refusal (verification, policy, replayed or foreign nonce, a key its KEK
@@ -50,6 +51,7 @@ from broker.errors import (
     PolicyError,
     RevokedKeyError,
     StorageError,
+    UncoveredPcrError,
     UnknownKeyError,
     UnknownPolicyObjectError,
     UnsupportedAlgorithmError,
@@ -159,6 +161,10 @@ def status_for(exc: BaseException, *, full_method: str) -> Status:
         if full_method == _REGISTER_METHOD:
             return Status(code.INVALID_ARGUMENT, f"sealed_data_key: {exc}")
         return Status(code.INTERNAL, "key custody failed", True)
+    if isinstance(exc, UncoveredPcrError):
+        # An approval or golden set that could never release a key: the message says which
+        # PCRs every quote covers, which the caller can act on.
+        return Status(code.INVALID_ARGUMENT, str(exc))
     if isinstance(exc, UnknownPolicyObjectError):
         return Status(code.NOT_FOUND, str(exc))
     if isinstance(exc, UnknownKeyError):
