@@ -18,6 +18,7 @@ Rules (see ``docs/policy.md``):
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -65,12 +66,38 @@ class Grant:
     approval_id: str
 
 
+class DenialCode(enum.Enum):
+    """The coarse class of a refusal, which the refused sidecar may learn (the exact reason
+    stays in the audit log). Each names what the sidecar's operator can act on, never another
+    party's policy: which file, PCR or approval differed stays with the owner and the operator.
+    """
+
+    #: No active approval by the key's owner matches the measurement (or no such key).
+    NOT_APPROVED = "not_approved"
+    #: The measurement is approved, but the owner's golden set does not accept the machine.
+    PLATFORM_NOT_ACCEPTED = "platform_not_accepted"
+    #: The AK or its EK is revoked.
+    ATTESTER_REVOKED = "attester_revoked"
+    #: The AK or its EK is not enrolled.
+    ATTESTER_UNKNOWN = "attester_unknown"
+    #: The quote or the event log failed verification.
+    EVIDENCE_INVALID = "evidence_invalid"
+    #: The nonce is unknown, used, expired or another AK's.
+    NONCE_INVALID = "nonce_invalid"
+    #: A granted key's KEK refused to unwrap it, or it could not be sealed.
+    KEY_CUSTODY = "key_custody"
+    #: Every requested key was withheld, for different reasons.
+    KEYS_WITHHELD = "keys_withheld"
+
+
 @dataclass(frozen=True)
 class Denial:
-    """A requested data key that is withheld. ``reason`` is exact, for the audit log only."""
+    """A requested data key that is withheld. ``reason`` is exact, for the audit log only;
+    ``code`` is the coarse class the sidecar may learn."""
 
     key_id: str
     reason: str
+    code: DenialCode = DenialCode.NOT_APPROVED
 
 
 @dataclass(frozen=True)
@@ -149,7 +176,9 @@ def evaluate(
     for key_id in wanted:
         record = keys.get(key_id)
         if record is None or record.key_id != key_id:
-            denied.append(Denial(key_id, "unknown key"))
+            # NOT_APPROVED, as for a key that exists: a sidecar learns nothing of which key
+            # ids exist.
+            denied.append(Denial(key_id, "unknown key", DenialCode.NOT_APPROVED))
             continue
         outcome = _decide_key(record, ordered, quoted_pcrs, measured, golden_sets)
         if isinstance(outcome, Approval):
@@ -158,7 +187,7 @@ def evaluate(
             )
             granting[outcome.approval_id] = outcome
         else:
-            denied.append(Denial(key_id, outcome))
+            denied.append(Denial(key_id, *outcome))
 
     recipients = sorted({r for a in granting.values() for r in a.output_recipients})
     if granting:
@@ -199,17 +228,20 @@ def _decide_key(
     quoted: Mapping[tuple[int, str], bytes],
     measured: tuple[ManifestEntry, ...],
     golden_sets: Mapping[str, GoldenPcrSet],
-) -> Approval | str:
-    """The first approval that grants ``record``, or the exact reason none does."""
+) -> Approval | tuple[str, DenialCode]:
+    """The first approval that grants ``record``, or the exact reason none does and its code."""
     owner = record.owner
     if (WORKLOAD_PCR, REQUIRED_BANK) not in quoted:
-        return f"quote does not cover PCR {WORKLOAD_PCR} in {REQUIRED_BANK}"
+        return (
+            f"quote does not cover PCR {WORKLOAD_PCR} in {REQUIRED_BANK}",
+            DenialCode.EVIDENCE_INVALID,
+        )
     naming = [a for a in ordered if a.party == owner and record.key_id in a.key_ids]
     if not naming:
         return (
             f"not approved by {owner}: no active approval by {owner} for this key matches "
             "the measured workload"
-        )
+        ), DenialCode.NOT_APPROVED
     best: tuple[int, str] = (-1, "")
     for approval in naming:
         failure = _failure(approval, quoted, measured, golden_sets)
@@ -222,14 +254,16 @@ def _decide_key(
         ids = ", ".join(sorted(a.approval_id for a in naming))
         return (
             f"not approved by {owner}: every approval by {owner} naming this key is revoked ({ids})"
-        )
+        ), DenialCode.NOT_APPROVED
     if stage == _PCR:
         value = quoted[(WORKLOAD_PCR, REQUIRED_BANK)].hex()
         return (
             f"not approved by {owner}: measured PCR {WORKLOAD_PCR} ({REQUIRED_BANK} {value}) "
             f"matches no active approval by {owner} for this key"
-        )
-    return reason
+        ), DenialCode.NOT_APPROVED
+    # Past the manifest, only the golden set can fail: the workload itself is approved.
+    code = DenialCode.PLATFORM_NOT_ACCEPTED if stage == _GOLDEN else DenialCode.NOT_APPROVED
+    return reason, code
 
 
 def _failure_stage(

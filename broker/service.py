@@ -55,6 +55,7 @@ from broker.model import (
     Session,
 )
 from broker.nonces import NonceService
+from broker.policy import AttesterRevokedError, Denial, DenialCode
 from broker.release import SealedRelease
 from broker.snp import SnpClaims
 from broker.storage import Store
@@ -93,10 +94,22 @@ class Challenge:
 
 
 @dataclass(frozen=True)
+class WithheldKey:
+    """A requested key that was not released: the exact reason (server-side only), its coarse
+    code (which the sidecar learns) and the sequence of the audit record that holds the reason.
+    """
+
+    key_id: str
+    reason: str
+    code: DenialCode
+    audit_record: int
+
+
+@dataclass(frozen=True)
 class AttestOutcome:
     session_id: str
     released: tuple[SealedRelease, ...]
-    denied: tuple[tuple[str, str], ...]  # (key_id, exact reason): reasons stay server-side
+    denied: tuple[WithheldKey, ...]
     output_recipients: tuple[Party, ...]
     expires_at: datetime
 
@@ -120,7 +133,23 @@ class Evidence:
 
 
 class AttestationDenied(PolicyError):
-    """Nothing was released. The exact reason is in the audit log; the client sees none of it."""
+    """Nothing was released. The exact reason (``str(e)``) is in the audit log; the client
+    learns only ``code``, the sequence of the verdict's record (``audit_record``) and, when
+    every key was withheld, each key's code and record (``withheld``).
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        code: DenialCode | None = None,
+        audit_record: int = 0,
+        withheld: Sequence[WithheldKey] = (),
+    ) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.audit_record = audit_record
+        self.withheld = tuple(withheld)
 
 
 class Broker:
@@ -550,7 +579,12 @@ class Broker:
             )
 
         def deny(
-            reason: str, *, parties: tuple[str, ...] = (), before: Sequence[AuditEntry] = ()
+            reason: str,
+            code: DenialCode,
+            *,
+            parties: tuple[str, ...] = (),
+            before: Sequence[AuditEntry] = (),
+            withheld: Sequence[Denial] = (),
         ) -> AttestationDenied:
             """Records the verdict (after the records ``before``, in one transaction) and
             returns the exception to raise.
@@ -558,22 +592,31 @@ class Broker:
             A record's reason and parties are visible to every party it is tagged with, so a
             verdict is tagged only with parties whose own keys its reason is solely about;
             reasons about several parties' keys go to the operator's view alone, and each
-            party gets records of its own (``before``).
+            party gets records of its own (``before``; the first ``len(withheld)`` of them
+            are the records of the keys ``withheld``, in order).
             """
-            self.audit.append_many(
+            records = self.audit.append_many(
                 [*before, record("attest", evidence.ak_name, "deny", reason, parties)]
             )
             log.info("attestation denied for AK %s: %s", evidence.ak_name, reason)
-            return AttestationDenied(reason)
+            return AttestationDenied(
+                reason,
+                code=code,
+                audit_record=records[-1].sequence,
+                withheld=[
+                    WithheldKey(d.key_id, d.reason, d.code, r.sequence)
+                    for d, r in zip(withheld, records, strict=False)
+                ],
+            )
 
         try:
             ak = self.store.get_ak(evidence.ak_name)
         except UnknownKeyError as e:
-            raise deny(str(e)) from e
+            raise deny(str(e), DenialCode.ATTESTER_UNKNOWN) from e
         try:
             self.nonces.consume(evidence.nonce, evidence.ak_name)
         except BrokerError as e:
-            raise deny(f"nonce refused: {e}") from e
+            raise deny(f"nonce refused: {e}", DenialCode.NONCE_INVALID) from e
         ek = self.store.get_ek(ak.ek_id) if ak.ek_id else None
         snp_claims: SnpClaims | None = None
         try:
@@ -612,9 +655,11 @@ class Broker:
         except SnpError as e:
             raise deny(f"SEV-SNP evidence rejected: {type(e).__name__}: {e}") from e
         except (VerificationError, BrokerError) as e:
-            raise deny(f"evidence rejected: {type(e).__name__}: {e}") from e
+            raise deny(
+                f"evidence rejected: {type(e).__name__}: {e}", DenialCode.EVIDENCE_INVALID
+            ) from e
         except Exception as e:  # evidence.errors from binding: malformed input
-            raise deny(f"evidence rejected: {e}") from e
+            raise deny(f"evidence rejected: {e}", DenialCode.EVIDENCE_INVALID) from e
 
         measured = policy.manifest_from_events(evidence.event_log)
         pcr23 = verified.pcr_values.get((WORKLOAD_PCR, "sha256"))
@@ -665,7 +710,9 @@ class Broker:
                 now=self.clock(),
             )
         except PolicyError as e:
-            raise deny(str(e)) from e
+            revoked = isinstance(e, AttesterRevokedError)
+            code = DenialCode.ATTESTER_REVOKED if revoked else DenialCode.ATTESTER_UNKNOWN
+            raise deny(str(e), code) from e
         owners = sorted({k.owner for k in keys.values()})
         # One record per withheld key, tagged with its owner alone: each party reads why its
         # own keys were withheld, and never another party's key ids or reasons.
@@ -682,8 +729,15 @@ class Broker:
         withheld = snp_withheld + withheld
         if not decision.granted:
             reasons = "; ".join(f"{d.key_id}: {d.reason}" for d in decision.denied)
+            codes = {d.code for d in decision.denied}
+            code = codes.pop() if len(codes) == 1 else DenialCode.KEYS_WITHHELD
             # The full reason names every party's keys: the operator's record only.
-            raise deny(f"no key released: {reasons or 'workload not approved'}", before=withheld)
+            raise deny(
+                f"no key released: {reasons or 'workload not approved'}",
+                code if decision.denied else DenialCode.NOT_APPROVED,
+                before=withheld,
+                withheld=decision.denied,
+            )
 
         session_id = uuid.uuid4().hex
         now = self.clock()
@@ -713,7 +767,12 @@ class Broker:
                     for owner in owners
                     if owner != key.owner
                 ]
-                raise deny(f"key custody failed: {e}", parties=(key.owner,), before=others) from e
+                raise deny(
+                    f"key custody failed: {e}",
+                    DenialCode.KEY_CUSTODY,
+                    parties=(key.owner,),
+                    before=others,
+                ) from e
         released = tuple(sealed)
         approval_of = {g.key_id: g.approval_id for g in decision.granted}
         entries: list[AuditEntry] = [
@@ -726,6 +785,7 @@ class Broker:
             )
             for r in released
         ]
+        first_withheld = len(entries)
         entries.extend(withheld)
         # The verdict counts every party's keys and names the workloads of the approvals that
         # granted: the operator's record. Each party has its own keys' records above.
@@ -741,7 +801,7 @@ class Broker:
         )
         # The records and the session in one transaction: one commit, and no release is
         # recorded without its session (or the other way round).
-        self.audit.append_many(
+        appended = self.audit.append_many(
             entries,
             session=Session(
                 session_id=session_id,
@@ -756,7 +816,10 @@ class Broker:
         return AttestOutcome(
             session_id=session_id,
             released=released,
-            denied=tuple((d.key_id, d.reason) for d in decision.denied),
+            denied=tuple(
+                WithheldKey(d.key_id, d.reason, d.code, r.sequence)
+                for d, r in zip(decision.denied, appended[first_withheld:], strict=False)
+            ),
             output_recipients=recipients,
             expires_at=expires,
         )

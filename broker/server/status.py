@@ -57,6 +57,7 @@ from broker.errors import (
     UnsupportedAlgorithmError,
     VerificationError,
 )
+from broker.policy import DenialCode
 from broker.server.authz import ADMIN_SERVICE, ATTESTATION_SERVICE, split_method
 from broker.server.errors import (
     AccessDeniedError,
@@ -201,14 +202,36 @@ def status_for(exc: BaseException, *, full_method: str) -> Status:
     return Status(code.INTERNAL, INTERNAL_MESSAGE, True)
 
 
+#: The metric label of each denial code (``reason`` of the attestation and key metrics).
+_REASON_LABELS: Final[dict[DenialCode, str]] = {
+    DenialCode.NOT_APPROVED: "not_approved",
+    DenialCode.PLATFORM_NOT_ACCEPTED: "golden",
+    DenialCode.ATTESTER_REVOKED: "ak",
+    DenialCode.ATTESTER_UNKNOWN: "ak",
+    DenialCode.EVIDENCE_INVALID: "evidence",
+    DenialCode.NONCE_INVALID: "nonce",
+    DenialCode.KEY_CUSTODY: "custody",
+    DenialCode.KEYS_WITHHELD: "keys_withheld",
+}
+
+
+def reason_label(code: DenialCode) -> str:
+    """The metric label for a denial code (a small fixed set)."""
+    return _REASON_LABELS[code]
+
+
 def attestation_reason_class(exc: BaseException | None) -> str:
     """A coarse, bounded label for why an attestation was refused (for metrics).
 
-    ``None`` means the attestation was refused because no key was approved (the core raises
-    that denial without a cause).
+    A denial from the core carries its code, which decides the label; other refusals (a
+    malformed request, a rate limit) are classified by their type. ``None`` means the
+    attestation was refused because no key was approved.
     """
     if exc is None:
         return "not_approved"
+    code = getattr(exc, "code", None)
+    if isinstance(exc, PolicyError) and isinstance(code, DenialCode):
+        return reason_label(code)
     if isinstance(exc, InvalidRequestError):
         return "invalid_request"
     if isinstance(exc, RateLimitedError):
@@ -248,5 +271,6 @@ __all__ = [
     "KEK_UNUSABLE_MESSAGE",
     "Status",
     "attestation_reason_class",
+    "reason_label",
     "status_for",
 ]

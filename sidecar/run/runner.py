@@ -563,13 +563,16 @@ def _input_specs(config: RunConfig, attestation: Attestation) -> list[InputSpec]
     for item in config.inputs:
         owner = attestation.owners.get(item.key_id)
         if owner is None:
+            # Only what the broker said: its coarse reason and the audit record of the key.
+            said = attestation.withheld.get(item.key_id, "the broker gave no reason")
             if item.required:
                 raise KeyNotReleasedError(
                     f"the broker withheld data key {item.key_id!r} of required input "
-                    f"{item.name!r} (its owner has not approved this workload with these "
-                    "files, or revoked the approval); the workload was not started"
+                    f"{item.name!r} ({said}); the workload was not started"
                 )
-            _log.warning("input %r left out: its key %r was withheld", item.name, item.key_id)
+            _log.warning(
+                "input %r left out: its key %r was withheld (%s)", item.name, item.key_id, said
+            )
             continue
         specs.append(InputSpec(name=item.name, url=item.url, key_id=item.key_id, owner_party=owner))
     return specs

@@ -530,15 +530,23 @@ def test_a_changed_workload_file_is_denied_before_the_workload_starts(
     assert proc.returncode == 1
     lines = proc.stderr.splitlines()
     assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("cleanroom: error: the broker denied the attestation")
-    assert "not approved" in lines[0]
     assert not ran.exists()
     assert not (rundir / "outputs").exists() or not any((rundir / "outputs").iterdir())
 
-    denials = [r for r in audit(room)[before:] if r[0] == "attest" and r[2] == "deny"]
+    with room.client("operator") as operator:
+        records = list(operator.list_audit_records(limit=1000))[before:]
+    denials = [r for r in records if r.action == "attest" and r.decision == "deny"]
     assert len(denials) == 1
-    assert "not approved by advertiser" in denials[0][3]
-    assert "not approved by publisher" in denials[0][3]
+    assert "not approved by advertiser" in denials[0].reason
+    assert "not approved by publisher" in denials[0].reason
+    # The sidecar states what the broker told it (the class and the records), no exact reason.
+    keys = {r.subject: r.sequence for r in records if r.action == "key.release"}
+    assert lines[0] == (
+        "cleanroom: error: the broker denied the release (NOT_APPROVED; audit record "
+        f"{denials[0].sequence}; withheld: 'advertiser-data' NOT_APPROVED; audit record "
+        f"{keys['advertiser-data']}, 'publisher-data' NOT_APPROVED; audit record "
+        f"{keys['publisher-data']})"
+    )
 
 
 def test_a_tampered_input_fails_the_read_clearly(
@@ -707,7 +715,7 @@ def test_failures_before_the_start_are_one_clear_line(
         (
             unknown_key,
             "cleanroom: error: the broker withheld data key 'nobody-registered-this' of "
-            "required input 'extra'",
+            "required input 'extra' (NOT_APPROVED; audit record ",
         )
     )
     for config, expected in cases:
