@@ -584,7 +584,7 @@ class Broker:
             *,
             parties: tuple[str, ...] = (),
             before: Sequence[AuditEntry] = (),
-            withheld: Sequence[Denial] = (),
+            withheld: Sequence[tuple[Denial, int]] = (),
         ) -> AttestationDenied:
             """Records the verdict (after the records ``before``, in one transaction) and
             returns the exception to raise.
@@ -592,8 +592,8 @@ class Broker:
             A record's reason and parties are visible to every party it is tagged with, so a
             verdict is tagged only with parties whose own keys its reason is solely about;
             reasons about several parties' keys go to the operator's view alone, and each
-            party gets records of its own (``before``; the first ``len(withheld)`` of them
-            are the records of the keys ``withheld``, in order).
+            party gets records of its own (``before``); ``withheld`` pairs each withheld key's
+            denial with the index in ``before`` of the record the sidecar is pointed to.
             """
             records = self.audit.append_many(
                 [*before, record("attest", evidence.ak_name, "deny", reason, parties)]
@@ -604,8 +604,8 @@ class Broker:
                 code=code,
                 audit_record=records[-1].sequence,
                 withheld=[
-                    WithheldKey(d.key_id, d.reason, d.code, r.sequence)
-                    for d, r in zip(withheld, records, strict=False)
+                    WithheldKey(d.key_id, d.reason, d.code, records[i].sequence)
+                    for d, i in withheld
                 ],
             )
 
@@ -653,7 +653,9 @@ class Broker:
                 qualifying_data=expected,
             )
         except SnpError as e:
-            raise deny(f"SEV-SNP evidence rejected: {type(e).__name__}: {e}") from e
+            raise deny(
+                f"SEV-SNP evidence rejected: {type(e).__name__}: {e}", DenialCode.EVIDENCE_INVALID
+            ) from e
         except (VerificationError, BrokerError) as e:
             raise deny(
                 f"evidence rejected: {type(e).__name__}: {e}", DenialCode.EVIDENCE_INVALID
@@ -727,16 +729,35 @@ class Broker:
             for d in decision.denied
         ]
         withheld = snp_withheld + withheld
+        # A key whose approval was set aside for want of SEV-SNP evidence: what the sidecar is
+        # told is that the machine was not accepted, not that nothing was approved.
+        snp_record: dict[str, int] = {}
+        for i, r in enumerate(snp_withheld):
+            snp_record.setdefault(r.subject, i)
+        denials = [
+            replace(d, code=DenialCode.PLATFORM_NOT_ACCEPTED)
+            if d.key_id in snp_record and d.code is DenialCode.NOT_APPROVED
+            else d
+            for d in decision.denied
+        ]
+        # The record each withheld key's denial points to (an index into ``withheld``): the
+        # SEV-SNP one where that is why, else the key's own.
+        pointed = [
+            (d, snp_record[d.key_id])
+            if d.code is DenialCode.PLATFORM_NOT_ACCEPTED and d.key_id in snp_record
+            else (d, len(snp_withheld) + n)
+            for n, d in enumerate(denials)
+        ]
         if not decision.granted:
-            reasons = "; ".join(f"{d.key_id}: {d.reason}" for d in decision.denied)
-            codes = {d.code for d in decision.denied}
+            reasons = "; ".join(f"{d.key_id}: {d.reason}" for d in denials)
+            codes = {d.code for d in denials}
             code = codes.pop() if len(codes) == 1 else DenialCode.KEYS_WITHHELD
             # The full reason names every party's keys: the operator's record only.
             raise deny(
                 f"no key released: {reasons or 'workload not approved'}",
-                code if decision.denied else DenialCode.NOT_APPROVED,
+                code if denials else DenialCode.NOT_APPROVED,
                 before=withheld,
-                withheld=decision.denied,
+                withheld=pointed,
             )
 
         session_id = uuid.uuid4().hex
@@ -817,8 +838,8 @@ class Broker:
             session_id=session_id,
             released=released,
             denied=tuple(
-                WithheldKey(d.key_id, d.reason, d.code, r.sequence)
-                for d, r in zip(decision.denied, appended[first_withheld:], strict=False)
+                WithheldKey(d.key_id, d.reason, d.code, appended[first_withheld + i].sequence)
+                for d, i in pointed
             ),
             output_recipients=recipients,
             expires_at=expires,

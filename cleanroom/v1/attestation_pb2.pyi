@@ -33,8 +33,9 @@ class _DenialReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DenialRe
     key: the sidecar does not learn which key ids exist).
     """
     DENIAL_REASON_PLATFORM_NOT_ACCEPTED: _DenialReason.ValueType  # 2
-    """The measured workload is approved, but the machine's PCR values are not ones the owner's
-    golden set accepts (another image, firmware or boot configuration).
+    """The measured workload is approved, but not for this machine: its PCR values are not ones
+    the owner's golden set accepts (another image, firmware or boot configuration), or the
+    owner's approval demands AMD SEV-SNP evidence and none was verified.
     """
     DENIAL_REASON_ATTESTER_REVOKED: _DenialReason.ValueType  # 3
     """The attesting AK, or the EK it is bound to, is revoked."""
@@ -65,8 +66,9 @@ DENIAL_REASON_NOT_APPROVED: DenialReason.ValueType  # 1
 key: the sidecar does not learn which key ids exist).
 """
 DENIAL_REASON_PLATFORM_NOT_ACCEPTED: DenialReason.ValueType  # 2
-"""The measured workload is approved, but the machine's PCR values are not ones the owner's
-golden set accepts (another image, firmware or boot configuration).
+"""The measured workload is approved, but not for this machine: its PCR values are not ones
+the owner's golden set accepts (another image, firmware or boot configuration), or the
+owner's approval demands AMD SEV-SNP evidence and none was verified.
 """
 DENIAL_REASON_ATTESTER_REVOKED: DenialReason.ValueType  # 3
 """The attesting AK, or the EK it is bound to, is revoked."""

@@ -368,6 +368,42 @@ def test_a_partial_release_tells_each_withheld_keys_code_and_record(room: Room) 
     assert withheld.subject == "publisher-data" and withheld.decision == "deny"
 
 
+def test_a_key_whose_approval_demands_sev_snp_is_withheld_as_platform_not_accepted(
+    room: Room,
+) -> None:
+    # The workload is approved, but only for a machine that proves the AMD SEV-SNP hardware
+    # root, which this one did not: the sidecar is told the machine was not accepted (with the
+    # record that says why), not that nothing was approved.
+    room.broker.approve_workload(
+        ADVERTISER,
+        workload_name="advertiser-workload",
+        manifest=[
+            ManifestEntry(path=e.path, size=e.size, digests=dict(e.digests))
+            for e in room.measured.events
+        ],
+        key_ids=["advertiser-data"],
+        output_recipients=["advertiser"],
+        golden_set=None,
+        require_snp=True,
+    )
+    with pytest.raises(AttestationDenied) as denied:
+        room.broker.attest(SIDECAR, room.evidence(["advertiser-data"]))
+    assert denied.value.code is DenialCode.PLATFORM_NOT_ACCEPTED
+    (withheld,) = denied.value.withheld
+    records = {r.sequence: r for r in room.records()}
+    assert (withheld.key_id, withheld.code) == ("advertiser-data", DenialCode.PLATFORM_NOT_ACCEPTED)
+    # The record the sidecar is pointed to is the one that says why.
+    assert records[withheld.audit_record].subject == "advertiser-data"
+    assert "requires AMD SEV-SNP evidence" in records[withheld.audit_record].reason
+    assert records[denied.value.audit_record].action == "attest"
+    snp = [
+        r
+        for r in records.values()
+        if r.action == "key.release" and "requires AMD SEV-SNP evidence" in r.reason
+    ]
+    assert [r.subject for r in snp] == ["advertiser-data"]
+
+
 def test_an_event_log_that_misstates_a_size_releases_nothing(room: Room) -> None:
     # Sizes are not extended into PCR 23: this log still replays to the quote.
     room.approve(ADVERTISER, "advertiser-data", WORKLOAD)
