@@ -175,7 +175,11 @@ class QuoteMaker:
     a fifth of building them afresh and leaves the load generator's CPU to the broker.
     """
 
-    def __init__(self, ak: SoftAk, pcr23: Mapping[str, bytes]) -> None:
+    def __init__(
+        self, ak: SoftAk, pcr23: Mapping[str, bytes], *, signer: bytes | None = None
+    ) -> None:
+        """``signer`` is the qualifiedSigner the quotes name: the AK's qualified name under its
+        parent, as a TPM reports it (default: the AK's name, for an AK enrolled without EK)."""
         self.ak = ak
         values = [pcr23[bank] for bank in QUOTED_BANKS]
         # TPM2_Quote digests the selected PCRs, in selection order, with the scheme's hash.
@@ -184,7 +188,7 @@ class QuoteMaker:
         self._attest = TPMS_ATTEST(
             magic=TPM2_GENERATED.VALUE,
             type=TPM2_ST.ATTEST_QUOTE,
-            qualifiedSigner=TPM2B_NAME(ak.name),
+            qualifiedSigner=TPM2B_NAME(ak.name if signer is None else signer),
             extraData=TPM2B_DATA(bytes(32)),
             clockInfo=TPMS_CLOCK_INFO(clock=0, resetCount=1, restartCount=0, safe=1),
             firmwareVersion=0x20191023,

@@ -127,14 +127,19 @@ class BlobOutputSink:
 
     ``prefix`` is ``azure://<account>/<container>[/<path>]`` or an ``https://`` container URL.
     The container must exist. An output is committed only when complete; an existing blob is
-    never replaced.
+    never replaced, unless ``replace`` (``[outputs] replace``) says to.
 
     Raises:
         OutputStoreError: the prefix is not a blob container URL.
     """
 
     def __init__(
-        self, prefix: str, *, store: BlobStore, chunk_size: int = DEFAULT_CHUNK_SIZE
+        self,
+        prefix: str,
+        *,
+        store: BlobStore,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        replace: bool = False,
     ) -> None:
         # Validate with a placeholder blob name: the prefix must be a container URL.
         try:
@@ -149,8 +154,22 @@ class BlobOutputSink:
         self._shown = str(probe).removesuffix("/x")
         self._store = store
         self._chunk_size = chunk_size
+        self._replace = replace
         self._lock = threading.Lock()
         self._active: set[str] = set()
+
+    def existing_outputs(self, limit: int = 5) -> list[str]:
+        """Up to ``limit`` outputs (``*.sealed`` blobs) already under the prefix, by URL: the
+        sidecar's preflight refuses to attest while there are any, unless told to replace them.
+
+        Raises:
+            OutputStoreError: the container does not exist, the credentials are refused, or the
+                service cannot be reached.
+        """
+        try:
+            return self._store.list_blobs(self._prefix, suffix=SEALED_SUFFIX, limit=limit)
+        except BlobStoreError as e:
+            raise OutputStoreError(f"output location {self._shown}: {e}") from e
 
     def url_for(self, name: str) -> str:
         """The blob URL that output ``name`` is stored at.
@@ -202,7 +221,7 @@ class _BlobSealedOutput:
         self._parties = tuple(r.party for r in recipients)
         self._done = False
         try:
-            self._blob = owner._store.open_writer(url, overwrite=False)
+            self._blob = owner._store.open_writer(url, overwrite=owner._replace)
         except BlobExistsError as e:
             raise OutputExistsError(f"output {name!r}: {e}") from e
         except BlobStoreError as e:

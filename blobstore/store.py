@@ -55,6 +55,7 @@ from blobstore.errors import (
     BlobExistsError,
     BlobNotFoundError,
     BlobStoreError,
+    BlobUrlError,
     ContainerNotFoundError,
 )
 from blobstore.urls import BlobLocation, LocalLocation, Location, parse_location
@@ -763,6 +764,37 @@ class BlobStore:
             raise
         except Exception as e:
             raise translate_error(e, loc, "inspect") from e
+
+    def list_blobs(self, prefix: str, *, suffix: str = "", limit: int = 10) -> list[str]:
+        """The URLs (canonical, without any SAS token) of up to ``limit`` blobs under ``prefix``
+        whose names end with ``suffix``, in the service's (name) order.
+
+        ``prefix`` is a container URL with an optional path (``azure://account/container/out``):
+        the blobs listed are those whose names start with that path and a ``/``.
+
+        Raises:
+            BlobUrlError: ``prefix`` is not a blob container URL.
+            ContainerNotFoundError: the container does not exist.
+            BlobAuthError, BlobStoreError.
+        """
+        loc = self._parse(prefix.rstrip("/") + "/x")
+        if not isinstance(loc, BlobLocation):
+            raise BlobUrlError(f"{prefix} is not a blob container URL")
+        start = loc.blob.removesuffix("x")
+        found: list[str] = []
+        try:
+            container = self._service(loc).get_container_client(loc.container)
+            for item in container.list_blobs(name_starts_with=start or None):
+                if item.name.endswith(suffix):
+                    found.append(f"azure://{loc.account}/{loc.container}/{item.name}")
+                    if len(found) >= limit:
+                        break
+        except BlobStoreError:
+            raise
+        except Exception as e:
+            where = f"azure://{loc.account}/{loc.container}/{start}"
+            raise translate_error(e, where, "list") from e
+        return found
 
     def exists(self, url: str | Path) -> bool:
         """Whether the file or blob exists.

@@ -264,7 +264,7 @@ def manifest_from_json(data: bytes, source: str) -> list[ManifestFile]:
 
     ``{"events": [...]}`` (what ``cleanroom sidecar measure --log-out`` writes; its launch event
     is skipped, the launch is given with ``--command``) and a bare list are accepted too. Every
-    entry needs a path and a sha256 digest.
+    entry needs a path, a size and a sha256 digest.
 
     Raises:
         AdminUsageError: the JSON is malformed or an entry is incomplete.
@@ -285,9 +285,12 @@ def manifest_from_json(data: bytes, source: str) -> list[ManifestFile]:
         where = f"manifest {source}: entry {n}"
         if not isinstance(item, dict):
             raise AdminUsageError(f"{where} is not an object")
-        path, size, digests = item.get("path"), item.get("size", 0), item.get("digests")
+        path, size, digests = item.get("path"), item.get("size"), item.get("digests")
         if not isinstance(path, str) or not path:
             raise AdminUsageError(f'{where} needs a "path"')
+        if size is None:
+            # The broker compares each measured file's size with the approved one.
+            raise AdminUsageError(f'{where} needs a "size" (the file\'s length in bytes)')
         if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= _MAX_FILE_SIZE:
             raise AdminUsageError(
                 f'{where}: "size" must be an integer from 0 to {_MAX_FILE_SIZE} (64 bits)'

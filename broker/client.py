@@ -41,7 +41,7 @@ from types import TracebackType
 from typing import Final, Protocol, Self, TypeVar
 
 import grpc
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from broker.errors import BrokerError
 from cleanroom.v1 import (
@@ -85,11 +85,15 @@ class BrokerClientError(BrokerError):
         code: grpc.StatusCode | None = None,
         details: str = "",
         method: str = "",
+        denial: attestation_pb2.AttestDenial | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.details = details
         self.method = method
+        #: For a refused ``Attest``: the broker's coarse reason and the sequence of the audit
+        #: record with the exact one (see ``AttestDenial``); None when the broker sent none.
+        self.denial = denial
 
 
 class ClientSetupError(BrokerClientError):
@@ -153,24 +157,54 @@ _ERROR_FOR_CODE: Final[Mapping[grpc.StatusCode, type[BrokerClientError]]] = {
 }
 
 
+#: The binary trailing metadata that carries an ``AttestDenial`` with a refused ``Attest``.
+ATTEST_DENIAL_METADATA: Final = "cleanroom-attest-denial-bin"
+
+
+def _denial(exc: grpc.Call) -> attestation_pb2.AttestDenial | None:
+    """The ``AttestDenial`` in a failed call's trailing metadata, if it holds a readable one."""
+    try:
+        trailing = exc.trailing_metadata() or ()
+    except Exception:  # a call that failed before any metadata: nothing to read
+        return None
+    for key, value in trailing:
+        if key == ATTEST_DENIAL_METADATA and isinstance(value, bytes):
+            denial = attestation_pb2.AttestDenial()
+            try:
+                denial.ParseFromString(value)
+            except DecodeError:
+                return None
+            return denial
+    return None
+
+
 def error_from_rpc(exc: grpc.RpcError, *, method: str, target: str = "") -> BrokerClientError:
     """The :class:`BrokerClientError` subclass for a failed call's status code.
 
     The message reads ``"<Method>: <details> [<CODE>]"`` (with the target for connection
-    failures), on one line.
+    failures), on one line. A refused ``Attest`` carries the broker's ``AttestDenial`` as
+    ``denial`` when the broker sent one.
     """
     code: grpc.StatusCode | None = None
     details = ""
+    denial = None
     if isinstance(exc, grpc.Call):
         code = exc.code()
         details = exc.details() or ""
+        denial = _denial(exc)
     details = " ".join(details.split())  # one line, whatever gRPC put in it
     if not details:
         details = "no details"
     cls = _ERROR_FOR_CODE.get(code, BrokerClientError) if code is not None else BrokerClientError
     where = f" (broker {target})" if target and code is grpc.StatusCode.UNAVAILABLE else ""
     name = code.name if code is not None else "UNKNOWN"
-    return cls(f"{method}: {details} [{name}]{where}", code=code, details=details, method=method)
+    return cls(
+        f"{method}: {details} [{name}]{where}",
+        code=code,
+        details=details,
+        method=method,
+        denial=denial,
+    )
 
 
 # --- retries --------------------------------------------------------------------------------
@@ -819,6 +853,7 @@ class BrokerClient:
 
 
 __all__ = [
+    "ATTEST_DENIAL_METADATA",
     "DEFAULT_RETRIES",
     "DEFAULT_TIMEOUT",
     "IDEMPOTENT_METHODS",

@@ -47,6 +47,11 @@ class UnsupportedAlgorithmError(VerificationError):
     """A key type, signature scheme, hash or PCR bank that the broker does not accept."""
 
 
+class QualifiedSignerError(VerificationError):
+    """The quote's qualifiedSigner is not the qualified name of the enrolled AK under its EK:
+    the quote was made by another TPM object than the one enrolled."""
+
+
 class QualifyingDataError(VerificationError):
     """The quote's extraData is not the expected qualifying data (wrong nonce or binding)."""
 
@@ -131,6 +136,11 @@ class NotApprovedError(PolicyError):
 
 class RevokedKeyError(EnrollmentError, PolicyError):
     """An EK or AK has been revoked: it can neither enroll nor have keys released to it."""
+
+
+class UncoveredPcrError(PolicyError):
+    """A golden set names a PCR that no quote is sure to cover (neither PCR 23 nor one of the
+    broker's ``boot_pcrs``), so an approval relying on it could never release a key."""
 
 
 class UnknownPolicyObjectError(PolicyError):

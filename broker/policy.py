@@ -9,7 +9,7 @@ Rules (see ``docs/policy.md``):
 
 * A revoked AK, or an AK whose EK is revoked, gets nothing: :class:`AttesterRevokedError`.
 * A key is granted when an active approval by the key's *owner* names it, its manifest equals
-  the measured manifest (same ordered paths and digests), its launch equals the measured
+  the measured manifest (same ordered paths, digests and sizes), its launch equals the measured
   launch (command, executable, the executable's digest, environment, working directory), its
   expected PCR 23 equals the quoted PCR 23 in every bank both list (sha256 always), and its
   golden set, if any, exists and accepts every PCR value it lists. An approval without a
@@ -20,7 +20,8 @@ Rules (see ``docs/policy.md``):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import enum
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -28,6 +29,7 @@ from broker.errors import (
     NotApprovedError,
     PolicyError,
     RevokedKeyError,
+    UncoveredPcrError,
     UnknownPolicyObjectError,
 )
 from broker.model import (
@@ -41,7 +43,14 @@ from broker.model import (
 )
 from evidence.errors import EventLogError
 from evidence.launch import Launch, launch_difference
-from evidence.pcr import BANK_SIZES, WORKLOAD_PCR, MeasurementEvent, launch_event, replay
+from evidence.pcr import (
+    BANK_SIZES,
+    WORKLOAD_PCR,
+    MeasurementEvent,
+    check_event_size,
+    launch_event,
+    replay,
+)
 
 #: The bank every comparison of PCR 23 must include: sha1 alone is never enough.
 REQUIRED_BANK = "sha256"
@@ -67,12 +76,38 @@ class Grant:
     approval_id: str
 
 
+class DenialCode(enum.Enum):
+    """The coarse class of a refusal, which the refused sidecar may learn (the exact reason
+    stays in the audit log). Each names what the sidecar's operator can act on, never another
+    party's policy: which file, PCR or approval differed stays with the owner and the operator.
+    """
+
+    #: No active approval by the key's owner matches the measurement (or no such key).
+    NOT_APPROVED = "not_approved"
+    #: The measurement is approved, but the owner's golden set does not accept the machine.
+    PLATFORM_NOT_ACCEPTED = "platform_not_accepted"
+    #: The AK or its EK is revoked.
+    ATTESTER_REVOKED = "attester_revoked"
+    #: The AK or its EK is not enrolled.
+    ATTESTER_UNKNOWN = "attester_unknown"
+    #: The quote or the event log failed verification.
+    EVIDENCE_INVALID = "evidence_invalid"
+    #: The nonce is unknown, used, expired or another AK's.
+    NONCE_INVALID = "nonce_invalid"
+    #: A granted key's KEK refused to unwrap it, or it could not be sealed.
+    KEY_CUSTODY = "key_custody"
+    #: Every requested key was withheld, for different reasons.
+    KEYS_WITHHELD = "keys_withheld"
+
+
 @dataclass(frozen=True)
 class Denial:
-    """A requested data key that is withheld. ``reason`` is exact, for the audit log only."""
+    """A requested data key that is withheld. ``reason`` is exact, for the audit log only;
+    ``code`` is the coarse class the sidecar may learn."""
 
     key_id: str
     reason: str
+    code: DenialCode = DenialCode.NOT_APPROVED
 
 
 @dataclass(frozen=True)
@@ -156,7 +191,9 @@ def evaluate(
     for key_id in wanted:
         record = keys.get(key_id)
         if record is None or record.key_id != key_id:
-            denied.append(Denial(key_id, "unknown key"))
+            # NOT_APPROVED, as for a key that exists: a sidecar learns nothing of which key
+            # ids exist.
+            denied.append(Denial(key_id, "unknown key", DenialCode.NOT_APPROVED))
             continue
         outcome = _decide_key(record, ordered, quoted_pcrs, measured, golden_sets)
         if isinstance(outcome, Approval):
@@ -165,7 +202,7 @@ def evaluate(
             )
             granting[outcome.approval_id] = outcome
         else:
-            denied.append(Denial(key_id, outcome))
+            denied.append(Denial(key_id, *outcome))
 
     recipients = sorted({r for a in granting.values() for r in a.output_recipients})
     if granting:
@@ -214,17 +251,20 @@ def _decide_key(
     quoted: Mapping[tuple[int, str], bytes],
     measured: _Measured,
     golden_sets: Mapping[str, GoldenPcrSet],
-) -> Approval | str:
-    """The first approval that grants ``record``, or the exact reason none does."""
+) -> Approval | tuple[str, DenialCode]:
+    """The first approval that grants ``record``, or the exact reason none does and its code."""
     owner = record.owner
     if (WORKLOAD_PCR, REQUIRED_BANK) not in quoted:
-        return f"quote does not cover PCR {WORKLOAD_PCR} in {REQUIRED_BANK}"
+        return (
+            f"quote does not cover PCR {WORKLOAD_PCR} in {REQUIRED_BANK}",
+            DenialCode.EVIDENCE_INVALID,
+        )
     naming = [a for a in ordered if a.party == owner and record.key_id in a.key_ids]
     if not naming:
         return (
             f"not approved by {owner}: no active approval by {owner} for this key matches "
             "the measured workload"
-        )
+        ), DenialCode.NOT_APPROVED
     best: tuple[int, str] = (-1, "")
     best_rank = (-1, 0)
     for approval in naming:
@@ -241,14 +281,16 @@ def _decide_key(
         ids = ", ".join(sorted(a.approval_id for a in naming))
         return (
             f"not approved by {owner}: every approval by {owner} naming this key is revoked ({ids})"
-        )
+        ), DenialCode.NOT_APPROVED
     if stage == _PCR:
         value = quoted[(WORKLOAD_PCR, REQUIRED_BANK)].hex()
         return (
             f"not approved by {owner}: measured PCR {WORKLOAD_PCR} ({REQUIRED_BANK} {value}) "
             f"matches no active approval by {owner} for this key"
-        )
-    return reason
+        ), DenialCode.NOT_APPROVED
+    # Past the manifest, only the golden set can fail: the workload itself is approved.
+    code = DenialCode.PLATFORM_NOT_ACCEPTED if stage == _GOLDEN else DenialCode.NOT_APPROVED
+    return reason, code
 
 
 def _failure_stage(
@@ -336,6 +378,13 @@ def _manifest_difference(
         for bank in sorted(set(a.digests) & set(m.digests)):
             if bytes(a.digests[bank]) != bytes(m.digests[bank]):
                 return f"file {n} ({a.path!r}): {bank} digest differs"
+        # Same digests, so the same data: the approved size was measured from it, and an event
+        # log that states another size for it is false (the size is not in PCR 23).
+        if a.size != m.size:
+            return (
+                f"file {n} ({a.path!r}): the event log says {m.size} bytes, the approved file "
+                f"with these digests is {a.size} bytes"
+            )
     return None
 
 
@@ -412,19 +461,23 @@ def validate_approval(
     keys: Mapping[str, DataKeyRecord],
     parties: Mapping[str, Party],
     golden_sets: Mapping[str, GoldenPcrSet],
+    quoted_pcrs: Collection[int] | None = None,
 ) -> None:
     """Checks a new approval before it is stored.
 
     ``keys``, ``parties`` and ``golden_sets`` hold (at least) the objects the approval names.
     The expected PCR values must be the ones the manifest and the launch produce, so that a
     stored approval can never match a PCR 23 that its own manifest and launch do not explain.
+    ``quoted_pcrs`` are the PCR indices every quote covers (see :func:`check_golden_coverage`);
+    when given, the approval's golden set may name no other.
 
     Raises:
-        PolicyError: empty workload name or manifest, no launch, a malformed manifest entry,
-            expected PCR values that are missing, malformed or inconsistent with the manifest
-            and launch, no key ids or duplicates.
+        PolicyError: empty workload name or manifest, no launch, a malformed manifest entry (a
+            size that its digests contradict, say), expected PCR values that are missing,
+            malformed or inconsistent with the manifest and launch, no key ids or duplicates.
         NotApprovedError: a key id belongs to another party (a party approves only its own keys).
         UnknownPolicyObjectError: a key, recipient party or golden set does not exist.
+        UncoveredPcrError: the golden set names a PCR that no quote is sure to cover.
     """
     if not approval.party:
         raise PolicyError("an approval needs the approving party")
@@ -446,6 +499,12 @@ def validate_approval(
             raise PolicyError(f"manifest file {n} ({entry.path!r}) has no {REQUIRED_BANK} digest")
         for bank, digest in entry.digests.items():
             _check_digest(bank, digest, f"manifest file {n} ({entry.path!r})")
+        # Sizes are compared with the measured ones, so an approved size must be the file's:
+        # one that its own digests contradict could never match an honest measurement.
+        try:
+            check_event_size(n, MeasurementEvent(entry.path, entry.size, entry.digests))
+        except EventLogError as e:
+            raise PolicyError(f"manifest {str(e).replace('event', 'file', 1)}") from e
 
     if REQUIRED_BANK not in approval.expected_pcrs:
         raise PolicyError(f"an approval needs the expected PCR {WORKLOAD_PCR} in {REQUIRED_BANK}")
@@ -483,14 +542,42 @@ def validate_approval(
             raise PolicyError("an empty golden set name; use None for no golden set")
         if approval.golden_set not in golden_sets:
             raise UnknownPolicyObjectError(f"unknown golden set {approval.golden_set!r}")
+        if quoted_pcrs is not None:
+            check_golden_coverage(golden_sets[approval.golden_set], quoted_pcrs)
 
 
-def validate_golden_set(golden: GoldenPcrSet) -> None:
-    """Checks a golden PCR set before it is stored.
+def check_golden_coverage(golden: GoldenPcrSet, quoted_pcrs: Collection[int]) -> None:
+    """Checks that every PCR ``golden`` names is one that every quote covers.
+
+    ``quoted_pcrs`` are the indices the broker makes every quote cover: PCR 23 and its
+    ``boot_pcrs`` (the challenge names them). A sidecar may quote more (``[tpm] extra_pcrs``),
+    but the broker cannot know that of every sidecar, so a golden set over any other PCR would
+    withhold its keys from every sidecar that does not: it is refused when it is set, and when
+    an approval names it.
+
+    Raises:
+        UncoveredPcrError: naming the PCRs that no quote is sure to cover, and those quoted.
+    """
+    uncovered = sorted({k.index for k in golden.accepted} - set(quoted_pcrs))
+    if uncovered:
+        quoted = ", ".join(str(i) for i in sorted(set(quoted_pcrs)))
+        raise UncoveredPcrError(
+            f"golden set {golden.name!r} names PCR {', '.join(map(str, uncovered))}, which no "
+            f"quote is sure to cover: quotes cover PCR {quoted} (PCR {WORKLOAD_PCR} and the "
+            "broker's boot_pcrs); add the PCR to boot_pcrs or remove it from the golden set"
+        )
+
+
+def validate_golden_set(
+    golden: GoldenPcrSet, *, quoted_pcrs: Collection[int] | None = None
+) -> None:
+    """Checks a golden PCR set before it is stored; with ``quoted_pcrs``, also that every quote
+    covers its PCRs (:func:`check_golden_coverage`).
 
     Raises:
         PolicyError: empty name or set, a PCR index outside 0..23, an unknown bank, a PCR with
             no accepted value, or a value of the wrong size for its bank.
+        UncoveredPcrError: the set names a PCR that no quote is sure to cover.
     """
     if not golden.name:
         raise PolicyError("a golden set needs a name")
@@ -507,6 +594,8 @@ def validate_golden_set(golden: GoldenPcrSet) -> None:
             )
         for value in values:
             _check_digest(key.bank, value, f"golden set {golden.name!r}: PCR {key.index}")
+    if quoted_pcrs is not None:
+        check_golden_coverage(golden, quoted_pcrs)
 
 
 def _check_digest(bank: str, value: bytes, where: str) -> None:

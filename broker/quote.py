@@ -6,11 +6,13 @@ expected qualifying data, and returns a :class:`VerifiedQuote` or raises the
 
 The checks run in a fixed order, each with its own error: parse (``MalformedEvidenceError``),
 magic (``NotTpmGeneratedError``), type (``AttestTypeError``), signature scheme and hash
-(``UnsupportedAlgorithmError``/``SignatureError``), signature (``SignatureError``), qualifying data
+(``UnsupportedAlgorithmError``/``SignatureError``), signature (``SignatureError``), signer
+(``QualifiedSignerError``, when the AK's qualified name is known), qualifying data
 (``QualifyingDataError``), PCR selection (``UnsupportedAlgorithmError`` for SHA-1-only evidence
 when a stronger bank is required, then ``PcrSelectionError``), PCR digest (``PcrDigestError``) and
-event-log replay (``EventLogReplayError``). Golden values are a separate step,
-:func:`check_golden`, because policy decides which golden set applies.
+event log (``EventLogReplayError``: each event's size against its digests, then the replay).
+Golden values are a separate step, :func:`check_golden`, because policy decides which golden set
+applies.
 
 Performance: parsing goes through tpm2-pytss (libtss2's unmarshalling), but the fields are then
 read from the parsed C structure directly rather than through tpm2-pytss's Python wrappers,
@@ -44,13 +46,14 @@ from broker.errors import (
     NotTpmGeneratedError,
     PcrDigestError,
     PcrSelectionError,
+    QualifiedSignerError,
     QualifyingDataError,
     SignatureError,
     UnsupportedAlgorithmError,
 )
 from broker.tpmkeys import HASH_BY_ALG, STRONG_HASHES, ParsedPublic
 from evidence.errors import EventLogError
-from evidence.pcr import BANK_SIZES, WORKLOAD_PCR, MeasurementEvent, replay
+from evidence.pcr import BANK_SIZES, WORKLOAD_PCR, MeasurementEvent, check_event_size, replay
 
 __all__ = [
     "DEFAULT_MAX_EVENT_LOG_ENTRIES",
@@ -326,6 +329,13 @@ def _check_event_log(
                 f"event {n} ({event.path!r}) is for PCR {event.pcr_index}; only PCR "
                 f"{WORKLOAD_PCR} events can be replayed"
             )
+        # The size is not extended into the PCR, so the replay cannot catch a false one; what
+        # the digests alone show (empty data or not) is checked here, the rest against the
+        # approved manifest by policy.
+        try:
+            check_event_size(n, event)
+        except EventLogError as e:
+            raise EventLogReplayError(f"event log is malformed: {e}") from e
     quoted = selection.workload_banks
     if not quoted:
         raise EventLogReplayError(f"PCR {WORKLOAD_PCR} is not quoted: the event log is unchecked")
@@ -375,6 +385,7 @@ def verify_quote(
     required_pcrs: Mapping[str, Sequence[int]] = DEFAULT_REQUIRED_PCRS,
     event_log: Sequence[MeasurementEvent] | None = None,
     max_event_log_entries: int = DEFAULT_MAX_EVENT_LOG_ENTRIES,
+    expected_signer: bytes | None = None,
 ) -> VerifiedQuote:
     """Verifies a TPM2_Quote made by ``ak``.
 
@@ -383,7 +394,9 @@ def verify_quote(
     quoted PCRs (see :func:`pcr_values_from_tools`). ``required_pcrs`` maps a bank to the indices
     the quote must cover. With ``event_log``, the log must replay to the quoted PCR 23 in every
     quoted bank it has digests for, in at least one, and in every bank ``required_pcrs`` names
-    for PCR 23.
+    for PCR 23, and every event's size must agree with its digests (0 exactly for empty data).
+    With ``expected_signer`` (the AK's qualified name, :func:`broker.tpmkeys.ak_qualified_name`),
+    the quote's qualifiedSigner must equal it.
 
     Raises:
         MalformedEvidenceError: attest or signature cannot be parsed, has trailing bytes, or a
@@ -393,11 +406,13 @@ def verify_quote(
         UnsupportedAlgorithmError: signature scheme or hash (SHA-1) or PCR bank not accepted,
             or only SHA-1 PCRs were quoted where a stronger bank is required.
         SignatureError: the signature is not the AK's scheme or does not verify.
+        QualifiedSignerError: qualifiedSigner is not ``expected_signer``.
         QualifyingDataError: extraData is not ``expected_qualifying_data``.
         PcrSelectionError: a required PCR is not quoted, or the reported values are not exactly
             the quoted selection.
         PcrDigestError: the quoted digest is not the digest of the reported values.
-        EventLogReplayError: the event log is too long, malformed, or does not replay.
+        EventLogReplayError: the event log is too long, malformed (an event's size contradicts
+            its digests, say), or does not replay.
     """
     attest = bytes(attest)
     signature = bytes(signature)
@@ -416,6 +431,13 @@ def verify_quote(
         raise AttestTypeError(f"attest is of type {type_name} (0x{a.type:04x}), not a quote")
 
     scheme, hash_name = _verify_signature(ak, sig, attest)
+
+    signer = _b(a.qualifiedSigner.name, a.qualifiedSigner.size)
+    if expected_signer is not None and not hmac.compare_digest(signer, expected_signer):
+        raise QualifiedSignerError(
+            f"quote's qualifiedSigner is {signer.hex()}, not the enrolled AK's qualified name "
+            f"{expected_signer.hex()} (the quote was made by another TPM object)"
+        )
 
     extra = _b(a.extraData.buffer, a.extraData.size)
     if not hmac.compare_digest(extra, expected_qualifying_data):
@@ -455,7 +477,7 @@ def verify_quote(
             safe=bool(clock.safe),
         ),
         firmware_version=int(a.firmwareVersion),
-        qualified_signer=_b(a.qualifiedSigner.name, a.qualifiedSigner.size),
+        qualified_signer=signer,
         qualifying_data=extra,
         signature_scheme=scheme,
         signature_hash=hash_name,

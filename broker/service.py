@@ -56,6 +56,7 @@ from broker.model import (
     Session,
 )
 from broker.nonces import NonceService
+from broker.policy import AttesterRevokedError, Denial, DenialCode
 from broker.release import SealedRelease
 from broker.snp import SnpClaims
 from broker.storage import Store
@@ -96,10 +97,22 @@ class Challenge:
 
 
 @dataclass(frozen=True)
+class WithheldKey:
+    """A requested key that was not released: the exact reason (server-side only), its coarse
+    code (which the sidecar learns) and the sequence of the audit record that holds the reason.
+    """
+
+    key_id: str
+    reason: str
+    code: DenialCode
+    audit_record: int
+
+
+@dataclass(frozen=True)
 class AttestOutcome:
     session_id: str
     released: tuple[SealedRelease, ...]
-    denied: tuple[tuple[str, str], ...]  # (key_id, exact reason): reasons stay server-side
+    denied: tuple[WithheldKey, ...]
     output_recipients: tuple[Party, ...]
     expires_at: datetime
 
@@ -144,7 +157,23 @@ def _entry(
 
 
 class AttestationDenied(PolicyError):
-    """Nothing was released. The exact reason is in the audit log; the client sees none of it."""
+    """Nothing was released. The exact reason (``str(e)``) is in the audit log; the client
+    learns only ``code``, the sequence of the verdict's record (``audit_record``) and, when
+    every key was withheld, each key's code and record (``withheld``).
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        code: DenialCode | None = None,
+        audit_record: int = 0,
+        withheld: Sequence[WithheldKey] = (),
+    ) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.audit_record = audit_record
+        self.withheld = tuple(withheld)
 
 
 class Broker:
@@ -270,6 +299,11 @@ class Broker:
             if len(self._parties) < _MAX_CACHED_PARTIES:
                 self._parties[name] = party
         return party
+
+    @property
+    def _quoted_pcrs(self) -> frozenset[int]:
+        """The PCRs every quote covers: PCR 23 and ``boot_pcrs`` (every challenge names them)."""
+        return frozenset((WORKLOAD_PCR, *self.config.boot_pcrs))
 
     @staticmethod
     def _require_party(actor: SpiffeId) -> str:
@@ -633,16 +667,34 @@ class Broker:
             """Burns the nonce in ``uow`` (when ``burn``); why it is refused, if it is."""
             return self.nonces.consume_in(uow, evidence.nonce, evidence.ak_name) if burn else None
 
-        def denied(reason: str, cause: BaseException | None) -> NoReturn:
+        def denied(
+            reason: str,
+            code: DenialCode,
+            cause: BaseException | None,
+            records: Sequence[AuditRecord],
+            withheld: Sequence[tuple[Denial, int]] = (),
+        ) -> NoReturn:
+            """Raises the denial: the sidecar learns ``code``, the sequence of the verdict's
+            record (the last of ``records``) and each withheld key's code and record."""
             log.info("attestation denied for AK %s: %s", evidence.ak_name, reason)
             # The cause classifies the denial (the metrics' reason label).
-            raise AttestationDenied(reason) from cause
+            raise AttestationDenied(
+                reason,
+                code=code,
+                audit_record=records[-1].sequence,
+                withheld=[
+                    WithheldKey(d.key_id, d.reason, d.code, records[i].sequence)
+                    for d, i in withheld
+                ],
+            ) from cause
 
         def deny(
             reason: str,
+            code: DenialCode,
             *,
             parties: tuple[str, ...] = (),
             before: Sequence[AuditEntry] = (),
+            withheld: Sequence[tuple[Denial, int]] = (),
             burn: bool = True,
             cause: BaseException | None = None,
         ) -> NoReturn:
@@ -652,7 +704,8 @@ class Broker:
             A record's reason and parties are visible to every party it is tagged with, so a
             verdict is tagged only with parties whose own keys its reason is solely about;
             reasons about several parties' keys go to the operator's view alone, and each
-            party gets records of its own (``before``).
+            party gets records of its own (``before``); ``withheld`` pairs each withheld key's
+            denial with the index in ``before`` of the record the sidecar is pointed to.
 
             Raises:
                 AttestationDenied: always, from the nonce's refusal or else from ``cause``.
@@ -660,18 +713,23 @@ class Broker:
             with self.store.fast_unit_of_work("deny attestation") as uow:
                 nonce_refused = refusal(uow, burn)
                 if nonce_refused is not None:
-                    reason, parties, before = f"nonce refused: {nonce_refused}", (), ()
-                    cause = nonce_refused
-                self.audit.append_in(
+                    reason, parties, before, withheld = (
+                        f"nonce refused: {nonce_refused}",
+                        (),
+                        (),
+                        (),
+                    )
+                    code, cause = DenialCode.NONCE_INVALID, nonce_refused
+                records = self.audit.append_in(
                     uow, [*before, record("attest", evidence.ak_name, "deny", reason, parties)]
                 )
-            denied(reason, cause)
+            denied(reason, code, cause, records, withheld)
 
         try:
             ak = self.store.get_ak(evidence.ak_name)
         except UnknownKeyError as e:
             # No nonce is burned: a nonce is bound to an enrolled AK, and this one is none.
-            deny(str(e), burn=False, cause=e)
+            deny(str(e), DenialCode.ATTESTER_UNKNOWN, burn=False, cause=e)
         ek = self.store.get_ek(ak.ek_id) if ak.ek_id else None
         snp_claims: SnpClaims | None = None
         try:
@@ -681,8 +739,9 @@ class Broker:
                 ephemeral_public_key=evidence.ephemeral_key.raw,
                 tls_certificate_der=evidence.peer_certificate_der,
             )
+            ak_public = tpmkeys.load_public(ak.public)
             verified = quote.verify_quote(
-                ak=tpmkeys.load_public(ak.public),
+                ak=ak_public,
                 attest=evidence.attest,
                 signature=evidence.signature,
                 pcr_values=evidence.pcr_values,
@@ -690,6 +749,13 @@ class Broker:
                 required_pcrs=self._required,
                 event_log=evidence.event_log,
                 max_event_log_entries=self.config.max_event_log_entries,
+                # An AK bound to an EK is the EK's child (credential activation, tpm2_createak):
+                # the quote must name exactly that object as its signer.
+                expected_signer=(
+                    tpmkeys.ak_qualified_name(ak_public, tpmkeys.load_public(ek.public))
+                    if ek is not None
+                    else None
+                ),
             )
             # The hardware root after the quote: the report must bind the AK that signed it
             # and be as fresh as its qualifying data.
@@ -700,17 +766,23 @@ class Broker:
                 qualifying_data=expected,
             )
         except SnpError as e:
-            deny(f"SEV-SNP evidence rejected: {type(e).__name__}: {e}", cause=e)
+            deny(
+                f"SEV-SNP evidence rejected: {type(e).__name__}: {e}",
+                DenialCode.EVIDENCE_INVALID,
+                cause=e,
+            )
         except (VerificationError, BrokerError) as e:
-            deny(f"evidence rejected: {type(e).__name__}: {e}", cause=e)
+            deny(
+                f"evidence rejected: {type(e).__name__}: {e}", DenialCode.EVIDENCE_INVALID, cause=e
+            )
         except Exception as e:  # evidence.errors from binding: malformed input
-            deny(f"evidence rejected: {e}", cause=e)
+            deny(f"evidence rejected: {e}", DenialCode.EVIDENCE_INVALID, cause=e)
 
         measured = policy.manifest_from_events(evidence.event_log)
         try:
             measured_launch = policy.launch_from_events(evidence.event_log)
         except PolicyError as e:
-            raise deny(f"evidence rejected: {e}") from e
+            deny(f"evidence rejected: {e}", DenialCode.EVIDENCE_INVALID, cause=e)
         pcr23 = verified.pcr_values.get((WORKLOAD_PCR, "sha256"))
         # Approvals of the same files are candidates too, whatever their launch: when only the
         # launch differs, the audit reason then says what in it differs.
@@ -765,7 +837,9 @@ class Broker:
                 measured_launch=measured_launch,
             )
         except PolicyError as e:
-            deny(str(e), cause=e)
+            revoked = isinstance(e, AttesterRevokedError)
+            code = DenialCode.ATTESTER_REVOKED if revoked else DenialCode.ATTESTER_UNKNOWN
+            deny(str(e), code, cause=e)
         owners = sorted({k.owner for k in keys.values()})
         # One record per withheld key, tagged with its owner alone: each party reads why its
         # own keys were withheld, and never another party's key ids or reasons.
@@ -780,10 +854,36 @@ class Broker:
             for d in decision.denied
         ]
         withheld = snp_withheld + withheld
+        # A key whose approval was set aside for want of SEV-SNP evidence: what the sidecar is
+        # told is that the machine was not accepted, not that nothing was approved.
+        snp_record: dict[str, int] = {}
+        for i, r in enumerate(snp_withheld):
+            snp_record.setdefault(r.subject, i)
+        denials = [
+            replace(d, code=DenialCode.PLATFORM_NOT_ACCEPTED)
+            if d.key_id in snp_record and d.code is DenialCode.NOT_APPROVED
+            else d
+            for d in decision.denied
+        ]
+        # The record each withheld key's denial points to (an index into ``withheld``): the
+        # SEV-SNP one where that is why, else the key's own.
+        pointed = [
+            (d, snp_record[d.key_id])
+            if d.code is DenialCode.PLATFORM_NOT_ACCEPTED and d.key_id in snp_record
+            else (d, len(snp_withheld) + n)
+            for n, d in enumerate(denials)
+        ]
         if not decision.granted:
-            reasons = "; ".join(f"{d.key_id}: {d.reason}" for d in decision.denied)
+            reasons = "; ".join(f"{d.key_id}: {d.reason}" for d in denials)
+            codes = {d.code for d in denials}
+            code = codes.pop() if len(codes) == 1 else DenialCode.KEYS_WITHHELD
             # The full reason names every party's keys: the operator's record only.
-            deny(f"no key released: {reasons or 'workload not approved'}", before=withheld)
+            deny(
+                f"no key released: {reasons or 'workload not approved'}",
+                code if denials else DenialCode.NOT_APPROVED,
+                before=withheld,
+                withheld=pointed,
+            )
 
         session_id = uuid.uuid4().hex
         now = self.clock()
@@ -813,7 +913,13 @@ class Broker:
                     for owner in owners
                     if owner != key.owner
                 ]
-                deny(f"key custody failed: {e}", parties=(key.owner,), before=others, cause=e)
+                deny(
+                    f"key custody failed: {e}",
+                    DenialCode.KEY_CUSTODY,
+                    parties=(key.owner,),
+                    before=others,
+                    cause=e,
+                )
         approval_of = {g.key_id: g.approval_id for g in decision.granted}
         session = Session(
             session_id=session_id,
@@ -827,14 +933,20 @@ class Broker:
         dropped: list[tuple[str, str]] = []
         denied_reason: str | None = None
         denial_cause: BaseException | None = None
+        denied_code = DenialCode.NOT_APPROVED
+        appended: list[AuditRecord] = []
+        # Where the withheld keys' records start among ``appended``.
+        first_withheld = 0
         released: tuple[SealedRelease, ...] = ()
 
         def decide(uow: UnitOfWork) -> None:
             """The nonce, the re-check, the records and the session: one unit, one commit."""
-            nonlocal denied_reason, denial_cause, dropped, released
+            nonlocal denied_reason, denial_cause, denied_code, dropped, released, appended
+            nonlocal first_withheld
             denial_cause = refusal(uow, True)
             if denial_cause is not None:
                 denied_reason = f"nonce refused: {denial_cause}"
+                denied_code = DenialCode.NONCE_INVALID
             else:
                 ak_active, active = self.store.still_active(
                     uow, ak_name=evidence.ak_name, approval_ids=sorted(set(approval_of.values()))
@@ -842,6 +954,7 @@ class Broker:
                 if not ak_active:
                     denial_cause = RevokedKeyError(f"AK {evidence.ak_name} is revoked")
                     denied_reason = f"AK {evidence.ak_name} was revoked during the attestation"
+                    denied_code = DenialCode.ATTESTER_REVOKED
                 else:
                     # A key whose approval was revoked while this attestation was in flight is
                     # withheld: the chain never shows a release citing a revoked approval.
@@ -860,7 +973,7 @@ class Broker:
                 for key_id, approval_id in dropped
             )
             if denied_reason is not None:
-                self.audit.append_in(
+                appended = self.audit.append_in(
                     uow,
                     [
                         *(withheld if not isinstance(denial_cause, NonceError) else ()),
@@ -880,6 +993,7 @@ class Broker:
                     )
                     for r in released
                 ]
+                first_withheld = len(entries)
                 entries.extend(withheld)
                 # The verdict counts every party's keys and names the workloads of the
                 # approvals that granted: the operator's record. Each party has its own keys'
@@ -895,7 +1009,7 @@ class Broker:
                         (),
                     )
                 )
-                self.audit.append_in(uow, entries)
+                appended = self.audit.append_in(uow, entries)
                 self.store.insert_session(
                     uow.cursor,
                     replace(session, released_key_ids=tuple(k.key_id for k in released)),
@@ -903,14 +1017,27 @@ class Broker:
 
         self._commit_release(decide, duplicate=duplicate, missing_reference=missing)
         if denied_reason is not None:
-            denied(denied_reason, denial_cause)
+            # Withheld keys' records were written only when the nonce was good (see decide).
+            kept = () if isinstance(denial_cause, NonceError) else pointed
+            denied(denied_reason, denied_code, denial_cause, appended, kept)
         recipients = tuple(self._party(p) for p in decision.output_recipients)
         return AttestOutcome(
             session_id=session_id,
             released=released,
             denied=(
-                *((d.key_id, d.reason) for d in decision.denied),
-                *((k, f"approval {a} was revoked during the attestation") for k, a in dropped),
+                *(
+                    WithheldKey(d.key_id, d.reason, d.code, appended[first_withheld + i].sequence)
+                    for d, i in pointed
+                ),
+                *(
+                    WithheldKey(
+                        k,
+                        f"approval {a} was revoked during the attestation",
+                        DenialCode.NOT_APPROVED,
+                        appended[first_withheld + len(withheld) - len(dropped) + j].sequence,
+                    )
+                    for j, (k, a) in enumerate(dropped)
+                ),
             ),
             output_recipients=recipients,
             expires_at=expires,
@@ -958,10 +1085,11 @@ class Broker:
 
         Raises:
             PolicyError: the set is invalid (see :func:`broker.policy.validate_golden_set`).
+            UncoveredPcrError: the set names a PCR that no quote is sure to cover.
             StorageError: the database failed.
         """
         with self._refusal_recorded(actor, "golden.set", golden.name):
-            policy.validate_golden_set(golden)
+            policy.validate_golden_set(golden, quoted_pcrs=self._quoted_pcrs)
         golden = replace(golden, updated_at=self.clock())
         with self.store.unit_of_work("set golden set") as uow:
             self.store.put_golden_set(golden, uow=uow)
@@ -1080,6 +1208,7 @@ class Broker:
         Raises:
             PolicyError: not a party, no launch, a key of another party, unknown recipient or
                 golden set.
+            UncoveredPcrError: the golden set names a PCR that no quote is sure to cover.
         """
         owner = self._require_party(actor)
         banks = sorted({b for e in manifest for b in e.digests})
@@ -1104,6 +1233,7 @@ class Broker:
                 golden_sets={golden_set: self.store.get_golden_set(golden_set)}
                 if golden_set
                 else {},
+                quoted_pcrs=self._quoted_pcrs,
             )
         except BrokerError as e:
             self._record(actor, "workload.approve", workload_name, "deny", str(e), parties=(owner,))

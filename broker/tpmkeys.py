@@ -46,6 +46,7 @@ __all__ = [
     "STRONG_HASHES",
     "KeyType",
     "ParsedPublic",
+    "ak_qualified_name",
     "check_ak_attributes",
     "check_ek_attributes",
     "load_public",
@@ -200,6 +201,31 @@ def _load_public_cached(data: bytes) -> ParsedPublic:
     if data.lstrip().startswith(b"-----BEGIN"):
         return _load_pem(data)
     return _load_tpm2b(data)
+
+
+#: TPM_RH_ENDORSEMENT, the hierarchy that the qualified name of every object under the EK
+#: starts from (TPM 2.0 Part 1, "Qualified Name").
+_RH_ENDORSEMENT: Final = 0x4000000B
+
+
+def ak_qualified_name(ak: ParsedPublic, ek: ParsedPublic) -> bytes | None:
+    """The qualified name a TPM reports as a quote's ``qualifiedSigner`` when ``ak`` is a child
+    of the primary key ``ek`` in the endorsement hierarchy (as ``tpm2_createak`` and the sidecar
+    create it); None when either key came from PEM and so has no TPM name.
+
+    ``QN(EK) = H_EK(TPM_RH_ENDORSEMENT || Name(EK))`` and ``QN(AK) = H_AK(QN(EK) || Name(AK))``,
+    each hash the object's name algorithm and each result prefixed with that algorithm's id,
+    like a name. Computed once per pair (cached): the broker checks it for every quote.
+    """
+    if ak.name is None or ek.name is None or ak.name_alg is None or ek.name_alg is None:
+        return None
+    return _qualified_name(ak.name, ak.name_alg, ek.name, ek.name_alg)
+
+
+@functools.lru_cache(maxsize=_PUBLIC_CACHE_SIZE)
+def _qualified_name(ak_name: bytes, ak_alg: str, ek_name: bytes, ek_alg: str) -> bytes:
+    ek_qn = ek_name[:2] + hashlib.new(ek_alg, _RH_ENDORSEMENT.to_bytes(4, "big") + ek_name).digest()
+    return ak_name[:2] + hashlib.new(ak_alg, ek_qn + ak_name).digest()
 
 
 def _spki_sha256(key: PublicKey) -> str:

@@ -36,6 +36,14 @@ _HASHES: Mapping[str, Callable[[bytes], hashlib._Hash]] = {
 
 _READ_CHUNK = 1 << 20
 
+#: The digest of zero bytes in every bank. A measured file of size 0 has exactly these
+#: digests, and a file of any other size has none of them, so an event's size can be checked
+#: against its digests without the file (see :func:`check_event_size`).
+EMPTY_DIGESTS: Mapping[str, bytes] = {bank: h(b"").digest() for bank, h in _HASHES.items()}
+
+#: The largest size an event can state: the event log's ``size`` is a protobuf ``uint64``.
+MAX_EVENT_SIZE = (1 << 64) - 1
+
 
 def check_bank(bank: str) -> str:
     """Returns ``bank`` if supported.
@@ -97,6 +105,40 @@ class Measurement:
 
     events: tuple[MeasurementEvent, ...]
     pcrs: Mapping[str, bytes] = field(default_factory=dict)
+
+
+def check_event_size(n: int, event: MeasurementEvent) -> None:
+    """Checks that event ``n``'s ``size`` (the byte length of the file it measured) agrees
+    with its digests as far as they show it: the digests of empty data for size 0, and only
+    then. A digest in a bank outside :data:`BANK_SIZES` is left to :func:`replay`. A launch
+    event's size must be 0.
+
+    Raises:
+        EventLogError: the size is not a byte count, or it contradicts the digests.
+    """
+    size = event.size
+    if event.launch is not None:
+        # A launch event measures no file: its size is 0 by definition, and its digests are
+        # those of the launch it reports, which the replay recomputes.
+        if size != 0:
+            raise EventLogError(f"event {n} (the launch) has size {size}; a launch event has 0")
+        return
+    if not 0 <= size <= MAX_EVENT_SIZE:
+        raise EventLogError(f"event {n} ({event.path!r}) has size {size}, not a byte count")
+    # One supported bank is enough: every digest of an event is of the same data (the replay
+    # and the manifest check hold the digests themselves to account). This runs for every
+    # event of every quote the broker verifies.
+    for bank, digest in event.digests.items():
+        empty = EMPTY_DIGESTS.get(bank)
+        if empty is None:
+            continue
+        if (digest == empty) != (size == 0):
+            stated = "0 bytes" if size == 0 else f"{size} bytes"
+            data = "non-empty data" if size == 0 else "empty data"
+            raise EventLogError(
+                f"event {n} ({event.path!r}) says {stated}, but its {bank} digest is that of {data}"
+            )
+        return
 
 
 def digest_file(path: str | os.PathLike[str], banks: Sequence[str]) -> tuple[int, dict[str, bytes]]:

@@ -198,9 +198,15 @@ class OutputSettings:
     """Where sealed outputs go: ``<directory>/<name>.sealed``. ``directory`` is a local
     directory (created as needed) or an Azure Blob container URL (``azure://account/container``
     or ``https://account.blob.core.windows.net/container``, optionally with a path prefix); the
-    container must exist, and the ``[blob]`` table says how to reach it."""
+    container must exist, and the ``[blob]`` table says how to reach it.
+
+    ``replace``: outputs already at ``directory`` (``*.sealed``) are replaced by this run's
+    outputs of the same name. Off by default: the sidecar then refuses to attest while any
+    output is there, since the run could not write its own.
+    """
 
     directory: str = "outputs"
+    replace: bool = False
 
     def __post_init__(self) -> None:
         if not self.directory:

@@ -22,7 +22,8 @@ from broker.model import (
     Party,
     PcrKey,
 )
-from cleanroom.v1 import admin_pb2, common_pb2
+from broker.policy import DenialCode
+from cleanroom.v1 import admin_pb2, attestation_pb2, common_pb2
 from evidence.launch import Launch
 from evidence.pcr import WORKLOAD_PCR
 from evidence.proto import bank_from_pb, bank_to_pb, launch_from_pb, launch_to_pb
@@ -34,6 +35,23 @@ def timestamp(when: datetime | None) -> Timestamp:
     if when is not None:
         ts.FromDatetime(when)
     return ts
+
+
+_DENIAL_REASONS: dict[DenialCode, attestation_pb2.DenialReason.ValueType] = {
+    DenialCode.NOT_APPROVED: attestation_pb2.DENIAL_REASON_NOT_APPROVED,
+    DenialCode.PLATFORM_NOT_ACCEPTED: attestation_pb2.DENIAL_REASON_PLATFORM_NOT_ACCEPTED,
+    DenialCode.ATTESTER_REVOKED: attestation_pb2.DENIAL_REASON_ATTESTER_REVOKED,
+    DenialCode.ATTESTER_UNKNOWN: attestation_pb2.DENIAL_REASON_ATTESTER_UNKNOWN,
+    DenialCode.EVIDENCE_INVALID: attestation_pb2.DENIAL_REASON_EVIDENCE_INVALID,
+    DenialCode.NONCE_INVALID: attestation_pb2.DENIAL_REASON_NONCE_INVALID,
+    DenialCode.KEY_CUSTODY: attestation_pb2.DENIAL_REASON_KEY_CUSTODY,
+    DenialCode.KEYS_WITHHELD: attestation_pb2.DENIAL_REASON_KEYS_WITHHELD,
+}
+
+
+def denial_reason_pb(code: DenialCode) -> attestation_pb2.DenialReason.ValueType:
+    """The ``DenialReason`` the sidecar is told for ``code``."""
+    return _DENIAL_REASONS[code]
 
 
 def pcr_values_from_pb(values: Iterable[common_pb2.PcrValue]) -> dict[tuple[int, str], bytes]:

@@ -62,8 +62,9 @@ class BrokerMetrics:
         )
         self.key_releases = Counter(
             "cleanroom_broker_key_releases",
-            "Data keys released to attested sidecars (result=released) or withheld (withheld).",
-            ["result"],
+            "Data keys released to attested sidecars (result=released, reason=approved) or "
+            "withheld (withheld, with the reason class).",
+            ["result", "reason"],
             registry=r,
         )
         self.rpc_latency = Histogram(

@@ -14,15 +14,16 @@ import logging
 import grpc
 
 from broker import rotation
+from broker.client import ATTEST_DENIAL_METADATA
 from broker.errors import UnknownPolicyObjectError
 from broker.model import AuditEntry
 from broker.server import convert, validate
 from broker.server.errors import InvalidRequestError, RateLimitedError
-from broker.server.interceptor import current_call
+from broker.server.interceptor import REQUEST_ID_METADATA, current_call
 from broker.server.metrics import BrokerMetrics
 from broker.server.ratelimit import TokenBucketLimiter
-from broker.server.status import attestation_reason_class
-from broker.service import Broker, Evidence
+from broker.server.status import attestation_reason_class, reason_label
+from broker.service import AttestationDenied, Broker, Evidence
 from cleanroom import __version__
 from cleanroom.v1 import admin_pb2, admin_pb2_grpc, attestation_pb2, attestation_pb2_grpc
 from evidence.proto import bank_to_pb, event_log_from_pb
@@ -141,14 +142,26 @@ class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):
                 vcek=bytes(request.snp_evidence.vcek),
             )
             outcome = self.broker.attest(call.caller, evidence)
+        except AttestationDenied as e:
+            self.metrics.attestations.labels("deny", attestation_reason_class(e)).inc()
+            if e.code is not None:
+                # The coarse reason and the record that holds the exact one go back with the
+                # status, in the trailing metadata (the guard keeps it when it aborts).
+                context.set_trailing_metadata(
+                    (
+                        (REQUEST_ID_METADATA, call.request_id),
+                        (ATTEST_DENIAL_METADATA, _denial_pb(e).SerializeToString()),
+                    )
+                )
+            raise
         except Exception as e:
             self.metrics.attestations.labels("deny", attestation_reason_class(e)).inc()
             raise
         self.metrics.attestations.labels("allow", "partial" if outcome.denied else "full").inc()
         if outcome.released:
-            self.metrics.key_releases.labels("released").inc(len(outcome.released))
-        if outcome.denied:
-            self.metrics.key_releases.labels("withheld").inc(len(outcome.denied))
+            self.metrics.key_releases.labels("released", "approved").inc(len(outcome.released))
+        for withheld in outcome.denied:
+            self.metrics.key_releases.labels("withheld", reason_label(withheld.code)).inc()
         response = attestation_pb2.AttestResponse(
             session_id=outcome.session_id,
             attestation_expires_at=convert.timestamp(outcome.expires_at),
@@ -157,10 +170,13 @@ class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):
             response.released_keys.add(
                 key_id=key.key_id, owner_party=key.owner, sealed_key=key.sealed
             )
-        # Exact reasons stay in the audit log: the sidecar learns only that a key was withheld.
-        for key_id, _reason in outcome.denied:
+        # Exact reasons stay in the audit log: the sidecar learns each withheld key's coarse
+        # reason and the record that holds the exact one.
+        for withheld in outcome.denied:
             response.denied_keys.add(
-                key_id=key_id, reason=attestation_pb2.DENIAL_REASON_NOT_APPROVED
+                key_id=withheld.key_id,
+                reason=convert.denial_reason_pb(withheld.code),
+                audit_record=withheld.audit_record,
             )
         for party in outcome.output_recipients:
             response.output_recipients.add(
@@ -439,3 +455,18 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
 
 __all__ = ["DEFAULT_AUDIT_PAGE", "AdminServicer", "AttestationServicer"]
+
+
+def _denial_pb(e: AttestationDenied) -> attestation_pb2.AttestDenial:
+    """What the refused sidecar learns of a denial: coarse codes and audit record numbers."""
+    assert e.code is not None
+    denial = attestation_pb2.AttestDenial(
+        reason=convert.denial_reason_pb(e.code), audit_record=e.audit_record
+    )
+    for withheld in e.withheld:
+        denial.denied_keys.add(
+            key_id=withheld.key_id,
+            reason=convert.denial_reason_pb(withheld.code),
+            audit_record=withheld.audit_record,
+        )
+    return denial

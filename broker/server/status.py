@@ -4,7 +4,8 @@ Clients get a code they can act on and a short message; exact reasons of refusal
 audit log and the server log. The rules, most specific first:
 
 * ``INVALID_ARGUMENT``: malformed requests (naming the field), malformed TPM structures and keys,
-  unacceptable key attributes.
+  unacceptable key attributes; a golden set (set, or named by an approval) over a PCR that no
+  quote is sure to cover.
 * ``UNAUTHENTICATED``: no usable client identity.
 * ``PERMISSION_DENIED``: the caller's role may not call the method; policy refusals. For
   ``Attest`` every refusal (verification, policy, replayed or foreign nonce, a key its KEK
@@ -50,11 +51,13 @@ from broker.errors import (
     PolicyError,
     RevokedKeyError,
     StorageError,
+    UncoveredPcrError,
     UnknownKeyError,
     UnknownPolicyObjectError,
     UnsupportedAlgorithmError,
     VerificationError,
 )
+from broker.policy import DenialCode
 from broker.server.authz import ADMIN_SERVICE, ATTESTATION_SERVICE, split_method
 from broker.server.errors import (
     AccessDeniedError,
@@ -159,6 +162,10 @@ def status_for(exc: BaseException, *, full_method: str) -> Status:
         if full_method == _REGISTER_METHOD:
             return Status(code.INVALID_ARGUMENT, f"sealed_data_key: {exc}")
         return Status(code.INTERNAL, "key custody failed", True)
+    if isinstance(exc, UncoveredPcrError):
+        # An approval or golden set that could never release a key: the message says which
+        # PCRs every quote covers, which the caller can act on.
+        return Status(code.INVALID_ARGUMENT, str(exc))
     if isinstance(exc, UnknownPolicyObjectError):
         return Status(code.NOT_FOUND, str(exc))
     if isinstance(exc, UnknownKeyError):
@@ -195,14 +202,36 @@ def status_for(exc: BaseException, *, full_method: str) -> Status:
     return Status(code.INTERNAL, INTERNAL_MESSAGE, True)
 
 
+#: The metric label of each denial code (``reason`` of the attestation and key metrics).
+_REASON_LABELS: Final[dict[DenialCode, str]] = {
+    DenialCode.NOT_APPROVED: "not_approved",
+    DenialCode.PLATFORM_NOT_ACCEPTED: "golden",
+    DenialCode.ATTESTER_REVOKED: "ak",
+    DenialCode.ATTESTER_UNKNOWN: "ak",
+    DenialCode.EVIDENCE_INVALID: "evidence",
+    DenialCode.NONCE_INVALID: "nonce",
+    DenialCode.KEY_CUSTODY: "custody",
+    DenialCode.KEYS_WITHHELD: "keys_withheld",
+}
+
+
+def reason_label(code: DenialCode) -> str:
+    """The metric label for a denial code (a small fixed set)."""
+    return _REASON_LABELS[code]
+
+
 def attestation_reason_class(exc: BaseException | None) -> str:
     """A coarse, bounded label for why an attestation was refused (for metrics).
 
-    ``None`` means the attestation was refused because no key was approved (the core raises
-    that denial without a cause).
+    A denial from the core carries its code, which decides the label; other refusals (a
+    malformed request, a rate limit) are classified by their type. ``None`` means the
+    attestation was refused because no key was approved.
     """
     if exc is None:
         return "not_approved"
+    code = getattr(exc, "code", None)
+    if isinstance(exc, PolicyError) and isinstance(code, DenialCode):
+        return reason_label(code)
     if isinstance(exc, InvalidRequestError):
         return "invalid_request"
     if isinstance(exc, RateLimitedError):
@@ -242,5 +271,6 @@ __all__ = [
     "KEK_UNUSABLE_MESSAGE",
     "Status",
     "attestation_reason_class",
+    "reason_label",
     "status_for",
 ]

@@ -29,12 +29,63 @@ class _DenialReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DenialRe
     DESCRIPTOR: _descriptor.EnumDescriptor
     DENIAL_REASON_UNSPECIFIED: _DenialReason.ValueType  # 0
     DENIAL_REASON_NOT_APPROVED: _DenialReason.ValueType  # 1
+    """No active approval by the key's owner matches the measured workload (or there is no such
+    key: the sidecar does not learn which key ids exist).
+    """
+    DENIAL_REASON_PLATFORM_NOT_ACCEPTED: _DenialReason.ValueType  # 2
+    """The measured workload is approved, but not for this machine: its PCR values are not ones
+    the owner's golden set accepts (another image, firmware or boot configuration), or the
+    owner's approval demands AMD SEV-SNP evidence and none was verified.
+    """
+    DENIAL_REASON_ATTESTER_REVOKED: _DenialReason.ValueType  # 3
+    """The attesting AK, or the EK it is bound to, is revoked."""
+    DENIAL_REASON_ATTESTER_UNKNOWN: _DenialReason.ValueType  # 4
+    """The attesting AK is not enrolled, or its EK is not."""
+    DENIAL_REASON_EVIDENCE_INVALID: _DenialReason.ValueType  # 5
+    """The quote or the event log failed verification (signature, signer, binding to the nonce,
+    key and certificate, PCR selection or digest, event log replay or sizes).
+    """
+    DENIAL_REASON_NONCE_INVALID: _DenialReason.ValueType  # 6
+    """The nonce is unknown, already used, expired or another AK's."""
+    DENIAL_REASON_KEY_CUSTODY: _DenialReason.ValueType  # 7
+    """A granted key could not be unwrapped by its key encryption key or sealed: nothing was
+    released. The operator can check the KEKs.
+    """
+    DENIAL_REASON_KEYS_WITHHELD: _DenialReason.ValueType  # 8
+    """Every requested key was withheld, for different reasons: see AttestDenial.denied_keys."""
 
 class DenialReason(_DenialReason, metaclass=_DenialReasonEnumTypeWrapper):
-    """Why a requested key was not released. Deliberately coarse: exact reasons go to the audit log."""
+    """Why a requested key, or a whole attestation, was not released. Deliberately coarse: a class
+    of refusal that the sidecar's operator can act on, never another party's policy (which PCR,
+    which file, which approval); the exact reason is in the audit record the denial names.
+    """
 
 DENIAL_REASON_UNSPECIFIED: DenialReason.ValueType  # 0
 DENIAL_REASON_NOT_APPROVED: DenialReason.ValueType  # 1
+"""No active approval by the key's owner matches the measured workload (or there is no such
+key: the sidecar does not learn which key ids exist).
+"""
+DENIAL_REASON_PLATFORM_NOT_ACCEPTED: DenialReason.ValueType  # 2
+"""The measured workload is approved, but not for this machine: its PCR values are not ones
+the owner's golden set accepts (another image, firmware or boot configuration), or the
+owner's approval demands AMD SEV-SNP evidence and none was verified.
+"""
+DENIAL_REASON_ATTESTER_REVOKED: DenialReason.ValueType  # 3
+"""The attesting AK, or the EK it is bound to, is revoked."""
+DENIAL_REASON_ATTESTER_UNKNOWN: DenialReason.ValueType  # 4
+"""The attesting AK is not enrolled, or its EK is not."""
+DENIAL_REASON_EVIDENCE_INVALID: DenialReason.ValueType  # 5
+"""The quote or the event log failed verification (signature, signer, binding to the nonce,
+key and certificate, PCR selection or digest, event log replay or sizes).
+"""
+DENIAL_REASON_NONCE_INVALID: DenialReason.ValueType  # 6
+"""The nonce is unknown, already used, expired or another AK's."""
+DENIAL_REASON_KEY_CUSTODY: DenialReason.ValueType  # 7
+"""A granted key could not be unwrapped by its key encryption key or sealed: nothing was
+released. The operator can check the KEKs.
+"""
+DENIAL_REASON_KEYS_WITHHELD: DenialReason.ValueType  # 8
+"""Every requested key was withheld, for different reasons: see AttestDenial.denied_keys."""
 Global___DenialReason: _TypeAlias = DenialReason  # noqa: Y015
 
 @_typing.final
@@ -341,21 +392,61 @@ class DeniedKey(_message.Message):
 
     KEY_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    AUDIT_RECORD_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     reason: Global___DenialReason.ValueType
+    audit_record: _builtins.int
+    """The sequence number of the audit record that holds the exact reason (0 when none)."""
     def __init__(
         self,
         *,
         key_id: _builtins.str = ...,
         reason: Global___DenialReason.ValueType = ...,
+        audit_record: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_record", b"audit_record", "key_id", b"key_id", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeniedKey: _TypeAlias = DeniedKey  # noqa: Y015
+
+@_typing.final
+class AttestDenial(_message.Message):
+    """Why a whole attestation was refused. Not a response: the broker sends it with a refused
+    Attest (PERMISSION_DENIED, FAILED_PRECONDITION, INVALID_ARGUMENT) as the binary trailing
+    metadata "cleanroom-attest-denial-bin", when the refusal has a record in the audit log.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    AUDIT_RECORD_FIELD_NUMBER: _builtins.int
+    DENIED_KEYS_FIELD_NUMBER: _builtins.int
+    reason: Global___DenialReason.ValueType
+    audit_record: _builtins.int
+    """The sequence number of the audit record of the verdict (action "attest", decision "deny"),
+    which holds the exact reason; operators read it with `cleanroom admin audit list`.
+    """
+    @_builtins.property
+    def denied_keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeniedKey]:
+        """When every requested key was withheld: each key's reason and record."""
+
+    def __init__(
+        self,
+        *,
+        reason: Global___DenialReason.ValueType = ...,
+        audit_record: _builtins.int = ...,
+        denied_keys: _abc.Iterable[Global___DeniedKey] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_record", b"audit_record", "denied_keys", b"denied_keys", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttestDenial: _TypeAlias = AttestDenial  # noqa: Y015
 
 @_typing.final
 class OutputRecipient(_message.Message):

@@ -246,6 +246,8 @@ class LocalDirectoryOutput:
     Subdirectories named in an output name are created (mode 0755 before umask); any existing
     component that is a symlink or not a directory is refused, so a name cannot lead outside
     ``directory``. Files are created mode 0600 while written and get ``file_mode`` on commit.
+    An existing ``<name>.sealed`` is refused, unless ``replace`` (``[outputs] replace``): then
+    it is replaced atomically when the new output commits.
 
     Raises:
         OutputStoreError: ``directory`` does not exist and cannot be created, or is not a
@@ -258,10 +260,12 @@ class LocalDirectoryOutput:
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         file_mode: int = 0o644,
+        replace: bool = False,
     ) -> None:
         self._directory = Path(directory)
         self._chunk_size = chunk_size
         self._file_mode = file_mode
+        self._replace = replace
         self._lock = threading.Lock()
         self._active: set[tuple[str, ...]] = set()
         try:
@@ -414,8 +418,12 @@ class _LocalSealedOutput:
             raise OutputStoreError(
                 f"output {self._name!r}: cannot check {self._final!r}: {e}"
             ) from e
-        kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "an existing output"
-        raise OutputExistsError(f"output {self._name!r}: {self._final!r} is already {kind}")
+        if stat.S_ISLNK(st.st_mode):
+            raise OutputExistsError(f"output {self._name!r}: {self._final!r} is a symlink")
+        if not (self._owner._replace and stat.S_ISREG(st.st_mode)):
+            raise OutputExistsError(
+                f"output {self._name!r}: {self._final!r} is already an existing output"
+            )
 
     @property
     def name(self) -> str:
@@ -457,15 +465,20 @@ class _LocalSealedOutput:
             os.fsync(fd)
             sealed_bytes = os.fstat(fd).st_size
             self._file.close()
-            # link() refuses to replace an existing name, unlike rename(): two sessions writing
-            # the same output cannot silently overwrite each other.
-            os.link(
-                self._tmp,
-                self._final,
-                src_dir_fd=self._dir_fd,
-                dst_dir_fd=self._dir_fd,
-                follow_symlinks=False,
-            )
+            if self._owner._replace:
+                # Told to replace: rename() swaps the complete output in atomically; a reader
+                # sees the old output or the new one, never a mix.
+                os.rename(self._tmp, self._final, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
+            else:
+                # link() refuses to replace an existing name, unlike rename(): two sessions
+                # writing the same output cannot silently overwrite each other.
+                os.link(
+                    self._tmp,
+                    self._final,
+                    src_dir_fd=self._dir_fd,
+                    dst_dir_fd=self._dir_fd,
+                    follow_symlinks=False,
+                )
         except FileExistsError as e:
             self.abort()
             raise OutputExistsError(
@@ -478,7 +491,8 @@ class _LocalSealedOutput:
             self.abort()
             raise
         try:
-            os.unlink(self._tmp, dir_fd=self._dir_fd)
+            if not self._owner._replace:  # rename() left no temporary name behind
+                os.unlink(self._tmp, dir_fd=self._dir_fd)
             os.fsync(self._dir_fd)
         except OSError as e:
             # The output is in place and complete; a leftover temporary name is harmless.

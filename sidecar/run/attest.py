@@ -15,8 +15,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -55,6 +55,7 @@ __all__ = [
     "Attestation",
     "Attester",
     "broker_error",
+    "denial_text",
     "enroll",
     "is_not_enrolled",
 ]
@@ -70,11 +71,34 @@ ATTEST_ATTEMPTS = 3
 ATTEST_RETRY_PAUSE = 0.5
 
 
+def denial_text(reason: int, audit_record: int) -> str:
+    """What the broker said of a denial, as the sidecar prints it: ``NOT_APPROVED; audit
+    record 42`` (the reason's name without its ``DENIAL_REASON_`` prefix)."""
+    try:
+        name = attestation_pb2.DenialReason.Name(reason).removeprefix("DENIAL_REASON_")  # type: ignore[arg-type]
+    except ValueError:  # a reason added in a newer broker
+        name = f"reason {reason}"
+    record = f"audit record {audit_record}" if audit_record else "no audit record"
+    return f"{name}; {record}"
+
+
+def _denial_summary(denial: attestation_pb2.AttestDenial) -> str:
+    text = denial_text(denial.reason, denial.audit_record)
+    if denial.denied_keys:
+        keys = ", ".join(
+            f"{k.key_id!r} {denial_text(k.reason, k.audit_record)}" for k in denial.denied_keys
+        )
+        text += f"; withheld: {keys}"
+    return text
+
+
 def broker_error(e: BrokerClientError, *, target: str, doing: str) -> RunError:
     """The run error for a failed broker call made while ``doing`` (one line).
 
     Unreachable and timed-out brokers become :class:`BrokerUnreachableError`; refusals become
-    :class:`AttestationDeniedError`; the rest keep the broker's message.
+    :class:`AttestationDeniedError`; the rest keep the broker's message. A refused attestation
+    states only what the broker said of it: its coarse reason and the audit record that holds
+    the exact one (``AttestDenial``), never a guess at the cause.
     """
     if isinstance(e, UnavailableError):
         return BrokerUnreachableError(
@@ -83,14 +107,17 @@ def broker_error(e: BrokerClientError, *, target: str, doing: str) -> RunError:
     if isinstance(e, DeadlineExceededError):
         return BrokerUnreachableError(f"the broker at {target} did not answer in time ({doing})")
     if isinstance(e, PermissionDeniedError) and doing == ATTESTATION:
-        # The broker tells the sidecar nothing more on purpose; the audit log has the reason.
+        if e.denial is not None:
+            return AttestationDeniedError(
+                f"the broker denied the release ({_denial_summary(e.denial)})"
+            )
+        # A broker that sends no AttestDenial says nothing more; its audit log has the reason.
         return AttestationDeniedError(
-            f"the broker denied the attestation ({e.details}): the measured workload files are "
-            "not approved for the requested keys, or the evidence was refused; the broker's "
-            "audit log has the exact reason"
+            f"the broker denied the release ({e.details}; no audit record given)"
         )
     if isinstance(e, PermissionDeniedError | FailedPreconditionError):
-        return AttestationDeniedError(f"the broker refused {doing}: {e.details}")
+        said = f" ({_denial_summary(e.denial)})" if e.denial is not None else ""
+        return AttestationDeniedError(f"the broker refused {doing}: {e.details}{said}")
     return RunError(f"broker call failed while {doing}: {e}")
 
 
@@ -167,6 +194,7 @@ class Attestation:
         owners: key id -> owning party of each released key.
         denied: key ids the broker withheld.
         recipients: (party, public key) pairs the outputs are sealed to.
+        withheld: key id -> what the broker said of each withheld key (:func:`denial_text`).
     """
 
     session_id: str
@@ -174,6 +202,7 @@ class Attestation:
     owners: dict[str, str]
     denied: tuple[str, ...]
     recipients: tuple[tuple[str, RecipientPublicKey], ...]
+    withheld: Mapping[str, str] = field(default_factory=dict)
 
 
 class Attester:
@@ -422,4 +451,7 @@ class Attester:
             owners={k.key_id: k.owner_party for k in response.released_keys},
             denied=tuple(d.key_id for d in response.denied_keys),
             recipients=tuple(recipients),
+            withheld={
+                d.key_id: denial_text(d.reason, d.audit_record) for d in response.denied_keys
+            },
         )

@@ -3,9 +3,12 @@
 :func:`run_workload` does, in order:
 
 1. checks what it can without the TPM or the broker (the command, the workload directory, the
-   length of the workload socket's path, the input files, the sidecar's certificate), so that
-   a typo fails in milliseconds; opens the executable and digests it through that descriptor
-   (the launch, :func:`prepare_launch`);
+   length of the workload socket's path, the input files, the sidecar's certificate, and that
+   the output directory can be written and holds no outputs unless ``[outputs] replace``; an
+   Azure Blob output prefix is checked the same way once the blob store is set up, before the
+   broker is asked for a nonce), so that a typo fails in milliseconds and a run that could not
+   write its outputs never attests; opens the executable and digests it through that
+   descriptor (the launch, :func:`prepare_launch`);
 2. asks the broker for a challenge in the background if this AK is known to be enrolled (the
    TLS handshake and the round trip overlap the TPM work below);
 3. opens the TPM once and loads the persistent AK (creating it on first use); enrolls it by
@@ -70,6 +73,7 @@ from sidecar.run.errors import (
     KeyNotReleasedError,
     RunSetupError,
 )
+from sidecar.run.preflight import check_blob_outputs, check_output_directory
 from sidecar.run.state import load_enrollment, save_enrollment
 from sidecar.run.supervisor import WorkloadProcess
 from sidecar.runconfig import RunConfig, is_blob_url
@@ -293,9 +297,9 @@ def _check_socket_path(config: RunConfig) -> None:
 
 
 def _preflight(config: RunConfig) -> bytes:
-    """Checks the workload directory, the socket path and the local inputs; returns the
-    sidecar's certificate (DER), which the quote binds. (The command is checked by
-    :func:`prepare_launch` before.)"""
+    """Checks the workload directory, the socket path, the local inputs and the local output
+    directory; returns the sidecar's certificate (DER), which the quote binds. (The command is
+    checked by :func:`prepare_launch` before.)"""
     root = config.workload_root
     if not root.is_dir():
         raise RunSetupError(f"workload root {root} is not a directory")
@@ -307,6 +311,10 @@ def _preflight(config: RunConfig) -> bytes:
         source = input_source_for(spec)
         if isinstance(source, LocalFileInput) and not source.path.exists():
             raise RunSetupError(f"input {item.name!r}: {source.path} does not exist")
+    if not is_blob_url(config.outputs.directory):
+        # Before any nonce is asked for: a run that cannot write its outputs must not attest.
+        # (Blob outputs are checked once the blob store is set up, still before that.)
+        check_output_directory(Path(config.outputs.directory), replace=config.outputs.replace)
     from cryptography.hazmat.primitives.serialization import Encoding
 
     from pki.errors import PKIError
@@ -489,11 +497,22 @@ def _run(
     target = config.broker.target
     record = load_enrollment(config.runtime.state_dir)
     known = record.ak_name if record is not None and record.matches(broker=target) else None
+    blob_outputs = is_blob_url(config.outputs.directory)
+    output_sink = None
+    if blob_outputs:
+        # Blob outputs are checked before any nonce is asked for, so the blob store is set up
+        # first; a local directory was checked in the preflight.
+        from blobstore.sidecar import BlobOutputSink
+
+        output_sink = _output_sink(config, _blob_store(config, stack))
+        assert isinstance(output_sink, BlobOutputSink)
+        check_blob_outputs(output_sink, config.outputs.directory, replace=config.outputs.replace)
     challenge_future = _prefetch(lambda: client.get_challenge(known)) if known else None
 
-    # Imported only now, so that loading tpm2-pytss (and the Azure SDK, when blobs are used)
-    # overlaps the TLS handshake and the challenge round trip running in the background.
-    output_sink = _output_sink(config, _blob_store(config, stack))
+    # Imported only now, so that loading tpm2-pytss (and the Azure SDK, when only inputs are
+    # blobs) overlaps the TLS handshake and the challenge round trip running in the background.
+    if output_sink is None:
+        output_sink = _output_sink(config, _blob_store(config, stack))
     from sidecar.tpm import Tpm
 
     tpm = stack.enter_context(Tpm(config.tpm))
@@ -646,8 +665,8 @@ def _output_sink(config: RunConfig, store: BlobStore | None) -> OutputSink:
         from blobstore.sidecar import BlobOutputSink
 
         assert store is not None
-        return BlobOutputSink(config.outputs.directory, store=store)
-    return LocalDirectoryOutput(config.outputs.directory)
+        return BlobOutputSink(config.outputs.directory, store=store, replace=config.outputs.replace)
+    return LocalDirectoryOutput(config.outputs.directory, replace=config.outputs.replace)
 
 
 def _input_specs(config: RunConfig, attestation: Attestation) -> list[InputSpec]:
@@ -660,13 +679,16 @@ def _input_specs(config: RunConfig, attestation: Attestation) -> list[InputSpec]
     for item in config.inputs:
         owner = attestation.owners.get(item.key_id)
         if owner is None:
+            # Only what the broker said: its coarse reason and the audit record of the key.
+            said = attestation.withheld.get(item.key_id, "the broker gave no reason")
             if item.required:
                 raise KeyNotReleasedError(
                     f"the broker withheld data key {item.key_id!r} of required input "
-                    f"{item.name!r} (its owner has not approved this workload with these "
-                    "files, or revoked the approval); the workload was not started"
+                    f"{item.name!r} ({said}); the workload was not started"
                 )
-            _log.warning("input %r left out: its key %r was withheld", item.name, item.key_id)
+            _log.warning(
+                "input %r left out: its key %r was withheld (%s)", item.name, item.key_id, said
+            )
             continue
         specs.append(InputSpec(name=item.name, url=item.url, key_id=item.key_id, owner_party=owner))
     return specs

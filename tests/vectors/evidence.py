@@ -17,7 +17,7 @@ from typing import Any
 
 from broker import errors
 from broker.quote import VerifiedQuote, event_log_from_json, event_log_to_json, verify_quote
-from broker.tpmkeys import load_public
+from broker.tpmkeys import ak_qualified_name, load_public
 from evidence.pcr import MeasurementEvent
 
 VECTOR_DIR = Path(__file__).resolve().parent
@@ -51,6 +51,9 @@ class QuoteVector:
     event_log: tuple[MeasurementEvent, ...] | None = None
     #: The file ``tpm2_quote --pcr`` wrote (serialized format), when it is this quote's.
     tools_pcr_file: bytes | None = None
+    #: The EK (TPM2B_PUBLIC) the AK is enrolled under, when known: the quote's qualifiedSigner
+    #: must then be the AK's qualified name under it, as the broker checks.
+    ek_public: bytes | None = None
 
     @property
     def error_class(self) -> type[errors.BrokerError] | None:
@@ -62,14 +65,19 @@ class QuoteVector:
         return cls
 
     def verify(self) -> VerifiedQuote:
+        ak = load_public(self.ak_public)
+        signer = (
+            None if self.ek_public is None else ak_qualified_name(ak, load_public(self.ek_public))
+        )
         return verify_quote(
-            ak=load_public(self.ak_public),
+            ak=ak,
             attest=self.attest,
             signature=self.signature,
             pcr_values=self.pcr_values,
             expected_qualifying_data=self.qualifying_data,
             required_pcrs=self.required_pcrs,
             event_log=self.event_log,
+            expected_signer=signer,
         )
 
     def derive(self, name: str, guards: str, expect: str, **changes: Any) -> QuoteVector:
@@ -95,6 +103,8 @@ class QuoteVector:
         }
         if self.tools_pcr_file is not None:
             doc["tools_pcr_file"] = self.tools_pcr_file.hex()
+        if self.ek_public is not None:
+            doc["ek_public"] = self.ek_public.hex()
         return json.dumps(doc, indent=1) + "\n"
 
     @classmethod
@@ -115,6 +125,7 @@ class QuoteVector:
             tools_pcr_file=(
                 bytes.fromhex(doc["tools_pcr_file"]) if "tools_pcr_file" in doc else None
             ),
+            ek_public=bytes.fromhex(doc["ek_public"]) if "ek_public" in doc else None,
         )
 
 
@@ -226,6 +237,12 @@ def mutations(valid: QuoteVector, prefix: str) -> list[QuoteVector]:
         ),
         *valid.event_log[1:],
     )
+    # The first file's digests with the size of empty data: the size is not extended into
+    # PCR 23, so this log still replays.
+    sizeless_log = (
+        MeasurementEvent(path=first.path, size=0, digests=first.digests),
+        *valid.event_log[1:],
+    )
     sha1_only_log = tuple(
         MeasurementEvent(path=e.path, size=e.size, digests={"sha1": e.digests["sha1"]})
         for e in valid.event_log
@@ -274,6 +291,13 @@ def mutations(valid: QuoteVector, prefix: str) -> list[QuoteVector]:
             "an event log with only sha1 digests when policy requires sha256:23",
             "EventLogReplayError",
             event_log=sha1_only_log,
+        ),
+        valid.derive(
+            f"{prefix}-event-size-not-its-data",
+            "an event log that replays but states size 0 for a file whose digests are not those "
+            "of empty data",
+            "EventLogReplayError",
+            event_log=sizeless_log,
         ),
         valid.derive(
             f"{prefix}-not-tpm-generated",

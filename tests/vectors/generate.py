@@ -45,6 +45,7 @@ def _quote_vector(
     expect: str = "valid",
     event_log: tuple[MeasurementEvent, ...] | None = None,
     pcr_format: str = "serialized",
+    ek: tt.KeyFiles | None = None,
 ) -> QuoteVector:
     from broker.quote import pcr_values_from_tools
 
@@ -65,6 +66,7 @@ def _quote_vector(
         qualifying_data=q.qualification,
         event_log=event_log,
         tools_pcr_file=pcr_file,
+        ek_public=None if ek is None else ek.public.read_bytes(),
     )
 
 
@@ -75,6 +77,7 @@ def build_quote_vectors(tpm: Swtpm, workdir: Path) -> list[QuoteVector]:
     ecc = tt.create_ak(tpm, workdir, ek, alg="ecc", scheme="ecdsa", prefix="ak-ecc")
     pss = tt.create_ak(tpm, workdir, ek, scheme="rsapss", prefix="ak-rsapss")
     other = tt.create_ak(tpm, workdir, ek, prefix="ak-other")
+    other_ek = tt.create_ek(tpm, workdir, alg="ecc", prefix="ek-ecc")
 
     tt.reset_pcr23(tpm)
     log = tt.measure(tpm, WORKLOAD)
@@ -103,6 +106,7 @@ def build_quote_vectors(tpm: Swtpm, workdir: Path) -> list[QuoteVector]:
         rsa,
         quote(rsa, "q-rsa"),
         event_log=log,
+        ek=ek,
     )
     ecc_valid = _quote_vector(
         "quote-ecc-p256-ecdsa-valid",
@@ -110,6 +114,7 @@ def build_quote_vectors(tpm: Swtpm, workdir: Path) -> list[QuoteVector]:
         ecc,
         quote(ecc, "q-ecc"),
         event_log=log,
+        ek=ek,
     )
     vectors = [rsa_valid, ecc_valid]
     vectors += mutations(rsa_valid, "quote-rsa")
@@ -121,6 +126,7 @@ def build_quote_vectors(tpm: Swtpm, workdir: Path) -> list[QuoteVector]:
             rsa,
             quote(rsa, "q-rsa-values", pcr_format="values"),
             pcr_format="values",
+            ek=ek,
         ),
         _quote_vector(
             "quote-rsa-rsapss-valid",
@@ -128,6 +134,7 @@ def build_quote_vectors(tpm: Swtpm, workdir: Path) -> list[QuoteVector]:
             pss,
             quote(pss, "q-pss", scheme="rsapss"),
             event_log=log,
+            ek=ek,
         ),
         _quote_vector(
             "quote-rsa-sha1-only",
@@ -135,6 +142,7 @@ def build_quote_vectors(tpm: Swtpm, workdir: Path) -> list[QuoteVector]:
             rsa,
             quote(rsa, "q-sha1", pcr_list="sha1:23"),
             expect="UnsupportedAlgorithmError",
+            ek=ek,
         ),
         _quote_vector(
             "quote-rsa-selection-omits-pcr23",
@@ -142,6 +150,14 @@ def build_quote_vectors(tpm: Swtpm, workdir: Path) -> list[QuoteVector]:
             rsa,
             quote(rsa, "q-no23", pcr_list="sha256:16"),
             expect="PcrSelectionError",
+            ek=ek,
+        ),
+        rsa_valid.derive(
+            "quote-rsa-signer-not-the-eks-ak",
+            "a valid quote whose AK is taken to be the child of another EK of the same TPM: "
+            "its qualifiedSigner is not that AK's qualified name",
+            "QualifiedSignerError",
+            ek_public=other_ek.public.read_bytes(),
         ),
         rsa_valid.derive(
             "quote-rsa-other-ak",

@@ -115,3 +115,33 @@ def test_bad_output_locations(store: BlobStore) -> None:
     alice = generate_recipient_key()
     with pytest.raises(OutputStoreError, match="container does not exist"):
         sink.open_output("x", recipients=[Recipient("a", alice.public_key())])
+    # The sidecar's preflight lists what is there before attesting: a missing container fails
+    # it the same way.
+    with pytest.raises(OutputStoreError, match="container does not exist"):
+        sink.existing_outputs()
+
+
+def test_existing_outputs_are_listed_and_replaced_only_when_told_to(
+    store: BlobStore, blob_container: str, blob_config: BlobConfig
+) -> None:
+    for name in ("run-1/a.sealed", "run-1/sub/b.sealed", "run-1/notes.txt", "run-10/c.sealed"):
+        with open_writer(f"{blob_container}/{name}", config=blob_config) as w:
+            w.write(b"earlier")
+    sink = BlobOutputSink(f"{blob_container}/run-1", store=store)
+    # Under the prefix "run-1/" only (not "run-10/"), sealed outputs only, in name order.
+    assert sink.existing_outputs() == [
+        f"{blob_container}/run-1/a.sealed",
+        f"{blob_container}/run-1/sub/b.sealed",
+    ]
+    assert sink.existing_outputs(limit=1) == [f"{blob_container}/run-1/a.sealed"]
+    assert BlobOutputSink(f"{blob_container}/run-2", store=store).existing_outputs() == []
+
+    alice = generate_recipient_key()
+    recipients = [Recipient("advertiser", alice.public_key())]
+    replacing = BlobOutputSink(f"{blob_container}/run-1", store=store, replace=True)
+    out = replacing.open_output("a", recipients=recipients)
+    out.write(b"this run's output")
+    out.commit()
+    with open_reader(replacing.url_for("a"), config=blob_config) as f:
+        with OpenReader(f, private_key=alice) as reader:
+            assert reader.read() == b"this run's output"

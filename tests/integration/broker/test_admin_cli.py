@@ -85,6 +85,8 @@ def start_broker(workdir: Path) -> Broker:
                 "[broker]",
                 f'database_url = "sqlite:///{workdir / "broker.db"}"',
                 f'state_dir = "{workdir / "state"}"',
+                # Every quote must cover PCR 0, so golden sets may name it.
+                "boot_pcrs = [0]",
                 "[broker.tls]",
                 'listen = "127.0.0.1:0"',
                 f'cert_file = "{cert}"',
@@ -270,6 +272,11 @@ def test_golden_set_from_values_and_files(
     assert "literal" not in names and "measured" in names
     err = admin_fails(capsys, "golden", "delete", "literal")
     assert "[NOT_FOUND]" in err
+
+    # PCR 7 is neither PCR 23 nor one of the broker's boot_pcrs: no quote is sure to cover it.
+    err = admin_fails(capsys, "golden", "set", "secure-boot", "--pcr", f"sha256:7={boot}")
+    assert "[INVALID_ARGUMENT]" in err
+    assert "names PCR 7, which no quote is sure to cover: quotes cover PCR 0, 23" in err
 
 
 @pytest.mark.swtpm

@@ -18,6 +18,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from broker.client import ATTEST_DENIAL_METADATA
 from broker.quote import pcr_values_from_tools
 from broker.release import open_release
 from broker.tpmkeys import to_tools_credential_file
@@ -227,6 +228,8 @@ def test_full_attestation_releases_approved_keys_only(
     assert [(d.key_id, d.reason) for d in response.denied_keys] == [
         ("pub-data", attestation_pb2.DENIAL_REASON_NOT_APPROVED)
     ]
+    withheld_record = _record(broker, response.denied_keys[0].audit_record)
+    assert (withheld_record.action, withheld_record.subject) == ("key.release", "pub-data")
     assert sorted(r.party for r in response.output_recipients) == ["advertiser", "publisher"]
     released = response.released_keys[0]
     opened = open_release(
@@ -238,12 +241,19 @@ def test_full_attestation_releases_approved_keys_only(
     )
     assert opened == adv_key
 
-    # The same evidence again: the nonce is spent.
+    # The same evidence again: the nonce is spent. The sidecar learns that class of refusal
+    # and the record that holds the exact reason, nothing more.
     error = rpc_error(sidecar.Attest, request)
     assert (error.code(), error.details()) == (
         grpc.StatusCode.PERMISSION_DENIED,
         "attestation denied",
     )
+    denial = _denial(error)
+    assert denial.reason == attestation_pb2.DENIAL_REASON_NONCE_INVALID
+    assert not denial.denied_keys
+    verdict = _record(broker, denial.audit_record)
+    assert (verdict.action, verdict.decision) == ("attest", "deny")
+    assert verdict.reason.startswith("nonce refused: ")
 
     sidecar.EndSession(
         attestation_pb2.EndSessionRequest(
@@ -258,8 +268,9 @@ def test_full_attestation_releases_approved_keys_only(
         ]
         == 1
     )
-    assert metrics[("cleanroom_broker_key_releases_total", (("result", "released"),))] == 1
-    assert metrics[("cleanroom_broker_key_releases_total", (("result", "withheld"),))] == 1
+    releases = "cleanroom_broker_key_releases_total"
+    assert metrics[(releases, (("reason", "approved"), ("result", "released")))] == 1
+    assert metrics[(releases, (("reason", "not_approved"), ("result", "withheld")))] == 1
     assert (
         metrics[("cleanroom_broker_attestations_total", (("reason", "nonce"), ("result", "deny")))]
         == 1
@@ -272,6 +283,83 @@ def test_full_attestation_releases_approved_keys_only(
     withheld = [r for r in records.records if r.action == "key.release" and r.decision == "deny"]
     assert [r.subject for r in withheld] == ["pub-data"]
     assert "not approved by publisher" in withheld[0].reason
+
+
+def _denial(error: grpc.RpcError) -> attestation_pb2.AttestDenial:
+    """The AttestDenial that the broker sent with a refused Attest."""
+    assert isinstance(error, grpc.Call)
+    sent = [v for k, v in error.trailing_metadata() or () if k == ATTEST_DENIAL_METADATA]
+    assert len(sent) == 1, error.trailing_metadata()
+    denial = attestation_pb2.AttestDenial()
+    denial.ParseFromString(sent[0])
+    return denial
+
+
+def _record(broker: BrokerProcess, sequence: int) -> admin_pb2.AuditRecord:
+    """The operator's view of audit record ``sequence``."""
+    records = (
+        broker.admin("operator")
+        .ListAuditRecords(
+            admin_pb2.ListAuditRecordsRequest(after_sequence=sequence - 1, limit=1), timeout=TIMEOUT
+        )
+        .records
+    )
+    assert [r.sequence for r in records] == [sequence]
+    return records[0]
+
+
+def test_a_golden_set_denial_tells_the_sidecar_its_class_and_record(
+    broker: BrokerProcess, swtpm: Swtpm, tmp_path: Path
+) -> None:
+    # The owner approved this very workload, but with a golden set that does not accept the
+    # machine: the sidecar is told PLATFORM_NOT_ACCEPTED (not "not approved"), with the audit
+    # record of the verdict and of the key, and the metric counts a golden denial.
+    add_parties(broker, "advertiser")
+    register_key(broker, "advertiser", "adv-data", secrets.token_bytes(32))
+    golden = admin_pb2.GoldenPcrSet(name="image-v1")
+    golden.accepted_values.add(index=23, bank=common_pb2.HASH_ALGORITHM_SHA256, value=b"\1" * 32)
+    broker.admin("operator").SetGoldenPcrSet(
+        admin_pb2.SetGoldenPcrSetRequest(golden_set=golden), timeout=TIMEOUT
+    )
+    broker.admin("party", "advertiser").ApproveWorkload(
+        admin_pb2.ApproveWorkloadRequest(
+            manifest=_manifest("join-and-train", WORKLOAD),
+            key_ids=["adv-data"],
+            output_recipients=["advertiser"],
+            golden_set="image-v1",
+        ),
+        timeout=TIMEOUT,
+    )
+    ak_name, ak = _enroll_by_credential_activation(broker, swtpm, tmp_path)
+    sidecar_der = _cert_der(broker.pki.cert_and_key("sidecar", "sidecar-1").cert)
+    request, _ = _evidence(
+        broker, swtpm, tmp_path, ak, ak_name, files=WORKLOAD, bind_certificate=sidecar_der,
+        prefix="q-golden",
+    )  # fmt: skip
+    request.key_ids[:] = ["adv-data"]
+    error = rpc_error(broker.attestation("sidecar", "sidecar-1").Attest, request)
+    assert (error.code(), error.details()) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "attestation denied",
+    )
+    denial = _denial(error)
+    assert denial.reason == attestation_pb2.DENIAL_REASON_PLATFORM_NOT_ACCEPTED
+    assert [(k.key_id, k.reason) for k in denial.denied_keys] == [
+        ("adv-data", attestation_pb2.DENIAL_REASON_PLATFORM_NOT_ACCEPTED)
+    ]
+    verdict = _record(broker, denial.audit_record)
+    assert (verdict.action, verdict.decision) == ("attest", "deny")
+    key_record = _record(broker, denial.denied_keys[0].audit_record)
+    assert (key_record.action, key_record.subject, key_record.decision) == (
+        "key.release",
+        "adv-data",
+        "deny",
+    )
+    assert "golden set 'image-v1': PCR 23 (sha256)" in key_record.reason
+    metrics = broker.metrics()
+    attestations = "cleanroom_broker_attestations_total"
+    assert metrics[(attestations, (("reason", "golden"), ("result", "deny")))] == 1
+    assert (attestations, (("reason", "not_approved"), ("result", "deny"))) not in metrics
 
 
 def test_a_quote_bound_to_another_certificate_is_refused(

@@ -246,6 +246,7 @@ class CleanRoom:
         retries: int = 5,
         command: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        replace_outputs: bool = False,
     ) -> Path:
         """Writes a sidecar.toml in the layout the docs describe; paths may be relative to it."""
         cert, key = self.pki.cert_and_key("sidecar", "sidecar-1")
@@ -280,6 +281,7 @@ class CleanRoom:
         lines += [
             "[outputs]",
             f'directory = "{outputs}"',
+            *(["replace = true"] if replace_outputs else []),
             "[runtime]",
             f'state_dir = "{state_dir}"',
             f"grace_seconds = {grace_seconds}",
@@ -586,15 +588,89 @@ def test_a_changed_workload_file_is_denied_before_the_workload_starts(
     assert proc.returncode == 1
     lines = proc.stderr.splitlines()
     assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("cleanroom: error: the broker denied the attestation")
-    assert "not approved" in lines[0]
     assert not ran.exists()
     assert not (rundir / "outputs").exists() or not any((rundir / "outputs").iterdir())
 
-    denials = [r for r in audit(room)[before:] if r[0] == "attest" and r[2] == "deny"]
+    with room.client("operator") as operator:
+        records = list(operator.list_audit_records(limit=1000))[before:]
+    denials = [r for r in records if r.action == "attest" and r.decision == "deny"]
     assert len(denials) == 1
-    assert "not approved by advertiser" in denials[0][3]
-    assert "not approved by publisher" in denials[0][3]
+    assert "not approved by advertiser" in denials[0].reason
+    assert "not approved by publisher" in denials[0].reason
+    # The sidecar states what the broker told it (the class and the records), no exact reason.
+    keys = {r.subject: r.sequence for r in records if r.action == "key.release"}
+    assert lines[0] == (
+        "cleanroom: error: the broker denied the release (NOT_APPROVED; audit record "
+        f"{denials[0].sequence}; withheld: 'advertiser-data' NOT_APPROVED; audit record "
+        f"{keys['advertiser-data']}, 'publisher-data' NOT_APPROVED; audit record "
+        f"{keys['publisher-data']})"
+    )
+
+
+def _challenges(room: CleanRoom) -> int:
+    return sum(1 for r in audit(room) if r[0] == "challenge")
+
+
+def test_a_run_that_cannot_write_its_outputs_never_attests(
+    room: CleanRoom, module_tpm: Swtpm, rundir: Path
+) -> None:
+    # An earlier run's output is where this run would write its own: the run would attest,
+    # get the keys, run the workload and then fail at the output. It must fail first.
+    outputs = rundir / "outputs"
+    outputs.mkdir()
+    (outputs / "joined.csv.sealed").write_bytes(b"an earlier run's output")
+    config = config_for(room, module_tpm, rundir)
+    ran = rundir / "ran"
+    challenges = _challenges(room)
+    proc = run_sidecar(config, PY, "run.py", "touch", str(ran), cwd=rundir)
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        f"cleanroom: error: output location {outputs} already holds outputs (joined.csv.sealed):"
+        " this run could not write its own; move them away, choose another [outputs] directory,"
+        " or set [outputs] replace = true to replace them\n"
+    )
+    assert not ran.exists()
+    # No nonce was asked for: the broker's audit log shows no challenge.
+    assert _challenges(room) == challenges
+
+    # A directory the sidecar cannot write to. As root, the sidecar runs without the
+    # capabilities that let root ignore file modes (setpriv), as in test_errors.py.
+    (outputs / "joined.csv.sealed").unlink()
+    outputs.chmod(0o500)
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        assert setpriv is not None, "setpriv (util-linux) is needed to drop root's DAC override"
+        prefix = [setpriv, "--bounding-set", "-dac_override,-dac_read_search", "--"]
+    try:
+        denied = subprocess.run(
+            [*prefix, str(CLEANROOM), "sidecar", "run", "--config", str(config), "--", PY,
+             "run.py", "touch", str(ran)],
+            cwd=rundir, env=sidecar_env(), capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        outputs.chmod(0o700)
+    assert denied.returncode == 1
+    assert denied.stderr == (
+        f"cleanroom: error: cannot write to the output directory {outputs}: Permission denied\n"
+    )
+    assert not ran.exists()
+    assert _challenges(room) == challenges
+
+    # Told to replace what is there, the run attests and replaces it.
+    (outputs / "joined.csv.sealed").write_bytes(b"an earlier run's output")
+    replacing = room.write_sidecar_config(
+        room.directory / f"sidecar-{rundir.name}-replace.toml",
+        tcti=module_tpm.tcti,
+        outputs=f"{rundir.name}/outputs",
+        replace_outputs=True,
+    )
+    proc = run_sidecar(replacing, PY, "run.py", "join", cwd=rundir)
+    assert proc.returncode == 0, proc.stderr
+    assert _challenges(room) > challenges
+    joined = (outputs / "joined.csv.sealed").read_bytes()
+    assert open_bytes(joined, private_key=room.party_keys["advertiser"]).startswith(b"0,")
+    assert sorted(p.name for p in outputs.iterdir()) == ["insights", "joined.csv.sealed"]
 
 
 def test_a_tampered_input_fails_the_read_clearly(
@@ -763,7 +839,7 @@ def test_failures_before_the_start_are_one_clear_line(
         (
             unknown_key,
             "cleanroom: error: the broker withheld data key 'nobody-registered-this' of "
-            "required input 'extra'",
+            "required input 'extra' (NOT_APPROVED; audit record ",
         )
     )
     for config, expected in cases:
@@ -807,6 +883,19 @@ def test_inputs_and_outputs_in_azure_blob(
         env["CLEANROOM_BLOB_CONNECTION_STRING"] = azurite.connection_string()
         env["CLEANROOM_SIDECAR_BROKER_RETRIES"] = "3"
         seen = rundir / "workload-env"
+        # An output already under the prefix: refused before any nonce is asked for.
+        client.upload_blob("out/joined.csv.sealed", b"an earlier run's output")
+        challenges = _challenges(room)
+        proc = start_sidecar(config, PY, "run.py", "env", str(seen), cwd=rundir, env=env)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 1
+        assert err.startswith(
+            f"cleanroom: error: output location {blob_container}/out already holds outputs "
+            f"(azure://{blob_container.removeprefix('azure://')}/out/joined.csv.sealed): "
+        ), err
+        assert not seen.exists() and _challenges(room) == challenges
+        # With [outputs] replace, the run goes ahead and replaces it.
+        env["CLEANROOM_SIDECAR_OUTPUTS_REPLACE"] = "true"
         proc = start_sidecar(config, PY, "run.py", "env", str(seen), cwd=rundir, env=env)
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
@@ -939,7 +1028,7 @@ def test_another_argv_gets_no_key(room: CleanRoom, module_tpm: Swtpm, rundir: Pa
     before = len(audit(room))
     proc = run_sidecar(config, *_read_plaintext_command(stolen), cwd=rundir, approve=False)
     assert proc.returncode == 1, proc.stderr
-    assert proc.stderr.startswith("cleanroom: error: the broker denied the attestation")
+    assert proc.stderr.startswith("cleanroom: error: the broker denied the release (NOT_APPROVED")
     assert not stolen.exists()
     reason = _reason_for(room, "advertiser-data", before)
     assert "launch differs from the approved launch (command: approved `" in reason, reason
@@ -1029,7 +1118,13 @@ def test_an_injected_pythonpath_sitecustomize_never_reaches_the_workload(
     assert not marker.exists()
     # Put in the measured environment instead, it is not what the parties approved.
     config = config_for(
-        room, module_tpm, rundir, command=(PY, "run.py", "join"), env={"PYTHONPATH": str(inject)}
+        room,
+        module_tpm,
+        rundir,
+        command=(PY, "run.py", "join"),
+        env={"PYTHONPATH": str(inject)},
+        # The first run's outputs are there: without this the preflight stops before attesting.
+        replace_outputs=True,
     )
     before = len(audit(room))
     proc = run_sidecar(config, cwd=rundir)

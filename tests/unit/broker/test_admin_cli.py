@@ -279,13 +279,18 @@ def test_manifest_json_forms(tmp_path: Path) -> None:
         ({"entries": []}, "non-empty"),
         ({"files": []}, "non-empty"),
         ({"entries": [{"size": 1, "digests": {"sha256": SHA256_A}}]}, 'needs a "path"'),
-        ({"entries": [{"path": "a", "digests": {"sha1": SHA1_B}}]}, "sha256"),
+        # The size is compared with the measured one: an entry must state it.
+        ({"entries": [{"path": "a", "digests": {"sha256": SHA256_A}}]}, 'needs a "size"'),
+        ({"entries": [{"path": "a", "size": 1, "digests": {"sha1": SHA1_B}}]}, "sha256"),
         ({"entries": [{"path": "a", "size": -1, "digests": {"sha256": SHA256_A}}]}, "size"),
         # A size that no uint64 holds: refused here, not by protobuf with a traceback.
         ({"entries": [{"path": "a", "size": 2**64, "digests": {"sha256": SHA256_A}}]}, "64 bits"),
-        ({"entries": [{"path": "a", "digests": {"sha256": "aa"}}]}, "32 bytes"),
-        ({"entries": [{"path": "a", "digests": {"sha256": "xyz"}}]}, "not hexadecimal"),
-        ({"entries": [{"path": "a", "digests": {"md5": "aa", "sha256": SHA256_A}}]}, "bank"),
+        ({"entries": [{"path": "a", "size": 1, "digests": {"sha256": "aa"}}]}, "32 bytes"),
+        ({"entries": [{"path": "a", "size": 1, "digests": {"sha256": "xyz"}}]}, "not hexadecimal"),
+        (
+            {"entries": [{"path": "a", "size": 1, "digests": {"md5": "aa", "sha256": SHA256_A}}]},
+            "bank",
+        ),
     ],
 )
 def test_manifest_json_rejects(doc: object, message: str) -> None:

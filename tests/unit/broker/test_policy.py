@@ -13,6 +13,7 @@ from broker.errors import (
     NotApprovedError,
     PolicyError,
     RevokedKeyError,
+    UncoveredPcrError,
     UnknownPolicyObjectError,
 )
 from broker.model import (
@@ -355,6 +356,20 @@ def test_approval_whose_pcr_does_not_follow_its_manifest_denies() -> None:
     }
 
 
+def test_a_false_size_for_approved_data_denies() -> None:
+    # The event log's sizes are not extended into PCR 23, so a size that the event log states
+    # for a file is compared with the size approved with the same digests.
+    lying = (replace(MANIFEST[0], size=MANIFEST[0].size + 1), MANIFEST[1])
+    assert expected_pcr23(lying, BANKS) == expected_pcr23(MANIFEST, BANKS)
+    decision = decide([approval("a1", "alice", ["alice-k1"])], measured=lying)
+    assert decision.granted == ()
+    assert reasons(decision)["alice-k1"] == (
+        "approval a1 by alice: approved manifest differs from the measured event log "
+        "(file 0 ('bin/train.py'): the event log says 11 bytes, the approved file with these "
+        "digests is 10 bytes)"
+    )
+
+
 def test_manifest_with_another_number_of_files_denies() -> None:
     longer = (*MANIFEST, entry("data/extra.bin", b"x"))
     forged = replace(
@@ -485,7 +500,14 @@ PARTIES = {
 
 
 def validate(a: Approval) -> None:
-    validate_approval(a, keys=KEYS, parties=PARTIES, golden_sets={"boot": GOLDEN})
+    validate_approval(
+        a,
+        keys=KEYS,
+        parties=PARTIES,
+        golden_sets={"boot": GOLDEN, "boot-0": replace(GOLDEN, name="boot-0")},
+        # The broker's PCR 23 and boot_pcrs [7]: not GOLDEN's PCR 0 (see the last case below).
+        quoted_pcrs=(0, 7, 23) if a.golden_set == "boot" else (7, 23),
+    )
 
 
 def test_valid_approval_passes() -> None:
@@ -523,6 +545,24 @@ def test_valid_approval_passes() -> None:
             PolicyError,
             "unknown bank 'md5'",
         ),
+        (
+            # A size left out (0) for a file whose digest is not that of empty data.
+            {"manifest": (replace(MANIFEST[0], size=0), MANIFEST[1])},
+            PolicyError,
+            r"manifest file 0 \('bin/train.py'\) says 0 bytes, but its sha1 digest is that of "
+            "non-empty data",
+        ),
+        (
+            {"manifest": (entry("empty", b""), replace(entry("empty", b""), size=3))},
+            PolicyError,
+            "manifest file 1 .* says 3 bytes, but its sha1 digest is that of empty data",
+        ),
+        (
+            {"golden_set": "boot-0"},
+            UncoveredPcrError,
+            "golden set 'boot-0' names PCR 0, which no quote is sure to cover: quotes cover "
+            "PCR 7, 23",
+        ),
     ],
 )
 def test_invalid_approval_is_refused(
@@ -544,6 +584,24 @@ def test_valid_golden_set_passes() -> None:
             },
         )
     )
+
+
+def test_a_golden_set_must_name_only_pcrs_every_quote_covers() -> None:
+    validate_golden_set(GOLDEN, quoted_pcrs=(0, 23))
+    with pytest.raises(UncoveredPcrError) as info:
+        validate_golden_set(
+            replace(
+                GOLDEN, accepted={**GOLDEN.accepted, PcrKey(16, "sha1"): frozenset({bytes(20)})}
+            ),
+            quoted_pcrs=(23,),
+        )
+    assert str(info.value) == (
+        "golden set 'boot' names PCR 0, 16, which no quote is sure to cover: quotes cover PCR 23 "
+        "(PCR 23 and the broker's boot_pcrs); add the PCR to boot_pcrs or remove it from the "
+        "golden set"
+    )
+    # Without the broker's selection (offline checks) only the set itself is checked.
+    validate_golden_set(GOLDEN)
 
 
 @pytest.mark.parametrize(

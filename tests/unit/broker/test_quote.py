@@ -43,13 +43,14 @@ from broker.errors import (
     MalformedEvidenceError,
     PcrDigestError,
     PcrSelectionError,
+    QualifiedSignerError,
     QualifyingDataError,
     SignatureError,
     UnsupportedAlgorithmError,
 )
-from broker.tpmkeys import ParsedPublic, load_public
-from evidence.pcr import MeasurementEvent, extend
-from tests.vectors.evidence import QuoteVector, quote_vector
+from broker.tpmkeys import ParsedPublic, ak_qualified_name, load_public
+from evidence.pcr import EMPTY_DIGESTS, MeasurementEvent, extend
+from tests.vectors.evidence import QuoteVector, flip_last_bit, quote_vector
 
 NONCE = b"q" * 32
 _ALG = {"sha1": TPM2_ALG.SHA1, "sha256": TPM2_ALG.SHA256, "sha384": TPM2_ALG.SHA384}
@@ -332,6 +333,42 @@ def test_event_log_limits(rsa_valid: QuoteVector) -> None:
         _verify(rsa_valid, event_log=rsa_valid.event_log[:-1])
     with pytest.raises(EventLogReplayError, match="replays to"):
         _verify(rsa_valid, event_log=tuple(reversed(rsa_valid.event_log)))
+
+
+def test_an_event_size_must_agree_with_its_digests(rsa_valid: QuoteVector) -> None:
+    assert rsa_valid.event_log is not None
+    first, *rest = rsa_valid.event_log
+    # Sizes are not extended into PCR 23: each of these logs still replays to the quote.
+    for size, what in ((0, "says 0 bytes"), (-1, "not a byte count"), (1 << 64, "byte count")):
+        log = (replace(first, size=size), *rest)
+        with pytest.raises(EventLogReplayError, match=what):
+            _verify(rsa_valid, event_log=log)
+    # An empty file measured, but a size stated for it: refused before the replay is tried.
+    empty = MeasurementEvent(path="empty.txt", size=7, digests=dict(EMPTY_DIGESTS))
+    with pytest.raises(
+        EventLogReplayError, match=r"says 7 bytes, but its \w+ digest is that of em"
+    ):
+        _verify(rsa_valid, event_log=(empty, *rsa_valid.event_log))
+
+
+def test_the_signer_must_be_the_aks_qualified_name(rsa_valid: QuoteVector) -> None:
+    assert rsa_valid.ek_public is not None
+    ak = load_public(rsa_valid.ak_public)
+    signer = ak_qualified_name(ak, load_public(rsa_valid.ek_public))
+    assert _verify(rsa_valid, expected_signer=signer).qualified_signer == signer
+    # The AK's bare name is not what a TPM reports for an object under the EK.
+    assert ak.name is not None and signer != ak.name
+    with pytest.raises(QualifiedSignerError, match="not the enrolled AK's qualified name"):
+        _verify(rsa_valid, expected_signer=ak.name)
+    # The signature is checked first: a quote by another key is a SignatureError, whatever
+    # its signer says.
+    with pytest.raises(SignatureError):
+        _verify(rsa_valid, expected_signer=ak.name, signature=flip_last_bit(rsa_valid.signature))
+    # PEM keys have no TPM name, so no qualified name can be computed for them.
+    pem = ak.key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    assert ak_qualified_name(load_public(pem), load_public(rsa_valid.ek_public)) is None
 
 
 def test_event_log_in_sha256_only_is_enough(rsa_valid: QuoteVector) -> None:

@@ -21,12 +21,19 @@ def test_vectors_are_present() -> None:
         "AttestTypeError",
         "SignatureError",
         "UnsupportedAlgorithmError",
+        "QualifiedSignerError",
         "QualifyingDataError",
         "PcrDigestError",
         "PcrSelectionError",
         "EventLogReplayError",
     }
     assert expected <= {v.expect for v in VECTORS}
+    # The refusals that a quote which otherwise verifies must still get (issue 13).
+    assert {
+        "quote-rsa-signer-not-the-eks-ak",
+        "quote-rsa-event-size-not-its-data",
+        "quote-ecc-event-size-not-its-data",
+    } <= names
 
 
 @pytest.mark.parametrize("vector", VECTORS, ids=[v.name for v in VECTORS])

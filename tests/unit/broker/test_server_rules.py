@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from broker import errors
+from broker.policy import DenialCode
 from broker.server import authz, validate
 from broker.server.errors import (
     AccessDeniedError,
@@ -251,6 +252,12 @@ def test_a_kek_that_refuses_for_good_is_a_precondition_that_names_no_vault(reaso
         (_denied_from(errors.CustodyError("cannot seal")), "custody"),
         (InvalidRequestError("nonce", "x"), "invalid_request"),
         (RuntimeError("x"), "error"),
+        # The core's denials carry their code, which decides: a golden-set denial is "golden"
+        # although no exception caused it (it was "not_approved" before codes).
+        (AttestationDenied("x", code=DenialCode.PLATFORM_NOT_ACCEPTED), "golden"),
+        (AttestationDenied("x", code=DenialCode.KEYS_WITHHELD), "keys_withheld"),
+        (AttestationDenied("x", code=DenialCode.ATTESTER_REVOKED), "ak"),
+        (AttestationDenied("x", code=DenialCode.EVIDENCE_INVALID), "evidence"),
     ],
 )
 def test_attestation_reason_classes(exc: BaseException, reason: str) -> None:

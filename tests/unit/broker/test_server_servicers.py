@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from broker.app import open_broker
 from broker.config import BrokerConfig
 from broker.custody import seal_for_registration
+from broker.model import GoldenPcrSet, PcrKey
 from broker.server.interceptor import CallGuard, Peer, guarded_servicer
 from broker.server.metrics import BrokerMetrics
 from broker.server.servicers import AdminServicer, AttestationServicer
@@ -222,7 +224,7 @@ def test_audit_records_are_filtered_by_party_and_the_chain_verifies(h: Harness) 
 def test_golden_sets_round_trip_and_unknown_ones_are_not_found(h: Harness) -> None:
     golden = admin_pb2.GoldenPcrSet(name="image-v1")
     for value in (b"\x01" * 32, b"\x02" * 32):
-        golden.accepted_values.add(index=0, bank=common_pb2.HASH_ALGORITHM_SHA256, value=value)
+        golden.accepted_values.add(index=23, bank=common_pb2.HASH_ALGORITHM_SHA256, value=value)
     h.ok(OPERATOR, "SetGoldenPcrSet", admin_pb2.SetGoldenPcrSetRequest(golden_set=golden))
     listed = h.ok(ADVERTISER, "ListGoldenPcrSets", admin_pb2.ListGoldenPcrSetsRequest())
     assert [g.name for g in listed.golden_sets] == ["image-v1"]
@@ -232,6 +234,69 @@ def test_golden_sets_round_trip_and_unknown_ones_are_not_found(h: Harness) -> No
         OPERATOR, "DeleteGoldenPcrSet", admin_pb2.DeleteGoldenPcrSetRequest(name="image-v1")
     )
     assert code == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_golden_set_over_a_pcr_no_quote_covers_is_invalid_argument(h: Harness) -> None:
+    # The broker's challenge names PCR 23 and boot_pcrs (none here): a golden set on PCR 7
+    # could never be met by a sidecar that does not happen to quote PCR 7 too.
+    golden = admin_pb2.GoldenPcrSet(name="boot-image")
+    golden.accepted_values.add(index=7, bank=common_pb2.HASH_ALGORITHM_SHA256, value=b"\1" * 32)
+    golden.accepted_values.add(index=23, bank=common_pb2.HASH_ALGORITHM_SHA256, value=b"\2" * 32)
+    _, code, details = h.call(
+        OPERATOR, "SetGoldenPcrSet", admin_pb2.SetGoldenPcrSetRequest(golden_set=golden)
+    )
+    assert (code, details) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "golden set 'boot-image' names PCR 7, which no quote is sure to cover: quotes cover "
+        "PCR 23 (PCR 23 and the broker's boot_pcrs); add the PCR to boot_pcrs or remove it from "
+        "the golden set",
+    )
+    listed = h.ok(OPERATOR, "ListGoldenPcrSets", admin_pb2.ListGoldenPcrSetsRequest())
+    assert list(listed.golden_sets) == []
+
+    # A set stored while boot_pcrs still named PCR 7 (the broker restarted without it since):
+    # an approval that names it is refused the same way, and nothing is stored.
+    h.broker.store.put_golden_set(
+        GoldenPcrSet(
+            name="boot-image",
+            accepted={PcrKey(7, "sha256"): frozenset({b"\1" * 32})},
+            updated_at=datetime.now(UTC),
+        )
+    )
+    _add_parties(h)
+    _register(h, ADVERTISER, "adv-key")
+    request = admin_pb2.ApproveWorkloadRequest(
+        manifest=_manifest(),
+        key_ids=["adv-key"],
+        output_recipients=["advertiser"],
+        golden_set="boot-image",
+    )
+    _, code, details = h.call(ADVERTISER, "ApproveWorkload", request)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "names PCR 7, which no quote is sure to cover: quotes cover PCR 23" in details
+    assert h.ok(ADVERTISER, "ListApprovals", admin_pb2.ListApprovalsRequest()).approvals == []
+
+
+def test_golden_sets_may_name_the_boot_pcrs(tmp_path: Path) -> None:
+    config = BrokerConfig(
+        database_url=f"sqlite:///{tmp_path / 'broker.db'}",
+        state_dir=str(tmp_path / "state"),
+        boot_pcrs=(0, 7),
+    )
+    with open_broker(config) as broker:
+        h = Harness(broker=broker, pki=init_pki(tmp_path / "pki", parties=("advertiser",)))
+        golden = admin_pb2.GoldenPcrSet(name="boot-image")
+        for index in (0, 7, 23):
+            golden.accepted_values.add(
+                index=index, bank=common_pb2.HASH_ALGORITHM_SHA1, value=b"\1" * 20
+            )
+        h.ok(OPERATOR, "SetGoldenPcrSet", admin_pb2.SetGoldenPcrSetRequest(golden_set=golden))
+        golden.accepted_values.add(index=8, bank=common_pb2.HASH_ALGORITHM_SHA256, value=b"\1" * 32)
+        _, code, details = h.call(
+            OPERATOR, "SetGoldenPcrSet", admin_pb2.SetGoldenPcrSetRequest(golden_set=golden)
+        )
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "names PCR 8, which no quote is sure to cover: quotes cover PCR 0, 7, 23" in details
 
 
 def test_operator_enrolls_and_revokes_an_ak(h: Harness) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,14 +32,17 @@ from broker.errors import (
     UnknownPolicyObjectError,
 )
 from broker.model import AuditRecord, GoldenPcrSet, ManifestEntry, Party, PcrKey
+from broker.policy import DenialCode
 from broker.service import AttestationDenied, Broker, Evidence
 from broker.storage.schema import audit_head
+from broker.tpmkeys import ak_qualified_name, load_public
 from evidence.binding import qualifying_data
-from evidence.pcr import Measurement, measure_files
+from evidence.pcr import Measurement, MeasurementEvent, measure_files
 from pki.identity import SpiffeId
 from sealing.errors import InvalidKeyError
 from sealing.keys import KEM_X25519, generate_recipient_key
 from tests.harness.launch import TEST_LAUNCH
+from tests.vectors.evidence import key_vectors
 
 TD = "cleanroom.local"
 OPERATOR = SpiffeId.operator(TD)
@@ -63,10 +66,19 @@ class Room:
     def records(self, party: str | None = None) -> list[AuditRecord]:
         return self.broker.audit.list_records(limit=1000, party=party)
 
-    def evidence(self, key_ids: Sequence[str], *, nonce: bytes | None = None) -> Evidence:
-        """A quote of the measured workload over a fresh challenge (or ``nonce``)."""
+    def evidence(
+        self,
+        key_ids: Sequence[str],
+        *,
+        nonce: bytes | None = None,
+        maker: QuoteMaker | None = None,
+        events: tuple[MeasurementEvent, ...] | None = None,
+    ) -> Evidence:
+        """A quote of the measured workload over a fresh challenge (or ``nonce``), by the
+        room's AK (or ``maker``'s), with the measured event log (or ``events``)."""
+        maker = maker or self.maker
         if nonce is None:
-            nonce = self.broker.challenge(SIDECAR, self.ak.name_hex).nonce
+            nonce = self.broker.challenge(SIDECAR, maker.ak.name_hex).nonce
         ephemeral = generate_recipient_key().public_key()
         binding = qualifying_data(
             nonce=nonce,
@@ -74,14 +86,14 @@ class Room:
             ephemeral_public_key=ephemeral.raw,
             tls_certificate_der=CERT_DER,
         )
-        attest, signature = self.maker.quote(binding)
+        attest, signature = maker.quote(binding)
         return Evidence(
-            ak_name=self.ak.name_hex,
+            ak_name=maker.ak.name_hex,
             nonce=nonce,
             attest=attest,
             signature=signature,
             pcr_values={(23, bank): self.measured.pcrs[bank] for bank in QUOTED_BANKS},
-            event_log=self.measured.events,
+            event_log=self.measured.events if events is None else events,
             ephemeral_key=ephemeral,
             key_ids=tuple(key_ids),
             peer_certificate_der=CERT_DER,
@@ -297,6 +309,151 @@ def test_a_kek_failure_shows_its_reason_only_to_the_keys_owner(room: Room) -> No
     (theirs,) = [r for r in room.records(party="publisher") if r.action == "attest"]
     assert theirs.reason == "no key released: key custody failed for another party's key"
     assert "advertiser" not in _text([theirs])
+
+
+# --- what a refused sidecar learns: a coarse code and the audit records -----------------------
+
+
+def test_a_denial_carries_its_code_and_the_records_that_hold_the_reasons(room: Room) -> None:
+    # The workload is approved, but the golden set does not accept the machine.
+    room.broker.set_golden_set(
+        OPERATOR,
+        GoldenPcrSet(
+            name="image-v1",
+            accepted={PcrKey(23, "sha256"): frozenset({b"\x01" * 32})},
+            updated_at=datetime.now(UTC),
+        ),
+    )
+    room.approve(ADVERTISER, "advertiser-data", WORKLOAD, golden="image-v1")
+    with pytest.raises(AttestationDenied) as denied:
+        room.broker.attest(SIDECAR, room.evidence(["advertiser-data"]))
+    verdict = _last(room.records(), "attest")
+    withheld = _last(room.records(), "key.release")
+    assert denied.value.code is DenialCode.PLATFORM_NOT_ACCEPTED
+    assert denied.value.audit_record == verdict.sequence
+    assert [(w.key_id, w.code, w.audit_record) for w in denied.value.withheld] == [
+        ("advertiser-data", DenialCode.PLATFORM_NOT_ACCEPTED, withheld.sequence)
+    ]
+    assert withheld.reason == denied.value.withheld[0].reason
+
+    # Keys withheld for different reasons: the verdict says so, each key its own.
+    room.approve(PUBLISHER, "publisher-data", OTHER_WORKLOAD)
+    with pytest.raises(AttestationDenied) as denied:
+        room.broker.attest(SIDECAR, room.evidence(["advertiser-data", "publisher-data"]))
+    assert denied.value.code is DenialCode.KEYS_WITHHELD
+    assert [(w.key_id, w.code) for w in denied.value.withheld] == [
+        ("advertiser-data", DenialCode.PLATFORM_NOT_ACCEPTED),
+        ("publisher-data", DenialCode.NOT_APPROVED),
+    ]
+    records = {r.sequence: r for r in room.records()}
+    for w in denied.value.withheld:
+        assert (records[w.audit_record].action, records[w.audit_record].subject) == (
+            "key.release",
+            w.key_id,
+        )
+
+    # A spent nonce: its own class, with its record.
+    evidence = room.evidence(["publisher-data"])
+    with pytest.raises(AttestationDenied):
+        room.broker.attest(SIDECAR, evidence)
+    with pytest.raises(AttestationDenied) as denied:
+        room.broker.attest(SIDECAR, evidence)
+    assert denied.value.code is DenialCode.NONCE_INVALID
+    assert denied.value.audit_record == room.records()[-1].sequence
+
+
+def test_a_partial_release_tells_each_withheld_keys_code_and_record(room: Room) -> None:
+    room.approve(ADVERTISER, "advertiser-data", WORKLOAD)
+    room.approve(PUBLISHER, "publisher-data", OTHER_WORKLOAD)
+    outcome = room.broker.attest(SIDECAR, room.evidence(["advertiser-data", "publisher-data"]))
+    withheld = _last(room.records(), "key.release")
+    assert [(w.key_id, w.code, w.audit_record) for w in outcome.denied] == [
+        ("publisher-data", DenialCode.NOT_APPROVED, withheld.sequence)
+    ]
+    assert withheld.subject == "publisher-data" and withheld.decision == "deny"
+
+
+def test_a_key_whose_approval_demands_sev_snp_is_withheld_as_platform_not_accepted(
+    room: Room,
+) -> None:
+    # The workload is approved, but only for a machine that proves the AMD SEV-SNP hardware
+    # root, which this one did not: the sidecar is told the machine was not accepted (with the
+    # record that says why), not that nothing was approved.
+    room.broker.approve_workload(
+        ADVERTISER,
+        workload_name="advertiser-workload",
+        manifest=[
+            ManifestEntry(path=e.path, size=e.size, digests=dict(e.digests))
+            for e in room.measured.events
+            if e.launch is None
+        ],
+        key_ids=["advertiser-data"],
+        output_recipients=["advertiser"],
+        golden_set=None,
+        require_snp=True,
+        launch=TEST_LAUNCH,
+    )
+    with pytest.raises(AttestationDenied) as denied:
+        room.broker.attest(SIDECAR, room.evidence(["advertiser-data"]))
+    assert denied.value.code is DenialCode.PLATFORM_NOT_ACCEPTED
+    (withheld,) = denied.value.withheld
+    records = {r.sequence: r for r in room.records()}
+    assert (withheld.key_id, withheld.code) == ("advertiser-data", DenialCode.PLATFORM_NOT_ACCEPTED)
+    # The record the sidecar is pointed to is the one that says why.
+    assert records[withheld.audit_record].subject == "advertiser-data"
+    assert "requires AMD SEV-SNP evidence" in records[withheld.audit_record].reason
+    assert records[denied.value.audit_record].action == "attest"
+    snp = [
+        r
+        for r in records.values()
+        if r.action == "key.release" and "requires AMD SEV-SNP evidence" in r.reason
+    ]
+    assert [r.subject for r in snp] == ["advertiser-data"]
+
+
+def test_an_event_log_that_misstates_a_size_releases_nothing(room: Room) -> None:
+    # Sizes are not extended into PCR 23: this log still replays to the quote.
+    room.approve(ADVERTISER, "advertiser-data", WORKLOAD)
+    first, *rest = room.measured.events
+    larger = (replace(first, size=first.size + 100), *rest)
+    with pytest.raises(AttestationDenied) as denied:
+        room.broker.attest(SIDECAR, room.evidence(["advertiser-data"], events=larger))
+    assert denied.value.code is DenialCode.NOT_APPROVED
+    withheld = _last(room.records(party="advertiser"), "key.release")
+    assert (
+        f"file 0 ('model/train.py'): the event log says {first.size + 100} bytes, the approved "
+        f"file with these digests is {first.size} bytes"
+    ) in withheld.reason
+    # Size 0 for data whose digests are not those of empty data: the evidence itself is false.
+    empty = (replace(first, size=0), *rest)
+    with pytest.raises(AttestationDenied) as denied:
+        room.broker.attest(SIDECAR, room.evidence(["advertiser-data"], events=empty))
+    assert denied.value.code is DenialCode.EVIDENCE_INVALID
+    assert "EventLogReplayError" in _last(room.records(), "attest").reason
+    # The true sizes release the key.
+    assert room.broker.attest(SIDECAR, room.evidence(["advertiser-data"])).released
+
+
+def test_a_quote_must_name_the_ak_under_its_ek_as_signer(room: Room) -> None:
+    # An AK bound to an EK is the EK's child: a TPM names it by its qualified name under the
+    # EK. A quote that names anything else (here the AK's bare name) was not made by the
+    # enrolled object.
+    ek_public = next(k.public for k in key_vectors() if k.name == "key-rsa-createek")
+    ek = room.broker.enroll_ek(
+        OPERATOR, ek_public=ek_public, certificate=None, allow_without_certificate=True
+    )
+    ak = SoftAk.generate("rsa")
+    room.broker.enroll_ak(OPERATOR, ak_public=ak.tpm2b_public, ek_id=ek.ek_id)
+    room.approve(ADVERTISER, "advertiser-data", WORKLOAD)
+    bare = QuoteMaker(ak, room.measured.pcrs)
+    with pytest.raises(AttestationDenied) as denied:
+        room.broker.attest(SIDECAR, room.evidence(["advertiser-data"], maker=bare))
+    assert denied.value.code is DenialCode.EVIDENCE_INVALID
+    assert "QualifiedSignerError" in _last(room.records(), "attest").reason
+    qualified = ak_qualified_name(load_public(ak.tpm2b_public), load_public(ek_public))
+    assert qualified is not None
+    child = QuoteMaker(ak, room.measured.pcrs, signer=qualified)
+    assert room.broker.attest(SIDECAR, room.evidence(["advertiser-data"], maker=child)).released
 
 
 # --- refused administration -------------------------------------------------------------------

@@ -21,7 +21,13 @@ from evidence.launch import (
     parse_command,
     parse_env_assignments,
 )
-from evidence.pcr import MeasurementEvent, launch_event, measure_files, replay
+from evidence.pcr import (
+    MeasurementEvent,
+    check_event_size,
+    launch_event,
+    measure_files,
+    replay,
+)
 from evidence.proto import event_log_from_pb, event_log_to_pb
 
 DIGEST = hashlib.sha256(b"python").digest()
@@ -191,3 +197,12 @@ def test_the_json_form_round_trips_through_the_brokers_event_log_reader(
     broken = event_log_to_json(events).replace(b'"/srv/workload"', b'"srv"')
     with pytest.raises(EventLogReplayError, match="event 1: the working directory 'srv'"):
         event_log_from_json(broken)
+
+
+def test_a_launch_events_size_is_zero_and_not_checked_against_its_digests() -> None:
+    # A launch measures no file: its digests are never those of empty data, and the size
+    # check that holds file events to their digests must neither refuse it nor accept a size.
+    event = launch_event(LAUNCH, ["sha1", "sha256"])
+    check_event_size(2, event)
+    with pytest.raises(EventLogError, match=r"event 2 \(the launch\) has size 5"):
+        check_event_size(2, replace(event, size=5))

@@ -141,6 +141,25 @@ def test_existing_output_is_not_replaced(tmp_path: Path, recipients: list[Recipi
     assert (tmp_path / "x.sealed").read_bytes() == b"earlier output"
 
 
+def test_an_existing_output_is_replaced_when_told_to(
+    tmp_path: Path, recipients: list[Recipient], alice: RecipientPrivateKey
+) -> None:
+    (tmp_path / "x.sealed").write_bytes(b"earlier output")
+    (tmp_path / "y.sealed").symlink_to(tmp_path / "elsewhere")
+    sink = LocalDirectoryOutput(tmp_path, replace=True)
+    writer = sink.open_output("x", recipients=recipients)
+    writer.write(b"this run's output")
+    # Until the commit, the earlier output is still there, whole.
+    assert (tmp_path / "x.sealed").read_bytes() == b"earlier output"
+    writer.commit()
+    assert _open(tmp_path / "x.sealed", alice) == b"this run's output"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.sealed", "y.sealed"]
+    # A symlink is still not written through, replace or not.
+    with pytest.raises(OutputExistsError, match="symlink"):
+        sink.open_output("y", recipients=recipients)
+    assert not (tmp_path / "elsewhere").exists()
+
+
 def test_output_appearing_meanwhile_is_not_replaced(
     tmp_path: Path, recipients: list[Recipient]
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import stat
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -18,6 +19,7 @@ from broker.client import (
     PermissionDeniedError,
     UnavailableError,
 )
+from cleanroom.v1 import attestation_pb2
 from sidecar.dataplane import SOCKET_ENV
 from sidecar.run import (
     AttestationDeniedError,
@@ -87,11 +89,11 @@ def test_broker_errors_become_one_clear_run_error() -> None:
     late = _error(DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline")
     assert isinstance(broker_error(late, target="b:1", doing="x"), BrokerUnreachableError)
 
+    # A broker that sends no AttestDenial: the sidecar says so and guesses at nothing.
     denied = _error(PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED, "attestation denied")
     e = broker_error(denied, target="b:1", doing=ATTESTATION)
     assert isinstance(e, AttestationDeniedError)
-    assert str(e).startswith("the broker denied the attestation (attestation denied): ")
-    assert "audit log" in str(e)
+    assert str(e) == "the broker denied the release (attestation denied; no audit record given)"
 
     revoked = _error(FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION, "AK x revoked")
     e = broker_error(revoked, target="b:1", doing="a challenge")
@@ -106,6 +108,42 @@ def test_broker_errors_become_one_clear_run_error() -> None:
     bad = _error(InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT, "quote: too big")
     e = broker_error(bad, target="b:1", doing=ATTESTATION)
     assert type(e) is RunError and "quote: too big" in str(e)
+
+
+def test_a_denial_states_only_what_the_broker_said() -> None:
+    def denied(denial: attestation_pb2.AttestDenial) -> str:
+        e = PermissionDeniedError(
+            "Attest: attestation denied [PERMISSION_DENIED]",
+            code=grpc.StatusCode.PERMISSION_DENIED,
+            details="attestation denied",
+            method="Attest",
+            denial=denial,
+        )
+        error = broker_error(e, target="b:1", doing=ATTESTATION)
+        assert isinstance(error, AttestationDeniedError)
+        return str(error)
+
+    golden = attestation_pb2.DENIAL_REASON_PLATFORM_NOT_ACCEPTED
+    assert denied(attestation_pb2.AttestDenial(reason=golden, audit_record=42)) == (
+        "the broker denied the release (PLATFORM_NOT_ACCEPTED; audit record 42)"
+    )
+    mixed = attestation_pb2.AttestDenial(
+        reason=attestation_pb2.DENIAL_REASON_KEYS_WITHHELD, audit_record=9
+    )
+    mixed.denied_keys.add(key_id="a", reason=attestation_pb2.DENIAL_REASON_NOT_APPROVED,
+                          audit_record=7)  # fmt: skip
+    mixed.denied_keys.add(key_id="b", reason=golden, audit_record=8)
+    assert denied(mixed) == (
+        "the broker denied the release (KEYS_WITHHELD; audit record 9; withheld: "
+        "'a' NOT_APPROVED; audit record 7, 'b' PLATFORM_NOT_ACCEPTED; audit record 8)"
+    )
+    # A reason this sidecar does not know yet (a newer broker) is shown by its number.
+    assert denied(attestation_pb2.AttestDenial(reason=99, audit_record=3)) == (  # type: ignore[arg-type]
+        "the broker denied the release (reason 99; audit record 3)"
+    )
+    assert denied(attestation_pb2.AttestDenial(reason=golden)) == (
+        "the broker denied the release (PLATFORM_NOT_ACCEPTED; no audit record)"
+    )
 
 
 def test_inputs_whose_keys_were_withheld() -> None:
@@ -135,3 +173,11 @@ def test_inputs_whose_keys_were_withheld() -> None:
     required = InputSettings(name="pub", url="/p", key_id="pub-key")
     with pytest.raises(KeyNotReleasedError, match="withheld data key 'pub-key' of required input"):
         _input_specs(config(adv, required), released)
+    # What the broker said of the key, and nothing else.
+    told = replace(released, withheld={"pub-key": "PLATFORM_NOT_ACCEPTED; audit record 12"})
+    with pytest.raises(KeyNotReleasedError) as info:
+        _input_specs(config(adv, required), told)
+    assert str(info.value) == (
+        "the broker withheld data key 'pub-key' of required input 'pub' "
+        "(PLATFORM_NOT_ACCEPTED; audit record 12); the workload was not started"
+    )
