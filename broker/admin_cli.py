@@ -405,6 +405,7 @@ def ek_dict(ek: admin_pb2.EkInfo) -> dict[str, Any]:
     return {
         "ek_id": ek.ek_id,
         "revoked": ek.revoked,
+        "revoked_reason": ek.revoked_reason,
         "enrolled_at": _time(ek.enrolled_at),
         "has_certificate": bool(ek.ek_certificate),
         "ek_public": _b64(ek.ek_public),
@@ -588,7 +589,7 @@ def _ek_fields(ek: admin_pb2.EkInfo) -> str:
         [
             ("EK id", ek.ek_id),
             ("certificate", _yes(bool(ek.ek_certificate))),
-            ("revoked", _yes(ek.revoked)),
+            ("revoked", (ek.revoked_reason or "yes") if ek.revoked else "no"),
             ("enrolled at", _time(ek.enrolled_at)),
         ]
     )
@@ -612,13 +613,34 @@ def _ek_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ek_readmit(args: argparse.Namespace) -> int:
+    with open_client(args) as client:
+        was_revoked = client.readmit_ek(args.ek_id, reason=args.reason)
+    text = (
+        f"re-admitted EK {args.ek_id}\n"
+        if was_revoked
+        else f"EK {args.ek_id} was not revoked (nothing changed)\n"
+    )
+    _out(args).emit({"ek_id": args.ek_id, "was_revoked": was_revoked}, text)
+    return 0
+
+
 def _ek_list(args: argparse.Namespace) -> int:
     with open_client(args) as client:
         eks = client.list_eks()
+    # The reason is last: it is free text (an AK revocation keeps the EK out with
+    # "AK <name> revoked: <reason>").
     rows = [
-        [e.ek_id, _yes(bool(e.ek_certificate)), _yes(e.revoked), _time(e.enrolled_at)] for e in eks
+        [
+            e.ek_id,
+            _yes(bool(e.ek_certificate)),
+            _yes(e.revoked),
+            _time(e.enrolled_at),
+            (e.revoked_reason or "-") if e.revoked else "-",
+        ]
+        for e in eks
     ]
-    text = format_table(["EK ID", "CERTIFICATE", "REVOKED", "ENROLLED AT"], rows)
+    text = format_table(["EK ID", "CERTIFICATE", "REVOKED", "ENROLLED AT", "REASON"], rows)
     _out(args).emit([ek_dict(e) for e in eks], text)
     return 0
 
@@ -1137,7 +1159,15 @@ def _register_ek(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         action="store_true",
         help="enroll without a certificate: the operator vouches for this EK",
     )
-    p = _leaf(g, "revoke", "revoke an EK (its AKs can no longer attest)", _ek_revoke)
+    p = _leaf(g, "revoke", "revoke an EK: no AK of its TPM, old or new, can attest", _ek_revoke)
+    p.add_argument("ek_id", metavar="ID", help="the EK id (ek list)")
+    p.add_argument("--reason", default="", help="recorded in the audit log")
+    p = _leaf(
+        g,
+        "readmit",
+        "re-admit a revoked EK (after ek revoke or ak revoke): its TPM may enroll new AKs",
+        _ek_readmit,
+    )
     p.add_argument("ek_id", metavar="ID", help="the EK id (ek list)")
     p.add_argument("--reason", default="", help="recorded in the audit log")
     _leaf(g, "list", "list enrolled EKs", _ek_list)
@@ -1150,7 +1180,9 @@ def _register_ak(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "--public", required=True, metavar="FILE", help="AK public: tpm2_createak --public or PEM"
     )
     p.add_argument("--ek", metavar="ID", help="the enrolled EK this AK belongs to")
-    p = _leaf(g, "revoke", "revoke an AK", _ak_revoke)
+    p = _leaf(
+        g, "revoke", "revoke an AK and keep its TPM out until its EK is re-admitted", _ak_revoke
+    )
     p.add_argument("ak_name", metavar="NAME", help="the AK name (ak list)")
     p.add_argument("--reason", default="", help="recorded in the audit log")
     _leaf(g, "list", "list enrolled AKs", _ak_list)

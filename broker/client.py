@@ -249,6 +249,8 @@ IDEMPOTENT_METHODS: Final = frozenset(
     {
         "GetBrokerInfo",
         "RevokeEk",
+        # Re-admitting an EK that is not revoked changes nothing.
+        "ReadmitEk",
         "ListEks",
         "RevokeAk",
         "ListAks",
@@ -619,6 +621,15 @@ class BrokerClient:
         """Raises: BrokerClientError (NotFoundError for an unknown EK, ...)."""
         req = admin_pb2.RevokeEkRequest(ek_id=ek_id, reason=reason)
         self._call("RevokeEk", self._admin.RevokeEk, req)
+
+    def readmit_ek(self, ek_id: str, *, reason: str = "") -> bool:
+        """Re-admits a revoked EK; returns whether it was revoked.
+
+        Raises:
+            BrokerClientError: NotFoundError for an unknown EK, ...
+        """
+        req = admin_pb2.ReadmitEkRequest(ek_id=ek_id, reason=reason)
+        return self._call("ReadmitEk", self._admin.ReadmitEk, req).was_revoked
 
     def list_eks(self) -> list[admin_pb2.EkInfo]:
         """Raises: BrokerClientError."""

@@ -17,10 +17,14 @@ from evidence.launch import Launch
 class EkRecord:
     """An enrolled endorsement key."""
 
-    ek_id: str  # hex SHA-256 of the marshalled TPMT_PUBLIC
-    public: bytes  # marshalled TPM2B_PUBLIC
+    #: The canonical identity (broker.tpmkeys.ek_identity): hex SHA-256 of the DER
+    #: SubjectPublicKeyInfo, the same for every encoding of the key.
+    ek_id: str
+    public: bytes  # marshalled TPM2B_PUBLIC, as first enrolled
     certificate: bytes | None  # DER, when the TPM had one
     enrolled_at: datetime
+    #: Revoked by the operator (``ek revoke``) or kept out after one of its AKs was revoked
+    #: (``ak revoke``); either way until the operator re-admits it (``ek readmit``).
     revoked: bool = False
     revoked_reason: str = ""
 
@@ -40,14 +44,25 @@ class AkRecord:
 
 @dataclass(frozen=True)
 class CredentialChallenge:
-    """An outstanding MakeCredential challenge: one per AK, with an expiry."""
+    """An outstanding MakeCredential challenge: one per AK, with an expiry.
+
+    The EK is not enrolled when the challenge is issued: its public area and certificate wait
+    here until the TPM proves it holds the EK (the activation), and only the identity that asked
+    for the challenge may answer it.
+    """
 
     enrollment_id: str
     ak_name: str
     ak_public: bytes
-    ek_id: str
+    ek_id: str  # canonical EK identity
     secret_digest: bytes  # SHA-256 of the secret; the secret itself is not stored
     expires_at: datetime
+    ek_public: bytes = b""  # marshalled TPM2B_PUBLIC, as the sidecar sent it
+    ek_certificate: bytes | None = None
+    #: What vouched for an EK that is not enrolled yet (its certificate, an SEV-SNP report, the
+    #: configuration), for the record of its enrollment; empty when the EK is enrolled already.
+    ek_basis: str = ""
+    requester: str = ""  # SPIFFE ID that started the enrollment
 
 
 @dataclass(frozen=True)

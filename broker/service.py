@@ -322,18 +322,22 @@ class Broker:
         allow_without_certificate: bool,
     ) -> EkRecord:
         """Operator enrollment of an EK (with a certificate checked against the trusted CAs,
-        or explicitly without one).
+        or explicitly without one). The EK must match a TCG EK template; it is recorded under
+        its canonical identity (:func:`broker.tpmkeys.ek_identity`).
 
         Raises:
             EnrollmentError: bad EK, bad certificate, or no certificate without the override.
+            RevokedKeyError: the EK (in any encoding) is revoked: re-admit it instead.
             DuplicateError: the EK is enrolled already.
         """
         try:
             pub = tpmkeys.load_public(ek_public)
+            ek_id = tpmkeys.ek_identity(pub)
+            self._refuse_revoked_ek(ek_id)
             tpmkeys.check_ek_attributes(pub)
             if certificate:
                 tpmkeys.verify_ek_certificate(
-                    certificate, ek_public, self.trusted_ek_cas, now=self.clock()
+                    certificate, pub, self.trusted_ek_cas, now=self.clock()
                 )
             elif not allow_without_certificate:
                 raise EkCertificateError(
@@ -343,7 +347,7 @@ class Broker:
             self._record(actor, "ek.enroll", "", "deny", str(e))
             raise
         record = EkRecord(
-            ek_id=pub.key_id,
+            ek_id=ek_id,
             public=pub.tpm2b_public or ek_public,
             certificate=certificate or None,
             enrolled_at=self.clock(),
@@ -359,6 +363,20 @@ class Broker:
                 "with certificate" if certificate else "without certificate (operator)",
             )
         return record
+
+    def _refuse_revoked_ek(self, ek_id: str) -> None:
+        """Raises RevokedKeyError when the EK ``ek_id`` is enrolled and revoked.
+
+        Raises:
+            RevokedKeyError: it is.
+            StorageError: the database failed.
+        """
+        try:
+            existing = self.store.get_ek(ek_id)
+        except UnknownKeyError:
+            return
+        if existing.revoked:
+            raise RevokedKeyError(f"EK {ek_id} is revoked")
 
     def enroll_ak(self, actor: SpiffeId, *, ak_public: bytes, ek_id: str | None) -> AkRecord:
         """Operator enrollment of an AK from `tpm2_createak --public` output or PEM.
@@ -409,27 +427,36 @@ class Broker:
     ) -> EnrollmentChallenge:
         """Sidecar enrollment, step 1: MakeCredential for the AK's name under the EK.
 
-        The EK is enrolled on the way when its certificate chains to a trusted EK CA, when a
-        verified SEV-SNP HCL report (``hcl_report``, ``vcek``) names it and the AK and
-        ``[broker.azure_snp]`` allows that, or when configuration allows EKs without
-        certificates; an EK the operator enrolled is reused.
+        The EK must match a TCG EK template and is looked up by its canonical identity, so a
+        revoked EK is refused in any encoding. An EK that is not enrolled must be vouched for:
+        its certificate chains to a trusted EK CA, or a verified SEV-SNP HCL report
+        (``hcl_report``, ``vcek``) names it and the AK and ``[broker.azure_snp]`` allows that,
+        or configuration allows EKs without certificates. It is not recorded here:
+        :meth:`complete_enrollment` records it once the TPM has activated the credential. The
+        challenge is bound to ``actor``.
 
         Raises:
             EnrollmentError: the EK or AK is unacceptable.
+            RevokedKeyError: the EK is revoked (or kept out after an AK revocation).
         """
         try:
             ek = tpmkeys.load_public(ek_public)
+            # The identity first: a revoked TPM is refused as revoked whatever the encoding of
+            # its EK (and the audit log says so), then the encoding must be a TCG template's.
+            ek_id = tpmkeys.ek_identity(ek)
+            try:
+                ek_record: EkRecord | None = self.store.get_ek(ek_id)
+            except UnknownKeyError:
+                ek_record = None
+            if ek_record is not None and ek_record.revoked:
+                raise RevokedKeyError(f"EK {ek_id} is revoked")
             tpmkeys.check_ek_attributes(ek)
             ak = tpmkeys.load_public(ak_public)
             if ak.name is None:
                 raise EnrollmentError("credential activation needs the AK as TPM2B_PUBLIC")
             tpmkeys.check_ak_attributes(ak, **self._ak_limits)
-            new_ek: EkRecord | None = None
-            ek_vouched = ""
-            try:
-                ek_record = self.store.get_ek(ek.key_id)
-            except UnknownKeyError:
-                vouched = ""
+            basis = ""
+            if ek_record is None:
                 if (hcl_report or vcek) and self.snp.enroll:
                     # The hardware root vouches for the EK instead of a certificate; the
                     # credential activation that follows still proves the AK lives with it.
@@ -449,10 +476,10 @@ class Broker:
                         raise EkCertificateError(
                             f"SEV-SNP evidence rejected: {type(e).__name__}: {e}"
                         ) from e
-                    vouched = "vouched by a verified AMD SEV-SNP HCL report"
+                    basis = "vouched by a verified AMD SEV-SNP HCL report"
                 elif ek_certificate:
                     tpmkeys.verify_ek_certificate(
-                        ek_certificate, ek_public, self.trusted_ek_cas, now=self.clock()
+                        ek_certificate, ek, self.trusted_ek_cas, now=self.clock()
                     )
                 elif not self.config.allow_ek_without_certificate:
                     raise EkCertificateError(
@@ -463,15 +490,11 @@ class Broker:
                             else ""
                         )
                     ) from None
-                ek_record = new_ek = EkRecord(
-                    ek_id=ek.key_id,
-                    public=ek_public,
-                    certificate=None if vouched else ek_certificate or None,
-                    enrolled_at=self.clock(),
+                basis = basis or (
+                    "certificate chains to a trusted EK CA"
+                    if ek_certificate
+                    else "no certificate (allowed by configuration)"
                 )
-                ek_vouched = vouched
-            if ek_record.revoked:
-                raise RevokedKeyError(f"EK {ek_record.ek_id} is revoked")
             secret = secrets.token_bytes(32)
             blob, encrypted = tpmkeys.make_credential(
                 ek_public=ek_public, ak_name=ak.name, secret=secret
@@ -483,30 +506,26 @@ class Broker:
             enrollment_id=uuid.uuid4().hex,
             ak_name=ak.name.hex(),
             ak_public=ak_public,
-            ek_id=ek_record.ek_id,
+            ek_id=ek_id,
             secret_digest=hashlib.sha256(secret).digest(),
             expires_at=self.clock() + timedelta(seconds=self.config.credential_ttl_seconds),
+            ek_public=ek.tpm2b_public or ek_public,
+            # A certificate is kept only when it is what vouched for a new EK.
+            ek_certificate=ek_certificate or None if basis.startswith("certificate") else None,
+            ek_basis=basis,
+            requester=str(actor),
         )
-        # The EK enrolled on the way and the challenge commit with their records, together.
+        # The EK is not enrolled here (the activation enrolls it); the challenge commits with
+        # its record.
         with self.store.unit_of_work("issue credential") as uow:
-            if new_ek is not None:
-                self.store.add_ek(new_ek, uow=uow)
-                self._record_in(
-                    uow,
-                    actor,
-                    "ek.enroll",
-                    new_ek.ek_id,
-                    "allow",
-                    ek_vouched
-                    or (
-                        "certificate chains to a trusted EK CA"
-                        if ek_certificate
-                        else "no certificate (allowed by configuration)"
-                    ),
-                )
             self.store.put_credential_challenge(challenge, uow=uow)
             self._record_in(
-                uow, actor, "ak.credential", challenge.ak_name, "allow", "credential issued"
+                uow,
+                actor,
+                "ak.credential",
+                challenge.ak_name,
+                "allow",
+                f"credential issued under EK {ek_id}",
             )
         return EnrollmentChallenge(challenge.enrollment_id, blob, encrypted, challenge.expires_at)
 
@@ -515,17 +534,24 @@ class Broker:
     ) -> AkRecord:
         """Sidecar enrollment, step 2: the secret from ActivateCredential proves the AK.
 
+        Only the identity that started the enrollment may complete it. The EK is enrolled here,
+        with the AK and in the same transaction, when it was not enrolled before.
+
         Raises:
-            CredentialError: unknown or expired challenge, or the wrong secret.
+            CredentialError: unknown, expired or another identity's challenge, or the wrong
+                secret.
+            RevokedKeyError: the AK or its EK was revoked meanwhile.
         """
-        # Taking the challenge and the outcome's record are one unit of work: a taken (so
-        # burned) challenge is always recorded, and a wrong secret burns it for good.
+        # Taking the challenge and the outcome's records are one unit of work: a taken (so
+        # burned) challenge is always recorded, and a wrong secret burns it for good. Another
+        # identity's attempt takes nothing (the challenge stays for its requester) and is
+        # recorded all the same.
         refused: BrokerError | None = None
         record: AkRecord | None = None
         with self.store.unit_of_work("activate credential") as uow:
             try:
                 challenge = self.store.take_credential_challenge(
-                    enrollment_id, self.clock(), uow=uow
+                    enrollment_id, self.clock(), str(actor), uow=uow
                 )
                 if not hmac.compare_digest(
                     hashlib.sha256(secret).digest(), challenge.secret_digest
@@ -550,21 +576,54 @@ class Broker:
                     )
                     record = existing
                 else:
-                    record = AkRecord(
-                        ak_name=challenge.ak_name,
-                        public=challenge.ak_public,
-                        ek_id=challenge.ek_id,
-                        enrolled_by="credential-activation",
-                        enrolled_at=self.clock(),
-                    )
-                    self.store.add_ak(record, uow=uow)
-                    self._record_in(
-                        uow, actor, "ak.activate", record.ak_name, "allow", "credential activated"
-                    )
+                    refused, record = self._enroll_activated(uow, actor, challenge)
         if refused is not None:
             raise refused
         assert record is not None
         return record
+
+    def _enroll_activated(
+        self, uow: UnitOfWork, actor: SpiffeId, challenge: CredentialChallenge
+    ) -> tuple[BrokerError | None, AkRecord | None]:
+        """Enrolls the AK of an answered challenge, and its EK when that is new, in ``uow``
+        with their records; returns (refusal, None) when the EK was revoked meanwhile (the
+        refusal recorded in ``uow``), else (None, the AK).
+
+        Raises:
+            DuplicateError: the AK was enrolled meanwhile (the unit rolls back).
+            StorageError: the database failed.
+        """
+        now = self.clock()
+        record = AkRecord(
+            ak_name=challenge.ak_name,
+            public=challenge.ak_public,
+            ek_id=challenge.ek_id,
+            enrolled_by="credential-activation",
+            enrolled_at=now,
+        )
+        ek_record = EkRecord(
+            ek_id=challenge.ek_id,
+            public=challenge.ek_public,
+            certificate=challenge.ek_certificate,
+            enrolled_at=now,
+        )
+        try:
+            ek_created = self.store.add_activated_ak(ek_record, record, uow=uow)
+        except RevokedKeyError as e:
+            # Nothing was written: the unit still commits the taken challenge and this record.
+            self._record_in(uow, actor, "ak.activate", record.ak_name, "deny", str(e))
+            return e, None
+        if ek_created:
+            self._record_in(
+                uow,
+                actor,
+                "ek.enroll",
+                ek_record.ek_id,
+                "allow",
+                f"credential activated under it; {challenge.ek_basis}",
+            )
+        self._record_in(uow, actor, "ak.activate", record.ak_name, "allow", "credential activated")
+        return None, record
 
     def revoke_ek(self, actor: SpiffeId, ek_id: str, reason: str) -> None:
         """Revokes an EK and every AK under it; a refusal is recorded with its reason.
@@ -581,7 +640,10 @@ class Broker:
             self._record_in(uow, actor, "ek.revoke", ek_id, "allow", reason)
 
     def revoke_ak(self, actor: SpiffeId, ak_name: str, reason: str) -> None:
-        """Revokes an AK; a refusal is recorded with its reason.
+        """Revokes an AK and keeps its TPM out: its EK is revoked too (with the reason ``AK ...
+        revoked: ...``) until the operator re-admits it (:meth:`readmit_ek`), so evicting the AK
+        and enrolling a new one does not bring the TPM back. A refusal is recorded with its
+        reason.
 
         Raises:
             UnknownKeyError: no such AK.
@@ -591,8 +653,43 @@ class Broker:
             self._refusal_recorded(actor, "ak.revoke", ak_name),
             self.store.unit_of_work("revoke AK") as uow,
         ):
-            self.store.revoke_ak(ak_name, reason, uow=uow)
-            self._record_in(uow, actor, "ak.revoke", ak_name, "allow", reason)
+            blocked = self.store.revoke_ak(ak_name, reason, uow=uow)
+            self._record_in(
+                uow,
+                actor,
+                "ak.revoke",
+                ak_name,
+                "allow",
+                reason + (f" (EK {blocked} kept out until re-admitted)" if blocked else ""),
+            )
+
+    def readmit_ek(self, actor: SpiffeId, ek_id: str, reason: str) -> bool:
+        """Re-admits a revoked EK (revoked by ``ek revoke`` or kept out after an AK revocation):
+        its TPM may enroll new AKs again; the AKs revoked before stay revoked. The change and
+        its record commit together; re-admitting an EK that is not revoked changes nothing and
+        is recorded all the same.
+
+        Returns whether the EK was revoked.
+
+        Raises:
+            UnknownKeyError: no such EK.
+            StorageError: the database failed.
+        """
+        with (
+            self._refusal_recorded(actor, "ek.readmit", ek_id),
+            self.store.unit_of_work("re-admit EK") as uow,
+        ):
+            lifted = self.store.readmit_ek(ek_id, uow=uow)
+            outcome = f"lifted: {lifted}" if lifted is not None else "was not revoked"
+            self._record_in(
+                uow,
+                actor,
+                "ek.readmit",
+                ek_id,
+                "allow",
+                f"{reason}; {outcome}" if reason else outcome,
+            )
+        return lifted is not None
 
     # --- challenge and attestation ----------------------------------------------------------
 
@@ -607,15 +704,22 @@ class Broker:
             StorageError: the database failed.
         """
         try:
-            ak = self.store.get_ak(ak_name)
+            ak, ek = self.store.get_attester(ak_name)
         except BrokerError as e:
             self._record(actor, "challenge", ak_name, "deny", str(e))
             raise
+        # The AK's own revocation first, then its TPM's (by the EK's canonical identity, which
+        # every encoding of the EK shares): the caller learns which; the audit log also says why.
+        revoked: tuple[RevokedKeyError, str] | None = None
         if ak.revoked:
-            # The caller learns that the AK is revoked; the audit log also says why.
-            error = RevokedKeyError(f"AK {ak_name} is revoked")
-            why = ak.revoked_reason or "no reason given"
-            self._record(actor, "challenge", ak_name, "deny", f"{error}: {why}")
+            revoked = RevokedKeyError(f"AK {ak_name} is revoked"), ak.revoked_reason
+        elif ek is not None and ek.revoked:
+            revoked = RevokedKeyError(f"EK {ek.ek_id} is revoked"), ek.revoked_reason
+        if revoked is not None:
+            error, why = revoked
+            self._record(
+                actor, "challenge", ak_name, "deny", f"{error}: {why or 'no reason given'}"
+            )
             raise error
         # The record keeps the nonce's digest, not the nonce: that matches the challenge to the
         # nonce row and to its attestation, while no one who reads or archives the audit log
@@ -726,11 +830,11 @@ class Broker:
             denied(reason, code, cause, records, withheld)
 
         try:
-            ak = self.store.get_ak(evidence.ak_name)
+            # The AK and its EK in one read; policy.evaluate refuses either one revoked.
+            ak, ek = self.store.get_attester(evidence.ak_name)
         except UnknownKeyError as e:
             # No nonce is burned: a nonce is bound to an enrolled AK, and this one is none.
             deny(str(e), DenialCode.ATTESTER_UNKNOWN, burn=False, cause=e)
-        ek = self.store.get_ek(ak.ek_id) if ak.ek_id else None
         snp_claims: SnpClaims | None = None
         try:
             expected = qualifying_data(
@@ -953,7 +1057,9 @@ class Broker:
                 )
                 if not ak_active:
                     denial_cause = RevokedKeyError(f"AK {evidence.ak_name} is revoked")
-                    denied_reason = f"AK {evidence.ak_name} was revoked during the attestation"
+                    denied_reason = (
+                        f"AK {evidence.ak_name} or its EK was revoked during the attestation"
+                    )
                     denied_code = DenialCode.ATTESTER_REVOKED
                 else:
                     # A key whose approval was revoked while this attestation was in flight is

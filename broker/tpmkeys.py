@@ -17,7 +17,7 @@ import functools
 import hashlib
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -42,13 +42,17 @@ __all__ = [
     "DEFAULT_AK_RSA_BITS",
     "DEFAULT_EK_CURVES",
     "DEFAULT_EK_RSA_BITS",
+    "EK_TEMPLATES",
     "HASH_BY_ALG",
     "STRONG_HASHES",
+    "EkTemplate",
     "KeyType",
     "ParsedPublic",
     "ak_qualified_name",
     "check_ak_attributes",
     "check_ek_attributes",
+    "check_ek_template",
+    "ek_identity",
     "load_public",
     "make_credential",
     "to_tools_credential_file",
@@ -167,8 +171,8 @@ class ParsedPublic:
     symmetric: str | None
     #: The marshalled TPM2B_PUBLIC; None for PEM.
     tpm2b_public: bytes | None
-    #: Hex SHA-256 of the marshalled TPMT_PUBLIC (the ``ek_id`` convention); for PEM keys, hex
-    #: SHA-256 of the DER SubjectPublicKeyInfo.
+    #: Hex SHA-256 of the marshalled TPMT_PUBLIC; for PEM keys, hex SHA-256 of the DER
+    #: SubjectPublicKeyInfo. Not an EK's identity: see :func:`ek_identity`.
     key_id: str
     #: Hex SHA-256 of the DER SubjectPublicKeyInfo: the same for a key loaded from TPM2B_PUBLIC
     #: and from PEM, so the two forms of one key can be matched.
@@ -418,9 +422,10 @@ def check_ek_attributes(
     rsa_key_sizes: Collection[int] = DEFAULT_EK_RSA_BITS,
     curves: Collection[str] = DEFAULT_EK_CURVES,
 ) -> None:
-    """Checks that ``pub`` looks like an endorsement key: a restricted decryption (storage) key
-    with a symmetric algorithm, fixedTPM, fixedParent, sensitiveDataOrigin and adminWithPolicy,
-    RSA-2048 or ECC P-256/P-384 by default.
+    """Checks that ``pub`` is an endorsement key: a restricted decryption (storage) key with a
+    symmetric algorithm, fixedTPM, fixedParent, sensitiveDataOrigin and adminWithPolicy,
+    RSA-2048 or ECC P-256/P-384 by default, encoded exactly as a TCG EK template defines it
+    (:func:`check_ek_template`).
 
     Raises:
         KeyAttributeError: the key came from PEM, or naming the first property that does not fit.
@@ -431,6 +436,166 @@ def check_ek_attributes(
     _check_size(pub, "EK", rsa_key_sizes, curves)
     if pub.symmetric is None:
         raise KeyAttributeError("EK has no symmetric algorithm: it is not a storage key")
+    check_ek_template(pub)
+
+
+# --- EK templates and the canonical EK identity ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EkTemplate:
+    """One of the TCG EK Credential Profile's default EK templates (everything but ``unique``)."""
+
+    #: The profile's name for it ("L-1", "H-3", ...).
+    name: str
+    key_type: KeyType
+    name_alg: int
+    attributes: int
+    auth_policy: bytes
+    #: AES key size of the symmetric (storage) algorithm; the mode is always CFB.
+    aes_bits: int
+    #: RSA modulus size, or the curve's size for ECC.
+    key_bits: int
+    #: "P-256", "P-384" for ECC keys, None for RSA.
+    curve: str | None
+
+
+_EK_LOW_ATTRIBUTES: Final = 0x000300B2  # fixedTPM fixedParent sensitiveDataOrigin adminWithPolicy
+_EK_HIGH_ATTRIBUTES: Final = 0x000300F2  # ... and userWithAuth: the high range sets it
+# PolicySecret(TPM_RH_ENDORSEMENT), the low-range templates' policy (profile: PolicyA_SHA256).
+_POLICY_A_SHA256: Final = bytes.fromhex(
+    "837197674484b3f81a90cc8d46a5d724fd52d76e06520b64f2a1da1b331469aa"
+)
+# The high-range templates' PolicyOR (profile: PolicyB_SHA256, PolicyB_SHA384).
+_POLICY_B_SHA256: Final = bytes.fromhex(
+    "ca3d0a99a2b93906f7a3342414efcfb3a385d44cd1fd459089d19b5071c0b7a0"
+)
+_POLICY_B_SHA384: Final = bytes.fromhex(
+    "b26e7d28d11a50bc53d882bcf5fd3a1a074148bb35d3b4e4cb1c0ad9bde419ca"
+    "cb47ba09699646150f9fc000f3f80e12"
+)
+_SHA256: Final = int(TPM2_ALG.SHA256)
+_SHA384: Final = int(TPM2_ALG.SHA384)
+
+#: The EK templates the broker accepts: the TCG EK Credential Profile's low-range RSA-2048 (L-1)
+#: and ECC P-256 (L-2) templates, which ``tpm2_createek`` and the sidecar use, and the high-range
+#: RSA-2048, ECC P-256 and ECC P-384 templates (H-1, H-2, H-3; swtpm certifies H-3). The RSA
+#: exponent is 0 (meaning 65537) and the scheme and the ECC KDF are TPM_ALG_NULL in all of them.
+EK_TEMPLATES: Final[tuple[EkTemplate, ...]] = (
+    EkTemplate("L-1", "rsa", _SHA256, _EK_LOW_ATTRIBUTES, _POLICY_A_SHA256, 128, 2048, None),
+    EkTemplate("L-2", "ecc", _SHA256, _EK_LOW_ATTRIBUTES, _POLICY_A_SHA256, 128, 256, "P-256"),
+    EkTemplate("H-1", "rsa", _SHA256, _EK_HIGH_ATTRIBUTES, _POLICY_B_SHA256, 128, 2048, None),
+    EkTemplate("H-2", "ecc", _SHA256, _EK_HIGH_ATTRIBUTES, _POLICY_B_SHA256, 128, 256, "P-256"),
+    EkTemplate("H-3", "ecc", _SHA384, _EK_HIGH_ATTRIBUTES, _POLICY_B_SHA384, 256, 384, "P-384"),
+)
+
+
+def _template_differences(a: Any, template: EkTemplate) -> list[str]:
+    """What in the TPMT_PUBLIC ``a`` differs from ``template`` (empty when it matches)."""
+    diffs: list[str] = []
+    name_alg = int(a.nameAlg)
+    if name_alg != template.name_alg:
+        diffs.append(
+            f"nameAlg is {HASH_BY_ALG.get(name_alg, hex(name_alg))} "
+            f"(template: {HASH_BY_ALG[template.name_alg]})"
+        )
+    attrs = int(a.objectAttributes)
+    if attrs != template.attributes:
+        extra = _attribute_names(attrs & ~template.attributes)
+        missing = _attribute_names(template.attributes & ~attrs)
+        diffs.append(
+            "objectAttributes "
+            + " and ".join(
+                p
+                for p in (
+                    ("set " + ", ".join(extra)) if extra else "",
+                    ("lack " + ", ".join(missing)) if missing else "",
+                )
+                if p
+            )
+            + f" (0x{attrs:08x}, template: 0x{template.attributes:08x})"
+        )
+    if bytes(a.authPolicy) != template.auth_policy:
+        diffs.append("authPolicy is not the template's")
+    if template.key_type == "rsa":
+        params = a.parameters.rsaDetail
+        unique = bytes(a.unique.rsa)
+        exponent = int(params.exponent)
+        if exponent != 0:
+            diffs.append(f"exponent is written as {exponent} (template: 0, meaning 65537)")
+        if len(unique) != template.key_bits // 8:
+            diffs.append(f"modulus is {len(unique)} bytes (template: {template.key_bits // 8})")
+    else:
+        params = a.parameters.eccDetail
+        size = (template.key_bits + 7) // 8
+        x, y = bytes(a.unique.ecc.x), bytes(a.unique.ecc.y)
+        if int(params.kdf.scheme) != int(TPM2_ALG.NULL):
+            diffs.append("the KDF is not TPM_ALG_NULL")
+        if len(x) != size or len(y) != size:
+            diffs.append(f"the point's coordinates are not {size} bytes each")
+    sym = params.symmetric
+    if (int(sym.algorithm), int(sym.keyBits.sym), int(sym.mode.sym)) != (
+        int(TPM2_ALG.AES),
+        template.aes_bits,
+        int(TPM2_ALG.CFB),
+    ):
+        diffs.append(f"symmetric is not AES-{template.aes_bits}-CFB")
+    if int(params.scheme.scheme) != int(TPM2_ALG.NULL):
+        diffs.append("scheme is not TPM_ALG_NULL")
+    return diffs
+
+
+def check_ek_template(pub: ParsedPublic) -> EkTemplate:
+    """Checks that ``pub`` is an EK exactly as one of :data:`EK_TEMPLATES` defines it: the same
+    name algorithm, object attributes, authPolicy, symmetric algorithm, scheme, RSA exponent
+    (written as 0) or curve and KDF, and a full-size modulus or point.
+
+    A TPM creates its EK from the template, so a real EK matches one byte for byte but for the
+    key itself. Anything else is the same key re-encoded (or another object), and the broker
+    refuses it rather than guess which TPM object it stands for.
+
+    Returns the template it matches.
+
+    Raises:
+        KeyAttributeError: the key came from PEM, is of a size or curve no template has, or
+            differs from the templates of its type (naming the differences from the closest).
+    """
+    if pub.tpm2b_public is None:
+        raise KeyAttributeError("an EK must be given as a TPM2B_PUBLIC, not PEM")
+    candidates = [
+        t
+        for t in EK_TEMPLATES
+        if t.key_type == pub.key_type and t.key_bits == pub.key_bits and t.curve == pub.curve
+    ]
+    if not candidates:
+        kind = f"RSA-{pub.key_bits}" if pub.key_type == "rsa" else f"ECC {pub.curve}"
+        raise KeyAttributeError(f"EK is {kind}: no TCG EK template the broker accepts has it")
+    area = TPM2B_PUBLIC.unmarshal(pub.tpm2b_public)[0].publicArea
+    best: tuple[EkTemplate, list[str]] | None = None
+    for template in candidates:
+        diffs = _template_differences(area, template)
+        if not diffs:
+            return template
+        if best is None or len(diffs) < len(best[1]):
+            best = (template, diffs)
+    assert best is not None
+    raise KeyAttributeError(
+        f"EK public does not match the TCG EK template {best[0].name}: " + "; ".join(best[1])
+    )
+
+
+def ek_identity(pub: ParsedPublic) -> str:
+    """The canonical identity of an EK: the hex SHA-256 of its DER SubjectPublicKeyInfo, the
+    encoding an EK certificate gives the key. Every encoding of one key (another exponent
+    encoding, authPolicy or attributes) has this one identity, so it can be taken before the
+    template is checked: a revoked EK is recognised, and refused as revoked, in any encoding.
+
+    Raises:
+        KeyAttributeError: ``pub`` came from PEM (an EK is enrolled as a TPM2B_PUBLIC).
+    """
+    if not pub.is_tpm_public:
+        raise KeyAttributeError("an EK must be given as a TPM2B_PUBLIC, not PEM")
+    return pub.spki_sha256
 
 
 def _name_digest_size(name: bytes) -> int | None:

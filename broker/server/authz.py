@@ -39,6 +39,7 @@ _ADMIN_RULES: Final[Mapping[str, frozenset[str]]] = {
     "GetBrokerInfo": OPERATOR_OR_PARTY,
     "EnrollEk": OPERATOR,
     "RevokeEk": OPERATOR,
+    "ReadmitEk": OPERATOR,
     "ListEks": OPERATOR,
     "EnrollAk": OPERATOR,
     "RevokeAk": OPERATOR,

@@ -86,6 +86,7 @@ def ek_to_pb(ek: EkRecord) -> admin_pb2.EkInfo:
         ek_certificate=ek.certificate or b"",
         revoked=ek.revoked,
         enrolled_at=timestamp(ek.enrolled_at),
+        revoked_reason=ek.revoked_reason,
     )
 
 

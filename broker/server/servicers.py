@@ -261,6 +261,13 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self.broker.revoke_ek(current_call().caller, request.ek_id, request.reason)
         return admin_pb2.RevokeEkResponse()
 
+    def ReadmitEk(
+        self, request: admin_pb2.ReadmitEkRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.ReadmitEkResponse:
+        validate.check_readmit_ek(request)
+        was_revoked = self.broker.readmit_ek(current_call().caller, request.ek_id, request.reason)
+        return admin_pb2.ReadmitEkResponse(was_revoked=was_revoked)
+
     def ListEks(
         self, request: admin_pb2.ListEksRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ListEksResponse:

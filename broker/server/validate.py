@@ -396,6 +396,12 @@ def check_revoke_ek(req: admin_pb2.RevokeEkRequest) -> None:
     check_text(req.reason, "reason", required=False)
 
 
+def check_readmit_ek(req: admin_pb2.ReadmitEkRequest) -> None:
+    """Raises: InvalidRequestError."""
+    check_ek_id(req.ek_id)
+    check_text(req.reason, "reason", required=False)
+
+
 def check_enroll_ak(req: admin_pb2.EnrollAkRequest) -> None:
     """Raises: InvalidRequestError."""
     check_bytes(req.ak_public, "ak_public", max_len=MAX_PUBLIC_KEY_BYTES)
@@ -565,6 +571,7 @@ __all__ = [
     "check_kek_ref",
     "check_key_ids",
     "check_list_audit_records",
+    "check_readmit_ek",
     "check_register_data_key",
     "check_revoke_ak",
     "check_revoke_approval",

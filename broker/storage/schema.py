@@ -75,6 +75,8 @@ def _sequence_type() -> sa.types.TypeEngine[int]:
 
 metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
 
+# An EK is named by its canonical identity: the SHA-256 of its SubjectPublicKeyInfo (revision
+# 0004 re-keyed older rows, which used the marshalled public area, and merged the duplicates).
 eks = sa.Table(
     "eks",
     metadata,
@@ -109,6 +111,13 @@ credential_challenges = sa.Table(
     sa.Column("ek_id", sa.Text, nullable=False),
     sa.Column("secret_digest", sa.LargeBinary, nullable=False),
     sa.Column("expires_at", UtcDateTime, nullable=False, index=True),
+    # The EK waits here, not in eks, until its activation succeeds.
+    sa.Column("ek_public", sa.LargeBinary, nullable=False),
+    sa.Column("ek_certificate", sa.LargeBinary, nullable=True),
+    # What vouched for a new EK (certificate, SEV-SNP report, configuration), for its record.
+    sa.Column("ek_basis", sa.Text, nullable=False),
+    # The SPIFFE ID that started the enrollment: only it may complete it.
+    sa.Column("requester", sa.Text, nullable=False),
 )
 
 golden_sets = sa.Table(

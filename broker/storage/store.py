@@ -591,8 +591,9 @@ class Store:
     def revoke_ek(self, ek_id: str, reason: str, *, uow: UnitOfWork | None = None) -> None:
         """Revokes an EK and every AK enrolled under it, in one transaction.
 
-        Already revoked keys keep their first reason. The AKs get the reason
-        ``"EK revoked: <reason>"``.
+        ``ek_id`` is the canonical identity (``broker.tpmkeys.ek_identity``), so the revocation
+        reaches every encoding of the key. Already revoked keys keep their first reason. The AKs
+        get the reason ``"EK revoked: <reason>"``.
 
         Raises:
             UnknownKeyError: no such EK.
@@ -685,25 +686,139 @@ class Store:
             rows = conn.execute(sa.select(aks).order_by(aks.c.ak_name)).all()
         return [_ak(r) for r in rows]
 
-    def revoke_ak(self, ak_name: str, reason: str, *, uow: UnitOfWork | None = None) -> None:
-        """Revokes an AK (an already revoked one keeps its first reason).
+    def revoke_ak(self, ak_name: str, reason: str, *, uow: UnitOfWork | None = None) -> str | None:
+        """Revokes an AK (an already revoked one keeps its first reason) and, in the same
+        transaction, keeps its EK out: the EK is marked revoked with the reason
+        ``"AK <name> revoked: <reason>"`` (unless it is revoked already), so that the TPM enrolls
+        no other AK until the operator re-admits the EK (:meth:`readmit_ek`).
+
+        Returns the id of the EK it kept out, or None (no EK, or the EK was revoked already).
 
         Raises:
             UnknownKeyError: no such AK.
             StorageError: the database failed.
         """
         with self._write("revoke AK", uow) as conn:
-            updated = conn.execute(
-                sa.update(aks)
-                .where(aks.c.ak_name == ak_name, aks.c.revoked.is_(False))
-                .values(revoked=True, revoked_reason=reason)
-            ).rowcount
-            exists = updated > 0 or (
-                conn.execute(sa.select(aks.c.ak_name).where(aks.c.ak_name == ak_name)).first()
-                is not None
-            )
-        if not exists:
+            row = conn.execute(sa.select(aks.c.ek_id).where(aks.c.ak_name == ak_name)).one_or_none()
+            blocked: str | None = None
+            if row is not None:
+                conn.execute(
+                    sa.update(aks)
+                    .where(aks.c.ak_name == ak_name, aks.c.revoked.is_(False))
+                    .values(revoked=True, revoked_reason=reason)
+                )
+                if row.ek_id is not None:
+                    updated = conn.execute(
+                        sa.update(eks)
+                        .where(eks.c.ek_id == row.ek_id, eks.c.revoked.is_(False))
+                        .values(revoked=True, revoked_reason=f"AK {ak_name} revoked: {reason}")
+                    ).rowcount
+                    blocked = row.ek_id if updated else None
+        if row is None:
             raise UnknownKeyError(f"AK {ak_name} is not enrolled")
+        return blocked
+
+    def readmit_ek(self, ek_id: str, *, uow: UnitOfWork | None = None) -> str | None:
+        """Lifts an EK's revocation (by ``ek revoke`` or by the revocation of one of its AKs), so
+        that its TPM may enroll AKs again. AKs revoked before stay revoked.
+
+        Returns the reason of the revocation it lifted, or None when the EK was not revoked.
+
+        Raises:
+            UnknownKeyError: no such EK.
+            StorageError: the database failed.
+        """
+        with self._write("re-admit EK", uow) as conn:
+            row = conn.execute(
+                sa.select(eks.c.revoked, eks.c.revoked_reason)
+                .where(eks.c.ek_id == ek_id)
+                .with_for_update()
+            ).one_or_none()
+            if row is not None and row.revoked:
+                conn.execute(
+                    sa.update(eks)
+                    .where(eks.c.ek_id == ek_id)
+                    .values(revoked=False, revoked_reason="")
+                )
+        if row is None:
+            raise UnknownKeyError(f"EK {ek_id} is not enrolled")
+        return str(row.revoked_reason or "revoked") if row.revoked else None
+
+    def get_attester(self, ak_name: str) -> tuple[AkRecord, EkRecord | None]:
+        """The AK with this name and the EK it is bound to (None for an AK without one), read in
+        one statement: the challenge and attestation paths check both for revocation.
+
+        Raises:
+            UnknownKeyError: no such AK.
+            StorageError: the database failed.
+        """
+        with self.fast.session("get AK") as cur:
+            row = cur.one(self._q.get_attester, {"ak_name": ak_name})
+        if row is None:
+            raise UnknownKeyError(f"AK {ak_name} is not enrolled")
+        ak = _ak(row)
+        if row.ek_ek_id is None:
+            return ak, None
+        return ak, EkRecord(
+            ek_id=row.ek_ek_id,
+            public=bytes(row.ek_public),
+            certificate=None if row.ek_certificate is None else bytes(row.ek_certificate),
+            enrolled_at=row.ek_enrolled_at,
+            revoked=bool(row.ek_revoked),
+            revoked_reason=row.ek_revoked_reason,
+        )
+
+    def add_activated_ak(
+        self, ek: EkRecord, ak: AkRecord, *, uow: UnitOfWork | None = None
+    ) -> bool:
+        """Enrolls an AK whose credential activation under ``ek`` succeeded, enrolling the EK in
+        the same transaction when it is not enrolled yet: an EK is recorded only together with
+        the first AK proven to live beside it.
+
+        Returns whether the EK was enrolled now.
+
+        Raises:
+            RevokedKeyError: the EK is revoked (or kept out after an AK revocation).
+            DuplicateError: an AK with this name is already enrolled.
+            StorageError: the database failed.
+        """
+        with self._write(
+            "add activated AK",
+            uow,
+            duplicate=DuplicateError(f"AK {ak.ak_name} is already enrolled"),
+        ) as conn:
+            # An update lock (PostgreSQL) so that revoke_ek and readmit_ek wait for this
+            # enrollment or this enrollment for them; SQLite's write lock already serializes.
+            revoked = conn.execute(
+                sa.select(eks.c.revoked).where(eks.c.ek_id == ek.ek_id).with_for_update()
+            ).scalar_one_or_none()
+            created = revoked is None
+            if created:
+                conn.execute(
+                    sa.insert(eks).values(
+                        ek_id=ek.ek_id,
+                        public=ek.public,
+                        certificate=ek.certificate,
+                        enrolled_at=ek.enrolled_at,
+                        revoked=False,
+                        revoked_reason="",
+                    )
+                )
+            if not revoked:
+                conn.execute(
+                    sa.insert(aks).values(
+                        ak_name=ak.ak_name,
+                        public=ak.public,
+                        ek_id=ek.ek_id,
+                        enrolled_by=ak.enrolled_by,
+                        enrolled_at=ak.enrolled_at,
+                        revoked=False,
+                        revoked_reason="",
+                    )
+                )
+        if revoked:
+            raise RevokedKeyError(f"EK {ek.ek_id} is revoked")
+        return created
 
     # --- credential challenges ------------------------------------------------------------
 
@@ -723,6 +838,10 @@ class Store:
             "ek_id": challenge.ek_id,
             "secret_digest": challenge.secret_digest,
             "expires_at": challenge.expires_at,
+            "ek_public": challenge.ek_public,
+            "ek_certificate": challenge.ek_certificate,
+            "ek_basis": challenge.ek_basis,
+            "requester": challenge.requester,
         }
         with self._write(
             "put credential challenge",
@@ -735,20 +854,39 @@ class Store:
             conn.execute(stmt)
 
     def take_credential_challenge(
-        self, enrollment_id: str, now: datetime, *, uow: UnitOfWork | None = None
+        self,
+        enrollment_id: str,
+        now: datetime,
+        requester: str,
+        *,
+        uow: UnitOfWork | None = None,
     ) -> CredentialChallenge:
-        """Removes and returns the challenge, atomically (a second take finds nothing).
+        """Removes and returns the challenge that ``requester`` started, atomically (a second
+        take finds nothing). A challenge that another identity started is left in place.
 
         Raises:
-            CredentialError: no such challenge (never issued, replaced, or already taken), or
-                it expired (it is removed all the same).
+            CredentialError: no such challenge (never issued, replaced, or already taken), it
+                belongs to another identity, or it expired (it is removed all the same).
             StorageError: the database failed.
         """
         t = credential_challenges
         with self._write("take credential challenge", uow) as conn:
             row = conn.execute(
-                sa.delete(t).where(t.c.enrollment_id == enrollment_id).returning(*t.c)
+                sa.delete(t)
+                .where(t.c.enrollment_id == enrollment_id, t.c.requester == requester)
+                .returning(*t.c)
             ).one_or_none()
+            owner = (
+                conn.execute(
+                    sa.select(t.c.requester).where(t.c.enrollment_id == enrollment_id)
+                ).scalar_one_or_none()
+                if row is None
+                else None
+            )
+        if owner is not None:
+            raise CredentialError(
+                f"the credential challenge was issued to {owner}, not to {requester}"
+            )
         if row is None:
             raise CredentialError("unknown credential challenge (never issued, replaced or used)")
         challenge = _challenge(row)
@@ -1191,8 +1329,8 @@ class Store:
     def still_active(
         self, uow: UnitOfWork, *, ak_name: str, approval_ids: Sequence[str]
     ) -> tuple[bool, frozenset[str]]:
-        """Inside a release's unit of work: whether the AK is still unrevoked, and which of
-        ``approval_ids`` still are (one statement).
+        """Inside a release's unit of work: whether the AK and its EK (if it has one) are still
+        unrevoked, and which of ``approval_ids`` still are (one statement).
 
         Run after the unit locked the chain head, this sees every revocation whose unit of work
         committed before (each revocation appends its record, so it took the head too), and no
@@ -1270,6 +1408,15 @@ class _HotQueries:
     def __init__(self, fast: FastPath) -> None:
         self.get_ek = fast.prepare(sa.select(eks).where(eks.c.ek_id == sa.bindparam("ek_id")))
         self.get_ak = fast.prepare(sa.select(aks).where(aks.c.ak_name == sa.bindparam("ak_name")))
+        # The AK and its EK in one round trip (LEFT JOIN: an operator's AK may have no EK).
+        self.get_attester = fast.prepare(
+            sa.select(
+                aks,
+                *(c.label(f"ek_{c.name}") for c in eks.c),
+            )
+            .select_from(aks.outerjoin(eks, aks.c.ek_id == eks.c.ek_id))
+            .where(aks.c.ak_name == sa.bindparam("ak_name"))
+        )
         self.get_party = fast.prepare(
             sa.select(parties).where(parties.c.name == sa.bindparam("name"))
         )
@@ -1295,20 +1442,23 @@ class _HotQueries:
             .order_by(approvals.c.created_at, approvals.c.approval_id)
         )
         self.add_session = fast.prepare(sa.insert(sessions))
-        # Which of an AK and a list of approvals are still unrevoked, in one statement: the
-        # list is an array on PostgreSQL and a JSON array on SQLite (a prepared statement
-        # cannot expand an IN list).
+        # Which of an AK (with its EK: an AK whose EK is revoked or kept out is not active)
+        # and a list of approvals are still unrevoked, in one statement: the list is an array
+        # on PostgreSQL and a JSON array on SQLite (a prepared statement cannot expand an IN
+        # list).
         if fast.dialect == "postgresql":
             sql = (
-                "SELECT 'ak' AS kind, ak_name AS id FROM aks"
-                " WHERE ak_name = %(ak)s AND revoked = false"
+                "SELECT 'ak' AS kind, a.ak_name AS id FROM aks a"
+                " LEFT JOIN eks e ON e.ek_id = a.ek_id"
+                " WHERE a.ak_name = %(ak)s AND a.revoked = false AND e.revoked IS NOT TRUE"
                 " UNION ALL SELECT 'approval', approval_id FROM approvals"
                 " WHERE approval_id = ANY(%(ids)s) AND revoked = false"
             )
         else:
             sql = (
-                "SELECT 'ak' AS kind, ak_name AS id FROM aks"
-                " WHERE ak_name = :ak AND revoked = 0"
+                "SELECT 'ak' AS kind, a.ak_name AS id FROM aks a"
+                " LEFT JOIN eks e ON e.ek_id = a.ek_id"
+                " WHERE a.ak_name = :ak AND a.revoked = 0 AND coalesce(e.revoked, 0) = 0"
                 " UNION ALL SELECT 'approval', approval_id FROM approvals"
                 " WHERE approval_id IN (SELECT value FROM json_each(:ids)) AND revoked = 0"
             )
@@ -1443,6 +1593,10 @@ def _challenge(row: Row[Any]) -> CredentialChallenge:
         ek_id=row.ek_id,
         secret_digest=bytes(row.secret_digest),
         expires_at=row.expires_at,
+        ek_public=bytes(row.ek_public),
+        ek_certificate=None if row.ek_certificate is None else bytes(row.ek_certificate),
+        ek_basis=row.ek_basis,
+        requester=row.requester,
     )
 
 

@@ -72,11 +72,17 @@ class EkInfo(_message.Message):
     EK_CERTIFICATE_FIELD_NUMBER: _builtins.int
     REVOKED_FIELD_NUMBER: _builtins.int
     ENROLLED_AT_FIELD_NUMBER: _builtins.int
+    REVOKED_REASON_FIELD_NUMBER: _builtins.int
     ek_id: _builtins.str
-    """SHA-256 of the marshalled EK TPMT_PUBLIC, hex."""
+    """The EK's canonical identity: SHA-256 of its DER SubjectPublicKeyInfo (the encoding an EK
+    certificate uses), hex. The same for every encoding of the EK's public area.
+    """
     ek_public: _builtins.bytes
     ek_certificate: _builtins.bytes
     revoked: _builtins.bool
+    """Revoked by RevokeEk, or kept out after RevokeAk of one of its AKs, until ReadmitEk."""
+    revoked_reason: _builtins.str
+    """Why it is revoked ("AK <name> revoked: <reason>" after an AK revocation); empty when not."""
     @_builtins.property
     def enrolled_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -87,10 +93,11 @@ class EkInfo(_message.Message):
         ek_certificate: _builtins.bytes = ...,
         revoked: _builtins.bool = ...,
         enrolled_at: _timestamp_pb2.Timestamp | None = ...,
+        revoked_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["enrolled_at", b"enrolled_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ek_certificate", b"ek_certificate", "ek_id", b"ek_id", "ek_public", b"ek_public", "enrolled_at", b"enrolled_at", "revoked", b"revoked"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ek_certificate", b"ek_certificate", "ek_id", b"ek_id", "ek_public", b"ek_public", "enrolled_at", b"enrolled_at", "revoked", b"revoked", "revoked_reason", b"revoked_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -180,6 +187,49 @@ class RevokeEkResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RevokeEkResponse: _TypeAlias = RevokeEkResponse  # noqa: Y015
+
+@_typing.final
+class ReadmitEkRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EK_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ek_id: _builtins.str
+    reason: _builtins.str
+    """Recorded in the audit log."""
+    def __init__(
+        self,
+        *,
+        ek_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ek_id", b"ek_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadmitEkRequest: _TypeAlias = ReadmitEkRequest  # noqa: Y015
+
+@_typing.final
+class ReadmitEkResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WAS_REVOKED_FIELD_NUMBER: _builtins.int
+    was_revoked: _builtins.bool
+    """False when the EK was not revoked (nothing changed; the call is still audited)."""
+    def __init__(
+        self,
+        *,
+        was_revoked: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["was_revoked", b"was_revoked"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadmitEkResponse: _TypeAlias = ReadmitEkResponse  # noqa: Y015
 
 @_typing.final
 class ListEksRequest(_message.Message):

@@ -52,6 +52,11 @@ class AdminServiceStub:
                 request_serializer=cleanroom_dot_v1_dot_admin__pb2.RevokeEkRequest.SerializeToString,
                 response_deserializer=cleanroom_dot_v1_dot_admin__pb2.RevokeEkResponse.FromString,
                 _registered_method=True)
+        self.ReadmitEk = channel.unary_unary(
+                '/cleanroom.v1.AdminService/ReadmitEk',
+                request_serializer=cleanroom_dot_v1_dot_admin__pb2.ReadmitEkRequest.SerializeToString,
+                response_deserializer=cleanroom_dot_v1_dot_admin__pb2.ReadmitEkResponse.FromString,
+                _registered_method=True)
         self.ListEks = channel.unary_unary(
                 '/cleanroom.v1.AdminService/ListEks',
                 request_serializer=cleanroom_dot_v1_dot_admin__pb2.ListEksRequest.SerializeToString,
@@ -174,7 +179,17 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RevokeEk(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Revokes an EK (every encoding of its key) and every AK under it: no AK of that TPM, old or
+        new, gets a challenge until the operator re-admits it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadmitEk(self, request, context):
+        """Lifts an EK's revocation (by RevokeEk, or by RevokeAk of one of its AKs): its TPM may enroll
+        new AKs again. AKs revoked before stay revoked. Audited ("ek.readmit").
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -193,7 +208,9 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RevokeAk(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Revokes an AK and keeps its TPM out: its EK is revoked too until the operator re-admits it
+        (ReadmitEk), so a new AK of the same TPM is refused.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -325,6 +342,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.RevokeEk,
                     request_deserializer=cleanroom_dot_v1_dot_admin__pb2.RevokeEkRequest.FromString,
                     response_serializer=cleanroom_dot_v1_dot_admin__pb2.RevokeEkResponse.SerializeToString,
+            ),
+            'ReadmitEk': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadmitEk,
+                    request_deserializer=cleanroom_dot_v1_dot_admin__pb2.ReadmitEkRequest.FromString,
+                    response_serializer=cleanroom_dot_v1_dot_admin__pb2.ReadmitEkResponse.SerializeToString,
             ),
             'ListEks': grpc.unary_unary_rpc_method_handler(
                     servicer.ListEks,
@@ -511,6 +533,33 @@ class AdminService:
             '/cleanroom.v1.AdminService/RevokeEk',
             cleanroom_dot_v1_dot_admin__pb2.RevokeEkRequest.SerializeToString,
             cleanroom_dot_v1_dot_admin__pb2.RevokeEkResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadmitEk(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cleanroom.v1.AdminService/ReadmitEk',
+            cleanroom_dot_v1_dot_admin__pb2.ReadmitEkRequest.SerializeToString,
+            cleanroom_dot_v1_dot_admin__pb2.ReadmitEkResponse.FromString,
             options,
             channel_credentials,
             insecure,

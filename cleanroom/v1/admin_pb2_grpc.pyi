@@ -40,10 +40,20 @@ class AdminServiceStub:
     """Broker identity and the public key parties seal their data keys to."""
     EnrollEk: _grpc.UnaryUnaryMultiCallable[_admin_pb2.EnrollEkRequest, _admin_pb2.EnrollEkResponse]
     RevokeEk: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeEkRequest, _admin_pb2.RevokeEkResponse]
+    """Revokes an EK (every encoding of its key) and every AK under it: no AK of that TPM, old or
+    new, gets a challenge until the operator re-admits it.
+    """
+    ReadmitEk: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ReadmitEkRequest, _admin_pb2.ReadmitEkResponse]
+    """Lifts an EK's revocation (by RevokeEk, or by RevokeAk of one of its AKs): its TPM may enroll
+    new AKs again. AKs revoked before stay revoked. Audited ("ek.readmit").
+    """
     ListEks: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListEksRequest, _admin_pb2.ListEksResponse]
     EnrollAk: _grpc.UnaryUnaryMultiCallable[_admin_pb2.EnrollAkRequest, _admin_pb2.EnrollAkResponse]
     """Enrolls an AK directly (the manual recipe's path: the operator vouches for it)."""
     RevokeAk: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeAkRequest, _admin_pb2.RevokeAkResponse]
+    """Revokes an AK and keeps its TPM out: its EK is revoked too until the operator re-admits it
+    (ReadmitEk), so a new AK of the same TPM is refused.
+    """
     ListAks: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListAksRequest, _admin_pb2.ListAksResponse]
     SetGoldenPcrSet: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetGoldenPcrSetRequest, _admin_pb2.SetGoldenPcrSetResponse]
     ListGoldenPcrSets: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListGoldenPcrSetsRequest, _admin_pb2.ListGoldenPcrSetsResponse]
@@ -84,10 +94,20 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Broker identity and the public key parties seal their data keys to."""
     EnrollEk: _aio.UnaryUnaryMultiCallable[_admin_pb2.EnrollEkRequest, _admin_pb2.EnrollEkResponse]  # type: ignore[assignment]
     RevokeEk: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeEkRequest, _admin_pb2.RevokeEkResponse]  # type: ignore[assignment]
+    """Revokes an EK (every encoding of its key) and every AK under it: no AK of that TPM, old or
+    new, gets a challenge until the operator re-admits it.
+    """
+    ReadmitEk: _aio.UnaryUnaryMultiCallable[_admin_pb2.ReadmitEkRequest, _admin_pb2.ReadmitEkResponse]  # type: ignore[assignment]
+    """Lifts an EK's revocation (by RevokeEk, or by RevokeAk of one of its AKs): its TPM may enroll
+    new AKs again. AKs revoked before stay revoked. Audited ("ek.readmit").
+    """
     ListEks: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListEksRequest, _admin_pb2.ListEksResponse]  # type: ignore[assignment]
     EnrollAk: _aio.UnaryUnaryMultiCallable[_admin_pb2.EnrollAkRequest, _admin_pb2.EnrollAkResponse]  # type: ignore[assignment]
     """Enrolls an AK directly (the manual recipe's path: the operator vouches for it)."""
     RevokeAk: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeAkRequest, _admin_pb2.RevokeAkResponse]  # type: ignore[assignment]
+    """Revokes an AK and keeps its TPM out: its EK is revoked too until the operator re-admits it
+    (ReadmitEk), so a new AK of the same TPM is refused.
+    """
     ListAks: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListAksRequest, _admin_pb2.ListAksResponse]  # type: ignore[assignment]
     SetGoldenPcrSet: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetGoldenPcrSetRequest, _admin_pb2.SetGoldenPcrSetResponse]  # type: ignore[assignment]
     ListGoldenPcrSets: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListGoldenPcrSetsRequest, _admin_pb2.ListGoldenPcrSetsResponse]  # type: ignore[assignment]
@@ -142,7 +162,20 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _admin_pb2.RevokeEkRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_admin_pb2.RevokeEkResponse, _abc.Awaitable[_admin_pb2.RevokeEkResponse]]: ...
+    ) -> _typing.Union[_admin_pb2.RevokeEkResponse, _abc.Awaitable[_admin_pb2.RevokeEkResponse]]:
+        """Revokes an EK (every encoding of its key) and every AK under it: no AK of that TPM, old or
+        new, gets a challenge until the operator re-admits it.
+        """
+
+    @_abc_1.abstractmethod
+    def ReadmitEk(
+        self,
+        request: _admin_pb2.ReadmitEkRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ReadmitEkResponse, _abc.Awaitable[_admin_pb2.ReadmitEkResponse]]:
+        """Lifts an EK's revocation (by RevokeEk, or by RevokeAk of one of its AKs): its TPM may enroll
+        new AKs again. AKs revoked before stay revoked. Audited ("ek.readmit").
+        """
 
     @_abc_1.abstractmethod
     def ListEks(
@@ -164,7 +197,10 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _admin_pb2.RevokeAkRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_admin_pb2.RevokeAkResponse, _abc.Awaitable[_admin_pb2.RevokeAkResponse]]: ...
+    ) -> _typing.Union[_admin_pb2.RevokeAkResponse, _abc.Awaitable[_admin_pb2.RevokeAkResponse]]:
+        """Revokes an AK and keeps its TPM out: its EK is revoked too until the operator re-admits it
+        (ReadmitEk), so a new AK of the same TPM is refused.
+        """
 
     @_abc_1.abstractmethod
     def ListAks(

@@ -314,7 +314,9 @@ def test_hardware_root_vouches_for_an_ek_without_a_trusted_certificate(
     # One report for the enrollment, one for the attestation.
     assert tpm.reports_made == 2
     (ek,) = _ek_enrollments(snp_enrollment)
-    assert ek.reason == "vouched by a verified AMD SEV-SNP HCL report"
+    assert (
+        ek.reason == "credential activated under it; vouched by a verified AMD SEV-SNP HCL report"
+    )
     aks = snp_enrollment.broker.admin("operator").ListAks(
         admin_pb2.ListAksRequest(), timeout=TIMEOUT
     )

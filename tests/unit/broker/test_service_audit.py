@@ -44,6 +44,7 @@ from sealing.keys import KEM_X25519, generate_recipient_key
 from tests.harness.launch import TEST_LAUNCH
 from tests.vectors.evidence import key_vectors
 
+KEY_VECTORS = {v.name: v for v in key_vectors()}
 TD = "cleanroom.local"
 OPERATOR = SpiffeId.operator(TD)
 ADVERTISER = SpiffeId.party(TD, "advertiser")
@@ -602,3 +603,101 @@ def test_a_record_names_each_party_once(room: Room) -> None:
     record = next(r for r in room.records() if r.subject == approval)
     assert record.parties == ("advertiser",)
     assert room.broker.audit.verify_chain().valid
+
+
+# --- revocation that keeps a TPM out, and re-admission -----------------------------------------
+
+
+def _tpm(room: Room) -> tuple[str, SoftAk, SoftAk]:
+    """An EK (tpm2_createek's RSA EK) with two AKs under it; its id and the AKs."""
+    public = KEY_VECTORS["key-rsa-createek"].public
+    ek = room.broker.enroll_ek(
+        OPERATOR, ek_public=public, certificate=None, allow_without_certificate=True
+    )
+    aks = SoftAk.generate("ecc"), SoftAk.generate("ecc")
+    for ak in aks:
+        room.broker.enroll_ak(OPERATOR, ak_public=ak.tpm2b_public, ek_id=ek.ek_id)
+    return ek.ek_id, aks[0], aks[1]
+
+
+def _break_chain_head(room: Room) -> None:
+    with room.broker.store.transaction("break the chain head", write=True) as conn:
+        conn.execute(sa.delete(audit_head))
+
+
+def test_an_ak_revocation_keeps_its_ek_out_with_its_record_or_not_at_all(room: Room) -> None:
+    ek_id, first, second = _tpm(room)
+    with room.broker.store.transaction("read the head") as conn:
+        saved = conn.execute(sa.select(audit_head)).one()
+    _break_chain_head(room)
+    with pytest.raises(StorageError, match="head row is missing"):
+        room.broker.revoke_ak(OPERATOR, first.name_hex, "leaked")
+    assert not room.broker.store.get_ak(first.name_hex).revoked
+    assert not room.broker.store.get_ek(ek_id).revoked
+    with room.broker.store.transaction("restore the chain head", write=True) as conn:
+        conn.execute(sa.insert(audit_head).values(**saved._mapping))
+
+    room.broker.revoke_ak(OPERATOR, first.name_hex, "leaked")
+    record = _last(room.records(), "ak.revoke")
+    assert record.reason == f"leaked (EK {ek_id} kept out until re-admitted)"
+    # The TPM's other AK gets no challenge now: its EK is out.
+    with pytest.raises(RevokedKeyError, match=f"EK {ek_id} is revoked"):
+        room.broker.challenge(SIDECAR, second.name_hex)
+    assert _last(room.records(), "challenge").reason == (
+        f"EK {ek_id} is revoked: AK {first.name_hex} revoked: leaked"
+    )
+
+    # A re-admission whose record cannot be written leaves the EK out.
+    _break_chain_head(room)
+    with pytest.raises(StorageError, match="head row is missing"):
+        room.broker.readmit_ek(OPERATOR, ek_id, "replaced")
+    assert room.broker.store.get_ek(ek_id).revoked
+    with room.broker.store.transaction("restore the chain head", write=True) as conn:
+        conn.execute(sa.insert(audit_head).values(**saved._mapping))
+
+
+def test_a_readmission_lets_the_tpm_back_and_is_audited(room: Room) -> None:
+    ek_id, first, second = _tpm(room)
+    room.broker.revoke_ek(OPERATOR, ek_id, "stolen")
+    assert room.broker.readmit_ek(OPERATOR, ek_id, "found") is True
+    record = _last(room.records(), "ek.readmit")
+    assert (record.actor, record.subject, record.decision, record.reason) == (
+        str(OPERATOR),
+        ek_id,
+        "allow",
+        "found; lifted: stolen",
+    )
+    # Its AKs stay revoked (by the EK's revocation); a new AK enrolls.
+    for ak in (first, second):
+        with pytest.raises(RevokedKeyError, match=f"AK {ak.name_hex} is revoked"):
+            room.broker.challenge(SIDECAR, ak.name_hex)
+    third = SoftAk.generate("ecc")
+    room.broker.enroll_ak(OPERATOR, ak_public=third.tpm2b_public, ek_id=ek_id)
+    assert room.broker.challenge(SIDECAR, third.name_hex).nonce
+    assert room.broker.readmit_ek(OPERATOR, ek_id, "") is False
+    assert _last(room.records(), "ek.readmit").reason == "was not revoked"
+    with pytest.raises(UnknownKeyError):
+        room.broker.readmit_ek(OPERATOR, "00" * 32, "")
+    assert _refusal(room, "ek.readmit").reason == f"EK {'00' * 32} is not enrolled"
+    assert room.broker.audit.verify_chain().valid
+
+
+def test_a_release_re_checks_the_aks_ek_in_its_transaction(
+    room: Room, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another AK of the attesting AK's TPM is revoked after policy granted the key and before
+    # the release commits: the TPM is out, so nothing is released.
+    _, first, second = _tpm(room)
+    room.ak, room.maker = second, QuoteMaker(second, room.measured.pcrs)
+    room.approve(ADVERTISER, "advertiser-data", WORKLOAD)
+    evidence = room.evidence(["advertiser-data"])
+    real_seal = release.seal_records
+
+    def revoke_then_seal(*args: Any, **kwargs: Any) -> Any:
+        room.broker.revoke_ak(OPERATOR, first.name_hex, "leaked")
+        return real_seal(*args, **kwargs)
+
+    monkeypatch.setattr(release, "seal_records", revoke_then_seal)
+    with pytest.raises(AttestationDenied, match="or its EK was revoked during the attestation"):
+        room.broker.attest(SIDECAR, evidence)
+    assert not [r for r in room.records() if r.action == "key.release" and r.decision == "allow"]

@@ -169,17 +169,13 @@ def test_revoking_an_ek_revokes_its_aks_only(store: Store) -> None:
     store.add_ek(ek("ek1"))
     store.add_ek(ek("ek2"))
     store.add_ak(ak("a1", "ek1"))
-    store.add_ak(ak("a2", "ek1"))
     store.add_ak(ak("b1", "ek2"))
     store.add_ak(ak("op", None))
-    store.revoke_ak("a2", "lost")
     store.revoke_ek("ek1", "vendor recall")
     ek1 = store.get_ek("ek1")
     assert ek1.revoked and ek1.revoked_reason == "vendor recall"
     assert store.get_ak("a1").revoked
     assert store.get_ak("a1").revoked_reason == "EK revoked: vendor recall"
-    # An AK revoked before keeps its own reason.
-    assert store.get_ak("a2").revoked_reason == "lost"
     assert not store.get_ak("b1").revoked
     assert not store.get_ak("op").revoked
     assert not store.get_ek("ek2").revoked
@@ -190,11 +186,62 @@ def test_revoking_an_ek_revokes_its_aks_only(store: Store) -> None:
         store.revoke_ek("nope", "x")
     with pytest.raises(UnknownKeyError):
         store.revoke_ak("nope", "x")
-    store.revoke_ak("op", "retired")
+    assert store.revoke_ak("op", "retired") is None
     assert store.get_ak("op").revoked_reason == "retired"
 
 
+def test_revoking_an_ak_keeps_its_ek_out_until_readmitted(store: Store) -> None:
+    store.add_ek(ek("ek1"))
+    store.add_ak(ak("a1", "ek1"))
+    store.add_ak(ak("a2", "ek1"))
+    assert store.revoke_ak("a2", "lost") == "ek1"
+    ek1 = store.get_ek("ek1")
+    assert ek1.revoked and ek1.revoked_reason == "AK a2 revoked: lost"
+    # The EK is out: no new AK under it, and the attester read shows both states.
+    with pytest.raises(RevokedKeyError, match="EK ek1 is revoked"):
+        store.add_ak(ak("a3", "ek1"))
+    a1, ek_of_a1 = store.get_attester("a1")
+    assert not a1.revoked and ek_of_a1 is not None and ek_of_a1.revoked
+    # An EK revocation after it keeps the first reason; revoking another AK blocks nothing new.
+    store.revoke_ek("ek1", "vendor recall")
+    assert store.get_ek("ek1").revoked_reason == "AK a2 revoked: lost"
+    assert store.revoke_ak("a1", "x") is None
+    # Re-admission lifts the EK's revocation, not the AKs'.
+    assert store.readmit_ek("ek1") == "AK a2 revoked: lost"
+    assert not store.get_ek("ek1").revoked
+    assert store.get_ak("a2").revoked and store.get_ak("a1").revoked
+    assert store.readmit_ek("ek1") is None
+    store.add_ak(ak("a3", "ek1"))
+    with pytest.raises(UnknownKeyError):
+        store.readmit_ek("nope")
+
+
+def test_attester_read_joins_the_ek(store: Store) -> None:
+    store.add_ek(ek("ek1"))
+    store.add_ak(ak("a1", "ek1"))
+    store.add_ak(ak("op", None))
+    a1, ek1 = store.get_attester("a1")
+    assert a1 == store.get_ak("a1") and ek1 == store.get_ek("ek1")
+    assert store.get_attester("op") == (store.get_ak("op"), None)
+    with pytest.raises(UnknownKeyError, match="not enrolled"):
+        store.get_attester("nope")
+
+
+def test_an_activated_ak_enrolls_its_ek_with_it(store: Store) -> None:
+    assert store.add_activated_ak(ek("ek1"), ak("a1", "ek1")) is True
+    assert store.get_ak("a1").ek_id == "ek1" and store.get_ek("ek1").public == ek("ek1").public
+    assert store.add_activated_ak(ek("ek1"), ak("a2", "ek1")) is False
+    with pytest.raises(DuplicateError):
+        store.add_activated_ak(ek("ek1"), ak("a2", "ek1"))
+    store.revoke_ek("ek1", "stolen")
+    with pytest.raises(RevokedKeyError, match="EK ek1 is revoked"):
+        store.add_activated_ak(ek("ek1"), ak("a3", "ek1"))
+    assert [a.ak_name for a in store.list_aks()] == ["a1", "a2"]
+
+
 # --- credential challenges -----------------------------------------------------------------
+
+SIDECAR = "spiffe://cleanroom.test/sidecar/one"
 
 
 def challenge(enrollment_id: str, ak_name: str, expires_at: datetime) -> CredentialChallenge:
@@ -205,17 +252,30 @@ def challenge(enrollment_id: str, ak_name: str, expires_at: datetime) -> Credent
         ek_id="ek1",
         secret_digest=b"\x05" * 32,
         expires_at=expires_at,
+        ek_public=b"ekpub",
+        ek_certificate=b"cert",
+        requester=SIDECAR,
     )
 
 
 def test_credential_challenge_is_taken_once(store: Store) -> None:
     c = challenge("enr-1", "ak-a", T0 + timedelta(minutes=5))
     store.put_credential_challenge(c)
-    assert store.take_credential_challenge("enr-1", T0) == c
+    assert store.take_credential_challenge("enr-1", T0, SIDECAR) == c
     with pytest.raises(CredentialError, match="unknown"):
-        store.take_credential_challenge("enr-1", T0)
+        store.take_credential_challenge("enr-1", T0, SIDECAR)
     with pytest.raises(CredentialError, match="unknown"):
-        store.take_credential_challenge("never", T0)
+        store.take_credential_challenge("never", T0, SIDECAR)
+
+
+def test_a_credential_challenge_is_taken_only_by_its_requester(store: Store) -> None:
+    c = challenge("enr-1", "ak-a", T0 + timedelta(minutes=5))
+    store.put_credential_challenge(c)
+    other = "spiffe://cleanroom.test/sidecar/other"
+    with pytest.raises(CredentialError, match=f"issued to {SIDECAR}, not to {other}"):
+        store.take_credential_challenge("enr-1", T0, other)
+    # The other identity's attempt left it in place for its requester.
+    assert store.take_credential_challenge("enr-1", T0, SIDECAR) == c
 
 
 def test_one_outstanding_credential_challenge_per_ak(store: Store) -> None:
@@ -224,24 +284,24 @@ def test_one_outstanding_credential_challenge_per_ak(store: Store) -> None:
     newer = challenge("enr-2", "ak-a", T0 + timedelta(minutes=6))
     store.put_credential_challenge(newer)
     with pytest.raises(CredentialError, match="unknown"):
-        store.take_credential_challenge("enr-1", T0)
-    assert store.take_credential_challenge("enr-2", T0) == newer
+        store.take_credential_challenge("enr-1", T0, SIDECAR)
+    assert store.take_credential_challenge("enr-2", T0, SIDECAR) == newer
     # Another AK's challenge was untouched, and its id cannot be reused by a third AK.
     with pytest.raises(DuplicateError):
         store.put_credential_challenge(challenge("enr-x", "ak-c", T0 + timedelta(minutes=5)))
-    assert store.take_credential_challenge("enr-x", T0).ak_name == "ak-b"
+    assert store.take_credential_challenge("enr-x", T0, SIDECAR).ak_name == "ak-b"
 
 
 def test_expired_credential_challenge_is_refused_and_removed(store: Store) -> None:
     store.put_credential_challenge(challenge("enr-1", "ak-a", T0 + timedelta(seconds=10)))
     with pytest.raises(CredentialError, match="expired"):
-        store.take_credential_challenge("enr-1", T0 + timedelta(seconds=10))
+        store.take_credential_challenge("enr-1", T0 + timedelta(seconds=10), SIDECAR)
     with pytest.raises(CredentialError, match="unknown"):
-        store.take_credential_challenge("enr-1", T0)
+        store.take_credential_challenge("enr-1", T0, SIDECAR)
     store.put_credential_challenge(challenge("enr-2", "ak-a", T0 + timedelta(seconds=10)))
     store.put_credential_challenge(challenge("enr-3", "ak-b", T0 + timedelta(seconds=30)))
     assert store.purge_credential_challenges(T0 + timedelta(seconds=20)) == 1
-    assert store.take_credential_challenge("enr-3", T0).ak_name == "ak-b"
+    assert store.take_credential_challenge("enr-3", T0, SIDECAR).ak_name == "ak-b"
 
 
 # --- golden sets ---------------------------------------------------------------------------

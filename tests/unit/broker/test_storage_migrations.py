@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sqlite3
 import threading
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from tpm2_pytss import TPM2B_PUBLIC
 
+from broker import tpmkeys
 from broker.errors import StorageError
 from broker.model import EkRecord
 from broker.storage import Store
 from broker.storage import __main__ as storage_cli
-from broker.storage.migrate import head_revision
-from broker.storage.schema import metadata
+from broker.storage.migrate import head_revision, upgrade
+from broker.storage.schema import aks, eks, metadata
+from broker.storage.store import _install_sqlite_hooks
+from tests.harness.reencode import reencode
+
+VECTORS = Path(__file__).resolve().parents[2] / "vectors"
 
 BACKENDS = [
     pytest.param("sqlite", id="sqlite"),
@@ -174,3 +182,100 @@ def test_approvals_stored_before_0003_keep_no_launch_and_are_found_by_their_file
             a.approval_id
             for a in store.find_active_approvals(b"\xee" * 32, files_pcr_sha256=b"\x22" * 32)
         ] == ["old"]
+
+
+# --- 0004: one EK, one identity ---------------------------------------------------------------
+#
+# Before revision 0004 an EK was named by the SHA-256 of its marshalled TPMT_PUBLIC, so one key
+# sent with another encoding was a second EK that a revocation of the first did not reach.
+
+
+def _database_at(url: str, revision: str) -> sa.Engine:
+    """An engine on ``url`` with the schema at ``revision`` (and the store's SQLite hooks)."""
+    engine = sa.create_engine(url)
+    if engine.dialect.name == "sqlite":
+        _install_sqlite_hooks(engine, busy_timeout_ms=5000, synchronous="NORMAL")
+    with engine.connect() as conn:
+        upgrade(conn, revision)
+    return engine
+
+
+def _tpmt_id(public: bytes) -> str:
+    return hashlib.sha256(bytes(TPM2B_PUBLIC.unmarshal(public)[0].publicArea.marshal())).hexdigest()
+
+
+def test_0004_merges_two_encodings_of_one_ek_keeping_the_revocation(db_url: str) -> None:
+    real = bytes.fromhex(json.loads((VECTORS / "key-rsa-createek.json").read_text())["public"])
+    forged = reencode(real, "exponent-65537")
+    other = bytes.fromhex(json.loads((VECTORS / "key-ecc-createek.json").read_text())["public"])
+    t0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    engine = _database_at(db_url, "0002")
+    try:
+        with engine.begin() as conn:
+            rows = [
+                # The real encoding, enrolled first and revoked by the operator...
+                (_tpmt_id(real), real, b"cert", t0, True, "stolen"),
+                # ...and the re-encoding that enrolled afterwards, unrevoked.
+                (_tpmt_id(forged), forged, None, t0 + timedelta(hours=1), False, ""),
+                (_tpmt_id(other), other, None, t0, False, ""),
+                ("not-a-public", b"pub", None, t0, False, ""),
+            ]
+            for ek_id, public, cert, when, revoked, reason in rows:
+                conn.execute(
+                    sa.insert(eks).values(
+                        ek_id=ek_id,
+                        public=public,
+                        certificate=cert,
+                        enrolled_at=when,
+                        revoked=revoked,
+                        revoked_reason=reason,
+                    )
+                )
+            for name, ek_id, revoked, reason in (
+                ("000bold", _tpmt_id(real), True, "EK revoked: stolen"),
+                ("000bnew", _tpmt_id(forged), False, ""),
+                ("000bother", _tpmt_id(other), False, ""),
+            ):
+                conn.execute(
+                    sa.insert(aks).values(
+                        ak_name=name,
+                        public=b"akpub",
+                        ek_id=ek_id,
+                        enrolled_by="credential-activation",
+                        enrolled_at=t0,
+                        revoked=revoked,
+                        revoked_reason=reason,
+                    )
+                )
+            conn.execute(
+                sa.text(
+                    "INSERT INTO credential_challenges (enrollment_id, ak_name, ak_public, ek_id,"
+                    " secret_digest, expires_at) VALUES ('e1', '000bx', :p, 'x', :d, :t)"
+                ),
+                {"p": b"ak", "d": b"d" * 32, "t": t0},
+            )
+    finally:
+        engine.dispose()
+
+    with Store.open(db_url) as store:
+        listed = {e.ek_id: e for e in store.list_eks()}
+        canonical = tpmkeys.load_public(real).spki_sha256
+        assert canonical == tpmkeys.load_public(forged).spki_sha256
+        # One row per key: the two encodings are one EK, revoked, with the first enrollment.
+        assert sorted(listed) == sorted(
+            [canonical, tpmkeys.load_public(other).spki_sha256, "not-a-public"]
+        )
+        merged = listed[canonical]
+        assert merged.revoked and merged.revoked_reason == "stolen"
+        assert merged.public == real and merged.certificate == b"cert"
+        assert merged.enrolled_at == t0
+        # Both AKs are under it now, and both are out: the forged encoding's AK is revoked too.
+        for name in ("000bold", "000bnew"):
+            ak, ek = store.get_attester(name)
+            assert ak.ek_id == canonical and ak.revoked and ek is not None and ek.revoked
+        assert store.get_ak("000bnew").revoked_reason == "EK revoked: stolen"
+        assert not store.get_ak("000bother").revoked
+        assert store.get_ak("000bother").ek_id == tpmkeys.load_public(other).spki_sha256
+        # Outstanding challenges (which lack the EK and the requester) are gone.
+        with store.engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM credential_challenges")).scalar() == 0

@@ -16,6 +16,7 @@ from tpm2_pytss.utils import tools_to_credential
 
 from broker import tpmkeys
 from broker.errors import CredentialError, EkCertificateError, KeyAttributeError
+from tests.harness.reencode import reencode
 from tests.vectors.evidence import EkCertVector, KeyVector, ekcert_vectors, key_vectors
 
 KEYS = {v.name: v for v in key_vectors()}
@@ -374,3 +375,100 @@ def test_tcg_style_leaf_with_empty_subject_is_accepted() -> None:
         _pem(ek_key.public_key()),
         [root.public_bytes(serialization.Encoding.PEM)],
     )
+
+
+# --- EK templates and the canonical EK identity ----------------------------------------------
+
+
+def test_the_ek_templates_are_the_tcg_profiles_as_tpm2_pytss_builds_them() -> None:
+    # tpm2-pytss builds the TCG EK Credential Profile's templates for tpm2_createek-like use; the
+    # broker's table must say the same (their ``unique`` is empty or zeros, which the table does
+    # not hold, so only the key-size difference may remain).
+    from tpm2_pytss.internal.templates import ek_template
+
+    for template in tpmkeys.EK_TEMPLATES:
+        built = ek_template.lookup(template.name).template.publicArea
+        differences = tpmkeys._template_differences(built, template)
+        assert all("bytes" in d for d in differences), (template.name, differences)
+
+
+@pytest.mark.parametrize(
+    ("vector", "template"),
+    [("key-rsa-createek", "L-1"), ("key-ecc-createek", "L-2")],
+)
+def test_tpm2_createek_publics_match_the_low_templates(vector: str, template: str) -> None:
+    pub = tpmkeys.load_public(KEYS[vector].public)
+    assert tpmkeys.check_ek_template(pub).name == template
+    assert tpmkeys.ek_identity(pub) == pub.spki_sha256
+
+
+def test_swtpms_certified_p384_ek_matches_the_high_template() -> None:
+    vector = CERTS["ekcert-ecc384-swtpm-localca"]
+    pub = tpmkeys.load_public(vector.ek_public)
+    assert tpmkeys.check_ek_template(pub).name == "H-3"
+    cert = x509.load_der_x509_certificate(vector.certificate)
+    der = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    # The identity is the certificate's key.
+    assert tpmkeys.ek_identity(pub) == hashlib.sha256(der).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("vector", "how", "message"),
+    [
+        (
+            "key-rsa-createek",
+            "exponent-65537",
+            "EK public does not match the TCG EK template L-1: exponent is written as 65537 "
+            "(template: 0, meaning 65537)",
+        ),
+        (
+            "key-rsa-createek",
+            "auth-policy",
+            "EK public does not match the TCG EK template L-1: authPolicy is not the template's",
+        ),
+        (
+            "key-rsa-createek",
+            "user-with-auth",
+            "EK public does not match the TCG EK template L-1: objectAttributes set userWithAuth "
+            "(0x000300f2, template: 0x000300b2)",
+        ),
+        (
+            "key-ecc-createek",
+            "user-with-auth",
+            "EK public does not match the TCG EK template L-2: objectAttributes set userWithAuth "
+            "(0x000300f2, template: 0x000300b2)",
+        ),
+    ],
+)
+def test_a_re_encoded_ek_is_refused_but_keeps_its_identity(
+    vector: str, how: str, message: str
+) -> None:
+    real = tpmkeys.load_public(KEYS[vector].public)
+    forged = tpmkeys.load_public(reencode(KEYS[vector].public, how))
+    assert forged.key_id != real.key_id  # the old id told them apart
+    assert tpmkeys.ek_identity(forged) == tpmkeys.ek_identity(real)
+    with pytest.raises(KeyAttributeError) as e:
+        tpmkeys.check_ek_attributes(forged)
+    assert str(e.value) == message
+    # MakeCredential refuses it too.
+    with pytest.raises(KeyAttributeError, match="does not match the TCG EK template"):
+        tpmkeys.make_credential(
+            ek_public=forged.tpm2b_public or b"", ak_name=b"\x00\x0b" + b"\x01" * 32, secret=b"s"
+        )
+
+
+def test_an_ek_must_be_a_tpm_public_for_its_identity(rsa_pem: bytes) -> None:
+    with pytest.raises(KeyAttributeError, match="not PEM"):
+        tpmkeys.ek_identity(tpmkeys.load_public(rsa_pem))
+
+
+def test_an_ek_with_a_padded_point_is_refused() -> None:
+    parsed, _ = TPM2B_PUBLIC.unmarshal(KEYS["key-ecc-createek"].public)
+    # The same point with a leading zero byte on x: the same key, another encoding.
+    parsed.publicArea.unique.ecc.x = b"\x00" + bytes(parsed.publicArea.unique.ecc.x)
+    short = tpmkeys.load_public(bytes(parsed.marshal()))
+    assert short.spki_sha256 == tpmkeys.load_public(KEYS["key-ecc-createek"].public).spki_sha256
+    with pytest.raises(KeyAttributeError, match="coordinates are not 32 bytes each"):
+        tpmkeys.check_ek_template(short)
