@@ -688,7 +688,11 @@ def test_a_release_re_checks_the_aks_ek_in_its_transaction(
     # Another AK of the attesting AK's TPM is revoked after policy granted the key and before
     # the release commits: the TPM is out, so nothing is released.
     _, first, second = _tpm(room)
-    room.ak, room.maker = second, QuoteMaker(second, room.measured.pcrs)
+    # The AKs are the EK's children: their quotes name them by their qualified name under it.
+    signer = ak_qualified_name(
+        load_public(second.tpm2b_public), load_public(KEY_VECTORS["key-rsa-createek"].public)
+    )
+    room.ak, room.maker = second, QuoteMaker(second, room.measured.pcrs, signer=signer)
     room.approve(ADVERTISER, "advertiser-data", WORKLOAD)
     evidence = room.evidence(["advertiser-data"])
     real_seal = release.seal_records
