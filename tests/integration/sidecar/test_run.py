@@ -138,7 +138,10 @@ def main(argv):
     if mode == "socket":
         # Publishes the socket's path for a process outside the workload's tree, waits until
         # that process has tried it, then uses the socket itself.
-        Path(argv[2]).write_text(os.environ["CLEANROOM_WORKLOAD_SOCKET"])
+        # Written beside and renamed into place: the test waits for the file to exist, and
+        # must never read it before its content is there.
+        Path(argv[2] + ".tmp").write_text(os.environ["CLEANROOM_WORKLOAD_SOCKET"])
+        os.replace(argv[2] + ".tmp", argv[2])
         wait_for(argv[3])
         names = sorted(i.name for i in list_inputs())
         print(f"workload served: {','.join(names)} {len(read_all('advertiser'))}", flush=True)

@@ -158,7 +158,10 @@ if reader == "pandas":
         part = chunk.groupby("segment")["spend"].sum()
         totals = part if totals is None else totals.add(part, fill_value=0)
 else:
-    for batch in pacsv.open_csv(workload.open_input(name)):
+    # One reading thread: with pyarrow's default thread pool, how many blocks are read ahead
+    # depends on the machine's load, and so would the peak this test bounds.
+    options = pacsv.ReadOptions(use_threads=False)
+    for batch in pacsv.open_csv(workload.open_input(name), read_options=options):
         part = batch.to_pandas().groupby("segment")["spend"].sum()
         totals = part if totals is None else totals.add(part, fill_value=0)
 with workload.create_output(f"{reader}-{name}.csv") as out:
@@ -175,9 +178,11 @@ print(json.dumps({"rss": peak}))
 
 LARGE_ROWS = 10_000_000  # about 150 MiB of CSV
 #: The most a streaming reader's peak may grow from the small input to the large one: its
-#: working buffers (pyarrow reads a few 1 MiB blocks ahead on several threads, and its memory
-#: pool keeps what it freed). Measured: pandas +18 MiB, pyarrow +40 to +53 MiB, whether the
-#: input is 100 or 200 MiB; pandas reading the whole input at once grows by 218 MiB.
+#: working buffers (pyarrow's memory pool keeps what it freed). Measured with pyarrow's
+#: default thread pool: pandas +18 MiB, pyarrow +40 to +53 MiB, whether the input is 100 or
+#: 200 MiB; the test once failed on a loaded machine, and pyarrow's read-ahead on several
+#: threads is the part that depends on load, so the child reads with one thread. pandas
+#: reading the whole input at once grows by 218 MiB.
 MAX_GROWTH = 64 << 20
 
 
