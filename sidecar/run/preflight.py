@@ -1,4 +1,8 @@
-"""What ``sidecar run`` checks about its outputs before it attests.
+"""What ``sidecar run`` checks about its workload tree and its outputs before it attests.
+
+The workload root must hold exactly the measured files (:func:`check_workload_tree`): an
+interpreter loads code from the workload's directory that no manifest lists, so an unlisted file
+there would run unmeasured with the released keys' plaintext (see the function).
 
 A run that cannot write its outputs should fail before the broker is asked for a nonce, not after
 the keys were released and the workload ran: :func:`check_output_directory` (a local directory,
@@ -15,14 +19,14 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Protocol
 
 from sidecar.dataplane.errors import DataPlaneError
 from sidecar.dataplane.outputs import SEALED_SUFFIX
 from sidecar.run.errors import RunSetupError
 
-__all__ = ["MAX_LISTED", "check_blob_outputs", "check_output_directory"]
+__all__ = ["MAX_LISTED", "check_blob_outputs", "check_output_directory", "check_workload_tree"]
 
 #: How many existing outputs an error names (the first ones found).
 MAX_LISTED = 5
@@ -34,6 +38,45 @@ class ListsOutputs(Protocol):
     """An output sink that can list the outputs already at its location (the blob sink)."""
 
     def existing_outputs(self, limit: int = MAX_LISTED) -> list[str]: ...
+
+
+def check_workload_tree(root: Path, measured: Sequence[str]) -> None:
+    """Refuses a workload root that holds anything besides the measured files and the
+    directories that lead to them.
+
+    The measurement covers the listed files, but an interpreter started in the root loads more
+    from it than what it was told to run: Python puts the script's directory first on its
+    module path, so an unlisted ``json.py`` shadows the standard library's, a package directory
+    ``lib/`` is imported instead of a measured ``lib.py``, and a ``__pycache__/*.pyc`` whose
+    header matches a measured source's size and modification time is run instead of that
+    source. Whoever starts the sidecar controls the disk, so each of these would put unmeasured
+    code next to the plaintext. Symbolic links are not followed (a link to a directory that
+    leads to no measured file is refused like any other entry).
+
+    Raises:
+        RunSetupError: an entry that no measured path explains, naming the first few.
+    """
+    files = {PurePosixPath(name) for name in measured}
+    directories = {parent for name in files for parent in name.parents}
+    extra: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = PurePosixPath(Path(dirpath).relative_to(root).as_posix())
+        kept = []
+        for name in sorted(dirnames):
+            if here / name in directories and not os.path.islink(os.path.join(dirpath, name)):
+                kept.append(name)
+            else:
+                extra.append(f"{here / name}/")
+        dirnames[:] = kept  # only the directories that lead to measured files are walked
+        extra.extend(str(here / name) for name in sorted(filenames) if here / name not in files)
+    if extra:
+        shown = ", ".join(extra[:MAX_LISTED]) + (", ..." if len(extra) > MAX_LISTED else "")
+        raise RunSetupError(
+            f"workload root {root} holds what the parties did not approve: {shown}; an "
+            "interpreter would load it unmeasured (a module or package that shadows an import, "
+            "a __pycache__ of bytecode): remove it, or list it in [workload] files and have the "
+            "parties approve it (run Python with -B, so that it writes no __pycache__ there)"
+        )
 
 
 def _refusal(where: str, found: Sequence[str]) -> RunSetupError:

@@ -73,7 +73,11 @@ from sidecar.run.errors import (
     KeyNotReleasedError,
     RunSetupError,
 )
-from sidecar.run.preflight import check_blob_outputs, check_output_directory
+from sidecar.run.preflight import (
+    check_blob_outputs,
+    check_output_directory,
+    check_workload_tree,
+)
 from sidecar.run.state import load_enrollment, save_enrollment
 from sidecar.run.supervisor import WorkloadProcess
 from sidecar.runconfig import RunConfig, is_blob_url
@@ -303,6 +307,7 @@ def _preflight(config: RunConfig) -> bytes:
     root = config.workload_root
     if not root.is_dir():
         raise RunSetupError(f"workload root {root} is not a directory")
+    check_workload_tree(root, config.workload.measured_names())
     _check_socket_path(config)
     for item in config.inputs:
         if is_blob_url(item.url):

@@ -161,7 +161,7 @@ def start_attack(
     path = config_for(room, tpm, rundir, **config)
     if config_lines:
         path.write_text(path.read_text() + "".join(line + "\n" for line in config_lines))
-    return start_sidecar(path, PY, "run.py", *args, cwd=rundir)
+    return start_sidecar(path, PY, "-B", "run.py", *args, cwd=rundir)
 
 
 def wait_for(path: Path, proc: subprocess.Popen[str] | None = None, timeout: float = 60) -> str:

@@ -173,7 +173,7 @@ def test_a_socket_directory_under_a_world_writable_parent_is_refused_before_atte
     os.chmod(shared, 0o777)
     ran = rundir / "ran"
     # The launch is approved first, so that the only records the run could add are its own.
-    room.approve_launch((PY, "run.py", "touch", str(ran)))
+    room.approve_launch((PY, "-B", "run.py", "touch", str(ran)))
     records_before = len(audit(room))
     proc = start_attack(
         room,

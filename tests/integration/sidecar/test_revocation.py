@@ -67,7 +67,7 @@ def run(room: CleanRoom, tpm: Swtpm, name: str) -> subprocess.CompletedProcess[s
     config = room.write_sidecar_config(
         room.directory / f"sidecar-{name}.toml", tcti=tpm.tcti, outputs=f"out-{name}"
     )
-    return run_sidecar(config, PY, "run.py", "join", cwd=room.directory)
+    return run_sidecar(config, PY, "-B", "run.py", "join", cwd=room.directory)
 
 
 def evict_ak(tpm: Swtpm) -> None:

@@ -13,6 +13,7 @@ by ``bench/bench_startup.py``.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -518,7 +519,7 @@ def test_two_party_join_outputs_open_for_each_party_only(
     room: CleanRoom, module_tpm: Swtpm, rundir: Path
 ) -> None:
     config = config_for(room, module_tpm, rundir)
-    proc = run_sidecar(config, PY, "run.py", "join", cwd=rundir)
+    proc = run_sidecar(config, PY, "-B", "run.py", "join", cwd=rundir)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
 
@@ -553,7 +554,7 @@ def test_no_plaintext_on_disk_while_the_workload_runs(
     config = config_for(room, module_tpm, rundir)
     ready, go = rundir / "ready", rundir / "go"
     since = time.time() - 1
-    proc = start_sidecar(config, PY, "run.py", "pause", str(ready), str(go), cwd=rundir)
+    proc = start_sidecar(config, PY, "-B", "run.py", "pause", str(ready), str(go), cwd=rundir)
     try:
         wait_for_file(ready, proc)
         # The workload holds both inputs in memory now; none of it may be on disk anywhere the
@@ -586,7 +587,7 @@ def test_a_changed_workload_file_is_denied_before_the_workload_starts(
     ran = rundir / "ran"
     config = config_for(room, module_tpm, rundir, root=changed)
     before = len(audit(room))
-    proc = run_sidecar(config, PY, "run.py", "touch", str(ran), cwd=rundir)
+    proc = run_sidecar(config, PY, "-B", "run.py", "touch", str(ran), cwd=rundir)
 
     assert proc.returncode == 1
     lines = proc.stderr.splitlines()
@@ -625,7 +626,7 @@ def test_a_run_that_cannot_write_its_outputs_never_attests(
     config = config_for(room, module_tpm, rundir)
     ran = rundir / "ran"
     challenges = _challenges(room)
-    proc = run_sidecar(config, PY, "run.py", "touch", str(ran), cwd=rundir)
+    proc = run_sidecar(config, PY, "-B", "run.py", "touch", str(ran), cwd=rundir)
     assert proc.returncode == 1
     assert proc.stderr == (
         f"cleanroom: error: output location {outputs} already holds outputs (joined.csv.sealed):"
@@ -648,7 +649,7 @@ def test_a_run_that_cannot_write_its_outputs_never_attests(
     try:
         denied = subprocess.run(
             [*prefix, str(CLEANROOM), "sidecar", "run", "--config", str(config), "--", PY,
-             "run.py", "touch", str(ran)],
+             "-B", "run.py", "touch", str(ran)],
             cwd=rundir, env=sidecar_env(), capture_output=True, text=True, timeout=120,
         )  # fmt: skip
     finally:
@@ -668,7 +669,7 @@ def test_a_run_that_cannot_write_its_outputs_never_attests(
         outputs=f"{rundir.name}/outputs",
         replace_outputs=True,
     )
-    proc = run_sidecar(replacing, PY, "run.py", "join", cwd=rundir)
+    proc = run_sidecar(replacing, PY, "-B", "run.py", "join", cwd=rundir)
     assert proc.returncode == 0, proc.stderr
     assert _challenges(room) > challenges
     joined = (outputs / "joined.csv.sealed").read_bytes()
@@ -688,7 +689,7 @@ def test_a_tampered_input_fails_the_read_clearly(
         ("publisher", str(room.sealed["publisher"]), "publisher-data"),
     ]
     config = config_for(room, module_tpm, rundir, inputs=inputs)
-    proc = run_sidecar(config, PY, "run.py", "read", "advertiser", cwd=rundir)
+    proc = run_sidecar(config, PY, "-B", "run.py", "read", "advertiser", cwd=rundir)
     assert proc.returncode == 4, proc.stderr
     assert re.search(
         r"^workload: InputIntegrityError: input 'advertiser'.*failed authentication",
@@ -696,7 +697,7 @@ def test_a_tampered_input_fails_the_read_clearly(
         re.M,
     ), proc.stderr
     # The untouched input still reads.
-    proc = run_sidecar(config, PY, "run.py", "read", "publisher", cwd=rundir)
+    proc = run_sidecar(config, PY, "-B", "run.py", "read", "publisher", cwd=rundir)
     assert proc.returncode == 0, proc.stderr
 
 
@@ -704,7 +705,7 @@ def test_the_workload_exit_code_is_the_sidecar_exit_code(
     room: CleanRoom, module_tpm: Swtpm, rundir: Path
 ) -> None:
     config = config_for(room, module_tpm, rundir)
-    proc = run_sidecar(config, PY, "run.py", "exit", "3", cwd=rundir)
+    proc = run_sidecar(config, PY, "-B", "run.py", "exit", "3", cwd=rundir)
     assert proc.returncode == 3, proc.stderr
     ends = [r for r in audit(room) if r[0] == "session.end"]
     assert "exit code 3; outputs: none" in ends[-1][3]
@@ -715,7 +716,7 @@ def test_sigterm_stops_the_workload_and_leaves_no_complete_looking_output(
 ) -> None:
     config = config_for(room, module_tpm, rundir)
     ready = rundir / "ready"
-    proc = start_sidecar(config, PY, "run.py", "hang", str(ready), cwd=rundir)
+    proc = start_sidecar(config, PY, "-B", "run.py", "hang", str(ready), cwd=rundir)
     try:
         wait_for_file(ready, proc)
         workload_pid = int(ready.read_text())
@@ -760,7 +761,7 @@ def test_a_process_outside_the_workload_tree_is_refused_by_the_run_socket(
 ) -> None:
     config = config_for(room, module_tpm, rundir)
     published, go = rundir / "socket-path", rundir / "go"
-    proc = start_sidecar(config, PY, "run.py", "socket", str(published), str(go), cwd=rundir)
+    proc = start_sidecar(config, PY, "-B", "run.py", "socket", str(published), str(go), cwd=rundir)
     try:
         wait_for_file(published, proc)
         socket_path = published.read_text()
@@ -846,7 +847,7 @@ def test_failures_before_the_start_are_one_clear_line(
         )
     )
     for config, expected in cases:
-        proc = run_sidecar(config, PY, "run.py", "touch", str(ran), cwd=rundir)
+        proc = run_sidecar(config, PY, "-B", "run.py", "touch", str(ran), cwd=rundir)
         assert proc.returncode == 1, (config.name, proc.stderr)
         assert len(proc.stderr.splitlines()) == 1, (config.name, proc.stderr)
         assert proc.stderr.startswith(expected), (config.name, proc.stderr)
@@ -889,7 +890,7 @@ def test_inputs_and_outputs_in_azure_blob(
         # An output already under the prefix: refused before any nonce is asked for.
         client.upload_blob("out/joined.csv.sealed", b"an earlier run's output")
         challenges = _challenges(room)
-        proc = start_sidecar(config, PY, "run.py", "env", str(seen), cwd=rundir, env=env)
+        proc = start_sidecar(config, PY, "-B", "run.py", "env", str(seen), cwd=rundir, env=env)
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 1
         assert err.startswith(
@@ -899,7 +900,7 @@ def test_inputs_and_outputs_in_azure_blob(
         assert not seen.exists() and _challenges(room) == challenges
         # With [outputs] replace, the run goes ahead and replaces it.
         env["CLEANROOM_SIDECAR_OUTPUTS_REPLACE"] = "true"
-        proc = start_sidecar(config, PY, "run.py", "env", str(seen), cwd=rundir, env=env)
+        proc = start_sidecar(config, PY, "-B", "run.py", "env", str(seen), cwd=rundir, env=env)
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
         assert seen.read_text() == "CLEANROOM_WORKLOAD_SOCKET"
@@ -921,12 +922,12 @@ def test_time_to_first_plaintext_byte(
     env = sidecar_env(pycache=rundir / "pycache")
     # The first run may enroll and fills the bytecode cache; the measured runs are the steady
     # state ("once enrolled").
-    warm_up = start_sidecar(config, PY, "run.py", "first-byte", cwd=rundir, env=env)
+    warm_up = start_sidecar(config, PY, "-B", "run.py", "first-byte", cwd=rundir, env=env)
     assert warm_up.wait(timeout=60) == 0
     figures = []
     for _ in range(3):
         t0 = time.monotonic()
-        proc = start_sidecar(config, PY, "run.py", "first-byte", cwd=rundir, env=env)
+        proc = start_sidecar(config, PY, "-B", "run.py", "first-byte", cwd=rundir, env=env)
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
         first = float(out.split("first-byte ", 1)[1].split()[0])
@@ -967,6 +968,7 @@ def test_reattestation_after_expiry_and_revocation_stops_reads(
     proc = start_sidecar(
         config,
         PY,
+        "-B",
         "run.py",
         "reattest",
         *(str(p) for p in (ready1, go1, ready2, go2)),
@@ -1025,7 +1027,7 @@ def _reason_for(room: CleanRoom, key_id: str, before: int) -> str:
 
 
 def test_another_argv_gets_no_key(room: CleanRoom, module_tpm: Swtpm, rundir: Path) -> None:
-    room.approve_launch((PY, "run.py", "join"))
+    room.approve_launch((PY, "-B", "run.py", "join"))
     stolen = rundir / "stolen"
     config = config_for(room, module_tpm, rundir)
     before = len(audit(room))
@@ -1069,7 +1071,7 @@ def test_another_interpreter_first_on_path_never_runs(
     assert f"executable: approved '{PY}', measured '{fake}'" in reason, reason
     # The approved launch, from [workload] command, runs the approved interpreter whatever
     # PATH says.
-    command = (PY, "run.py", "join")
+    command = (PY, "-B", "run.py", "join")
     room.approve_launch(command)
     config = config_for(room, module_tpm, rundir, command=command)
     proc = run_sidecar(config, cwd=rundir, env=env)
@@ -1086,7 +1088,7 @@ def test_an_interpreter_changed_after_approval_gets_no_key(
     interpreter.parent.mkdir()
     interpreter.write_text(f'#!/bin/sh\nexec "{PY}" "$@"\n')
     interpreter.chmod(0o755)
-    command = (str(interpreter), "run.py", "join")
+    command = (str(interpreter), "-B", "run.py", "join")
     room.approve_launch(command)
     approved = room.launch(command).executable_sha256.hex()
     marker = rundir / "tampered"
@@ -1116,7 +1118,7 @@ def test_an_injected_pythonpath_sitecustomize_never_reaches_the_workload(
     env = sidecar_env()
     env["PYTHONPATH"] = str(inject)
     config = config_for(room, module_tpm, rundir)
-    proc = run_sidecar(config, PY, "run.py", "join", cwd=rundir, env=env)
+    proc = run_sidecar(config, PY, "-B", "run.py", "join", cwd=rundir, env=env)
     assert proc.returncode == 0, proc.stderr
     assert not marker.exists()
     # Put in the measured environment instead, it is not what the parties approved.
@@ -1124,7 +1126,7 @@ def test_an_injected_pythonpath_sitecustomize_never_reaches_the_workload(
         room,
         module_tpm,
         rundir,
-        command=(PY, "run.py", "join"),
+        command=(PY, "-B", "run.py", "join"),
         env={"PYTHONPATH": str(inject)},
         # The first run's outputs are there: without this the preflight stops before attesting.
         replace_outputs=True,
@@ -1165,7 +1167,7 @@ def test_ld_preload_never_reaches_the_workload(
     env = sidecar_env()
     env["LD_PRELOAD"] = str(library)
     config = config_for(room, module_tpm, rundir)
-    proc = run_sidecar(config, PY, "run.py", "join", cwd=rundir, env=env)
+    proc = run_sidecar(config, PY, "-B", "run.py", "join", cwd=rundir, env=env)
     assert proc.returncode == 0, proc.stderr
     assert not marker.exists()
 
@@ -1180,9 +1182,69 @@ def test_admin_variables_never_reach_the_workload(
     env["CLEANROOM_ADMIN_CA"] = str(room.pki.ca_cert)
     env["TSS2_LOG"] = "all+NONE"
     config = config_for(room, module_tpm, rundir)
-    proc = run_sidecar(config, PY, "run.py", "env", str(seen), cwd=rundir, env=env)
+    proc = run_sidecar(config, PY, "-B", "run.py", "env", str(seen), cwd=rundir, env=env)
     assert proc.returncode == 0, proc.stderr
     assert seen.read_text() == "CLEANROOM_WORKLOAD_SOCKET"
+
+
+#: A package that Python imports instead of the measured ``lib.py`` beside it (a directory
+#: package wins over a module of the same name), reading the advertiser's plaintext on import.
+_SHADOW_LIB = """
+import os, pathlib
+if "CLEANROOM_WORKLOAD_SOCKET" in os.environ:
+    from workload import open_input
+    pathlib.Path({marker!r}).write_bytes(open_input("advertiser").read())
+def join(a, b):
+    return []
+"""
+
+
+def _plant(root: Path, how: str, marker: Path) -> Path:
+    """Puts code that steals the plaintext where Python loads it instead of ``lib.py``;
+    returns the directory planted."""
+    source = _SHADOW_LIB.format(marker=str(marker))
+    if how == "package":
+        (root / "lib").mkdir()
+        (root / "lib" / "__init__.py").write_text(source)
+        return root / "lib"
+    # Bytecode whose header carries the measured lib.py's modification time and size: Python
+    # takes it as lib.py's up-to-date cache and runs it instead of the source (-B only stops
+    # it from writing caches, not from reading them).
+    stat = (root / "lib.py").stat()
+    code = compile(source, str(root / "lib.py"), "exec")
+    data = importlib._bootstrap_external._code_to_timestamp_pyc(  # type: ignore[attr-defined]
+        code, int(stat.st_mtime), stat.st_size
+    )
+    cache = Path(importlib.util.cache_from_source(str(root / "lib.py")))
+    cache.parent.mkdir()
+    cache.write_bytes(data)
+    return cache.parent
+
+
+@pytest.mark.parametrize("how", ["package", "pycache"])
+def test_unmeasured_code_in_the_workload_root_is_refused_before_attesting(
+    room: CleanRoom, module_tpm: Swtpm, rundir: Path, how: str
+) -> None:
+    # The measured files and the approved launch are untouched; the operator only adds code
+    # that the interpreter loads from the workload's directory. Before the workload tree was
+    # checked, the planted code ran with the released keys and wrote the plaintext.
+    stolen = rundir / "stolen"
+    planted = _plant(room.workload_root, how, stolen)
+    try:
+        config = config_for(room, module_tpm, rundir)
+        before = len(audit(room))
+        proc = run_sidecar(config, PY, "-B", "run.py", "join", cwd=rundir)
+        assert not stolen.exists(), "the planted code read the plaintext"
+        assert proc.returncode == 1, proc.stderr
+        assert "holds what the parties did not approve: " in proc.stderr, proc.stderr
+        assert f"{planted.name}/" in proc.stderr, proc.stderr
+        # Refused before any challenge: nothing was attested, no key was released.
+        attested = [
+            r for r in audit(room)[before:] if r[0] in ("challenge", "attest", "key.release")
+        ]
+        assert attested == []
+    finally:
+        shutil.rmtree(planted)
 
 
 def _pcr23(tpm: Swtpm) -> str:
@@ -1193,7 +1255,7 @@ def _pcr23(tpm: Swtpm) -> str:
 def test_the_parties_and_sidecar_measure_predict_the_pcr_23_of_a_run(
     room: CleanRoom, module_tpm: Swtpm, rundir: Path
 ) -> None:
-    command = f"{PY} run.py join"
+    command = f"{PY} -B run.py join"
     launch_options = ["--command", command, "--env", "LANG=C.UTF-8", "--env", "SEED=7"]
     files = [str(room.workload_root / f) for f in WORKLOAD_FILES]
     predicted = set()
@@ -1256,7 +1318,7 @@ def test_the_parties_and_sidecar_measure_predict_the_pcr_23_of_a_run(
         room,
         module_tpm,
         rundir,
-        command=(PY, "run.py", "join"),
+        command=(PY, "-B", "run.py", "join"),
         env={"LANG": "C.UTF-8", "SEED": "7"},
     )
     proc = run_sidecar(config, cwd=rundir, approve=False)

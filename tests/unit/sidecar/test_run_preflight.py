@@ -1,5 +1,6 @@
-"""The output checks ``sidecar run`` makes before it attests (sidecar/run/preflight.py); the run
-itself, and that no nonce is asked for, is tested in tests/integration/sidecar/test_run.py."""
+"""The workload-tree and output checks ``sidecar run`` makes before it attests
+(sidecar/run/preflight.py); the run itself, and that no nonce is asked for, is tested in
+tests/integration/sidecar/test_run.py."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 
 from sidecar.dataplane.errors import OutputStoreError
 from sidecar.run.errors import RunSetupError
-from sidecar.run.preflight import check_blob_outputs, check_output_directory
+from sidecar.run.preflight import check_blob_outputs, check_output_directory, check_workload_tree
 
 
 def test_an_output_directory_with_outputs_is_refused_unless_replacing(tmp_path: Path) -> None:
@@ -76,3 +77,48 @@ def test_blob_outputs() -> None:
     missing = _Sink(OutputStoreError("output location azure://a/c: the container does not exist"))
     with pytest.raises(RunSetupError, match="the container does not exist"):
         check_blob_outputs(missing, "azure://a/c/out", replace=True)
+
+
+def _tree(root: Path, *names: str) -> None:
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("x")
+
+
+def test_a_workload_root_of_exactly_the_measured_files_passes(tmp_path: Path) -> None:
+    _tree(tmp_path, "run.py", "example/analysis.py", "example/deep/model.py")
+    check_workload_tree(tmp_path, ["run.py", "example/analysis.py", "./example//deep/model.py"])
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        ("json.py", "json.py"),  # shadows the standard library's json
+        ("lib/__init__.py", "lib/"),  # a package wins over the measured lib.py
+        ("__pycache__/lib.cpython-311.pyc", "__pycache__/"),  # bytecode run instead of lib.py
+        ("example/__pycache__/analysis.cpython-311.pyc", "example/__pycache__/"),
+        ("example/helpers.py", "example/helpers.py"),
+    ],
+)
+def test_anything_unmeasured_in_the_workload_root_is_refused(
+    tmp_path: Path, extra: str, named: str
+) -> None:
+    _tree(tmp_path, "run.py", "lib.py", "example/analysis.py", extra)
+    with pytest.raises(RunSetupError, match="did not approve") as info:
+        check_workload_tree(tmp_path, ["run.py", "lib.py", "example/analysis.py"])
+    assert f"approve: {named};" in str(info.value)
+
+
+def test_a_symlinked_directory_is_not_followed_but_refused(tmp_path: Path) -> None:
+    _tree(tmp_path / "root", "run.py")
+    _tree(tmp_path / "elsewhere", "lib.py")
+    (tmp_path / "root" / "lib").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(RunSetupError, match=r"approve: lib/;"):
+        check_workload_tree(tmp_path / "root", ["run.py"])
+
+
+def test_the_refusal_names_the_first_few_entries(tmp_path: Path) -> None:
+    _tree(tmp_path, "run.py", *(f"m{i}.py" for i in range(8)))
+    with pytest.raises(RunSetupError) as info:
+        check_workload_tree(tmp_path, ["run.py"])
+    assert "m0.py, m1.py, m2.py, m3.py, m4.py, ...;" in str(info.value)
