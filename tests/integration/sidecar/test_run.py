@@ -69,6 +69,13 @@ from workload.errors import WorkloadError
 import lib
 
 
+def publish(path, text):
+    # Written beside and renamed into place: the test waits for the file to exist, and must
+    # never read it before its content is there.
+    Path(path + ".tmp").write_text(text)
+    os.replace(path + ".tmp", path)
+
+
 def wait_for(path):
     while not Path(path).exists():
         time.sleep(0.01)
@@ -109,12 +116,12 @@ def main(argv):
         return 0
     if mode == "env":
         prefixes = ("CLEANROOM_", "TPM2TOOLS_", "TSS2_")
-        Path(argv[2]).write_text(" ".join(sorted(k for k in os.environ if k.startswith(prefixes))))
+        publish(argv[2], " ".join(sorted(k for k in os.environ if k.startswith(prefixes))))
         join_and_write()
         return 0
     if mode == "pause":
         adv, pub = read_all("advertiser"), read_all("publisher")
-        Path(argv[2]).write_text(str(os.getpid()))
+        publish(argv[2], str(os.getpid()))
         wait_for(argv[3])
         rows = lib.join(adv.decode(), pub.decode())
         write("joined.csv", "".join(r + "\\n" for r in rows).encode())
@@ -126,7 +133,7 @@ def main(argv):
         out = create_output("partial.csv")
         out.write(b"id,segment\\n" * 1000)
         out.flush()
-        Path(argv[2]).write_text(str(os.getpid()))
+        publish(argv[2], str(os.getpid()))
         time.sleep(600)
         return 0
     if mode == "read":
@@ -139,10 +146,7 @@ def main(argv):
     if mode == "socket":
         # Publishes the socket's path for a process outside the workload's tree, waits until
         # that process has tried it, then uses the socket itself.
-        # Written beside and renamed into place: the test waits for the file to exist, and
-        # must never read it before its content is there.
-        Path(argv[2] + ".tmp").write_text(os.environ["CLEANROOM_WORKLOAD_SOCKET"])
-        os.replace(argv[2] + ".tmp", argv[2])
+        publish(argv[2], os.environ["CLEANROOM_WORKLOAD_SOCKET"])
         wait_for(argv[3])
         names = sorted(i.name for i in list_inputs())
         print(f"workload served: {','.join(names)} {len(read_all('advertiser'))}", flush=True)
