@@ -4,7 +4,7 @@ plaintext byte, once the sidecar is enrolled (target: <= 300 ms on swtpm).
 Set-up (as in tests/integration/sidecar/test_run.py, whose helpers this uses): a real swtpm, a
 real broker process over mTLS on loopback, two parties with sealed inputs and an approved
 two-file workload. One warm-up run enrolls the AK by credential activation; then each measured
-run starts ``cleanroom sidecar run --config sidecar.toml -- python run.py first-byte``, which
+run starts ``cleanroom sidecar run --config sidecar.toml -- python -B run.py first-byte``, which
 loads the TPM's persistent AK, measures the two files into PCR 23, gets a challenge, quotes,
 attests, opens the released keys, starts the workload socket and the workload; the workload
 imports the workload SDK, opens the advertiser's input and reads one byte, and prints the
@@ -13,7 +13,7 @@ sidecar's process was started. Python caches compiled bytecode (in the benchmark
 directory), as it has for an installed package.
 
 Baseline in the same run: the same workload script run without the sidecar, reading the same
-plaintext from a local file (``python run.py first-byte FILE``): Python's start-up, the SDK
+plaintext from a local file (``python -B run.py first-byte FILE``): Python's start-up, the SDK
 import and one read, which any way of running the workload pays.
 
     python -m bench.bench_startup [--runs 7] [--timeline]
@@ -68,7 +68,8 @@ def _first_byte(out: str) -> tuple[float, float]:
 def sidecar_run(config: Path, cwd: Path, env: dict[str, str]) -> Run:
     """One ``sidecar -v run``; its log's start-up line has the sidecar's milestones and CPU."""
     t0 = time.monotonic()
-    proc = start_sidecar(config, PY, "run.py", "first-byte", cwd=cwd, verbose=True, env=env)
+    # -B: the sidecar refuses a workload root that holds anything unmeasured, __pycache__ too.
+    proc = start_sidecar(config, PY, "-B", "run.py", "first-byte", cwd=cwd, verbose=True, env=env)
     out, err = proc.communicate(timeout=120)
     if proc.returncode != 0:
         raise SystemExit(f"sidecar run failed ({proc.returncode}):\n{err}")
@@ -88,7 +89,7 @@ def baseline_run(root: Path, plaintext: Path, env: dict[str, str]) -> Run:
     """The same workload without the sidecar, reading the plaintext from a local file."""
     t0 = time.monotonic()
     proc = subprocess.run(
-        [PY, "run.py", "first-byte", str(plaintext)],
+        [PY, "-B", "run.py", "first-byte", str(plaintext)],
         cwd=root,
         env=env,
         capture_output=True,
