@@ -1433,6 +1433,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         _register_audit,
     ):
         reg(groups)
+    from broker.admin_status import register_status
+
+    register_status(groups)
 
 
 __all__ = [

@@ -269,6 +269,7 @@ IDEMPOTENT_METHODS: Final = frozenset(
         "ListPartyKeks",
         "RewrapDataKey",
         "CheckKek",
+        "GetStatus",
         "StartEnrollment",
         "GetChallenge",
         "EndSession",
@@ -596,6 +597,16 @@ class BrokerClient:
         return self._call(
             "GetBrokerInfo", self._admin.GetBrokerInfo, admin_pb2.GetBrokerInfoRequest()
         )
+
+    def get_status(self) -> admin_pb2.GetStatusResponse:
+        """The broker's version, uptime, database, KEKs, processes, counts and schema revision
+        (operator).
+
+        Raises:
+            BrokerClientError: the subclass for the status code (PermissionDeniedError for a
+                caller that is not the operator).
+        """
+        return self._call("GetStatus", self._admin.GetStatus, admin_pb2.GetStatusRequest())
 
     def enroll_ek(
         self,

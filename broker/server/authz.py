@@ -63,6 +63,8 @@ _ADMIN_RULES: Final[Mapping[str, frozenset[str]]] = {
     "ListPartyKeks": OPERATOR,
     "RewrapDataKey": OPERATOR,
     "CheckKek": OPERATOR,
+    # The database URL, KEK fingerprints and counts are the operator's.
+    "GetStatus": OPERATOR,
 }
 
 _ATTESTATION_RULES: Final[Mapping[str, frozenset[str]]] = {

@@ -7,15 +7,18 @@ codes and identity kinds, never identities, AK names or key ids.
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable
 from types import TracebackType
 from typing import Final, Self
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 
 from broker.server.errors import ServerSetupError
+from broker.server.probes import ReadinessCheck, probe_app
 
 #: Latency buckets around the target (p99 under 25 ms) with room for slow admin calls.
 LATENCY_BUCKETS: Final = (
@@ -96,24 +99,46 @@ class BrokerMetrics:
         """Makes the nonce gauge read ``count()`` at every scrape."""
         self.outstanding_nonces.set_function(lambda: float(count()))
 
-    def serve_http(self, listen: str) -> MetricsHttpServer:
-        """Starts the ``/metrics`` HTTP endpoint on ``listen`` (``host:port``; port 0 picks one).
+    def serve_http(
+        self, listen: str, *, readiness: ReadinessCheck | None = None
+    ) -> MetricsHttpServer:
+        """Starts the HTTP endpoint on ``listen`` (``host:port``; port 0 picks one):
+        ``/metrics``, and the probes ``/healthz`` and ``/readyz`` (which asks ``readiness``);
+        see :mod:`broker.server.probes`.
 
         Raises:
             ServerSetupError: the address is malformed or cannot be bound.
         """
-        return MetricsHttpServer(self.registry, listen)
+        return MetricsHttpServer(self.registry, listen, readiness=readiness)
 
 
 class MetricsHttpServer:
-    """The plain-HTTP metrics endpoint; a context manager that stops it on exit."""
+    """The plain-HTTP metrics and probe endpoint; a context manager that stops it on exit."""
 
-    def __init__(self, registry: CollectorRegistry, listen: str) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        listen: str,
+        *,
+        readiness: ReadinessCheck | None = None,
+    ) -> None:
         host, port = parse_listen(listen)
+
+        # A class per server, so that the address family (IPv4 or IPv6, from the host) is set
+        # for this listener only.
+        class _Server(ThreadingWSGIServer):
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
         try:
-            self._httpd: WSGIServer = start_http_server(port, addr=host, registry=registry)[0]
+            self._httpd: WSGIServer = make_server(
+                host, port, probe_app(registry, readiness), _Server, handler_class=_SilentHandler
+            )
         except OSError as e:
             raise ServerSetupError(f"cannot serve metrics on {listen}: {e.strerror or e}") from e
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, name="broker-metrics", daemon=True
+        )
+        self._thread.start()
         self._closed = threading.Event()
 
     @property

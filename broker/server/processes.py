@@ -45,6 +45,7 @@ from broker.config import BrokerConfig
 from broker.errors import BrokerError
 from broker.server.errors import ServerSetupError
 from broker.server.server import DEFAULT_MAX_WORKERS, ServerAddresses, serve
+from broker.server.status_report import ProcessInfo
 
 if TYPE_CHECKING:
     from broker.kek_azure import KeyVaultConfig
@@ -81,6 +82,7 @@ def _child(
     log_json: bool,
     log_level: int,
     reports: Any,
+    processes: int = 1,
 ) -> None:
     """One broker process: serves until SIGTERM/SIGINT; reports readiness or failure."""
     from broker.server.logs import configure_logging
@@ -98,6 +100,7 @@ def _child(
             reuse_port=True,
             key_vault=key_vault,
             maintenance=index == 0,
+            process=ProcessInfo(processes=processes, index=index),
         )
     except BrokerError as e:
         reports.put((index, None, None, f"{type(e).__name__}: {e}"))
@@ -156,6 +159,7 @@ def serve_processes(
                     log_json,
                     log_level,
                     reports,
+                    processes,
                 ),
                 name=f"broker-{index}",
             )

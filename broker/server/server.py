@@ -31,7 +31,9 @@ from broker.server.authz import ADMIN_SERVICE, ATTESTATION_SERVICE
 from broker.server.errors import ServerSetupError
 from broker.server.interceptor import CallGuard, GuardInterceptor
 from broker.server.metrics import BrokerMetrics, MetricsHttpServer
+from broker.server.probes import BrokerReadiness
 from broker.server.servicers import AdminServicer, AttestationServicer
+from broker.server.status_report import ProcessInfo
 from broker.service import Broker
 from cleanroom.v1 import admin_pb2_grpc, attestation_pb2_grpc
 from pki.crl import CrlWatcher
@@ -90,12 +92,14 @@ class BrokerServer:
         reuse_port: bool = False,
         maintenance: bool = True,
         revocation: CrlWatcher | None = None,
+        process: ProcessInfo | None = None,
     ) -> None:
         """``maintenance`` runs the purge of expired nonces and credential challenges in this
         server; of several processes serving one database, one is enough (see
         :func:`broker.server.processes.serve_processes`). ``revocation`` is the loaded
         ``tls.crl_files`` (see :func:`load_revocation`); without it :meth:`start` loads them."""
         self.broker = broker
+        self.process = process or ProcessInfo()
         self.revocation = revocation
         self.maintenance = maintenance
         self.config = config or broker.config
@@ -160,7 +164,9 @@ class BrokerServer:
         attestation_pb2_grpc.add_AttestationServiceServicer_to_server(
             AttestationServicer(self.broker, metrics=self.metrics), server
         )
-        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.broker), server)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(
+            AdminServicer(self.broker, process=self.process), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         for name in ("", ATTESTATION_SERVICE, ADMIN_SERVICE):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -178,7 +184,9 @@ class BrokerServer:
         try:
             metrics_address: str | None = None
             if config.metrics.enabled:
-                self._metrics_http = self.metrics.serve_http(config.metrics.listen)
+                self._metrics_http = self.metrics.serve_http(
+                    config.metrics.listen, readiness=BrokerReadiness(self.broker)
+                )
                 metrics_address = self._metrics_http.address
         except BaseException:
             self.stop(grace=0)
@@ -250,6 +258,7 @@ def serve(
     reuse_port: bool = False,
     key_vault: KeyVaultConfig | None = None,
     maintenance: bool = True,
+    process: ProcessInfo | None = None,
 ) -> None:
     """Runs the broker until SIGTERM or SIGINT (or ``stop_event``), then shuts down gracefully.
 
@@ -294,6 +303,7 @@ def serve(
                 reuse_port=reuse_port,
                 maintenance=maintenance,
                 revocation=revocation,
+                process=process,
             ) as server,
         ):
             addresses = server.start()

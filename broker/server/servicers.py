@@ -23,6 +23,7 @@ from broker.server.interceptor import REQUEST_ID_METADATA, current_call
 from broker.server.metrics import BrokerMetrics
 from broker.server.ratelimit import TokenBucketLimiter
 from broker.server.status import attestation_reason_class, reason_label
+from broker.server.status_report import ProcessInfo, status_pb
 from broker.service import AttestationDenied, Broker, Evidence
 from cleanroom import __version__
 from cleanroom.v1 import admin_pb2, admin_pb2_grpc, attestation_pb2, attestation_pb2_grpc
@@ -229,8 +230,9 @@ class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     """EKs, AKs, golden sets and parties for the operator; keys and approvals for parties."""
 
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Broker, *, process: ProcessInfo | None = None) -> None:
         self.broker = broker
+        self.process = process or ProcessInfo()
 
     def GetBrokerInfo(
         self, request: admin_pb2.GetBrokerInfoRequest, context: grpc.ServicerContext
@@ -459,6 +461,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         validate.check_check_kek(request)
         checked = rotation.check_kek(self.broker, request.kek_ref, actor=current_call().caller)
         return admin_pb2.CheckKekResponse(kek_ref=request.kek_ref, checked_key=checked)
+
+    def GetStatus(
+        self, request: admin_pb2.GetStatusRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.GetStatusResponse:
+        return status_pb(self.broker, self.process)
 
 
 __all__ = ["DEFAULT_AUDIT_PAGE", "AdminServicer", "AttestationServicer"]

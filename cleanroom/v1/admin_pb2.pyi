@@ -1306,3 +1306,146 @@ class CheckKekResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CheckKekResponse: _TypeAlias = CheckKekResponse  # noqa: Y015
+
+@_typing.final
+class GetStatusRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStatusRequest: _TypeAlias = GetStatusRequest  # noqa: Y015
+
+@_typing.final
+class GetStatusResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    UPTIME_SECONDS_FIELD_NUMBER: _builtins.int
+    DATABASE_FIELD_NUMBER: _builtins.int
+    DATABASE_DIALECT_FIELD_NUMBER: _builtins.int
+    SCHEMA_REVISION_FIELD_NUMBER: _builtins.int
+    SCHEMA_HEAD_FIELD_NUMBER: _builtins.int
+    DEFAULT_KEK_REF_FIELD_NUMBER: _builtins.int
+    KEKS_FIELD_NUMBER: _builtins.int
+    PROCESSES_FIELD_NUMBER: _builtins.int
+    PROCESS_INDEX_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    COUNTS_FIELD_NUMBER: _builtins.int
+    TRUST_DOMAIN_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    uptime_seconds: _builtins.float
+    database: _builtins.str
+    """The database URL without its password, and its dialect ("sqlite", "postgresql")."""
+    database_dialect: _builtins.str
+    schema_revision: _builtins.str
+    """The schema revision the database is at, and the newest this broker knows."""
+    schema_head: _builtins.str
+    default_kek_ref: _builtins.str
+    """The KEK that wraps new data keys by default, and every KEK the database records with its
+    fingerprint (never key material).
+    """
+    processes: _builtins.int
+    """Broker processes serving this port (broker serve --processes), and which one answered."""
+    process_index: _builtins.int
+    pid: _builtins.int
+    trust_domain: _builtins.str
+    @_builtins.property
+    def started_at(self) -> _timestamp_pb2.Timestamp:
+        """When the answering broker process started, and how long ago."""
+
+    @_builtins.property
+    def keks(self) -> _containers.RepeatedCompositeFieldContainer[Global___KekStatus]: ...
+    @_builtins.property
+    def counts(self) -> Global___StatusCounts: ...
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+        started_at: _timestamp_pb2.Timestamp | None = ...,
+        uptime_seconds: _builtins.float = ...,
+        database: _builtins.str = ...,
+        database_dialect: _builtins.str = ...,
+        schema_revision: _builtins.str = ...,
+        schema_head: _builtins.str = ...,
+        default_kek_ref: _builtins.str = ...,
+        keks: _abc.Iterable[Global___KekStatus] | None = ...,
+        processes: _builtins.int = ...,
+        process_index: _builtins.int = ...,
+        pid: _builtins.int = ...,
+        counts: Global___StatusCounts | None = ...,
+        trust_domain: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "started_at", b"started_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "database", b"database", "database_dialect", b"database_dialect", "default_kek_ref", b"default_kek_ref", "keks", b"keks", "pid", b"pid", "process_index", b"process_index", "processes", b"processes", "schema_head", b"schema_head", "schema_revision", b"schema_revision", "started_at", b"started_at", "trust_domain", b"trust_domain", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStatusResponse: _TypeAlias = GetStatusResponse  # noqa: Y015
+
+@_typing.final
+class KekStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEK_REF_FIELD_NUMBER: _builtins.int
+    FINGERPRINT_FIELD_NUMBER: _builtins.int
+    kek_ref: _builtins.str
+    fingerprint: _builtins.str
+    def __init__(
+        self,
+        *,
+        kek_ref: _builtins.str = ...,
+        fingerprint: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fingerprint", b"fingerprint", "kek_ref", b"kek_ref"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KekStatus: _TypeAlias = KekStatus  # noqa: Y015
+
+@_typing.final
+class StatusCounts(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EKS_FIELD_NUMBER: _builtins.int
+    AKS_FIELD_NUMBER: _builtins.int
+    PARTIES_FIELD_NUMBER: _builtins.int
+    DATA_KEYS_FIELD_NUMBER: _builtins.int
+    APPROVALS_FIELD_NUMBER: _builtins.int
+    GOLDEN_PCR_SETS_FIELD_NUMBER: _builtins.int
+    AUDIT_RECORDS_FIELD_NUMBER: _builtins.int
+    eks: _builtins.int
+    aks: _builtins.int
+    parties: _builtins.int
+    data_keys: _builtins.int
+    approvals: _builtins.int
+    golden_pcr_sets: _builtins.int
+    audit_records: _builtins.int
+    def __init__(
+        self,
+        *,
+        eks: _builtins.int = ...,
+        aks: _builtins.int = ...,
+        parties: _builtins.int = ...,
+        data_keys: _builtins.int = ...,
+        approvals: _builtins.int = ...,
+        golden_pcr_sets: _builtins.int = ...,
+        audit_records: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aks", b"aks", "approvals", b"approvals", "audit_records", b"audit_records", "data_keys", b"data_keys", "eks", b"eks", "golden_pcr_sets", b"golden_pcr_sets", "parties", b"parties"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatusCounts: _TypeAlias = StatusCounts  # noqa: Y015

@@ -157,6 +157,11 @@ class AdminServiceStub:
                 request_serializer=cleanroom_dot_v1_dot_admin__pb2.CheckKekRequest.SerializeToString,
                 response_deserializer=cleanroom_dot_v1_dot_admin__pb2.CheckKekResponse.FromString,
                 _registered_method=True)
+        self.GetStatus = channel.unary_unary(
+                '/cleanroom.v1.AdminService/GetStatus',
+                request_serializer=cleanroom_dot_v1_dot_admin__pb2.GetStatusRequest.SerializeToString,
+                response_deserializer=cleanroom_dot_v1_dot_admin__pb2.GetStatusResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -325,6 +330,14 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStatus(self, request, context):
+        """Operator: what an operator checks first: version, uptime, database (without its password)
+        and schema revision, the KEKs in use with their fingerprints, processes, object counts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -447,6 +460,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.CheckKek,
                     request_deserializer=cleanroom_dot_v1_dot_admin__pb2.CheckKekRequest.FromString,
                     response_serializer=cleanroom_dot_v1_dot_admin__pb2.CheckKekResponse.SerializeToString,
+            ),
+            'GetStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStatus,
+                    request_deserializer=cleanroom_dot_v1_dot_admin__pb2.GetStatusRequest.FromString,
+                    response_serializer=cleanroom_dot_v1_dot_admin__pb2.GetStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1100,6 +1118,33 @@ class AdminService:
             '/cleanroom.v1.AdminService/CheckKek',
             cleanroom_dot_v1_dot_admin__pb2.CheckKekRequest.SerializeToString,
             cleanroom_dot_v1_dot_admin__pb2.CheckKekResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cleanroom.v1.AdminService/GetStatus',
+            cleanroom_dot_v1_dot_admin__pb2.GetStatusRequest.SerializeToString,
+            cleanroom_dot_v1_dot_admin__pb2.GetStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -81,6 +81,10 @@ class AdminServiceStub:
     """
     CheckKek: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CheckKekRequest, _admin_pb2.CheckKekResponse]
     """Operator: checks that the broker can wrap and unwrap with a KEK, changing nothing."""
+    GetStatus: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetStatusRequest, _admin_pb2.GetStatusResponse]
+    """Operator: what an operator checks first: version, uptime, database (without its password)
+    and schema revision, the KEKs in use with their fingerprints, processes, object counts.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -135,6 +139,10 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """
     CheckKek: _aio.UnaryUnaryMultiCallable[_admin_pb2.CheckKekRequest, _admin_pb2.CheckKekResponse]  # type: ignore[assignment]
     """Operator: checks that the broker can wrap and unwrap with a KEK, changing nothing."""
+    GetStatus: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetStatusRequest, _admin_pb2.GetStatusResponse]  # type: ignore[assignment]
+    """Operator: what an operator checks first: version, uptime, database (without its password)
+    and schema revision, the KEKs in use with their fingerprints, processes, object counts.
+    """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """The broker's admin service. Callers: the operator (spiffe://<domain>/operator) for EKs, AKs,
@@ -330,5 +338,15 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.CheckKekResponse, _abc.Awaitable[_admin_pb2.CheckKekResponse]]:
         """Operator: checks that the broker can wrap and unwrap with a KEK, changing nothing."""
+
+    @_abc_1.abstractmethod
+    def GetStatus(
+        self,
+        request: _admin_pb2.GetStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.GetStatusResponse, _abc.Awaitable[_admin_pb2.GetStatusResponse]]:
+        """Operator: what an operator checks first: version, uptime, database (without its password)
+        and schema revision, the KEKs in use with their fingerprints, processes, object counts.
+        """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
