@@ -780,7 +780,7 @@ class Broker:
         ) -> NoReturn:
             """Raises the denial: the sidecar learns ``code``, the sequence of the verdict's
             record (the last of ``records``) and each withheld key's code and record."""
-            log.info("attestation denied for AK %s: %s", evidence.ak_name, reason)
+            log.warning("attestation denied for AK %s: %s", evidence.ak_name, reason)
             # The cause classifies the denial (the metrics' reason label).
             raise AttestationDenied(
                 reason,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -71,7 +72,33 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     owners = [mod for mod, names, _, _ in _GROUPS if command in names]
     for mod in owners or [mod for mod, _, _, _ in _GROUPS]:
         importlib.import_module(mod).register(sub)
+    _verbose_everywhere(parser)
     return parser
+
+
+def _verbose_everywhere(parser: argparse.ArgumentParser) -> None:
+    """Lets ``-v``/``--verbose`` follow any subcommand too (``cleanroom admin ak list -v``).
+
+    Each subcommand parser gets a hidden copy of the option that adds to the count given
+    before the command (argparse copies the subcommand's values onto the main namespace, and a
+    ``SUPPRESS`` default leaves the main count alone when the option is not repeated). A
+    parser that already spells ``-v`` otherwise keeps its meaning. Arguments after a command's
+    ``REMAINDER`` (``sidecar run ... PROGRAM -v``) stay the workload's.
+    """
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for child in set(action.choices.values()):
+            taken = {s for a in child._actions for s in a.option_strings}
+            if not taken & {"-v", "--verbose"}:
+                child.add_argument(
+                    "-v",
+                    "--verbose",
+                    action="count",
+                    default=argparse.SUPPRESS,
+                    help=argparse.SUPPRESS,
+                )
+            _verbose_everywhere(child)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -92,8 +119,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if func is None:
         parser.print_help(sys.stderr)
         return 2
+    _quiet_azure_sdk(args.verbose)
     try:
         return int(func(args))
+    except BrokenPipeError:
+        # The reader went away (`cleanroom open ... | head`): stop quietly, as `cat` does, with
+        # the status a process killed by SIGPIPE has. Further writes to stdout (the
+        # interpreter flushes it at exit) go to /dev/null instead of failing again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + 13
     except _root_errors() as e:
         print(f"cleanroom: error: {e}", file=sys.stderr)
         if args.verbose:
@@ -102,6 +138,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cleanroom: interrupted", file=sys.stderr)
         return 130
+
+
+def _quiet_azure_sdk(verbose: int) -> None:
+    """The Azure SDK logs every HTTP request and response, headers included, at INFO: useful
+    when debugging a Key Vault or Blob problem, noise otherwise. Only ``-vv`` (debug) shows it;
+    its warnings and errors always pass."""
+    level = logging.DEBUG if verbose >= 2 else logging.WARNING
+    logging.getLogger("azure").setLevel(level)
 
 
 def add_pending(

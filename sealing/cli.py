@@ -203,6 +203,9 @@ def _io_errors(what: str) -> Iterator[None]:
 
     try:
         yield
+    except BrokenPipeError:
+        # The reader of stdout went away: the CLI ends quietly (cleanroom.cli.main).
+        raise
     except OSError as e:
         raise SealingIOError(f"{what}: {e.strerror or e}") from e
 
@@ -300,7 +303,7 @@ def _keygen(args: argparse.Namespace) -> int:
         except BaseException:
             key_path.unlink(missing_ok=True)
             raise
-        print(f"{key.fingerprint()}  {pub_path} ({args.kem})")
+        print(f"{key.fingerprint()}  {pub_path} ({args.kem}); private key {key_path}")
     return 0
 
 
@@ -344,6 +347,14 @@ def _seal(args: argparse.Namespace) -> int:
             Path(args.data_key_out).unlink(missing_ok=True)
     if not args.key_id:
         print(f"cleanroom: key id {key_id}", file=sys.stderr)
+    if not sys.stderr.isatty():
+        # Without a terminal there is no progress bar: one line says what was done.
+        names = ", ".join(r.fingerprint() for r in recipients) or "none"
+        where = "stdout" if args.output == "-" else _shown(args.output)
+        print(
+            f"cleanroom: sealed {n} bytes to {where} (key id {key_id}; recipients {names})",
+            file=sys.stderr,
+        )
     _log.info(
         "sealed %d bytes, key id %s, recipients %s",
         n,
@@ -355,6 +366,7 @@ def _seal(args: argparse.Namespace) -> int:
 
 def _open(args: argparse.Namespace) -> int:
     from sealing.envelope import OpenReader, read_header
+    from sealing.errors import NoMatchingRecipientError
     from sealing.keys import load_data_key, load_private_key
 
     private_key = load_private_key(args.key) if args.key else None
@@ -365,6 +377,12 @@ def _open(args: argparse.Namespace) -> int:
             counted = _CountingReader(src, progress)
             with _io_errors("cannot read the input"):
                 header = read_header(counted)
+            if private_key is not None and data_key is None and not header.recipients:
+                raise NoMatchingRecipientError(
+                    "this file has no recipients: it opens only with its data key "
+                    "(--data-key FILE instead of -k)"
+                )
+            with _io_errors("cannot read the input"):
                 reader = OpenReader(
                     counted, data_key=data_key, private_key=private_key, header=header
                 )

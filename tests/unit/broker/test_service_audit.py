@@ -9,6 +9,7 @@ and the broker runs every one of its checks on them.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -705,3 +706,23 @@ def test_a_release_re_checks_the_aks_ek_in_its_transaction(
     with pytest.raises(AttestationDenied, match="or its EK was revoked during the attestation"):
         room.broker.attest(SIDECAR, evidence)
     assert not [r for r in room.records() if r.action == "key.release" and r.decision == "allow"]
+
+
+def test_an_attestation_denial_is_logged_at_warning(
+    room: Room, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An operator watching WARNING and above (the CLI's default level) sees refused machines.
+    room.broker.set_golden_set(
+        OPERATOR,
+        GoldenPcrSet(
+            name="image-v1",
+            accepted={PcrKey(23, "sha256"): frozenset({b"\x01" * 32})},
+            updated_at=datetime.now(UTC),
+        ),
+    )
+    room.approve(ADVERTISER, "advertiser-data", WORKLOAD, golden="image-v1")
+    caplog.set_level(logging.WARNING, logger="cleanroom.broker")
+    with pytest.raises(AttestationDenied):
+        room.broker.attest(SIDECAR, room.evidence(["advertiser-data"]))
+    denials = [r for r in caplog.records if r.getMessage().startswith("attestation denied")]
+    assert denials and all(r.levelno == logging.WARNING for r in denials)
