@@ -195,6 +195,13 @@ def error_from_rpc(exc: grpc.RpcError, *, method: str, target: str = "") -> Brok
     details = " ".join(details.split())  # one line, whatever gRPC put in it
     if not details:
         details = "no details"
+    if code is grpc.StatusCode.UNAVAILABLE:
+        from broker.tls_hints import explain_tls_failure
+
+        hint = explain_tls_failure(details)
+        if hint is not None:
+            # The cause first; gRPC's own words last, for whoever needs them.
+            details = f"TLS handshake failed: {hint} ({details.rsplit(': ', 1)[-1]})"
     cls = _ERROR_FOR_CODE.get(code, BrokerClientError) if code is not None else BrokerClientError
     where = f" (broker {target})" if target and code is grpc.StatusCode.UNAVAILABLE else ""
     name = code.name if code is not None else "UNKNOWN"

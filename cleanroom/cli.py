@@ -103,7 +103,13 @@ def _verbose_everywhere(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(_command_of(argv))
+    command = _command_of(argv)
+    if command in ("admin", "sidecar") and not _debugging(argv):
+        # gRPC's C core prints handshake failures to stderr in its own format (three lines
+        # and an abseil banner) before the call fails; the client's error says the same in
+        # one line, naming the file to fix. -vv (or GRPC_VERBOSITY) shows them again.
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     # The handler looks sys.stderr up at each record, so main() can run in a process whose
@@ -138,6 +144,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cleanroom: interrupted", file=sys.stderr)
         return 130
+
+
+def _debugging(argv: Sequence[str]) -> bool:
+    """Whether ``argv`` asks for debug logs (``-vv``, or ``-v`` twice), wherever it says so."""
+    count = 0
+    for arg in argv:
+        if arg == "--":
+            break
+        if arg == "--verbose":
+            count += 1
+        elif arg.startswith("-") and not arg.startswith("--") and set(arg[1:]) == {"v"}:
+            count += len(arg) - 1
+    return count >= 2
 
 
 def _quiet_azure_sdk(verbose: int) -> None:

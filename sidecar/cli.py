@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -144,7 +145,17 @@ def _run(args: argparse.Namespace) -> int:
     # (and --help) do not need.
     from sidecar.run import run_workload
 
-    return run_workload(config, command).exit_code
+    result = run_workload(config, command)
+    if result.exit_code == 0:
+        # The workload's own output is its business; this one line says what the sidecar did.
+        outputs = ", ".join(sorted(result.outputs)) or "none"
+        sessions = ", ".join(result.session_ids) or "none"
+        print(
+            f"cleanroom: workload exited 0; sealed {len(result.outputs)} output(s) ({outputs}); "
+            f"session {sessions}",
+            file=sys.stderr,
+        )
+    return result.exit_code
 
 
 def _enroll(args: argparse.Namespace) -> int:

@@ -205,3 +205,38 @@ def test_admin_status_hides_the_database_password(
         assert json.loads(proc.stdout)["database_dialect"] == "postgresql"
     finally:
         spawned.kill_all()
+
+
+def test_a_wrong_ca_file_says_the_brokers_certificate_is_not_signed_by_it(
+    tmp_path: Path, pki: PkiLayout, sqlite_broker: Spawned
+) -> None:
+    # The client's own certificate and CA file agree (the client checks that itself, naming
+    # the file); the broker's certificate comes from another CA.
+    other = init_pki(tmp_path / "other-pki", parties=(), sidecars=())
+    cert, key = other.cert_and_key("operator")
+    proc = subprocess.run(
+        [
+            str(CLEANROOM),
+            "admin",
+            "--broker",
+            sqlite_broker.grpc_address,
+            "--cert",
+            str(cert),
+            "--key",
+            str(key),
+            "--ca",
+            str(other.ca_cert),
+            "--timeout",
+            "3",
+            "status",
+        ],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, lines  # no gRPC C-core lines
+    assert "the broker's certificate is not signed by the CA in the CA file" in lines[0]
