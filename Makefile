@@ -33,7 +33,7 @@ deb:
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,example]'
+	$(PY) -m pip install -q -e '.[dev,broker,azure,example]'
 	@touch $@
 
 venv: $(VENV)/.installed

@@ -41,6 +41,24 @@ def _root_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+#: Top-level modules of the optional dependency groups (pyproject.toml), for the one-line hint
+#: a command that needs a group that is not installed prints.
+_EXTRA_OF: dict[str, str] = {
+    "sqlalchemy": "broker",
+    "alembic": "broker",
+    "psycopg": "broker",
+    "prometheus_client": "broker",
+    "grpc_reflection": "broker",
+    "azure": "azure",
+    "numpy": "example",
+    "pandas": "example",
+    "sklearn": "example",
+    "scipy": "example",
+    "matplotlib": "example",
+    "pyarrow": "example",
+}
+
+
 def _command_of(argv: Sequence[str]) -> str | None:
     """The top-level command in ``argv``: its first argument that is not an option (the global
     options take no value)."""
@@ -144,6 +162,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cleanroom: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as e:
+        extra = _EXTRA_OF.get((e.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(
+            f"cleanroom: error: this command needs the optional dependency group {extra!r} "
+            f"(pip install 'cleanroom-broker[{extra}]'): {e}",
+            file=sys.stderr,
+        )
+        return 1
 
 
 def _debugging(argv: Sequence[str]) -> bool:
