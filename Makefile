@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEB_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config gcc python3-venv python3-dev postgresql sqlite3
+DEB_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config gcc python3-venv python3-dev postgresql sqlite3 systemd
 PYTEST_ARGS ?=
 
 .PHONY: setup deb venv azurite protos check-protos proto-baseline lint typecheck test test-fast demo bench clean

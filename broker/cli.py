@@ -23,6 +23,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     group = parser.add_subparsers(dest="broker_command", metavar="SUBCOMMAND", required=True)
     _register_init(group)
     _register_serve(group)
+    from broker.migrate_cli import register_migrate
+
+    register_migrate(group)
     _register_verify_quote(group)
 
 
