@@ -28,6 +28,7 @@ _GROUPS: tuple[tuple[str, tuple[str, ...], str, str], ...] = (
     ("sealing.cli", ("keygen", "seal", "open"), "sealing.errors", "SealingError"),
     ("pki.cli", ("pki",), "pki.errors", "PKIError"),
     ("cleanroom.demo", ("demo",), "cleanroom.demo", "DemoError"),
+    ("cleanroom.completion", ("completion",), "cleanroom.config", "ConfigError"),
 )
 
 
@@ -121,6 +122,10 @@ def _verbose_everywhere(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    from cleanroom.completion import complete_if_asked
+
+    # The shell asking for completions: answer from the whole tree and exit.
+    complete_if_asked(build_parser)
     command = _command_of(argv)
     if command in ("admin", "sidecar") and not _debugging(argv):
         # gRPC's C core prints handshake failures to stderr in its own format (three lines

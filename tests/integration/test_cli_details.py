@@ -109,3 +109,37 @@ def test_azure_sdk_http_logging_only_at_vv() -> None:
         assert policy.isEnabledFor(logging.INFO)
     finally:
         logging.getLogger("azure").setLevel(logging.NOTSET)
+
+
+def _bash_complete(tmp_path: Path, line: str) -> list[str]:
+    """What bash offers for ``line`` with ``cleanroom completion bash`` sourced."""
+    script = tmp_path / "cleanroom.bash"
+    res = run("completion", "bash", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr.decode()
+    script.write_bytes(res.stdout)
+    words = line.split(" ")
+    shell = (
+        f"source {script}; "
+        f"COMP_LINE='{line}'; COMP_POINT={len(line)}; COMP_CWORD={len(words) - 1}; "
+        f"COMP_WORDS=({' '.join(words)}); COMP_TYPE=9; "
+        f"_python_argcomplete cleanroom; printf '%s\\n' \"${{COMPREPLY[@]}}\""
+    )
+    bindir = str(Path(CLEANROOM).parent)
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
+    out = subprocess.run(
+        ["bash", "-c", shell], cwd=tmp_path, capture_output=True, timeout=60, env=env, check=True
+    )
+    return sorted(w.strip() for w in out.stdout.decode().splitlines() if w.strip())
+
+
+def test_bash_completion_completes_commands_and_options(tmp_path: Path) -> None:
+    assert _bash_complete(tmp_path, "cleanroom adm") == ["admin"]
+    assert "status" in _bash_complete(tmp_path, "cleanroom admin st")
+    assert _bash_complete(tmp_path, "cleanroom broker mig") == ["migrate"]
+    assert "--check" in _bash_complete(tmp_path, "cleanroom broker migrate --")
+
+
+def test_zsh_completion_code_is_printed(tmp_path: Path) -> None:
+    res = run("completion", "zsh", cwd=tmp_path)
+    assert res.returncode == 0
+    assert res.stdout.startswith(b"#compdef cleanroom")
