@@ -13,7 +13,9 @@ machine would have after ``make setup``, with a software TPM standing in for the
 * the broker's ports are free ones rather than the defaults 50051 and 9464, through the
   documented environment overrides (``CLEANROOM_BROKER_TLS_LISTEN``,
   ``CLEANROOM_BROKER_METRICS_LISTEN``, ``CLEANROOM_ADMIN_BROKER``,
-  ``CLEANROOM_SIDECAR_BROKER_TARGET``), so two runs never collide.
+  ``CLEANROOM_SIDECAR_BROKER_TARGET``), so two runs never collide;
+* ``TPM_PORT`` is a free port (and its successor): README.md's one-machine block starts its own
+  swtpm there and exports the TCTI and EK CA variables itself, as a reader pastes them.
 
 README.md's "Trying it on one machine" lists the same variables. Every other ``CLEANROOM_*``,
 ``TPM2TOOLS_*`` and ``TSS2_*`` variable is removed. When the script ends, every process it left
@@ -92,7 +94,24 @@ def doc_environment(tcti: str | None) -> dict[str, str]:
     env["CLEANROOM_BROKER_METRICS_LISTEN"] = f"127.0.0.1:{metrics_port}"
     env["CLEANROOM_ADMIN_BROKER"] = f"127.0.0.1:{grpc_port}"
     env["CLEANROOM_SIDECAR_BROKER_TARGET"] = f"127.0.0.1:{grpc_port}"
+    # README.md's one-machine block starts its own swtpm on TPM_PORT and TPM_PORT + 1.
+    env["TPM_PORT"] = str(_free_port_pair())
     return env
+
+
+def _free_port_pair() -> int:
+    """A free loopback port whose successor is free too (swtpm's server and control ports)."""
+    import socket
+
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no two consecutive free loopback ports")
 
 
 @dataclass(frozen=True)
@@ -211,3 +230,25 @@ def test_processes_left_in_the_background_are_stopped(tmp_path: Path) -> None:
     while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
         time.sleep(0.05)
     assert not Path(f"/proc/{pid}").exists(), "the background sleep is still running"
+
+
+def test_the_quickstart_wait_shows_the_broker_log_when_it_cannot_start(tmp_path: Path) -> None:
+    """README.md's start of the broker, run where ``broker init`` was not: the wait ends as soon
+    as the broker exits and prints its log's last lines, which name the missing database."""
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("cleanroom broker serve --config broker.toml > broker.log 2>&1 &")
+    end = readme.index("\n", readme.index("{ tail -n 20 broker.log; false; }", start))
+    (tmp_path / "broker.toml").write_text('[broker]\ndatabase_url = "sqlite:///broker.db"\n')
+    began = time.monotonic()
+    res = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", readme[start:end]],
+        cwd=tmp_path,
+        env=doc_environment(None),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert res.returncode != 0
+    assert time.monotonic() - began < 15  # not the whole 30 s
+    assert "broker init" in res.stdout and "does not exist" in res.stdout, res.stdout
