@@ -76,6 +76,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from broker.custody import KekRegistry, check_data_key, encode_info, zero
+from broker.custody_causes import connection_cause
 from broker.errors import CustodyError, KekError, KekUnavailableError
 from cleanroom.config import ConfigError, load_config
 
@@ -143,6 +144,10 @@ class KeyVaultConfig:
             and ``Retry-After`` honoured.
         retry_backoff_max_seconds: the longest backoff between retries (``Retry-After`` may
             ask for longer and is obeyed).
+        connect_retries: retries of a request that could not connect (a name that does not
+            resolve, a refused connection, a failed TLS handshake), within ``retry_total``.
+        operation_timeout_seconds: the most one Key Vault operation may take, retries and
+            backoff included; then it fails as ``unreachable``/``unavailable``.
         unwrap_cache_seconds: how long an unwrapped record key may be reused without asking Key
             Vault again (0: ask on every release).
         unwrap_cache_entries: the most record keys kept.
@@ -161,6 +166,8 @@ class KeyVaultConfig:
     timeout_seconds: float = 10.0
     retry_total: int = 3
     retry_backoff_max_seconds: float = 8.0
+    connect_retries: int = 1
+    operation_timeout_seconds: float = 20.0
     unwrap_cache_seconds: float = 60.0
     unwrap_cache_entries: int = 4096
 
@@ -182,6 +189,10 @@ class KeyVaultConfig:
             raise ConfigError("keyvault timeouts must be positive")
         if not 0 <= self.retry_total <= 10:
             raise ConfigError("keyvault.retry_total must be between 0 and 10")
+        if not 0 <= self.connect_retries <= 10:
+            raise ConfigError("keyvault.connect_retries must be between 0 and 10")
+        if self.operation_timeout_seconds <= 0:
+            raise ConfigError("keyvault.operation_timeout_seconds must be positive")
         if self.unwrap_cache_seconds < 0 or self.unwrap_cache_entries < 0:
             raise ConfigError("keyvault unwrap cache limits must not be negative")
 
@@ -245,6 +256,9 @@ def _client_options(config: KeyVaultConfig) -> dict[str, Any]:
         "verify_challenge_resource": config.verify_challenge_resource,
         "retry_total": config.retry_total,
         "retry_backoff_max": config.retry_backoff_max_seconds,
+        "retry_connect": config.connect_retries,
+        # The retry policy's budget for the whole operation (azure-core's ``timeout``).
+        "timeout": config.operation_timeout_seconds,
         "connection_timeout": config.timeout_seconds,
         "read_timeout": config.timeout_seconds,
     }
@@ -353,9 +367,15 @@ def _kek_error(e: BaseException, action: str, kid: str) -> KekError:
             f"throttled: Key Vault kept answering 429 to {action} with {kid}"
         )
     if isinstance(e, (ServiceRequestError, ServiceResponseError)):
-        return KekUnavailableError(
-            f"unreachable: cannot reach Key Vault to {action} with {kid}: {e}"
-        )
+        cause = connection_cause(e)
+        if cause is None:
+            return KekUnavailableError(
+                f"unreachable: cannot reach Key Vault to {action} with {kid}: {e}"
+            )
+        # The class first, so that the operator knows what to check; a name that does not
+        # resolve or a certificate that does not verify will not change by waiting.
+        error = KekError if cause.lasting else KekUnavailableError
+        return error(f"unreachable ({cause.kind}): {cause.detail}; cannot {action} with {kid}")
     if (
         isinstance(e, HttpResponseError)
         and isinstance(status, int)

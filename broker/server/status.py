@@ -20,7 +20,8 @@ audit log and the server log. The rules, most specific first:
 * ``RESOURCE_EXHAUSTED``: rate limits (gRPC itself answers oversized messages the same way).
 * ``UNAVAILABLE``: transient faults only (the database; a KEK service that is throttled,
   unreachable or failing, :class:`~broker.errors.KekUnavailableError`), in every method, with a
-  generic message asking to retry.
+  generic message asking to retry; for the operator's KEK calls the message also gives the
+  cause (``throttled: ...``, ``unreachable (refused): ...``, ``unavailable: ... (503 ...)``).
 * ``INTERNAL``: everything unexpected, with a generic message; the server logs the traceback.
 """
 
@@ -147,6 +148,13 @@ def status_for(exc: BaseException, *, full_method: str) -> Status:
         # Storage messages may hold database details; the log has them.
         return Status(code.UNAVAILABLE, "storage is temporarily unavailable; retry", True)
     if isinstance(exc, KekUnavailableError):
+        if full_method in _KEK_ADMIN_METHODS:
+            # The operator's own KEK calls (operator-only by the authorization table): the
+            # cause class (throttled, unreachable (dns-temporary, refused, timeout), a 5xx) is
+            # what tells the operator what to check. KekError messages hold no key material.
+            return Status(
+                code.UNAVAILABLE, f"key custody is temporarily unavailable ({exc}); retry later"
+            )
         # Transient in every method; the reason (throttled, unreachable, a 5xx) is in the server
         # log and, where the call records one, in the audit log.
         return Status(code.UNAVAILABLE, KEK_UNAVAILABLE_MESSAGE)

@@ -313,3 +313,44 @@ def test_a_party_cannot_call_the_kek_operations(served: ServedBroker) -> None:
         assert proc.returncode == 1, proc.stdout + proc.stderr
         assert "needs the operator role [PERMISSION_DENIED]" in proc.stderr, proc.stderr
     assert kek_refs(served) == {"pub-data": "local"}
+
+
+def test_the_operator_learns_why_a_vault_cannot_be_reached_within_a_bounded_wait(
+    as_operator: ServedBroker, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The cause class reaches the operator's KEK calls: a name that does not resolve (a
+    reserved ``.invalid`` name: nothing leaves the machine), a certificate that does not
+    verify, a vault that keeps failing; a lasting cause answers at once rather than after the
+    retries. A party registering a key still gets the opaque message."""
+    import time
+
+    from cleanroom.emulators.keyvault import start_fake_key_vault
+
+    served = as_operator
+    began = time.monotonic()
+    err = admin_fails(capsys, "kek", "check", "azurekv:https://nosuch-kv.vault.invalid/keys/kek")
+    elapsed = time.monotonic() - began
+    assert "unreachable (dns): the name nosuch-kv.vault.invalid does not resolve" in err, err
+    assert "[FAILED_PRECONDITION]" in err
+    assert elapsed < 5.0, elapsed  # before: UNAVAILABLE after the broker's and the CLI's retries
+
+    # Another vault, whose certificate the broker's [keyvault] ca_file does not trust.
+    other = start_fake_key_vault(tmp_path / "other-vault")
+    try:
+        other.create_key("kek")
+        err = admin_fails(capsys, "kek", "check", f"azurekv:{other.key_url('kek')}")
+    finally:
+        other.stop()
+    assert "unreachable (tls): the certificate of the vault does not verify" in err, err
+    assert "ca_file" in err and "[FAILED_PRECONDITION]" in err
+
+    # A vault that keeps answering 503: transient, UNAVAILABLE, with the cause for the operator.
+    served.vault.fail_next(503, "ServiceUnavailable", times=100)
+    err = admin_fails(capsys, "kek", "check", served.ref("publisher-kek"))
+    assert "[UNAVAILABLE]" in err and "unavailable: Key Vault failed to read the key" in err
+    assert "(503 ServiceUnavailable)" in err, err
+    # ... and a party registering a key learns nothing of the vault.
+    with served.client("party", "advertiser") as client:
+        with pytest.raises(UnavailableError) as transient:
+            client.register_plain_data_key("adv-data", os.urandom(32))
+    assert transient.value.details == KEK_UNAVAILABLE_MESSAGE
