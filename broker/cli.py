@@ -23,9 +23,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     group = parser.add_subparsers(dest="broker_command", metavar="SUBCOMMAND", required=True)
     _register_init(group)
     _register_serve(group)
+    from broker.kek_cli import register_kek
     from broker.migrate_cli import register_migrate
 
     register_migrate(group)
+    register_kek(group)
     _register_verify_quote(group)
 
 
