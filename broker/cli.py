@@ -112,10 +112,12 @@ def _serve(args: argparse.Namespace) -> int:
     # Always read: [keyvault] may be absent (its defaults use the machine's Azure identity), and
     # the provider contacts Key Vault only when an azurekv: ref is used.
     key_vault = load_key_vault_config(args.config)
-    # A server logs every call at INFO (its access log); -v adds DEBUG detail.
-    configure_logging(
-        json_output=args.log_json, level=logging.DEBUG if args.verbose else logging.INFO
-    )
+    from broker.server.logs import SDK_DEBUG
+
+    # A server logs every call at INFO (its access log); -v adds DEBUG detail, -vv the Azure
+    # SDK's HTTP lines too.
+    level = (logging.INFO, logging.DEBUG, SDK_DEBUG)[min(args.verbose, 2)]
+    configure_logging(json_output=args.log_json, level=level)
 
     def ready(addresses: ServerAddresses) -> None:
         print(f"broker listening on {addresses.grpc} (gRPC, mTLS)", flush=True)
@@ -143,7 +145,7 @@ def _serve(args: argparse.Namespace) -> int:
         on_ready=all_ready,
         key_vault=key_vault,
         log_json=args.log_json,
-        log_level=logging.DEBUG if args.verbose else logging.INFO,
+        log_level=level,
     )
     return 0
 

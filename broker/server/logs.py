@@ -89,6 +89,11 @@ class TextFormatter(logging.Formatter):
         return text
 
 
+#: The level of ``-vv``: debug logs and, below them, the Azure SDK's HTTP request and response
+#: lines (headers included), which the broker otherwise keeps at WARNING.
+SDK_DEBUG: Final = logging.DEBUG - 5
+
+
 def configure_logging(
     *, json_output: bool = False, level: int = logging.INFO, stream: TextIO | None = None
 ) -> logging.Handler:
@@ -97,7 +102,7 @@ def configure_logging(
     Without ``stream`` the handler writes to the ``sys.stderr`` of the moment each record is
     emitted (:class:`StderrHandler`), so it never outlives a temporary ``sys.stderr`` and
     writes to it once closed. Records below ``level`` are dropped; gRPC's own chatty loggers
-    stay at WARNING.
+    stay at WARNING, and so does the Azure SDK unless ``level`` is :data:`SDK_DEBUG`.
     """
     handler: logging.Handler = (
         logging.StreamHandler(stream) if stream is not None else StderrHandler()
@@ -110,11 +115,13 @@ def configure_logging(
     root.addHandler(handler)
     root.setLevel(level)
     logging.getLogger("grpc").setLevel(max(level, logging.WARNING))
+    logging.getLogger("azure").setLevel(logging.DEBUG if level <= SDK_DEBUG else logging.WARNING)
     return handler
 
 
 __all__ = [
     "NO_REQUEST",
+    "SDK_DEBUG",
     "JsonFormatter",
     "RequestIdFilter",
     "StderrHandler",

@@ -85,3 +85,20 @@ def test_an_explicit_stream_is_kept_and_a_stderr_handler_cannot_be_rebound() -> 
     with pytest.raises(AttributeError):
         follower.setStream(io.StringIO())
     assert not isinstance(handler, StderrHandler)
+
+
+def test_the_azure_sdk_http_lines_show_only_at_the_sdk_debug_level() -> None:
+    from broker.server.logs import SDK_DEBUG
+
+    sdk = logging.getLogger("azure.core.pipeline.policies.http_logging_policy")
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level, logging.getLogger("azure").level)
+    try:
+        for level, shown in ((logging.INFO, False), (logging.DEBUG, False), (SDK_DEBUG, True)):
+            configure_logging(level=level, stream=io.StringIO())
+            assert sdk.isEnabledFor(logging.INFO) is shown, level
+            assert sdk.isEnabledFor(logging.WARNING)
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        logging.getLogger("azure").setLevel(saved[2])
