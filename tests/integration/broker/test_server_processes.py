@@ -309,6 +309,23 @@ def test_two_worker_processes_serve_calls_over_separate_channels(multi: MultiBro
     assert min(served.values()) >= 2, served
 
 
+def test_status_names_the_processes_and_the_one_that_answered(multi: MultiBroker) -> None:
+    workers = {pid for pid, cmd in children(multi.pid).items() if "multiprocessing.spawn" in cmd}
+    answered: dict[int, int] = {}
+    for _ in range(64):
+        if len(answered) == PROCESSES:
+            break
+        channel = multi.channel("operator")
+        admin = admin_pb2_grpc.AdminServiceStub(channel)
+        process, status = multi.which_process(admin.GetStatus, admin_pb2.GetStatusRequest())
+        channel.close()
+        assert status.processes == PROCESSES and status.process_index == process
+        assert status.counts.aks == 1 and status.pid in workers
+        answered[process] = status.pid
+    assert sorted(answered) == list(range(PROCESSES))
+    assert len(set(answered.values())) == PROCESSES
+
+
 def test_nonces_are_unique_across_processes(multi: MultiBroker) -> None:
     request = attestation_pb2.GetChallengeRequest(ak_name=multi.ak.name_hex)
     sidecars = [s for n in range(PROCESSES) for s in multi.sidecars[n]]
