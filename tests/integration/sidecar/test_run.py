@@ -526,12 +526,12 @@ def test_two_party_join_outputs_open_for_each_party_only(
     proc = run_sidecar(config, PY, "-B", "run.py", "join", cwd=rundir)
     assert proc.returncode == 0, proc.stderr
     # One summary line, nothing else (the workload writes nothing to stderr).
-    summary = proc.stderr.splitlines()
-    assert len(summary) == 1, summary
-    assert summary[0].startswith(
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(
         "cleanroom: workload exited 0; sealed 2 output(s) (insights/summary.txt, joined.csv); "
         "session "
-    ), summary
+    ), lines
 
     outputs = sealed_outputs(rundir / "outputs")
     assert sorted(outputs) == ["insights/summary.txt.sealed", "joined.csv.sealed"]
