@@ -30,7 +30,7 @@ from bench._loadgen import QUOTED_BANKS, QuoteMaker, SoftAk
 from broker import nonces, policy, quote, release
 from broker.app import open_broker
 from broker.config import BrokerConfig
-from broker.custody import seal_for_registration
+from broker.keyseal import seal_for_registration
 from broker.model import ManifestEntry, Party
 from broker.server import interceptor, servicers, validate
 from broker.server.interceptor import CallGuard

@@ -66,7 +66,7 @@ from tpm2_pytss import (
     TPMU_SIGNATURE,
 )
 
-from broker.release import open_release
+from broker.keyseal import open_release
 from cleanroom.v1 import admin_pb2, admin_pb2_grpc, attestation_pb2, attestation_pb2_grpc
 from evidence.binding import qualifying_data
 from evidence.pcr import WORKLOAD_PCR, MeasurementEvent

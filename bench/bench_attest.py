@@ -64,7 +64,7 @@ from bench._loadgen import (
     pcr_selection,
     proc_cpu_seconds,
 )
-from broker.custody import seal_for_registration
+from broker.keyseal import seal_for_registration
 from cleanroom.loopback import free_port
 from cleanroom.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 from evidence.binding import qualifying_data

@@ -742,7 +742,7 @@ class BrokerClient:
             BrokerClientError: the broker's registration key is unusable, or the subclass for
                 the status code of either call.
         """
-        from broker.custody import seal_for_registration
+        from broker.keyseal import seal_for_registration
         from sealing.errors import SealingError
         from sealing.keys import RecipientPublicKey
 

@@ -7,9 +7,8 @@ an AES-256-GCM key in a 0600 file; other providers (Azure Key Vault) plug into
 :class:`KekRegistry` by a ref prefix such as ``"azurekv:"``.
 
 Parties hand their data keys to the broker sealed with HPKE to the broker's registration key
-(:func:`load_or_create_registration_key`); the HPKE info (:func:`registration_info`) binds the
-key id and the owner, so a sealed key replayed under another id or by another party does not
-open.
+(:func:`load_or_create_registration_key`); the layout of what they seal (the HPKE info binding
+the key id and the owner) is :mod:`broker.keyseal`'s.
 
 Plain data keys never go into logs or exception messages. Python cannot guarantee that a key is
 erased from memory (immutable ``bytes`` copies are made by the crypto library and freed by the
@@ -25,7 +24,6 @@ import hmac
 import os
 import secrets
 import stat
-import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -37,12 +35,11 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from broker.errors import CustodyError, KekError
+from broker.keyseal import DATA_KEY_SIZE, check_data_key, encode_info, zero
 from sealing.errors import SealingError
-from sealing.hpke import open_sealed, seal
 from sealing.keys import (
     KEM_X25519,
     RecipientPrivateKey,
-    RecipientPublicKey,
     generate_recipient_key,
     load_private_key,
     write_private_key,
@@ -50,9 +47,6 @@ from sealing.keys import (
 
 if TYPE_CHECKING:
     from broker.model import DataKeyRecord
-
-#: Every data key in the clean room is an AES-256 key.
-DATA_KEY_SIZE = 32
 
 #: Size of the local KEK (AES-256-GCM).
 KEK_SIZE = 32
@@ -68,41 +62,10 @@ _WRAPPED_SIZE = 1 + _NONCE_SIZE + DATA_KEY_SIZE + _TAG_SIZE
 
 WRAP_LABEL = b"cleanroom/v1 kek-wrap"
 FINGERPRINT_LABEL = b"cleanroom/v1 kek-fingerprint"
-REGISTRATION_LABEL = b"cleanroom/v1 register-data-key"
 
 #: File names under the broker's state directory.
 LOCAL_KEK_FILE = "kek.key"
 REGISTRATION_KEY_FILE = "registration.key"
-
-
-def encode_info(label: bytes, *fields: str) -> bytes:
-    """``label || 0x00 || (u32 len || utf-8 field)*``: an unambiguous context string.
-
-    The label separates uses; the length prefixes make ("ab", "c") and ("a", "bc") differ.
-
-    Raises:
-        CustodyError: a field is empty.
-    """
-    out = [label, b"\x00"]
-    for field in fields:
-        raw = field.encode("utf-8")
-        if not raw:
-            raise CustodyError(f"{label.decode()}: empty field in the context string")
-        out.append(struct.pack(">I", len(raw)) + raw)
-    return b"".join(out)
-
-
-def check_data_key(data_key: bytes | bytearray) -> None:
-    """Raises:
-    CustodyError: ``data_key`` is not 32 bytes (the size only is reported, never the key).
-    """
-    if len(data_key) != DATA_KEY_SIZE:
-        raise CustodyError(f"a data key must be {DATA_KEY_SIZE} bytes, got {len(data_key)}")
-
-
-def zero(buffer: bytearray) -> None:
-    """Overwrites ``buffer`` with zeros in place (best effort; see the module docstring)."""
-    buffer[:] = bytes(len(buffer))
 
 
 # --- KEKs -----------------------------------------------------------------------------------
@@ -410,17 +373,6 @@ def plain_data_key(kek: Kek, record: DataKeyRecord) -> Iterator[bytearray]:
 # --- registration ---------------------------------------------------------------------------
 
 
-def registration_info(key_id: str, owner: str) -> bytes:
-    """The HPKE info for a data key sealed to the broker's registration key.
-
-    ``"cleanroom/v1 register-data-key" || 0x00 || u32 len || key_id || u32 len || owner``.
-
-    Raises:
-        CustodyError: the key id or owner is empty.
-    """
-    return encode_info(REGISTRATION_LABEL, key_id, owner)
-
-
 def load_or_create_registration_key(
     path: str | os.PathLike[str], *, kem: int = KEM_X25519, create: bool = True
 ) -> RecipientPrivateKey:
@@ -458,48 +410,6 @@ def load_or_create_registration_key(
         return load_private_key(p)
     except SealingError as e:
         raise CustodyError(f"cannot load the registration key {p}: {e}") from e
-
-
-def seal_for_registration(
-    broker_public: RecipientPublicKey,
-    data_key: bytes | bytearray,
-    *,
-    key_id: str,
-    owner: str,
-) -> bytes:
-    """The party side: seals a data key to the broker's registration key for RegisterDataKey.
-
-    Raises:
-        CustodyError: the data key is not 32 bytes, the key id or owner is empty, or sealing
-            failed.
-    """
-    check_data_key(data_key)
-    info = registration_info(key_id, owner)
-    try:
-        return seal(broker_public, bytes(data_key), info=info)
-    except SealingError as e:
-        raise CustodyError(f"cannot seal data key {key_id!r} for registration: {e}") from e
-
-
-def open_registered_key(
-    private: RecipientPrivateKey, sealed: bytes, *, key_id: str, owner: str
-) -> bytes:
-    """The broker side: opens a data key a party sealed with :func:`seal_for_registration`.
-
-    Raises:
-        CustodyError: it does not open (another broker key, key id or owner, or altered), or
-            what it holds is not a 32-byte key.
-    """
-    info = registration_info(key_id, owner)
-    try:
-        data_key = open_sealed(private, sealed, info=info)
-    except SealingError as e:
-        raise CustodyError(
-            f"sealed data key {key_id!r} of {owner!r} does not open: it was sealed to another "
-            "broker key or for another key id or owner, or it was altered"
-        ) from e
-    check_data_key(data_key)
-    return data_key
 
 
 # --- secret files ---------------------------------------------------------------------------

@@ -75,9 +75,10 @@ from azure.keyvault.keys.crypto import CryptographyClient, KeyWrapAlgorithm
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from broker.custody import KekRegistry, check_data_key, encode_info, zero
+from broker.custody import KekRegistry
 from broker.custody_causes import connection_cause
 from broker.errors import CustodyError, KekError, KekUnavailableError
+from broker.keyseal import check_data_key, encode_info, zero
 from cleanroom.config import ConfigError, load_config
 
 __all__ = [

@@ -25,7 +25,7 @@ from broker import policy, quote, release, tpmkeys
 from broker.audit import AuditLog, ChainReport
 from broker.azure_snp import SnpGate
 from broker.config import BrokerConfig
-from broker.custody import KekRegistry, open_registered_key
+from broker.custody import KekRegistry
 from broker.errors import (
     BrokerError,
     CredentialError,
@@ -42,6 +42,7 @@ from broker.errors import (
     UnknownPolicyObjectError,
     VerificationError,
 )
+from broker.keyseal import open_registered_key
 from broker.model import (
     AkRecord,
     Approval,

@@ -29,7 +29,7 @@ from broker.client import (
     UnavailableError,
 )
 from broker.errors import CustodyError
-from broker.release import open_release
+from broker.keyseal import open_release
 from cleanroom.v1 import attestation_pb2, common_pb2
 from evidence.binding import qualifying_data, snp_enrollment_binding
 from evidence.errors import EvidenceError

@@ -19,7 +19,8 @@ import pytest
 
 from broker.app import open_broker
 from broker.config import BrokerConfig
-from broker.custody import plain_data_key, seal_for_registration
+from broker.custody import plain_data_key
+from broker.keyseal import seal_for_registration
 from broker.model import Party
 from broker.service import Broker
 from pki.identity import SpiffeId

@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives import serialization
 
 from bench._loadgen import QUOTED_BANKS, QuoteMaker, SoftAk
 from broker.audit import AuditLog
-from broker.custody import seal_for_registration
+from broker.keyseal import seal_for_registration
 from broker.model import AuditRecord
 from broker.storage import Store
 from broker.storage.schema import sessions

@@ -19,7 +19,7 @@ import pytest
 from broker.app import open_broker
 from broker.config import BrokerConfig
 from broker.kek_azure import KeyVaultConfig
-from broker.release import open_release
+from broker.keyseal import open_release
 from broker.service import AttestationDenied, Broker
 from cleanroom.emulators.keyvault import FakeKeyVault
 from cleanroom.v1 import admin_pb2

@@ -15,13 +15,14 @@ import pytest
 
 from broker.app import open_broker
 from broker.config import BrokerConfig
-from broker.custody import KekRegistry, plain_data_key, seal_for_registration
+from broker.custody import KekRegistry, plain_data_key
 from broker.errors import KekError, KekUnavailableError
 from broker.kek_azure import (
     KeyVaultConfig,
     KeyVaultKek,
     register_key_vault_provider,
 )
+from broker.keyseal import seal_for_registration
 from broker.model import DataKeyRecord, Party
 from broker.rotation import ROTATION_ACTION, rotate_data_key, rotate_kek
 from broker.service import Broker

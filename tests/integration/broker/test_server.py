@@ -26,7 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker.custody import seal_for_registration
+from broker.keyseal import seal_for_registration
 from cleanroom.v1 import (
     admin_pb2,
     admin_pb2_grpc,

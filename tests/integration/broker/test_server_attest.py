@@ -19,8 +19,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from broker.client import ATTEST_DENIAL_METADATA
+from broker.keyseal import open_release
 from broker.quote import pcr_values_from_tools
-from broker.release import open_release
 from broker.tpmkeys import to_tools_credential_file
 from cleanroom.v1 import admin_pb2, attestation_pb2, common_pb2
 from evidence.binding import qualifying_data

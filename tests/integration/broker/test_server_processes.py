@@ -32,7 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench._loadgen import QUOTED_BANKS, QuoteMaker, SoftAk
-from broker.release import open_release
+from broker.keyseal import open_release
 from cleanroom.v1 import (
     admin_pb2,
     admin_pb2_grpc,

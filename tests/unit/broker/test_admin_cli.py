@@ -31,7 +31,7 @@ from broker.admin_cli import (
     manifest_to_pb,
     parse_pcr_spec,
 )
-from broker.custody import open_registered_key
+from broker.keyseal import open_registered_key
 from broker.server.validate import MAX_AUDIT_PAGE, MAX_AUDIT_SEQUENCE
 from cleanroom.cli import build_parser, main
 from cleanroom.v1 import admin_pb2, common_pb2

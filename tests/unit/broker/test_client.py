@@ -34,8 +34,8 @@ from broker.client import (
     UnavailableError,
     UnimplementedError,
 )
-from broker.custody import open_registered_key
 from broker.errors import BrokerError, CustodyError
+from broker.keyseal import open_registered_key
 from cleanroom.v1 import admin_pb2, attestation_pb2, common_pb2
 from pki.ca import PkiLayout, cert_to_pem, issue_certificate, key_to_pem, load_ca
 from pki.identity import SpiffeId

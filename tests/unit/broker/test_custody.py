@@ -11,17 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from broker.custody import (
+from broker.custody import KekRegistry, LocalKek, load_or_create_registration_key, plain_data_key
+from broker.errors import CustodyError, KekError
+from broker.keyseal import (
     DATA_KEY_SIZE,
-    KekRegistry,
-    LocalKek,
-    load_or_create_registration_key,
     open_registered_key,
-    plain_data_key,
     registration_info,
     seal_for_registration,
 )
-from broker.errors import CustodyError, KekError
 from broker.model import DataKeyRecord
 from sealing.hpke import seal
 from sealing.keys import KEM_MLKEM768_X25519, KEM_X25519, generate_recipient_key

@@ -20,15 +20,10 @@ import sqlalchemy as sa
 from broker import rotation
 from broker.app import open_broker
 from broker.config import BrokerConfig, load_broker_config
-from broker.custody import (
-    LOCAL_KEK_REF,
-    KekRegistry,
-    LocalKek,
-    check_kek,
-    seal_for_registration,
-)
+from broker.custody import LOCAL_KEK_REF, KekRegistry, LocalKek, check_kek
 from broker.errors import KekError, KekUnavailableError, UnknownPolicyObjectError
 from broker.kek_azure import KEYVAULT_REF_PREFIX, KeyVaultConfig, KeyVaultKek
+from broker.keyseal import seal_for_registration
 from broker.model import Party
 from broker.server import validate
 from broker.server.errors import InvalidRequestError

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from broker.custody import KekRegistry, registration_info
+from broker.custody import KekRegistry
 from broker.errors import CustodyError, KekError
+from broker.keyseal import open_release, registration_info, release_info, seal_release
 from broker.model import DataKeyRecord
-from broker.release import open_release, release_info, seal_records, seal_release
+from broker.release import seal_records
 from sealing.hpke import seal
 from sealing.keys import KEM_MLKEM768_X25519, KEM_X25519, generate_recipient_key
 

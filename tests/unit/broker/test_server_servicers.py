@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from broker.app import open_broker
 from broker.config import BrokerConfig
-from broker.custody import seal_for_registration
+from broker.keyseal import seal_for_registration
 from broker.model import GoldenPcrSet, PcrKey
 from broker.server.interceptor import CallGuard, Peer, guarded_servicer
 from broker.server.metrics import BrokerMetrics

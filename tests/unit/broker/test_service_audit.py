@@ -23,7 +23,7 @@ from bench._loadgen import QUOTED_BANKS, QuoteMaker, SoftAk
 from broker import release
 from broker.app import open_broker
 from broker.config import BrokerConfig
-from broker.custody import LocalKek, seal_for_registration
+from broker.custody import LocalKek
 from broker.errors import (
     DuplicateError,
     PolicyError,
@@ -32,6 +32,7 @@ from broker.errors import (
     UnknownKeyError,
     UnknownPolicyObjectError,
 )
+from broker.keyseal import seal_for_registration
 from broker.model import AuditRecord, GoldenPcrSet, ManifestEntry, Party, PcrKey
 from broker.policy import DenialCode
 from broker.service import AttestationDenied, Broker, Evidence
