@@ -31,7 +31,7 @@ from broker import nonces, policy, quote, release
 from broker.app import open_broker
 from broker.config import BrokerConfig
 from broker.keyseal import seal_for_registration
-from broker.model import ManifestEntry, Party
+from broker.model import Party
 from broker.server import interceptor, servicers, validate
 from broker.server.interceptor import CallGuard
 from broker.server.logs import configure_logging
@@ -40,6 +40,7 @@ from broker.service import Broker
 from broker.storage import Store
 from cleanroom.v1 import admin_pb2, attestation_pb2
 from evidence.binding import qualifying_data
+from evidence.manifest import ManifestEntry
 from evidence.pcr import measure_files
 from evidence.proto import bank_to_pb, event_log_to_pb
 from pki.ca import init_pki

@@ -21,13 +21,16 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TextIO
 
-from broker.errors import BrokerError
+from broker.errors import AdminUsageError, BrokerError
+from broker.manifests import check_bank_name, hex_value, manifest_from_files, manifest_from_json
+from evidence.manifest import MANIFEST_BANKS, expected_pcr23
+from evidence.pcr import BANK_SIZES, WORKLOAD_PCR
 
 if TYPE_CHECKING:
     from google.protobuf.timestamp_pb2 import Timestamp
@@ -35,6 +38,7 @@ if TYPE_CHECKING:
     from broker.client import BrokerClient
     from cleanroom.v1 import admin_pb2, common_pb2
     from evidence.launch import Launch
+    from evidence.manifest import ManifestEntry
 
 #: Where the broker listens unless told otherwise (the broker's default ``tls.listen``).
 DEFAULT_BROKER: Final = "127.0.0.1:50051"
@@ -45,26 +49,14 @@ ENV_CA: Final = "CLEANROOM_ADMIN_CA"
 ENV_TIMEOUT: Final = "CLEANROOM_ADMIN_TIMEOUT"
 ENV_SERVER_NAME: Final = "CLEANROOM_ADMIN_SERVER_NAME"
 
-#: The PCR workloads are measured into (``evidence.pcr.WORKLOAD_PCR``; repeated here so that
-#: building the parser imports nothing heavy).
-WORKLOAD_PCR: Final = 23
-#: Banks a workload manifest is measured in by default, as in the manual recipe.
-MANIFEST_BANKS: Final = ("sha1", "sha256")
-_BANK_SIZES: Final[Mapping[str, int]] = {"sha1": 20, "sha256": 32, "sha384": 48}
 _MAX_INPUT_FILE: Final = 1 << 20  # public keys, certificates, quotes and manifests are small
 #: The broker's bounds on ``audit list`` (``broker.server.validate.MAX_AUDIT_SEQUENCE`` and
 #: ``MAX_AUDIT_PAGE``; repeated here so that building the parser imports nothing heavy). A
 #: number outside them is a usage error, before anything is sent.
 AUDIT_MAX_SEQUENCE: Final = 2**63 - 1
 AUDIT_MAX_PAGE: Final = 1000
-#: A manifest file size travels as a protobuf uint64.
-_MAX_FILE_SIZE: Final = 2**64 - 1
 
 Handler = Callable[[argparse.Namespace], int]
-
-
-class AdminUsageError(BrokerError):
-    """The admin command's arguments or input files are unusable (nothing was sent)."""
 
 
 # --- small parsers ---------------------------------------------------------------------------
@@ -85,21 +77,6 @@ def read_input(path: str | os.PathLike[str], what: str) -> bytes:
         return p.read_bytes()
     except OSError as e:
         raise AdminUsageError(f"cannot read {what} {p}: {e.strerror or e}") from e
-
-
-def _hex_value(text: str, what: str) -> bytes:
-    t = text.strip().lower().removeprefix("0x")
-    try:
-        return bytes.fromhex(t)
-    except ValueError:
-        raise AdminUsageError(f"{what}: {text!r} is not hexadecimal") from None
-
-
-def _check_bank(bank: str, what: str) -> str:
-    b = bank.strip().lower()
-    if b not in _BANK_SIZES:
-        raise AdminUsageError(f"{what}: unknown PCR bank {bank!r} (use {', '.join(_BANK_SIZES)})")
-    return b
 
 
 @dataclass(frozen=True, order=True)
@@ -125,18 +102,18 @@ def parse_pcr_spec(text: str) -> PcrSpec:
     bank, colon, index_text = spec.partition(":")
     if not sep or not colon:
         raise AdminUsageError(f"--pcr {text!r}: expected BANK:INDEX=HEX, e.g. sha256:23=ab12...")
-    b = _check_bank(bank, f"--pcr {text!r}")
+    b = check_bank_name(bank, f"--pcr {text!r}")
     try:
         index = int(index_text)
     except ValueError:
         raise AdminUsageError(f"--pcr {text!r}: the PCR index must be a number") from None
     if not 0 <= index <= WORKLOAD_PCR:
         raise AdminUsageError(f"--pcr {text!r}: the PCR index must be 0..{WORKLOAD_PCR}")
-    raw = _hex_value(value, f"--pcr {spec}")
-    if len(raw) != _BANK_SIZES[b]:
+    raw = hex_value(value, f"--pcr {spec}")
+    if len(raw) != BANK_SIZES[b]:
         raise AdminUsageError(
-            f"--pcr {spec}: a {b} value is {_BANK_SIZES[b]} bytes "
-            f"({2 * _BANK_SIZES[b]} hex digits), got {len(raw)}"
+            f"--pcr {spec}: a {b} value is {BANK_SIZES[b]} bytes "
+            f"({2 * BANK_SIZES[b]} hex digits), got {len(raw)}"
         )
     return PcrSpec(index=index, bank=b, value=raw)
 
@@ -150,7 +127,7 @@ def golden_from_files(files: Sequence[str], banks: Sequence[str]) -> list[PcrSpe
     """
     from evidence.pcr import measure_files
 
-    checked = list(dict.fromkeys(_check_bank(b, "--bank") for b in banks))
+    checked = list(dict.fromkeys(check_bank_name(b, "--bank") for b in banks))
     measurement = measure_files(files, checked)
     return [PcrSpec(WORKLOAD_PCR, b, measurement.pcrs[b]) for b in checked]
 
@@ -223,122 +200,6 @@ def recipient_key_pb(path: str | os.PathLike[str]) -> common_pb2.RecipientKey:
 
 
 # --- workload manifests ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ManifestFile:
-    """One file of a workload manifest: its name as measured, size and digests per bank."""
-
-    path: str
-    size: int
-    digests: Mapping[str, bytes]
-
-
-def _relative_name(path: Path, root: Path) -> str:
-    try:
-        rel = path.resolve().relative_to(root.resolve())
-    except ValueError:
-        raise AdminUsageError(f"{path} is not inside --root {root}") from None
-    return PurePosixPath(*rel.parts).as_posix()
-
-
-def manifest_from_files(
-    files: Sequence[str], *, root: str | None = None, banks: Sequence[str] = MANIFEST_BANKS
-) -> list[ManifestFile]:
-    """Measures ``files`` in order. Names are relative to ``root`` (POSIX form) when given,
-    else the paths as given, which must then be how the sidecar names them too.
-
-    Raises:
-        AdminUsageError: a file is outside ``root``.
-        MeasurementError: a file cannot be read.
-    """
-    from evidence.pcr import measure_files
-
-    names = [_relative_name(Path(f), Path(root)) for f in files] if root is not None else None
-    measurement = measure_files(files, banks, names=names)
-    return [ManifestFile(e.path, e.size, dict(e.digests)) for e in measurement.events]
-
-
-def manifest_from_json(data: bytes, source: str) -> list[ManifestFile]:
-    """Reads a manifest of digests: ``{"entries": [{"path", "size", "digests": {bank: hex}}]}``.
-
-    ``{"events": [...]}`` (what ``cleanroom sidecar measure --log-out`` writes; its launch event
-    is skipped, the launch is given with ``--command``) and a bare list are accepted too. Every
-    entry needs a path, a size and a sha256 digest.
-
-    Raises:
-        AdminUsageError: the JSON is malformed or an entry is incomplete.
-    """
-    try:
-        doc = json.loads(data)
-    except ValueError as e:
-        raise AdminUsageError(f"manifest {source} is not valid JSON: {e}") from e
-    items: object = doc
-    if isinstance(doc, dict):
-        items = doc.get("entries", doc.get("events"))
-    if not isinstance(items, list) or not items:
-        raise AdminUsageError(f'manifest {source}: expected a non-empty "entries" list')
-    # An event log's launch event is not a file: the launch is approved with --command.
-    items = [i for i in items if not (isinstance(i, dict) and "launch" in i)]
-    out = []
-    for n, item in enumerate(items):
-        where = f"manifest {source}: entry {n}"
-        if not isinstance(item, dict):
-            raise AdminUsageError(f"{where} is not an object")
-        path, size, digests = item.get("path"), item.get("size"), item.get("digests")
-        if not isinstance(path, str) or not path:
-            raise AdminUsageError(f'{where} needs a "path"')
-        if size is None:
-            # The broker compares each measured file's size with the approved one.
-            raise AdminUsageError(f'{where} needs a "size" (the file\'s length in bytes)')
-        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= _MAX_FILE_SIZE:
-            raise AdminUsageError(
-                f'{where}: "size" must be an integer from 0 to {_MAX_FILE_SIZE} (64 bits)'
-            )
-        if not isinstance(digests, dict) or "sha256" not in digests:
-            raise AdminUsageError(f'{where} needs "digests" with at least a sha256 digest')
-        parsed: dict[str, bytes] = {}
-        for bank, value in digests.items():
-            b = _check_bank(str(bank), where)
-            raw = _hex_value(str(value), f"{where} {b} digest")
-            if len(raw) != _BANK_SIZES[b]:
-                raise AdminUsageError(f"{where}: the {b} digest must be {_BANK_SIZES[b]} bytes")
-            parsed[b] = raw
-        out.append(ManifestFile(path, size, parsed))
-    return out
-
-
-def manifest_to_pb(
-    name: str, files: Sequence[ManifestFile], launch: Launch | None = None
-) -> common_pb2.WorkloadManifest:
-    """The WorkloadManifest message for ``files`` (banks in a fixed order) and ``launch``."""
-    from cleanroom.v1 import common_pb2
-    from evidence.proto import bank_to_pb, launch_to_pb
-
-    msg = common_pb2.WorkloadManifest(name=name)
-    for f in files:
-        entry = msg.entries.add(path=f.path, size=f.size)
-        for bank in sorted(f.digests, key=list(_BANK_SIZES).index):
-            entry.digests.add(algorithm=bank_to_pb(bank), value=f.digests[bank])
-    if launch is not None:
-        msg.launch.CopyFrom(launch_to_pb(launch))
-    return msg
-
-
-def expected_pcr23(files: Sequence[ManifestFile], launch: Launch | None = None) -> dict[str, bytes]:
-    """PCR 23 per bank after measuring ``files`` (banks every file has a digest for), then
-    ``launch`` when given: what ``sidecar run`` extends.
-
-    Raises:
-        EventLogError: a digest has the wrong size.
-    """
-    from evidence.pcr import MeasurementEvent, launch_event, replay
-
-    banks = [b for b in _BANK_SIZES if all(b in f.digests for f in files)]
-    events = [MeasurementEvent(path=f.path, size=f.size, digests=f.digests) for f in files]
-    if launch is not None:
-        events.append(launch_event(launch, banks))
-    return replay(events, banks)
 
 
 # --- output ----------------------------------------------------------------------------------
@@ -859,7 +720,7 @@ def _kek_list(args: argparse.Namespace) -> int:
 # --- workload ----------------------------------------------------------------------------------
 
 
-def workload_files(args: argparse.Namespace) -> list[ManifestFile]:
+def workload_files(args: argparse.Namespace) -> list[ManifestEntry]:
     """The manifest files from ``--file``/``--root`` or ``--manifest``.
 
     Raises:
@@ -973,8 +834,10 @@ def _launch_fields(m: common_pb2.WorkloadManifest) -> list[tuple[str, str]]:
 def _workload_approve(args: argparse.Namespace) -> int:
     files = workload_files(args)
     launch = workload_launch(args)
+    from evidence.proto import manifest_to_pb
+
     manifest = manifest_to_pb(args.name, files, launch)
-    local = expected_pcr23(files, launch)
+    local = expected_pcr23(files, launch=launch)
     with open_client(args) as client:
         approval = client.approve_workload(
             manifest,
@@ -1000,8 +863,10 @@ def _workload_approve(args: argparse.Namespace) -> int:
 def _workload_manifest(args: argparse.Namespace) -> int:
     files = manifest_from_files(args.file, root=args.root)
     launch = workload_launch(args) if args.command else None
+    from evidence.proto import manifest_to_pb
+
     doc = manifest_dict(manifest_to_pb(args.name, files, launch))
-    doc["expected_pcrs"] = {b: v.hex() for b, v in expected_pcr23(files, launch).items()}
+    doc["expected_pcrs"] = {b: v.hex() for b, v in expected_pcr23(files, launch=launch).items()}
     sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     return 0
 
@@ -1447,17 +1312,12 @@ __all__ = [
     "ENV_CERT",
     "ENV_KEY",
     "AdminUsageError",
-    "ManifestFile",
     "Output",
     "PcrSpec",
-    "expected_pcr23",
     "format_fields",
     "format_table",
     "golden_from_files",
     "golden_from_quote",
-    "manifest_from_files",
-    "manifest_from_json",
-    "manifest_to_pb",
     "open_client",
     "parse_pcr_spec",
     "register",

@@ -23,6 +23,10 @@ class BrokerConfigError(BrokerError):
 # --- quote and event-log verification -----------------------------------------------------
 
 
+class AdminUsageError(BrokerError):
+    """The admin command's arguments or input files are unusable (nothing was sent)."""
+
+
 class VerificationError(BrokerError):
     """Evidence (quote, signature, PCR values, event log) failed verification."""
 

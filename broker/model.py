@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from evidence.launch import Launch
+from evidence.manifest import ManifestEntry
 
 
 @dataclass(frozen=True)
@@ -101,15 +102,6 @@ class DataKeyRecord:
     kek_ref: str  # "local" or a Key Vault key id
     created_at: datetime
     description: str = ""
-
-
-@dataclass(frozen=True)
-class ManifestEntry:
-    """One measured file of a workload, in measurement order."""
-
-    path: str
-    size: int
-    digests: Mapping[str, bytes]
 
 
 @dataclass(frozen=True)

@@ -32,24 +32,15 @@ from broker.errors import (
     UncoveredPcrError,
     UnknownPolicyObjectError,
 )
-from broker.model import (
-    AkRecord,
-    Approval,
-    DataKeyRecord,
-    EkRecord,
-    GoldenPcrSet,
-    ManifestEntry,
-    Party,
-)
+from broker.model import AkRecord, Approval, DataKeyRecord, EkRecord, GoldenPcrSet, Party
 from evidence.errors import EventLogError
 from evidence.launch import Launch, launch_difference
+from evidence.manifest import ManifestEntry, expected_pcr23
 from evidence.pcr import (
     BANK_SIZES,
     WORKLOAD_PCR,
     MeasurementEvent,
     check_event_size,
-    launch_event,
-    replay,
 )
 
 #: The bank every comparison of PCR 23 must include: sha1 alone is never enough.
@@ -433,21 +424,17 @@ def launch_from_events(events: Sequence[MeasurementEvent]) -> Launch | None:
     return workload[launches[0]].launch
 
 
-def expected_pcr23(
+def approval_pcr23(
     manifest: Sequence[ManifestEntry], banks: Sequence[str], launch: Launch | None = None
 ) -> dict[str, bytes]:
-    """The PCR 23 value per bank that measuring ``manifest`` in order, then ``launch`` when
-    given, gives from a reset PCR.
+    """:func:`evidence.manifest.expected_pcr23` for an approval, as a policy error.
 
     Raises:
         PolicyError: a bank is unsupported, or an entry lacks a digest (or has one of the wrong
             size) for one of ``banks``.
     """
-    events = [MeasurementEvent(path=e.path, size=e.size, digests=e.digests) for e in manifest]
     try:
-        if launch is not None:
-            events.append(launch_event(launch, banks))
-        return replay(events, banks)
+        return expected_pcr23(manifest, banks, launch)
     except EventLogError as e:
         raise PolicyError(f"cannot compute the expected PCR {WORKLOAD_PCR}: {e}") from e
 
@@ -510,7 +497,7 @@ def validate_approval(
         raise PolicyError(f"an approval needs the expected PCR {WORKLOAD_PCR} in {REQUIRED_BANK}")
     for bank, value in approval.expected_pcrs.items():
         _check_digest(bank, value, f"expected PCR {WORKLOAD_PCR}")
-    computed = expected_pcr23(approval.manifest, sorted(approval.expected_pcrs), approval.launch)
+    computed = approval_pcr23(approval.manifest, sorted(approval.expected_pcrs), approval.launch)
     for bank, value in approval.expected_pcrs.items():
         if bytes(value) != computed[bank]:
             raise PolicyError(

@@ -25,8 +25,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
-import json
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final, Literal
@@ -52,7 +51,9 @@ from broker.errors import (
     UnsupportedAlgorithmError,
 )
 from broker.tpmkeys import HASH_BY_ALG, STRONG_HASHES, ParsedPublic
+from evidence import eventlog
 from evidence.errors import EventLogError
+from evidence.eventlog import event_log_to_json
 from evidence.pcr import BANK_SIZES, WORKLOAD_PCR, MeasurementEvent, check_event_size, replay
 
 __all__ = [
@@ -604,86 +605,16 @@ def pcr_values_from_tools(
     return _assign(selection, [bytes(d) for d in digests])
 
 
-def event_log_to_json(events: Iterable[MeasurementEvent]) -> bytes:
-    """The event log as JSON: ``{"events": [{"path", "size", "pcr_index", "digests":
-    {bank: hex}, "launch" (the launch event only)}]}``, the format
-    :func:`event_log_from_json` and the CLI read."""
-    from evidence.launch import launch_to_json
-
-    doc = {
-        "events": [
-            {
-                "path": e.path,
-                "size": e.size,
-                "pcr_index": e.pcr_index,
-                "digests": {bank: d.hex() for bank, d in e.digests.items()},
-                **({"launch": launch_to_json(e.launch)} if e.launch is not None else {}),
-            }
-            for e in events
-        ]
-    }
-    return json.dumps(doc, indent=1).encode()
-
-
-def _event_from_simple(n: int, item: Mapping[str, Any]) -> MeasurementEvent:
-    digests: dict[str, bytes] = {}
-    for bank, value in item["digests"].items():
-        if bank not in BANK_SIZES:
-            raise EventLogReplayError(f"event {n}: unsupported bank {bank!r}")
-        digest = bytes.fromhex(value)
-        if len(digest) != BANK_SIZES[bank]:
-            raise EventLogReplayError(f"event {n}: {bank} digest must be {BANK_SIZES[bank]} bytes")
-        digests[bank] = digest
-    launch = None
-    if "launch" in item:
-        from evidence.errors import LaunchError
-        from evidence.launch import launch_from_json
-
-        try:
-            launch = launch_from_json(item["launch"])
-        except LaunchError as e:
-            raise EventLogReplayError(f"event {n}: {e}") from e
-    return MeasurementEvent(
-        path=str(item.get("path", "")),
-        size=int(item.get("size", 0)),
-        digests=digests,
-        pcr_index=int(item.get("pcr_index", item.get("pcrIndex", WORKLOAD_PCR))),
-        launch=launch,
-    )
-
-
 def event_log_from_json(
     data: bytes, *, max_events: int = DEFAULT_MAX_EVENT_LOG_ENTRIES
 ) -> tuple[MeasurementEvent, ...]:
-    """Reads an event log from JSON: the form :func:`event_log_to_json` writes (a bare list of
-    events is accepted too), or the protobuf JSON mapping of ``cleanroom.v1.EventLog``.
+    """Reads an event log from JSON (:func:`evidence.eventlog.event_log_from_json`, the one
+    codec), as the broker's verification error.
 
     Raises:
         EventLogReplayError: the JSON is malformed, too long, or has a bad bank or digest.
     """
     try:
-        doc = json.loads(data)
-    except ValueError as e:
-        raise EventLogReplayError("event log is not valid JSON") from e
-    except RecursionError as e:
-        raise EventLogReplayError("event log JSON is nested too deeply") from e
-    items = doc if isinstance(doc, list) else doc.get("events") if isinstance(doc, dict) else None
-    if not isinstance(items, list):
-        raise EventLogReplayError('event log JSON must be a list or an object with "events"')
-    if len(items) > max_events:
-        raise EventLogReplayError(f"event log has {len(items)} events, more than {max_events}")
-    if all(isinstance(i, dict) and isinstance(i.get("digests"), dict) for i in items):
-        try:
-            return tuple(_event_from_simple(n, item) for n, item in enumerate(items))
-        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
-            raise EventLogReplayError(f"event log JSON is malformed: {e}") from e
-    from google.protobuf import json_format
-
-    from cleanroom.v1 import common_pb2
-    from evidence.proto import event_log_from_pb
-
-    try:
-        log = json_format.ParseDict({"events": items}, common_pb2.EventLog())
-        return event_log_from_pb(log, max_events=max_events)
-    except (json_format.ParseError, EventLogError, OverflowError, RecursionError) as e:
-        raise EventLogReplayError(f"event log JSON is malformed: {e}") from e
+        return eventlog.event_log_from_json(data, max_events=max_events)
+    except EventLogError as e:
+        raise EventLogReplayError(str(e)) from e

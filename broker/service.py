@@ -52,7 +52,6 @@ from broker.model import (
     DataKeyRecord,
     EkRecord,
     GoldenPcrSet,
-    ManifestEntry,
     Party,
     Session,
 )
@@ -64,6 +63,7 @@ from broker.storage import Store
 from broker.storage.unit import UnitOfWork
 from evidence.binding import qualifying_data
 from evidence.launch import Launch
+from evidence.manifest import ManifestEntry, files_pcr23
 from evidence.pcr import WORKLOAD_PCR, MeasurementEvent
 from pki.identity import SpiffeId
 from sealing.errors import SealingError
@@ -1325,7 +1325,7 @@ class Broker:
             workload_name=workload_name,
             manifest=tuple(manifest),
             launch=launch,
-            expected_pcrs=policy.expected_pcr23(manifest, banks, launch),
+            expected_pcrs=policy.approval_pcr23(manifest, banks, launch),
             key_ids=tuple(key_ids),
             output_recipients=tuple(output_recipients),
             golden_set=golden_set or None,
@@ -1462,9 +1462,4 @@ __all__ = [
 def _files_pcr23(measured: Sequence[ManifestEntry]) -> bytes | None:
     """The sha256 PCR 23 value of the measured files alone (before the launch), which approvals
     are also indexed by; None when there are no files or a file has no sha256 digest."""
-    if not measured:
-        return None
-    try:
-        return policy.expected_pcr23(measured, ["sha256"])["sha256"]
-    except PolicyError:
-        return None
+    return files_pcr23(measured) if measured else None

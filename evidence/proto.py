@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from cleanroom.v1 import common_pb2
 from evidence.errors import EventLogError, LaunchError
 from evidence.launch import Launch
+from evidence.manifest import ManifestEntry
 from evidence.pcr import BANK_SIZES, MeasurementEvent
 
 _BANK_TO_PB = {
@@ -100,3 +101,40 @@ def event_log_from_pb(
             )
         )
     return tuple(out)
+
+
+def manifest_to_pb(
+    name: str, entries: Iterable[ManifestEntry], launch: Launch | None = None
+) -> common_pb2.WorkloadManifest:
+    """The ``cleanroom.v1.WorkloadManifest`` of ``entries`` (each file's digests in
+    :data:`evidence.pcr.BANK_SIZES` order) and ``launch``.
+
+    Raises:
+        EventLogError: an entry has a digest in an unsupported bank.
+    """
+    msg = common_pb2.WorkloadManifest(name=name)
+    order = list(BANK_SIZES)
+    for e in entries:
+        entry = msg.entries.add(path=e.path, size=e.size)
+        for bank in sorted(e.digests, key=lambda b: order.index(b) if b in order else len(order)):
+            entry.digests.add(algorithm=bank_to_pb(bank), value=e.digests[bank])
+    if launch is not None:
+        msg.launch.CopyFrom(launch_to_pb(launch))
+    return msg
+
+
+def manifest_from_pb(msg: common_pb2.WorkloadManifest) -> tuple[ManifestEntry, ...]:
+    """The manifest entries of a ``cleanroom.v1.WorkloadManifest`` (its launch is
+    :func:`launch_from_pb`'s).
+
+    Raises:
+        EventLogError: a digest names an unspecified or unknown hash algorithm.
+    """
+    return tuple(
+        ManifestEntry(
+            path=e.path,
+            size=e.size,
+            digests={bank_from_pb(d.algorithm): bytes(d.value) for d in e.digests},
+        )
+        for e in msg.entries
+    )

@@ -191,22 +191,11 @@ def _enroll(args: argparse.Namespace) -> int:
 
 
 def _event_log_json(measurement: Measurement, banks: tuple[str, ...]) -> str:
-    events: list[dict[str, Any]] = []
-    for e in measurement.events:
-        item: dict[str, Any] = {
-            "pcr_index": e.pcr_index,
-            "path": e.path,
-            "size": e.size,
-            "digests": {bank: e.digests[bank].hex() for bank in banks},
-        }
-        if e.launch is not None:
-            from evidence.launch import launch_to_json
+    from evidence.eventlog import event_to_json
 
-            item["launch"] = launch_to_json(e.launch)
-        events.append(item)
     doc = {
         "banks": list(banks),
-        "events": events,
+        "events": [event_to_json(e, banks) for e in measurement.events],
         "pcrs": {bank: measurement.pcrs[bank].hex() for bank in banks},
     }
     return json.dumps(doc, indent=2) + "\n"

@@ -18,7 +18,6 @@ from broker.model import (
     DataKeyRecord,
     EkRecord,
     GoldenPcrSet,
-    ManifestEntry,
     Party,
     PcrKey,
 )
@@ -26,7 +25,7 @@ from broker.policy import DenialCode
 from cleanroom.v1 import admin_pb2, attestation_pb2, common_pb2
 from evidence.launch import Launch
 from evidence.pcr import WORKLOAD_PCR
-from evidence.proto import bank_from_pb, bank_to_pb, launch_from_pb, launch_to_pb
+from evidence.proto import bank_from_pb, bank_to_pb, launch_from_pb, manifest_to_pb
 
 
 def timestamp(when: datetime | None) -> Timestamp:
@@ -139,17 +138,6 @@ def party_kek_to_pb(
     return msg
 
 
-def manifest_from_pb(msg: common_pb2.WorkloadManifest) -> tuple[ManifestEntry, ...]:
-    return tuple(
-        ManifestEntry(
-            path=e.path,
-            size=e.size,
-            digests={bank_from_pb(d.algorithm): bytes(d.value) for d in e.digests},
-        )
-        for e in msg.entries
-    )
-
-
 def launch_from_manifest_pb(msg: common_pb2.WorkloadManifest) -> Launch | None:
     """The manifest's launch (validated already), or None when it has none.
 
@@ -158,19 +146,6 @@ def launch_from_manifest_pb(msg: common_pb2.WorkloadManifest) -> Launch | None:
             callers that skip validation).
     """
     return launch_from_pb(msg.launch) if msg.HasField("launch") else None
-
-
-def manifest_to_pb(
-    name: str, entries: Iterable[ManifestEntry], launch: Launch | None = None
-) -> common_pb2.WorkloadManifest:
-    msg = common_pb2.WorkloadManifest(name=name)
-    for e in entries:
-        pe = msg.entries.add(path=e.path, size=e.size)
-        for bank, value in e.digests.items():
-            pe.digests.add(algorithm=bank_to_pb(bank), value=value)
-    if launch is not None:
-        msg.launch.CopyFrom(launch_to_pb(launch))
-    return msg
 
 
 def approval_to_pb(approval: Approval) -> admin_pb2.Approval:
@@ -217,8 +192,6 @@ __all__ = [
     "golden_set_from_pb",
     "golden_set_to_pb",
     "launch_from_manifest_pb",
-    "manifest_from_pb",
-    "manifest_to_pb",
     "party_from_pb",
     "party_to_pb",
     "pcr_values_from_pb",

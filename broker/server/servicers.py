@@ -27,7 +27,7 @@ from broker.server.status_report import ProcessInfo, status_pb
 from broker.service import AttestationDenied, Broker, Evidence
 from cleanroom import __version__
 from cleanroom.v1 import admin_pb2, admin_pb2_grpc, attestation_pb2, attestation_pb2_grpc
-from evidence.proto import bank_to_pb, event_log_from_pb
+from evidence.proto import bank_to_pb, event_log_from_pb, manifest_from_pb
 from pki.identity import SpiffeId
 
 log = logging.getLogger("cleanroom.broker.rpc")
@@ -357,7 +357,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         approval = self.broker.approve_workload(
             current_call().caller,
             workload_name=request.manifest.name,
-            manifest=convert.manifest_from_pb(request.manifest),
+            manifest=manifest_from_pb(request.manifest),
             launch=convert.launch_from_manifest_pb(request.manifest),
             key_ids=tuple(request.key_ids),
             output_recipients=tuple(request.output_recipients),

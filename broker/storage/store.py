@@ -46,7 +46,6 @@ from broker.model import (
     DataKeyRecord,
     EkRecord,
     GoldenPcrSet,
-    ManifestEntry,
     Party,
     PcrKey,
     Session,
@@ -66,9 +65,8 @@ from broker.storage.schema import (
     sessions,
 )
 from broker.storage.unit import ChainStatements, UnitOfWork
-from evidence.errors import EventLogError
 from evidence.launch import Launch
-from evidence.pcr import MeasurementEvent, replay
+from evidence.manifest import ManifestEntry, files_pcr23
 
 
 class UnknownSessionError(UnknownPolicyObjectError):
@@ -1690,11 +1688,8 @@ def _approval_values(approval: Approval, sha256: bytes) -> dict[str, Any]:
 
 
 def _files_pcr_sha256(manifest: Sequence[ManifestEntry]) -> bytes | None:
-    events = [MeasurementEvent(path=e.path, size=e.size, digests=e.digests) for e in manifest]
-    try:
-        return replay(events, [APPROVAL_INDEX_BANK])[APPROVAL_INDEX_BANK]
-    except EventLogError:
-        return None
+    # An empty manifest is indexed by the reset value (its files' PCR is all zeros).
+    return files_pcr23(manifest, APPROVAL_INDEX_BANK)
 
 
 def _launch_doc(launch: Launch) -> dict[str, Any]:

@@ -698,8 +698,9 @@ class Demo:
             )
 
     def approve(self) -> None:
-        from broker.admin_cli import expected_pcr23, manifest_from_files, manifest_to_pb
-        from evidence.proto import bank_from_pb
+        from broker.manifests import manifest_from_files
+        from evidence.manifest import expected_pcr23
+        from evidence.proto import bank_from_pb, manifest_to_pb
 
         copy = copy_workload(self.layout.workload(), args=["--seed", str(self.options.seed)])
         self.workload = copy
@@ -714,7 +715,7 @@ class Demo:
             )
             launch = self.launch(copy)
             manifest = manifest_to_pb(WORKLOAD_NAME, files, launch)
-            expected = expected_pcr23(files, launch)
+            expected = expected_pcr23(files, launch=launch)
         self.result.expected_pcr23 = expected
         for party in PARTIES:
             key_id = self.key_ids[party]

@@ -18,9 +18,10 @@ from broker.app import open_broker
 from broker.config import BrokerConfig
 from broker.kek_azure import KeyVaultConfig, register_key_vault_provider
 from broker.keyseal import open_release, seal_for_registration
-from broker.model import ManifestEntry, Party
+from broker.model import Party
 from broker.quote import pcr_values_from_tools
 from broker.service import AttestationDenied, Broker, Evidence
+from evidence.manifest import ManifestEntry
 from pki.identity import SpiffeId
 from sealing.keys import RecipientPrivateKey, generate_recipient_key
 from tests.harness.keyvault import FakeKeyVault

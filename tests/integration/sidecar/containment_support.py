@@ -15,7 +15,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from broker.admin_cli import manifest_from_files, manifest_to_pb
+from broker.manifests import manifest_from_files
+from evidence.proto import manifest_to_pb
 from tests.harness.swtpm import Swtpm
 from tests.integration.sidecar.test_run import (
     PY,

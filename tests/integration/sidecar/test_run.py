@@ -30,11 +30,11 @@ from typing import Any
 
 import pytest
 
-from broker.admin_cli import manifest_from_files, manifest_to_pb
 from broker.client import BrokerClient
+from broker.manifests import manifest_from_files
 from cleanroom.v1 import common_pb2
 from evidence.launch import Launch, digest_executable
-from evidence.proto import launch_to_pb
+from evidence.proto import launch_to_pb, manifest_to_pb
 from pki.ca import PkiLayout
 from sealing.envelope import new_data_key, open_bytes, seal_bytes
 from sealing.errors import SealingError

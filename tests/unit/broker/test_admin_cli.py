@@ -19,23 +19,21 @@ from broker.admin_cli import (
     AUDIT_MAX_PAGE,
     AUDIT_MAX_SEQUENCE,
     AdminUsageError,
-    ManifestFile,
     PcrSpec,
-    expected_pcr23,
     format_fields,
     format_table,
     golden_from_files,
     golden_from_quote,
-    manifest_from_files,
-    manifest_from_json,
-    manifest_to_pb,
     parse_pcr_spec,
 )
 from broker.keyseal import open_registered_key
+from broker.manifests import manifest_from_files, manifest_from_json
 from broker.server.validate import MAX_AUDIT_PAGE, MAX_AUDIT_SEQUENCE
 from cleanroom.cli import build_parser, main
 from cleanroom.v1 import admin_pb2, common_pb2
 from evidence.launch import Launch, encode_launch
+from evidence.manifest import ManifestEntry, expected_pcr23
+from evidence.proto import manifest_to_pb
 from pki.ca import PkiLayout
 from sealing.keys import generate_recipient_key, write_data_key, write_public_key
 from tests.unit.broker.test_client_fake_broker import RunningFake, make_pki, running_fake
@@ -263,7 +261,7 @@ def test_manifest_from_files_refuses_a_file_outside_root(tmp_path: Path) -> None
 def test_manifest_json_forms(tmp_path: Path) -> None:
     entry = {"path": "a.py", "size": 3, "digests": {"sha256": SHA256_A, "sha1": SHA1_B}}
     expected = [
-        ManifestFile("a.py", 3, {"sha256": bytes.fromhex(SHA256_A), "sha1": bytes.fromhex(SHA1_B)})
+        ManifestEntry("a.py", 3, {"sha256": bytes.fromhex(SHA256_A), "sha1": bytes.fromhex(SHA1_B)})
     ]
     assert manifest_from_json(json.dumps({"entries": [entry]}).encode(), "m") == expected
     assert manifest_from_json(json.dumps([entry]).encode(), "m") == expected

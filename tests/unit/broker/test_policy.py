@@ -16,29 +16,21 @@ from broker.errors import (
     UncoveredPcrError,
     UnknownPolicyObjectError,
 )
-from broker.model import (
-    AkRecord,
-    Approval,
-    DataKeyRecord,
-    EkRecord,
-    GoldenPcrSet,
-    ManifestEntry,
-    Party,
-    PcrKey,
-)
+from broker.model import AkRecord, Approval, DataKeyRecord, EkRecord, GoldenPcrSet, Party, PcrKey
 from broker.policy import (
     AttesterRevokedError,
     Decision,
     Denial,
     Grant,
+    approval_pcr23,
     evaluate,
-    expected_pcr23,
     launch_from_events,
     manifest_from_events,
     validate_approval,
     validate_golden_set,
 )
 from evidence.launch import Launch
+from evidence.manifest import ManifestEntry, expected_pcr23
 from evidence.pcr import MeasurementEvent, launch_event
 
 NOW = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
@@ -475,9 +467,9 @@ def test_expected_pcr23_matches_independent_computation() -> None:
 def test_expected_pcr23_needs_a_digest_in_every_bank() -> None:
     partial = (ManifestEntry("a", 1, {"sha256": bytes(32)}),)
     with pytest.raises(PolicyError, match="no sha1 digest"):
-        expected_pcr23(partial, ["sha1", "sha256"])
+        approval_pcr23(partial, ["sha1", "sha256"])
     with pytest.raises(PolicyError, match="unsupported PCR bank"):
-        expected_pcr23(partial, ["md5"])
+        approval_pcr23(partial, ["md5"])
 
 
 def test_manifest_from_events_keeps_pcr23_events_in_order() -> None:

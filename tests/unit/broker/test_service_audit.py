@@ -33,12 +33,13 @@ from broker.errors import (
     UnknownPolicyObjectError,
 )
 from broker.keyseal import seal_for_registration
-from broker.model import AuditRecord, GoldenPcrSet, ManifestEntry, Party, PcrKey
+from broker.model import AuditRecord, GoldenPcrSet, Party, PcrKey
 from broker.policy import DenialCode
 from broker.service import AttestationDenied, Broker, Evidence
 from broker.storage.schema import audit_head
 from broker.tpmkeys import ak_qualified_name, load_public
 from evidence.binding import qualifying_data
+from evidence.manifest import ManifestEntry
 from evidence.pcr import Measurement, MeasurementEvent, measure_files
 from pki.identity import SpiffeId
 from sealing.errors import InvalidKeyError

@@ -29,13 +29,13 @@ from broker.model import (
     DataKeyRecord,
     EkRecord,
     GoldenPcrSet,
-    ManifestEntry,
     Party,
     PcrKey,
     Session,
 )
 from broker.storage import Store, UnknownSessionError
 from broker.storage.fast import sqlite_time_text
+from evidence.manifest import ManifestEntry
 
 BACKENDS = [
     pytest.param("sqlite", id="sqlite"),
