@@ -2,6 +2,6 @@
 
 import sys
 
-from cleanroom.cli import main
+from cleanroom.app.cli import main
 
 raise SystemExit(main(["broker", *sys.argv[1:]]))

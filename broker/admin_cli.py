@@ -3,7 +3,7 @@
 A thin layer over :class:`broker.client.BrokerClient`: parse the arguments, build the request
 (reading key files, measuring workload files, reading a reference quote), make the call, print
 the answer as a table (default) or JSON (``--json``). Errors are :class:`BrokerError`
-subclasses (or another package's root error), which ``cleanroom.cli`` prints as one line before
+subclasses (or another package's root error), which ``cleanroom.app.cli`` prints as one line before
 exiting non-zero.
 
 The connection options (``--broker``, ``--cert``, ``--key``, ``--ca``, ``--timeout``) and

@@ -24,18 +24,16 @@ import contextlib
 import logging
 import os
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
+
+from cleanroom.progress import Progress
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
 
 _log = logging.getLogger("cleanroom.sealing")
-
-#: Inputs at least this large get a progress bar (when stderr is a terminal).
-PROGRESS_THRESHOLD = 64 << 20
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -117,64 +115,6 @@ def _parse_size(text: str) -> int:
 # --- progress ---------------------------------------------------------------------------------
 
 
-class Progress:
-    """A one-line progress bar on a terminal, redrawn at most ten times a second.
-
-    It draws nothing unless ``stream`` is a terminal and the work is large: ``total`` at least
-    ``threshold`` bytes, or, when the total is unknown, once ``threshold`` bytes went by.
-    """
-
-    def __init__(
-        self,
-        *,
-        label: str,
-        total: int | None,
-        stream: IO[str] | None = None,
-        threshold: int = PROGRESS_THRESHOLD,
-    ) -> None:
-        self._stream = stream if stream is not None else sys.stderr
-        self._label = label
-        self._total = total
-        self._threshold = threshold
-        self._enabled = self._stream.isatty() and (total is None or total >= threshold)
-        self._done = 0
-        self._start = time.monotonic()
-        self._last = 0.0
-        self._drawn = False
-
-    def update(self, n: int) -> None:
-        """Counts ``n`` more bytes done."""
-        self._done += n
-        if not self._enabled:
-            return
-        now = time.monotonic()
-        if now - self._last >= 0.1 and (self._total is not None or self._done >= self._threshold):
-            self._last = now
-            self._draw(now)
-
-    def _draw(self, now: float) -> None:
-        elapsed = max(now - self._start, 1e-6)
-        rate = self._done / elapsed / 1e6
-        if self._total:
-            frac = min(self._done / self._total, 1.0)
-            width = 30
-            fill = int(frac * width)
-            bar = "#" * fill + "-" * (width - fill)
-            line = f"{self._label} [{bar}] {frac:6.1%} {self._done / 1e6:,.0f} MB {rate:,.0f} MB/s"
-        else:
-            line = f"{self._label} {self._done / 1e6:,.0f} MB {rate:,.0f} MB/s"
-        self._stream.write("\r" + line + "\x1b[K")
-        self._stream.flush()
-        self._drawn = True
-
-    def finish(self) -> None:
-        """Draws the last state and ends the line, if anything was drawn."""
-        if self._drawn:
-            self._draw(time.monotonic())
-            self._stream.write("\n")
-            self._stream.flush()
-
-
 class _CountingReader:
     """Forwards reads to ``raw`` and reports the bytes read to a :class:`Progress`."""
 
@@ -204,7 +144,7 @@ def _io_errors(what: str) -> Iterator[None]:
     try:
         yield
     except BrokenPipeError:
-        # The reader of stdout went away: the CLI ends quietly (cleanroom.cli.main).
+        # The reader of stdout went away: the CLI ends quietly (cleanroom.app.cli.main).
         raise
     except OSError as e:
         raise SealingIOError(f"{what}: {e.strerror or e}") from e

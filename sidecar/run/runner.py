@@ -507,7 +507,7 @@ def _run(
     if blob_outputs:
         # Blob outputs are checked before any nonce is asked for, so the blob store is set up
         # first; a local directory was checked in the preflight.
-        from blobstore.sidecar import BlobOutputSink
+        from sidecar.dataplane.blob import BlobOutputSink
 
         output_sink = _output_sink(config, _blob_store(config, stack))
         assert isinstance(output_sink, BlobOutputSink)
@@ -648,8 +648,8 @@ def _blob_store(config: RunConfig, stack: contextlib.ExitStack) -> BlobStore | N
     if not config.uses_blob:
         return None
     from blobstore.config import load_blob_config
-    from blobstore.sidecar import register_blob_inputs
     from blobstore.store import BlobStore
+    from sidecar.dataplane.blob import register_blob_inputs
 
     store = stack.enter_context(BlobStore(config=load_blob_config(config.source or None)))
     if any(is_blob_url(i.url) for i in config.inputs):
@@ -667,7 +667,7 @@ def _output_sink(config: RunConfig, store: BlobStore | None) -> OutputSink:
         OutputStoreError: the directory cannot be created, or the URL is not a container.
     """
     if is_blob_url(config.outputs.directory):
-        from blobstore.sidecar import BlobOutputSink
+        from sidecar.dataplane.blob import BlobOutputSink
 
         assert store is not None
         return BlobOutputSink(config.outputs.directory, store=store, replace=config.outputs.replace)

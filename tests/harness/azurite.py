@@ -1,4 +1,4 @@
-"""A real Azurite blob service for tests: a thin layer over :mod:`cleanroom.emulators.azurite`.
+"""A real Azurite blob service for tests: a thin layer over :mod:`cleanroom.app.emulators.azurite`.
 
 The launcher lives in the product (the demo's ``--azure-emulators`` uses it too), so its code
 exists once. Azurite is installed by ``make setup`` under ``.cache/azurite``; tests that need it
@@ -7,8 +7,8 @@ fail (never skip) with that instruction when it is missing.
 
 from __future__ import annotations
 
-from cleanroom.emulators import EmulatorError
-from cleanroom.emulators.azurite import (
+from cleanroom.app.emulators import EmulatorError
+from cleanroom.app.emulators.azurite import (
     AZURITE_ACCOUNT,
     AZURITE_KEY,
     INSTALL_HINT,

@@ -1,4 +1,4 @@
-"""The local Key Vault double for tests: a thin re-export of :mod:`cleanroom.emulators.keyvault`.
+"""The local Key Vault double for tests: a re-export of :mod:`cleanroom.app.emulators.keyvault`.
 
 The double lives in the product (the demo's ``--azure-emulators`` uses it too), so its code
 exists once; see that module for what it implements. Real Key Vault is not reachable from the
@@ -7,7 +7,7 @@ tests.
 
 from __future__ import annotations
 
-from cleanroom.emulators.keyvault import (
+from cleanroom.app.emulators.keyvault import (
     ALGORITHM,
     TEST_TENANT,
     VAULT_RESOURCE,

@@ -1,6 +1,6 @@
 """A real software TPM (swtpm) with sha1+sha256 PCR banks and an EK certificate.
 
-A thin layer over the product's launcher, :mod:`cleanroom.devtpm`, which the demo uses too, so
+A thin layer over the product's launcher, :mod:`cleanroom.app.devtpm`, which the demo uses too, so
 the code that manufactures and serves a swtpm exists once. This module adds what only tests
 need: :meth:`Swtpm.tools` to run tpm2-tools against the TPM.
 
@@ -15,8 +15,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from cleanroom import devtpm
-from cleanroom.devtpm import SWTPM_LOCALCA_DIR
+from cleanroom.app import devtpm
+from cleanroom.app.devtpm import SWTPM_LOCALCA_DIR
 
 __all__ = ["SWTPM_LOCALCA_DIR", "Swtpm", "SwtpmUnavailable", "manufacture"]
 

@@ -37,7 +37,7 @@ def test_verbose_is_accepted_after_the_subcommand(tmp_path: Path) -> None:
     ):
         res = run(*args, cwd=tmp_path)
         assert res.returncode == 0, (args, res.stderr.decode())
-    from cleanroom.cli import build_parser
+    from cleanroom.app.cli import build_parser
 
     parsed = build_parser("admin").parse_args(["-v", "admin", "ak", "list", "-v"])
     assert parsed.verbose >= 1
@@ -46,7 +46,7 @@ def test_verbose_is_accepted_after_the_subcommand(tmp_path: Path) -> None:
 
 
 def test_sidecar_run_keeps_a_workloads_own_v(tmp_path: Path) -> None:
-    from cleanroom.cli import build_parser
+    from cleanroom.app.cli import build_parser
 
     parsed = build_parser("sidecar").parse_args(
         ["sidecar", "run", "--config", "s.toml", "/usr/bin/python3", "-v"]
@@ -98,7 +98,7 @@ def test_opening_a_data_key_only_file_with_k_suggests_data_key(tmp_path: Path) -
 
 
 def test_azure_sdk_http_logging_only_at_vv() -> None:
-    from cleanroom.cli import _quiet_azure_sdk
+    from cleanroom.app.cli import _quiet_azure_sdk
 
     policy = logging.getLogger("azure.core.pipeline.policies.http_logging_policy")
     try:

@@ -31,7 +31,7 @@ OUTPUTS = ("insights.json", "report.html", "synthetic.csv")
 def run_demo(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLEANROOM_")}
     return subprocess.run(
-        [sys.executable, "-m", "cleanroom.cli", "demo", *args],
+        [sys.executable, "-m", "cleanroom.app.cli", "demo", *args],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -202,7 +202,16 @@ def test_sigint_midway_leaves_no_process_behind(tmp_path: Path) -> None:
     directory = tmp_path / "demo"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLEANROOM_")}
     demo = subprocess.Popen(
-        [sys.executable, "-m", "cleanroom.cli", "demo", "--rows", "20000", "--dir", str(directory)],
+        [
+            sys.executable,
+            "-m",
+            "cleanroom.app.cli",
+            "demo",
+            "--rows",
+            "20000",
+            "--dir",
+            str(directory),
+        ],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,

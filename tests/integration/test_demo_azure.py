@@ -96,7 +96,7 @@ def test_demo_with_azure_emulators_without_azurite_names_make_setup(tmp_path: Pa
         [
             sys.executable,
             "-m",
-            "cleanroom.cli",
+            "cleanroom.app.cli",
             "demo",
             "--azure-emulators",
             "--dir",

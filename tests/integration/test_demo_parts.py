@@ -1,6 +1,6 @@
 """The demo's parts on their own: its directory, the measured copy of the workload and its
 launcher, the tamper step, the configuration it writes, the process supervisor, and the
-software-TPM launcher (:mod:`cleanroom.devtpm`). Real files, real processes, real swtpm."""
+software-TPM launcher (:mod:`cleanroom.app.devtpm`). Real files, real processes, real swtpm."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from cleanroom import devtpm
-from cleanroom.demo import WorkspaceError
-from cleanroom.demo.processes import Supervisor, descendants
-from cleanroom.demo.workspace import (
+from cleanroom.app import devtpm
+from cleanroom.app.demo import WorkspaceError
+from cleanroom.app.demo.processes import Supervisor, descendants
+from cleanroom.app.demo.workspace import (
     MARKER,
     choose_directory,
     copy_workload,
@@ -229,7 +229,7 @@ def test_demo_without_swtpm_says_so_and_starts_nothing(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLEANROOM_")}
     env["PATH"] = str(tmp_path / "empty")
     proc = subprocess.run(
-        [sys.executable, "-m", "cleanroom.cli", "demo", "--dir", str(tmp_path / "d")],
+        [sys.executable, "-m", "cleanroom.app.cli", "demo", "--dir", str(tmp_path / "d")],
         env=env,
         capture_output=True,
         text=True,

@@ -21,7 +21,7 @@ from typing import Final
 
 import pytest
 
-from cleanroom.demo.narrate import PROGRESS_THRESHOLD
+from cleanroom.app.demo.narrate import PROGRESS_THRESHOLD
 
 pytestmark = [pytest.mark.swtpm, pytest.mark.slow]
 
@@ -46,7 +46,7 @@ def run_demo(directory: Path, *, rows: int, stderr_on_tty: bool) -> Run:
     """Runs ``cleanroom demo --no-tamper`` with stdout on a pipe and stderr on a fresh
     pseudo-terminal (or on a pipe), and collects both until the command exits."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLEANROOM_")}
-    args = [sys.executable, "-m", "cleanroom.cli", "demo", "--no-tamper"]
+    args = [sys.executable, "-m", "cleanroom.app.cli", "demo", "--no-tamper"]
     args += ["--rows", str(rows), "--dir", str(directory)]
     master = slave = -1
     if stderr_on_tty:

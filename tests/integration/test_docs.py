@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from cleanroom import devtpm
+from cleanroom.app import devtpm
 from cleanroom.loopback import free_port
 from tests.harness.swtpm import Swtpm
 from tests.unit.test_docs_guards import ROOT, Block, doc_files, parse_blocks

@@ -382,7 +382,7 @@ def test_cleanroom_commands_in_guarded_and_external_blocks_parse() -> None:
     import contextlib
     import io
 
-    from cleanroom.cli import build_parser
+    from cleanroom.app.cli import build_parser
 
     problems = []
     for block in all_blocks():

@@ -1,7 +1,7 @@
 """``cleanroom admin`` against a real ``cleanroom broker serve`` process (mTLS, SQLite).
 
 Certificates come from ``init_pki``; TPM files from tpm2-tools on a real swtpm. Most commands
-run in-process through ``cleanroom.cli.main`` (what the console script runs); the ones whose
+run in-process through ``cleanroom.app.cli.main`` (what the console script runs); the ones whose
 exit status and stderr matter run as subprocesses of the installed ``cleanroom`` script. The
 commands are the ones shown in docs/admin-cli.md.
 """
@@ -23,7 +23,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from cleanroom.cli import main
+from cleanroom.app.cli import main
 from evidence.launch import Launch, encode_launch
 from pki.ca import PkiLayout, init_pki
 from tests.harness.swtpm import Swtpm

@@ -2,7 +2,7 @@
 and the operator's ``cleanroom admin kek ...`` and ``key rewrap`` commands.
 
 The broker is a real ``cleanroom broker serve`` process (mTLS, SQLite); Key Vault is the local
-HTTPS double (``cleanroom.emulators.keyvault``) reached with the real ``azure-keyvault-keys``
+HTTPS double (``cleanroom.app.emulators.keyvault``) reached with the real ``azure-keyvault-keys``
 client, configured the way an operator configures a vault (a static token and a CA file instead
 of a managed identity). The commands are the ones shown in docs/admin-cli.md.
 """
@@ -21,8 +21,8 @@ import pytest
 
 from broker.client import BrokerClient, FailedPreconditionError, UnavailableError
 from broker.server.status import KEK_UNAVAILABLE_MESSAGE, KEK_UNUSABLE_MESSAGE
-from cleanroom.demo.workspace import toml_document
-from cleanroom.emulators.keyvault import FakeKeyVault
+from cleanroom.app.demo.workspace import toml_document
+from cleanroom.app.emulators.keyvault import FakeKeyVault
 from pki.ca import PkiLayout, init_pki
 from tests.integration.broker.test_admin_cli import admin, admin_fails, admin_json, spawn_broker
 
@@ -324,7 +324,7 @@ def test_the_operator_learns_why_a_vault_cannot_be_reached_within_a_bounded_wait
     retries. A party registering a key still gets the opaque message."""
     import time
 
-    from cleanroom.emulators.keyvault import start_fake_key_vault
+    from cleanroom.app.emulators.keyvault import start_fake_key_vault
 
     served = as_operator
     began = time.monotonic()

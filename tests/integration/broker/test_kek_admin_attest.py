@@ -21,7 +21,7 @@ from broker.config import BrokerConfig
 from broker.kek_azure import KeyVaultConfig
 from broker.keyseal import open_release
 from broker.service import AttestationDenied, Broker
-from cleanroom.emulators.keyvault import FakeKeyVault
+from cleanroom.app.emulators.keyvault import FakeKeyVault
 from cleanroom.v1 import admin_pb2
 from pki.ca import init_pki
 from tests.harness.swtpm import Swtpm

@@ -71,7 +71,7 @@ def test_live_verdict(live: dict[str, QuoteVector], name: str) -> None:
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "cleanroom.cli", "broker", "verify-quote", *args],
+        [sys.executable, "-m", "cleanroom.app.cli", "broker", "verify-quote", *args],
         cwd=REPO,
         capture_output=True,
         text=True,

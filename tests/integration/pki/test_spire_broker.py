@@ -275,7 +275,7 @@ def test_a_broker_with_a_spire_svid_is_refused_under_any_other_name(
 def test_the_admin_cli_reaches_a_spire_broker_with_server_name(
     setup: Setup, spire_broker: BrokerProcess, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from cleanroom.cli import main
+    from cleanroom.app.cli import main
 
     cert, key = setup.pki.cert_and_key("operator")
     common = [

@@ -50,7 +50,7 @@ def run_cli(
     full_env = dict(os.environ if env is None else env)
     full_env.pop("TSS2_LOG", None)
     return subprocess.run(
-        [*prefix, sys.executable, "-m", "cleanroom.cli", "sidecar", *args],
+        [*prefix, sys.executable, "-m", "cleanroom.app.cli", "sidecar", *args],
         env=full_env,
         cwd=REPO,
         capture_output=True,

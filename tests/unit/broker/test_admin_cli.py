@@ -1,6 +1,6 @@
 """``cleanroom admin``: argument handling, manifest and golden-value building, output formats.
 
-Commands run through ``cleanroom.cli.main`` (exactly what the console script runs) against the
+Commands run through ``cleanroom.app.cli.main`` (exactly what the console script runs) against the
 scripted fake broker, a real gRPC server over mTLS; expected PCR values are computed here
 independently with hashlib.
 """
@@ -29,7 +29,7 @@ from broker.admin_cli import (
 from broker.keyseal import open_registered_key
 from broker.manifests import manifest_from_files, manifest_from_json
 from broker.server.validate import MAX_AUDIT_PAGE, MAX_AUDIT_SEQUENCE
-from cleanroom.cli import build_parser, main
+from cleanroom.app.cli import build_parser, main
 from cleanroom.v1 import admin_pb2, common_pb2
 from evidence.launch import Launch, encode_launch
 from evidence.manifest import ManifestEntry, expected_pcr23

@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives import serialization
 
 from broker.quote import event_log_to_json
 from broker.tpmkeys import load_public
-from cleanroom.cli import main
+from cleanroom.app.cli import main
 from tests.vectors.evidence import QuoteVector, quote_vector
 
 

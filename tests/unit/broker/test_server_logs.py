@@ -1,6 +1,6 @@
 """Log handlers follow ``sys.stderr``: none outlives a temporary stream it was installed under.
 
-Regression: ``cleanroom.cli.main`` (and :func:`broker.server.logs.configure_logging`) bound the
+Regression: ``cleanroom.app.cli.main`` (and :func:`broker.server.logs.configure_logging`) bound the
 root handler to the ``sys.stderr`` of the moment. Under pytest's ``capsys`` that is a capture
 stream closed after the test, so every record logged later in the session (a servicer test's
 gRPC thread, say) printed a "--- Logging error ---" traceback instead of the record.
@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from broker.server.logs import StderrHandler, configure_logging
-from cleanroom.cli import main
+from cleanroom.app.cli import main
 
 
 @pytest.fixture(autouse=True)

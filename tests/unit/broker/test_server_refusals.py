@@ -4,7 +4,7 @@ every other attestation refusal, audit paging numbers beyond what the database h
 ``INVALID_ARGUMENT``, and a party's Key Vault KEK that fails is ``UNAVAILABLE`` (transient) or
 ``FAILED_PRECONDITION`` (for good) at ``RegisterDataKey``, with messages that name no vault.
 
-Key Vault is the local HTTPS double (``cleanroom.emulators.keyvault``) reached with the real
+Key Vault is the local HTTPS double (``cleanroom.app.emulators.keyvault``) reached with the real
 ``azure-keyvault-keys`` client.
 """
 
@@ -22,7 +22,7 @@ from broker.app import open_broker
 from broker.config import BrokerConfig
 from broker.kek_azure import KeyVaultConfig
 from broker.server.status import KEK_UNAVAILABLE_MESSAGE, KEK_UNUSABLE_MESSAGE
-from cleanroom.emulators.keyvault import FakeKeyVault
+from cleanroom.app.emulators.keyvault import FakeKeyVault
 from cleanroom.v1 import admin_pb2, attestation_pb2
 from pki.ca import init_pki
 from pki.identity import SpiffeId

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cleanroom.cli import main
+from cleanroom.app.cli import main
 from tests.vectors.evidence import quote_vector
 from tests.vectors.snp import milan_evidence
 

@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-from cleanroom import cli
+from cleanroom.app import cli
 
 ALL_COMMANDS = {name for _, names, _, _ in cli._GROUPS for name in names}
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cleanroom.cli import main
+from cleanroom.app.cli import main
 from pki.ca import issue_certificate, load_ca
 from pki.identity import SpiffeId
 from pki.tls import load_certificates

@@ -9,7 +9,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from cleanroom.cli import main
+from cleanroom.app.cli import main
 from pki import cli as pki_cli
 from pki.ca import PkiLayout, init_pki, load_ca
 from pki.crl import (

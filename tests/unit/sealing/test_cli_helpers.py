@@ -7,7 +7,8 @@ import io
 
 import pytest
 
-from sealing.cli import Progress, _parse_size
+from cleanroom.progress import Progress
+from sealing.cli import _parse_size
 
 
 class _Terminal(io.StringIO):

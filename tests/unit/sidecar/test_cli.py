@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cleanroom.cli import main
+from cleanroom.app.cli import main
 from evidence.pcr import measure_files
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cleanroom.cli import build_parser, main
+from cleanroom.app.cli import build_parser, main
 
 CONFIG = """\
 [tpm]

@@ -10,7 +10,7 @@ import json
 import pandas as pd
 import pytest
 
-from cleanroom.demo import DEFAULT_ROWS, DEFAULT_SEED
+from cleanroom.app.demo import DEFAULT_ROWS, DEFAULT_SEED
 from workload.example import analysis as A
 from workload.example.errors import InputDataError, InsufficientDataError
 from workload.example.sampledata import PLANTED_MODEL, generate, write_sample_streams

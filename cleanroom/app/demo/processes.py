@@ -30,7 +30,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, Any, Final, Self
 
-from cleanroom.demo.errors import ServiceError
+from cleanroom.app.demo.errors import ServiceError
 
 __all__ = [
     "Child",
@@ -278,7 +278,7 @@ class Supervisor:
 
     def defer(self, name: str, stop: Callable[[], None]) -> None:
         """Registers a stop function (for a process started elsewhere, such as swtpm by
-        :class:`cleanroom.devtpm.Swtpm`); :meth:`close` calls it in reverse start order."""
+        :class:`cleanroom.app.devtpm.Swtpm`); :meth:`close` calls it in reverse start order."""
         self._children.append(_Deferred(name, stop))
 
     def stop(self, child: Child) -> None:

@@ -8,10 +8,10 @@ from collections.abc import Iterator
 import pytest
 
 from blobstore import BlobConfig, BlobStore, open_reader, open_writer
-from blobstore.sidecar import BlobInput, BlobOutputSink, register_blob_inputs
 from sealing.envelope import OpenReader, SealWriter, new_data_key, read_header
 from sealing.keys import generate_recipient_key
 from sidecar.dataplane import inputs
+from sidecar.dataplane.blob import BlobInput, BlobOutputSink, register_blob_inputs
 from sidecar.dataplane.errors import InputSourceError, OutputExistsError, OutputStoreError
 from sidecar.dataplane.inputs import InputSpec, input_source_for, plaintext_size
 from sidecar.dataplane.outputs import Recipient

@@ -10,7 +10,8 @@
   blob. Plaintext never reaches storage.
 
 Neither does any cryptography on inputs: the sidecar's server opens and authenticates the
-ciphertext. This module is the only place where ``blobstore`` knows the sidecar's interfaces.
+ciphertext. This module adapts ``blobstore`` to the sidecar's ports; ``blobstore`` itself is a
+leaf that knows nothing of the sidecar.
 """
 
 from __future__ import annotations

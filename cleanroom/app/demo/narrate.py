@@ -1,7 +1,7 @@
 """The demo's voice: one line per step, naming the identity that acted, and progress bars.
 
 Steps go to stdout, so ``cleanroom demo > demo.txt`` keeps the story; progress bars go to
-stderr and only when it is a terminal (:class:`sealing.cli.Progress` decides).
+stderr and only when it is a terminal (:class:`cleanroom.progress.Progress` decides).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import IO, Final
 
-from sealing.cli import Progress
+from cleanroom.progress import Progress
 
 __all__ = ["PROGRESS_THRESHOLD", "Narrator", "human_bytes", "short_hex"]
 

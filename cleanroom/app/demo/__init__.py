@@ -8,7 +8,7 @@ With ``--azure-emulators`` the same runs over Azure Blob Storage (Azurite) and a
 Vault KEK (a local test double of its REST API). See docs/demo.md and docs/azure.md.
 
 This module stays light (``cleanroom --help`` imports it); the work is in
-:mod:`cleanroom.demo.run`.
+:mod:`cleanroom.app.demo.run`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cleanroom.demo.errors import (
+from cleanroom.app.demo.errors import (
     DemoError,
     PrerequisiteError,
     ServiceError,
@@ -114,7 +114,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from cleanroom.demo.run import DemoOptions, main
+    from cleanroom.app.demo.run import DemoOptions, main
 
     options = DemoOptions(
         directory=args.dir,

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from cleanroom.demo.errors import WorkspaceError
+from cleanroom.app.demo.errors import WorkspaceError
 
 __all__ = [
     "MARKER",

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from cleanroom.emulators import EmulatorError, EmulatorNotInstalledError, EmulatorStartError
+from cleanroom.app.emulators import EmulatorError, EmulatorNotInstalledError, EmulatorStartError
 from cleanroom.loopback import free_port, wait_for_port
 
 __all__ = [
@@ -55,7 +55,7 @@ AZURITE_KEY: Final = (
 ENV_AZURITE_BLOB: Final = "CLEANROOM_AZURITE_BLOB"
 #: Where ``make setup`` installs it, relative to the source tree.
 _RELATIVE_INSTALL: Final = Path(".cache") / "azurite" / "node_modules" / ".bin" / "azurite-blob"
-_SOURCE_ROOT: Final = Path(__file__).resolve().parents[2]
+_SOURCE_ROOT: Final = Path(__file__).resolve().parents[3]
 LOCAL_INSTALL: Final = _SOURCE_ROOT / _RELATIVE_INSTALL
 INSTALL_HINT: Final = (
     "run 'make setup' in the repository (it runs 'npm install --prefix .cache/azurite azurite@3')"

@@ -27,8 +27,8 @@ _GROUPS: tuple[tuple[str, tuple[str, ...], str, str], ...] = (
     ("sidecar.cli", ("sidecar",), "sidecar.errors", "SidecarError"),
     ("sealing.cli", ("keygen", "seal", "open"), "sealing.errors", "SealingError"),
     ("pki.cli", ("pki",), "pki.errors", "PKIError"),
-    ("cleanroom.demo", ("demo",), "cleanroom.demo", "DemoError"),
-    ("cleanroom.completion", ("completion",), "cleanroom.config", "ConfigError"),
+    ("cleanroom.app.demo", ("demo",), "cleanroom.app.demo", "DemoError"),
+    ("cleanroom.app.completion", ("completion",), "cleanroom.config", "ConfigError"),
 )
 
 
@@ -122,7 +122,7 @@ def _verbose_everywhere(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    from cleanroom.completion import complete_if_asked
+    from cleanroom.app.completion import complete_if_asked
 
     # The shell asking for completions: answer from the whole tree and exit.
     complete_if_asked(build_parser)

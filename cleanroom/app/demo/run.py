@@ -6,7 +6,7 @@ sidecar run as child processes, the way a deployment runs them; the :class:`Supe
 them whatever happens. What the summary reports comes from the clean room itself: the broker's
 audit log, PCR 23 read back from the TPM, and the headers of the sealed outputs.
 
-With ``--azure-emulators`` the Azure backends run locally (:mod:`cleanroom.emulators`): Azurite
+With ``--azure-emulators`` the Azure backends run locally (:mod:`cleanroom.app.emulators`): Azurite
 as one more child process, holding the sealed inputs and outputs in blob containers, and the
 Key Vault test double as an HTTPS server in this process, holding each party's RSA KEK. The
 advertiser's KEK comes from ``[broker.party_keks]`` in broker.toml, the publisher's is imported
@@ -31,17 +31,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, BinaryIO, Final, Protocol, cast
 
-from cleanroom.demo import DEFAULT_ROWS, DEFAULT_SEED
-from cleanroom.demo.errors import (
+from cleanroom.app.demo import DEFAULT_ROWS, DEFAULT_SEED
+from cleanroom.app.demo.errors import (
     DemoError,
     PrerequisiteError,
     ServiceError,
     StepError,
     UnexpectedOutcomeError,
 )
-from cleanroom.demo.narrate import Narrator, human_bytes, short_hex
-from cleanroom.demo.processes import Child, Supervisor, open_file_positions
-from cleanroom.demo.workspace import (
+from cleanroom.app.demo.narrate import Narrator, human_bytes, short_hex
+from cleanroom.app.demo.processes import Child, Supervisor, open_file_positions
+from cleanroom.app.demo.workspace import (
     PARTIES,
     SIDECAR_ID,
     TRUST_DOMAIN,
@@ -60,7 +60,7 @@ from cleanroom.demo.workspace import (
 if TYPE_CHECKING:
     from blobstore.store import BlobStore
     from broker.client import BrokerClient
-    from cleanroom.emulators.keyvault import FakeKeyVault
+    from cleanroom.app.emulators.keyvault import FakeKeyVault
     from cleanroom.v1 import admin_pb2
     from evidence.launch import Launch
     from sealing.keys import RecipientPrivateKey, RecipientPublicKey
@@ -147,9 +147,9 @@ class DemoResult:
 
 def _foreign_errors() -> tuple[type[BaseException], ...]:
     from broker.errors import BrokerError
+    from cleanroom.app.devtpm import DevTpmError
+    from cleanroom.app.emulators import EmulatorError
     from cleanroom.config import ConfigError
-    from cleanroom.devtpm import DevTpmError
-    from cleanroom.emulators import EmulatorError
     from evidence.errors import EvidenceError
     from pki.errors import PKIError
     from sealing.errors import SealingError
@@ -195,7 +195,7 @@ def _child_env() -> dict[str, str]:
 
 def _cli(*args: str) -> list[str]:
     """The ``cleanroom`` command in this interpreter."""
-    return [sys.executable, "-m", "cleanroom.cli", *args]
+    return [sys.executable, "-m", "cleanroom.app.cli", *args]
 
 
 class _Updatable(Protocol):
@@ -233,13 +233,13 @@ class AzureBackends:
     store: BlobStore
 
     def input_url(self, party: str) -> str:
-        from cleanroom.emulators.azurite import AZURITE_ACCOUNT
+        from cleanroom.app.emulators.azurite import AZURITE_ACCOUNT
 
         return f"azure://{AZURITE_ACCOUNT}/{party}-in/{party}.csv.sealed"
 
     def output_prefix(self, *, tampered: bool = False, run: str = "") -> str:
         """Where the sidecar writes sealed outputs: a path prefix in the output container."""
-        from cleanroom.emulators.azurite import AZURITE_ACCOUNT
+        from cleanroom.app.emulators.azurite import AZURITE_ACCOUNT
 
         return f"azure://{AZURITE_ACCOUNT}/{OUTPUT_CONTAINER}/{_run_name(tampered, run)}"
 
@@ -264,7 +264,7 @@ class AzureBackends:
         from azure.core.exceptions import AzureError
         from azure.storage.blob import ContainerClient
 
-        from cleanroom.emulators import EmulatorError
+        from cleanroom.app.emulators import EmulatorError
 
         prefix = f"{_run_name(tampered, run)}/"
         client = ContainerClient.from_connection_string(self.connection_string, OUTPUT_CONTAINER)
@@ -362,7 +362,7 @@ class Demo:
         )
 
     def start_tpm(self) -> None:
-        from cleanroom import devtpm
+        from cleanroom.app import devtpm
 
         try:
             devtpm.check_installed()
@@ -390,8 +390,8 @@ class Demo:
         """Starts Azurite and the Key Vault double, makes the containers and the parties' KEKs."""
         from blobstore.config import BlobConfig
         from blobstore.store import BlobStore
-        from cleanroom.emulators import EmulatorNotInstalledError
-        from cleanroom.emulators.azurite import (
+        from cleanroom.app.emulators import EmulatorNotInstalledError
+        from cleanroom.app.emulators.azurite import (
             azurite_command,
             connection_string,
             create_container,
@@ -399,7 +399,7 @@ class Demo:
             free_port,
             wait_for_port,
         )
-        from cleanroom.emulators.keyvault import start_fake_key_vault
+        from cleanroom.app.emulators.keyvault import start_fake_key_vault
 
         layout = self.layout
         try:
@@ -1259,15 +1259,15 @@ class Demo:
         write_text(self.layout.summary, r.summary)
 
     def check_prerequisites(self) -> None:
-        from cleanroom import devtpm
+        from cleanroom.app import devtpm
 
         try:
             devtpm.check_installed()
         except devtpm.SwtpmNotInstalledError as e:
             raise PrerequisiteError(str(e)) from e
         if self.options.azure_emulators:
-            from cleanroom.emulators import EmulatorNotInstalledError
-            from cleanroom.emulators.azurite import find_azurite
+            from cleanroom.app.emulators import EmulatorNotInstalledError
+            from cleanroom.app.emulators.azurite import find_azurite
 
             try:
                 find_azurite()
