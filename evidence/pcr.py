@@ -56,11 +56,6 @@ def check_bank(bank: str) -> str:
     return bank
 
 
-def zero_pcr(bank: str) -> bytes:
-    """The value of a PCR in ``bank`` right after a reset."""
-    return bytes(BANK_SIZES[check_bank(bank)])
-
-
 def extend(pcr: bytes, digest: bytes, bank: str) -> bytes:
     """``H(pcr || digest)`` in ``bank``, as TPM2_PCR_Extend computes it.
 

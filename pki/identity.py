@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Final, Literal, cast
+from typing import Final, Literal
 
 from cryptography import x509
 
@@ -146,11 +146,6 @@ class SpiffeId:
     def uri(self) -> str:
         """The SPIFFE ID as a URI, e.g. ``spiffe://cleanroom.local/party/advertiser``."""
         return f"{SCHEME}://{self.trust_domain}{self.path}"
-
-    @property
-    def typed_kind(self) -> IdentityKind:
-        """``kind`` narrowed to :data:`IdentityKind` (the constructor guarantees it)."""
-        return cast(IdentityKind, self.kind)
 
     def __str__(self) -> str:
         return self.uri

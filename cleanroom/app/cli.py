@@ -200,19 +200,5 @@ def _quiet_azure_sdk(verbose: int) -> None:
     logging.getLogger("azure").setLevel(level)
 
 
-def add_pending(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, summary: str
-) -> None:
-    """Registers a command that a later release fills in; it says so and exits 3."""
-
-    def _pending(args: argparse.Namespace) -> int:
-        print(f"cleanroom: '{name}' is not yet available in this release", file=sys.stderr)
-        return 3
-
-    p = sub.add_parser(name, help=f"{summary} (not yet available)")
-    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    p.set_defaults(func=_pending)
-
-
 if __name__ == "__main__":
     raise SystemExit(main())

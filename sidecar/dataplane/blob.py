@@ -25,7 +25,6 @@ from blobstore.errors import BlobExistsError, BlobStoreError
 from blobstore.store import BlobStore
 from blobstore.urls import BlobLocation, parse_location
 from sealing.envelope import DEFAULT_CHUNK_SIZE
-from sealing.errors import SealingError
 from sidecar.dataplane.errors import (
     InputSourceError,
     OutputExistsError,
@@ -34,16 +33,14 @@ from sidecar.dataplane.errors import (
 from sidecar.dataplane.inputs import InputSource, InputSpec, register_input_scheme
 from sidecar.dataplane.outputs import (
     SEALED_SUFFIX,
-    OutputReceipt,
     OutputWriter,
     Recipient,
+    SealedOutput,
     check_output_name,
-    committed_receipt,
-    start_sealing,
 )
 
 if TYPE_CHECKING:
-    from _typeshed import ReadableBuffer
+    pass
 
 __all__ = ["BLOB_INPUT_SCHEMES", "BlobInput", "BlobOutputSink", "register_blob_inputs"]
 
@@ -211,8 +208,10 @@ class BlobOutputSink:
         return f"BlobOutputSink({self._shown!r})"
 
 
-class _BlobSealedOutput:
+class _BlobSealedOutput(SealedOutput):
     """One output being sealed into a blob writer."""
+
+    _logger = _log
 
     def __init__(
         self, *, owner: BlobOutputSink, name: str, url: str, recipients: Sequence[Recipient]
@@ -228,72 +227,22 @@ class _BlobSealedOutput:
         except BlobStoreError as e:
             raise OutputStoreError(f"output {name!r}: {e}") from e
         self._location = str(getattr(self._blob, "location", url))
-        self.key_id, self._writer = start_sealing(
-            self._blob,
-            name=name,
-            recipients=recipients,
-            chunk_size=owner._chunk_size,
-            discard=self._discard,
-        )
+        self._start_sealing(self._blob, recipients=recipients, chunk_size=owner._chunk_size)
 
-    @property
-    def name(self) -> str:
-        return self._name
-
-    def write(self, data: ReadableBuffer) -> None:
-        """Seals ``data`` into the blob.
-
-        Raises:
-            OutputStoreError: the output is finished, or sealing or staging failed (the output
-                is then discarded).
-        """
-        if self._done:
-            raise OutputStoreError(f"output {self._name!r} is already finished")
-        try:
-            self._writer.write(data)
-        except (SealingError, OSError) as e:
-            self.abort()
-            raise OutputStoreError(f"output {self._name!r}: cannot write: {e}") from e
-
-    def commit(self) -> OutputReceipt:
+    def _commit_raw(self) -> int:
         """Writes the final segment and commits the blob.
 
         Raises:
             OutputExistsError: the blob appeared meanwhile (nothing is replaced).
-            OutputStoreError: finishing or committing failed (nothing is committed).
+            SealingError, OSError: finishing or committing failed (nothing is committed).
         """
-        if self._done:
-            raise OutputStoreError(f"output {self._name!r} is already finished")
         try:
             self._writer.close()
             sealed_bytes = int(getattr(self._blob, "bytes_written", 0))
             self._blob.close()
         except BlobExistsError as e:
-            self.abort()
             raise OutputExistsError(f"output {self._name!r}: {e}") from e
-        except (SealingError, OSError) as e:
-            self.abort()
-            raise OutputStoreError(f"output {self._name!r}: cannot commit: {e}") from e
-        except BaseException:
-            self.abort()
-            raise
-        self._finish()
-        return committed_receipt(
-            name=self._name,
-            location=self._location,
-            plaintext_bytes=self._writer.plaintext_size,
-            sealed_bytes=sealed_bytes,
-            recipients=self._parties,
-            key_id=self.key_id,
-        )
-
-    def abort(self) -> None:
-        """Discards the output; nothing is committed. Idempotent, never raises."""
-        if self._done:
-            return
-        self._writer.abort()
-        self._discard()
-        _log.info("output %r discarded (not completed)", self._name)
+        return sealed_bytes
 
     def _discard(self) -> None:
         abort = getattr(self._blob, "abort", None)

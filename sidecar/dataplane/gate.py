@@ -238,12 +238,6 @@ class PeerGate:
             link = self._links.get(grpc_peer[len(GRPC_PEER_PREFIX) :])
         return None if link is None else link.credentials
 
-    @property
-    def connection_count(self) -> int:
-        """Connections currently open."""
-        with self._lock:
-            return len(self._links)
-
     def _accept_loop(self) -> None:
         listener = self._listener
         assert listener is not None

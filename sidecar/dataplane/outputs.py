@@ -39,6 +39,7 @@ __all__ = [
     "OutputSink",
     "OutputWriter",
     "Recipient",
+    "SealedOutput",
     "check_output_name",
     "committed_receipt",
     "start_sealing",
@@ -360,7 +361,124 @@ class LocalDirectoryOutput:
         return f"LocalDirectoryOutput({str(self._directory)!r})"
 
 
-class _LocalSealedOutput:
+class SealedOutput:
+    """What every sealed output writer shares: sealing as the data arrives, the finished-state
+    checks, the commit's error handling and receipt, and the abort.
+
+    A subclass opens its raw sink, calls :meth:`_start_sealing` over it, and provides
+    :meth:`_commit_raw` (make the complete output visible; return its sealed size),
+    :meth:`_discard` (drop the raw sink, then :meth:`_finish`) and :meth:`_finish` (release
+    the name, once); :meth:`_after_commit` runs once the output is in place.
+    """
+
+    #: The logger that records discarded outputs (each storage logs under its own name).
+    _logger: logging.Logger = _log
+    _name: str
+    _parties: tuple[str, ...]
+    _location: str
+    _done: bool
+    _writer: SealWriter
+    key_id: str
+
+    def _start_sealing(
+        self, raw: BinaryIO, *, recipients: Sequence[Recipient], chunk_size: int
+    ) -> None:
+        """Seals into ``raw`` under a fresh data key (:func:`start_sealing`).
+
+        Raises:
+            OutputStoreError: sealing cannot start (the output is then discarded).
+        """
+        self.key_id, self._writer = start_sealing(
+            raw,
+            name=self._name,
+            recipients=recipients,
+            chunk_size=chunk_size,
+            discard=self._discard,
+        )
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def plaintext_bytes(self) -> int:
+        """Plaintext bytes accepted so far."""
+        return self._writer.plaintext_size
+
+    def write(self, data: ReadableBuffer) -> None:
+        """Seals ``data``; see :meth:`OutputWriter.write`.
+
+        Raises:
+            OutputStoreError: the output is finished, or sealing or writing failed (the output
+                is then discarded).
+        """
+        if self._done:
+            raise OutputStoreError(f"output {self._name!r} is already finished")
+        try:
+            self._writer.write(data)
+        except (SealingError, OSError) as e:
+            self.abort()
+            raise OutputStoreError(f"output {self._name!r}: cannot write: {e}") from e
+
+    def commit(self) -> OutputReceipt:
+        """Writes the final segment and makes the output visible (:meth:`_commit_raw`).
+
+        Raises:
+            OutputExistsError: the output appeared meanwhile (nothing is replaced).
+            OutputStoreError: finishing or committing failed (the output is discarded).
+        """
+        if self._done:
+            raise OutputStoreError(f"output {self._name!r} is already finished")
+        try:
+            sealed_bytes = self._commit_raw()
+        except OutputExistsError:
+            self.abort()
+            raise
+        except (SealingError, OSError) as e:
+            self.abort()
+            raise OutputStoreError(f"output {self._name!r}: cannot commit: {e}") from e
+        except BaseException:
+            self.abort()
+            raise
+        self._after_commit()
+        return committed_receipt(
+            name=self._name,
+            location=self._location,
+            plaintext_bytes=self._writer.plaintext_size,
+            sealed_bytes=sealed_bytes,
+            recipients=self._parties,
+            key_id=self.key_id,
+        )
+
+    def abort(self) -> None:
+        """Discards the output; nothing is committed. Idempotent, never raises."""
+        if self._done:
+            return
+        self._writer.abort()
+        self._discard()
+        self._logger.info("output %r discarded (not completed)", self._name)
+
+    def _commit_raw(self) -> int:
+        """Writes the final segment (``self._writer.close()``), makes the complete sealed output
+        visible and returns its size in bytes.
+
+        Raises:
+            OutputExistsError: the output appeared meanwhile.
+            SealingError, OSError: finishing or committing failed.
+        """
+        raise NotImplementedError
+
+    def _after_commit(self) -> None:
+        self._finish()
+
+    def _discard(self) -> None:
+        raise NotImplementedError
+
+    def _finish(self) -> None:
+        raise NotImplementedError
+
+
+class _LocalSealedOutput(SealedOutput):
     """One output being sealed into a temporary file of its final directory."""
 
     def __init__(
@@ -401,13 +519,7 @@ class _LocalSealedOutput:
             ) from e
         # Unbuffered: SealWriter hands over one whole segment per write.
         self._file = os.fdopen(fd, "wb", buffering=0)
-        self.key_id, self._writer = start_sealing(
-            self._file,
-            name=name,
-            recipients=recipients,
-            chunk_size=owner._chunk_size,
-            discard=self._discard,
-        )
+        self._start_sealing(self._file, recipients=recipients, chunk_size=owner._chunk_size)
 
     def _check_absent(self) -> None:
         try:
@@ -425,39 +537,13 @@ class _LocalSealedOutput:
                 f"output {self._name!r}: {self._final!r} is already an existing output"
             )
 
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def plaintext_bytes(self) -> int:
-        """Plaintext bytes accepted so far."""
-        return self._writer.plaintext_size
-
-    def write(self, data: ReadableBuffer) -> None:
-        """Seals ``data``; see :meth:`OutputWriter.write`.
-
-        Raises:
-            OutputStoreError: the output is finished, or sealing or writing failed (the output
-                is then discarded).
-        """
-        if self._done:
-            raise OutputStoreError(f"output {self._name!r} is already finished")
-        try:
-            self._writer.write(data)
-        except (SealingError, OSError) as e:
-            self.abort()
-            raise OutputStoreError(f"output {self._name!r}: cannot write: {e}") from e
-
-    def commit(self) -> OutputReceipt:
+    def _commit_raw(self) -> int:
         """Writes the final segment, syncs, and links the file into place.
 
         Raises:
             OutputExistsError: ``<name>.sealed`` appeared meanwhile (nothing is replaced).
-            OutputStoreError: finishing, syncing or linking failed (the output is discarded).
+            SealingError, OSError: finishing, syncing or linking failed.
         """
-        if self._done:
-            raise OutputStoreError(f"output {self._name!r} is already finished")
         try:
             self._writer.close()
             fd = self._file.fileno()
@@ -480,16 +566,12 @@ class _LocalSealedOutput:
                     follow_symlinks=False,
                 )
         except FileExistsError as e:
-            self.abort()
             raise OutputExistsError(
                 f"output {self._name!r}: {self._final!r} appeared while it was written"
             ) from e
-        except (SealingError, OSError) as e:
-            self.abort()
-            raise OutputStoreError(f"output {self._name!r}: cannot commit: {e}") from e
-        except BaseException:
-            self.abort()
-            raise
+        return sealed_bytes
+
+    def _after_commit(self) -> None:
         try:
             if not self._owner._replace:  # rename() left no temporary name behind
                 os.unlink(self._tmp, dir_fd=self._dir_fd)
@@ -499,22 +581,6 @@ class _LocalSealedOutput:
             _log.warning("output %r: cleaning up after commit failed: %s", self._name, e)
         finally:
             self._finish()
-        return committed_receipt(
-            name=self._name,
-            location=self._location,
-            plaintext_bytes=self._writer.plaintext_size,
-            sealed_bytes=sealed_bytes,
-            recipients=self._parties,
-            key_id=self.key_id,
-        )
-
-    def abort(self) -> None:
-        """Discards the output and its temporary file. Idempotent, never raises."""
-        if self._done:
-            return
-        self._writer.abort()
-        self._discard()
-        _log.info("output %r discarded (not completed)", self._name)
 
     def _discard(self) -> None:
         try:
