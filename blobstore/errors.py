@@ -20,8 +20,10 @@ unexpected exception. Messages name URLs without their SAS query, never credenti
 
 from __future__ import annotations
 
+from cleanroom.errors import CleanroomError
 
-class BlobStoreError(OSError):
+
+class BlobStoreError(CleanroomError, OSError):
     """Root of every error the ``blobstore`` package raises."""
 
     def __init__(self, message: str) -> None:

@@ -8,8 +8,10 @@ in the audit log.
 
 from __future__ import annotations
 
+from cleanroom.errors import CleanroomError
 
-class BrokerError(Exception):
+
+class BrokerError(CleanroomError):
     """Root of every error the ``broker`` package raises."""
 
 

@@ -157,7 +157,7 @@ def _entry(
     )
 
 
-class AttestationDenied(PolicyError):
+class AttestationRefusedError(PolicyError):
     """Nothing was released. The exact reason (``str(e)``) is in the audit log; the client
     learns only ``code``, the sequence of the verdict's record (``audit_record``) and, when
     every key was withheld, each key's code and record (``withheld``).
@@ -750,7 +750,7 @@ class Broker:
         nonce costs the broker one verification.
 
         Raises:
-            AttestationDenied: the nonce, the evidence or policy refused everything (reason in
+            AttestationRefusedError: the nonce, the evidence or policy refused everything (reason in
                 the audit log).
         """
         evidence_digest = hashlib.sha256(evidence.attest + evidence.signature).hexdigest()
@@ -783,7 +783,7 @@ class Broker:
             record (the last of ``records``) and each withheld key's code and record."""
             log.warning("attestation denied for AK %s: %s", evidence.ak_name, reason)
             # The cause classifies the denial (the metrics' reason label).
-            raise AttestationDenied(
+            raise AttestationRefusedError(
                 reason,
                 code=code,
                 audit_record=records[-1].sequence,
@@ -813,7 +813,7 @@ class Broker:
             denial with the index in ``before`` of the record the sidecar is pointed to.
 
             Raises:
-                AttestationDenied: always, from the nonce's refusal or else from ``cause``.
+                AttestationRefusedError: always, from the nonce's refusal or else from ``cause``.
             """
             with self.store.fast_unit_of_work("deny attestation") as uow:
                 nonce_refused = refusal(uow, burn)
@@ -1450,7 +1450,7 @@ class Broker:
 
 __all__ = [
     "AttestOutcome",
-    "AttestationDenied",
+    "AttestationRefusedError",
     "Broker",
     "Challenge",
     "EnrollmentChallenge",

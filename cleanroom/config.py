@@ -19,10 +19,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from cleanroom.errors import CleanroomError
+
 T = TypeVar("T")
 
 
-class ConfigError(Exception):
+class ConfigError(CleanroomError):
     """A configuration file or environment variable is missing, malformed or of the wrong type."""
 
 

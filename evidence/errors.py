@@ -1,7 +1,9 @@
 """Errors of the ``evidence`` package. Every error it raises derives from :class:`EvidenceError`."""
 
+from cleanroom.errors import CleanroomError
 
-class EvidenceError(Exception):
+
+class EvidenceError(CleanroomError):
     """Root of every error the ``evidence`` package raises."""
 
 

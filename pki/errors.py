@@ -7,8 +7,10 @@ hold key material.
 
 from __future__ import annotations
 
+from cleanroom.errors import CleanroomError
 
-class PKIError(Exception):
+
+class PKIError(CleanroomError):
     """Root of every error the ``pki`` package raises."""
 
 

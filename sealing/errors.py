@@ -22,8 +22,10 @@ Messages never contain key material or plaintext.
 
 from __future__ import annotations
 
+from cleanroom.errors import CleanroomError
 
-class SealingError(Exception):
+
+class SealingError(CleanroomError):
     """Root of every error the ``sealing`` package raises."""
 
 

@@ -5,8 +5,10 @@ The TPM subtree separates "cannot talk to the TPM at all" (:class:`TpmUnavailabl
 after the platform comes up and report the latter as a configuration or policy problem.
 """
 
+from cleanroom.errors import CleanroomError
 
-class SidecarError(Exception):
+
+class SidecarError(CleanroomError):
     """Root of every error the ``sidecar`` package raises."""
 
 

@@ -17,8 +17,10 @@ The tree, by failure area::
         └── OutputFailedError          the sidecar could not seal or store it; nothing is kept
 """
 
+from cleanroom.errors import CleanroomError
 
-class WorkloadError(Exception):
+
+class WorkloadError(CleanroomError):
     """Root of every error the ``workload`` package raises."""
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Final, NamedTuple
 from google.protobuf.message import DecodeError
 
 from cleanroom.v1 import workload_pb2
+from workload.errors import WorkloadError
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
@@ -53,7 +54,7 @@ END_OF_INPUT: Final = bytes((_TAG_READ_END, 1))
 MAX_PREFIX: Final = 11
 
 
-class WireError(ValueError):
+class WireError(WorkloadError, ValueError):
     """A message is not valid protobuf for its type."""
 
 

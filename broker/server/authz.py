@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Final
 
-from broker.server.errors import AccessDeniedError
+from broker.server.errors import CallerDeniedError
 from pki.identity import SpiffeId
 
 ATTESTATION_SERVICE: Final = "cleanroom.v1.AttestationService"
@@ -103,28 +103,28 @@ def authorize(full_method: str, caller: SpiffeId, *, trust_domain: str) -> None:
     """Checks that ``caller`` may call ``full_method``.
 
     Raises:
-        AccessDeniedError: the caller belongs to another trust domain, or its kind of identity
+        CallerDeniedError: the caller belongs to another trust domain, or its kind of identity
             may not call the method (or the method is not in the table at all).
     """
     if caller.trust_domain != trust_domain:
-        raise AccessDeniedError(
+        raise CallerDeniedError(
             f"{caller} belongs to trust domain {caller.trust_domain!r}, not {trust_domain!r}",
             public_message="permission denied: foreign trust domain",
         )
     service, _ = split_method(full_method)
     if service in OPEN_SERVICES:
         if caller.kind not in OPEN_SERVICE_KINDS:
-            raise AccessDeniedError(
+            raise CallerDeniedError(
                 f"{caller} ({caller.kind}) may not call {full_method}",
                 public_message=f"permission denied: {full_method} is not open to this identity",
             )
         return
     allowed = RULES.get(full_method)
     if allowed is None:
-        raise AccessDeniedError(f"{full_method} is not open to any caller")
+        raise CallerDeniedError(f"{full_method} is not open to any caller")
     if caller.kind not in allowed:
         roles = " or ".join(sorted(allowed))
-        raise AccessDeniedError(
+        raise CallerDeniedError(
             f"{caller} ({caller.kind}) may not call {full_method}; it needs {roles}",
             public_message=f"permission denied: {full_method} needs the {roles} role",
         )

@@ -26,7 +26,7 @@ class InvalidRequestError(ServerError):
         self.problem = problem
 
 
-class UnauthenticatedError(ServerError):
+class CallerUnauthenticatedError(ServerError):
     """The caller presented no usable identity (no client certificate, no SPIFFE ID in it, or
     a revoked certificate).
 
@@ -44,7 +44,7 @@ class UnauthenticatedError(ServerError):
         self.public_message = public_message
 
 
-class AccessDeniedError(ServerError):
+class CallerDeniedError(ServerError):
     """The caller's identity may not call this method (wrong role or trust domain).
 
     ``str(e)`` is the exact reason (for the audit log and server log); clients get the short

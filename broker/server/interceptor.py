@@ -29,7 +29,7 @@ from google.protobuf.message import DecodeError
 
 from broker.model import AuditEntry
 from broker.server.authz import ATTESTATION_SERVICE, RULES, authorize
-from broker.server.errors import AccessDeniedError, InvalidRequestError, UnauthenticatedError
+from broker.server.errors import CallerDeniedError, CallerUnauthenticatedError, InvalidRequestError
 from broker.server.logs import new_request_id, request_id_var
 from broker.server.metrics import BrokerMetrics
 from broker.server.status import status_for
@@ -74,12 +74,12 @@ def current_call() -> CallInfo:
     """The call being served on this thread.
 
     Raises:
-        UnauthenticatedError: no guard is running the current call (a servicer was called
+        CallerUnauthenticatedError: no guard is running the current call (a servicer was called
             directly); refusing is safer than guessing an identity.
     """
     call = _current_call.get()
     if call is None:
-        raise UnauthenticatedError("no authenticated call is in progress")
+        raise CallerUnauthenticatedError("no authenticated call is in progress")
     return call
 
 
@@ -128,7 +128,7 @@ REVOKED_MESSAGE = "client certificate revoked"
 REVOCATION_UNKNOWN_MESSAGE = "client certificate revocation status unknown"
 
 
-class PeerRevokedError(UnauthenticatedError):
+class PeerRevokedError(CallerUnauthenticatedError):
     """The caller's certificate is revoked, or its revocation cannot be checked right now
     (status ``UNAUTHENTICATED``, with its own client message)."""
 
@@ -191,7 +191,7 @@ class CallGuard:
         """Names the caller and, with a revocation check, refuses a revoked certificate.
 
         Raises:
-            UnauthenticatedError: no usable identity; PeerRevokedError (a subclass) when the
+            CallerUnauthenticatedError: no usable identity; PeerRevokedError (a subclass) when the
                 certificate is revoked or the revocation lists are unusable. Recorded in the
                 audit log and counted.
         """
@@ -200,7 +200,7 @@ class CallGuard:
         except (PeerIdentityError, IdentityError) as e:
             reason = f"unauthenticated peer {_peer_address(context)}: {e}"
             self._deny_unauthenticated(method, reason)
-            raise UnauthenticatedError(reason) from e
+            raise CallerUnauthenticatedError(reason) from e
         if self.revocation is not None:
             try:
                 self.revocation.check_der(peer.certificate_der)
@@ -219,10 +219,10 @@ class CallGuard:
         self._audit_denial("unauthenticated", method, reason, ())
 
     def check_access(self, method: str, peer: Peer) -> None:
-        """Raises: AccessDeniedError (recorded in the audit log and counted)."""
+        """Raises: CallerDeniedError (recorded in the audit log and counted)."""
         try:
             authorize(method, peer.identity, trust_domain=self.trust_domain)
-        except AccessDeniedError as e:
+        except CallerDeniedError as e:
             who = peer.identity
             self.metrics.authz_denials.labels(method.lstrip("/"), who.kind).inc()
             parties = (who.name,) if who.kind == "party" else ()
@@ -310,7 +310,7 @@ class CallGuard:
                         exc_info=exc,
                         extra={"fields": {"method": method, "caller": caller}},
                     )
-                elif not isinstance(exc, AccessDeniedError | UnauthenticatedError):
+                elif not isinstance(exc, CallerDeniedError | CallerUnauthenticatedError):
                     # Refusals by the table were logged (and audited) where they happened.
                     log.info(
                         "%s refused: %s: %s",
@@ -358,7 +358,7 @@ class CallGuard:
         refusal."""
         try:
             self.check_access(method, self.authenticate(method, context))
-        except (UnauthenticatedError, AccessDeniedError) as exc:
+        except (CallerUnauthenticatedError, CallerDeniedError) as exc:
             status = status_for(exc, full_method=method)
             context.abort(status.code, status.message)
 

@@ -24,7 +24,7 @@ from broker.server.metrics import BrokerMetrics
 from broker.server.ratelimit import TokenBucketLimiter
 from broker.server.status import attestation_reason_class, reason_label
 from broker.server.status_report import ProcessInfo, status_pb
-from broker.service import AttestationDenied, Broker, Evidence
+from broker.service import AttestationRefusedError, Broker, Evidence
 from cleanroom import __version__
 from cleanroom.v1 import admin_pb2, admin_pb2_grpc, attestation_pb2, attestation_pb2_grpc
 from evidence.proto import bank_to_pb, event_log_from_pb, manifest_from_pb
@@ -143,7 +143,7 @@ class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):
                 vcek=bytes(request.snp_evidence.vcek),
             )
             outcome = self.broker.attest(call.caller, evidence)
-        except AttestationDenied as e:
+        except AttestationRefusedError as e:
             self.metrics.attestations.labels("deny", attestation_reason_class(e)).inc()
             if e.code is not None:
                 # The coarse reason and the record that holds the exact one go back with the
@@ -471,7 +471,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 __all__ = ["DEFAULT_AUDIT_PAGE", "AdminServicer", "AttestationServicer"]
 
 
-def _denial_pb(e: AttestationDenied) -> attestation_pb2.AttestDenial:
+def _denial_pb(e: AttestationRefusedError) -> attestation_pb2.AttestDenial:
     """What the refused sidecar learns of a denial: coarse codes and audit record numbers."""
     assert e.code is not None
     denial = attestation_pb2.AttestDenial(

@@ -61,10 +61,10 @@ from broker.errors import (
 from broker.policy import DenialCode
 from broker.server.authz import ADMIN_SERVICE, ATTESTATION_SERVICE, split_method
 from broker.server.errors import (
-    AccessDeniedError,
+    CallerDeniedError,
+    CallerUnauthenticatedError,
     InvalidRequestError,
     RateLimitedError,
-    UnauthenticatedError,
 )
 from evidence.errors import EvidenceError
 from pki.errors import IdentityError
@@ -132,9 +132,9 @@ def status_for(exc: BaseException, *, full_method: str) -> Status:
 
     if isinstance(exc, InvalidRequestError):
         return Status(code.INVALID_ARGUMENT, str(exc))
-    if isinstance(exc, UnauthenticatedError):
+    if isinstance(exc, CallerUnauthenticatedError):
         return Status(code.UNAUTHENTICATED, exc.public_message)
-    if isinstance(exc, AccessDeniedError):
+    if isinstance(exc, CallerDeniedError):
         return Status(code.PERMISSION_DENIED, exc.public_message)
     if isinstance(exc, RateLimitedError):
         return Status(code.RESOURCE_EXHAUSTED, str(exc))

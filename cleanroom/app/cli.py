@@ -3,7 +3,8 @@
 Each domain package has a ``cli`` module with ``register(subparsers)``; handlers take the parsed
 arguments and return an exit code. Handlers import their heavy dependencies lazily so that
 ``cleanroom --help`` and short commands start fast. The library never calls ``sys.exit``; this
-module catches each package's root error, prints one clear line and exits non-zero.
+module catches the project's one root error (:class:`cleanroom.errors.CleanroomError`), prints
+one clear line and exits non-zero.
 """
 
 from __future__ import annotations
@@ -16,30 +17,20 @@ import sys
 from collections.abc import Sequence
 
 from cleanroom import __version__
+from cleanroom.errors import CleanroomError
 from cleanroom.logs import StderrHandler
 
-# (module holding register(), the top-level commands it registers, module and name of that
-# package's root error). tests/unit/cleanroom/test_cli.py checks the command names against
-# what each register() adds.
-_GROUPS: tuple[tuple[str, tuple[str, ...], str, str], ...] = (
-    ("broker.cli", ("broker",), "broker.errors", "BrokerError"),
-    ("broker.admin_cli", ("admin",), "broker.errors", "BrokerError"),
-    ("sidecar.cli", ("sidecar",), "sidecar.errors", "SidecarError"),
-    ("sealing.cli", ("keygen", "seal", "open"), "sealing.errors", "SealingError"),
-    ("pki.cli", ("pki",), "pki.errors", "PKIError"),
-    ("cleanroom.app.demo", ("demo",), "cleanroom.app.demo", "DemoError"),
-    ("cleanroom.app.completion", ("completion",), "cleanroom.config", "ConfigError"),
+# (module holding register(), the top-level commands it registers). tests/unit/cleanroom/test_cli.py
+# checks the command names against what each register() adds.
+_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("broker.cli", ("broker",)),
+    ("broker.admin_cli", ("admin",)),
+    ("sidecar.cli", ("sidecar",)),
+    ("sealing.cli", ("keygen", "seal", "open")),
+    ("pki.cli", ("pki",)),
+    ("cleanroom.app.demo", ("demo",)),
+    ("cleanroom.app.completion", ("completion",)),
 )
-
-
-def _root_errors() -> tuple[type[BaseException], ...]:
-    from cleanroom.config import ConfigError
-    from evidence.errors import EvidenceError
-
-    errors: list[type[BaseException]] = [ConfigError, EvidenceError]
-    for _, _, mod, name in _GROUPS:
-        errors.append(getattr(importlib.import_module(mod), name))
-    return tuple(errors)
 
 
 #: Top-level modules of the optional dependency groups (pyproject.toml), for the one-line hint
@@ -88,8 +79,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "-v", "--verbose", action="count", default=0, help="more detail (-vv for debug logs)"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    owners = [mod for mod, names, _, _ in _GROUPS if command in names]
-    for mod in owners or [mod for mod, _, _, _ in _GROUPS]:
+    owners = [mod for mod, names in _GROUPS if command in names]
+    for mod in owners or [mod for mod, _ in _GROUPS]:
         importlib.import_module(mod).register(sub)
     _verbose_everywhere(parser)
     return parser
@@ -159,8 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return 128 + 13
-    except _root_errors() as e:
-        print(f"cleanroom: error: {e}", file=sys.stderr)
+    except CleanroomError as e:
+        print(f"cleanroom: error: {e.user_message}", file=sys.stderr)
         if args.verbose:
             logging.getLogger("cleanroom").exception("details")
         return 1

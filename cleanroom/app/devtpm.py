@@ -21,6 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Final, Self
 
+from cleanroom.errors import CleanroomError
 from cleanroom.loopback import accepts, free_port, port_is_free
 
 __all__ = [
@@ -49,7 +50,7 @@ _STOP_TIMEOUT: Final = 5.0
 _MAX_ERROR_TEXT: Final = 2000
 
 
-class DevTpmError(Exception):
+class DevTpmError(CleanroomError):
     """Root of this module's errors: swtpm is missing, cannot manufacture a state or start."""
 
 

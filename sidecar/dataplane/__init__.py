@@ -33,8 +33,8 @@ from sidecar.dataplane.errors import (
     OutputStoreError,
     ReattestationError,
     SocketSetupError,
+    UnknownDataKeyError,
     UnknownInputError,
-    UnknownKeyError,
     WorkloadOutputError,
 )
 from sidecar.dataplane.inputs import (
@@ -85,8 +85,8 @@ __all__ = [
     "ReattestationError",
     "Recipient",
     "SocketSetupError",
+    "UnknownDataKeyError",
     "UnknownInputError",
-    "UnknownKeyError",
     "WorkloadOutputError",
     "WorkloadServer",
     "check_output_name",

@@ -9,7 +9,7 @@ They sit under the sidecar's root error::
         │   ├── InputSourceError           the ciphertext cannot be read (storage, scheme)
         │   └── InputIntegrityError        the ciphertext is tampered, truncated or mis-keyed
         ├── KeyRingError               no usable data key
-        │   ├── UnknownKeyError            the key ring holds no key of that id
+        │   ├── UnknownDataKeyError            the key ring holds no key of that id
         │   ├── AttestationExpiredError    the attestation lifetime passed, no way to renew it
         │   └── ReattestationError         renewing the attestation failed
         ├── WorkloadOutputError        an output cannot be accepted or stored
@@ -51,7 +51,7 @@ class KeyRingError(DataPlaneError):
     """The key ring cannot hand out a data key."""
 
 
-class UnknownKeyError(KeyRingError):
+class UnknownDataKeyError(KeyRingError):
     """The key ring holds no key with the requested id (the broker did not release it)."""
 
 

@@ -21,7 +21,7 @@ from typing import Self
 from sidecar.dataplane.errors import (
     AttestationExpiredError,
     ReattestationError,
-    UnknownKeyError,
+    UnknownDataKeyError,
 )
 
 __all__ = ["KeyRing", "ReattestCallback"]
@@ -159,12 +159,12 @@ class KeyRing:
 
         Raises:
             AttestationExpiredError, ReattestationError: see :meth:`check`.
-            UnknownKeyError: the key ring does not hold ``key_id`` (any more).
+            UnknownDataKeyError: the key ring does not hold ``key_id`` (any more).
         """
         with self._lock:
             self.check()
             if key_id not in self._keys:
-                raise UnknownKeyError(
+                raise UnknownDataKeyError(
                     f"data key {key_id!r} is no longer in the key ring (the broker did not "
                     "release it again when the attestation was renewed, or it was wiped); "
                     "no more data is served"
@@ -178,13 +178,13 @@ class KeyRing:
 
         Raises:
             AttestationExpiredError, ReattestationError: see :meth:`check`.
-            UnknownKeyError: no key of that id.
+            UnknownDataKeyError: no key of that id.
         """
         self.check()
         with self._lock:
             key = self._keys.get(key_id)
             if key is None:
-                raise UnknownKeyError(f"no data key with id {key_id!r} was released")
+                raise UnknownDataKeyError(f"no data key with id {key_id!r} was released")
             return bytes(key)
 
     @contextmanager
@@ -193,13 +193,13 @@ class KeyRing:
 
         Raises:
             AttestationExpiredError, ReattestationError: see :meth:`check`.
-            UnknownKeyError: no key of that id.
+            UnknownDataKeyError: no key of that id.
         """
         self.check()
         with self._lock:
             key = self._keys.get(key_id)
             if key is None:
-                raise UnknownKeyError(f"no data key with id {key_id!r} was released")
+                raise UnknownDataKeyError(f"no data key with id {key_id!r} was released")
             copy = bytearray(key)
         try:
             yield copy

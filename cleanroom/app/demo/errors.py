@@ -3,8 +3,10 @@ message is one line that says what failed and, where it helps, what to do about 
 
 from __future__ import annotations
 
+from cleanroom.errors import CleanroomError
 
-class DemoError(Exception):
+
+class DemoError(CleanroomError):
     """Root of the errors the demo raises."""
 
 

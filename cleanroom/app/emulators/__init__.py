@@ -13,10 +13,12 @@ fixtures): a deployment talks to the real Azure Key Vault and Blob Storage.
 
 from __future__ import annotations
 
+from cleanroom.errors import CleanroomError
+
 __all__ = ["EmulatorError", "EmulatorNotInstalledError", "EmulatorStartError"]
 
 
-class EmulatorError(Exception):
+class EmulatorError(CleanroomError):
     """Root of this package's errors: an emulator is missing or did not start."""
 
 

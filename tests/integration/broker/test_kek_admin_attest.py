@@ -20,7 +20,7 @@ from broker.app import open_broker
 from broker.config import BrokerConfig
 from broker.kek_azure import KeyVaultConfig
 from broker.keyseal import open_release
-from broker.service import AttestationDenied, Broker
+from broker.service import AttestationRefusedError, Broker
 from cleanroom.app.emulators.keyvault import FakeKeyVault
 from cleanroom.v1 import admin_pb2
 from pki.ca import init_pki
@@ -100,7 +100,7 @@ def test_rewrap_from_local_to_key_vault_and_back_keeps_the_key_releasable(
     key_vault.forbidden = True
     ak_name = broker.store.list_aks()[0].ak_name
     evidence, _ = _evidence(broker, swtpm, tmp_path, ak, ak_name, "q-forbidden")
-    with pytest.raises(AttestationDenied, match="key custody failed: forbidden"):
+    with pytest.raises(AttestationRefusedError, match="key custody failed: forbidden"):
         broker.attest(SIDECAR, evidence)
     _, code, details = h.call(
         OPERATOR,

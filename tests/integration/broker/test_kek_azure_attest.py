@@ -20,7 +20,7 @@ from broker.kek_azure import KeyVaultConfig, register_key_vault_provider
 from broker.keyseal import open_release, seal_for_registration
 from broker.model import Party
 from broker.quote import pcr_values_from_tools
-from broker.service import AttestationDenied, Broker, Evidence
+from broker.service import AttestationRefusedError, Broker, Evidence
 from evidence.manifest import ManifestEntry
 from pki.identity import SpiffeId
 from sealing.keys import RecipientPrivateKey, generate_recipient_key
@@ -149,7 +149,7 @@ def test_key_vault_refusing_to_unwrap_is_an_audited_denial(
             key_vault.forbidden = False
             key_vault.set_enabled("broker-kek", False)
         evidence, _ = _evidence(broker, swtpm, tmp_path, ak, ak_name, f"q-{refusal}")
-        with pytest.raises(AttestationDenied) as info:
+        with pytest.raises(AttestationRefusedError) as info:
             broker.attest(SIDECAR, evidence)
         assert str(info.value).startswith(f"key custody failed: {reason}")
         last = broker.audit.list_records(after_sequence=0, limit=1000)[-1]

@@ -14,11 +14,11 @@ from broker import errors
 from broker.policy import DenialCode
 from broker.server import authz, validate
 from broker.server.errors import (
-    AccessDeniedError,
+    CallerDeniedError,
+    CallerUnauthenticatedError,
     InvalidRequestError,
     RateLimitedError,
     ServerSetupError,
-    UnauthenticatedError,
 )
 from broker.server.logs import configure_logging, new_request_id, request_id_var
 from broker.server.metrics import format_address, parse_listen
@@ -31,7 +31,7 @@ from broker.server.status import (
     attestation_reason_class,
     status_for,
 )
-from broker.service import AttestationDenied
+from broker.service import AttestationRefusedError
 from cleanroom.v1 import admin_pb2, attestation_pb2, common_pb2
 from evidence.errors import BindingError
 from pki.identity import SpiffeId
@@ -96,7 +96,7 @@ def test_allowed(caller: SpiffeId, method: str) -> None:
     ],
 )
 def test_denied(caller: SpiffeId, method: str) -> None:
-    with pytest.raises(AccessDeniedError) as e:
+    with pytest.raises(CallerDeniedError) as e:
         authz.authorize(method, caller, trust_domain=TD)
     assert str(caller) in e.value.reason or "not open" in e.value.reason
     assert e.value.public_message.startswith("permission denied")
@@ -105,17 +105,17 @@ def test_denied(caller: SpiffeId, method: str) -> None:
 def test_foreign_trust_domain_is_denied_even_for_health() -> None:
     other = SpiffeId.operator("other.example")
     for method in (f"{ADMIN}/ListEks", "/grpc.health.v1.Health/Check"):
-        with pytest.raises(AccessDeniedError, match="trust domain"):
+        with pytest.raises(CallerDeniedError, match="trust domain"):
             authz.authorize(method, other, trust_domain=TD)
 
 
 # --- status mapping -------------------------------------------------------------------------
 
 
-def _denied_from(cause: BaseException) -> AttestationDenied:
+def _denied_from(cause: BaseException) -> AttestationRefusedError:
     try:
-        raise AttestationDenied(f"exact: {cause}") from cause
-    except AttestationDenied as e:
+        raise AttestationRefusedError(f"exact: {cause}") from cause
+    except AttestationRefusedError as e:
         return e
 
 
@@ -123,8 +123,8 @@ def _denied_from(cause: BaseException) -> AttestationDenied:
     ("exc", "method", "code"),
     [
         (InvalidRequestError("nonce", "must be 32 bytes"), ATTEST_METHOD, "INVALID_ARGUMENT"),
-        (UnauthenticatedError("x"), f"{ADMIN}/ListEks", "UNAUTHENTICATED"),
-        (AccessDeniedError("x"), f"{ADMIN}/ListEks", "PERMISSION_DENIED"),
+        (CallerUnauthenticatedError("x"), f"{ADMIN}/ListEks", "UNAUTHENTICATED"),
+        (CallerDeniedError("x"), f"{ADMIN}/ListEks", "PERMISSION_DENIED"),
         (RateLimitedError("slow down"), f"{ATT}/GetChallenge", "RESOURCE_EXHAUSTED"),
         (errors.DuplicateError("exists"), f"{ADMIN}/AddParty", "ALREADY_EXISTS"),
         (errors.StorageError("db down"), f"{ADMIN}/ListEks", "UNAVAILABLE"),
@@ -177,7 +177,7 @@ def test_attest_expired_nonce_and_unknown_ak_are_preconditions() -> None:
     assert s.code == grpc.StatusCode.FAILED_PRECONDITION
     s = status_for(_denied_from(errors.UnknownKeyError("AK x")), full_method=ATTEST_METHOD)
     assert s.code == grpc.StatusCode.FAILED_PRECONDITION
-    s = status_for(AttestationDenied("no key released"), full_method=ATTEST_METHOD)
+    s = status_for(AttestationRefusedError("no key released"), full_method=ATTEST_METHOD)
     assert (s.code, s.message) == (grpc.StatusCode.PERMISSION_DENIED, ATTESTATION_DENIED)
 
 
@@ -258,7 +258,7 @@ def test_a_kek_that_refuses_for_good_is_a_precondition_that_names_no_vault(reaso
 @pytest.mark.parametrize(
     ("exc", "reason"),
     [
-        (AttestationDenied("no key released: k: not approved"), "not_approved"),
+        (AttestationRefusedError("no key released: k: not approved"), "not_approved"),
         (_denied_from(errors.NotApprovedError("x")), "not_approved"),
         (_denied_from(errors.NonceReplayError("x")), "nonce"),
         (_denied_from(errors.UnknownKeyError("x")), "ak"),
@@ -273,10 +273,10 @@ def test_a_kek_that_refuses_for_good_is_a_precondition_that_names_no_vault(reaso
         (RuntimeError("x"), "error"),
         # The core's denials carry their code, which decides: a golden-set denial is "golden"
         # although no exception caused it (it was "not_approved" before codes).
-        (AttestationDenied("x", code=DenialCode.PLATFORM_NOT_ACCEPTED), "golden"),
-        (AttestationDenied("x", code=DenialCode.KEYS_WITHHELD), "keys_withheld"),
-        (AttestationDenied("x", code=DenialCode.ATTESTER_REVOKED), "ak"),
-        (AttestationDenied("x", code=DenialCode.EVIDENCE_INVALID), "evidence"),
+        (AttestationRefusedError("x", code=DenialCode.PLATFORM_NOT_ACCEPTED), "golden"),
+        (AttestationRefusedError("x", code=DenialCode.KEYS_WITHHELD), "keys_withheld"),
+        (AttestationRefusedError("x", code=DenialCode.ATTESTER_REVOKED), "ak"),
+        (AttestationRefusedError("x", code=DenialCode.EVIDENCE_INVALID), "evidence"),
     ],
 )
 def test_attestation_reason_classes(exc: BaseException, reason: str) -> None:

@@ -35,7 +35,7 @@ from broker.errors import (
 from broker.keyseal import seal_for_registration
 from broker.model import AuditRecord, GoldenPcrSet, Party, PcrKey
 from broker.policy import DenialCode
-from broker.service import AttestationDenied, Broker, Evidence
+from broker.service import AttestationRefusedError, Broker, Evidence
 from broker.storage.schema import audit_head
 from broker.tpmkeys import ak_qualified_name, load_public
 from evidence.binding import qualifying_data
@@ -206,7 +206,7 @@ def test_a_revoked_aks_next_challenge_and_attestation_are_refused_and_audited(ro
     assert (refused.decision, refused.subject) == ("deny", room.ak.name_hex)
     assert refused.reason == f"AK {room.ak.name_hex} is revoked: machine retired"
 
-    with pytest.raises(AttestationDenied) as denied:
+    with pytest.raises(AttestationRefusedError) as denied:
         room.broker.attest(SIDECAR, pending)
     assert isinstance(denied.value.__cause__, RevokedKeyError)
     verdict = _last(room.records(), "attest")
@@ -229,7 +229,7 @@ def test_a_stale_golden_set_denial_is_audited_with_its_reason(room: Room) -> Non
         ),
     )
     approval = room.approve(ADVERTISER, "advertiser-data", WORKLOAD, golden="image-v1")
-    with pytest.raises(AttestationDenied):
+    with pytest.raises(AttestationRefusedError):
         room.broker.attest(SIDECAR, room.evidence(["advertiser-data"]))
     why = (
         f"golden set 'image-v1': PCR 23 (sha256) value {room.measured.pcrs['sha256'].hex()} "
@@ -251,7 +251,7 @@ def test_a_stale_golden_set_denial_is_audited_with_its_reason(room: Room) -> Non
 def test_a_full_denial_shows_each_party_only_its_own_keys(room: Room) -> None:
     room.approve(ADVERTISER, "advertiser-data", OTHER_WORKLOAD)
     room.approve(PUBLISHER, "publisher-data", OTHER_WORKLOAD)
-    with pytest.raises(AttestationDenied) as denied:
+    with pytest.raises(AttestationRefusedError) as denied:
         room.broker.attest(SIDECAR, room.evidence(["advertiser-data", "publisher-data"]))
     assert denied.value.__cause__ is None  # "not approved", for the metrics
 
@@ -301,7 +301,7 @@ def test_a_kek_failure_shows_its_reason_only_to_the_keys_owner(room: Room) -> No
     kek = room.broker.keks.get("local")
     assert isinstance(kek, LocalKek)
     kek.close()
-    with pytest.raises(AttestationDenied, match=r"^key custody failed: "):
+    with pytest.raises(AttestationRefusedError, match=r"^key custody failed: "):
         room.broker.attest(SIDECAR, evidence)
     verdict = room.records()[-1]
     assert (verdict.action, verdict.decision, verdict.parties) == (
@@ -329,7 +329,7 @@ def test_a_denial_carries_its_code_and_the_records_that_hold_the_reasons(room: R
         ),
     )
     room.approve(ADVERTISER, "advertiser-data", WORKLOAD, golden="image-v1")
-    with pytest.raises(AttestationDenied) as denied:
+    with pytest.raises(AttestationRefusedError) as denied:
         room.broker.attest(SIDECAR, room.evidence(["advertiser-data"]))
     verdict = _last(room.records(), "attest")
     withheld = _last(room.records(), "key.release")
@@ -342,7 +342,7 @@ def test_a_denial_carries_its_code_and_the_records_that_hold_the_reasons(room: R
 
     # Keys withheld for different reasons: the verdict says so, each key its own.
     room.approve(PUBLISHER, "publisher-data", OTHER_WORKLOAD)
-    with pytest.raises(AttestationDenied) as denied:
+    with pytest.raises(AttestationRefusedError) as denied:
         room.broker.attest(SIDECAR, room.evidence(["advertiser-data", "publisher-data"]))
     assert denied.value.code is DenialCode.KEYS_WITHHELD
     assert [(w.key_id, w.code) for w in denied.value.withheld] == [
@@ -358,9 +358,9 @@ def test_a_denial_carries_its_code_and_the_records_that_hold_the_reasons(room: R
 
     # A spent nonce: its own class, with its record.
     evidence = room.evidence(["publisher-data"])
-    with pytest.raises(AttestationDenied):
+    with pytest.raises(AttestationRefusedError):
         room.broker.attest(SIDECAR, evidence)
-    with pytest.raises(AttestationDenied) as denied:
+    with pytest.raises(AttestationRefusedError) as denied:
         room.broker.attest(SIDECAR, evidence)
     assert denied.value.code is DenialCode.NONCE_INVALID
     assert denied.value.audit_record == room.records()[-1].sequence
@@ -397,7 +397,7 @@ def test_a_key_whose_approval_demands_sev_snp_is_withheld_as_platform_not_accept
         require_snp=True,
         launch=TEST_LAUNCH,
     )
-    with pytest.raises(AttestationDenied) as denied:
+    with pytest.raises(AttestationRefusedError) as denied:
         room.broker.attest(SIDECAR, room.evidence(["advertiser-data"]))
     assert denied.value.code is DenialCode.PLATFORM_NOT_ACCEPTED
     (withheld,) = denied.value.withheld
@@ -420,7 +420,7 @@ def test_an_event_log_that_misstates_a_size_releases_nothing(room: Room) -> None
     room.approve(ADVERTISER, "advertiser-data", WORKLOAD)
     first, *rest = room.measured.events
     larger = (replace(first, size=first.size + 100), *rest)
-    with pytest.raises(AttestationDenied) as denied:
+    with pytest.raises(AttestationRefusedError) as denied:
         room.broker.attest(SIDECAR, room.evidence(["advertiser-data"], events=larger))
     assert denied.value.code is DenialCode.NOT_APPROVED
     withheld = _last(room.records(party="advertiser"), "key.release")
@@ -430,7 +430,7 @@ def test_an_event_log_that_misstates_a_size_releases_nothing(room: Room) -> None
     ) in withheld.reason
     # Size 0 for data whose digests are not those of empty data: the evidence itself is false.
     empty = (replace(first, size=0), *rest)
-    with pytest.raises(AttestationDenied) as denied:
+    with pytest.raises(AttestationRefusedError) as denied:
         room.broker.attest(SIDECAR, room.evidence(["advertiser-data"], events=empty))
     assert denied.value.code is DenialCode.EVIDENCE_INVALID
     assert "EventLogReplayError" in _last(room.records(), "attest").reason
@@ -450,7 +450,7 @@ def test_a_quote_must_name_the_ak_under_its_ek_as_signer(room: Room) -> None:
     room.broker.enroll_ak(OPERATOR, ak_public=ak.tpm2b_public, ek_id=ek.ek_id)
     room.approve(ADVERTISER, "advertiser-data", WORKLOAD)
     bare = QuoteMaker(ak, room.measured.pcrs)
-    with pytest.raises(AttestationDenied) as denied:
+    with pytest.raises(AttestationRefusedError) as denied:
         room.broker.attest(SIDECAR, room.evidence(["advertiser-data"], maker=bare))
     assert denied.value.code is DenialCode.EVIDENCE_INVALID
     assert "QualifiedSignerError" in _last(room.records(), "attest").reason
@@ -584,7 +584,7 @@ def test_a_release_re_checks_its_approvals_in_its_transaction(
         return real_seal(*args, **kwargs)
 
     monkeypatch.setattr(release, "seal_records", revoke_then_seal)
-    with pytest.raises(AttestationDenied, match="revoked meanwhile"):
+    with pytest.raises(AttestationRefusedError, match="revoked meanwhile"):
         room.broker.attest(SIDECAR, evidence)
     records = room.records()
     revoked_at = next(r.sequence for r in records if r.action == "workload.revoke")
@@ -596,7 +596,7 @@ def test_a_release_re_checks_its_approvals_in_its_transaction(
     assert f"approval {approval} was revoked during the attestation" == withheld.reason
     # The nonce was burned with the denial: the same evidence cannot be replayed.
     monkeypatch.setattr(release, "seal_records", real_seal)
-    with pytest.raises(AttestationDenied, match="nonce refused"):
+    with pytest.raises(AttestationRefusedError, match="nonce refused"):
         room.broker.attest(SIDECAR, evidence)
 
 
@@ -705,7 +705,9 @@ def test_a_release_re_checks_the_aks_ek_in_its_transaction(
         return real_seal(*args, **kwargs)
 
     monkeypatch.setattr(release, "seal_records", revoke_then_seal)
-    with pytest.raises(AttestationDenied, match="or its EK was revoked during the attestation"):
+    with pytest.raises(
+        AttestationRefusedError, match="or its EK was revoked during the attestation"
+    ):
         room.broker.attest(SIDECAR, evidence)
     assert not [r for r in room.records() if r.action == "key.release" and r.decision == "allow"]
 

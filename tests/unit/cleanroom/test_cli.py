@@ -9,7 +9,7 @@ import pytest
 
 from cleanroom.app import cli
 
-ALL_COMMANDS = {name for _, names, _, _ in cli._GROUPS for name in names}
+ALL_COMMANDS = {name for _, names in cli._GROUPS for name in names}
 
 
 def _commands(parser: argparse.ArgumentParser) -> set[str]:
@@ -19,9 +19,9 @@ def _commands(parser: argparse.ArgumentParser) -> set[str]:
 
 @pytest.mark.parametrize("group", cli._GROUPS, ids=lambda g: g[0])
 def test_each_group_registers_exactly_the_commands_it_is_listed_with(
-    group: tuple[str, tuple[str, ...], str, str],
+    group: tuple[str, tuple[str, ...]],
 ) -> None:
-    module, names, _, _ = group
+    module, names = group
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()
     importlib.import_module(module).register(sub)
@@ -36,7 +36,7 @@ def test_a_known_command_builds_only_its_own_group() -> None:
 @pytest.mark.parametrize("command", [None, "no-such-command"])
 def test_without_a_known_command_every_group_is_built(command: str | None) -> None:
     assert _commands(cli.build_parser(command)) == ALL_COMMANDS
-    assert len(ALL_COMMANDS) == sum(len(names) for _, names, _, _ in cli._GROUPS)
+    assert len(ALL_COMMANDS) == sum(len(names) for _, names in cli._GROUPS)
 
 
 @pytest.mark.parametrize(

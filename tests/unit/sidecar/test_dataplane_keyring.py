@@ -14,7 +14,7 @@ from sidecar.dataplane import (
     AttestationExpiredError,
     KeyRing,
     ReattestationError,
-    UnknownKeyError,
+    UnknownDataKeyError,
 )
 from sidecar.errors import SidecarError
 
@@ -44,7 +44,7 @@ def test_serves_keys_while_valid() -> None:
 
 def test_unknown_key() -> None:
     ring = KeyRing(valid_until=None)
-    with pytest.raises(UnknownKeyError, match="'nope'"):
+    with pytest.raises(UnknownDataKeyError, match="'nope'"):
         ring.data_key("nope")
 
 
@@ -68,7 +68,7 @@ def test_clear_wipes_the_buffers() -> None:
         pass
     assert stored == bytearray(32)
     assert len(ring) == 0
-    with pytest.raises(UnknownKeyError):
+    with pytest.raises(UnknownDataKeyError):
         ring.data_key("k1")
 
 
@@ -163,7 +163,7 @@ def test_check_key_renews_and_then_requires_the_key() -> None:
     ring.add("k1", KEY)
     ring.check_key("k1")
     clock.now += timedelta(minutes=10)
-    with pytest.raises(UnknownKeyError, match="'k1' is no longer in the key ring"):
+    with pytest.raises(UnknownDataKeyError, match="'k1' is no longer in the key ring"):
         ring.check_key("k1")
     ring.check_key("k2")
     expired = KeyRing(valid_until=clock.now - timedelta(seconds=1), clock=clock)

@@ -1,0 +1,111 @@
+"""One error root: every package's root error derives from CleanroomError, and the ``cleanroom``
+command catches that one class, printing one line and exiting non-zero."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+from pathlib import Path
+
+import pytest
+
+from cleanroom.app import cli
+from cleanroom.errors import CleanroomError
+
+ROOT = Path(__file__).resolve().parents[3]
+BUILTIN = {"Exception", "ValueError", "OSError", "RuntimeError", "TypeError", "KeyError"}
+PACKAGES = ("broker", "sidecar", "workload", "evidence", "sealing", "pki", "blobstore", "cleanroom")
+
+
+def _package_roots() -> list[type[BaseException]]:
+    from blobstore.errors import BlobStoreError
+    from broker.errors import BrokerError
+    from cleanroom.app.demo.errors import DemoError
+    from cleanroom.app.devtpm import DevTpmError
+    from cleanroom.app.emulators import EmulatorError
+    from cleanroom.config import ConfigError
+    from evidence.errors import EvidenceError
+    from pki.errors import PKIError
+    from sealing.errors import SealingError
+    from sidecar.errors import SidecarError
+    from workload.errors import WorkloadError
+
+    return [
+        BrokerError,
+        SidecarError,
+        WorkloadError,
+        EvidenceError,
+        SealingError,
+        PKIError,
+        BlobStoreError,
+        ConfigError,
+        DemoError,
+        EmulatorError,
+        DevTpmError,
+    ]
+
+
+@pytest.mark.parametrize("root", _package_roots(), ids=lambda c: c.__name__)
+def test_every_package_root_derives_from_the_project_root(root: type[BaseException]) -> None:
+    assert issubclass(root, CleanroomError)
+
+
+def test_blob_errors_stay_os_errors() -> None:
+    """Readers and writers are file objects: their failures must still be OSErrors."""
+    from blobstore.errors import BlobNotFoundError
+
+    error = BlobNotFoundError("azure://a/c/x: not found")
+    assert isinstance(error, OSError)
+    assert isinstance(error, CleanroomError)
+    assert str(error) == "azure://a/c/x: not found"
+
+
+def test_every_error_class_of_ours_has_the_project_root() -> None:
+    """No error class defined in our packages derives from a built-in exception alone (private
+    control-flow exceptions, named with a leading underscore, aside)."""
+    loose = []
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if "cleanroom/v1" in path.as_posix():
+                continue
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+            for node in ast.walk(tree):
+                if (
+                    isinstance(node, ast.ClassDef)
+                    and not node.name.startswith("_")
+                    and node.name != "CleanroomError"
+                    and node.bases
+                    and all(isinstance(b, ast.Name) and b.id in BUILTIN for b in node.bases)
+                ):
+                    loose.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
+    assert not loose, "error classes outside CleanroomError:\n" + "\n".join(loose)
+
+
+def test_the_command_catches_the_root_and_prints_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    class SomeNewError(CleanroomError):
+        """A package's error that the command has never heard of."""
+
+    def handler(args: argparse.Namespace) -> int:
+        raise SomeNewError("the input file is missing")
+
+    real = cli.build_parser
+
+    def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+        parser = real(command)
+        (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        sub.add_parser("explode").set_defaults(func=handler)
+        return parser
+
+    monkeypatch.setattr(cli, "build_parser", build_parser)
+    assert cli.main(["explode"]) == 1
+    assert capsys.readouterr().err == "cleanroom: error: the input file is missing\n"
+
+
+def test_an_error_without_a_message_shows_its_summary() -> None:
+    class QuietError(CleanroomError):
+        """The thing could not be done."""
+
+    assert QuietError().user_message == "The thing could not be done"
+    assert QuietError("exact reason").user_message == "exact reason"
