@@ -26,7 +26,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from prometheus_client import CollectorRegistry
 
-from bench._loadgen import QUOTED_BANKS, QuoteMaker, SoftAk
 from broker import nonces, policy, quote, release
 from broker.app import open_broker
 from broker.config import BrokerConfig
@@ -47,6 +46,7 @@ from pki.ca import init_pki
 from pki.identity import SpiffeId
 from sealing.keys import KEM_X25519, generate_recipient_key
 from tests.harness.launch import TEST_LAUNCH
+from tests.support.softtpm import QUOTED_BANKS, QuoteMaker, SoftAk
 
 TD = "cleanroom.local"
 GET_CHALLENGE = "/cleanroom.v1.AttestationService/GetChallenge"

@@ -55,15 +55,7 @@ import grpc
 from tpm2_pytss import TPM2B_DIGEST, TPML_DIGEST
 from tpm2_pytss.utils import ffi
 
-from bench._loadgen import (
-    CHANNEL_OPTIONS,
-    QUOTED_BANKS,
-    QuoteMaker,
-    SoftAk,
-    events_to_json,
-    pcr_selection,
-    proc_cpu_seconds,
-)
+from bench._loadgen import CHANNEL_OPTIONS, events_to_json, proc_cpu_seconds
 from broker.keyseal import seal_for_registration
 from cleanroom.loopback import free_port
 from cleanroom.v1 import admin_pb2, admin_pb2_grpc, common_pb2
@@ -74,6 +66,7 @@ from pki.ca import PkiLayout, init_pki
 from pki.tls import channel_credentials
 from sealing.keys import RecipientPublicKey, generate_recipient_key
 from tests.harness.launch import TEST_LAUNCH, with_test_launch
+from tests.support.softtpm import QUOTED_BANKS, QuoteMaker, SoftAk, pcr_selection
 
 _REPO = Path(__file__).resolve().parents[1]
 CLEANROOM = Path(sys.executable).parent / "cleanroom"

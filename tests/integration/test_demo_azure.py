@@ -15,12 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_demo import (
-    check_completed_demo,
-    processes_mentioning,
-    run_demo,
-    summary_rows,
-)
+from tests.support.demo import check_completed_demo, processes_mentioning, run_demo, summary_rows
 
 pytestmark = [pytest.mark.swtpm, pytest.mark.slow]
 

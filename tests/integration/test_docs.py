@@ -37,7 +37,7 @@ import pytest
 from cleanroom.app import devtpm
 from cleanroom.loopback import free_port
 from tests.harness.swtpm import Swtpm
-from tests.unit.test_docs_guards import ROOT, Block, doc_files, parse_blocks
+from tests.support.docs import ROOT, Block, doc_files, parse_blocks
 
 VENV_BIN = Path(sys.executable).parent
 #: Per file; the slowest (README.md's quickstart) takes about 10 s on an idle 2-core machine.

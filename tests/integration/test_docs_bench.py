@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from tests.unit.test_docs_guards import ROOT
+from tests.support.docs import ROOT
 
 
 @pytest.mark.swtpm

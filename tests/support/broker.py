@@ -13,8 +13,27 @@ import subprocess
 import sys
 import time
 import tomllib
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from broker.keyseal import seal_for_registration
+from cleanroom.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    attestation_pb2_grpc,
+    common_pb2,
+)
+from pki.ca import (
+    PkiLayout,
+)
+from pki.tls import channel_credentials
+from sealing.keys import RecipientPublicKey, generate_recipient_key
 
 #: The ``cleanroom`` command of the interpreter running the tests (this worktree's code).
 CLEANROOM = Path(sys.executable).parent / "cleanroom"
@@ -116,3 +135,127 @@ def spawn_broker(
         )
         metrics = [ln.split("http://")[1].split("/")[0] for ln in lines if "/metrics" in ln]
     return Spawned(proc, grpc_address, stderr_path, metrics, buffered.decode())
+
+
+TD = "cleanroom.local"
+
+
+TIMEOUT = 10.0
+
+
+@dataclass
+class BrokerProcess:
+    """A running ``cleanroom broker serve`` and what is needed to talk to it."""
+
+    proc: subprocess.Popen[bytes]
+    grpc_address: str
+    metrics_address: str
+    pki: PkiLayout
+    stderr_path: Path
+
+    def channel(self, kind: str, name: str = "") -> grpc.Channel:
+        cert, key = self.pki.cert_and_key(kind, name)
+        creds = channel_credentials(cert_file=cert, key_file=key, ca_file=self.pki.ca_cert)
+        return grpc.secure_channel(self.grpc_address, creds)
+
+    def admin(self, kind: str, name: str = "") -> admin_pb2_grpc.AdminServiceStub:
+        return admin_pb2_grpc.AdminServiceStub(self.channel(kind, name))
+
+    def attestation(self, kind: str, name: str = "") -> attestation_pb2_grpc.AttestationServiceStub:
+        return attestation_pb2_grpc.AttestationServiceStub(self.channel(kind, name))
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        url = f"http://{self.metrics_address}/metrics"
+        with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
+            text = response.read().decode()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+
+def write_config(
+    path: Path, workdir: Path, pki: PkiLayout, *, ca_file: Path | None = None, **extra: Any
+) -> Path:
+    lines = [
+        "[broker]",
+        f'database_url = "sqlite:///{workdir / "broker.db"}"',
+        f'state_dir = "{workdir / "state"}"',
+        f'trust_domain = "{TD}"',
+    ]
+    for setting, value in extra.items():
+        text = f'"{value}"' if isinstance(value, str) else repr(value)
+        lines.append(f"{setting} = {text}")
+    cert, key = pki.cert_and_key("broker")
+    lines += [
+        "[broker.tls]",
+        'listen = "127.0.0.1:0"',
+        f'cert_file = "{cert}"',
+        f'key_file = "{key}"',
+        f'ca_file = "{ca_file or pki.ca_cert}"',
+        "[broker.metrics]",
+        'listen = "127.0.0.1:0"',
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def start_broker(config: Path, pki: PkiLayout, workdir: Path) -> BrokerProcess:
+    """Runs ``cleanroom broker init`` and starts ``cleanroom broker serve`` (the launcher of
+    tests/support), waiting for the addresses it prints."""
+    spawned = spawn_broker(config, workdir)
+    metrics = spawned.metrics[0] if spawned.metrics else ""
+    return BrokerProcess(spawned.proc, spawned.grpc_address, metrics, pki, spawned.stderr_path)
+
+
+def code_of(call: Any, request: Any, **kwargs: Any) -> grpc.StatusCode:
+    """The status code of a call that is expected to fail."""
+    with pytest.raises(grpc.RpcError) as e:
+        call(request, timeout=TIMEOUT, **kwargs)
+    code = e.value.code()
+    assert isinstance(code, grpc.StatusCode)
+    return code
+
+
+def rpc_error(call: Any, request: Any) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as e:
+        call(request, timeout=TIMEOUT)
+    return e.value
+
+
+def add_parties(b: BrokerProcess, *names: str) -> None:
+    operator = b.admin("operator")
+    for name in names:
+        party = admin_pb2.Party(name=name)
+        party.recipient_key.kem = common_pb2.KEM_ALGORITHM_X25519
+        party.recipient_key.public_key = generate_recipient_key().public_key().raw
+        operator.AddParty(admin_pb2.AddPartyRequest(party=party), timeout=TIMEOUT)
+
+
+def register_key(
+    b: BrokerProcess, party: str, key_id: str, data_key: bytes, *, owner: str | None = None
+) -> admin_pb2.RegisterDataKeyResponse:
+    stub = b.admin("party", party)
+    info = stub.GetBrokerInfo(admin_pb2.GetBrokerInfoRequest(), timeout=TIMEOUT)
+    broker_key = RecipientPublicKey(
+        kem=info.registration_key.kem, raw=bytes(info.registration_key.public_key)
+    )
+    sealed = seal_for_registration(broker_key, data_key, key_id=key_id, owner=owner or party)
+    response: admin_pb2.RegisterDataKeyResponse = stub.RegisterDataKey(
+        admin_pb2.RegisterDataKeyRequest(key_id=key_id, sealed_data_key=sealed), timeout=TIMEOUT
+    )
+    return response

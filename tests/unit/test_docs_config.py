@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.unit.test_docs_guards import ROOT
+from tests.support.docs import ROOT
 
 OPERATIONS = ROOT / "docs" / "operations.md"
 COLUMNS = ["Setting", "Type", "Default", "Environment variable", "Meaning"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tests.unit.test_docs_guards import ROOT, doc_files, parse_blocks
+from tests.support.docs import ROOT, doc_files, parse_blocks
 
 _LINK = re.compile(r"(?<!!)\[[^\]]*\]\((?P<target>[^)\s]+)\)")
 _HEADING = re.compile(r"^#{1,6} (?P<title>.+?)\s*#*\s*$")

@@ -193,3 +193,19 @@ def test_the_checker_sees_function_level_imports(tmp_path: Path) -> None:
     tree = ast.parse(module.read_text())
     found = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     assert [n.module for n in found] == ["sidecar.run"]
+
+
+def test_tests_import_no_test_module_and_no_benchmark() -> None:
+    """Shared test code lives in tests/support (and tests/harness, tests/vectors): a test never
+    imports another test module, and only the benchmarks' own tests import ``bench``."""
+    problems = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        benchmark_test = {"bench"} & set(path.relative_to(ROOT / "tests").parts[:2])
+        for imp in imports_of(path):
+            module = resolve(imp.target)
+            last = module.rpartition(".")[2]
+            if module.startswith("tests.") and last.startswith("test_"):
+                problems.append(f"{imp.where}: imports the test module {module}")
+            if module.split(".")[0] == "bench" and not benchmark_test:
+                problems.append(f"{imp.where}: imports the benchmark {module}")
+    assert not problems, "\n".join(problems)

@@ -17,7 +17,6 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -27,6 +26,7 @@ from cleanroom.app.cli import main
 from evidence.launch import Launch, encode_launch
 from pki.ca import PkiLayout, init_pki
 from tests.harness.swtpm import Swtpm
+from tests.support.admin import admin, admin_fails, admin_json
 from tests.support.broker import spawn_broker as support_spawn_broker
 from tests.vectors import tpm2tools
 
@@ -117,27 +117,6 @@ def as_operator(broker: Broker, monkeypatch: pytest.MonkeyPatch) -> Broker:
         if k.startswith("CLEANROOM_ADMIN_"):
             monkeypatch.setenv(k, v)
     return broker
-
-
-def admin(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
-    """Runs ``cleanroom admin ARGV`` in-process; it must succeed. Returns stdout."""
-    code = main(["admin", *argv])
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    return out
-
-
-def admin_json(capsys: pytest.CaptureFixture[str], *argv: str) -> Any:
-    return json.loads(admin(capsys, "--json", *argv))
-
-
-def admin_fails(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
-    """Runs ``cleanroom admin ARGV`` in-process; it must fail with one line. Returns it."""
-    code = main(["admin", *argv])
-    out, err = capsys.readouterr()
-    assert code == 1 and out == ""
-    assert err.startswith("cleanroom: error: ") and err.count("\n") == 1, err
-    return err
 
 
 def party(broker: Broker, name: str) -> list[str]:

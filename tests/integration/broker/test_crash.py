@@ -34,7 +34,6 @@ import sqlalchemy as sa
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from bench._loadgen import QUOTED_BANKS, QuoteMaker, SoftAk
 from broker.audit import AuditLog
 from broker.keyseal import seal_for_registration
 from broker.model import AuditRecord
@@ -56,6 +55,7 @@ from sealing.keys import RecipientPublicKey, generate_recipient_key
 from tests.harness.launch import TEST_LAUNCH, with_test_launch
 from tests.harness.net import free_port
 from tests.support.broker import Spawned, spawn_broker
+from tests.support.softtpm import QUOTED_BANKS, QuoteMaker, SoftAk
 
 TD = "cleanroom.local"
 PARTIES = ("advertiser", "publisher")

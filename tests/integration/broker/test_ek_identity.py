@@ -24,13 +24,7 @@ from cleanroom.v1 import admin_pb2, attestation_pb2
 from pki.ca import init_pki
 from tests.harness.reencode import reencode
 from tests.harness.swtpm import SWTPM_LOCALCA_DIR, Swtpm
-from tests.integration.broker.test_server import (
-    TIMEOUT,
-    BrokerProcess,
-    rpc_error,
-    start_broker,
-    write_config,
-)
+from tests.support.broker import TIMEOUT, BrokerProcess, rpc_error, start_broker, write_config
 from tests.vectors import tpm2tools as tt
 
 pytestmark = [pytest.mark.swtpm, pytest.mark.tpm2tools]

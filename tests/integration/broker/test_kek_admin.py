@@ -24,7 +24,8 @@ from broker.server.status import KEK_UNAVAILABLE_MESSAGE, KEK_UNUSABLE_MESSAGE
 from cleanroom.app.demo.workspace import toml_document
 from cleanroom.app.emulators.keyvault import FakeKeyVault
 from pki.ca import PkiLayout, init_pki
-from tests.integration.broker.test_admin_cli import admin, admin_fails, admin_json, spawn_broker
+from tests.support.admin import admin, admin_fails, admin_json
+from tests.support.broker import spawn_broker
 
 CLEANROOM = Path(sys.executable).parent / "cleanroom"
 PARTIES = ("advertiser", "publisher")

@@ -25,14 +25,14 @@ from cleanroom.app.emulators.keyvault import FakeKeyVault
 from cleanroom.v1 import admin_pb2
 from pki.ca import init_pki
 from tests.harness.swtpm import Swtpm
-from tests.integration.broker.test_kek_azure_attest import (
+from tests.support.kek_azure import (
     ADVERTISER,
     OPERATOR,
     SIDECAR,
     _evidence,
     _setup_party_key_and_approval,
 )
-from tests.unit.broker.test_server_servicers import Harness
+from tests.support.servicers import Harness
 from tests.vectors import tpm2tools as tt
 
 pytestmark = [pytest.mark.swtpm, pytest.mark.tpm2tools]

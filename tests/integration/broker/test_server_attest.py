@@ -30,16 +30,16 @@ from evidence.proto import bank_to_pb, event_log_to_pb
 from sealing.keys import RecipientPrivateKey, generate_recipient_key
 from tests.harness.launch import TEST_LAUNCH, with_test_launch
 from tests.harness.swtpm import SWTPM_LOCALCA_DIR, Swtpm
-from tests.integration.broker.test_server import (
+from tests.support.broker import (
     TIMEOUT,
     BrokerProcess,
     add_parties,
-    make_pki,
     register_key,
     rpc_error,
     start_broker,
     write_config,
 )
+from tests.support.pki import make_pki
 from tests.vectors import tpm2tools as tt
 
 pytestmark = [pytest.mark.swtpm, pytest.mark.tpm2tools]

@@ -23,7 +23,8 @@ from cleanroom.v1 import admin_pb2, attestation_pb2, attestation_pb2_grpc
 from pki.ca import PkiLayout, init_pki
 from pki.crl import CRL_FILE, refresh
 from pki.tls import load_certificates
-from tests.integration.broker.test_server import (
+from tests.support.broker import (
+    CLEANROOM,
     TD,
     TIMEOUT,
     BrokerProcess,
@@ -32,7 +33,6 @@ from tests.integration.broker.test_server import (
     start_broker,
     write_config,
 )
-from tests.support.broker import CLEANROOM
 
 #: The broker looks at its CRL files about once per second; allow for a slow machine.
 RELOAD_WAIT = 10.0

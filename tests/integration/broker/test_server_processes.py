@@ -31,7 +31,6 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench._loadgen import QUOTED_BANKS, QuoteMaker, SoftAk
 from broker.keyseal import open_release
 from cleanroom.v1 import (
     admin_pb2,
@@ -48,15 +47,17 @@ from pki.tls import channel_credentials
 from sealing.keys import RecipientPrivateKey, generate_recipient_key
 from tests.harness.launch import TEST_LAUNCH, with_test_launch
 from tests.harness.net import free_port, port_is_free
-from tests.integration.broker.test_server import (
+from tests.support.broker import (
+    CLEANROOM,
     TD,
     TIMEOUT,
     BrokerProcess,
     add_parties,
-    make_pki,
     register_key,
+    spawn_broker,
 )
-from tests.support.broker import CLEANROOM, spawn_broker
+from tests.support.pki import make_pki
+from tests.support.softtpm import QUOTED_BANKS, QuoteMaker, SoftAk
 
 PROCESSES = 2
 PARTIES = ("advertiser", "publisher")

@@ -33,15 +33,15 @@ from sidecar.snp import SnpCollector, VcekSource
 from tests.harness.amd_snp import EmulatedParavisorTpm, SyntheticAmdRoot, SyntheticChip
 from tests.harness.launch import TEST_LAUNCH, with_test_launch
 from tests.harness.swtpm import SWTPM_LOCALCA_DIR, Swtpm
-from tests.integration.broker.test_server import (
+from tests.support.broker import (
     TIMEOUT,
     BrokerProcess,
     add_parties,
-    make_pki,
     register_key,
     start_broker,
     write_config,
 )
+from tests.support.pki import make_pki
 
 pytestmark = [pytest.mark.swtpm]
 

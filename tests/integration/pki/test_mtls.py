@@ -35,7 +35,7 @@ from pki.identity import SpiffeId
 from pki.tls import channel_credentials, load_certificates, peer_certificate_der, peer_identity
 from pki.tls import server_credentials as make_server_credentials
 from tests.harness.net import free_port
-from tests.unit.pki import svid_factory
+from tests.support import svid as svid_factory
 
 METHOD = "/pkitest.Whoami/Get"
 TRUST_DOMAIN = "cleanroom.local"

@@ -38,15 +38,9 @@ from cleanroom.v1 import admin_pb2, attestation_pb2, attestation_pb2_grpc
 from pki.ca import CertKeyPair, PkiLayout, cert_to_pem, key_to_pem, write_file_atomic
 from pki.identity import SpiffeId
 from pki.tls import channel_credentials
-from tests.integration.broker.test_server import (
-    TD,
-    TIMEOUT,
-    BrokerProcess,
-    make_pki,
-    start_broker,
-    write_config,
-)
-from tests.unit.pki import svid_factory
+from tests.support import svid as svid_factory
+from tests.support.broker import TD, TIMEOUT, BrokerProcess, start_broker, write_config
+from tests.support.pki import make_pki
 
 #: An AK name of the right shape (a SHA-256 name) that nobody enrolled.
 UNKNOWN_AK = "000b" + "ab" * 32

@@ -21,7 +21,8 @@ from sidecar.run.attest import Attester
 from sidecar.run.errors import AttestationDeniedError, BrokerUnreachableError
 from sidecar.tpm import Tpm
 from tests.harness.swtpm import Swtpm
-from tests.unit.broker.test_client_fake_broker import RunningFake, make_pki, running_fake
+from tests.support.fake_broker import RunningFake, running_fake
+from tests.support.pki import make_pki
 
 pytestmark = [pytest.mark.swtpm]
 

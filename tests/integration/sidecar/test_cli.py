@@ -11,7 +11,7 @@ import pytest
 from evidence.pcr import measure_files
 from tests.harness.net import free_port
 from tests.harness.swtpm import Swtpm
-from tests.integration.sidecar.helpers import (
+from tests.support.sidecar import (
     assert_nothing_loaded,
     checkquote,
     run_cli,

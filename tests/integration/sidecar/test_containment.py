@@ -5,7 +5,7 @@ double-forked and called ``setsid`` kept running with what it read; a SIGKILLed 
 its workload running under init; a reader re-parented out of the workload's tree kept its
 stream; a socket directory under a world-writable parent was accepted; a TPM in
 dictionary-attack lockout gave a raw TSS message. The attack workloads and the way they are
-approved and started live in :mod:`tests.integration.sidecar.containment_support`.
+approved and started live in :mod:`tests.support.containment`.
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ from pathlib import Path
 import pytest
 
 from tests.harness.swtpm import Swtpm
-from tests.integration.sidecar.containment_support import (
+from tests.support.cleanroom import PY, CleanRoom, audit, build_clean_room
+from tests.support.containment import (
     approve_attacks,
     gone,
     kill_leftovers,
     start_attack,
     wait_for,
 )
-from tests.integration.sidecar.helpers import drive_into_lockout
-from tests.integration.sidecar.test_run import PY, CleanRoom, audit, build_clean_room
+from tests.support.sidecar import drive_into_lockout
 
 pytestmark = [pytest.mark.swtpm]
 

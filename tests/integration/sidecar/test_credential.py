@@ -15,7 +15,7 @@ from sidecar.config import TpmConfig
 from sidecar.errors import CredentialActivationError
 from sidecar.tpm import Tpm
 from tests.harness.swtpm import Swtpm
-from tests.integration.sidecar.helpers import assert_nothing_loaded
+from tests.support.sidecar import assert_nothing_loaded
 
 pytestmark = [pytest.mark.swtpm]
 

@@ -19,7 +19,7 @@ import pytest
 
 from sealing.errors import NoMatchingRecipientError, SealingError
 from sidecar.dataplane import DataPlaneConfig, ProcessTree
-from tests.unit.workload.dataplane_session import (
+from tests.support.dataplane import (
     Party,
     Session,
     open_sealed,

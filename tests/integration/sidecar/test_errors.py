@@ -22,7 +22,7 @@ from sidecar.errors import (
 from sidecar.tpm import Tpm
 from tests.harness.net import free_port
 from tests.harness.swtpm import Swtpm
-from tests.integration.sidecar.helpers import (
+from tests.support.sidecar import (
     assert_nothing_loaded,
     drive_into_lockout,
     run_cli,

@@ -16,7 +16,7 @@ from sidecar.config import TpmConfig
 from sidecar.errors import AkMismatchError
 from sidecar.tpm import Tpm, write_tools_quote_files
 from tests.harness.swtpm import Swtpm
-from tests.integration.sidecar.helpers import (
+from tests.support.sidecar import (
     OTHER_AK_HANDLE,
     assert_nothing_loaded,
     checkquote,

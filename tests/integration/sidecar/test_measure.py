@@ -12,7 +12,7 @@ from sidecar.config import TpmConfig
 from sidecar.errors import PcrMismatchError, PcrNotAvailableError, PcrResetError, TpmError
 from sidecar.tpm import Tpm
 from tests.harness.swtpm import Swtpm
-from tests.integration.sidecar.helpers import REPO, assert_nothing_loaded, write_files
+from tests.support.sidecar import REPO, assert_nothing_loaded, write_files
 
 pytestmark = [pytest.mark.swtpm]
 

@@ -14,7 +14,7 @@ from sidecar.errors import PcrNotAvailableError, QuoteError
 from sidecar.tpm import Tpm, write_tools_quote_files
 from sidecar.tpm.interface import PcrKey
 from tests.harness.swtpm import Swtpm
-from tests.integration.sidecar.helpers import (
+from tests.support.sidecar import (
     OTHER_AK_HANDLE,
     assert_nothing_loaded,
     checkquote,

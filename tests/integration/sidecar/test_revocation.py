@@ -19,13 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness.swtpm import Swtpm
-from tests.integration.sidecar.test_run import (
-    PY,
-    CleanRoom,
-    audit,
-    build_clean_room,
-    run_sidecar,
-)
+from tests.support.cleanroom import PY, CleanRoom, audit, build_clean_room, run_sidecar
 
 pytestmark = [pytest.mark.swtpm, pytest.mark.tpm2tools]
 

@@ -7,11 +7,11 @@ import hashlib
 
 import pytest
 
-from bench._loadgen import QUOTED_BANKS, QuoteMaker, SoftAk
 from broker.errors import PcrDigestError, QualifyingDataError, SignatureError
 from broker.quote import verify_quote
 from broker.tpmkeys import check_ak_attributes, load_public
 from evidence.pcr import MeasurementEvent, replay
+from tests.support.softtpm import QUOTED_BANKS, QuoteMaker, SoftAk
 
 EVENTS = (
     MeasurementEvent(

@@ -36,7 +36,8 @@ from evidence.manifest import ManifestEntry, expected_pcr23
 from evidence.proto import manifest_to_pb
 from pki.ca import PkiLayout
 from sealing.keys import generate_recipient_key, write_data_key, write_public_key
-from tests.unit.broker.test_client_fake_broker import RunningFake, make_pki, running_fake
+from tests.support.fake_broker import RunningFake, running_fake
+from tests.support.pki import make_pki
 
 SHA256_A = "aa" * 32
 SHA1_B = "bb" * 20

@@ -40,14 +40,14 @@ from cleanroom.v1 import admin_pb2, attestation_pb2, common_pb2
 from pki.ca import PkiLayout, cert_to_pem, issue_certificate, key_to_pem, load_ca
 from pki.identity import SpiffeId
 from tests.harness.net import free_port
-from tests.unit.broker.test_client_fake_broker import (
+from tests.support.fake_broker import (
     SERVICES,
     FakeBroker,
     RunningFake,
-    make_pki,
     running_fake,
     start_fake_server,
 )
+from tests.support.pki import make_pki
 
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 

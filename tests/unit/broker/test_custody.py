@@ -22,6 +22,7 @@ from broker.keyseal import (
 from broker.model import DataKeyRecord
 from sealing.hpke import seal
 from sealing.keys import KEM_MLKEM768_X25519, KEM_X25519, generate_recipient_key
+from tests.support.kek import RefKek
 
 DATA_KEY = bytes(range(32))
 
@@ -192,25 +193,6 @@ def test_closed_kek_refuses_to_work(tmp_path: Path) -> None:
 
 
 # --- registry -------------------------------------------------------------------------------
-
-
-class RefKek:
-    """A real KEK under another ref: a LocalKek with its own key file, standing in for a
-    provider that serves many refs (as the Azure Key Vault provider will)."""
-
-    def __init__(self, ref: str, path: Path) -> None:
-        self._ref = ref
-        self._inner = LocalKek.open(path)
-
-    @property
-    def ref(self) -> str:
-        return self._ref
-
-    def wrap(self, data_key: bytes | bytearray, *, key_id: str, owner: str) -> bytes:
-        return self._inner.wrap(data_key, key_id=key_id, owner=owner)
-
-    def unwrap(self, wrapped: bytes, *, key_id: str, owner: str) -> bytes:
-        return self._inner.unwrap(wrapped, key_id=key_id, owner=owner)
 
 
 def test_registry_resolves_local_and_provider_refs(tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ from cleanroom.config import ConfigError
 from cleanroom.v1 import admin_pb2
 from pki.identity import SpiffeId
 from sealing.keys import generate_recipient_key
-from tests.unit.broker.test_custody import RefKek
+from tests.support.kek import RefKek
 
 TD = "cleanroom.local"
 OPERATOR = SpiffeId.operator(TD)

@@ -26,7 +26,7 @@ from cleanroom.app.emulators.keyvault import FakeKeyVault
 from cleanroom.v1 import admin_pb2, attestation_pb2
 from pki.ca import init_pki
 from pki.identity import SpiffeId
-from tests.unit.broker.test_server_servicers import (
+from tests.support.servicers import (
     ADVERTISER,
     OPERATOR,
     PUBLISHER,

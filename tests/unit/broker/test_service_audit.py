@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from bench._loadgen import QUOTED_BANKS, QuoteMaker, SoftAk
 from broker import release
 from broker.app import open_broker
 from broker.config import BrokerConfig
@@ -45,6 +44,7 @@ from pki.identity import SpiffeId
 from sealing.errors import InvalidKeyError
 from sealing.keys import KEM_X25519, generate_recipient_key
 from tests.harness.launch import TEST_LAUNCH
+from tests.support.softtpm import QUOTED_BANKS, QuoteMaker, SoftAk
 from tests.vectors.evidence import key_vectors
 
 KEY_VECTORS = {v.name: v for v in key_vectors()}

@@ -10,12 +10,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from tpm2_pytss import TPM2_ALG, TPM2B_PUBLIC, TPMT_ASYM_SCHEME
 
-from bench._loadgen import AK_ATTRIBUTES, SoftAk
 from broker.app import open_broker
 from broker.config import BrokerConfig, load_broker_config
 from broker.errors import KeyAttributeError
 from cleanroom.config import ConfigError
 from pki.identity import SpiffeId
+from tests.support.softtpm import AK_ATTRIBUTES, SoftAk
 
 OPERATOR = SpiffeId("cleanroom.local", "operator")
 

@@ -16,7 +16,7 @@ from pki.errors import (
     UnsupportedIdentityError,
 )
 from pki.identity import MAX_NAME_LENGTH, SpiffeId, parse_spiffe_id, spiffe_id_from_certificate
-from tests.unit.pki import svid_factory
+from tests.support import svid as svid_factory
 
 
 @pytest.mark.parametrize(

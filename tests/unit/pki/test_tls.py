@@ -35,7 +35,7 @@ from pki.tls import (
     load_private_key,
     server_credentials,
 )
-from tests.unit.pki import svid_factory
+from tests.support import svid as svid_factory
 
 NOW = dt.datetime.now(dt.UTC)
 DAY = dt.timedelta(days=1)

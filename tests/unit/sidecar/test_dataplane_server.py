@@ -25,7 +25,7 @@ from sidecar.dataplane import (
     SocketSetupError,
     WorkloadServer,
 )
-from tests.unit.workload.dataplane_session import (
+from tests.support.dataplane import (
     Party,
     Session,
     only_this_process,

@@ -16,7 +16,7 @@ import pytest
 import workload
 import workload.client
 from sidecar.dataplane import DataPlaneConfig
-from tests.unit.workload.dataplane_session import (
+from tests.support.dataplane import (
     Party,
     Session,
     only_this_process,

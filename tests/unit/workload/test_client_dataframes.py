@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from sidecar.dataplane import ProcessTree
-from tests.unit.workload.dataplane_session import (
+from tests.support.dataplane import (
     Party,
     Session,
     only_this_process,

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 
 from sidecar.dataplane import ProcessTree
-from tests.unit.workload.dataplane_session import (
+from tests.support.dataplane import (
     Party,
     only_this_process,
     open_sealed,

@@ -18,13 +18,7 @@ from pathlib import Path
 from broker.manifests import manifest_from_files
 from evidence.proto import manifest_to_pb
 from tests.harness.swtpm import Swtpm
-from tests.integration.sidecar.test_run import (
-    PY,
-    WORKLOAD_FILES,
-    CleanRoom,
-    config_for,
-    start_sidecar,
-)
+from tests.support.cleanroom import PY, WORKLOAD_FILES, CleanRoom, config_for, start_sidecar
 
 __all__ = [
     "ATTACK_SCRIPT",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tests.harness.swtpm import Swtpm
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 
 #: A second persistent handle, for tests that need another AK beside the default one.
 OTHER_AK_HANDLE = 0x81010003

@@ -5,9 +5,7 @@ descriptors, records each request, and answers from a script: a queue of status 
 to fail with before answering normally, an optional delay, and canned responses. The client and
 the admin CLI are tested against it where the real broker cannot easily be made to misbehave
 (UNAVAILABLE twice, then success). Tests of behaviour against the real broker are in
-``tests/integration/broker``.
-
-This module holds no tests; it is named ``test_client_*`` to live beside the tests that use it.
+``tests/integration/broker``. This is the tests' one fake broker.
 """
 
 from __future__ import annotations
@@ -19,7 +17,6 @@ from collections.abc import Callable, Iterator
 from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -29,7 +26,7 @@ from grpc_health.v1 import health, health_pb2_grpc
 
 from broker.client import BrokerClient, RetryPolicy
 from cleanroom.v1 import admin_pb2, attestation_pb2, common_pb2
-from pki.ca import PkiLayout, init_pki
+from pki.ca import PkiLayout
 from pki.tls import server_credentials
 from sealing.keys import RecipientPrivateKey, generate_recipient_key
 
@@ -37,11 +34,6 @@ SERVICES = (
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"],
     attestation_pb2.DESCRIPTOR.services_by_name["AttestationService"],
 )
-
-
-def make_pki(directory: Path) -> PkiLayout:
-    """CA, broker, operator, parties advertiser and publisher, sidecar-1."""
-    return init_pki(directory)
 
 
 @dataclass
