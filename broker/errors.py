@@ -153,6 +153,10 @@ class UnknownPolicyObjectError(PolicyError):
     """A golden set, party, key or approval named in a request does not exist."""
 
 
+class UnknownSessionError(UnknownPolicyObjectError):
+    """A session named in a request does not exist."""
+
+
 # --- key custody ----------------------------------------------------------------------------
 
 

@@ -171,3 +171,14 @@ class Session:
     released_key_ids: tuple[str, ...]
     ended_at: datetime | None = None
     exit_code: int | None = None
+
+
+@dataclass(frozen=True)
+class PartyKek:
+    """The KEK an operator imported for a party (see :meth:`Store.set_party_kek`)."""
+
+    party: str
+    kek_ref: str
+    #: What the broker's check of the KEK found: the versioned Key Vault key id, or the ref.
+    checked_key: str
+    updated_at: datetime

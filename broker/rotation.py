@@ -64,6 +64,15 @@ def _rewrap_entry(
     )
 
 
+def current_kek_ref(broker: Broker, key_id: str) -> str:
+    """The ref of the KEK that wraps data key ``key_id`` now.
+
+    Raises:
+        UnknownPolicyObjectError: no data key has that id.
+    """
+    return broker.store.get_data_key(key_id).kek_ref
+
+
 def rotate_data_key(
     broker: Broker, key_id: str, new_kek_ref: str, *, actor: SpiffeId | str = "broker"
 ) -> DataKeyRecord:

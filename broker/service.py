@@ -177,6 +177,13 @@ class AttestationRefusedError(PolicyError):
         self.withheld = tuple(withheld)
 
 
+def digest_evidence(attest: bytes, signature: bytes) -> str:
+    """The digest an attestation's audit records carry (hex SHA-256 of the quote and its
+    signature), so that a retried quote can be matched; empty when there is no quote."""
+    quoted = attest + signature
+    return hashlib.sha256(quoted).hexdigest() if quoted else ""
+
+
 class Broker:
     """The key broker's core. Construct with :meth:`open`-style keyword arguments."""
 
@@ -739,6 +746,24 @@ class Broker:
         )
         return Challenge(nonce=nonce, expires_at=expires, pcr_selection=dict(self._required))
 
+    def record_malformed_attest(
+        self, actor: SpiffeId, *, ak_name: str, attest: bytes, signature: bytes, reason: str
+    ) -> None:
+        """Records an ``Attest`` that the transport refused as malformed, as the core records
+        its own refusals (action ``attest``, decision ``deny``), with the quote's digest.
+
+        Raises:
+            StorageError, AuditChainError: the record could not be written.
+        """
+        self._record(
+            actor,
+            "attest",
+            ak_name,
+            "deny",
+            reason,
+            evidence_digest=digest_evidence(attest, signature),
+        )
+
     def attest(self, actor: SpiffeId, evidence: Evidence) -> AttestOutcome:
         """Verifies evidence, evaluates policy and seals each granted key to the ephemeral key.
 
@@ -753,7 +778,7 @@ class Broker:
             AttestationRefusedError: the nonce, the evidence or policy refused everything (reason in
                 the audit log).
         """
-        evidence_digest = hashlib.sha256(evidence.attest + evidence.signature).hexdigest()
+        evidence_digest = digest_evidence(evidence.attest, evidence.signature)
 
         def record(
             action: str, subject: str, decision: str, reason: str, parties: tuple[str, ...]

@@ -8,7 +8,6 @@ them in one place (:mod:`broker.server.status`).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 
 import grpc
@@ -16,7 +15,6 @@ import grpc
 from broker import rotation
 from broker.client import ATTEST_DENIAL_METADATA
 from broker.errors import UnknownPolicyObjectError
-from broker.model import AuditEntry
 from broker.server import convert, validate
 from broker.server.errors import InvalidRequestError, RateLimitedError
 from broker.server.interceptor import REQUEST_ID_METADATA, current_call
@@ -199,18 +197,13 @@ class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):
             subject = request.ak_name
         except InvalidRequestError:
             subject = ""
-        quoted = bytes(request.quote.attest) + bytes(request.quote.signature)
         try:
-            self.broker.audit.append(
-                AuditEntry(
-                    actor=str(caller),
-                    action="attest",
-                    subject=subject,
-                    decision="deny",
-                    reason=str(error),
-                    # The same digest the core records, so a retried quote can be matched.
-                    evidence_digest=hashlib.sha256(quoted).hexdigest() if quoted else "",
-                )
+            self.broker.record_malformed_attest(
+                caller,
+                ak_name=subject,
+                attest=bytes(request.quote.attest),
+                signature=bytes(request.quote.signature),
+                reason=str(error),
             )
         except Exception:
             # The request is refused either way, and the refusal must stay INVALID_ARGUMENT: a
@@ -445,7 +438,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.RewrapDataKeyResponse:
         validate.check_rewrap_data_key(request)
         try:
-            previous = self.broker.store.get_data_key(request.key_id).kek_ref
+            previous = rotation.current_kek_ref(self.broker, request.key_id)
         except UnknownPolicyObjectError:
             previous = ""  # rotate_data_key refuses it, with an audit record
         record = rotation.rotate_data_key(

@@ -7,12 +7,9 @@ nonce service and the hash-chained audit log on its transactions. See docs/stora
 
 from __future__ import annotations
 
-from broker.storage.store import (
-    APPROVAL_INDEX_BANK,
-    PartyKek,
-    Store,
-    UnknownSessionError,
-    safe_url,
-)
+from broker.errors import UnknownSessionError
+from broker.model import PartyKek
+from broker.storage.engine import safe_url
+from broker.storage.store import APPROVAL_INDEX_BANK, Store
 
 __all__ = ["APPROVAL_INDEX_BANK", "PartyKek", "Store", "UnknownSessionError", "safe_url"]

@@ -9,25 +9,19 @@ is one single-row or index-range statement each.
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
-import time
 from collections import namedtuple
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
 
 import sqlalchemy as sa
-from alembic.util.exc import CommandError
-from sqlalchemy import event
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection, Engine, Row, make_url
-from sqlalchemy.engine.url import URL
 
 from broker.errors import (
     BrokerError,
@@ -38,6 +32,7 @@ from broker.errors import (
     StorageError,
     UnknownKeyError,
     UnknownPolicyObjectError,
+    UnknownSessionError,
 )
 from broker.model import (
     AkRecord,
@@ -47,10 +42,18 @@ from broker.model import (
     EkRecord,
     GoldenPcrSet,
     Party,
+    PartyKek,
     PcrKey,
     Session,
 )
-from broker.storage import migrate as _migrate
+from broker.storage.engine import (
+    SQLITE_SYNCHRONOUS,
+    describe_error,
+    install_sqlite_hooks,
+    integrity_kind,
+    prepare_schema,
+    safe_url,
+)
 from broker.storage.fast import FastCursor, FastPath, FastStatement
 from broker.storage.schema import (
     aks,
@@ -68,79 +71,15 @@ from broker.storage.unit import ChainStatements, UnitOfWork
 from evidence.launch import Launch
 from evidence.manifest import ManifestEntry, files_pcr23
 
-
-class UnknownSessionError(UnknownPolicyObjectError):
-    """A session named in a request does not exist."""
-
-
-@dataclass(frozen=True)
-class PartyKek:
-    """The KEK an operator imported for a party (see :meth:`Store.set_party_kek`)."""
-
-    party: str
-    kek_ref: str
-    #: What the broker's check of the KEK found: the versioned Key Vault key id, or the ref.
-    checked_key: str
-    updated_at: datetime
-
-
 #: The most decoded approvals one Store keeps (beyond it, approvals are decoded per lookup).
 _MAX_CACHED_APPROVALS: Final = 10_000
 
 #: The PCR bank whose PCR 23 value indexes approvals (see :meth:`Store.find_active_approvals`).
 APPROVAL_INDEX_BANK: Final = "sha256"
 
-_SQLITE_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
-
-# SQLSTATE codes of PostgreSQL's integrity violations.
-_PG_UNIQUE_VIOLATION = "23505"
-_PG_FOREIGN_KEY_VIOLATION = "23503"
-
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else ""
-
-
-def _describe(e: BaseException) -> str:
-    """A short description of a database error for an exception message.
-
-    Only the driver's first line is kept: PostgreSQL's DETAIL lines can quote row values, and
-    SQLAlchemy's own message quotes the statement (its parameters are hidden by the engine's
-    ``hide_parameters``, but the statement itself is noise to an operator).
-    """
-    orig = getattr(e, "orig", None)
-    cause: BaseException = orig if isinstance(orig, BaseException) else e
-    line = _first_line(str(cause))
-    return f"{type(cause).__name__}: {line}" if line else type(cause).__name__
-
-
-def _integrity_kind(e: BaseException) -> str:
-    """ "unique", "foreign_key" or "other", for SQLAlchemy's or the driver's integrity error."""
-    orig = getattr(e, "orig", None) or e
-    sqlstate = getattr(orig, "sqlstate", None)
-    if sqlstate == _PG_UNIQUE_VIOLATION:
-        return "unique"
-    if sqlstate == _PG_FOREIGN_KEY_VIOLATION:
-        return "foreign_key"
-    text = str(orig)
-    if "UNIQUE constraint failed" in text:
-        return "unique"
-    if "FOREIGN KEY constraint failed" in text:
-        return "foreign_key"
-    return "other"
-
-
-def safe_url(url: str | URL) -> str:
-    """``url`` as text with any password replaced by ``***``, fit for messages and logs."""
-    try:
-        parsed = make_url(url) if isinstance(url, str) else url
-    except sa.exc.ArgumentError:
-        return "<unparseable database URL>"
-    return parsed.render_as_string(hide_password=True)
 
 
 class Store:
@@ -162,7 +101,7 @@ class Store:
         """Wraps engines that :meth:`open` configured; use :meth:`open` instead."""
         self._engine = engine
         self._fast_engine = fast_engine
-        # Write transactions on SQLite begin with BEGIN IMMEDIATE (see _install_sqlite_hooks).
+        # Write transactions on SQLite begin with BEGIN IMMEDIATE (see install_sqlite_hooks).
         self._write_engine: Engine = engine.execution_options(cleanroom_sqlite_begin="IMMEDIATE")
         self._snapshot_engine: Engine = (
             engine.execution_options(isolation_level="REPEATABLE READ")
@@ -184,8 +123,8 @@ class Store:
             fast_engine or engine,
             display_url=display_url,
             writer=self._writer,
-            integrity_kind=_integrity_kind,
-            describe=_describe,
+            integrity_kind=integrity_kind,
+            describe=describe_error,
         )
         self._q = _HotQueries(self.fast)
         self._chain = ChainStatements(self.fast)
@@ -259,16 +198,16 @@ class Store:
                     f"the database {Path(str(parsed.database)).absolute()} does not exist "
                     "(create it with `cleanroom broker init --config FILE`)"
                 )
-            if sqlite_synchronous.upper() not in _SQLITE_SYNCHRONOUS:
+            if sqlite_synchronous.upper() not in SQLITE_SYNCHRONOUS:
                 raise StorageError(
-                    f"sqlite_synchronous must be one of {', '.join(_SQLITE_SYNCHRONOUS)}"
+                    f"sqlite_synchronous must be one of {', '.join(SQLITE_SYNCHRONOUS)}"
                 )
             if parsed.drivername not in ("sqlite", "sqlite+pysqlite"):
                 raise StorageError(f"unsupported SQLite driver {parsed.drivername!r}")
             engine = sa.create_engine(
                 parsed, connect_args={"timeout": busy_timeout_seconds}, **common
             )
-            _install_sqlite_hooks(
+            install_sqlite_hooks(
                 engine,
                 busy_timeout_ms=int(busy_timeout_seconds * 1000),
                 synchronous=sqlite_synchronous.upper(),
@@ -306,7 +245,7 @@ class Store:
                 **common,
             )
         try:
-            _prepare_schema(
+            prepare_schema(
                 engine, migrate=migrate, display=display, require_existing=require_existing
             )
             return cls(
@@ -401,15 +340,15 @@ class Store:
     ) -> BrokerError:
         """The broker error for a database error ``e`` (SQLAlchemy's or the driver's)."""
         if isinstance(e, sa.exc.IntegrityError | self._dbapi.IntegrityError):
-            kind = _integrity_kind(e)
+            kind = integrity_kind(e)
             if kind == "unique" and duplicate is not None:
                 return duplicate
             if kind == "foreign_key" and missing_reference is not None:
                 return missing_reference
-            return StorageError(f"{operation}: constraint violated: {_describe(e)}")
+            return StorageError(f"{operation}: constraint violated: {describe_error(e)}")
         if isinstance(e, sa.exc.OperationalError | self._dbapi.OperationalError):
-            return StorageError(f"{operation} on {self.display_url}: {_describe(e)}")
-        return StorageError(f"{operation}: {_describe(e)}")
+            return StorageError(f"{operation} on {self.display_url}: {describe_error(e)}")
+        return StorageError(f"{operation}: {describe_error(e)}")
 
     @contextmanager
     def _write(
@@ -1466,95 +1405,6 @@ class _HotQueries:
 
 
 # --- engine setup -------------------------------------------------------------------------
-
-
-def _install_sqlite_hooks(engine: Engine, *, busy_timeout_ms: int, synchronous: str) -> None:
-    """Per-connection pragmas, and transactions that SQLAlchemy (not the driver) begins.
-
-    Python's sqlite3 driver begins transactions itself, lazily, before the first write, which
-    makes ``SELECT`` then ``UPDATE`` a deferred transaction that cannot wait for the write lock.
-    Turning that off (``isolation_level = None``) and emitting BEGIN from the ``begin`` event
-    (``BEGIN IMMEDIATE`` for writers) is SQLAlchemy's documented recipe.
-    """
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        try:
-            cursor.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
-            mode = _enable_wal(cursor, timeout_seconds=busy_timeout_ms / 1000)
-            if mode is None or str(mode[0]).lower() != "wal":
-                raise StorageError(
-                    "SQLite refused WAL journal mode (is the file on a network filesystem?)"
-                )
-            cursor.execute("PRAGMA foreign_keys = ON")
-            cursor.execute(f"PRAGMA synchronous = {synchronous}")
-        finally:
-            cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        mode = conn.get_execution_options().get("cleanroom_sqlite_begin", "DEFERRED")
-        conn.exec_driver_sql(f"BEGIN {mode}")
-
-
-def _enable_wal(cursor: Any, *, timeout_seconds: float) -> Any:
-    """``PRAGMA journal_mode = WAL``, retried while another connection holds the file.
-
-    Switching a fresh database to WAL needs an exclusive lock, and SQLite answers "database is
-    locked" at once, without calling the busy handler, when another process is switching it
-    or opening its WAL at the same moment (replicas starting together on a new file). Once
-    the file is in WAL mode the pragma is a no-op that never waits, so the loop only ever
-    spins at first start.
-    """
-    deadline = time.monotonic() + timeout_seconds
-    delay = 0.005
-    while True:
-        try:
-            return cursor.execute("PRAGMA journal_mode = WAL").fetchone()
-        except sqlite3.OperationalError as e:
-            if "locked" not in str(e) and "busy" not in str(e):
-                raise
-            if time.monotonic() + delay > deadline:
-                raise
-        time.sleep(delay)
-        delay = min(delay * 2, 0.2)
-
-
-def _prepare_schema(
-    engine: Engine, *, migrate: bool, display: str, require_existing: bool = False
-) -> None:
-    try:
-        with engine.connect() as conn:
-            if require_existing:
-                found = _migrate.current_revision(conn)
-                conn.rollback()
-                if found is None:
-                    raise StorageError(
-                        f"the database {display} has no broker schema "
-                        "(create it with `cleanroom broker init --config FILE`)"
-                    )
-            if migrate:
-                _migrate.upgrade(conn)
-                return
-            current = _migrate.current_revision(conn)
-            conn.rollback()
-    except sa.exc.OperationalError as e:
-        raise StorageError(f"cannot open database {display}: {_describe(e)}") from e
-    except sa.exc.SQLAlchemyError as e:
-        raise StorageError(f"cannot prepare database {display}: {_describe(e)}") from e
-    except CommandError as e:
-        raise StorageError(
-            f"cannot migrate database {display}: {_first_line(str(e))} "
-            "(is it newer than this broker?)"
-        ) from e
-    head = _migrate.head_revision()
-    if current != head:
-        raise StorageError(
-            f"database {display} is at schema revision {current or 'none'}, this broker needs "
-            f"{head}: open it with migrate=True or run `python -m broker.storage upgrade`"
-        )
 
 
 # --- row <-> object -----------------------------------------------------------------------

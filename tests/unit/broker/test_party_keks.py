@@ -31,8 +31,8 @@ from broker.server.status import KEK_UNAVAILABLE_MESSAGE, KEK_UNUSABLE_MESSAGE, 
 from broker.service import Broker
 from broker.storage import Store
 from broker.storage import migrate as storage_migrate
+from broker.storage.engine import install_sqlite_hooks
 from broker.storage.schema import parties
-from broker.storage.store import _install_sqlite_hooks
 from cleanroom.config import ConfigError
 from cleanroom.v1 import admin_pb2
 from pki.identity import SpiffeId
@@ -210,7 +210,7 @@ def test_party_keks_are_stored_replaced_and_listed(db_url: str) -> None:
 def test_a_database_at_the_first_revision_upgrades_and_keeps_its_parties(db_url: str) -> None:
     engine = sa.create_engine(db_url)
     if engine.dialect.name == "sqlite":
-        _install_sqlite_hooks(engine, busy_timeout_ms=5000, synchronous="NORMAL")
+        install_sqlite_hooks(engine, busy_timeout_ms=5000, synchronous="NORMAL")
     try:
         with engine.connect() as conn:
             storage_migrate.upgrade(conn, "0001")

@@ -20,9 +20,9 @@ from broker.errors import StorageError
 from broker.model import EkRecord
 from broker.storage import Store
 from broker.storage import __main__ as storage_cli
+from broker.storage.engine import install_sqlite_hooks
 from broker.storage.migrate import head_revision, upgrade
 from broker.storage.schema import aks, eks, metadata
-from broker.storage.store import _install_sqlite_hooks
 from tests.harness.reencode import reencode
 
 VECTORS = Path(__file__).resolve().parents[2] / "vectors"
@@ -194,7 +194,7 @@ def _database_at(url: str, revision: str) -> sa.Engine:
     """An engine on ``url`` with the schema at ``revision`` (and the store's SQLite hooks)."""
     engine = sa.create_engine(url)
     if engine.dialect.name == "sqlite":
-        _install_sqlite_hooks(engine, busy_timeout_ms=5000, synchronous="NORMAL")
+        install_sqlite_hooks(engine, busy_timeout_ms=5000, synchronous="NORMAL")
     with engine.connect() as conn:
         upgrade(conn, revision)
     return engine
