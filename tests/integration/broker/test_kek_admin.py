@@ -107,7 +107,8 @@ def write_broker_toml(workdir: Path, pki: PkiLayout, vault: FakeKeyVault) -> Pat
 def start_served_broker(workdir: Path, vault: FakeKeyVault) -> ServedBroker:
     pki = init_pki(workdir / "pki", parties=PARTIES)
     config = write_broker_toml(workdir, pki, vault)
-    proc, address = spawn_broker(config, workdir)
+    spawned = spawn_broker(config, workdir, log_json=False, stderr_name="broker.log")
+    proc, address = spawned.proc, spawned.grpc_address
     return ServedBroker(proc, address, pki, workdir, vault)
 
 
