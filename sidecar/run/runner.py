@@ -44,9 +44,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 from broker.client import BrokerClient, BrokerClientError, ClientSetupError
 from cleanroom.v1 import attestation_pb2
@@ -87,6 +88,11 @@ if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
 
     from blobstore.store import BlobStore
+    from sidecar.config import TpmConfig
+    from sidecar.tpm.interface import TpmDevice
+
+#: Opens the TPM from its configuration; the result is entered as a context manager.
+TpmFactory: TypeAlias = "Callable[[TpmConfig], AbstractContextManager[TpmDevice]]"
 
 __all__ = [
     "NOT_STARTED_EXIT_CODE",
@@ -443,8 +449,14 @@ def _prefetch(
     return future
 
 
-def run_workload(config: RunConfig, command: Sequence[str]) -> RunResult:
+def run_workload(
+    config: RunConfig, command: Sequence[str], *, tpm_factory: TpmFactory | None = None
+) -> RunResult:
     """Attests and runs the workload; returns its exit status and the session.
+
+    ``tpm_factory`` opens the TPM from ``[tpm]`` (default: :class:`sidecar.tpm.Tpm`, the real
+    TPM through its TCTI); another :class:`sidecar.tpm.interface.TpmDevice` may be injected,
+    as tests do with a software TPM.
 
     The workload is ``[workload] command``; ``command`` (what followed ``--``) must equal it
     when both are given, and is the command when the config has none. Either way it is
@@ -483,7 +495,7 @@ def run_workload(config: RunConfig, command: Sequence[str]) -> RunResult:
             contextlib.ExitStack() as stack,
         ):
             client = stack.enter_context(_connect(config))
-            return _run(config, client, process, stack, cert_der, timeline, prepared)
+            return _run(config, client, process, stack, cert_der, timeline, prepared, tpm_factory)
     finally:
         prepared.close()
 
@@ -496,6 +508,7 @@ def _run(
     cert_der: bytes,
     timeline: _Timeline,
     prepared: PreparedLaunch,
+    tpm_factory: TpmFactory | None,
 ) -> RunResult:
     # The workload's cgroup and watchdog are set up while the TPM and the broker work.
     process.prepare()
@@ -518,9 +531,11 @@ def _run(
     # blobs) overlaps the TLS handshake and the challenge round trip running in the background.
     if output_sink is None:
         output_sink = _output_sink(config, _blob_store(config, stack))
-    from sidecar.tpm import Tpm
+    if tpm_factory is None:
+        from sidecar.tpm import Tpm
 
-    tpm = stack.enter_context(Tpm(config.tpm))
+        tpm_factory = Tpm
+    tpm = stack.enter_context(tpm_factory(config.tpm))
     ak = tpm.create_or_load_ak()
     timeline.mark("AK loaded")
     ak_name = ak.name_hex
