@@ -40,7 +40,6 @@ def first_line(text: str) -> str:
 def describe_error(e: BaseException) -> str:
     """A short description of a database error for an exception message.
 
-
     Only the driver's first line is kept: PostgreSQL's DETAIL lines can quote row values, and
     SQLAlchemy's own message quotes the statement (its parameters are hidden by the engine's
     ``hide_parameters``, but the statement itself is noise to an operator).
@@ -79,7 +78,6 @@ def safe_url(url: str | URL) -> str:
 def install_sqlite_hooks(engine: Engine, *, busy_timeout_ms: int, synchronous: str) -> None:
     """Per-connection pragmas, and transactions that SQLAlchemy (not the driver) begins.
 
-
     Python's sqlite3 driver begins transactions itself, lazily, before the first write, which
     makes ``SELECT`` then ``UPDATE`` a deferred transaction that cannot wait for the write lock.
     Turning that off (``isolation_level = None``) and emitting BEGIN from the ``begin`` event
@@ -110,7 +108,6 @@ def install_sqlite_hooks(engine: Engine, *, busy_timeout_ms: int, synchronous: s
 
 def enable_wal(cursor: Any, *, timeout_seconds: float) -> Any:
     """``PRAGMA journal_mode = WAL``, retried while another connection holds the file.
-
 
     Switching a fresh database to WAL needs an exclusive lock, and SQLite answers "database is
     locked" at once, without calling the busy handler, when another process is switching it
