@@ -6,14 +6,13 @@ so a machine without them cannot pass the suite by skipping.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.harness.postgres import Postgres, start_postgres
-from tests.harness.swtpm import Swtpm, manufacture
+from tests.harness.swtpm import Swtpm, manufacture, running_copy
 
 # Azurite and the local Key Vault double live in their own plugin module.
 pytest_plugins = ["tests.harness.azure_fixtures"]
@@ -30,14 +29,8 @@ def swtpm_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def swtpm(swtpm_template: Path, tmp_path: Path) -> Iterator[Swtpm]:
     """A fresh, running swtpm for one test (a copy of the session's manufactured state)."""
-    state = tmp_path / "swtpm-state"
-    shutil.copytree(swtpm_template, state)
-    tpm = Swtpm(state_dir=state)
-    tpm.start()
-    try:
+    with running_copy(swtpm_template, tmp_path / "swtpm-state") as tpm:
         yield tpm
-    finally:
-        tpm.stop()
 
 
 @pytest.fixture(scope="session")

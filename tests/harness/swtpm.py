@@ -12,13 +12,16 @@ it loads, which the tests check with ``tpm2_getcap handles-transient``.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from cleanroom.app import devtpm
 from cleanroom.app.devtpm import SWTPM_LOCALCA_DIR
 
-__all__ = ["SWTPM_LOCALCA_DIR", "Swtpm", "SwtpmUnavailable", "manufacture"]
+__all__ = ["SWTPM_LOCALCA_DIR", "Swtpm", "SwtpmUnavailable", "manufacture", "running_copy"]
 
 #: swtpm or swtpm_setup is missing or failed; the tests that need it must fail, not skip.
 SwtpmUnavailable = devtpm.DevTpmError
@@ -53,3 +56,16 @@ class Swtpm(devtpm.Swtpm):
                 f"{' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()}"
             )
         return proc
+
+
+@contextmanager
+def running_copy(template: Path, state_dir: Path) -> Iterator[Swtpm]:
+    """A running swtpm on a copy of ``template`` (a manufactured state) made in ``state_dir``,
+    stopped on exit: what every swtpm fixture starts, for one test or for one module."""
+    shutil.copytree(template, state_dir)
+    tpm = Swtpm(state_dir=state_dir)
+    tpm.start()
+    try:
+        yield tpm
+    finally:
+        tpm.stop()

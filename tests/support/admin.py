@@ -1,13 +1,16 @@
-"""Running cleanroom admin against a real broker process, as an operator or a party would."""
+"""Running ``cleanroom admin`` against a real broker process, as an operator or a party
+would, and the environment that points it at one."""
 
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import pytest
 
 from cleanroom.app.cli import main
+from pki.ca import PkiLayout
 
 
 def admin(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
@@ -29,3 +32,19 @@ def admin_fails(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
     assert code == 1 and out == ""
     assert err.startswith("cleanroom: error: ") and err.count("\n") == 1, err
     return err
+
+
+def admin_env(
+    pki: PkiLayout, address: str, kind: str = "operator", name: str = ""
+) -> dict[str, str]:
+    """The environment that points ``cleanroom admin`` at the broker at ``address`` as the
+    identity ``kind``/``name`` of ``pki``, with no other ``CLEANROOM_`` variable."""
+    cert, key = pki.cert_and_key(kind, name)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLEANROOM_")}
+    env.update(
+        CLEANROOM_ADMIN_BROKER=address,
+        CLEANROOM_ADMIN_CERT=str(cert),
+        CLEANROOM_ADMIN_KEY=str(key),
+        CLEANROOM_ADMIN_CA=str(pki.ca_cert),
+    )
+    return env

@@ -1,5 +1,5 @@
 """A whole clean room for the sidecar's end-to-end tests: a real broker, a PKI, parties with keys
-and approvals, a workload, and cleanroom sidecar run started against them."""
+and approvals, a workload, and ``cleanroom sidecar run`` started against them."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Running cleanroom demo as a user would and checking what it left behind."""
+"""Running ``cleanroom demo`` as a user would and checking what it left behind."""
 
 from __future__ import annotations
 

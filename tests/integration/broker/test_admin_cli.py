@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sqlite3
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from cleanroom.app.cli import main
 from evidence.launch import Launch, encode_launch
 from pki.ca import PkiLayout, init_pki
 from tests.harness.swtpm import Swtpm
-from tests.support.admin import admin, admin_fails, admin_json
+from tests.support.admin import admin, admin_env, admin_fails, admin_json
 from tests.support.broker import spawn_broker as support_spawn_broker
 from tests.vectors import tpm2tools
 
@@ -44,15 +43,7 @@ class Broker:
         """The environment that points ``cleanroom admin`` at this broker as ``who``
         (``operator`` or ``party-<name>``)."""
         kind, _, name = who.partition("-")
-        cert, key = self.pki.cert_and_key(kind, name)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CLEANROOM_")}
-        env.update(
-            CLEANROOM_ADMIN_BROKER=self.address,
-            CLEANROOM_ADMIN_CERT=str(cert),
-            CLEANROOM_ADMIN_KEY=str(key),
-            CLEANROOM_ADMIN_CA=str(self.pki.ca_cert),
-        )
-        return env
+        return admin_env(self.pki, self.address, kind, name)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

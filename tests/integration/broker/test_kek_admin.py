@@ -24,7 +24,7 @@ from broker.server.status import KEK_UNAVAILABLE_MESSAGE, KEK_UNUSABLE_MESSAGE
 from cleanroom.app.demo.workspace import toml_document
 from cleanroom.app.emulators.keyvault import FakeKeyVault
 from pki.ca import PkiLayout, init_pki
-from tests.support.admin import admin, admin_fails, admin_json
+from tests.support.admin import admin, admin_env, admin_fails, admin_json
 from tests.support.broker import spawn_broker
 
 CLEANROOM = Path(sys.executable).parent / "cleanroom"
@@ -49,15 +49,7 @@ class ServedBroker:
         )
 
     def env(self, kind: str = "operator", name: str = "") -> dict[str, str]:
-        cert, key = self.pki.cert_and_key(kind, name)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CLEANROOM_")}
-        env.update(
-            CLEANROOM_ADMIN_BROKER=self.address,
-            CLEANROOM_ADMIN_CERT=str(cert),
-            CLEANROOM_ADMIN_KEY=str(key),
-            CLEANROOM_ADMIN_CA=str(self.pki.ca_cert),
-        )
-        return env
+        return admin_env(self.pki, self.address, kind, name)
 
     def stop(self) -> int:
         if self.proc.poll() is None:

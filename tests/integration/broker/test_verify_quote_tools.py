@@ -5,7 +5,6 @@ regression vectors (tests/vectors), and both sets must get the same verdicts."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ import pytest
 
 from broker.errors import VerificationError
 from broker.quote import event_log_to_json
-from tests.harness.swtpm import Swtpm
+from tests.harness.swtpm import Swtpm, running_copy
 from tests.vectors.evidence import QuoteVector, quote_vectors
 from tests.vectors.generate import build_quote_vectors
 
@@ -28,14 +27,8 @@ STORED = {v.name: v for v in quote_vectors()}
 @pytest.fixture(scope="module")
 def tpm(swtpm_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swtpm]:
     """One swtpm for the module: making the evidence once keeps the module fast."""
-    state = tmp_path_factory.mktemp("verify-quote") / "state"
-    shutil.copytree(swtpm_template, state)
-    t = Swtpm(state_dir=state)
-    t.start()
-    try:
+    with running_copy(swtpm_template, tmp_path_factory.mktemp("verify-quote") / "state") as t:
         yield t
-    finally:
-        t.stop()
 
 
 @pytest.fixture(scope="module")

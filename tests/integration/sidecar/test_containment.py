@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.swtpm import Swtpm
+from tests.harness.swtpm import Swtpm, running_copy
 from tests.support.cleanroom import PY, CleanRoom, audit, build_clean_room
 from tests.support.containment import (
     approve_attacks,
@@ -39,14 +39,8 @@ ROWS = 900_000
 
 @pytest.fixture(scope="module")
 def module_tpm(swtpm_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swtpm]:
-    state = tmp_path_factory.mktemp("contain-swtpm") / "state"
-    shutil.copytree(swtpm_template, state)
-    tpm = Swtpm(state_dir=state)
-    tpm.start()
-    try:
+    with running_copy(swtpm_template, tmp_path_factory.mktemp("contain-swtpm") / "state") as tpm:
         yield tpm
-    finally:
-        tpm.stop()
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ from sealing.envelope import open_bytes
 from sealing.errors import SealingError
 from sealing.keys import generate_recipient_key
 from tests.harness.azurite import Azurite
-from tests.harness.swtpm import Swtpm
+from tests.harness.swtpm import Swtpm, running_copy
 from tests.support.cleanroom import (
     CLEANROOM,
     OUTPUT_RECIPIENTS,
@@ -98,14 +98,8 @@ def files_containing(needle: bytes, roots: Sequence[Path], *, since: float) -> l
 @pytest.fixture(scope="module")
 def module_tpm(swtpm_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swtpm]:
     """One swtpm for the module: the AK is enrolled once and reused, as on a real machine."""
-    state = tmp_path_factory.mktemp("run-swtpm") / "state"
-    shutil.copytree(swtpm_template, state)
-    tpm = Swtpm(state_dir=state)
-    tpm.start()
-    try:
+    with running_copy(swtpm_template, tmp_path_factory.mktemp("run-swtpm") / "state") as tpm:
         yield tpm
-    finally:
-        tpm.stop()
 
 
 @pytest.fixture(scope="module")
