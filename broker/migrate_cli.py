@@ -25,7 +25,7 @@ def _current_revision(url: str) -> str | None:
 
     from broker.errors import StorageError
     from broker.storage import migrate
-    from broker.storage.store import safe_url
+    from broker.storage.engine import safe_url
 
     try:
         parsed = make_url(url)
@@ -51,7 +51,8 @@ def _current_revision(url: str) -> str | None:
 def _migrate(args: argparse.Namespace) -> int:
     from broker.config import load_broker_config
     from broker.storage import migrate
-    from broker.storage.store import Store, safe_url
+    from broker.storage.engine import safe_url
+    from broker.storage.store import Store
 
     config = load_broker_config(args.config)
     url = config.database_url

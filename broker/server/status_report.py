@@ -2,7 +2,7 @@
 
 Read-only: one short read transaction for the counts and the schema revision, the recorded KEK
 fingerprints, and this process's start time. Nothing secret is reported: the database URL has
-its password masked (:func:`broker.storage.store.safe_url`), KEKs appear by ref and fingerprint.
+its password masked (:func:`broker.storage.engine.safe_url`), KEKs appear by ref and fingerprint.
 """
 
 from __future__ import annotations

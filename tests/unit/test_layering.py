@@ -59,7 +59,17 @@ ALLOWED: dict[str, frozenset[str]] = {
 DISPATCHER = "cleanroom.app.cli"
 
 #: Command-line modules: they follow their package's rules and may also use a leaf.
-CLI_MODULES = frozenset({"broker.cli", "broker.admin_cli", "sealing.cli", "pki.cli", "sidecar.cli"})
+CLI_MODULES = frozenset(
+    {
+        "broker.cli",
+        "broker.admin_cli",
+        "broker.admin_status",
+        "broker.migrate_cli",
+        "sealing.cli",
+        "pki.cli",
+        "sidecar.cli",
+    }
+)
 
 
 def package_of(module: str) -> str | None:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+from broker.storage.engine import install_sqlite_hooks
 from broker.storage.migrate import current_revision, head_revision, upgrade
-from broker.storage.store import _install_sqlite_hooks
 from tests.support.broker import CLEANROOM, clean_env
 
 CONFIG = """\
@@ -51,7 +51,7 @@ def test_migrate_upgrades_an_old_database_and_check_reports_it(tmp_path: Path) -
     config.write_text(CONFIG)
     db = config.parent / "broker.db"  # relative to the config file, not the working directory
     engine = sa.create_engine(f"sqlite:///{db}")
-    _install_sqlite_hooks(engine, busy_timeout_ms=5000, synchronous="NORMAL")
+    install_sqlite_hooks(engine, busy_timeout_ms=5000, synchronous="NORMAL")
     with engine.connect() as conn:
         upgrade(conn, "0003")
     engine.dispose()

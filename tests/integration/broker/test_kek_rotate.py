@@ -24,8 +24,8 @@ from broker.storage.store import Store
 from cleanroom.v1 import common_pb2
 from pki.ca import PkiLayout, init_pki
 from sealing.keys import generate_recipient_key
-from tests.integration.broker.test_probes import write_config
 from tests.support.broker import CLEANROOM, clean_env, spawn_broker
+from tests.support.probes import write_config
 
 
 @dataclass

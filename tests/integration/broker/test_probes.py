@@ -22,8 +22,7 @@ import pytest
 from pki.ca import PkiLayout, init_pki
 from tests.harness.postgres import Postgres, _run_as, start_postgres
 from tests.support.broker import CLEANROOM, Spawned, clean_env, spawn_broker
-
-TD = "cleanroom.local"
+from tests.support.probes import write_config
 
 
 def get(address: str, path: str) -> tuple[int, str]:
@@ -33,29 +32,6 @@ def get(address: str, path: str) -> tuple[int, str]:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
-
-
-def write_config(path: Path, pki: PkiLayout, database_url: str) -> Path:
-    cert, key = pki.cert_and_key("broker")
-    path.write_text(
-        "\n".join(
-            [
-                "[broker]",
-                f'database_url = "{database_url}"',
-                f'state_dir = "{path.parent / "state"}"',
-                f'trust_domain = "{TD}"',
-                "[broker.tls]",
-                'listen = "127.0.0.1:0"',
-                f'cert_file = "{cert}"',
-                f'key_file = "{key}"',
-                f'ca_file = "{pki.ca_cert}"',
-                "[broker.metrics]",
-                'listen = "127.0.0.1:0"',
-            ]
-        )
-        + "\n"
-    )
-    return path
 
 
 @pytest.fixture

@@ -726,7 +726,7 @@ def test_an_attestation_denial_is_logged_at_warning(
     )
     room.approve(ADVERTISER, "advertiser-data", WORKLOAD, golden="image-v1")
     caplog.set_level(logging.WARNING, logger="cleanroom.broker")
-    with pytest.raises(AttestationDenied):
+    with pytest.raises(AttestationRefusedError):
         room.broker.attest(SIDECAR, room.evidence(["advertiser-data"]))
     denials = [r for r in caplog.records if r.getMessage().startswith("attestation denied")]
     assert denials and all(r.levelno == logging.WARNING for r in denials)
