@@ -9,7 +9,7 @@ qualifiedSigner, the binding of nonce, ephemeral key and its own TLS certificate
 clock info, PCR 23 of sha1 and sha256 selected, their SHA-256 digest) with tpm2-pytss, signs it
 and marshals the TPMT_SIGNATURE, and sends Attest with the event log. It then checks that both
 data keys were released, and every ``open_every`` attestations it opens one with
-:func:`broker.release.open_release` and compares it with the registered key. The broker runs
+:func:`broker.keyseal.open_release` and compares it with the registered key. The broker runs
 every one of its checks on this evidence; nothing is relaxed on its side.
 
 Ephemeral X25519 keys come from a pool of 512 generated before the measurement and reused round
