@@ -1,10 +1,11 @@
 """Start-up latency of ``cleanroom sidecar run``: from the command to the workload's first
 plaintext byte, once the sidecar is enrolled (target: <= 300 ms on swtpm).
 
-Set-up (as in tests/integration/sidecar/test_run.py, whose helpers this uses): a real swtpm, a
-real broker process over mTLS on loopback, two parties with sealed inputs and an approved
-two-file workload. One warm-up run enrolls the AK by credential activation; then each measured
-run starts ``cleanroom sidecar run --config sidecar.toml -- python -B run.py first-byte``, which
+Set-up (as in tests/integration/sidecar/test_run.py, with tests/support/cleanroom.py's helpers):
+a real swtpm, a real broker process over mTLS on loopback, two parties with sealed inputs and an
+approved two-file workload. One warm-up run enrolls the AK by credential activation; then each
+measured run starts ``cleanroom sidecar run --config sidecar.toml -- python -B run.py
+first-byte``, which
 loads the TPM's persistent AK, measures the two files into PCR 23, gets a challenge, quotes,
 attests, opens the released keys, starts the workload socket and the workload; the workload
 imports the workload SDK, opens the advertiser's input and reads one byte, and prints the
@@ -38,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.harness.swtpm import Swtpm, manufacture
-from tests.integration.sidecar.test_run import (
+from tests.support.cleanroom import (
     PY,
     CleanRoom,
     build_clean_room,
