@@ -40,7 +40,9 @@ from pathlib import Path
 if os.fork() == 0:
     os.setsid()
     if os.fork() == 0:
-        Path(sys.argv[1]).write_text(str(os.getpid()))
+        # Written whole, then renamed: the test waits for the name to exist.
+        Path(sys.argv[1] + ".tmp").write_text(str(os.getpid()))
+        os.rename(sys.argv[1] + ".tmp", sys.argv[1])
         time.sleep(60)
         os._exit(0)
     os._exit(0)
@@ -58,7 +60,9 @@ escaped = sys.argv[1] + ".escaped"
 if os.fork() == 0:
     os.setsid()
     if os.fork() == 0:
-        Path(escaped).write_text(str(os.getpid()))
+        # Written whole, then renamed: the workload waits for the name to exist.
+        Path(escaped + ".tmp").write_text(str(os.getpid()))
+        os.rename(escaped + ".tmp", escaped)
         time.sleep(60)
         os._exit(0)
     os._exit(0)
