@@ -5,8 +5,7 @@ Set-up (as in tests/integration/sidecar/test_run.py, with tests/support/cleanroo
 a real swtpm, a real broker process over mTLS on loopback, two parties with sealed inputs and an
 approved two-file workload. One warm-up run enrolls the AK by credential activation; then each
 measured run starts ``cleanroom sidecar run --config sidecar.toml -- python -B run.py
-first-byte``, which
-loads the TPM's persistent AK, measures the two files into PCR 23, gets a challenge, quotes,
+first-byte``, which loads the TPM's persistent AK, measures the two files into PCR 23, gets a challenge, quotes,
 attests, opens the released keys, starts the workload socket and the workload; the workload
 imports the workload SDK, opens the advertiser's input and reads one byte, and prints the
 CLOCK_MONOTONIC time it got it. The figure is that time minus the time just before the
