@@ -1,16 +1,17 @@
 """Start-up latency of ``cleanroom sidecar run``: from the command to the workload's first
 plaintext byte, once the sidecar is enrolled (target: <= 300 ms on swtpm).
 
-Set-up (as in tests/integration/sidecar/test_run.py, with tests/support/cleanroom.py's helpers):
-a real swtpm, a real broker process over mTLS on loopback, two parties with sealed inputs and an
+Set-up (as in tests/integration/sidecar/test_run.py, with tests/support/cleanroom.py's helpers): a
+real swtpm, a real broker process over mTLS on loopback, two parties with sealed inputs and an
 approved two-file workload. One warm-up run enrolls the AK by credential activation; then each
-measured run starts ``cleanroom sidecar run --config sidecar.toml -- python -B run.py
-first-byte``, which loads the TPM's persistent AK, measures the two files into PCR 23, gets a challenge, quotes,
-attests, opens the released keys, starts the workload socket and the workload; the workload
-imports the workload SDK, opens the advertiser's input and reads one byte, and prints the
-CLOCK_MONOTONIC time it got it. The figure is that time minus the time just before the
-sidecar's process was started. Python caches compiled bytecode (in the benchmark's temporary
-directory), as it has for an installed package.
+measured run starts ``cleanroom sidecar run --config sidecar.toml -- python -B run.py first-byte``,
+which loads the TPM's persistent AK, measures the two files into PCR 23, gets a challenge, quotes,
+attests, opens the released keys, starts the workload socket and the workload; the workload imports
+the workload SDK, opens the advertiser's input and reads one byte, and prints the CLOCK_MONOTONIC
+time it got it. The figure is that time minus the time just before the sidecar's process was
+started. The baseline keeps Python's bytecode cache in the benchmark's temporary directory; the
+workload under the sidecar gets only its approved environment and runs with -B, so it reads only the
+caches the installation already has.
 
 Baseline in the same run: the same workload script run without the sidecar, reading the same
 plaintext from a local file (``python -B run.py first-byte FILE``): Python's start-up, the SDK
