@@ -15,39 +15,36 @@ environment (``CLEANROOM_ADMIN_BROKER``, ``CLEANROOM_ADMIN_CERT``, ``CLEANROOM_A
 from __future__ import annotations
 
 import argparse
-import base64
-import datetime as dt
 import hashlib
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, TextIO
+from typing import TYPE_CHECKING, Any, Final
 
+from broker.admin_common import (
+    b64,
+    command_group,
+    connection_options,
+    format_fields,
+    format_table,
+    format_time,
+    leaf_command,
+    open_client,
+    output_for,
+    yes_no,
+)
 from broker.errors import AdminUsageError, BrokerError
 from broker.manifests import check_bank_name, hex_value, manifest_from_files, manifest_from_json
 from evidence.manifest import MANIFEST_BANKS, expected_pcr23
 from evidence.pcr import BANK_SIZES, WORKLOAD_PCR
 
 if TYPE_CHECKING:
-    from google.protobuf.timestamp_pb2 import Timestamp
-
-    from broker.client import BrokerClient
     from cleanroom.v1 import admin_pb2, common_pb2
     from evidence.launch import Launch
     from evidence.manifest import ManifestEntry
-
-#: Where the broker listens unless told otherwise (the broker's default ``tls.listen``).
-DEFAULT_BROKER: Final = "127.0.0.1:50051"
-ENV_BROKER: Final = "CLEANROOM_ADMIN_BROKER"
-ENV_CERT: Final = "CLEANROOM_ADMIN_CERT"
-ENV_KEY: Final = "CLEANROOM_ADMIN_KEY"
-ENV_CA: Final = "CLEANROOM_ADMIN_CA"
-ENV_TIMEOUT: Final = "CLEANROOM_ADMIN_TIMEOUT"
-ENV_SERVER_NAME: Final = "CLEANROOM_ADMIN_SERVER_NAME"
 
 _MAX_INPUT_FILE: Final = 1 << 20  # public keys, certificates, quotes and manifests are small
 #: The broker's bounds on ``audit list`` (``broker.server.validate.MAX_AUDIT_SEQUENCE`` and
@@ -55,8 +52,6 @@ _MAX_INPUT_FILE: Final = 1 << 20  # public keys, certificates, quotes and manife
 #: number outside them is a usage error, before anything is sent.
 AUDIT_MAX_SEQUENCE: Final = 2**63 - 1
 AUDIT_MAX_PAGE: Final = 1000
-
-Handler = Callable[[argparse.Namespace], int]
 
 
 # --- small parsers ---------------------------------------------------------------------------
@@ -205,41 +200,6 @@ def recipient_key_pb(path: str | os.PathLike[str]) -> common_pb2.RecipientKey:
 # --- output ----------------------------------------------------------------------------------
 
 
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Left-aligned columns separated by two spaces; ``(none)`` for no rows."""
-    if not rows:
-        return "(none)\n"
-    widths = [len(h) for h in headers]
-    for row in rows:
-        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
-    lines = [
-        "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
-        for cells in (headers, *rows)
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def format_fields(fields: Sequence[tuple[str, str]]) -> str:
-    """``name: value`` lines with the values aligned."""
-    width = max(len(k) for k, _ in fields) + 1
-    return "".join(f"{(k + ':').ljust(width)} {v}\n" for k, v in fields)
-
-
-def _time(ts: Timestamp) -> str:
-    if ts.seconds == 0 and ts.nanos == 0:
-        return ""
-    when = dt.datetime.fromtimestamp(ts.seconds, dt.UTC)
-    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def _yes(flag: bool) -> str:
-    return "yes" if flag else "no"
-
-
 def _bank(value: int) -> str:
     from evidence.proto import bank_from_pb
 
@@ -267,10 +227,10 @@ def ek_dict(ek: admin_pb2.EkInfo) -> dict[str, Any]:
         "ek_id": ek.ek_id,
         "revoked": ek.revoked,
         "revoked_reason": ek.revoked_reason,
-        "enrolled_at": _time(ek.enrolled_at),
+        "enrolled_at": format_time(ek.enrolled_at),
         "has_certificate": bool(ek.ek_certificate),
-        "ek_public": _b64(ek.ek_public),
-        "ek_certificate": _b64(ek.ek_certificate),
+        "ek_public": b64(ek.ek_public),
+        "ek_certificate": b64(ek.ek_certificate),
     }
 
 
@@ -280,8 +240,8 @@ def ak_dict(ak: admin_pb2.AkInfo) -> dict[str, Any]:
         "ek_id": ak.ek_id,
         "enrolled_by": ak.enrolled_by,
         "revoked": ak.revoked,
-        "enrolled_at": _time(ak.enrolled_at),
-        "ak_public": _b64(ak.ak_public),
+        "enrolled_at": format_time(ak.enrolled_at),
+        "ak_public": b64(ak.ak_public),
     }
 
 
@@ -292,7 +252,7 @@ def pcr_value_dict(v: common_pb2.PcrValue) -> dict[str, Any]:
 def golden_dict(g: admin_pb2.GoldenPcrSet) -> dict[str, Any]:
     return {
         "name": g.name,
-        "updated_at": _time(g.updated_at),
+        "updated_at": format_time(g.updated_at),
         "values": [pcr_value_dict(v) for v in g.accepted_values],
     }
 
@@ -302,7 +262,7 @@ def party_dict(p: admin_pb2.Party) -> dict[str, Any]:
         "name": p.name,
         "kem": _kem_name(p.recipient_key.kem),
         "fingerprint": _fingerprint(p.recipient_key),
-        "public_key": _b64(p.recipient_key.public_key),
+        "public_key": b64(p.recipient_key.public_key),
     }
 
 
@@ -312,7 +272,7 @@ def data_key_dict(k: admin_pb2.DataKeyInfo) -> dict[str, Any]:
         "owner": k.owner_party,
         "description": k.description,
         "kek_ref": k.kek_ref,
-        "created_at": _time(k.created_at),
+        "created_at": format_time(k.created_at),
     }
 
 
@@ -322,7 +282,7 @@ def party_kek_dict(k: admin_pb2.PartyKek) -> dict[str, Any]:
         "kek_ref": k.kek_ref,
         "source": k.source,
         "checked_key": k.checked_key,
-        "updated_at": _time(k.updated_at),
+        "updated_at": format_time(k.updated_at),
     }
 
 
@@ -358,7 +318,7 @@ def approval_dict(a: admin_pb2.Approval) -> dict[str, Any]:
         "golden_set": a.golden_set,
         "require_snp": a.require_snp,
         "revoked": a.revoked,
-        "created_at": _time(a.created_at),
+        "created_at": format_time(a.created_at),
         "expected_pcrs": {_bank(v.bank): v.value.hex() for v in a.expected_pcrs},
         "manifest": manifest_dict(a.manifest),
     }
@@ -367,7 +327,7 @@ def approval_dict(a: admin_pb2.Approval) -> dict[str, Any]:
 def audit_dict(r: admin_pb2.AuditRecord) -> dict[str, Any]:
     return {
         "sequence": r.sequence,
-        "time": _time(r.time),
+        "time": format_time(r.time),
         "actor": r.actor,
         "action": r.action,
         "subject": r.subject,
@@ -380,66 +340,7 @@ def audit_dict(r: admin_pb2.AuditRecord) -> dict[str, Any]:
     }
 
 
-class Output:
-    """Prints either JSON (one document per command) or human-readable text."""
-
-    def __init__(self, *, as_json: bool, stream: TextIO | None = None) -> None:
-        self.as_json = as_json
-        self.stream = stream if stream is not None else sys.stdout
-
-    def emit(self, doc: object, text: str) -> None:
-        if self.as_json:
-            self.stream.write(json.dumps(doc, indent=2, sort_keys=False) + "\n")
-        else:
-            self.stream.write(text)
-
-
 # --- connection ------------------------------------------------------------------------------
-
-
-def _setting(args: argparse.Namespace, attr: str, env: str, option: str) -> str:
-    value = getattr(args, attr, None) or os.environ.get(env)
-    if not value:
-        raise AdminUsageError(f"no {option} given: pass {option} or set {env}")
-    return str(value)
-
-
-@contextmanager
-def open_client(args: argparse.Namespace) -> Iterator[BrokerClient]:
-    """The client for the connection options in ``args`` (falling back to the environment).
-
-    Raises:
-        AdminUsageError: a certificate, key or CA file is not named, or the timeout is bad.
-        ClientSetupError: a file is unusable or the broker address is malformed.
-    """
-    from broker.client import BrokerClient
-
-    target = getattr(args, "broker", None) or os.environ.get(ENV_BROKER) or DEFAULT_BROKER
-    cert = _setting(args, "tls_cert", ENV_CERT, "--cert")
-    key = _setting(args, "tls_key", ENV_KEY, "--key")
-    ca = _setting(args, "tls_ca", ENV_CA, "--ca")
-    timeout_text = getattr(args, "timeout", None) or os.environ.get(ENV_TIMEOUT) or "10"
-    try:
-        timeout = float(timeout_text)
-    except ValueError:
-        raise AdminUsageError(f"--timeout {timeout_text!r} is not a number") from None
-    if timeout <= 0:
-        raise AdminUsageError("--timeout must be positive")
-    server_name = getattr(args, "server_name", None) or os.environ.get(ENV_SERVER_NAME) or None
-    client = BrokerClient.connect(
-        target=target,
-        cert_file=cert,
-        key_file=key,
-        ca_file=ca,
-        timeout=timeout,
-        server_name=server_name,
-    )
-    with client:
-        yield client
-
-
-def _out(args: argparse.Namespace) -> Output:
-    return Output(as_json=bool(getattr(args, "json", False)))
 
 
 # --- ek ----------------------------------------------------------------------------------------
@@ -449,9 +350,9 @@ def _ek_fields(ek: admin_pb2.EkInfo) -> str:
     return format_fields(
         [
             ("EK id", ek.ek_id),
-            ("certificate", _yes(bool(ek.ek_certificate))),
+            ("certificate", yes_no(bool(ek.ek_certificate))),
             ("revoked", (ek.revoked_reason or "yes") if ek.revoked else "no"),
-            ("enrolled at", _time(ek.enrolled_at)),
+            ("enrolled at", format_time(ek.enrolled_at)),
         ]
     )
 
@@ -463,14 +364,14 @@ def _ek_enroll(args: argparse.Namespace) -> int:
         ek = client.enroll_ek(
             public, ek_certificate=cert, allow_without_certificate=args.no_certificate
         )
-    _out(args).emit(ek_dict(ek), _ek_fields(ek))
+    output_for(args).emit(ek_dict(ek), _ek_fields(ek))
     return 0
 
 
 def _ek_revoke(args: argparse.Namespace) -> int:
     with open_client(args) as client:
         client.revoke_ek(args.ek_id, reason=args.reason)
-    _out(args).emit({"ek_id": args.ek_id, "revoked": True}, f"revoked EK {args.ek_id}\n")
+    output_for(args).emit({"ek_id": args.ek_id, "revoked": True}, f"revoked EK {args.ek_id}\n")
     return 0
 
 
@@ -482,7 +383,7 @@ def _ek_readmit(args: argparse.Namespace) -> int:
         if was_revoked
         else f"EK {args.ek_id} was not revoked (nothing changed)\n"
     )
-    _out(args).emit({"ek_id": args.ek_id, "was_revoked": was_revoked}, text)
+    output_for(args).emit({"ek_id": args.ek_id, "was_revoked": was_revoked}, text)
     return 0
 
 
@@ -494,15 +395,15 @@ def _ek_list(args: argparse.Namespace) -> int:
     rows = [
         [
             e.ek_id,
-            _yes(bool(e.ek_certificate)),
-            _yes(e.revoked),
-            _time(e.enrolled_at),
+            yes_no(bool(e.ek_certificate)),
+            yes_no(e.revoked),
+            format_time(e.enrolled_at),
             (e.revoked_reason or "-") if e.revoked else "-",
         ]
         for e in eks
     ]
     text = format_table(["EK ID", "CERTIFICATE", "REVOKED", "ENROLLED AT", "REASON"], rows)
-    _out(args).emit([ek_dict(e) for e in eks], text)
+    output_for(args).emit([ek_dict(e) for e in eks], text)
     return 0
 
 
@@ -518,17 +419,19 @@ def _ak_enroll(args: argparse.Namespace) -> int:
             ("AK name", ak.ak_name),
             ("EK id", ak.ek_id or "-"),
             ("enrolled by", ak.enrolled_by),
-            ("enrolled at", _time(ak.enrolled_at)),
+            ("enrolled at", format_time(ak.enrolled_at)),
         ]
     )
-    _out(args).emit(ak_dict(ak), text)
+    output_for(args).emit(ak_dict(ak), text)
     return 0
 
 
 def _ak_revoke(args: argparse.Namespace) -> int:
     with open_client(args) as client:
         client.revoke_ak(args.ak_name, reason=args.reason)
-    _out(args).emit({"ak_name": args.ak_name, "revoked": True}, f"revoked AK {args.ak_name}\n")
+    output_for(args).emit(
+        {"ak_name": args.ak_name, "revoked": True}, f"revoked AK {args.ak_name}\n"
+    )
     return 0
 
 
@@ -536,11 +439,11 @@ def _ak_list(args: argparse.Namespace) -> int:
     with open_client(args) as client:
         aks = client.list_aks()
     rows = [
-        [a.ak_name, a.ek_id or "-", a.enrolled_by, _yes(a.revoked), _time(a.enrolled_at)]
+        [a.ak_name, a.ek_id or "-", a.enrolled_by, yes_no(a.revoked), format_time(a.enrolled_at)]
         for a in aks
     ]
     text = format_table(["AK NAME", "EK ID", "ENROLLED BY", "REVOKED", "ENROLLED AT"], rows)
-    _out(args).emit([ak_dict(a) for a in aks], text)
+    output_for(args).emit([ak_dict(a) for a in aks], text)
     return 0
 
 
@@ -549,7 +452,7 @@ def _ak_list(args: argparse.Namespace) -> int:
 
 def _golden_text(g: admin_pb2.GoldenPcrSet) -> str:
     rows = [[f"{_bank(v.bank)}:{v.index}", v.value.hex()] for v in g.accepted_values]
-    head = f"golden set {g.name} (updated {_time(g.updated_at) or '-'})\n"
+    head = f"golden set {g.name} (updated {format_time(g.updated_at) or '-'})\n"
     return head + format_table(["PCR", "ACCEPTED VALUE"], rows)
 
 
@@ -583,7 +486,7 @@ def _golden_set(args: argparse.Namespace) -> int:
     ]
     with open_client(args) as client:
         golden = client.set_golden_pcr_set(args.name, pbs)
-    _out(args).emit(golden_dict(golden), _golden_text(golden))
+    output_for(args).emit(golden_dict(golden), _golden_text(golden))
     return 0
 
 
@@ -591,19 +494,19 @@ def _golden_list(args: argparse.Namespace) -> int:
     with open_client(args) as client:
         sets = client.list_golden_pcr_sets()
     rows = [
-        [g.name, f"{_bank(v.bank)}:{v.index}", v.value.hex(), _time(g.updated_at)]
+        [g.name, f"{_bank(v.bank)}:{v.index}", v.value.hex(), format_time(g.updated_at)]
         for g in sets
         for v in g.accepted_values
     ]
     text = format_table(["NAME", "PCR", "ACCEPTED VALUE", "UPDATED AT"], rows)
-    _out(args).emit([golden_dict(g) for g in sets], text)
+    output_for(args).emit([golden_dict(g) for g in sets], text)
     return 0
 
 
 def _golden_delete(args: argparse.Namespace) -> int:
     with open_client(args) as client:
         client.delete_golden_pcr_set(args.name)
-    _out(args).emit({"name": args.name, "deleted": True}, f"deleted golden set {args.name}\n")
+    output_for(args).emit({"name": args.name, "deleted": True}, f"deleted golden set {args.name}\n")
     return 0
 
 
@@ -618,7 +521,7 @@ def _party_add(args: argparse.Namespace) -> int:
     text = format_fields(
         [("party", d["name"]), ("kem", d["kem"]), ("fingerprint", d["fingerprint"])]
     )
-    _out(args).emit(d, text)
+    output_for(args).emit(d, text)
     return 0
 
 
@@ -627,7 +530,7 @@ def _party_list(args: argparse.Namespace) -> int:
         parties = client.list_parties()
     docs = [party_dict(p) for p in parties]
     rows = [[d["name"], d["kem"], d["fingerprint"]] for d in docs]
-    _out(args).emit(docs, format_table(["PARTY", "KEM", "FINGERPRINT"], rows))
+    output_for(args).emit(docs, format_table(["PARTY", "KEM", "FINGERPRINT"], rows))
     return 0
 
 
@@ -650,16 +553,18 @@ def _key_register(args: argparse.Namespace) -> int:
     text = format_fields(
         [("key id", d["key_id"]), ("owner", d["owner"]), ("wrapped by", d["kek_ref"])]
     )
-    _out(args).emit(d, text)
+    output_for(args).emit(d, text)
     return 0
 
 
 def _key_list(args: argparse.Namespace) -> int:
     with open_client(args) as client:
         keys = client.list_data_keys()
-    rows = [[k.key_id, k.owner_party, k.kek_ref, _time(k.created_at), k.description] for k in keys]
+    rows = [
+        [k.key_id, k.owner_party, k.kek_ref, format_time(k.created_at), k.description] for k in keys
+    ]
     text = format_table(["KEY ID", "OWNER", "KEK", "CREATED AT", "DESCRIPTION"], rows)
-    _out(args).emit([data_key_dict(k) for k in keys], text)
+    output_for(args).emit([data_key_dict(k) for k in keys], text)
     return 0
 
 
@@ -676,7 +581,7 @@ def _key_rewrap(args: argparse.Namespace) -> int:
             ("was wrapped by", response.previous_kek_ref or "-"),
         ]
     )
-    _out(args).emit(d, text)
+    output_for(args).emit(d, text)
     return 0
 
 
@@ -695,7 +600,7 @@ def _kek_import(args: argparse.Namespace) -> int:
             ("applies to", "data keys the party registers from now on"),
         ]
     )
-    _out(args).emit(d, text)
+    output_for(args).emit(d, text)
     return 0
 
 
@@ -704,16 +609,16 @@ def _kek_check(args: argparse.Namespace) -> int:
         response = client.check_kek(args.ref)
     d = {"kek_ref": response.kek_ref, "checked_key": response.checked_key, "usable": True}
     text = f"{response.kek_ref}: the broker wraps and unwraps with {response.checked_key}\n"
-    _out(args).emit(d, text)
+    output_for(args).emit(d, text)
     return 0
 
 
 def _kek_list(args: argparse.Namespace) -> int:
     with open_client(args) as client:
         keks = client.list_party_keks()
-    rows = [[k.party, k.kek_ref, k.source, _time(k.updated_at)] for k in keks]
+    rows = [[k.party, k.kek_ref, k.source, format_time(k.updated_at)] for k in keks]
     text = format_table(["PARTY", "KEK", "SOURCE", "IMPORTED AT"], rows)
-    _out(args).emit([party_kek_dict(k) for k in keks], text)
+    output_for(args).emit([party_kek_dict(k) for k in keks], text)
     return 0
 
 
@@ -807,8 +712,8 @@ def _approval_text(a: admin_pb2.Approval) -> str:
         ("keys", ", ".join(a.key_ids)),
         ("recipients", ", ".join(a.output_recipients)),
         ("golden set", a.golden_set or "-"),
-        ("needs SNP", _yes(a.require_snp)),
-        ("revoked", _yes(a.revoked)),
+        ("needs SNP", yes_no(a.require_snp)),
+        ("revoked", yes_no(a.revoked)),
     ]
     fields += _launch_fields(a.manifest)
     for v in a.expected_pcrs:
@@ -856,7 +761,7 @@ def _workload_approve(args: argparse.Namespace) -> int:
                 f"{v.value.hex()} but the manifest gives {local[bank].hex()}; revoke it with "
                 f"'cleanroom admin workload revoke {approval.approval_id}'"
             )
-    _out(args).emit(approval_dict(approval), _approval_text(approval))
+    output_for(args).emit(approval_dict(approval), _approval_text(approval))
     return 0
 
 
@@ -875,7 +780,7 @@ def _workload_revoke(args: argparse.Namespace) -> int:
     with open_client(args) as client:
         client.revoke_approval(args.approval_id)
     doc = {"approval_id": args.approval_id, "revoked": True}
-    _out(args).emit(doc, f"revoked approval {args.approval_id}\n")
+    output_for(args).emit(doc, f"revoked approval {args.approval_id}\n")
     return 0
 
 
@@ -890,14 +795,14 @@ def _workload_list(args: argparse.Namespace) -> int:
             ",".join(a.key_ids),
             ",".join(a.output_recipients),
             a.golden_set or "-",
-            _yes(a.revoked),
+            yes_no(a.revoked),
         ]
         for a in approvals
     ]
     text = format_table(
         ["APPROVAL ID", "PARTY", "WORKLOAD", "KEYS", "RECIPIENTS", "GOLDEN SET", "REVOKED"], rows
     )
-    _out(args).emit([approval_dict(a) for a in approvals], text)
+    output_for(args).emit([approval_dict(a) for a in approvals], text)
     return 0
 
 
@@ -908,11 +813,11 @@ def _audit_list(args: argparse.Namespace) -> int:
     with open_client(args) as client:
         records = client.list_audit_records(after_sequence=args.after, limit=args.limit)
     rows = [
-        [str(r.sequence), _time(r.time), r.actor, r.action, r.subject, r.decision, r.reason]
+        [str(r.sequence), format_time(r.time), r.actor, r.action, r.subject, r.decision, r.reason]
         for r in records
     ]
     text = format_table(["SEQ", "TIME", "ACTOR", "ACTION", "SUBJECT", "DECISION", "REASON"], rows)
-    _out(args).emit([audit_dict(r) for r in records], text)
+    output_for(args).emit([audit_dict(r) for r in records], text)
     return 0
 
 
@@ -928,7 +833,7 @@ def _audit_verify(args: argparse.Namespace) -> int:
         "problem": report.problem,
     }
     if report.valid:
-        _out(args).emit(doc, f"audit log intact: {report.records_checked} records checked\n")
+        output_for(args).emit(doc, f"audit log intact: {report.records_checked} records checked\n")
         return 0
     message = (
         f"audit log chain is broken at sequence {report.first_bad_sequence}: "
@@ -936,7 +841,7 @@ def _audit_verify(args: argparse.Namespace) -> int:
     )
     if getattr(args, "json", False):
         # Scripts get the report on stdout and the verdict in the exit status.
-        _out(args).emit(doc, "")
+        output_for(args).emit(doc, "")
         print(f"cleanroom: error: {message}", file=sys.stderr)
         return 1
     raise AuditChainError(message)
@@ -945,72 +850,11 @@ def _audit_verify(args: argparse.Namespace) -> int:
 # --- the parser --------------------------------------------------------------------------------
 
 
-def _connection_options(
-    p: argparse.ArgumentParser, *, leaf: bool, skip: frozenset[str] = frozenset()
-) -> None:
-    """The global options. On leaves they are hidden and only override what was given before
-    the command group, so ``admin --json ak list`` and ``admin ak list --json`` both work.
-    ``skip`` leaves out options whose spelling the leaf uses for something else."""
-
-    def kw(help_text: str) -> dict[str, Any]:
-        if leaf:
-            return {"default": argparse.SUPPRESS, "help": argparse.SUPPRESS}
-        return {"default": None, "help": help_text}
-
-    options = [
-        (
-            "--broker",
-            "broker",
-            "HOST:PORT",
-            f"the broker's address (env {ENV_BROKER}; default {DEFAULT_BROKER})",
-        ),
-        ("--cert", "tls_cert", "FILE", f"client certificate PEM (env {ENV_CERT})"),
-        ("--key", "tls_key", "FILE", f"client private key PEM (env {ENV_KEY})"),
-        ("--ca", "tls_ca", "FILE", f"CA bundle PEM (env {ENV_CA})"),
-        ("--timeout", "timeout", "SECONDS", f"per-call deadline (env {ENV_TIMEOUT}; default 10)"),
-        (
-            "--server-name",
-            "server_name",
-            "NAME",
-            "the DNS name the broker's certificate carries, when --broker is an address that is "
-            f"not it (env {ENV_SERVER_NAME})",
-        ),
-    ]
-    for flag, dest, metavar, help_text in options:
-        if flag not in skip:
-            p.add_argument(flag, dest=dest, metavar=metavar, **kw(help_text))
-    if leaf:
-        p.add_argument(
-            "--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
-        )
-    else:
-        p.add_argument("--json", action="store_true", help="print JSON instead of tables")
-
-
-def _group(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help_text: str
-) -> argparse._SubParsersAction[argparse.ArgumentParser]:
-    p = sub.add_parser(name, help=help_text, description=help_text)
-    return p.add_subparsers(dest=f"admin_{name}_command", metavar="SUBCOMMAND", required=True)
-
-
-def _leaf(
-    group: argparse._SubParsersAction[argparse.ArgumentParser],
-    name: str,
-    help_text: str,
-    func: Handler,
-    *,
-    skip: frozenset[str] = frozenset(),
-) -> argparse.ArgumentParser:
-    p = group.add_parser(name, help=help_text, description=help_text)
-    _connection_options(p, leaf=True, skip=skip)
-    p.set_defaults(func=func)
-    return p
-
-
 def _register_ek(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    g = _group(sub, "ek", "endorsement keys (operator)")
-    p = _leaf(g, "enroll", "enroll an EK with its certificate, or vouch for it without", _ek_enroll)
+    g = command_group(sub, "ek", "endorsement keys (operator)")
+    p = leaf_command(
+        g, "enroll", "enroll an EK with its certificate, or vouch for it without", _ek_enroll
+    )
     p.add_argument(
         "--public",
         required=True,
@@ -1024,10 +868,12 @@ def _register_ek(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         action="store_true",
         help="enroll without a certificate: the operator vouches for this EK",
     )
-    p = _leaf(g, "revoke", "revoke an EK: no AK of its TPM, old or new, can attest", _ek_revoke)
+    p = leaf_command(
+        g, "revoke", "revoke an EK: no AK of its TPM, old or new, can attest", _ek_revoke
+    )
     p.add_argument("ek_id", metavar="ID", help="the EK id (ek list)")
     p.add_argument("--reason", default="", help="recorded in the audit log")
-    p = _leaf(
+    p = leaf_command(
         g,
         "readmit",
         "re-admit a revoked EK (after ek revoke or ak revoke): its TPM may enroll new AKs",
@@ -1035,27 +881,27 @@ def _register_ek(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     p.add_argument("ek_id", metavar="ID", help="the EK id (ek list)")
     p.add_argument("--reason", default="", help="recorded in the audit log")
-    _leaf(g, "list", "list enrolled EKs", _ek_list)
+    leaf_command(g, "list", "list enrolled EKs", _ek_list)
 
 
 def _register_ak(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    g = _group(sub, "ak", "attestation keys (operator)")
-    p = _leaf(g, "enroll", "enroll an AK directly: the operator vouches for it", _ak_enroll)
+    g = command_group(sub, "ak", "attestation keys (operator)")
+    p = leaf_command(g, "enroll", "enroll an AK directly: the operator vouches for it", _ak_enroll)
     p.add_argument(
         "--public", required=True, metavar="FILE", help="AK public: tpm2_createak --public or PEM"
     )
     p.add_argument("--ek", metavar="ID", help="the enrolled EK this AK belongs to")
-    p = _leaf(
+    p = leaf_command(
         g, "revoke", "revoke an AK and keep its TPM out until its EK is re-admitted", _ak_revoke
     )
     p.add_argument("ak_name", metavar="NAME", help="the AK name (ak list)")
     p.add_argument("--reason", default="", help="recorded in the audit log")
-    _leaf(g, "list", "list enrolled AKs", _ak_list)
+    leaf_command(g, "list", "list enrolled AKs", _ak_list)
 
 
 def _register_golden(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    g = _group(sub, "golden", "golden PCR sets (operator)")
-    p = _leaf(g, "set", "create or replace a golden PCR set", _golden_set)
+    g = command_group(sub, "golden", "golden PCR sets (operator)")
+    p = leaf_command(g, "set", "create or replace a golden PCR set", _golden_set)
     p.add_argument("name", metavar="NAME")
     p.add_argument(
         "--pcr",
@@ -1083,24 +929,26 @@ def _register_golden(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         metavar="DIR",
         help="accept the PCR values in DIR/quote.msg and DIR/quote.pcrs of a reference machine",
     )
-    _leaf(g, "list", "list golden PCR sets", _golden_list)
-    p = _leaf(g, "delete", "delete a golden PCR set", _golden_delete)
+    leaf_command(g, "list", "list golden PCR sets", _golden_list)
+    p = leaf_command(g, "delete", "delete a golden PCR set", _golden_delete)
     p.add_argument("name", metavar="NAME")
 
 
 def _register_party(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    g = _group(sub, "party", "parties and their output keys (operator)")
-    p = _leaf(g, "add", "add a party with the public key its outputs are sealed to", _party_add)
+    g = command_group(sub, "party", "parties and their output keys (operator)")
+    p = leaf_command(
+        g, "add", "add a party with the public key its outputs are sealed to", _party_add
+    )
     p.add_argument("name", metavar="NAME")
     p.add_argument(
         "--public-key", required=True, metavar="FILE", help="the party's cleanroom keygen .pub"
     )
-    _leaf(g, "list", "list parties", _party_list)
+    leaf_command(g, "list", "list parties", _party_list)
 
 
 def _register_key(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    g = _group(sub, "key", "data keys (parties register; the operator rewraps)")
-    p = _leaf(g, "register", "seal a data key to the broker and register it", _key_register)
+    g = command_group(sub, "key", "data keys (parties register; the operator rewraps)")
+    p = leaf_command(g, "register", "seal a data key to the broker and register it", _key_register)
     p.add_argument("--key-id", required=True, metavar="ID")
     p.add_argument(
         "--data-key",
@@ -1109,8 +957,8 @@ def _register_key(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="the raw 32-byte key written by cleanroom seal --data-key-out",
     )
     p.add_argument("--description", default="")
-    _leaf(g, "list", "list data keys (a party sees its own)", _key_list)
-    p = _leaf(
+    leaf_command(g, "list", "list data keys (a party sees its own)", _key_list)
+    p = leaf_command(
         g,
         "rewrap",
         "rewrap a data key under another KEK inside the broker (operator)",
@@ -1126,8 +974,8 @@ def _register_key(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def _register_kek(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    g = _group(sub, "kek", "key-encryption keys that wrap the parties' data keys (operator)")
-    p = _leaf(
+    g = command_group(sub, "kek", "key-encryption keys that wrap the parties' data keys (operator)")
+    p = leaf_command(
         g,
         "import",
         "use a party's existing Key Vault key for its new data keys, once the broker checked it",
@@ -1140,9 +988,9 @@ def _register_kek(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         metavar="REF",
         help="azurekv:https://<vault>/keys/<name>[/<version>] (or local)",
     )
-    p = _leaf(g, "check", "check that the broker can wrap and unwrap with a KEK", _kek_check)
+    p = leaf_command(g, "check", "check that the broker can wrap and unwrap with a KEK", _kek_check)
     p.add_argument("ref", metavar="REF", help="azurekv:https://<vault>/keys/<name> or local")
-    _leaf(g, "list", "which KEK each party's new data keys get, and why", _kek_list)
+    leaf_command(g, "list", "which KEK each party's new data keys get, and why", _kek_list)
 
 
 def _workload_file_options(p: argparse.ArgumentParser) -> None:
@@ -1187,9 +1035,9 @@ def _workload_launch_options(p: argparse.ArgumentParser) -> None:
 
 
 def _register_workload(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    g = _group(sub, "workload", "workload approvals (parties)")
+    g = command_group(sub, "workload", "workload approvals (parties)")
     # Here --key names data keys, so the client key must come before the group (or from env).
-    p = _leaf(
+    p = leaf_command(
         g,
         "approve",
         "approve a workload for your keys",
@@ -1235,9 +1083,9 @@ def _register_workload(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     _workload_file_options(p)
     _workload_launch_options(p)
     p.set_defaults(func=_workload_manifest)
-    p = _leaf(g, "revoke", "revoke one of your approvals", _workload_revoke)
+    p = leaf_command(g, "revoke", "revoke one of your approvals", _workload_revoke)
     p.add_argument("approval_id", metavar="ID")
-    _leaf(g, "list", "list approvals (a party sees its own)", _workload_list)
+    leaf_command(g, "list", "list approvals (a party sees its own)", _workload_list)
 
 
 def _whole_number(maximum: int) -> Callable[[str], int]:
@@ -1256,8 +1104,8 @@ def _whole_number(maximum: int) -> Callable[[str], int]:
 
 
 def _register_audit(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    g = _group(sub, "audit", "the audit log")
-    p = _leaf(g, "list", "list audit records", _audit_list)
+    g = command_group(sub, "audit", "the audit log")
+    p = leaf_command(g, "list", "list audit records", _audit_list)
     p.add_argument(
         "--after",
         type=_whole_number(AUDIT_MAX_SEQUENCE),
@@ -1272,7 +1120,9 @@ def _register_audit(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="N",
         help=f"at most N records (0: the broker's default page; at most {AUDIT_MAX_PAGE})",
     )
-    _leaf(g, "verify", "check the audit log's hash chain (exit 1 when broken)", _audit_verify)
+    leaf_command(
+        g, "verify", "check the audit log's hash chain (exit 1 when broken)", _audit_verify
+    )
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -1285,7 +1135,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "may also follow the subcommand."
         ),
     )
-    _connection_options(parser, leaf=False)
+    connection_options(parser, leaf=False)
     groups = parser.add_subparsers(dest="admin_command", metavar="GROUP", required=True)
     for reg in (
         _register_ek,
@@ -1306,19 +1156,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 __all__ = [
     "AUDIT_MAX_PAGE",
     "AUDIT_MAX_SEQUENCE",
-    "DEFAULT_BROKER",
-    "ENV_BROKER",
-    "ENV_CA",
-    "ENV_CERT",
-    "ENV_KEY",
     "AdminUsageError",
-    "Output",
     "PcrSpec",
-    "format_fields",
-    "format_table",
     "golden_from_files",
     "golden_from_quote",
-    "open_client",
     "parse_pcr_spec",
     "register",
 ]

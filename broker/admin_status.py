@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from broker.admin_common import format_fields, leaf_command, open_client, output_for
 from cleanroom.v1 import admin_pb2
 
 
@@ -50,7 +51,6 @@ def _duration(seconds: float) -> str:
 
 def status_text(s: admin_pb2.GetStatusResponse) -> str:
     """The human-readable status: one ``name: value`` line per item."""
-    from broker.admin_cli import format_fields
 
     doc = status_doc(s)
     schema = s.schema_revision or "none"
@@ -80,19 +80,17 @@ def status_command(args: argparse.Namespace) -> int:
     Raises:
         BrokerError: the call failed (the client's error for the status code).
     """
-    from broker.admin_cli import _out, open_client
 
     with open_client(args) as client:
         s = client.get_status()
-    _out(args).emit(status_doc(s), status_text(s))
+    output_for(args).emit(status_doc(s), status_text(s))
     return 0
 
 
 def register_status(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Adds ``admin status`` to the admin command groups."""
-    from broker.admin_cli import _leaf
 
-    _leaf(
+    leaf_command(
         sub,
         "status",
         "the broker's version, uptime, database, KEKs, processes, counts (operator)",

@@ -64,6 +64,7 @@ CLI_MODULES = frozenset(
         "broker.cli",
         "broker.admin_cli",
         "broker.admin_status",
+        "broker.admin_common",
         "broker.migrate_cli",
         "sealing.cli",
         "pki.cli",

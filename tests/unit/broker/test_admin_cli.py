@@ -20,12 +20,11 @@ from broker.admin_cli import (
     AUDIT_MAX_SEQUENCE,
     AdminUsageError,
     PcrSpec,
-    format_fields,
-    format_table,
     golden_from_files,
     golden_from_quote,
     parse_pcr_spec,
 )
+from broker.admin_common import format_fields, format_table
 from broker.keyseal import open_registered_key
 from broker.manifests import manifest_from_files, manifest_from_json
 from broker.server.validate import MAX_AUDIT_PAGE, MAX_AUDIT_SEQUENCE
