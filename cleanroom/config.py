@@ -19,13 +19,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cleanroom.errors import CleanroomError
+# Re-exported: callers that load configuration catch its error from the same module.
+from cleanroom.errors import ConfigError as ConfigError
 
 T = TypeVar("T")
-
-
-class ConfigError(CleanroomError):
-    """A configuration file or environment variable is missing, malformed or of the wrong type."""
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:

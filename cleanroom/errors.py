@@ -22,3 +22,7 @@ class CleanroomError(Exception):
             return text
         doc = (type(self).__doc__ or type(self).__name__).strip().splitlines()[0]
         return doc.rstrip(".")
+
+
+class ConfigError(CleanroomError):
+    """A configuration file or environment variable is missing, malformed or of the wrong type."""

@@ -21,7 +21,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Final, Self
 
-from cleanroom.errors import CleanroomError
+from cleanroom.app.errors import (
+    DevTpmError,
+    SwtpmNotInstalledError,
+    SwtpmSetupError,
+    SwtpmStartError,
+)
 from cleanroom.loopback import accepts, free_port, port_is_free
 
 __all__ = [
@@ -48,22 +53,6 @@ _HOST: Final = "127.0.0.1"
 _START_ATTEMPTS: Final = 20
 _STOP_TIMEOUT: Final = 5.0
 _MAX_ERROR_TEXT: Final = 2000
-
-
-class DevTpmError(CleanroomError):
-    """Root of this module's errors: swtpm is missing, cannot manufacture a state or start."""
-
-
-class SwtpmNotInstalledError(DevTpmError):
-    """``swtpm`` or ``swtpm_setup`` is not on PATH, or swtpm-tools' local CA is missing."""
-
-
-class SwtpmSetupError(DevTpmError):
-    """``swtpm_setup`` failed to manufacture a TPM state."""
-
-
-class SwtpmStartError(DevTpmError):
-    """``swtpm socket`` did not start listening (it exited, or no usable port pair was found)."""
 
 
 def check_installed() -> None:
