@@ -1,10 +1,11 @@
-"""Assembling a :class:`~broker.service.Broker` from its configuration.
+"""Opening what a :class:`~broker.core.compose.Broker` needs, from its configuration.
 
 :func:`open_broker` opens (and migrates) the database, the local KEK and the registration key
 under the state directory, registers the Azure Key Vault KEK provider when given ``[keyvault]``
 settings, and reads the trusted EK CA certificates. The broker it returns owns all of them:
 close it (or use it as a context manager) to drop the keys, close the Key Vault clients and
-credential, and close the database.
+credential, and close the database. The wiring itself is the composition root's
+(:func:`broker.core.compose.build_broker`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from sqlalchemy.exc import ArgumentError
 
 from broker.audit import AuditLog
 from broker.config import BrokerConfig
+from broker.core.compose import Broker, build_broker
 from broker.custody import (
     LOCAL_KEK_FILE,
     LOCAL_KEK_REF,
@@ -32,7 +34,6 @@ from broker.custody import (
 )
 from broker.errors import BrokerConfigError, KekError
 from broker.model import AuditEntry
-from broker.service import Broker
 from broker.storage import Store
 from broker.storage.migrate import head_revision
 
@@ -308,8 +309,8 @@ def open_broker(
         store.display_url,
         ", ".join(f"{ref} {fp}" for ref, fp in sorted(fingerprints.items())),
     )
-    return Broker(
-        config=config,
+    return build_broker(
+        config,
         store=store,
         keks=keks,
         registration_key=registration_key,

@@ -8,7 +8,16 @@ in the audit log.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 from cleanroom.errors import CleanroomError
+
+if TYPE_CHECKING:
+    # Typing only: the denial codes and withheld keys are the core's types, and this module
+    # stays importable on its own (the sidecar imports it as part of the broker's client).
+    from broker.core.attestation import WithheldKey
+    from broker.policy import DenialCode
 
 
 class BrokerError(CleanroomError):
@@ -142,6 +151,34 @@ class NotApprovedError(PolicyError):
 
 class RevokedKeyError(EnrollmentError, PolicyError):
     """An EK or AK has been revoked: it can neither enroll nor have keys released to it."""
+
+
+class AttesterRevokedError(RevokedKeyError, PolicyError):
+    """The attesting AK, or the EK it is bound to, is revoked: nothing is released.
+
+    It is both a :class:`RevokedKeyError` (what failed) and a :class:`PolicyError` (where it was
+    decided), so callers that map the policy subtree to one status catch it too.
+    """
+
+
+class AttestationRefusedError(PolicyError):
+    """Nothing was released. The exact reason (``str(e)``) is in the audit log; the client
+    learns only ``code``, the sequence of the verdict's record (``audit_record``) and, when
+    every key was withheld, each key's code and record (``withheld``).
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        code: DenialCode | None = None,
+        audit_record: int = 0,
+        withheld: Sequence[WithheldKey] = (),
+    ) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.audit_record = audit_record
+        self.withheld = tuple(withheld)
 
 
 class UncoveredPcrError(PolicyError):

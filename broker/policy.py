@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from broker.errors import (
+    AttesterRevokedError,
     NotApprovedError,
     PolicyError,
-    RevokedKeyError,
     UncoveredPcrError,
     UnknownPolicyObjectError,
 )
@@ -48,14 +48,6 @@ REQUIRED_BANK = "sha256"
 
 #: The highest PCR index a TPM 2.0 PC-client platform has.
 MAX_PCR_INDEX = 23
-
-
-class AttesterRevokedError(RevokedKeyError, PolicyError):
-    """The attesting AK, or the EK it is bound to, is revoked: nothing is released.
-
-    It is both a :class:`RevokedKeyError` (what failed) and a :class:`PolicyError` (where it was
-    decided), so callers that map the policy subtree to one status catch it too.
-    """
 
 
 @dataclass(frozen=True)

@@ -1,30 +1,28 @@
 """Choosing and changing the KEKs that wrap data keys, inside the broker process.
 
-:func:`rotate_data_key` unwraps one data key with the KEK that wraps it now, wraps it with
-another (a Key Vault key replacing the local KEK, or the current version of a Key Vault key after
-a rotation in the vault), checks that the new wrapping unwraps to the same key, and stores it.
-The plain key exists only in broker memory, in a buffer zeroed afterwards. Each rotation, done or
-refused, is written to the audit log.
+The work is :class:`broker.core.custody.KeyCustody`'s; these functions take the whole broker
+and call its custody use case, for in-process tools and tests that hold a
+:class:`~broker.core.compose.Broker`:
 
-:func:`rotate_kek` does the same for every data key wrapped by one KEK ref.
+* :func:`rotate_data_key` rewraps one data key under another KEK (checked by unwrapping the new
+  wrapping), :func:`rotate_kek` every data key of one KEK ref;
+* :func:`set_party_kek` records a KEK for a party's new data keys after :func:`check_kek` proved
+  that the broker can wrap and unwrap with it; :func:`party_keks` says which KEK each party's
+  new keys get and why.
 
-:func:`set_party_kek` records a KEK (typically a party's own Key Vault key) for a party's new
-data keys, after :func:`check_kek` proved that the broker can wrap and unwrap with it;
-:func:`party_keks` says which KEK each party's new keys get and why.
+Each rotation, check and choice, done or refused, is written to the audit log.
 """
 
 from __future__ import annotations
 
-import hmac
-from dataclasses import dataclass, replace
-from datetime import datetime
-
-from broker.custody import check_kek as _check_kek
-from broker.custody import plain_data_key
-from broker.errors import BrokerError, KekError
-from broker.model import AuditEntry, DataKeyRecord
-from broker.service import Broker
-from broker.storage import PartyKek
+from broker.core.compose import Broker
+from broker.core.custody import (
+    KEK_CHECK_ACTION,
+    PARTY_KEK_ACTION,
+    ROTATION_ACTION,
+    PartyKekChoice,
+)
+from broker.model import DataKeyRecord, PartyKek
 from pki.identity import SpiffeId
 
 __all__ = [
@@ -33,35 +31,12 @@ __all__ = [
     "ROTATION_ACTION",
     "PartyKekChoice",
     "check_kek",
+    "current_kek_ref",
     "party_keks",
     "rotate_data_key",
     "rotate_kek",
     "set_party_kek",
 ]
-
-#: The audit action of a rewrap.
-ROTATION_ACTION = "key.rewrap"
-#: The audit action of recording a party's KEK.
-PARTY_KEK_ACTION = "party.kek"
-#: The audit action of an operator's check of a KEK.
-KEK_CHECK_ACTION = "kek.check"
-
-
-def _rewrap_entry(
-    actor: SpiffeId | str,
-    record: DataKeyRecord | None,
-    key_id: str,
-    decision: str,
-    reason: str,
-) -> AuditEntry:
-    return AuditEntry(
-        actor=str(actor),
-        action=ROTATION_ACTION,
-        subject=key_id,
-        decision=decision,
-        reason=reason,
-        parties=(record.owner,) if record is not None else (),
-    )
 
 
 def current_kek_ref(broker: Broker, key_id: str) -> str:
@@ -70,16 +45,14 @@ def current_kek_ref(broker: Broker, key_id: str) -> str:
     Raises:
         UnknownPolicyObjectError: no data key has that id.
     """
-    return broker.store.get_data_key(key_id).kek_ref
+    return broker.custody.current_kek_ref(key_id)
 
 
 def rotate_data_key(
     broker: Broker, key_id: str, new_kek_ref: str, *, actor: SpiffeId | str = "broker"
 ) -> DataKeyRecord:
-    """Rewraps data key ``key_id`` under the KEK ``new_kek_ref`` and stores the new wrapping.
-
-    ``new_kek_ref`` may equal the current ref: a Key Vault ref without a version then moves the
-    key to the key's current version.
+    """Rewraps data key ``key_id`` under the KEK ``new_kek_ref`` and stores the new wrapping
+    (:meth:`broker.core.custody.KeyCustody.rotate_data_key`).
 
     Raises:
         UnknownPolicyObjectError: no such data key.
@@ -87,137 +60,43 @@ def rotate_data_key(
             does not unwrap to the same key (nothing is stored then).
         StorageError: the database failed.
     """
-    record: DataKeyRecord | None = None
-    try:
-        record = broker.store.get_data_key(key_id)
-        old = broker.keks.get(record.kek_ref)
-        new = broker.keks.get(new_kek_ref)
-        with plain_data_key(old, record) as data_key:
-            wrapped = new.wrap(data_key, key_id=record.key_id, owner=record.owner)
-            back = bytearray(new.unwrap(wrapped, key_id=record.key_id, owner=record.owner))
-            try:
-                if not hmac.compare_digest(bytes(back), bytes(data_key)):
-                    raise KekError(f"the new wrapping of {key_id!r} unwraps to another key")
-            finally:
-                back[:] = bytes(len(back))
-        # The new wrapping and its record commit together (one unit of work).
-        with broker.store.unit_of_work("rewrap data key") as uow:
-            broker.store.rewrap_data_key(key_id, wrapped, new.ref, uow=uow)
-            broker.audit.append_in(
-                uow,
-                [
-                    _rewrap_entry(
-                        actor,
-                        record,
-                        key_id,
-                        "allow",
-                        f"rewrapped from {record.kek_ref} to {new.ref}",
-                    )
-                ],
-            )
-    except BrokerError as e:
-        broker.audit.append(
-            _rewrap_entry(actor, record, key_id, "deny", f"rewrap to {new_kek_ref} failed: {e}")
-        )
-        raise
-    return replace(record, wrapped_key=wrapped, kek_ref=new.ref)
+    return broker.custody.rotate_data_key(key_id, new_kek_ref, actor=actor)
 
 
 def rotate_kek(
     broker: Broker, old_kek_ref: str, new_kek_ref: str, *, actor: SpiffeId | str = "broker"
 ) -> list[DataKeyRecord]:
-    """Rewraps every data key wrapped by ``old_kek_ref`` under ``new_kek_ref``.
-
-    Stops at the first failure; keys rewrapped before it stay rewrapped (each rewrap is
-    complete on its own), so running it again finishes the job.
+    """Rewraps every data key wrapped by ``old_kek_ref`` under ``new_kek_ref``
+    (:meth:`broker.core.custody.KeyCustody.rotate_kek`).
 
     Raises:
         KekError, StorageError: as :func:`rotate_data_key`.
     """
-    done = []
-    for record in broker.store.list_data_keys():
-        if record.kek_ref == old_kek_ref:
-            done.append(rotate_data_key(broker, record.key_id, new_kek_ref, actor=actor))
-    return done
+    return broker.custody.rotate_kek(old_kek_ref, new_kek_ref, actor=actor)
 
 
 def check_kek(broker: Broker, kek_ref: str, *, actor: SpiffeId | str = "broker") -> str:
-    """Proves that the broker can wrap and unwrap with ``kek_ref`` (a random key's round trip;
-    for Key Vault: read the key, wrap, unwrap through Key Vault). Audited either way.
-
-    Returns:
-        What is in use: the versioned Key Vault key id, or the ref of a local KEK.
+    """Proves that the broker can wrap and unwrap with ``kek_ref``; audited either way
+    (:meth:`broker.core.custody.KeyCustody.check_kek`).
 
     Raises:
-        KekError: the ref is malformed or unserved, or the KEK cannot wrap or unwrap (for Key
-            Vault the message starts with the reason: ``key not found``, ``forbidden``, ...).
+        KekError: the ref is malformed or unserved, or the KEK cannot wrap or unwrap.
     """
-    try:
-        checked = _check_kek(broker.keks.get(kek_ref))
-    except BrokerError as e:
-        _audit_kek(broker, actor, KEK_CHECK_ACTION, kek_ref, "deny", str(e))
-        raise
-    _audit_kek(broker, actor, KEK_CHECK_ACTION, kek_ref, "allow", f"wraps and unwraps: {checked}")
-    return checked
+    return broker.custody.check_kek(kek_ref, actor=actor)
 
 
 def set_party_kek(
     broker: Broker, party: str, kek_ref: str, *, actor: SpiffeId | str = "broker"
 ) -> PartyKek:
-    """Records ``kek_ref`` as the KEK of ``party``'s new data keys, after checking that the
-    broker can use it (:func:`check_kek`). It takes precedence over the configuration; keys
-    registered before keep their wrapping (rewrap them with :func:`rotate_data_key`).
+    """Records ``kek_ref`` as the KEK of ``party``'s new data keys after checking it
+    (:meth:`broker.core.custody.KeyCustody.set_party_kek`).
 
     Raises:
         UnknownPolicyObjectError: no such party.
-        KekError: the ref is malformed or unserved, or the KEK cannot wrap or unwrap; nothing
-            is recorded then.
+        KekError: the KEK is unusable; nothing is recorded then.
         StorageError: the database failed.
     """
-    try:
-        broker.store.get_party(party)
-        kek = broker.keks.get(kek_ref)
-        checked = _check_kek(kek)
-        record = PartyKek(
-            party=party, kek_ref=kek.ref, checked_key=checked, updated_at=broker.clock()
-        )
-        # The party's KEK and its record commit together (one unit of work).
-        with broker.store.unit_of_work("set party KEK") as uow:
-            broker.store.set_party_kek(
-                party, record.kek_ref, checked_key=checked, updated_at=record.updated_at, uow=uow
-            )
-            broker.audit.append_in(
-                uow,
-                [
-                    _kek_entry(
-                        actor,
-                        PARTY_KEK_ACTION,
-                        party,
-                        "allow",
-                        f"new data keys wrapped by {record.kek_ref} (checked: {checked})",
-                        party,
-                    )
-                ],
-            )
-    except BrokerError as e:
-        _audit_kek(
-            broker, actor, PARTY_KEK_ACTION, party, "deny", f"KEK {kek_ref} refused: {e}", party
-        )
-        raise
-    return record
-
-
-@dataclass(frozen=True)
-class PartyKekChoice:
-    """Which KEK a party's new data keys get, and why."""
-
-    party: str
-    kek_ref: str
-    #: ``"imported"`` (:func:`set_party_kek`), ``"config"`` (``party_keks``) or ``"default"``.
-    source: str
-    #: For an imported KEK: what its check found, and when it was recorded.
-    checked_key: str = ""
-    updated_at: datetime | None = None
+    return broker.custody.set_party_kek(party, kek_ref, actor=actor)
 
 
 def party_keks(broker: Broker) -> list[PartyKekChoice]:
@@ -226,52 +105,4 @@ def party_keks(broker: Broker) -> list[PartyKekChoice]:
     Raises:
         StorageError: the database failed.
     """
-    imported = {k.party: k for k in broker.store.list_party_keks()}
-    out: list[PartyKekChoice] = []
-    for party in broker.store.list_parties():
-        record = imported.get(party.name)
-        if record is not None:
-            out.append(
-                PartyKekChoice(
-                    party=party.name,
-                    kek_ref=record.kek_ref,
-                    source="imported",
-                    checked_key=record.checked_key,
-                    updated_at=record.updated_at,
-                )
-            )
-        elif party.name in broker.config.party_keks:
-            out.append(PartyKekChoice(party.name, broker.config.party_keks[party.name], "config"))
-        else:
-            out.append(PartyKekChoice(party.name, broker.config.default_kek, "default"))
-    return out
-
-
-def _kek_entry(
-    actor: SpiffeId | str,
-    action: str,
-    subject: str,
-    decision: str,
-    reason: str,
-    party: str = "",
-) -> AuditEntry:
-    return AuditEntry(
-        actor=str(actor),
-        action=action,
-        subject=subject,
-        decision=decision,
-        reason=reason,
-        parties=(party,) if party else (),
-    )
-
-
-def _audit_kek(
-    broker: Broker,
-    actor: SpiffeId | str,
-    action: str,
-    subject: str,
-    decision: str,
-    reason: str,
-    party: str = "",
-) -> None:
-    broker.audit.append(_kek_entry(actor, action, subject, decision, reason, party))
+    return broker.custody.party_keks()

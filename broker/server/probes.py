@@ -23,11 +23,10 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Final
 
-import sqlalchemy as sa
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
 if TYPE_CHECKING:
-    from broker.service import Broker
+    from broker.core.compose import Broker
 
 log = logging.getLogger("cleanroom.broker.probes")
 
@@ -55,25 +54,11 @@ class BrokerReadiness:
 
     def database_problem(self) -> str | None:
         """None when the database answers at this code's schema revision, else why not."""
-        from broker.storage import migrate
-
-        store = self.broker.store
-        try:
-            with store.engine.connect() as conn:
-                current = migrate.current_revision(conn)
-                conn.rollback()
-        except sa.exc.SQLAlchemyError as e:
-            cause = getattr(e, "orig", None) or e
-            return f"database {store.display_url} unreachable: {_first_line(str(cause))}"
-        head = migrate.head_revision()
-        if current != head:
-            return f"database {store.display_url} is at schema {current or 'none'}, needs {head}"
-        return None
+        return self.broker.operations.database_problem()
 
     def kek_problem(self) -> str | None:
         """None when the default KEK round-trips a probe key (or did so recently), else why
         not."""
-        from broker.custody import check_kek
         from broker.errors import BrokerError
 
         now = time.monotonic()
@@ -82,7 +67,7 @@ class BrokerReadiness:
                 return None
         ref = self.broker.config.default_kek
         try:
-            check_kek(self.broker.keks.get(ref))
+            self.broker.custody.check_default_kek()
         except BrokerError as e:
             return f"KEK {ref!r} unusable: {_first_line(str(e))}"
         except Exception as e:  # A provider's unexpected failure is still "not ready".

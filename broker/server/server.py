@@ -1,7 +1,7 @@
 """The broker's gRPC server: one mTLS port for both services, health and reflection.
 
-:class:`BrokerServer` wires a :class:`~broker.service.Broker` into a ``grpc.server`` whose thread
-pool serves 64 concurrent clients, with client certificates required by the TLS handshake and
+:class:`BrokerServer` wires a :class:`~broker.core.compose.Broker` into a ``grpc.server`` whose
+thread pool serves 64 concurrent clients, with client certificates required by the TLS handshake and
 every call run through :class:`~broker.server.interceptor.CallGuard`. Metrics are served over
 plain HTTP on a separate port. :func:`serve` runs it until SIGTERM or SIGINT and then shuts down
 gracefully: health turns NOT_SERVING, the port stops accepting, in-flight calls get a grace
@@ -16,7 +16,6 @@ import threading
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
-from datetime import timedelta
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, Final, Self
 
@@ -26,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from broker.app import open_broker
 from broker.config import BrokerConfig
+from broker.core.compose import Broker
 from broker.errors import BrokerConfigError
 from broker.server.authz import ADMIN_SERVICE, ATTESTATION_SERVICE
 from broker.server.errors import ServerSetupError
@@ -34,7 +34,6 @@ from broker.server.metrics import BrokerMetrics, MetricsHttpServer
 from broker.server.probes import BrokerReadiness
 from broker.server.servicers import AdminServicer, AttestationServicer
 from broker.server.status_report import ProcessInfo
-from broker.service import Broker
 from cleanroom.v1 import admin_pb2_grpc, attestation_pb2_grpc
 from pki.crl import CrlWatcher
 from pki.errors import PKIError
@@ -115,7 +114,7 @@ class BrokerServer:
 
     def _outstanding_nonces(self) -> int:
         try:
-            return self.broker.nonces.count_outstanding()
+            return self.broker.operations.outstanding_nonces()
         except Exception:
             log.warning("cannot count outstanding nonces for metrics", exc_info=True)
             return -1
@@ -142,7 +141,7 @@ class BrokerServer:
         self.metrics.track_outstanding_nonces(self._outstanding_nonces)
         guard = CallGuard(
             trust_domain=config.trust_domain,
-            audit=self.broker.audit,
+            audit=self.broker.operations,
             metrics=self.metrics,
             slow_call_seconds=config.deadline_budget_seconds,
             revocation=revocation,
@@ -206,10 +205,7 @@ class BrokerServer:
         interval = min(MAINTENANCE_INTERVAL_SECONDS, self.config.nonce_ttl_seconds)
         while not self._stop_maintenance.wait(interval):
             try:
-                now = self.broker.clock()
-                ttl = timedelta(seconds=self.config.nonce_ttl_seconds)
-                purged = self.broker.nonces.purge_expired(now - ttl)
-                purged += self.broker.store.purge_credential_challenges(now)
+                purged = self.broker.operations.purge_expired()
                 if purged:
                     log.debug("purged %d expired nonces and credential challenges", purged)
             except Exception:

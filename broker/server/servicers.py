@@ -1,9 +1,10 @@
 """The gRPC servicers of ``cleanroom.v1.AttestationService`` and ``cleanroom.v1.AdminService``.
 
-They validate each request (:mod:`broker.server.validate`), convert it, call the core
-(:class:`broker.service.Broker`) as the caller that the guard put in the call context, and
-convert the result. They never set status codes: exceptions travel up to the guard, which maps
-them in one place (:mod:`broker.server.status`).
+They validate each request (:mod:`broker.server.validate`), convert it, call the core's use
+cases (:mod:`broker.core`) as the caller that the guard put in the call context, and convert the
+result; they reach nothing below the core (no store, nonces or audit log). They never set
+status codes: exceptions travel up to the guard, which maps them in one place
+(:mod:`broker.server.status`).
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import logging
 
 import grpc
 
-from broker import rotation
 from broker.client import ATTEST_DENIAL_METADATA
-from broker.errors import UnknownPolicyObjectError
+from broker.core.attestation import Evidence
+from broker.core.compose import Broker
+from broker.errors import AttestationRefusedError, UnknownPolicyObjectError
 from broker.server import convert, validate
 from broker.server.errors import InvalidRequestError, RateLimitedError
 from broker.server.interceptor import REQUEST_ID_METADATA, current_call
@@ -22,7 +24,6 @@ from broker.server.metrics import BrokerMetrics
 from broker.server.ratelimit import TokenBucketLimiter
 from broker.server.status import attestation_reason_class, reason_label
 from broker.server.status_report import ProcessInfo, status_pb
-from broker.service import AttestationRefusedError, Broker, Evidence
 from cleanroom import __version__
 from cleanroom.v1 import admin_pb2, admin_pb2_grpc, attestation_pb2, attestation_pb2_grpc
 from evidence.proto import bank_to_pb, event_log_from_pb, manifest_from_pb
@@ -47,9 +48,11 @@ class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):
         peer_limiter: TokenBucketLimiter | None = None,
         ak_limiter: TokenBucketLimiter | None = None,
     ) -> None:
-        self.broker = broker
+        self.enrollment = broker.enrollment
+        self.attestation = broker.attestation
         self.metrics = metrics
         config = broker.config
+        self.max_event_log_entries = config.max_event_log_entries
         self.peer_limiter = peer_limiter or TokenBucketLimiter(
             rate=config.challenge_rate_per_peer,
             burst=max(1.0, config.challenge_rate_per_peer * BURST_SECONDS),
@@ -63,7 +66,7 @@ class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):
         self, request: attestation_pb2.StartEnrollmentRequest, context: grpc.ServicerContext
     ) -> attestation_pb2.StartEnrollmentResponse:
         validate.check_start_enrollment(request)
-        challenge = self.broker.start_enrollment(
+        challenge = self.enrollment.start_enrollment(
             current_call().caller,
             ek_public=bytes(request.ek_public),
             ek_certificate=bytes(request.ek_certificate) or None,
@@ -83,7 +86,7 @@ class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):
         self, request: attestation_pb2.CompleteEnrollmentRequest, context: grpc.ServicerContext
     ) -> attestation_pb2.CompleteEnrollmentResponse:
         validate.check_complete_enrollment(request)
-        record = self.broker.complete_enrollment(
+        record = self.enrollment.complete_enrollment(
             current_call().caller, enrollment_id=request.enrollment_id, secret=bytes(request.secret)
         )
         return attestation_pb2.CompleteEnrollmentResponse(ak_name=record.ak_name)
@@ -101,7 +104,7 @@ class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):
         if not self.ak_limiter.try_acquire(request.ak_name):
             self.metrics.rate_limited.labels("ak").inc()
             raise RateLimitedError("too many challenges for this AK; retry later")
-        challenge = self.broker.challenge(caller, request.ak_name)
+        challenge = self.attestation.challenge(caller, request.ak_name)
         response = attestation_pb2.GetChallengeResponse(
             nonce=challenge.nonce, expires_at=convert.timestamp(challenge.expires_at)
         )
@@ -118,7 +121,7 @@ class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):
         try:
             try:
                 ephemeral_key = validate.check_attest(
-                    request, max_event_log_entries=self.broker.config.max_event_log_entries
+                    request, max_event_log_entries=self.max_event_log_entries
                 )
             except InvalidRequestError as e:
                 self._audit_malformed(call.caller, request, e)
@@ -130,7 +133,7 @@ class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):
                 signature=bytes(request.quote.signature),
                 pcr_values=convert.pcr_values_from_pb(request.quote.pcr_values),
                 event_log=event_log_from_pb(
-                    request.event_log, max_events=self.broker.config.max_event_log_entries
+                    request.event_log, max_events=self.max_event_log_entries
                 ),
                 ephemeral_key=ephemeral_key,
                 key_ids=tuple(request.key_ids),
@@ -140,7 +143,7 @@ class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):
                 hcl_report=bytes(request.snp_evidence.hcl_report),
                 vcek=bytes(request.snp_evidence.vcek),
             )
-            outcome = self.broker.attest(call.caller, evidence)
+            outcome = self.attestation.attest(call.caller, evidence)
         except AttestationRefusedError as e:
             self.metrics.attestations.labels("deny", attestation_reason_class(e)).inc()
             if e.code is not None:
@@ -198,7 +201,7 @@ class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):
         except InvalidRequestError:
             subject = ""
         try:
-            self.broker.record_malformed_attest(
+            self.attestation.record_malformed_attest(
                 caller,
                 ak_name=subject,
                 attest=bytes(request.quote.attest),
@@ -214,7 +217,7 @@ class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):
         self, request: attestation_pb2.EndSessionRequest, context: grpc.ServicerContext
     ) -> attestation_pb2.EndSessionResponse:
         validate.check_end_session(request)
-        self.broker.end_session(
+        self.attestation.end_session(
             current_call().caller, request.session_id, request.workload_exit_code, request.outputs
         )
         return attestation_pb2.EndSessionResponse()
@@ -224,24 +227,29 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     """EKs, AKs, golden sets and parties for the operator; keys and approvals for parties."""
 
     def __init__(self, broker: Broker, *, process: ProcessInfo | None = None) -> None:
-        self.broker = broker
+        self.enrollment = broker.enrollment
+        self.administration = broker.administration
+        self.custody = broker.custody
+        self.operations = broker.operations
+        self.clock = broker.clock
+        self.trust_domain = broker.config.trust_domain
         self.process = process or ProcessInfo()
 
     def GetBrokerInfo(
         self, request: admin_pb2.GetBrokerInfoRequest, context: grpc.ServicerContext
     ) -> admin_pb2.GetBrokerInfoResponse:
-        public = self.broker.registration_key.public_key()
+        public = self.administration.registration_public_key()
         return admin_pb2.GetBrokerInfoResponse(
             version=__version__,
             registration_key=convert.recipient_key_pb(public.kem, public.raw),
-            trust_domain=self.broker.config.trust_domain,
+            trust_domain=self.trust_domain,
         )
 
     def EnrollEk(
         self, request: admin_pb2.EnrollEkRequest, context: grpc.ServicerContext
     ) -> admin_pb2.EnrollEkResponse:
         validate.check_enroll_ek(request)
-        record = self.broker.enroll_ek(
+        record = self.enrollment.enroll_ek(
             current_call().caller,
             ek_public=bytes(request.ek_public),
             certificate=bytes(request.ek_certificate) or None,
@@ -253,26 +261,30 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.RevokeEkRequest, context: grpc.ServicerContext
     ) -> admin_pb2.RevokeEkResponse:
         validate.check_revoke_ek(request)
-        self.broker.revoke_ek(current_call().caller, request.ek_id, request.reason)
+        self.enrollment.revoke_ek(current_call().caller, request.ek_id, request.reason)
         return admin_pb2.RevokeEkResponse()
 
     def ReadmitEk(
         self, request: admin_pb2.ReadmitEkRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ReadmitEkResponse:
         validate.check_readmit_ek(request)
-        was_revoked = self.broker.readmit_ek(current_call().caller, request.ek_id, request.reason)
+        was_revoked = self.enrollment.readmit_ek(
+            current_call().caller, request.ek_id, request.reason
+        )
         return admin_pb2.ReadmitEkResponse(was_revoked=was_revoked)
 
     def ListEks(
         self, request: admin_pb2.ListEksRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ListEksResponse:
-        return admin_pb2.ListEksResponse(eks=[convert.ek_to_pb(e) for e in self.broker.list_eks()])
+        return admin_pb2.ListEksResponse(
+            eks=[convert.ek_to_pb(e) for e in self.administration.list_eks()]
+        )
 
     def EnrollAk(
         self, request: admin_pb2.EnrollAkRequest, context: grpc.ServicerContext
     ) -> admin_pb2.EnrollAkResponse:
         validate.check_enroll_ak(request)
-        record = self.broker.enroll_ak(
+        record = self.enrollment.enroll_ak(
             current_call().caller, ak_public=bytes(request.ak_public), ek_id=request.ek_id or None
         )
         return admin_pb2.EnrollAkResponse(ak=convert.ak_to_pb(record))
@@ -281,55 +293,61 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.RevokeAkRequest, context: grpc.ServicerContext
     ) -> admin_pb2.RevokeAkResponse:
         validate.check_revoke_ak(request)
-        self.broker.revoke_ak(current_call().caller, request.ak_name, request.reason)
+        self.enrollment.revoke_ak(current_call().caller, request.ak_name, request.reason)
         return admin_pb2.RevokeAkResponse()
 
     def ListAks(
         self, request: admin_pb2.ListAksRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ListAksResponse:
-        return admin_pb2.ListAksResponse(aks=[convert.ak_to_pb(a) for a in self.broker.list_aks()])
+        return admin_pb2.ListAksResponse(
+            aks=[convert.ak_to_pb(a) for a in self.administration.list_aks()]
+        )
 
     def SetGoldenPcrSet(
         self, request: admin_pb2.SetGoldenPcrSetRequest, context: grpc.ServicerContext
     ) -> admin_pb2.SetGoldenPcrSetResponse:
         validate.check_set_golden_set(request)
-        golden = convert.golden_set_from_pb(request.golden_set, now=self.broker.clock())
-        stored = self.broker.set_golden_set(current_call().caller, golden)
+        golden = convert.golden_set_from_pb(request.golden_set, now=self.clock())
+        stored = self.administration.set_golden_set(current_call().caller, golden)
         return admin_pb2.SetGoldenPcrSetResponse(golden_set=convert.golden_set_to_pb(stored))
 
     def ListGoldenPcrSets(
         self, request: admin_pb2.ListGoldenPcrSetsRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ListGoldenPcrSetsResponse:
         return admin_pb2.ListGoldenPcrSetsResponse(
-            golden_sets=[convert.golden_set_to_pb(g) for g in self.broker.list_golden_sets()]
+            golden_sets=[
+                convert.golden_set_to_pb(g) for g in self.administration.list_golden_sets()
+            ]
         )
 
     def DeleteGoldenPcrSet(
         self, request: admin_pb2.DeleteGoldenPcrSetRequest, context: grpc.ServicerContext
     ) -> admin_pb2.DeleteGoldenPcrSetResponse:
         validate.check_delete_golden_set(request)
-        self.broker.delete_golden_set(current_call().caller, request.name)
+        self.administration.delete_golden_set(current_call().caller, request.name)
         return admin_pb2.DeleteGoldenPcrSetResponse()
 
     def AddParty(
         self, request: admin_pb2.AddPartyRequest, context: grpc.ServicerContext
     ) -> admin_pb2.AddPartyResponse:
         validate.check_add_party(request)
-        party = self.broker.add_party(current_call().caller, convert.party_from_pb(request.party))
+        party = self.administration.add_party(
+            current_call().caller, convert.party_from_pb(request.party)
+        )
         return admin_pb2.AddPartyResponse(party=convert.party_to_pb(party))
 
     def ListParties(
         self, request: admin_pb2.ListPartiesRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ListPartiesResponse:
         return admin_pb2.ListPartiesResponse(
-            parties=[convert.party_to_pb(p) for p in self.broker.list_parties()]
+            parties=[convert.party_to_pb(p) for p in self.administration.list_parties()]
         )
 
     def RegisterDataKey(
         self, request: admin_pb2.RegisterDataKeyRequest, context: grpc.ServicerContext
     ) -> admin_pb2.RegisterDataKeyResponse:
         validate.check_register_data_key(request)
-        record = self.broker.register_data_key(
+        record = self.administration.register_data_key(
             current_call().caller,
             key_id=request.key_id,
             sealed_data_key=bytes(request.sealed_data_key),
@@ -340,14 +358,14 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     def ListDataKeys(
         self, request: admin_pb2.ListDataKeysRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ListDataKeysResponse:
-        keys = self.broker.list_data_keys(current_call().caller)
+        keys = self.administration.list_data_keys(current_call().caller)
         return admin_pb2.ListDataKeysResponse(keys=[convert.data_key_to_pb(k) for k in keys])
 
     def ApproveWorkload(
         self, request: admin_pb2.ApproveWorkloadRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ApproveWorkloadResponse:
         validate.check_approve_workload(request)
-        approval = self.broker.approve_workload(
+        approval = self.administration.approve_workload(
             current_call().caller,
             workload_name=request.manifest.name,
             manifest=manifest_from_pb(request.manifest),
@@ -363,13 +381,13 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.RevokeApprovalRequest, context: grpc.ServicerContext
     ) -> admin_pb2.RevokeApprovalResponse:
         validate.check_revoke_approval(request)
-        self.broker.revoke_approval(current_call().caller, request.approval_id)
+        self.administration.revoke_approval(current_call().caller, request.approval_id)
         return admin_pb2.RevokeApprovalResponse()
 
     def ListApprovals(
         self, request: admin_pb2.ListApprovalsRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ListApprovalsResponse:
-        approvals = self.broker.list_approvals(current_call().caller)
+        approvals = self.administration.list_approvals(current_call().caller)
         return admin_pb2.ListApprovalsResponse(
             approvals=[convert.approval_to_pb(a) for a in approvals]
         )
@@ -378,7 +396,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.ListAuditRecordsRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ListAuditRecordsResponse:
         validate.check_list_audit_records(request)
-        records = self.broker.audit_records(
+        records = self.administration.audit_records(
             current_call().caller,
             after=request.after_sequence,
             limit=request.limit or DEFAULT_AUDIT_PAGE,
@@ -390,7 +408,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     def VerifyAuditLog(
         self, request: admin_pb2.VerifyAuditLogRequest, context: grpc.ServicerContext
     ) -> admin_pb2.VerifyAuditLogResponse:
-        report = self.broker.verify_audit_log(current_call().caller)
+        report = self.administration.verify_audit_log(current_call().caller)
         return admin_pb2.VerifyAuditLogResponse(
             valid=report.valid,
             records_checked=report.records_checked,
@@ -404,8 +422,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.SetPartyKekRequest, context: grpc.ServicerContext
     ) -> admin_pb2.SetPartyKekResponse:
         validate.check_set_party_kek(request)
-        record = rotation.set_party_kek(
-            self.broker, request.party, request.kek_ref, actor=current_call().caller
+        record = self.custody.set_party_kek(
+            request.party, request.kek_ref, actor=current_call().caller
         )
         return admin_pb2.SetPartyKekResponse(
             party_kek=convert.party_kek_to_pb(
@@ -429,7 +447,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                     checked_key=c.checked_key,
                     updated_at=c.updated_at,
                 )
-                for c in rotation.party_keks(self.broker)
+                for c in self.custody.party_keks()
             ]
         )
 
@@ -438,11 +456,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.RewrapDataKeyResponse:
         validate.check_rewrap_data_key(request)
         try:
-            previous = rotation.current_kek_ref(self.broker, request.key_id)
+            previous = self.custody.current_kek_ref(request.key_id)
         except UnknownPolicyObjectError:
             previous = ""  # rotate_data_key refuses it, with an audit record
-        record = rotation.rotate_data_key(
-            self.broker, request.key_id, request.new_kek_ref, actor=current_call().caller
+        record = self.custody.rotate_data_key(
+            request.key_id, request.new_kek_ref, actor=current_call().caller
         )
         return admin_pb2.RewrapDataKeyResponse(
             key=convert.data_key_to_pb(record), previous_kek_ref=previous
@@ -452,13 +470,18 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.CheckKekRequest, context: grpc.ServicerContext
     ) -> admin_pb2.CheckKekResponse:
         validate.check_check_kek(request)
-        checked = rotation.check_kek(self.broker, request.kek_ref, actor=current_call().caller)
+        checked = self.custody.check_kek(request.kek_ref, actor=current_call().caller)
         return admin_pb2.CheckKekResponse(kek_ref=request.kek_ref, checked_key=checked)
 
     def GetStatus(
         self, request: admin_pb2.GetStatusRequest, context: grpc.ServicerContext
     ) -> admin_pb2.GetStatusResponse:
-        return status_pb(self.broker, self.process)
+        return status_pb(
+            self.operations.store_status(),
+            self.process,
+            default_kek=self.custody.default_kek_ref,
+            trust_domain=self.trust_domain,
+        )
 
 
 __all__ = ["DEFAULT_AUDIT_PAGE", "AdminServicer", "AttestationServicer"]
