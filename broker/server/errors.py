@@ -44,6 +44,11 @@ class CallerUnauthenticatedError(ServerError):
         self.public_message = public_message
 
 
+class PeerRevokedError(CallerUnauthenticatedError):
+    """The caller's certificate is revoked, or its revocation cannot be checked right now
+    (status ``UNAUTHENTICATED``, with its own client message)."""
+
+
 class CallerDeniedError(ServerError):
     """The caller's identity may not call this method (wrong role or trust domain).
 

@@ -29,7 +29,12 @@ from google.protobuf.message import DecodeError
 
 from broker.model import AuditEntry
 from broker.server.authz import ATTESTATION_SERVICE, RULES, authorize
-from broker.server.errors import CallerDeniedError, CallerUnauthenticatedError, InvalidRequestError
+from broker.server.errors import (
+    CallerDeniedError,
+    CallerUnauthenticatedError,
+    InvalidRequestError,
+    PeerRevokedError,
+)
 from broker.server.logs import new_request_id, request_id_var
 from broker.server.metrics import BrokerMetrics
 from broker.server.status import status_for
@@ -126,11 +131,6 @@ class RevocationCheck(Protocol):
 REVOKED_MESSAGE = "client certificate revoked"
 #: What every caller is told while the revocation lists are unusable (fail closed).
 REVOCATION_UNKNOWN_MESSAGE = "client certificate revocation status unknown"
-
-
-class PeerRevokedError(CallerUnauthenticatedError):
-    """The caller's certificate is revoked, or its revocation cannot be checked right now
-    (status ``UNAUTHENTICATED``, with its own client message)."""
 
 
 class AuditSink(Protocol):

@@ -17,6 +17,11 @@ Layers, bottom to top:
    ``cleanroom`` command (``cleanroom.app.cli``) and each package's ``__main__`` are the entry
    points and may import anything.
 
+Inside the broker, the gRPC layer (``broker.server``) calls the core (``broker.core``: the use
+cases and their composition root) and nothing below it: it never imports the storage, the audit
+log, the nonces or the KEK registry (:data:`BELOW_THE_CORE`). The core never imports the gRPC
+layer.
+
 A package's own command-line module (``<package>.cli``, ``broker.admin_cli``) follows its
 package's rules and may also use a leaf (``sealing.cli`` reads and writes Azure blobs through
 ``blobstore``); only the entry points import a command-line module.
@@ -40,7 +45,23 @@ PACKAGES = frozenset({BOTTOM, APP, "broker", "sidecar", *LEAVES})
 
 #: The modules of the broker that the sidecar (and a party's tools) may import: the typed gRPC
 #: client, the byte layouts of registered and released keys, and the broker's errors.
-BROKER_PUBLIC_CLIENT = frozenset({"broker.client", "broker.keyseal", "broker.errors"})
+BROKER_PUBLIC_CLIENT = frozenset(
+    {"broker.client", "broker.client_errors", "broker.keyseal", "broker.errors"}
+)
+
+#: The broker's gRPC layer and its core (the use cases, wired by ``broker.core.compose``).
+BROKER_SERVER = "broker.server"
+BROKER_CORE = "broker.core"
+#: What only the core (and the code that opens its resources, ``broker.app``) may reach: the
+#: gRPC layer goes through the use cases instead.
+BELOW_THE_CORE = (
+    "broker.storage",
+    "broker.audit",
+    "broker.nonces",
+    "broker.custody",
+    "broker.rotation",
+    "broker.service",
+)
 
 #: Which packages each layer's package may import (its own package always).
 ALLOWED: dict[str, frozenset[str]] = {
@@ -148,6 +169,8 @@ def violation(imp: Import) -> str | None:
         dst_pkg == APP and src_pkg != APP
     ):
         return f"{imp.source} imports the command-line module {target}"
+    if src_pkg == dst_pkg == "broker":
+        return _broker_violation(imp.source, target)
     if src_pkg == dst_pkg:
         return None
     allowed = ALLOWED[src_pkg]
@@ -157,6 +180,20 @@ def violation(imp: Import) -> str | None:
         return f"{imp.source} ({src_pkg}) must not import {target} ({dst_pkg})"
     if src_pkg == "sidecar" and dst_pkg == "broker" and target not in BROKER_PUBLIC_CLIENT:
         return f"{imp.source} imports {target}, not the broker's public client"
+    return None
+
+
+def _within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def _broker_violation(source: str, target: str) -> str | None:
+    """The broker's inner rule: the gRPC layer calls the core, never what is below it; the core
+    never calls the gRPC layer."""
+    if _within(source, BROKER_SERVER) and any(_within(target, m) for m in BELOW_THE_CORE):
+        return f"{source} (the gRPC layer) reaches below the core: {target}"
+    if _within(source, BROKER_CORE) and _within(target, BROKER_SERVER):
+        return f"{source} (the core) imports the gRPC layer: {target}"
     return None
 
 
@@ -191,6 +228,17 @@ def test_every_import_respects_the_layers() -> None:
         ("sealing.cli", "blobstore.open_reader", False),
         ("sealing.envelope", "blobstore.open_reader", True),
         ("broker.__main__", "cleanroom.app.cli", False),
+        ("sidecar.run.attest", "broker.client_errors.ClientSetupError", False),
+        ("broker.server.servicers", "broker.storage.store.Store", True),
+        ("broker.server.status_report", "broker.storage.migrate", True),
+        ("broker.server.server", "broker.nonces.NonceService", True),
+        ("broker.server.interceptor", "broker.audit.AuditLog", True),
+        ("broker.server.servicers", "broker.rotation", True),
+        ("broker.server.servicers", "broker.core.compose.Broker", False),
+        ("broker.server.server", "broker.app.open_broker", False),
+        ("broker.core.attestation", "broker.server.status", True),
+        ("broker.core.compose", "broker.storage.Store", False),
+        ("broker.app", "broker.storage.migrate.head_revision", False),
     ],
 )
 def test_the_rules_catch_what_they_should(source: str, target: str, forbidden: bool) -> None:
