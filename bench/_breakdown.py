@@ -29,14 +29,15 @@ from prometheus_client import CollectorRegistry
 from broker import nonces, policy, quote, release
 from broker.app import open_broker
 from broker.config import BrokerConfig
+from broker.core.attestation import Attestation
 from broker.keyseal import seal_for_registration
 from broker.model import Party
 from broker.server import interceptor, servicers, validate
 from broker.server.interceptor import CallGuard
 from broker.server.logs import configure_logging
 from broker.server.metrics import BrokerMetrics
-from broker.service import Broker
 from broker.storage import Store
+from cleanroom.app.emulators.softak import QUOTED_BANKS, QuoteMaker, SoftAk
 from cleanroom.v1 import admin_pb2, attestation_pb2
 from evidence.binding import qualifying_data
 from evidence.manifest import ManifestEntry
@@ -46,7 +47,6 @@ from pki.ca import init_pki
 from pki.identity import SpiffeId
 from sealing.keys import KEM_X25519, generate_recipient_key
 from tests.harness.launch import TEST_LAUNCH
-from tests.support.softtpm import QUOTED_BANKS, QuoteMaker, SoftAk
 
 TD = "cleanroom.local"
 GET_CHALLENGE = "/cleanroom.v1.AttestationService/GetChallenge"
@@ -257,7 +257,7 @@ def run_breakdown(*, database_url: str | None, attestations: int, ak_alg: str) -
         timer = _Timer()
         targets: list[tuple[object, str, str]] = [
             (
-                Broker,
+                Attestation,
                 "_commit_release",
                 "audit log: the attestation's records (hash chain) + the nonce's burn, the "
                 "approvals' re-check and the session, one transaction",

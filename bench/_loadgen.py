@@ -40,17 +40,17 @@ import grpc
 from cryptography.hazmat.primitives import serialization
 
 from broker.keyseal import open_release
+from cleanroom.app.emulators.softak import (
+    QUOTED_BANKS,
+    QuoteMaker,
+    SoftAk,
+)
 from cleanroom.v1 import admin_pb2, admin_pb2_grpc, attestation_pb2, attestation_pb2_grpc
 from evidence.binding import qualifying_data
 from evidence.pcr import WORKLOAD_PCR, MeasurementEvent
 from evidence.proto import bank_to_pb, event_log_to_pb
 from pki.tls import load_pem
 from sealing.keys import RecipientPrivateKey, generate_recipient_key
-from tests.support.softtpm import (
-    QUOTED_BANKS,
-    QuoteMaker,
-    SoftAk,
-)
 
 CALL_TIMEOUT: Final = 30.0
 #: Every channel gets its own connection, as separate sidecars would.

@@ -57,6 +57,7 @@ from tpm2_pytss.utils import ffi
 
 from bench._loadgen import CHANNEL_OPTIONS, events_to_json, proc_cpu_seconds
 from broker.keyseal import seal_for_registration
+from cleanroom.app.emulators.softak import QUOTED_BANKS, QuoteMaker, SoftAk, pcr_selection
 from cleanroom.loopback import free_port
 from cleanroom.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 from evidence.binding import qualifying_data
@@ -66,7 +67,6 @@ from pki.ca import PkiLayout, init_pki
 from pki.tls import channel_credentials
 from sealing.keys import RecipientPublicKey, generate_recipient_key
 from tests.harness.launch import TEST_LAUNCH, with_test_launch
-from tests.support.softtpm import QUOTED_BANKS, QuoteMaker, SoftAk, pcr_selection
 
 _REPO = Path(__file__).resolve().parents[1]
 CLEANROOM = Path(sys.executable).parent / "cleanroom"
