@@ -10,8 +10,8 @@ Callers are named by the SPIFFE ID in their client certificate. The role is the 
 * ``sidecar/<id>``: the attestation service only.
 
 The table is deny-by-default: a method missing from it is refused for everyone. What depends on
-the data (a party acting on its own keys only) is enforced by the core, :class:`broker.service.
-Broker`, and by the servicers' filtering of list results.
+the data (a party acting on its own keys only) is enforced by the core's use cases
+(:mod:`broker.core`), and by the servicers' filtering of list results.
 """
 
 from __future__ import annotations

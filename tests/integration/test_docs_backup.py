@@ -19,10 +19,10 @@ import pytest
 
 from broker.app import open_broker
 from broker.config import BrokerConfig
+from broker.core import Broker
 from broker.custody import plain_data_key
 from broker.keyseal import seal_for_registration
 from broker.model import Party
-from broker.service import Broker
 from pki.identity import SpiffeId
 from sealing.keys import generate_recipient_key
 

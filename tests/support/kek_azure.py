@@ -6,10 +6,10 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from broker.core import Broker, Evidence
 from broker.keyseal import seal_for_registration
 from broker.model import Party
 from broker.quote import pcr_values_from_tools
-from broker.service import Broker, Evidence
 from evidence.manifest import ManifestEntry
 from pki.identity import SpiffeId
 from sealing.keys import RecipientPrivateKey, generate_recipient_key

@@ -14,11 +14,11 @@ from cryptography.hazmat.primitives import serialization
 from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry
 
+from broker.core import Broker
 from broker.keyseal import seal_for_registration
 from broker.server.interceptor import CallGuard, Peer, guarded_servicer
 from broker.server.metrics import BrokerMetrics
 from broker.server.servicers import AdminServicer, AttestationServicer
-from broker.service import Broker
 from cleanroom.v1 import admin_pb2, attestation_pb2, common_pb2
 from pki.ca import PkiLayout
 from pki.errors import PeerIdentityError

@@ -210,7 +210,7 @@ def test_every_import_respects_the_layers() -> None:
 @pytest.mark.parametrize(
     ("source", "target", "forbidden"),
     [
-        ("broker.service", "sidecar.run", True),
+        ("broker.core.attestation", "sidecar.run", True),
         ("broker.policy", "blobstore.store", True),
         ("broker.quote", "workload.client", True),
         ("sidecar.run.attest", "broker.custody", True),
@@ -224,7 +224,7 @@ def test_every_import_respects_the_layers() -> None:
         ("cleanroom.app.cli", "sidecar.cli", False),
         ("cleanroom.app.demo.narrate", "sealing.cli", True),
         ("cleanroom.app.demo.run", "broker.manifests", False),
-        ("broker.service", "broker.admin_cli", True),
+        ("broker.core.compose", "broker.admin_cli", True),
         ("sealing.cli", "blobstore.open_reader", False),
         ("sealing.envelope", "blobstore.open_reader", True),
         ("broker.__main__", "cleanroom.app.cli", False),

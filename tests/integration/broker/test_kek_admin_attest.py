@@ -18,9 +18,10 @@ import pytest
 
 from broker.app import open_broker
 from broker.config import BrokerConfig
+from broker.core import Broker
+from broker.errors import AttestationRefusedError
 from broker.kek_azure import KeyVaultConfig
 from broker.keyseal import open_release
-from broker.service import AttestationRefusedError, Broker
 from cleanroom.app.emulators.keyvault import FakeKeyVault
 from cleanroom.v1 import admin_pb2
 from pki.ca import init_pki

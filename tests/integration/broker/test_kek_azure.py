@@ -15,6 +15,7 @@ import pytest
 
 from broker.app import open_broker
 from broker.config import BrokerConfig
+from broker.core import Broker
 from broker.custody import KekRegistry, plain_data_key
 from broker.errors import KekError, KekUnavailableError
 from broker.kek_azure import (
@@ -25,7 +26,6 @@ from broker.kek_azure import (
 from broker.keyseal import seal_for_registration
 from broker.model import DataKeyRecord, Party
 from broker.rotation import ROTATION_ACTION, rotate_data_key, rotate_kek
-from broker.service import Broker
 from pki.identity import SpiffeId
 from sealing.keys import generate_recipient_key
 from tests.harness.keyvault import VAULT_SCOPE, FakeKeyVault, StaticTokenCredential

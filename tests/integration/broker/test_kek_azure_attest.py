@@ -15,9 +15,10 @@ import pytest
 
 from broker.app import open_broker
 from broker.config import BrokerConfig
+from broker.core import Broker
+from broker.errors import AttestationRefusedError
 from broker.kek_azure import KeyVaultConfig, register_key_vault_provider
 from broker.keyseal import open_release
-from broker.service import AttestationRefusedError, Broker
 from tests.harness.keyvault import FakeKeyVault
 from tests.harness.swtpm import Swtpm
 from tests.support.kek_azure import (

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from broker import rotation
 from broker.app import open_broker
 from broker.config import BrokerConfig, load_broker_config
+from broker.core import Broker
 from broker.custody import LOCAL_KEK_REF, KekRegistry, LocalKek, check_kek
 from broker.errors import KekError, KekUnavailableError, UnknownPolicyObjectError
 from broker.kek_azure import KEYVAULT_REF_PREFIX, KeyVaultConfig, KeyVaultKek
@@ -28,7 +29,6 @@ from broker.model import Party
 from broker.server import validate
 from broker.server.errors import InvalidRequestError
 from broker.server.status import KEK_UNAVAILABLE_MESSAGE, KEK_UNUSABLE_MESSAGE, status_for
-from broker.service import Broker
 from broker.storage import Store
 from broker.storage import migrate as storage_migrate
 from broker.storage.engine import install_sqlite_hooks

@@ -1,5 +1,5 @@
 """Refusals through the servicers and the call guard (grpcio-testing's in-process server, a real
-:class:`~broker.service.Broker` over SQLite): malformed ``Attest`` requests are audited like
+:class:`~broker.core.Broker` over SQLite): malformed ``Attest`` requests are audited like
 every other attestation refusal, audit paging numbers beyond what the database holds are
 ``INVALID_ARGUMENT``, and a party's Key Vault KEK that fails is ``UNAVAILABLE`` (transient) or
 ``FAILED_PRECONDITION`` (for good) at ``RegisterDataKey``, with messages that name no vault.

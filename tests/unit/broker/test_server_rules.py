@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from broker import errors
+from broker.errors import AttestationRefusedError
 from broker.policy import DenialCode
 from broker.server import authz, validate
 from broker.server.errors import (
@@ -31,7 +32,6 @@ from broker.server.status import (
     attestation_reason_class,
     status_for,
 )
-from broker.service import AttestationRefusedError
 from cleanroom.v1 import admin_pb2, attestation_pb2, common_pb2
 from evidence.errors import BindingError
 from pki.identity import SpiffeId

@@ -1,6 +1,6 @@
 """The broker's servicers behind the call guard, on grpcio-testing's in-process server.
 
-A real :class:`~broker.service.Broker` over SQLite in ``tmp_path`` answers; only the transport is
+A real :class:`~broker.core.Broker` over SQLite in ``tmp_path`` answers; only the transport is
 in-process. The caller's identity is what the TLS handshake would have produced (a SPIFFE ID and
 a certificate DER from a real ``init_pki``).
 """

@@ -1,6 +1,6 @@
 """What the broker's core writes to the audit log, and who can read it.
 
-A real :class:`~broker.service.Broker` over SQLite in ``tmp_path`` runs real attestations: a
+A real :class:`~broker.core.Broker` over SQLite in ``tmp_path`` runs real attestations: a
 software AK (``bench._loadgen.SoftAk``, enrolled as a TPM2B_PUBLIC with tpm2_createak's
 attributes) signs TPM2_Quote structures built with tpm2-pytss over a real measurement of files,
 and the broker runs every one of its checks on them.
@@ -22,8 +22,10 @@ import sqlalchemy as sa
 from broker import release
 from broker.app import open_broker
 from broker.config import BrokerConfig
+from broker.core import Broker, Evidence
 from broker.custody import LocalKek
 from broker.errors import (
+    AttestationRefusedError,
     DuplicateError,
     PolicyError,
     RevokedKeyError,
@@ -34,7 +36,6 @@ from broker.errors import (
 from broker.keyseal import seal_for_registration
 from broker.model import AuditRecord, GoldenPcrSet, Party, PcrKey
 from broker.policy import DenialCode
-from broker.service import AttestationRefusedError, Broker, Evidence
 from broker.storage.schema import audit_head
 from broker.tpmkeys import ak_qualified_name, load_public
 from evidence.binding import qualifying_data
