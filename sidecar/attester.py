@@ -76,7 +76,7 @@ def measure_manifest(
     returns the event log and values.
 
     Raises:
-        MeasurementError: a file cannot be measured (the message names it).
+        WorkloadMeasurementError: a file cannot be measured (the message names it).
         PcrMismatchError: PCR 23 does not equal the event log's replay afterwards.
         TpmUnavailableError: the TPM cannot be reached.
         TpmCommandError: the TPM refuses a command.

@@ -55,11 +55,11 @@ class AkMismatchError(TpmError):
     """The configured AK handle or key blob holds a key that is not the AK the config asks for."""
 
 
-class MeasurementError(SidecarError):
+class WorkloadMeasurementError(SidecarError):
     """A workload file cannot be measured (missing, unreadable, not a regular file)."""
 
 
-class PcrMismatchError(MeasurementError):
+class PcrMismatchError(WorkloadMeasurementError):
     """After measuring, the TPM's PCR value differs from the event log's replay: something else
     extended the PCR meanwhile."""
 
@@ -72,7 +72,7 @@ class InvalidNonceError(QuoteError):
     """The nonce or qualifying data has a length the quote does not accept."""
 
 
-class OutputError(SidecarError):
+class FileWriteError(SidecarError):
     """A file the sidecar was asked to write (enrollment material, quote files) cannot be
     written."""
 

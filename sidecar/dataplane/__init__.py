@@ -24,8 +24,7 @@ from sidecar.dataplane.config import DataPlaneConfig, load_dataplane_config
 from sidecar.dataplane.errors import (
     AttestationExpiredError,
     DataPlaneError,
-    InputError,
-    InputIntegrityError,
+    InputAuthenticationError,
     InputSourceError,
     KeyRingError,
     OutputExistsError,
@@ -35,6 +34,7 @@ from sidecar.dataplane.errors import (
     SocketSetupError,
     UnknownDataKeyError,
     UnknownInputError,
+    WorkloadInputError,
     WorkloadOutputError,
 )
 from sidecar.dataplane.inputs import (
@@ -63,8 +63,7 @@ __all__ = [
     "AttestationExpiredError",
     "DataPlaneConfig",
     "DataPlaneError",
-    "InputError",
-    "InputIntegrityError",
+    "InputAuthenticationError",
     "InputSource",
     "InputSourceError",
     "InputSourceFactory",
@@ -87,6 +86,7 @@ __all__ = [
     "SocketSetupError",
     "UnknownDataKeyError",
     "UnknownInputError",
+    "WorkloadInputError",
     "WorkloadOutputError",
     "WorkloadServer",
     "check_output_name",

@@ -4,10 +4,10 @@ They sit under the sidecar's root error::
 
     SidecarError
     └── DataPlaneError
-        ├── InputError                 an input cannot be served
+        ├── WorkloadInputError         an input cannot be served
         │   ├── UnknownInputError          no input of that name
         │   ├── InputSourceError           the ciphertext cannot be read (storage, scheme)
-        │   └── InputIntegrityError        the ciphertext is tampered, truncated or mis-keyed
+        │   └── InputAuthenticationError   the ciphertext is tampered, truncated or mis-keyed
         ├── KeyRingError               no usable data key
         │   ├── UnknownDataKeyError            the key ring holds no key of that id
         │   ├── AttestationExpiredError    the attestation lifetime passed, no way to renew it
@@ -18,7 +18,9 @@ They sit under the sidecar's root error::
         │   └── OutputStoreError           writing, sealing or committing the output failed
         └── SocketSetupError           the workload socket or its directory cannot be made safe
 
-Messages name inputs, outputs, key ids and paths, never key material or plaintext.
+Messages name inputs, outputs, key ids and paths, never key material or plaintext. The names
+differ from the workload SDK's (``workload.InputError``, ``workload.InputIntegrityError``,
+``workload.OutputError``), which describe the same failures as the workload sees them.
 """
 
 from __future__ import annotations
@@ -30,19 +32,19 @@ class DataPlaneError(SidecarError):
     """Root of the errors of the sidecar's data path."""
 
 
-class InputError(DataPlaneError):
+class WorkloadInputError(DataPlaneError):
     """An input cannot be served to the workload."""
 
 
-class UnknownInputError(InputError):
+class UnknownInputError(WorkloadInputError):
     """The workload asked for an input that the session does not have."""
 
 
-class InputSourceError(InputError):
+class InputSourceError(WorkloadInputError):
     """The input's ciphertext cannot be opened or read (missing file, unsupported URL scheme)."""
 
 
-class InputIntegrityError(InputError):
+class InputAuthenticationError(WorkloadInputError):
     """The input's ciphertext failed authentication: tampered, truncated, not a sealed stream,
     or sealed under another key than the one registered for it."""
 

@@ -51,13 +51,13 @@ from sealing.keys import RecipientPublicKey
 from sidecar.dataplane.config import DataPlaneConfig
 from sidecar.dataplane.errors import (
     DataPlaneError,
-    InputError,
-    InputIntegrityError,
+    InputAuthenticationError,
     InputSourceError,
     KeyRingError,
     OutputExistsError,
     OutputNameError,
     SocketSetupError,
+    WorkloadInputError,
     WorkloadOutputError,
 )
 from sidecar.dataplane.gate import PeerGate, check_socket_path
@@ -217,7 +217,7 @@ class WorkloadServer:
         config: limits (chunk size, message size, threads, connections).
 
     Raises:
-        InputError: two inputs share a name.
+        WorkloadInputError: two inputs share a name.
         InputSourceError: an input's URL has no registered source.
         ValueError: no recipients, or a recipient that is not (party, RecipientPublicKey).
     """
@@ -240,7 +240,7 @@ class WorkloadServer:
         self._sources: dict[str, InputSource] = {}
         for spec in inputs:
             if spec.name in self._inputs:
-                raise InputError(f"two inputs are named {spec.name!r}")
+                raise WorkloadInputError(f"two inputs are named {spec.name!r}")
             self._inputs[spec.name] = spec
             self._sources[spec.name] = input_source_for(spec)
         if not recipients:
@@ -481,7 +481,7 @@ class WorkloadServer:
                 reader = self._open_reader(spec, f)
             except KeyRingError as e:
                 raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, f"input {name!r}: {e}") from e
-            except InputIntegrityError as e:
+            except InputAuthenticationError as e:
                 _log.warning("input %r refused: %s", name, e)
                 raise _Abort(grpc.StatusCode.DATA_LOSS, str(e)) from e
             except OSError as e:
@@ -508,19 +508,19 @@ class WorkloadServer:
         """Reads and authenticates the header with the spec's key.
 
         Raises:
-            InputIntegrityError: not a sealed stream, another key id, or authentication failed.
+            InputAuthenticationError: not a sealed stream, another key id, or authentication failed.
             KeyRingError: the key is not available.
             OSError: reading failed.
         """
         try:
             header = read_header(f)
         except SealingError as e:
-            raise InputIntegrityError(
+            raise InputAuthenticationError(
                 f"input {spec.name!r} is not a valid sealed stream: {e}"
             ) from e
         if header.key_id != spec.key_id:
             # Storage could swap in another party's stream; it must be the registered one.
-            raise InputIntegrityError(
+            raise InputAuthenticationError(
                 f"input {spec.name!r} is sealed under key id {header.key_id!r}, "
                 f"not its registered key id {spec.key_id!r}"
             )
@@ -530,7 +530,9 @@ class WorkloadServer:
                 # buffer avoids one more copy that nobody could wipe.
                 return OpenReader(f, data_key=cast(bytes, key), header=header)
             except SealingError as e:
-                raise InputIntegrityError(f"input {spec.name!r} failed authentication: {e}") from e
+                raise InputAuthenticationError(
+                    f"input {spec.name!r} failed authentication: {e}"
+                ) from e
 
     def _frames(self, reader: OpenReader, name: str, key_id: str) -> Iterator[tuple[bytes, int]]:
         """Yields (serialised ReadInputResponse, plaintext bytes in it).

@@ -48,7 +48,7 @@ from tpm2_pytss import (
 )
 from tpm2_pytss.utils import NoSuchIndex, NVReadEK, create_ek_template
 
-from evidence.errors import MeasurementError as EvidenceMeasurementError
+from evidence.errors import MeasurementError
 from evidence.launch import Launch
 from evidence.pcr import (
     BANK_SIZES,
@@ -64,7 +64,6 @@ from sidecar.errors import (
     AkMismatchError,
     CredentialActivationError,
     InvalidNonceError,
-    MeasurementError,
     PcrMismatchError,
     PcrNotAvailableError,
     PcrResetError,
@@ -73,6 +72,7 @@ from sidecar.errors import (
     TpmError,
     TpmLockoutError,
     TpmUnavailableError,
+    WorkloadMeasurementError,
 )
 from sidecar.tpm.files import write_file, write_tools_quote_files
 from sidecar.tpm.interface import AkInfo, EkInfo, PcrKey, QuoteResult
@@ -460,7 +460,7 @@ class Tpm:
         Raises:
             AkMismatchError: the handle or file holds a key that is not this AK type.
             TpmCommandError: the TPM refuses to create, load or persist the key.
-            OutputError: the key blob file cannot be written.
+            FileWriteError: the key blob file cannot be written.
         """
         if self._ak is not None:
             return self._ak.info
@@ -667,22 +667,22 @@ class Tpm:
         PCR is then read back and compared with the event log's replay.
 
         Raises:
-            MeasurementError: a file is missing, unreadable or not a regular file (the message
-                names it), or names and files differ in length.
+            WorkloadMeasurementError: a file is missing, unreadable or not a regular file (the
+                message names it), or names and files differ in length.
             PcrMismatchError: PCR 23 does not equal the replay: something else extended it.
             PcrResetError: the platform does not allow resetting PCR 23.
             TpmCommandError: another TPM failure.
         """
         if names is not None and len(names) != len(files):
-            raise MeasurementError("names and files must have the same length")
+            raise WorkloadMeasurementError("names and files must have the same length")
         banks = self._config.banks
         self.reset_pcr(WORKLOAD_PCR)
         events: list[MeasurementEvent] = []
         for i, path in enumerate(files):
             try:
                 size, digests = digest_file(path, banks)
-            except EvidenceMeasurementError as e:
-                raise MeasurementError(str(e)) from e
+            except MeasurementError as e:
+                raise WorkloadMeasurementError(str(e)) from e
             self.extend(WORKLOAD_PCR, digests)
             events.append(
                 MeasurementEvent(

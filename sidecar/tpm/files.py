@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sidecar.errors import OutputError
+from sidecar.errors import FileWriteError
 from sidecar.tpm.interface import AkInfo, EkInfo, QuoteResult
 
 # A TPML_DIGEST holds at most eight digests; tpm2-tools writes one per TPM2_PCR_Read answer,
@@ -74,7 +74,7 @@ def write_file(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     """Writes ``data`` to ``path`` atomically (a reader sees the old file or the whole new one).
 
     Raises:
-        OutputError: the directory or file cannot be written.
+        FileWriteError: the directory or file cannot be written.
     """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -88,14 +88,14 @@ def write_file(path: Path, data: bytes, *, mode: int = 0o644) -> None:
             Path(tmp).unlink(missing_ok=True)
             raise
     except OSError as e:
-        raise OutputError(f"cannot write {path}: {e.strerror or e}") from e
+        raise FileWriteError(f"cannot write {path}: {e.strerror or e}") from e
 
 
 def write_tools_quote_files(result: QuoteResult, out_dir: str | os.PathLike[str]) -> QuoteFiles:
     """Writes ``quote.msg``, ``quote.sig`` and ``quote.pcrs`` into ``out_dir`` (created if needed).
 
     Raises:
-        OutputError: a file cannot be written.
+        FileWriteError: a file cannot be written.
     """
     out = Path(out_dir)
     files = QuoteFiles(
@@ -115,7 +115,7 @@ def write_enrollment_files(
     and ``ak.name`` into ``out_dir`` (created if needed).
 
     Raises:
-        OutputError: a file cannot be written.
+        FileWriteError: a file cannot be written.
     """
     out = Path(out_dir)
     files = EnrollmentFiles(

@@ -15,9 +15,9 @@ from sidecar.attester import QuoteBinding, make_quote
 from sidecar.config import TpmConfig
 from sidecar.errors import (
     InvalidNonceError,
-    MeasurementError,
     TpmLockoutError,
     TpmUnavailableError,
+    WorkloadMeasurementError,
 )
 from sidecar.tpm import Tpm
 from tests.harness.net import free_port
@@ -79,11 +79,11 @@ def test_bad_files_are_named(
     }
     with Tpm(make_config()) as tpm:
         for path, reason in cases.items():
-            with pytest.raises(MeasurementError, match=reason) as info:
+            with pytest.raises(WorkloadMeasurementError, match=reason) as info:
                 tpm.measure([good, path])
             assert f"cannot measure {path}:" in str(info.value)
         # A regular file whose read fails (EIO) after it was opened.
-        with pytest.raises(MeasurementError, match="/proc/self/mem: Input/output error"):
+        with pytest.raises(WorkloadMeasurementError, match="/proc/self/mem: Input/output error"):
             tpm.measure([Path("/proc/self/mem")])
     assert_nothing_loaded(swtpm)
     line = _one_line_error(run_cli("measure", "--tcti", swtpm.tcti, str(good), str(fifo)))

@@ -21,5 +21,5 @@ def test_tpm_command_error_keeps_the_response_code() -> None:
     e = errors.CredentialActivationError("no", rc=0x9A2)
     assert isinstance(e, errors.TpmCommandError) and e.rc == 0x9A2 and str(e) == "no"
     assert issubclass(errors.InvalidNonceError, errors.QuoteError)
-    assert issubclass(errors.PcrMismatchError, errors.MeasurementError)
+    assert issubclass(errors.PcrMismatchError, errors.WorkloadMeasurementError)
     assert issubclass(errors.TpmUnavailableError, errors.TpmError)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from tpm2_pytss import TPML_PCR_SELECTION
 
-from sidecar.errors import OutputError
+from sidecar.errors import FileWriteError
 from sidecar.tpm.files import tools_pcr_file, write_enrollment_files, write_tools_quote_files
 from sidecar.tpm.interface import AkInfo, EkInfo, QuoteResult
 
@@ -76,7 +76,7 @@ def test_quote_files_are_written(tmp_path: Path) -> None:
 def test_unwritable_output_is_named(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_bytes(b"")
-    with pytest.raises(OutputError, match=f"cannot write {blocker}/quote.msg"):
+    with pytest.raises(FileWriteError, match=f"cannot write {blocker}/quote.msg"):
         write_tools_quote_files(_result(), blocker)
 
 
