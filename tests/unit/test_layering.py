@@ -268,3 +268,33 @@ def test_tests_import_no_test_module_and_no_benchmark() -> None:
             if module.split(".")[0] == "bench" and not benchmark_test:
                 problems.append(f"{imp.where}: imports the benchmark {module}")
     assert not problems, "\n".join(problems)
+
+
+#: The core's use cases and the broker that holds them: only the composition root builds them.
+CORE_CLASSES = frozenset(
+    {"Broker", "Enrollment", "Attestation", "PolicyAdministration", "KeyCustody", "Operations"}
+)
+COMPOSITION_ROOT = Path("broker/core/compose.py")
+
+
+def test_only_the_composition_root_builds_the_core() -> None:
+    """The server, the commands, the benchmarks and the tests get their broker from
+    ``build_broker`` (through ``broker.app.open_broker``): nobody else wires a use case."""
+    problems = []
+    for top in ("broker", "cleanroom", "bench", "tests"):
+        for path in sorted((ROOT / top).rglob("*.py")):
+            rel = path.relative_to(ROOT)
+            if rel == COMPOSITION_ROOT:
+                continue
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if (
+                    isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Name | ast.Attribute)
+                    and (node.func.id if isinstance(node.func, ast.Name) else node.func.attr)
+                    in CORE_CLASSES
+                    # Test helpers name their own classes alike (a ``Broker`` process handle);
+                    # only keyword-built objects with the core's constructor arguments count.
+                    and any(k.arg in {"store", "trail", "enrollment"} for k in node.keywords)
+                ):
+                    problems.append(f"{rel}:{node.lineno}")
+    assert not problems, "the core built outside broker/core/compose.py:\n" + "\n".join(problems)

@@ -81,6 +81,53 @@ def test_every_error_class_of_ours_has_the_project_root() -> None:
     assert not loose, "error classes outside CleanroomError:\n" + "\n".join(loose)
 
 
+def _error_classes() -> list[tuple[str, Path, int]]:
+    """(name, file, line) of every public class named ``...Error`` in our packages."""
+    found = []
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if "cleanroom/v1" in path.as_posix():
+                continue
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ClassDef) and node.name.endswith("Error"):
+                    found.append((node.name, path.relative_to(ROOT), node.lineno))
+    return found
+
+
+def test_error_names_are_unique_across_the_project() -> None:
+    """Two error classes of one name (``sidecar.errors.MeasurementError`` and
+    ``evidence.errors.MeasurementError``, say) make an ``except`` clause or a log line ambiguous
+    and force import aliases; each error name has one class."""
+    where: dict[str, list[str]] = {}
+    for name, path, line in _error_classes():
+        where.setdefault(name, []).append(f"{path}:{line}")
+    clashes = {name: places for name, places in where.items() if len(places) > 1}
+    assert not clashes, "error names defined more than once:\n" + "\n".join(
+        f"{name}: {', '.join(places)}" for name, places in sorted(clashes.items())
+    )
+
+
+#: The broker's errors modules: the core's tree, the client's status-code errors and the gRPC
+#: layer's own refusals.
+BROKER_ERROR_MODULES = {
+    Path("broker/errors.py"),
+    Path("broker/client_errors.py"),
+    Path("broker/server/errors.py"),
+}
+
+
+def test_the_broker_defines_errors_only_in_its_errors_modules() -> None:
+    """A caller finds every broker error in one of three modules, never in the module that
+    happens to raise it."""
+    elsewhere = [
+        f"{path}:{line} {name}"
+        for name, path, line in _error_classes()
+        if path.parts[0] == "broker" and path not in BROKER_ERROR_MODULES
+    ]
+    assert not elsewhere, "broker errors outside its errors modules:\n" + "\n".join(elsewhere)
+
+
 def test_the_command_catches_the_root_and_prints_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
