@@ -25,29 +25,22 @@ import hmac
 import os
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
-import sqlalchemy as sa
-
-from broker.audit import AuditLog
 from broker.config import BrokerConfig
+from broker.core.compose import build_local_kek_rotator
+from broker.core.custody import KEK_ROTATE_ACTION
 from broker.custody import (
     KEK_SIZE,
     LOCAL_KEK_FILE,
     LOCAL_KEK_REF,
     LocalKek,
     _create_secret_file,
-    plain_data_key,
 )
 from broker.errors import KekError
-from broker.model import AuditEntry
-from broker.storage.schema import kek_fingerprints
 from broker.storage.store import Store
 
-#: The audit action of a local KEK rotation.
-KEK_ROTATE_ACTION: Final = "kek.rotate"
 #: Who the audit record names.
 ROTATE_ACTOR: Final = "cleanroom broker kek rotate"
 NEW_SUFFIX: Final = ".new"
@@ -135,7 +128,7 @@ def rotate_local_kek(config: BrokerConfig) -> LocalKekRotation:
             _create_secret_file(new_file, secrets.token_bytes(KEK_SIZE))
             try:
                 with LocalKek.open(new_file, create=False) as new:
-                    count = _rewrap_all(store, old, new)
+                    count = build_local_kek_rotator(store).rewrap_all(old, new, actor=ROTATE_ACTOR)
                     new_fingerprint = new.fingerprint
             except BaseException:
                 # Nothing committed: the database still records the old KEK.
@@ -146,49 +139,6 @@ def rotate_local_kek(config: BrokerConfig) -> LocalKekRotation:
         return LocalKekRotation(
             store.display_url, kek_file, previous_file, old_fingerprint, new_fingerprint, count
         )
-
-
-def _rewrap_all(store: Store, old: LocalKek, new: LocalKek) -> int:
-    """Rewraps every locally wrapped data key from ``old`` to ``new`` and records ``new``'s
-    fingerprint, with the audit record, in one unit of work. Returns the number of keys.
-
-    Raises:
-        KekError: a key does not unwrap with ``old``, or its new wrapping does not unwrap.
-        StorageError: the database failed (nothing committed).
-    """
-    records = [r for r in store.list_data_keys() if r.kek_ref == LOCAL_KEK_REF]
-    with store.unit_of_work("rotate the local KEK") as uow:
-        for record in records:
-            with plain_data_key(old, record) as key:
-                wrapped = new.wrap(key, key_id=record.key_id, owner=record.owner)
-                # Nothing is stored under a wrapping that does not give the key back.
-                if not hmac.compare_digest(
-                    new.unwrap(wrapped, key_id=record.key_id, owner=record.owner), key
-                ):
-                    raise KekError(f"the new KEK did not round-trip data key {record.key_id}")
-            store.rewrap_data_key(record.key_id, wrapped, LOCAL_KEK_REF, uow=uow)
-        t = kek_fingerprints
-        uow.conn.execute(
-            sa.update(t)
-            .where(t.c.kek_ref == LOCAL_KEK_REF)
-            .values(fingerprint=new.fingerprint, recorded_at=datetime.now(UTC))
-        )
-        AuditLog(store).append_in(
-            uow,
-            [
-                AuditEntry(
-                    actor=ROTATE_ACTOR,
-                    action=KEK_ROTATE_ACTION,
-                    subject=LOCAL_KEK_REF,
-                    decision="allow",
-                    reason=(
-                        f"local KEK {old.fingerprint} replaced by {new.fingerprint}; "
-                        f"{len(records)} data key(s) rewrapped"
-                    ),
-                )
-            ],
-        )
-    return len(records)
 
 
 __all__ = ["KEK_ROTATE_ACTION", "LocalKekRotation", "rotate_local_kek"]

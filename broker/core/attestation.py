@@ -55,6 +55,8 @@ _MAX_CACHED_PARTIES = 4096
 
 @dataclass(frozen=True)
 class Challenge:
+    """A single-use nonce for one AK, when it expires, and the PCRs the quote must cover."""
+
     nonce: bytes
     expires_at: datetime
     #: bank -> PCR indices the quote must cover
@@ -75,6 +77,9 @@ class WithheldKey:
 
 @dataclass(frozen=True)
 class AttestOutcome:
+    """An attestation that released at least one key: the session, the released keys (each
+    sealed to the ephemeral key), the withheld ones, and the parties outputs are sealed to."""
+
     session_id: str
     released: tuple[SealedRelease, ...]
     denied: tuple[WithheldKey, ...]

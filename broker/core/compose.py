@@ -4,7 +4,8 @@
 registration key, the trusted EK CAs) and builds the shared collaborators (the audit log, the
 nonces, the SEV-SNP gate) once, then gives each use case only the ones it needs. The gRPC server
 (:mod:`broker.server`), the ``cleanroom broker`` commands and the tests all get their broker
-from there.
+from there; ``cleanroom broker kek rotate`` gets the local KEK's rotation from
+:func:`build_local_kek_rotator`.
 
 :class:`Broker` holds the result: the use cases, which the gRPC servicers call, and the
 resources it closes. It also answers each use case's calls itself (``broker.attest(...)`` is
@@ -21,7 +22,7 @@ from broker.azure_snp import SnpGate
 from broker.config import BrokerConfig
 from broker.core.administration import PolicyAdministration
 from broker.core.attestation import Attestation
-from broker.core.custody import KeyCustody
+from broker.core.custody import KeyCustody, LocalKekRotator
 from broker.core.enrollment import Enrollment
 from broker.core.operations import Operations
 from broker.core.trail import AuditTrail, Clock, utcnow
@@ -173,4 +174,10 @@ def build_broker(
     )
 
 
-__all__ = ["Broker", "build_broker"]
+def build_local_kek_rotator(store: Store, *, clock: Clock = utcnow) -> LocalKekRotator:
+    """Wires the local KEK's rotation over an open store, for ``cleanroom broker kek rotate``
+    (the broker is stopped: no KEK registry, registration key or nonces are involved)."""
+    return LocalKekRotator(store=store, trail=AuditTrail(AuditLog(store, clock=clock)), clock=clock)
+
+
+__all__ = ["Broker", "build_broker", "build_local_kek_rotator"]

@@ -11,24 +11,28 @@ same for every data key wrapped by one KEK ref.
 party's new data keys, after :meth:`KeyCustody.check_kek` proved that the broker can wrap and
 unwrap with it; :meth:`KeyCustody.party_keks` says which KEK each party's new keys get and why.
 
-Rotating the local KEK itself (``cleanroom broker kek rotate``) runs with the broker stopped and
-is :mod:`broker.kek_rotate`.
+:class:`LocalKekRotator` replaces the local KEK under every data key it wraps, in one unit of
+work with the database's record of its fingerprint and the audit record: it is what
+``cleanroom broker kek rotate`` (:mod:`broker.kek_rotate`, which handles the key files, with the
+broker stopped) decides.
 """
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 
+import sqlalchemy as sa
+
 from broker.config import BrokerConfig
 from broker.core.trail import AuditTrail, Clock, utcnow
-from broker.custody import Kek, KekRegistry, plain_data_key
+from broker.custody import LOCAL_KEK_REF, Kek, KekRegistry, LocalKek, plain_data_key
 from broker.custody import check_kek as _check_kek
 from broker.errors import BrokerError, KekError
 from broker.model import AuditEntry, DataKeyRecord, PartyKek
 from broker.storage import Store
+from broker.storage.schema import kek_fingerprints
 from pki.identity import SpiffeId
 
 #: The audit action of a rewrap.
@@ -37,6 +41,8 @@ ROTATION_ACTION = "key.rewrap"
 PARTY_KEK_ACTION = "party.kek"
 #: The audit action of an operator's check of a KEK.
 KEK_CHECK_ACTION = "kek.check"
+#: The audit action of a local KEK rotation.
+KEK_ROTATE_ACTION = "kek.rotate"
 
 
 @dataclass(frozen=True)
@@ -114,11 +120,6 @@ class KeyCustody:
     def default_kek_ref(self) -> str:
         """The KEK of new data keys when neither an imported nor a configured one applies."""
         return self._config.default_kek
-
-    @property
-    def configured_party_keks(self) -> Mapping[str, str]:
-        """The configuration's ``party_keks``: party -> KEK ref."""
-        return self._config.party_keks
 
     def kek_ref_for_party(self, party: str) -> str:
         """The KEK that wraps ``party``'s new data keys: the one the operator imported for it
@@ -332,10 +333,72 @@ class KeyCustody:
         self._trail.log.append(_kek_entry(actor, action, subject, decision, reason, party))
 
 
+class LocalKekRotator:
+    """Rewrapping every locally wrapped data key from one local KEK to the next.
+
+    Its collaborators: the store, the audit trail and the clock (no KEK registry: the broker is
+    stopped, and the caller holds both key files open).
+    """
+
+    def __init__(self, *, store: Store, trail: AuditTrail, clock: Clock = utcnow) -> None:
+        self._store = store
+        self._trail = trail
+        self._clock = clock
+
+    def rewrap_all(self, old: LocalKek, new: LocalKek, *, actor: str) -> int:
+        """Rewraps every data key wrapped by the local KEK from ``old`` to ``new`` and records
+        ``new``'s fingerprint, with the audit record (``kek.rotate``), in one unit of work.
+        Returns the number of keys.
+
+        Raises:
+            KekError: a key does not unwrap with ``old``, or its new wrapping does not unwrap
+                (nothing committed).
+            StorageError: the database failed (nothing committed).
+        """
+        store = self._store
+        records = [r for r in store.list_data_keys() if r.kek_ref == LOCAL_KEK_REF]
+        with store.unit_of_work("rotate the local KEK") as uow:
+            for record in records:
+                with plain_data_key(old, record) as key:
+                    wrapped = new.wrap(key, key_id=record.key_id, owner=record.owner)
+                    # Nothing is stored under a wrapping that does not give the key back.
+                    if not hmac.compare_digest(
+                        new.unwrap(wrapped, key_id=record.key_id, owner=record.owner), key
+                    ):
+                        raise KekError(f"the new KEK did not round-trip data key {record.key_id}")
+                store.rewrap_data_key(record.key_id, wrapped, LOCAL_KEK_REF, uow=uow)
+            # The store records a KEK's first fingerprint and keeps it (init must never replace
+            # it); a rotation is the one change of it, made here in the rotation's unit.
+            t = kek_fingerprints
+            uow.conn.execute(
+                sa.update(t)
+                .where(t.c.kek_ref == LOCAL_KEK_REF)
+                .values(fingerprint=new.fingerprint, recorded_at=self._clock())
+            )
+            self._trail.log.append_in(
+                uow,
+                [
+                    AuditEntry(
+                        actor=actor,
+                        action=KEK_ROTATE_ACTION,
+                        subject=LOCAL_KEK_REF,
+                        decision="allow",
+                        reason=(
+                            f"local KEK {old.fingerprint} replaced by {new.fingerprint}; "
+                            f"{len(records)} data key(s) rewrapped"
+                        ),
+                    )
+                ],
+            )
+        return len(records)
+
+
 __all__ = [
     "KEK_CHECK_ACTION",
+    "KEK_ROTATE_ACTION",
     "PARTY_KEK_ACTION",
     "ROTATION_ACTION",
     "KeyCustody",
+    "LocalKekRotator",
     "PartyKekChoice",
 ]

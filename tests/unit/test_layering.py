@@ -272,7 +272,15 @@ def test_tests_import_no_test_module_and_no_benchmark() -> None:
 
 #: The core's use cases and the broker that holds them: only the composition root builds them.
 CORE_CLASSES = frozenset(
-    {"Broker", "Enrollment", "Attestation", "PolicyAdministration", "KeyCustody", "Operations"}
+    {
+        "Broker",
+        "Enrollment",
+        "Attestation",
+        "PolicyAdministration",
+        "KeyCustody",
+        "LocalKekRotator",
+        "Operations",
+    }
 )
 COMPOSITION_ROOT = Path("broker/core/compose.py")
 
