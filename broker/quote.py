@@ -14,10 +14,11 @@ event log (``EventLogReplayError``: each event's size against its digests, then 
 Golden values are a separate step, :func:`check_golden`, because policy decides which golden set
 applies.
 
-Performance: parsing goes through tpm2-pytss (libtss2's unmarshalling), but the fields are then
-read from the parsed C structure directly rather than through tpm2-pytss's Python wrappers,
-which build a new wrapper object on every attribute access (about 150 µs for one quote's fields
-against about 10 µs this way). Per-AK and per-selection work is cached.
+Performance: the attest and the signature are read from their bytes by :mod:`broker.tpmwire`
+(which a differential test holds to accepting exactly what libtss2's unmarshalling accepts), not
+through tpm2-pytss, whose wrappers allocate on every field access; the parsed PCR selection is
+cached on its exact bytes, and per-AK state (the loaded key, its name and scheme) on the AK's
+exact bytes by :func:`broker.tpmkeys.load_public`. docs/benchmarks.md has the profile.
 """
 
 from __future__ import annotations
@@ -28,15 +29,16 @@ import hmac
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, padding
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from tpm2_pytss import TPM2_ALG, TPM2_GENERATED, TPM2_ST, TPMS_ATTEST, TPMT_SIGNATURE
+from tpm2_pytss import TPM2_ST, TPMS_ATTEST
 from tpm2_pytss.utils import ffi as _ffi
 
+from broker import tpmwire
 from broker.errors import (
     AttestTypeError,
     EventLogReplayError,
@@ -70,6 +72,8 @@ __all__ = [
     "verify_quote",
 ]
 
+_T = TypeVar("_T")
+
 #: Reported PCR values keyed by (index, bank), e.g. ``(23, "sha256")``.
 PcrValues = Mapping[tuple[int, str], bytes]
 
@@ -79,11 +83,11 @@ DEFAULT_REQUIRED_PCRS: Final[Mapping[str, Sequence[int]]] = MappingProxyType(
 )
 DEFAULT_MAX_EVENT_LOG_ENTRIES: Final = 1024
 
-_TPM_GENERATED: Final = int(TPM2_GENERATED.VALUE)
-_ST_ATTEST_QUOTE: Final = int(TPM2_ST.ATTEST_QUOTE)
-_ALG_RSASSA: Final = int(TPM2_ALG.RSASSA)
-_ALG_RSAPSS: Final = int(TPM2_ALG.RSAPSS)
-_ALG_ECDSA: Final = int(TPM2_ALG.ECDSA)
+_TPM_GENERATED: Final = tpmwire.TPM_GENERATED_VALUE
+_ST_ATTEST_QUOTE: Final = tpmwire.ST_ATTEST_QUOTE
+_ALG_RSASSA: Final = tpmwire.ALG_RSASSA
+_ALG_RSAPSS: Final = tpmwire.ALG_RSAPSS
+_ALG_ECDSA: Final = tpmwire.ALG_ECDSA
 _SIG_SCHEMES: Final = {_ALG_RSASSA: "rsassa", _ALG_RSAPSS: "rsapss", _ALG_ECDSA: "ecdsa"}
 _BANK_ALGS: Final = {alg: name for alg, name in HASH_BY_ALG.items() if name in BANK_SIZES}
 _WEAK_BANKS: Final = frozenset({"sha1"})
@@ -106,6 +110,7 @@ _PSS: Final = {
     name: padding.PSS(mgf=padding.MGF1(h), salt_length=padding.PSS.AUTO)
     for name, h in _PYCA_HASH.items()
 }
+_ECDSA: Final = {name: ec.ECDSA(h) for name, h in _PYCA_HASH.items()}
 
 
 def _bank_label(key: tuple[int, str]) -> str:
@@ -153,6 +158,20 @@ class VerifiedQuote:
     ak_key_id: str
 
 
+def _frozen(cls: type[_T], **fields: Any) -> _T:
+    """An instance of the frozen dataclass ``cls`` with ``fields`` (every field, by name).
+
+    The generated ``__init__`` of a frozen dataclass sets each field through
+    ``object.__setattr__``, which for VerifiedQuote's fourteen fields costs about as much as
+    parsing the quote; filling the instance's ``__dict__`` at once makes the same object (the
+    unit tests compare the two). It is only for the classes of this module, which have no
+    ``__post_init__`` nor defaults.
+    """
+    obj = object.__new__(cls)
+    obj.__dict__.update(fields)
+    return obj
+
+
 # --- parsing -------------------------------------------------------------------------------
 
 
@@ -182,6 +201,8 @@ class _Selection:
     by_bank: tuple[tuple[str, tuple[int, ...]], ...]
     #: The banks in which PCR 23 (the event log's PCR) is quoted, in the quote's order.
     workload_banks: tuple[str, ...]
+    #: Every selected bank is a weak one (SHA-1).
+    all_weak: bool
 
 
 @functools.lru_cache(maxsize=256)
@@ -212,6 +233,7 @@ def _parse_selection(raw: tuple[tuple[int, bytes], ...]) -> _Selection:
         banks=tuple(banks),
         by_bank=tuple(by_bank),
         workload_banks=tuple(bank for bank in banks if (WORKLOAD_PCR, bank) in keys),
+        all_weak=all(bank in _WEAK_BANKS for bank in banks),
     )
 
 
@@ -230,6 +252,13 @@ def _selection_from_struct(raw: bytes) -> _Selection:
     )
 
 
+@functools.lru_cache(maxsize=256)
+def _selection_from_wire(raw: bytes) -> _Selection:
+    """Parses a marshalled TPML_PCR_SELECTION (cached: quotes from one machine repeat the same
+    selection, and the key is its exact bytes)."""
+    return _parse_selection(tpmwire.parse_pcr_selection(raw))
+
+
 def _selection_of(quote_c: Any) -> _Selection:
     # Quotes from one machine repeat the same selection, so the parsed form is cached on the
     # selection's raw C image: one copy instead of walking the structure field by field.
@@ -240,16 +269,16 @@ def _selection_of(quote_c: Any) -> _Selection:
 # --- signature -----------------------------------------------------------------------------
 
 
-def _verify_signature(ak: ParsedPublic, sig_c: Any, attest: bytes) -> tuple[str, str]:
+def _verify_signature(ak: ParsedPublic, sig: tpmwire.Signature, attest: bytes) -> tuple[str, str]:
     """Checks the signature over ``attest``; returns its scheme and hash names."""
-    sig_alg = int(sig_c.sigAlg)
+    sig_alg = sig.sig_alg
     scheme = _SIG_SCHEMES.get(sig_alg)
     if scheme is None:
         raise UnsupportedAlgorithmError(
             f"signature scheme 0x{sig_alg:04x} is not accepted (rsassa, rsapss, ecdsa)"
         )
-    detail = sig_c.signature.ecdsa if sig_alg == _ALG_ECDSA else sig_c.signature.rsassa
-    hash_alg = int(detail.hash)
+    hash_alg = sig.hash_alg
+    assert hash_alg is not None  # tpmwire reads the hash of every scheme accepted above
     hash_name = HASH_BY_ALG.get(hash_alg, f"0x{hash_alg:04x}")
     if hash_name not in STRONG_HASHES:
         raise UnsupportedAlgorithmError(
@@ -258,20 +287,19 @@ def _verify_signature(ak: ParsedPublic, sig_c: Any, attest: bytes) -> tuple[str,
     key = ak.key
     if (scheme == "ecdsa") != (ak.key_type == "ecc"):
         raise SignatureError(f"an {scheme} signature cannot come from an {ak.key_type.upper()} AK")
-    if ak.scheme is not None and (ak.scheme, ak.scheme_hash) != (scheme, hash_name):
+    if ak.scheme is not None and (ak.scheme != scheme or ak.scheme_hash != hash_name):
         raise SignatureError(
             f"signature is {scheme}/{hash_name} but the AK's scheme is {ak.scheme}/{ak.scheme_hash}"
         )
     algorithm = _PYCA_HASH[hash_name]
     try:
         if isinstance(key, ec.EllipticCurvePublicKey):
-            r = int.from_bytes(_b(detail.signatureR.buffer, detail.signatureR.size), "big")
-            s = int.from_bytes(_b(detail.signatureS.buffer, detail.signatureS.size), "big")
-            key.verify(encode_dss_signature(r, s), attest, ec.ECDSA(algorithm))
+            r = int.from_bytes(sig.r, "big")
+            s = int.from_bytes(sig.s, "big")
+            key.verify(encode_dss_signature(r, s), attest, _ECDSA[hash_name])
         else:
-            assert isinstance(key, rsa.RSAPublicKey)
             pad = _PKCS1 if sig_alg == _ALG_RSASSA else _PSS[hash_name]
-            key.verify(_b(detail.sig.buffer, detail.sig.size), attest, pad, algorithm)
+            key.verify(sig.sig, attest, pad, algorithm)
     except InvalidSignature as e:
         raise SignatureError("signature does not verify under the AK") from e
     return scheme, hash_name
@@ -285,20 +313,22 @@ def _check_selection(
 ) -> None:
     if not selection.order:
         raise PcrSelectionError("quote selects no PCRs")
-    strong_required = [bank for bank in required if bank not in _WEAK_BANKS and required[bank]]
-    if strong_required and all(bank in _WEAK_BANKS for bank in selection.banks):
-        raise UnsupportedAlgorithmError(
-            f"quote covers only the {', '.join(selection.banks)} bank; policy requires "
-            f"{', '.join(strong_required)} (SHA-1-only evidence is refused)"
-        )
+    if selection.all_weak:
+        strong_required = [b for b in required if b not in _WEAK_BANKS and required[b]]
+        if strong_required:
+            raise UnsupportedAlgorithmError(
+                f"quote covers only the {', '.join(selection.banks)} bank; policy requires "
+                f"{', '.join(strong_required)} (SHA-1-only evidence is refused)"
+            )
+    keys = selection.keys
     for bank, indices in required.items():
         for index in indices:
-            if (index, bank) not in selection.keys:
+            if (index, bank) not in keys:
                 raise PcrSelectionError(f"quote does not cover required PCR {bank}:{index}")
-    reported = set(pcr_values)
-    if reported != selection.keys:
-        missing = sorted(selection.keys - reported)
-        extra = sorted(reported - selection.keys)
+    if pcr_values.keys() != keys:
+        reported = set(pcr_values)
+        missing = sorted(keys - reported)
+        extra = sorted(reported - keys)
         parts = []
         if missing:
             parts.append("missing " + ", ".join(map(_bank_label, missing)))
@@ -417,14 +447,15 @@ def verify_quote(
     """
     attest = bytes(attest)
     signature = bytes(signature)
-    # The C structures behind the tpm2-pytss objects: see the module docstring for why.
-    a = _unmarshal(TPMS_ATTEST, attest, "attest")._cdata
-    sig = _unmarshal(TPMT_SIGNATURE, signature, "signature")._cdata
+    # Both structures are read from their bytes (broker.tpmwire), not through tpm2-pytss: see
+    # the module docstring for why.
+    a = tpmwire.parse_attest(attest)
+    sig = tpmwire.parse_signature(signature)
     if a.magic != _TPM_GENERATED:
         raise NotTpmGeneratedError(
             f"attest magic is 0x{a.magic:08x}, not TPM_GENERATED_VALUE (0x{_TPM_GENERATED:08x})"
         )
-    if a.type != _ST_ATTEST_QUOTE:
+    if a.type != _ST_ATTEST_QUOTE or a.pcr_select is None or a.pcr_digest is None:
         try:
             type_name = str(TPM2_ST(a.type))
         except ValueError:
@@ -433,26 +464,24 @@ def verify_quote(
 
     scheme, hash_name = _verify_signature(ak, sig, attest)
 
-    signer = _b(a.qualifiedSigner.name, a.qualifiedSigner.size)
+    signer = a.qualified_signer
     if expected_signer is not None and not hmac.compare_digest(signer, expected_signer):
         raise QualifiedSignerError(
             f"quote's qualifiedSigner is {signer.hex()}, not the enrolled AK's qualified name "
             f"{expected_signer.hex()} (the quote was made by another TPM object)"
         )
 
-    extra = _b(a.extraData.buffer, a.extraData.size)
+    extra = a.extra_data
     if not hmac.compare_digest(extra, expected_qualifying_data):
         raise QualifyingDataError("quote's qualifying data is not the expected value")
 
-    quote = a.attested.quote
-    selection = _selection_of(quote)
+    selection = _selection_from_wire(a.pcr_select)
     _check_selection(selection, pcr_values, required_pcrs)
 
     # TPM2_Quote digests the selected PCRs with the hash of the signing scheme.
     ordered = [bytes(pcr_values[key]) for key in selection.order]
     digest = _HASHLIB[hash_name](b"".join(ordered)).digest()
-    quoted_digest = _b(quote.pcrDigest.buffer, quote.pcrDigest.size)
-    if not hmac.compare_digest(digest, quoted_digest):
+    if not hmac.compare_digest(digest, a.pcr_digest):
         raise PcrDigestError(
             f"quoted PCR digest ({hash_name}) does not match the reported PCR values"
         )
@@ -465,19 +494,20 @@ def verify_quote(
             events, selection, pcr_values, required_pcrs, max_event_log_entries
         )
 
-    clock = a.clockInfo
     h = hashlib.sha256(attest)
     h.update(signature)
-    return VerifiedQuote(
+    return _frozen(
+        VerifiedQuote,
         pcr_values=MappingProxyType(dict(zip(selection.order, ordered, strict=True))),
         selection=selection.by_bank,
-        clock_info=ClockInfo(
-            clock=int(clock.clock),
-            reset_count=int(clock.resetCount),
-            restart_count=int(clock.restartCount),
-            safe=bool(clock.safe),
+        clock_info=_frozen(
+            ClockInfo,
+            clock=a.clock,
+            reset_count=a.reset_count,
+            restart_count=a.restart_count,
+            safe=bool(a.safe),
         ),
-        firmware_version=int(a.firmwareVersion),
+        firmware_version=a.firmware_version,
         qualified_signer=signer,
         qualifying_data=extra,
         signature_scheme=scheme,

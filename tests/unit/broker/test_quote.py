@@ -7,6 +7,7 @@ tpm2-pytss and sign them with a software key: the verifier under test is the rea
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Sequence
@@ -471,3 +472,25 @@ def test_event_log_json_forms(rsa_valid: QuoteVector) -> None:
             quote.event_log_from_json(bad)
     with pytest.raises(EventLogReplayError, match="more than 2"):
         quote.event_log_from_json(text, max_events=2)
+
+
+def test_the_verdict_is_the_dataclass_its_fields_make(rsa_valid: QuoteVector) -> None:
+    # verify_quote fills its frozen dataclasses without their generated __init__ (for speed):
+    # the result must be the very object the constructor makes, every field set, still frozen.
+    v = _verify(rsa_valid)
+    rebuilt = quote.VerifiedQuote(**{f.name: getattr(v, f.name) for f in dataclasses.fields(v)})
+    assert v == rebuilt and vars(v) == vars(rebuilt)
+    assert v.clock_info == quote.ClockInfo(**vars(v.clock_info))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        v.qualifying_data = b""  # type: ignore[misc]
+    # And the fields read from the bytes are libtss2's reading of them.
+    a = TPMS_ATTEST.unmarshal(rsa_valid.attest)[0]
+    assert v.clock_info == quote.ClockInfo(
+        clock=int(a.clockInfo.clock),
+        reset_count=int(a.clockInfo.resetCount),
+        restart_count=int(a.clockInfo.restartCount),
+        safe=bool(a.clockInfo.safe),
+    )
+    assert v.firmware_version == int(a.firmwareVersion)
+    assert v.qualified_signer == bytes(a.qualifiedSigner)
+    assert v.qualifying_data == bytes(a.extraData)
