@@ -50,7 +50,8 @@ from broker.errors import (
     UnsupportedAlgorithmError,
 )
 from broker.tpmkeys import ParsedPublic, ak_qualified_name, load_public
-from evidence.pcr import EMPTY_DIGESTS, MeasurementEvent, extend
+from evidence.launch import Launch
+from evidence.pcr import EMPTY_DIGESTS, MeasurementEvent, extend, launch_event, replay
 from tests.vectors.evidence import QuoteVector, flip_last_bit, quote_vector
 
 NONCE = b"q" * 32
@@ -494,3 +495,100 @@ def test_the_verdict_is_the_dataclass_its_fields_make(rsa_valid: QuoteVector) ->
     assert v.firmware_version == int(a.firmwareVersion)
     assert v.qualified_signer == bytes(a.qualifiedSigner)
     assert v.qualifying_data == bytes(a.extraData)
+
+
+def _log_quote(
+    key: rsa.RSAPrivateKey, events: Sequence[MeasurementEvent]
+) -> tuple[bytes, bytes, dict[tuple[int, str], bytes]]:
+    """A software quote of PCR 23 in both banks at the value ``events`` replay to."""
+    values = replay(events, ["sha1", "sha256"])
+    attest, sig = make_quote(
+        key,
+        [(TPM2_ALG.SHA1, [23]), (TPM2_ALG.SHA256, [23])],
+        [values["sha1"], values["sha256"]],
+    )
+    return attest, sig, {(23, "sha1"): values["sha1"], (23, "sha256"): values["sha256"]}
+
+
+def test_a_launch_event_is_bound_to_its_launch(
+    soft_key: rsa.RSAPrivateKey, soft_ak: ParsedPublic
+) -> None:
+    # The verifier replays a log of file events on a fast path of its own; a log with a launch
+    # event must still have every launch digest recomputed from the launch it reports.
+    launch = Launch.create(
+        argv=("/usr/bin/python3", "run.py"),
+        executable_sha256=hashlib.sha256(b"python").digest(),
+        env={"LANG": "C"},
+        cwd="/srv",
+    )
+    file_event = MeasurementEvent(
+        path="run.py",
+        size=3,
+        digests={"sha1": hashlib.sha1(b"run").digest(), "sha256": hashlib.sha256(b"run").digest()},  # noqa: S324
+    )
+    events = (file_event, launch_event(launch, ["sha1", "sha256"]))
+    attest, sig, values = _log_quote(soft_key, events)
+
+    def verify(log: Sequence[MeasurementEvent]) -> quote.VerifiedQuote:
+        return quote.verify_quote(
+            ak=soft_ak,
+            attest=attest,
+            signature=sig,
+            pcr_values=values,
+            expected_qualifying_data=NONCE,
+            event_log=log,
+        )
+
+    assert verify(events).event_log_banks == ("sha1", "sha256")
+    # The approved launch's digests, reported with another command: the digests replay to the
+    # quoted PCR, but they are not this launch's.
+    forged = replace(events[1], launch=replace(launch, argv=("/usr/bin/python3", "-c", "steal()")))
+    with pytest.raises(EventLogReplayError, match="not its launch's"):
+        verify((file_event, forged))
+
+
+def test_a_digest_of_the_wrong_size_is_malformed(
+    soft_key: rsa.RSAPrivateKey, soft_ak: ParsedPublic
+) -> None:
+    good = MeasurementEvent(
+        path="a", size=1, digests={"sha1": b"\x01" * 20, "sha256": b"\x02" * 32}
+    )
+    attest, sig, values = _log_quote(soft_key, (good,))
+    for bank, short in (("sha256", b"\x02" * 31), ("sha1", b"\x01" * 19)):
+        bad = replace(good, digests={**good.digests, bank: short})
+        with pytest.raises(EventLogReplayError, match=f"malformed {bank} digest"):
+            quote.verify_quote(
+                ak=soft_ak,
+                attest=attest,
+                signature=sig,
+                pcr_values=values,
+                expected_qualifying_data=NONCE,
+                event_log=(good, bad),
+            )
+
+
+def test_the_file_replay_is_evidence_pcrs_replay() -> None:
+    # The verifier's own replay of file events against evidence.pcr.replay, on seeded random
+    # logs of every length up to 40 and every set of banks.
+    import random
+
+    rng = random.Random(16)
+    for n in range(41):
+        events = tuple(
+            MeasurementEvent(
+                path=f"f{i}",
+                size=1,
+                digests={
+                    b: rng.randbytes(s) for b, s in (("sha1", 20), ("sha256", 32), ("sha384", 48))
+                },
+            )
+            for i in range(n)
+        )
+        for banks in (
+            ("sha1",),
+            ("sha256",),
+            ("sha384",),
+            ("sha1", "sha256"),
+            ("sha256", "sha384"),
+        ):
+            assert quote._replay_files(events, banks) == replay(events, banks)
