@@ -9,7 +9,9 @@ HCL report, VCEK chain to the pinned Milan root, report signature, TCB, report d
 binding) on the real Milan regression vector, next to ``verify_quote`` of that vector's own
 quote in the same run: what the hardware root adds to each attestation.
 
-Everything runs on one core (one thread, one process at a time).
+Everything runs on one core (one thread, one process at a time). The in-process figures are
+this thread's CPU time, so that other processes on a shared machine do not count as ours; the
+goal (issue 16) is ``verify_quote`` with the event log at >= 0.45x the bare check's rate.
 
     python -m bench.bench_verify [--seconds 2] [--checkquote-runs 50] [--vector NAME]
 """
@@ -31,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from tpm2_pytss import TPM2_ALG, TPMS_ATTEST, TPMT_SIGNATURE
 
-from broker import snp
+from broker import snp, tpmwire
 from broker.quote import pcr_values_from_tools, verify_quote
 from broker.tpmkeys import ak_qualified_name, load_public
 from tests.vectors.evidence import QuoteVector, quote_vector
@@ -39,31 +41,30 @@ from tests.vectors.snp import milan_evidence
 
 
 def _rates(fns: dict[str, Callable[[], object]], seconds: float) -> dict[str, float]:
-    """Calls per second of each function, on one thread.
+    """Calls per second of each function, on one thread, in this thread's CPU time.
 
-    The machine is shared (2 cores, other work running), so the figures are measured in short
-    interleaved rounds and each keeps its best round: a round that another process disturbed
-    only lowers that round, and every figure sees the same conditions.
+    The machine is shared (2 cores, often several times more runnable processes than cores), so
+    wall-clock rounds mostly measure how long other processes held the core. The figures are
+    therefore this thread's CPU time (``time.thread_time``), measured in short interleaved
+    rounds of which each figure keeps its best: a round that another process disturbed (caches,
+    frequency) only lowers that round, and every figure sees the same conditions.
     """
     for fn in fns.values():
         for _ in range(200):  # warm caches and the allocator
             fn()
     best = dict.fromkeys(fns, 0.0)
-    rounds = max(3, round(seconds / 0.25))
-    per_round = seconds / rounds
-    for _ in range(rounds):
+    batch = 50
+    deadline = time.perf_counter() + seconds
+    while True:
         for name, fn in fns.items():
-            n, batch = 0, 200
-            start = time.perf_counter()
-            deadline = start + per_round
-            while True:
-                for _ in range(batch):
-                    fn()
-                n += batch
-                now = time.perf_counter()
-                if now >= deadline:
-                    break
-            best[name] = max(best[name], n / (now - start))
+            start = time.thread_time()
+            for _ in range(batch):
+                fn()
+            spent = time.thread_time() - start
+            if spent > 0:
+                best[name] = max(best[name], batch / spent)
+        if time.perf_counter() >= deadline:
+            break
     return best
 
 
@@ -144,6 +145,9 @@ def main(argv: list[str]) -> None:
         )
 
     def parse_only() -> object:
+        return tpmwire.parse_attest(v.attest), tpmwire.parse_signature(v.signature)
+
+    def tss_parse() -> object:
         return TPMS_ATTEST.unmarshal(v.attest), TPMT_SIGNATURE.unmarshal(v.signature)
 
     milan = milan_evidence()
@@ -188,16 +192,20 @@ def main(argv: list[str]) -> None:
 
     full()  # a wrong vector fails here, loudly, rather than measuring an exception path
     milan_quote()
-    fns: dict[str, Callable[[], object]] = {
-        "bare": _bare_check(v),
+    # The figures compared with the bare check run next to it in every round, the event-log one
+    # first: a figure that follows the SEV-SNP check's P-384 rounds starts with the RSA code and
+    # data out of the caches, which measured as several microseconds more per call.
+    fns: dict[str, Callable[[], object]] = {"bare": _bare_check(v)}
+    if log:
+        fns["log"] = full_with_log
+    fns |= {
         "full": full,
         "parse": parse_only,
+        "tss_parse": tss_parse,
         "milan_quote": milan_quote,
         "snp": milan_snp,
         "snp_sig": milan_report_signature,
     }
-    if log:
-        fns["log"] = full_with_log
     rates = _rates(fns, args.seconds * len(fns))
     bare_rate, full_rate, parse_rate = rates["bare"], rates["full"], rates["parse"]
     log_rate = rates.get("log")
@@ -205,7 +213,7 @@ def main(argv: list[str]) -> None:
 
     key = f"{ak.key_type.upper()}-{ak.key_bits}" if ak.key_type == "rsa" else str(ak.curve)
     print(f"evidence: {v.name} ({key}, {len(v.attest)}-byte attest, {len(pcr_values)} PCRs)")
-    print("  (one thread; best of interleaved rounds)")
+    print("  (one thread, its CPU time; best of interleaved rounds)")
     print(f"  bare signature check          {bare_rate:>10,.0f} /s  {1e6 / bare_rate:7.1f} us")
     print(
         f"  verify_quote                  {full_rate:>10,.0f} /s  {1e6 / full_rate:7.1f} us"
@@ -218,8 +226,13 @@ def main(argv: list[str]) -> None:
             f"{1e6 / log_rate:7.1f} us  ({log_rate / bare_rate:.2f}x the bare check)"
         )
     print(
-        f"  of which tpm2-pytss unmarshal {parse_rate:>10,.0f} /s  {1e6 / parse_rate:7.1f} us"
+        f"  of which parsing (tpmwire)    {parse_rate:>10,.0f} /s  {1e6 / parse_rate:7.1f} us"
         f"  ({full_rate / parse_rate:.0%} of verify_quote's time)"
+    )
+    tss = rates["tss_parse"]
+    print(
+        f"  tpm2-pytss unmarshal instead  {tss:>10,.0f} /s  {1e6 / tss:7.1f} us"
+        f"  ({full_rate / tss:.0%} of verify_quote's time)"
     )
     sig_share = full_rate / bare_rate
     print(f"  signature share of verify_quote: {sig_share:.0%}")
@@ -253,6 +266,10 @@ def main(argv: list[str]) -> None:
     judged, what = (log_rate, " with the event log") if log_rate is not None else (full_rate, "")
     verdict = "meets" if judged >= target else "misses"
     print(f"  target >= {target:,}/s on one core{what}: {verdict}")
+    goal = 0.45
+    ratio = judged / bare_rate
+    verdict = "meets" if ratio >= goal else "misses"
+    print(f"  goal >= {goal:.2f}x the bare check{what}: {ratio:.2f}x, {verdict}")
 
 
 if __name__ == "__main__":

@@ -203,6 +203,8 @@ class _Selection:
     workload_banks: tuple[str, ...]
     #: Every selected bank is a weak one (SHA-1).
     all_weak: bool
+    #: ``order`` with each value's size.
+    sized: tuple[tuple[tuple[int, str], int], ...]
 
 
 @functools.lru_cache(maxsize=256)
@@ -234,6 +236,7 @@ def _parse_selection(raw: tuple[tuple[int, bytes], ...]) -> _Selection:
         by_bank=tuple(by_bank),
         workload_banks=tuple(bank for bank in banks if (WORKLOAD_PCR, bank) in keys),
         all_weak=all(bank in _WEAK_BANKS for bank in banks),
+        sized=tuple((key, BANK_SIZES[key[1]]) for key in order),
     )
 
 
@@ -310,7 +313,9 @@ def _verify_signature(ak: ParsedPublic, sig: tpmwire.Signature, attest: bytes) -
 
 def _check_selection(
     selection: _Selection, pcr_values: PcrValues, required: Mapping[str, Sequence[int]]
-) -> None:
+) -> dict[tuple[int, str], bytes]:
+    """Checks the quoted selection against policy and the reported values against the
+    selection; returns the reported values in the quote's order."""
     if not selection.order:
         raise PcrSelectionError("quote selects no PCRs")
     if selection.all_weak:
@@ -337,12 +342,15 @@ def _check_selection(
         raise PcrSelectionError(
             "reported PCR values do not match the quoted selection: " + "; ".join(parts)
         )
-    for key in selection.order:
-        if len(pcr_values[key]) != BANK_SIZES[key[1]]:
+    ordered = {}
+    for key, size in selection.sized:
+        value = bytes(pcr_values[key])
+        if len(value) != size:
             raise MalformedEvidenceError(
-                f"reported {_bank_label(key)} value is {len(pcr_values[key])} bytes, "
-                f"expected {BANK_SIZES[key[1]]}"
+                f"reported {_bank_label(key)} value is {len(value)} bytes, expected {size}"
             )
+        ordered[key] = value
+    return ordered
 
 
 def _check_event_log(
@@ -391,43 +399,68 @@ def _check_event_log(
             )
     if not covered:
         raise EventLogReplayError("event log has digests for none of the quoted banks")
-    replayed = None if launches else _replay_files(events, covered)
-    if replayed is None:
+    values = None if launches else _replay_files(events, covered)
+    if values is None:
         # A launch event (whose digests must be recomputed from the launch) or a digest of the
         # wrong size: the one replay of evidence.pcr decides, and names what is wrong.
         try:
             replayed = replay(events, covered, pcr_index=WORKLOAD_PCR, max_events=max_entries)
         except EventLogError as e:
             raise EventLogReplayError(f"event log is malformed: {e}") from e
-    for bank in covered:
+        values = tuple(replayed[bank] for bank in covered)
+    for bank, value in zip(covered, values, strict=True):
         quoted_value = pcr_values[(WORKLOAD_PCR, bank)]
-        if not hmac.compare_digest(replayed[bank], quoted_value):
+        if not hmac.compare_digest(value, quoted_value):
             raise EventLogReplayError(
-                f"event log replays to {bank}:{WORKLOAD_PCR}={replayed[bank].hex()}, "
+                f"event log replays to {bank}:{WORKLOAD_PCR}={value.hex()}, "
                 f"but the quote has {quoted_value.hex()}"
             )
     return covered
 
 
+#: Logs of up to this many events have their replay remembered (see :func:`_replay_files`).
+_REPLAY_CACHE_EVENTS: Final = 64
+
+
 def _replay_files(
     events: Sequence[MeasurementEvent], banks: tuple[str, ...]
-) -> dict[str, bytes] | None:
-    """PCR 23 replayed from reset in ``banks``, for a log of file events only (no launch event)
-    whose every event is for PCR 23 and has a digest in each of ``banks``; None when a digest
-    has the wrong size. The same extends as :func:`evidence.pcr.replay`, one bank at a time so
-    that the running value stays in a local: the broker replays a log for every quote."""
-    out = {}
-    for bank in banks:
+) -> tuple[bytes, ...] | None:
+    """PCR 23 replayed from reset in each of ``banks``, for a log of file events only (no launch
+    event) whose every event is for PCR 23 and has a digest in each of ``banks``; None when a
+    digest has the wrong size.
+
+    A workload's log is the same in every quote it sends, so the result is remembered, keyed by
+    the banks and every digest in order (exactly what the replay is a function of): a log that
+    differs in any byte is replayed afresh. Only short logs are remembered, which bounds the
+    memory the cache can hold.
+    """
+    digests = tuple([e.digests[b] for e in events for b in banks])
+    if len(events) <= _REPLAY_CACHE_EVENTS:
+        try:
+            return _replay_remembered(banks, digests)
+        except TypeError:  # a digest that cannot be a key (a bytearray): replay it uncached
+            pass
+    return _replay_digests(banks, digests)
+
+
+def _replay_digests(banks: tuple[str, ...], digests: tuple[bytes, ...]) -> tuple[bytes, ...] | None:
+    """The replay itself: ``digests`` holds each event's digests in ``banks`` order, event after
+    event. One bank at a time, so that the running value stays in a local."""
+    out = []
+    step = len(banks)
+    for i, bank in enumerate(banks):
         size = BANK_SIZES[bank]
         h = _HASHLIB[bank]
         value = bytes(size)
-        for event in events:
-            digest = event.digests[bank]
+        for digest in digests[i::step]:
             if len(digest) != size:
                 return None
             value = h(value + digest).digest()
-        out[bank] = value
-    return out
+        out.append(value)
+    return tuple(out)
+
+
+_replay_remembered = functools.lru_cache(maxsize=256)(_replay_digests)
 
 
 # --- the verifier --------------------------------------------------------------------------
@@ -503,11 +536,10 @@ def verify_quote(
         raise QualifyingDataError("quote's qualifying data is not the expected value")
 
     selection = _selection_from_wire(a.pcr_select)
-    _check_selection(selection, pcr_values, required_pcrs)
+    ordered = _check_selection(selection, pcr_values, required_pcrs)
 
     # TPM2_Quote digests the selected PCRs with the hash of the signing scheme.
-    ordered = [bytes(pcr_values[key]) for key in selection.order]
-    digest = _HASHLIB[hash_name](b"".join(ordered)).digest()
+    digest = _HASHLIB[hash_name](b"".join(ordered.values())).digest()
     if not hmac.compare_digest(digest, a.pcr_digest):
         raise PcrDigestError(
             f"quoted PCR digest ({hash_name}) does not match the reported PCR values"
@@ -525,7 +557,7 @@ def verify_quote(
     h.update(signature)
     return _frozen(
         VerifiedQuote,
-        pcr_values=MappingProxyType(dict(zip(selection.order, ordered, strict=True))),
+        pcr_values=MappingProxyType(ordered),
         selection=selection.by_bank,
         clock_info=_frozen(
             ClockInfo,

@@ -573,7 +573,7 @@ def test_the_file_replay_is_evidence_pcrs_replay() -> None:
     import random
 
     rng = random.Random(16)
-    for n in range(41):
+    for n in (*range(41), 64, 65, 100):
         events = tuple(
             MeasurementEvent(
                 path=f"f{i}",
@@ -591,4 +591,37 @@ def test_the_file_replay_is_evidence_pcrs_replay() -> None:
             ("sha1", "sha256"),
             ("sha256", "sha384"),
         ):
-            assert quote._replay_files(events, banks) == replay(events, banks)
+            expected = replay(events, banks)
+            assert quote._replay_files(events, banks) == tuple(expected[b] for b in banks)
+            assert quote._replay_digests(
+                banks, tuple(e.digests[b] for e in events for b in banks)
+            ) == tuple(expected[b] for b in banks)
+
+
+def test_a_remembered_replay_serves_only_the_same_log(rsa_valid: QuoteVector) -> None:
+    # The replay of a log is remembered, keyed by its banks and every digest: the same log is
+    # not replayed again, and a log that differs in one bit of one digest is, and is refused.
+    log = rsa_valid.event_log
+    assert log is not None
+    _verify(rsa_valid)
+    hits = quote._replay_remembered.cache_info().hits
+    _verify(rsa_valid)
+    assert quote._replay_remembered.cache_info().hits == hits + 1
+    for n, event in enumerate(log):
+        for bank, digest in event.digests.items():
+            changed = replace(event, digests={**event.digests, bank: flip_last_bit(digest)})
+            with pytest.raises(EventLogReplayError, match="replays to"):
+                _verify(rsa_valid, event_log=(*log[:n], changed, *log[n + 1 :]))
+            short = replace(event, digests={**event.digests, bank: digest[:-1]})
+            with pytest.raises(EventLogReplayError, match="malformed"):
+                _verify(rsa_valid, event_log=(*log[:n], short, *log[n + 1 :]))
+    # Events swapped: the same digests in another order replay to another value.
+    with pytest.raises(EventLogReplayError, match="replays to"):
+        _verify(rsa_valid, event_log=(log[1], log[0], *log[2:]))
+    # A digest given as a bytearray (outside the declared type, but an untyped caller may; it
+    # cannot be a dictionary key) is replayed all the same.
+    as_bytearray = tuple(
+        replace(e, digests={b: bytearray(d) for b, d in e.digests.items()})  # type: ignore[misc]
+        for e in log
+    )
+    assert _verify(rsa_valid, event_log=as_bytearray).event_log_banks == ("sha1", "sha256")
