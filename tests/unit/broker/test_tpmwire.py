@@ -14,7 +14,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from tpm2_pytss import TPML_PCR_SELECTION, TPMS_ATTEST, TPMT_SIGNATURE
+from tpm2_pytss import (
+    TPM2_ALG,
+    TPM2_GENERATED,
+    TPM2_ST,
+    TPML_PCR_SELECTION,
+    TPMS_ATTEST,
+    TPMT_SIGNATURE,
+)
 from tpm2_pytss.utils import ffi
 
 from broker import tpmwire
@@ -136,6 +143,14 @@ def test_buffer_limits_are_libtss2s() -> None:
         ("TPM2B_ECC_PARAMETER", "buffer", tpmwire.ECC_PARAM_MAX),
     ):
         assert len(getattr(ffi.new(f"{struct_name} *"), field)) == limit, struct_name
+
+
+def test_constants_are_the_tpm_specifications() -> None:
+    assert tpmwire.TPM_GENERATED_VALUE == int(TPM2_GENERATED.VALUE)
+    assert tpmwire.ST_ATTEST_QUOTE == int(TPM2_ST.ATTEST_QUOTE)
+    assert tpmwire.ALG_RSASSA == int(TPM2_ALG.RSASSA)
+    assert tpmwire.ALG_RSAPSS == int(TPM2_ALG.RSAPSS)
+    assert tpmwire.ALG_ECDSA == int(TPM2_ALG.ECDSA)
 
 
 def test_the_vectors_are_read_as_libtss2_reads_them() -> None:
