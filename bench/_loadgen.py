@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -154,14 +155,45 @@ class AttestClient:
         self.expected_keys = expected_keys
         self.open_every = int(spec.get("open_every", 0))
         self.done = 0
+        #: "stream": one AttestStream call per attestation; "unary": GetChallenge, then Attest.
+        self.stream = spec.get("attest_call", "stream") == "stream"
         values = {b: bytes.fromhex(v) for b, v in spec["pcr23"].items()}
         self.pcr_values = [(WORKLOAD_PCR, bank_to_pb(bank), values[bank]) for bank in QUOTED_BANKS]
 
     def once(self, tally: Tally, check_open: bool = False) -> None:
         """One full attestation: challenge, quote, attest, and the check of the release."""
-        challenge = self.stub.GetChallenge(
-            attestation_pb2.GetChallengeRequest(ak_name=self.ak_name), timeout=CALL_TIMEOUT
-        )
+        if not self.stream:
+            challenge = self.stub.GetChallenge(
+                attestation_pb2.GetChallengeRequest(ak_name=self.ak_name), timeout=CALL_TIMEOUT
+            )
+            response = self.stub.Attest(self._evidence(challenge), timeout=CALL_TIMEOUT)
+            self._check(tally, response, check_open)
+            return
+        evidence: queue.SimpleQueue[attestation_pb2.AttestStreamRequest | None]
+        evidence = queue.SimpleQueue()
+
+        def requests() -> Iterator[attestation_pb2.AttestStreamRequest]:
+            yield attestation_pb2.AttestStreamRequest(
+                challenge=attestation_pb2.GetChallengeRequest(ak_name=self.ak_name)
+            )
+            step = evidence.get()
+            if step is not None:
+                yield step
+
+        responses: Any = self.stub.AttestStream(requests(), timeout=CALL_TIMEOUT)
+        try:
+            first = next(responses)
+            step = attestation_pb2.AttestStreamRequest(attest=self._evidence(first.challenge))
+            evidence.put(step)
+            second = next(responses)
+        finally:
+            evidence.put(None)
+        self._check(tally, second.attest, check_open)
+
+    def _evidence(
+        self, challenge: attestation_pb2.GetChallengeResponse
+    ) -> attestation_pb2.AttestRequest:
+        """The quote of the challenge's nonce and the rest of the evidence."""
         ephemeral = self.pool[self.next_key % len(self.pool)]
         self.next_key += 1
         public = ephemeral.public_key()
@@ -185,7 +217,14 @@ class AttestClient:
             request.quote.pcr_values.add(index=index, bank=bank, value=value)
         request.ephemeral_key.kem = public.kem  # type: ignore[assignment]
         request.ephemeral_key.public_key = public.raw
-        response = self.stub.Attest(request, timeout=CALL_TIMEOUT)
+        self._ephemeral = ephemeral
+        return request
+
+    def _check(
+        self, tally: Tally, response: attestation_pb2.AttestResponse, check_open: bool
+    ) -> None:
+        """Both keys released; every ``open_every`` attestations one opened and compared."""
+        ephemeral = self._ephemeral
         released = sorted(k.key_id for k in response.released_keys)
         if released != sorted(self.expected_keys):
             raise CheckFailed(f"released {released}, expected {sorted(self.expected_keys)}")

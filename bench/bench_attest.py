@@ -401,6 +401,7 @@ def _run_phase(
     open_every: int,
     profile: Path | None = None,
     rate: float | None = None,
+    attest_call: str = "stream",
 ) -> PhaseResult:
     specs = _client_specs(mode, broker, setup, clients)
     common = {
@@ -413,6 +414,7 @@ def _run_phase(
         "pcr23": {b: v.hex() for b, v in setup.pcr23.items()},
         "open_every": open_every,
         "ephemeral_pool": 512,
+        "attest_call": attest_call,
     }
     procs: list[subprocess.Popen[str]] = []
     try:
@@ -596,7 +598,8 @@ def _report(
         offered = args.paced * attest.rate
         print(_row(paced, f"  paced at {offered:,.0f}/s offered"))
     ratio = attest.rate / echo.rate if echo.rate else float("nan")
-    print(f"  attestations per echo call:  {ratio:.3f}  (an attestation is 2 RPCs)")
+    calls = "1 AttestStream call" if args.attest_call == "stream" else "2 RPCs"
+    print(f"  attestations per echo call:  {ratio:.3f}  (an attestation is {calls})")
     if checkquote is None:
         print("  tpm2_checkquote: skipped (not installed, or --checkquote-runs 0)")
     else:
@@ -661,6 +664,13 @@ def main(argv: list[str]) -> None:
         "for latency below saturation (0: skip)",
     )
     parser.add_argument("--checkquote-runs", type=int, default=30)
+    parser.add_argument(
+        "--attest-call",
+        choices=("stream", "unary"),
+        default="stream",
+        help="how each sidecar attests: one AttestStream call, as the sidecar does (default), "
+        "or the unary GetChallenge then Attest",
+    )
     parser.add_argument(
         "--challenge-rate",
         type=float,
@@ -732,6 +742,7 @@ def main(argv: list[str]) -> None:
             "open_every": args.open_every,
             "profile": args.profile,
             "database": database,
+            "attest_call": args.attest_call,
         }
         echo = _run_phase("echo", broker, setup, **phase)
         attest = _run_phase("attest", broker, setup, **phase)

@@ -32,9 +32,10 @@ working on the request, and a slow broker should not get more load.
 from __future__ import annotations
 
 import logging
+import queue
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -516,6 +517,63 @@ class BrokerClient:
         if snp_evidence is not None:
             req.snp_evidence.CopyFrom(snp_evidence)
         return self._call("Attest", self._attestation.Attest, req)
+
+    def attest_stream(
+        self,
+        ak_name: str,
+        evidence: Callable[[attestation_pb2.GetChallengeResponse], attestation_pb2.AttestRequest],
+    ) -> attestation_pb2.AttestResponse:
+        """One attestation on one ``AttestStream`` call: asks for a challenge, builds the
+        evidence for it with ``evidence(challenge)`` (the quote of its nonce), sends it and
+        returns the released (sealed) keys. ``evidence``'s request must carry the challenge's
+        nonce and ``ak_name``.
+
+        Sent at most once, like :meth:`attest`: on UnavailableError attest again (a new stream
+        gets a new challenge). An exception raised by ``evidence`` ends the stream (the broker
+        then burns the nonce) and propagates.
+
+        Raises:
+            BrokerClientError: as :meth:`get_challenge` for the challenge step and as
+                :meth:`attest` for the evidence step (PermissionDeniedError "attestation
+                denied", with the broker's ``AttestDenial``, for any refusal).
+        """
+        method = "AttestStream"
+        if self._closed:
+            raise ClientSetupError(f"{method}: the client is closed", method=method)
+        self._ensure_connected(method)
+        outbox: queue.SimpleQueue[attestation_pb2.AttestStreamRequest | None]
+        outbox = queue.SimpleQueue()
+
+        def requests() -> Iterator[attestation_pb2.AttestStreamRequest]:
+            while (step := outbox.get()) is not None:
+                yield step
+
+        outbox.put(
+            attestation_pb2.AttestStreamRequest(
+                challenge=attestation_pb2.GetChallengeRequest(ak_name=ak_name)
+            )
+        )
+        call = self._attestation.AttestStream(requests(), timeout=self.timeout, wait_for_ready=True)
+        responses: Iterator[attestation_pb2.AttestStreamResponse] = iter(call)
+        finished = False
+        try:
+            challenge = next(responses).challenge
+            outbox.put(attestation_pb2.AttestStreamRequest(attest=evidence(challenge)))
+            released: attestation_pb2.AttestResponse = next(responses).attest
+            finished = True
+        except grpc.RpcError as e:
+            self._note(e.code() if isinstance(e, grpc.Call) else None)
+            raise error_from_rpc(e, method=method, target=self.target) from e
+        except StopIteration as e:
+            raise BrokerClientError(
+                f"{method}: the broker ended the stream early", method=method
+            ) from e
+        finally:
+            outbox.put(None)
+            if not finished:
+                call.cancel()  # type: ignore[no-untyped-call]
+        self._note(None)
+        return released
 
     def end_session(
         self, session_id: str, *, workload_exit_code: int = 0, outputs: Iterable[str] = ()

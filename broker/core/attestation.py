@@ -197,6 +197,21 @@ class Attestation:
         )
         return Challenge(nonce=nonce, expires_at=expires, pcr_selection=dict(self._required))
 
+    def discard_challenge(self, nonce: bytes, ak_name: str) -> None:
+        """Burns an issued nonce that will not be answered (an ``AttestStream`` that ended
+        after its challenge and before its evidence), so that it cannot be used later.
+
+        The challenge's own audit record stands; nothing was decided, so nothing more is
+        recorded. A nonce already used, expired or unknown is left as it is.
+
+        Raises:
+            StorageError: the database failed (the nonce still expires with its TTL).
+        """
+        try:
+            self._nonces.consume(nonce, ak_name)
+        except NonceError:
+            pass
+
     def record_malformed_attest(
         self, actor: SpiffeId, *, ak_name: str, attest: bytes, signature: bytes, reason: str
     ) -> None:

@@ -72,6 +72,7 @@ _ATTESTATION_RULES: Final[Mapping[str, frozenset[str]]] = {
     "CompleteEnrollment": SIDECAR,
     "GetChallenge": SIDECAR,
     "Attest": SIDECAR,
+    "AttestStream": SIDECAR,
     "EndSession": SIDECAR,
 }
 

@@ -68,3 +68,22 @@ class RateLimitedError(ServerError):
 
 class ServerSetupError(ServerError):
     """The server cannot start: the listen address cannot be bound, or TLS files are unusable."""
+
+
+class StreamStepError(ServerError):
+    """A step of a streaming call failed (``error``, its cause).
+
+    Its status is the one that ``error`` would get from ``method``, the unary call the step
+    stands for (``/cleanroom.v1.AttestationService/Attest`` for the evidence of an
+    ``AttestStream``), so a refusal on the stream is exactly as opaque as on the unary call.
+    """
+
+    def __init__(self, method: str, error: Exception) -> None:
+        super().__init__(str(error))
+        self.method = method
+        self.error = error
+
+
+class StreamAbandonedError(ServerError):
+    """The client of a streaming call went away (cancelled, or its message could not be
+    received) before the call was done; there is no one to answer."""

@@ -34,6 +34,7 @@ from broker.server.errors import (
     CallerUnauthenticatedError,
     InvalidRequestError,
     PeerRevokedError,
+    StreamAbandonedError,
 )
 from broker.server.logs import new_request_id, request_id_var
 from broker.server.metrics import BrokerMetrics
@@ -159,6 +160,7 @@ def _peer_address(context: grpc.ServicerContext) -> str:
 
 
 Behavior = Callable[[Any, grpc.ServicerContext], Any]
+StreamBehavior = Callable[[Iterator[Any], grpc.ServicerContext], Iterator[Any]]
 Deserializer = Callable[[bytes], Any]
 
 
@@ -331,6 +333,78 @@ class CallGuard:
                 _current_call.reset(call_token)
             request_id_var.reset(rid_token)
 
+    def run_stream(
+        self,
+        method: str,
+        context: grpc.ServicerContext,
+        raws: Iterator[Any],
+        behavior: StreamBehavior,
+        deserialize: Deserializer | None,
+    ) -> Iterator[Any]:
+        """Serves one bidirectional-streaming call of the broker's services as :meth:`run`
+        serves a unary one: identity and the table once, each request message parsed here,
+        failures mapped to a status that aborts the stream, one access-log line and one latency
+        sample for the whole stream."""
+        start = time.perf_counter()
+        request_id = new_request_id(_metadata_value(context, REQUEST_ID_METADATA))
+        rid_token = request_id_var.set(request_id)
+        call_token: contextvars.Token[CallInfo | None] | None = None
+        caller = "-"
+        code = grpc.StatusCode.CANCELLED
+        try:
+            try:
+                context.set_trailing_metadata(((REQUEST_ID_METADATA, request_id),))
+            except Exception:  # noqa: S110 - the id is a courtesy; never fail a call for it
+                pass
+            try:
+                peer = self.authenticate(method, context)
+                caller = str(peer.identity)
+                self.check_access(method, peer)
+                requests = (self.parse(raw, deserialize, method) for raw in raws)
+                call_token = _current_call.set(CallInfo(method, peer, request_id))
+                yield from behavior(requests, context)
+                code = grpc.StatusCode.OK
+            except grpc.RpcError as exc:
+                # Reading the next message failed: the client cancelled, or gRPC refused the
+                # message (too large); gRPC has already ended the call with its own status.
+                raise StreamAbandonedError(f"{method}: the client went away") from exc
+            except StreamAbandonedError:
+                raise
+            except Exception as exc:
+                status = status_for(exc, full_method=method)
+                code = status.code
+                self._log_refusal(method, caller, exc, status)
+                context.abort(status.code, status.message)
+        except StreamAbandonedError:
+            code = grpc.StatusCode.CANCELLED
+        finally:
+            # A stream the client abandons ends here too (GeneratorExit, code CANCELLED).
+            self._finish(method, caller, code, start)
+            try:
+                if call_token is not None:
+                    _current_call.reset(call_token)
+                request_id_var.reset(rid_token)
+            except ValueError:  # closed from another thread's context: nothing to reset
+                pass
+
+    def _log_refusal(self, method: str, caller: str, exc: Exception, status: Any) -> None:
+        if status.unexpected:
+            log.error(
+                "%s failed: %s",
+                method,
+                type(exc).__name__,
+                exc_info=exc,
+                extra={"fields": {"method": method, "caller": caller}},
+            )
+        elif not isinstance(exc, CallerDeniedError | CallerUnauthenticatedError):
+            log.info(
+                "%s refused: %s: %s",
+                method,
+                status.code.name,
+                exc,
+                extra={"fields": {"method": method, "caller": caller}},
+            )
+
     def _finish(self, method: str, caller: str, code: grpc.StatusCode, start: float) -> None:
         """Records the call's latency and writes its access log line."""
         elapsed = time.perf_counter() - start
@@ -405,6 +479,13 @@ class GuardInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
                 return guard.run(method, context, raw, behavior, deserialize)
 
             return grpc.unary_unary_rpc_method_handler(guarded, None, serialize)
+        if handler.stream_stream is not None and method in RULES:
+            stream_behavior = handler.stream_stream
+
+            def guarded_stream(raws: Iterator[bytes], context: grpc.ServicerContext) -> Any:
+                return guard.run_stream(method, context, raws, stream_behavior, deserialize)
+
+            return grpc.stream_stream_rpc_method_handler(guarded_stream, None, serialize)
 
         def parse_or_abort(raw: bytes, context: grpc.ServicerContext) -> Any:
             try:
@@ -464,6 +545,12 @@ class _GuardedServicer:
         behavior: Behavior = getattr(self._servicer, name)
         method = f"/{self._service.full_name}/{name}"
         guard = self._guard
+        if self._service.methods_by_name[name].client_streaming:
+
+            def guarded_stream(requests: Any, context: grpc.ServicerContext) -> Any:
+                return guard.run_stream(method, context, requests, behavior, None)
+
+            return guarded_stream
 
         def guarded(request: Any, context: grpc.ServicerContext) -> Any:
             return guard.run(method, context, request, behavior, None)

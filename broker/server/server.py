@@ -28,6 +28,7 @@ from broker.config import BrokerConfig
 from broker.core.compose import Broker
 from broker.errors import BrokerConfigError
 from broker.server.authz import ADMIN_SERVICE, ATTESTATION_SERVICE
+from broker.server.deadlines import Deadlines
 from broker.server.errors import ServerSetupError
 from broker.server.interceptor import CallGuard, GuardInterceptor
 from broker.server.metrics import BrokerMetrics, MetricsHttpServer
@@ -109,6 +110,8 @@ class BrokerServer:
         self._server: grpc.Server | None = None
         self._metrics_http: MetricsHttpServer | None = None
         self._stop_maintenance = threading.Event()
+        #: Ends the AttestStream calls whose evidence is overdue.
+        self._deadlines = Deadlines()
         self._maintenance: threading.Thread | None = None
         self.addresses: ServerAddresses | None = None
 
@@ -161,7 +164,8 @@ class BrokerServer:
             ],
         )
         attestation_pb2_grpc.add_AttestationServiceServicer_to_server(
-            AttestationServicer(self.broker, metrics=self.metrics), server
+            AttestationServicer(self.broker, metrics=self.metrics, deadlines=self._deadlines),
+            server,
         )
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
             AdminServicer(self.broker, process=self.process), server
@@ -227,6 +231,7 @@ class BrokerServer:
         if self._metrics_http is not None:
             self._metrics_http.close()
             self._metrics_http = None
+        self._deadlines.close()
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
         """Blocks until the server stops (or ``timeout``); True if it stopped."""

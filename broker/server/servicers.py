@@ -10,6 +10,7 @@ status codes: exceptions travel up to the guard, which maps them in one place
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import grpc
 
@@ -18,7 +19,13 @@ from broker.core.attestation import Evidence
 from broker.core.compose import Broker
 from broker.errors import AttestationRefusedError, UnknownPolicyObjectError
 from broker.server import convert, validate
-from broker.server.errors import InvalidRequestError, RateLimitedError
+from broker.server.deadlines import Deadlines
+from broker.server.errors import (
+    InvalidRequestError,
+    RateLimitedError,
+    StreamAbandonedError,
+    StreamStepError,
+)
 from broker.server.interceptor import REQUEST_ID_METADATA, current_call
 from broker.server.metrics import BrokerMetrics
 from broker.server.ratelimit import TokenBucketLimiter
@@ -36,6 +43,9 @@ DEFAULT_AUDIT_PAGE = 100
 #: A token bucket holds this many seconds' worth of its rate (the config's "burst of 10x").
 BURST_SECONDS = 10.0
 
+_GET_CHALLENGE_METHOD = "/cleanroom.v1.AttestationService/GetChallenge"
+_ATTEST_METHOD = "/cleanroom.v1.AttestationService/Attest"
+
 
 class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):
     """Enrollment, challenges, attestation and session end, for sidecars."""
@@ -47,12 +57,17 @@ class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):
         metrics: BrokerMetrics,
         peer_limiter: TokenBucketLimiter | None = None,
         ak_limiter: TokenBucketLimiter | None = None,
+        deadlines: Deadlines | None = None,
     ) -> None:
+        """``deadlines`` ends the ``AttestStream`` calls whose evidence does not come before
+        their nonce expires (the server passes the one it closes at shutdown)."""
         self.enrollment = broker.enrollment
         self.attestation = broker.attestation
         self.metrics = metrics
+        self.deadlines = deadlines or Deadlines()
         config = broker.config
         self.max_event_log_entries = config.max_event_log_entries
+        self.nonce_ttl_seconds = config.nonce_ttl_seconds
         self.peer_limiter = peer_limiter or TokenBucketLimiter(
             rate=config.challenge_rate_per_peer,
             burst=max(1.0, config.challenge_rate_per_peer * BURST_SECONDS),
@@ -185,6 +200,81 @@ class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):
                 party=party.name, key=convert.recipient_key_pb(party.kem, party.public_key)
             )
         return response
+
+    def AttestStream(
+        self,
+        request_iterator: Iterator[attestation_pb2.AttestStreamRequest],
+        context: grpc.ServicerContext,
+    ) -> Iterator[attestation_pb2.AttestStreamResponse]:
+        """GetChallenge and Attest on one stream: the same checks, records, limits and
+        refusals as the two unary calls, and the evidence must answer this stream's challenge.
+
+        A stream that ends (or is cancelled at the nonce's expiry) after its challenge and
+        before its evidence burns the nonce, so no challenge handed out on a stream stays
+        usable once its stream is gone.
+        """
+        first = next(request_iterator, None)
+        if first is None:
+            return
+        if first.WhichOneof("step") != "challenge":
+            raise StreamStepError(
+                _GET_CHALLENGE_METHOD,
+                InvalidRequestError("", "an AttestStream starts with a challenge request"),
+            )
+        try:
+            challenge = self.GetChallenge(first.challenge, context)
+        except Exception as e:
+            raise StreamStepError(_GET_CHALLENGE_METHOD, e) from e
+        ak_name = first.challenge.ak_name
+        nonce = bytes(challenge.nonce)
+        # The evidence could not be accepted after the nonce expires: a client still silent
+        # then is cancelled, which frees this worker thread.
+        deadline = self.deadlines.schedule(self.nonce_ttl_seconds, context.cancel)
+        answered = False
+        try:
+            yield attestation_pb2.AttestStreamResponse(challenge=challenge)
+            call = current_call()
+            try:
+                second = next(request_iterator, None)
+            except InvalidRequestError as e:
+                # Bytes that are no message at all, where the evidence was due: a refused
+                # attestation, recorded as the unary Attest records its unparseable requests.
+                self._audit_malformed(call.caller, attestation_pb2.AttestRequest(), e)
+                raise StreamStepError(_ATTEST_METHOD, e) from e
+            if second is None:
+                raise StreamAbandonedError("the client ended the stream before its evidence")
+            try:
+                if second.WhichOneof("step") != "attest":
+                    raise InvalidRequestError(
+                        "", "the second message of an AttestStream must be the evidence"
+                    )
+                evidence = second.attest
+                if evidence.ak_name != ak_name or bytes(evidence.nonce) != nonce:
+                    raise InvalidRequestError(
+                        "attest", "the evidence must answer the challenge of this stream"
+                    )
+            except InvalidRequestError as e:
+                self._audit_malformed(call.caller, second.attest, e)
+                raise StreamStepError(_ATTEST_METHOD, e) from e
+            # From here the nonce is the core's: it burns it whatever the verdict.
+            answered = True
+            try:
+                response = self.Attest(evidence, context)
+            except Exception as e:
+                raise StreamStepError(_ATTEST_METHOD, e) from e
+            deadline.cancel()
+            yield attestation_pb2.AttestStreamResponse(attest=response)
+        finally:
+            deadline.cancel()
+            if not answered:
+                self._burn_unanswered(nonce, ak_name)
+
+    def _burn_unanswered(self, nonce: bytes, ak_name: str) -> None:
+        try:
+            self.attestation.discard_challenge(nonce, ak_name)
+        except Exception:
+            # The database failed: the nonce still expires with its TTL.
+            log.warning("the nonce of an abandoned AttestStream was not burned", exc_info=True)
 
     def _audit_malformed(
         self, caller: SpiffeId, request: attestation_pb2.AttestRequest, error: InvalidRequestError

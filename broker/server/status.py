@@ -65,6 +65,8 @@ from broker.server.errors import (
     CallerUnauthenticatedError,
     InvalidRequestError,
     RateLimitedError,
+    StreamAbandonedError,
+    StreamStepError,
 )
 from evidence.errors import EvidenceError
 from pki.errors import IdentityError
@@ -126,9 +128,13 @@ def status_for(exc: BaseException, *, full_method: str) -> Status:
 
     Messages are short and never contain key material; for ``Attest`` refusals they are opaque.
     """
+    if isinstance(exc, StreamStepError):
+        return status_for(exc.error, full_method=exc.method)
     service, _ = split_method(full_method)
     admin = service == ADMIN_SERVICE
     code = grpc.StatusCode
+    if isinstance(exc, StreamAbandonedError):
+        return Status(code.CANCELLED, "the client went away")
 
     if isinstance(exc, InvalidRequestError):
         return Status(code.INVALID_ARGUMENT, str(exc))

@@ -515,6 +515,64 @@ class AttestResponse(_message.Message):
 Global___AttestResponse: _TypeAlias = AttestResponse  # noqa: Y015
 
 @_typing.final
+class AttestStreamRequest(_message.Message):
+    """One step of an AttestStream, from the sidecar: first a challenge request, then the evidence."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHALLENGE_FIELD_NUMBER: _builtins.int
+    ATTEST_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def challenge(self) -> Global___GetChallengeRequest: ...
+    @_builtins.property
+    def attest(self) -> Global___AttestRequest:
+        """Its ak_name and nonce must be those of the challenge answered on this stream."""
+
+    def __init__(
+        self,
+        *,
+        challenge: Global___GetChallengeRequest | None = ...,
+        attest: Global___AttestRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attest", b"attest", "challenge", b"challenge", "step", b"step"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attest", b"attest", "challenge", b"challenge", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_step: _TypeAlias = _typing.Literal["challenge", "attest"]  # noqa: Y015
+    _WhichOneofArgType_step: _TypeAlias = _typing.Literal["step", b"step"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_step) -> _WhichOneofReturnType_step | None: ...
+
+Global___AttestStreamRequest: _TypeAlias = AttestStreamRequest  # noqa: Y015
+
+@_typing.final
+class AttestStreamResponse(_message.Message):
+    """One step of an AttestStream, from the broker: first the challenge, then the release."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHALLENGE_FIELD_NUMBER: _builtins.int
+    ATTEST_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def challenge(self) -> Global___GetChallengeResponse: ...
+    @_builtins.property
+    def attest(self) -> Global___AttestResponse: ...
+    def __init__(
+        self,
+        *,
+        challenge: Global___GetChallengeResponse | None = ...,
+        attest: Global___AttestResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attest", b"attest", "challenge", b"challenge", "step", b"step"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attest", b"attest", "challenge", b"challenge", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_step: _TypeAlias = _typing.Literal["challenge", "attest"]  # noqa: Y015
+    _WhichOneofArgType_step: _TypeAlias = _typing.Literal["step", b"step"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_step) -> _WhichOneofReturnType_step | None: ...
+
+Global___AttestStreamResponse: _TypeAlias = AttestStreamResponse  # noqa: Y015
+
+@_typing.final
 class EndSessionRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

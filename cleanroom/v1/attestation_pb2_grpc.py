@@ -55,6 +55,11 @@ class AttestationServiceStub:
                 request_serializer=cleanroom_dot_v1_dot_attestation__pb2.AttestRequest.SerializeToString,
                 response_deserializer=cleanroom_dot_v1_dot_attestation__pb2.AttestResponse.FromString,
                 _registered_method=True)
+        self.AttestStream = channel.stream_stream(
+                '/cleanroom.v1.AttestationService/AttestStream',
+                request_serializer=cleanroom_dot_v1_dot_attestation__pb2.AttestStreamRequest.SerializeToString,
+                response_deserializer=cleanroom_dot_v1_dot_attestation__pb2.AttestStreamResponse.FromString,
+                _registered_method=True)
         self.EndSession = channel.unary_unary(
                 '/cleanroom.v1.AttestationService/EndSession',
                 request_serializer=cleanroom_dot_v1_dot_attestation__pb2.EndSessionRequest.SerializeToString,
@@ -94,6 +99,18 @@ class AttestationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AttestStream(self, request_iterator, context):
+        """GetChallenge and Attest on one stream, one attestation per stream: the sidecar sends a
+        challenge request, the broker answers with the challenge, the sidecar sends the evidence
+        for that nonce, the broker answers with the release and ends the stream. Each step is
+        checked, recorded and limited as its unary call is; a refusal ends the stream with the
+        status (and the AttestDenial trailing metadata) that the unary call would have returned.
+        The broker ends a stream whose evidence does not arrive before the nonce expires.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def EndSession(self, request, context):
         """Tells the broker that an attested session ended (the workload exited).
         """
@@ -123,6 +140,11 @@ def add_AttestationServiceServicer_to_server(servicer, server):
                     servicer.Attest,
                     request_deserializer=cleanroom_dot_v1_dot_attestation__pb2.AttestRequest.FromString,
                     response_serializer=cleanroom_dot_v1_dot_attestation__pb2.AttestResponse.SerializeToString,
+            ),
+            'AttestStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.AttestStream,
+                    request_deserializer=cleanroom_dot_v1_dot_attestation__pb2.AttestStreamRequest.FromString,
+                    response_serializer=cleanroom_dot_v1_dot_attestation__pb2.AttestStreamResponse.SerializeToString,
             ),
             'EndSession': grpc.unary_unary_rpc_method_handler(
                     servicer.EndSession,
@@ -239,6 +261,33 @@ class AttestationService:
             '/cleanroom.v1.AttestationService/Attest',
             cleanroom_dot_v1_dot_attestation__pb2.AttestRequest.SerializeToString,
             cleanroom_dot_v1_dot_attestation__pb2.AttestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AttestStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/cleanroom.v1.AttestationService/AttestStream',
+            cleanroom_dot_v1_dot_attestation__pb2.AttestStreamRequest.SerializeToString,
+            cleanroom_dot_v1_dot_attestation__pb2.AttestStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

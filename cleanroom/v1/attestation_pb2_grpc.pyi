@@ -41,6 +41,14 @@ class AttestationServiceStub:
     """Issues a single-use nonce bound to the AK, with the PCR selection policy wants quoted."""
     Attest: _grpc.UnaryUnaryMultiCallable[_attestation_pb2.AttestRequest, _attestation_pb2.AttestResponse]
     """Verifies the quote and event log, evaluates policy and releases the granted data keys."""
+    AttestStream: _grpc.StreamStreamMultiCallable[_attestation_pb2.AttestStreamRequest, _attestation_pb2.AttestStreamResponse]
+    """GetChallenge and Attest on one stream, one attestation per stream: the sidecar sends a
+    challenge request, the broker answers with the challenge, the sidecar sends the evidence
+    for that nonce, the broker answers with the release and ends the stream. Each step is
+    checked, recorded and limited as its unary call is; a refusal ends the stream with the
+    status (and the AttestDenial trailing metadata) that the unary call would have returned.
+    The broker ends a stream whose evidence does not arrive before the nonce expires.
+    """
     EndSession: _grpc.UnaryUnaryMultiCallable[_attestation_pb2.EndSessionRequest, _attestation_pb2.EndSessionResponse]
     """Tells the broker that an attested session ended (the workload exited)."""
 
@@ -57,6 +65,14 @@ class AttestationServiceAsyncStub(AttestationServiceStub):
     """Issues a single-use nonce bound to the AK, with the PCR selection policy wants quoted."""
     Attest: _aio.UnaryUnaryMultiCallable[_attestation_pb2.AttestRequest, _attestation_pb2.AttestResponse]  # type: ignore[assignment]
     """Verifies the quote and event log, evaluates policy and releases the granted data keys."""
+    AttestStream: _aio.StreamStreamMultiCallable[_attestation_pb2.AttestStreamRequest, _attestation_pb2.AttestStreamResponse]  # type: ignore[assignment]
+    """GetChallenge and Attest on one stream, one attestation per stream: the sidecar sends a
+    challenge request, the broker answers with the challenge, the sidecar sends the evidence
+    for that nonce, the broker answers with the release and ends the stream. Each step is
+    checked, recorded and limited as its unary call is; a refusal ends the stream with the
+    status (and the AttestDenial trailing metadata) that the unary call would have returned.
+    The broker ends a stream whose evidence does not arrive before the nonce expires.
+    """
     EndSession: _aio.UnaryUnaryMultiCallable[_attestation_pb2.EndSessionRequest, _attestation_pb2.EndSessionResponse]  # type: ignore[assignment]
     """Tells the broker that an attested session ended (the workload exited)."""
 
@@ -94,6 +110,20 @@ class AttestationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_attestation_pb2.AttestResponse, _abc.Awaitable[_attestation_pb2.AttestResponse]]:
         """Verifies the quote and event log, evaluates policy and releases the granted data keys."""
+
+    @_abc_1.abstractmethod
+    def AttestStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_attestation_pb2.AttestStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_attestation_pb2.AttestStreamResponse], _abc.AsyncIterator[_attestation_pb2.AttestStreamResponse]]:
+        """GetChallenge and Attest on one stream, one attestation per stream: the sidecar sends a
+        challenge request, the broker answers with the challenge, the sidecar sends the evidence
+        for that nonce, the broker answers with the release and ends the stream. Each step is
+        checked, recorded and limited as its unary call is; a refusal ends the stream with the
+        status (and the AttestDenial trailing metadata) that the unary call would have returned.
+        The broker ends a stream whose evidence does not arrive before the nonce expires.
+        """
 
     @_abc_1.abstractmethod
     def EndSession(
