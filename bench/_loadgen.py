@@ -7,8 +7,10 @@ sensitiveDataOrigin, RSASSA/ECDSA with SHA-256). Per attestation it asks for a n
 TPMS_ATTEST a TPM2_Quote produces (TPM_GENERATED_VALUE, ATTEST_QUOTE, the AK's name as
 qualifiedSigner, the binding of nonce, ephemeral key and its own TLS certificate as extraData,
 clock info, PCR 23 of sha1 and sha256 selected, their SHA-256 digest) with tpm2-pytss, signs it
-and marshals the TPMT_SIGNATURE, and sends Attest with the event log. It then checks that both
-data keys were released, and every ``open_every`` attestations it opens one with
+and marshals the TPMT_SIGNATURE, and sends the evidence with the event log (the challenge and
+the evidence on one ``AttestStream`` call, or with ``"attest_call": "unary"`` in the spec the
+unary ``GetChallenge`` and ``Attest``). It then checks that both data keys were released, and
+every ``open_every`` attestations it opens one with
 :func:`broker.keyseal.open_release` and compares it with the registered key. The broker runs
 every one of its checks on this evidence; nothing is relaxed on its side.
 

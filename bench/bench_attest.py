@@ -6,8 +6,11 @@ the way an operator and two parties set one up: the operator enrolls one AK per 
 :mod:`bench._loadgen`) and adds two parties; each party registers a data key sealed to the
 broker's registration key and approves the workload (sha1 + sha256 digests of three files) for
 it. A load generator in another process then runs ``--clients`` sidecars, each with its own TLS
-certificate and AK, each looping over a full attestation: GetChallenge, a quote of the fresh
-nonce signed in software, Attest with the event log, and the check that both keys were released.
+certificate and AK, each looping over a full attestation: a challenge, a quote of the fresh
+nonce signed in software, the evidence with the event log, and the check that both keys were
+released. By default each attestation is one ``AttestStream`` call, as the sidecar makes it
+when it has no challenge in hand; ``--attest-call unary`` makes it the two unary calls,
+``GetChallenge`` then ``Attest``.
 
 Baselines measured in the same run, on the same machine:
 
@@ -27,7 +30,8 @@ software signature (so it is an upper bound on what the broker adds). The CPU ti
 unlike rates, it hardly depends on what else the machine is running.
 
     python -m bench.bench_attest [--duration 10] [--clients 64] [--database sqlite|postgres]
-        [--server-processes N] [--ak rsa|ecc] [--breakdown N] [--profile DIR]
+        [--server-processes N] [--ak rsa|ecc] [--attest-call stream|unary] [--breakdown N]
+        [--profile DIR]
 """
 
 from __future__ import annotations
@@ -668,8 +672,8 @@ def main(argv: list[str]) -> None:
         "--attest-call",
         choices=("stream", "unary"),
         default="stream",
-        help="how each sidecar attests: one AttestStream call, as the sidecar does (default), "
-        "or the unary GetChallenge then Attest",
+        help="how each sidecar attests: one AttestStream call, as the sidecar does when it "
+        "has no challenge in hand (default), or the unary GetChallenge then Attest",
     )
     parser.add_argument(
         "--challenge-rate",

@@ -15,15 +15,16 @@ whether repeating the call is harmless:
   ``GetChallenge`` whose unused nonce simply expires, ``StartEnrollment`` whose unanswered
   challenge simply expires, and ``EndSession``) are retried on any ``UNAVAILABLE``.
 * *Once-only* calls (``EnrollEk``, ``EnrollAk``, ``AddParty``, ``RegisterDataKey``,
-  ``ApproveWorkload``, ``CompleteEnrollment``, ``Attest``) are sent only over a connection
-  that is known to work, and are never repeated once sent: an ``UNAVAILABLE`` after sending can
-  mean that the broker did the work and the answer was lost. Repeating would then create a
-  second approval, or fail confusingly with ``ALREADY_EXISTS``; for ``Attest`` it could not
-  succeed at all, because the broker consumes the nonce on the first attempt and refuses it the
-  second time. So when a once-only call's channel is not connected, the client first proves the
-  connection with a standard health check (idempotent, retried like any idempotent call), and
-  then sends the call exactly once. On ``UNAVAILABLE`` the caller decides: list to see whether
-  the change happened, or (for ``Attest``) ask for a new challenge.
+  ``ApproveWorkload``, ``CompleteEnrollment``, ``Attest``, ``AttestStream``) are sent only over
+  a connection that is known to work, and are never repeated once sent: an ``UNAVAILABLE``
+  after sending can mean that the broker did the work and the answer was lost. Repeating would
+  then create a second approval, or fail confusingly with ``ALREADY_EXISTS``; for ``Attest`` it
+  could not succeed at all, because the broker consumes the nonce on the first attempt and
+  refuses it the second time. So when a once-only call's channel is not connected, the client
+  first proves the connection with a standard health check (idempotent, retried like any
+  idempotent call), and then sends the call exactly once. On ``UNAVAILABLE`` the caller
+  decides: list to see whether the change happened, or (for ``Attest``) ask for a new
+  challenge.
 
 A deadline that expires (``DEADLINE_EXCEEDED``) is never retried either: the broker may still be
 working on the request, and a slow broker should not get more load.

@@ -27,6 +27,7 @@ from broker.client import (
     FailedPreconditionError,
     PermissionDeniedError,
     UnavailableError,
+    UnimplementedError,
 )
 from broker.errors import CustodyError
 from broker.keyseal import open_release
@@ -248,6 +249,9 @@ class Attester:
         self.attempts = ATTEST_ATTEMPTS
         #: Pause before the second cycle, doubled for each later one (seconds).
         self.retry_pause = ATTEST_RETRY_PAUSE
+        #: Attest on one AttestStream call when no challenge is in hand (False once the broker
+        #: turned out not to offer it).
+        self.use_stream = True
         self._sleep: Callable[[float], None] = time.sleep
 
     @property
@@ -343,48 +347,49 @@ class Attester:
         """One challenge-quote-attest cycle; returns the attestation and the opened keys.
 
         Raises:
-            UnavailableError: ``Attest`` was answered UNAVAILABLE (the caller may start over).
+            UnavailableError: ``Attest`` (or either step of ``AttestStream``) was answered
+                UNAVAILABLE (the caller may start over).
             the rest: as :meth:`attest`.
         """
-        if challenge is None:
-            try:
-                challenge = self.challenge()
-            except BrokerClientError as e:
-                raise broker_error(e, target=target, doing="a challenge") from e
-        pcrs = self._quoted_pcrs(challenge)
         # A fresh ephemeral key for every attestation: a released key opens only in the
         # process that made this quote, and only for this session.
         with generate_recipient_key() as ephemeral:
             public = ephemeral.public_key()
-            try:
-                qualifying = qualifying_data(
-                    nonce=bytes(challenge.nonce),
-                    kem=public.kem,
-                    ephemeral_public_key=public.raw,
-                    tls_certificate_der=self._certificate_der,
-                )
-            except EvidenceError as e:
-                raise InvalidNonceError(f"cannot bind the quote: {e}") from e
-            result = self._tpm.quote(qualifying, pcrs)
-            snp_evidence = None if self._snp is None else self._snp.collect(self._tpm, qualifying)
-            quote = attestation_pb2.Quote(attest=result.attest, signature=result.signature)
-            for index, bank in result.pcr_order:
-                quote.pcr_values.add(
-                    index=index, bank=bank_to_pb(bank), value=result.pcr_values[(index, bank)]
-                )
-            try:
-                response = self._client.attest(
+
+            def evidence(
+                answered: attestation_pb2.GetChallengeResponse,
+            ) -> attestation_pb2.AttestRequest:
+                pcrs = self._quoted_pcrs(answered)
+                try:
+                    qualifying = qualifying_data(
+                        nonce=bytes(answered.nonce),
+                        kem=public.kem,
+                        ephemeral_public_key=public.raw,
+                        tls_certificate_der=self._certificate_der,
+                    )
+                except EvidenceError as e:
+                    raise InvalidNonceError(f"cannot bind the quote: {e}") from e
+                result = self._tpm.quote(qualifying, pcrs)
+                request = attestation_pb2.AttestRequest(
                     ak_name=self._ak_name,
-                    nonce=bytes(challenge.nonce),
-                    quote=quote,
+                    nonce=bytes(answered.nonce),
                     event_log=self._event_log,
-                    ephemeral_key=common_pb2.RecipientKey(
-                        kem=public.kem,  # type: ignore[arg-type]
-                        public_key=public.raw,
-                    ),
                     key_ids=self._key_ids,
-                    snp_evidence=snp_evidence,
                 )
+                if self._snp is not None:
+                    request.snp_evidence.CopyFrom(self._snp.collect(self._tpm, qualifying))
+                request.quote.attest = result.attest
+                request.quote.signature = result.signature
+                for index, bank in result.pcr_order:
+                    request.quote.pcr_values.add(
+                        index=index, bank=bank_to_pb(bank), value=result.pcr_values[(index, bank)]
+                    )
+                request.ephemeral_key.kem = public.kem  # type: ignore[assignment]
+                request.ephemeral_key.public_key = public.raw
+                return request
+
+            try:
+                response = self._exchange(challenge, evidence, target)
             except UnavailableError:
                 raise
             except BrokerClientError as e:
@@ -393,6 +398,43 @@ class Attester:
             self._sessions.append(response.session_id)
             attestation = self._attestation(response)
             return attestation, self._open_released(response, ephemeral)
+
+    def _exchange(
+        self,
+        challenge: attestation_pb2.GetChallengeResponse | None,
+        evidence: Callable[[attestation_pb2.GetChallengeResponse], attestation_pb2.AttestRequest],
+        target: str,
+    ) -> attestation_pb2.AttestResponse:
+        """Challenge and evidence: one ``AttestStream`` call when no challenge is in hand (it
+        costs the broker less than the two unary calls), else the unary ``Attest`` for the
+        challenge fetched ahead of time. A broker without ``AttestStream`` (an older version)
+        gets the unary calls from then on.
+
+        Raises:
+            BrokerClientError: the broker refused (or could not answer) a step; a failed
+                unary challenge is mapped already (as :meth:`challenge` is by callers).
+        """
+        if challenge is None and self.use_stream:
+            try:
+                return self._client.attest_stream(self._ak_name, evidence)
+            except UnimplementedError:
+                _log.info("the broker has no AttestStream; using GetChallenge and Attest")
+                self.use_stream = False
+        if challenge is None:
+            try:
+                challenge = self.challenge()
+            except BrokerClientError as e:
+                raise broker_error(e, target=target, doing="a challenge") from e
+        request = evidence(challenge)
+        return self._client.attest(
+            ak_name=request.ak_name,
+            nonce=request.nonce,
+            quote=request.quote,
+            event_log=request.event_log,
+            ephemeral_key=request.ephemeral_key,
+            key_ids=request.key_ids,
+            snp_evidence=request.snp_evidence if request.HasField("snp_evidence") else None,
+        )
 
     def reattest(self, keyring: KeyRing) -> datetime:
         """The key ring's re-attestation callback: attests again and returns the new expiry.

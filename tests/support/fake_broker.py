@@ -48,6 +48,8 @@ class FakeBroker:
     #: Per method: the response to give (default: an empty one, or GetBrokerInfo's key).
     responses: dict[str, Message] = field(default_factory=dict)
     calls: Counter[str] = field(default_factory=Counter)
+    #: Methods to answer UNIMPLEMENTED (only ``AttestStream`` so far: an older broker).
+    disabled: set[str] = field(default_factory=set)
     requests: defaultdict[str, list[Message]] = field(default_factory=lambda: defaultdict(list))
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -58,6 +60,7 @@ class FakeBroker:
             self.responses.clear()
             self.calls.clear()
             self.requests.clear()
+            self.disabled.clear()
 
     def _answer(self, method: str, request: Message, context: grpc.ServicerContext) -> Message:
         with self.lock:
@@ -85,6 +88,34 @@ class FakeBroker:
         out_cls = _OUTPUT_TYPES[method]
         return out_cls()
 
+    def _attest_stream(
+        self, requests: Iterator[Any], context: grpc.ServicerContext
+    ) -> Iterator[attestation_pb2.AttestStreamResponse]:
+        """AttestStream as its two steps, each answered (and counted, and failed when
+        scripted) as the unary ``GetChallenge`` and ``Attest`` are; ``disabled`` methods
+        answer UNIMPLEMENTED, as a broker without them does."""
+        with self.lock:
+            self.calls["AttestStream"] += 1
+            disabled = "AttestStream" in self.disabled
+        if disabled:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+        first = next(requests, None)
+        if first is None:
+            return
+        step = attestation_pb2.AttestStreamResponse()
+        step.challenge.MergeFromString(
+            self._answer("GetChallenge", first.challenge, context).SerializeToString()
+        )
+        yield step
+        second = next(requests, None)
+        if second is None:
+            return
+        step = attestation_pb2.AttestStreamResponse()
+        step.attest.MergeFromString(
+            self._answer("Attest", second.attest, context).SerializeToString()
+        )
+        yield step
+
 
 _OUTPUT_TYPES: dict[str, type[Message]] = {}
 
@@ -103,6 +134,13 @@ def _handlers(fake: FakeBroker) -> list[grpc.GenericRpcHandler[Any, Any]]:
             ) -> Callable[[Message, grpc.ServicerContext], Message]:
                 return lambda req, ctx: fake._answer(name, req, ctx)
 
+            if m.name == "AttestStream":
+                methods[m.name] = grpc.stream_stream_rpc_method_handler(
+                    fake._attest_stream,
+                    request_deserializer=in_cls.FromString,
+                    response_serializer=out_cls.SerializeToString,
+                )
+                continue
             methods[m.name] = grpc.unary_unary_rpc_method_handler(
                 behaviour(m.name),
                 request_deserializer=in_cls.FromString,

@@ -19,13 +19,14 @@ def _rate(output: str, label: str) -> float:
     return float(m.group(1).replace(",", ""))
 
 
+@pytest.mark.parametrize("call", ["stream", "unary"])
 def test_a_short_run_reports_rates_against_both_baselines(
-    capsys: pytest.CaptureFixture[str],
+    call: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     bench_attest.main(
         [
             "--clients", "4", "--duration", "1.5", "--warmup", "0.5",
-            "--checkquote-runs", "3", "--open-every", "5",
+            "--checkquote-runs", "3", "--open-every", "5", "--attest-call", call,
             # Four clients attest far faster than a sidecar ever would.
             "--challenge-rate", "100000",
         ]

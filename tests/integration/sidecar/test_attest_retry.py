@@ -114,3 +114,28 @@ def test_a_denial_is_not_retried(tpm: Tpm, fake: RunningFake) -> None:
     ):
         attester.attest(ring)
     assert fake.fake.calls["Attest"] == 1
+
+
+def test_without_a_challenge_in_hand_the_sidecar_attests_on_one_stream(
+    tpm: Tpm, fake: RunningFake
+) -> None:
+    attester = _attester(tpm, fake, [])
+    with KeyRing(valid_until=None, reattest=lambda: attester.reattest(ring)) as ring:
+        attester.attest(ring)
+        attester.reattest(ring)
+    assert fake.fake.calls["AttestStream"] == 2
+    assert fake.fake.calls["GetChallenge"] == fake.fake.calls["Attest"] == 2
+    # Each stream's evidence answers that stream's challenge.
+    sent = [r for r in fake.fake.requests["Attest"] if isinstance(r, attestation_pb2.AttestRequest)]
+    assert [bytes(r.nonce) for r in sent] == [bytes(range(32))] * 2
+
+
+def test_a_broker_without_the_stream_gets_the_unary_calls(tpm: Tpm, fake: RunningFake) -> None:
+    fake.fake.disabled.add("AttestStream")
+    attester = _attester(tpm, fake, [])
+    with KeyRing(valid_until=None, reattest=lambda: attester.reattest(ring)) as ring:
+        assert attester.attest(ring).session_id == "session-1"
+        attester.reattest(ring)
+    # Asked once, then never again: the unary calls from then on.
+    assert fake.fake.calls["AttestStream"] == 1
+    assert fake.fake.calls["GetChallenge"] == fake.fake.calls["Attest"] == 2

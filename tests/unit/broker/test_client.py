@@ -201,6 +201,7 @@ def test_every_method_is_classified_and_exists() -> None:
         "ApproveWorkload",
         "CompleteEnrollment",
         "Attest",
+        "AttestStream",
     }
 
 
