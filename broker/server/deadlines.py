@@ -21,6 +21,10 @@ from typing import Self
 log = logging.getLogger("cleanroom.broker.server")
 
 
+def _nothing() -> None:
+    pass
+
+
 class Deadline:
     """A scheduled callback; :meth:`cancel` it when the work finished in time."""
 
@@ -34,6 +38,9 @@ class Deadline:
     def cancel(self) -> None:
         """The callback will not run (if it has not started already). Idempotent."""
         self.cancelled = True
+        # The entry stays in the heap until its time comes; it must not keep the call (and
+        # everything the callback refers to) alive until then.
+        self.callback = _nothing
 
 
 class Deadlines:

@@ -55,3 +55,20 @@ def test_a_failing_callback_does_not_stop_the_thread() -> None:
         deadlines.schedule(0.01, boom)
         deadlines.schedule(0.05, done.set)
         assert done.wait(5)
+
+
+def test_a_cancelled_deadline_lets_go_of_its_callback() -> None:
+    import gc
+    import weakref
+
+    class Call:
+        def cancel(self) -> None:
+            pass
+
+    with Deadlines() as deadlines:
+        call = Call()
+        ref = weakref.ref(call)
+        deadlines.schedule(60, call.cancel).cancel()
+        del call
+        gc.collect()
+        assert ref() is None
