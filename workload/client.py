@@ -3,6 +3,10 @@
 A workload never handles keys. It opens inputs by name and reads plaintext streams; it creates
 outputs by name and writes plaintext streams, which the sidecar seals to the recipients the
 approved workload names. See docs/workload-sdk.md.
+
+Inputs and outputs travel over data connections (one Unix connection each, length-prefixed
+frames, see workload.wire), which move bytes several times faster than gRPC streams; listing the
+inputs is a gRPC call on the same socket.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ import contextlib
 import csv
 import io
 import os
-import queue
+import select
+import socket
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -20,6 +25,7 @@ from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, Final, Self
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from cleanroom.v1 import workload_pb2, workload_pb2_grpc
 from workload.errors import (
@@ -35,11 +41,13 @@ from workload.errors import (
     WorkloadError,
 )
 from workload.wire import (
-    SERVICE,
+    FRAME_HEADER,
+    FRAMED_PREFACE,
+    MAX_NAME_BYTES,
+    FrameType,
     ReadFrame,
-    decode_read_response,
-    encode_write_chunk,
-    encode_write_name,
+    decode_error_frame,
+    frame_header,
 )
 
 if TYPE_CHECKING:
@@ -71,11 +79,10 @@ DEFAULT_MAX_MESSAGE_SIZE: Final = 4 << 20
 #: Largest input :func:`seekable_copy` holds in memory by default (512 MiB).
 DEFAULT_MAX_SEEKABLE_BYTES: Final = 512 << 20
 
-# Chunks queued between write() and the gRPC sender thread: enough to keep the socket busy,
-# little enough that memory does not grow with the output.
-_QUEUE_DEPTH: Final = 2
-_POLL_SECONDS: Final = 0.05
-_END: Final = b""
+# Kernel buffer per direction of a data connection: a few chunks in flight keep both processes
+# busy. The kernel caps it (net.core.wmem_max / rmem_max).
+_SOCKET_BUFFER: Final = 4 << 20
+_STATUS_BY_NUMBER: Final = {c.value[0]: c for c in grpc.StatusCode}
 
 
 @dataclass(frozen=True)
@@ -103,7 +110,13 @@ def _translate(e: grpc.RpcError, what: str, *, output: bool = False) -> Workload
     if not isinstance(e, grpc.Call):
         return WorkloadError(f"{what}: {e}")
     code = e.code()
-    details = e.details() or code.name
+    return _status_error(code, e.details() or code.name, what, output=output)
+
+
+def _status_error(
+    code: grpc.StatusCode, details: str, what: str, *, output: bool = False
+) -> WorkloadError:
+    """The SDK's error for a call that ended with ``code`` (gRPC or a data connection)."""
     if code == grpc.StatusCode.UNAVAILABLE:
         return SidecarConnectionError(f"{what}: the sidecar is unreachable: {details}")
     if code == grpc.StatusCode.PERMISSION_DENIED:
@@ -123,6 +136,139 @@ def _translate(e: grpc.RpcError, what: str, *, output: bool = False) -> Workload
     return WorkloadError(f"{what}: {code.name}: {details}")
 
 
+class _DataConnection:
+    """One data connection to the sidecar: the preface and the opening frame are sent at once,
+    frames are read back one at a time. Failures become the SDK's errors."""
+
+    def __init__(self, path: str, kind: FrameType, name: str, *, max_frame: int) -> None:
+        self._what = f"{'input' if kind == FrameType.OPEN_INPUT else 'output'} {name!r}"
+        self._output = kind == FrameType.OPEN_OUTPUT
+        self._max_frame = max_frame
+        self._sock: socket.socket | None = None
+        self.error: WorkloadError | None = None
+        raw = name.encode("utf-8", "surrogatepass")
+        if len(raw) > MAX_NAME_BYTES:
+            self.error = (OutputRejectedError if self._output else InputNotFoundError)(
+                f"{self._what}: the name is longer than {MAX_NAME_BYTES} bytes"
+            )
+            return
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                sock.setsockopt(socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
+            sock.connect(path)
+            sock.sendall(FRAMED_PREFACE + frame_header(kind, len(raw)) + raw)
+        except OSError as e:
+            sock.close()
+            self.error = SidecarConnectionError(
+                f"{self._what}: the sidecar is unreachable: {e.strerror or e}"
+            )
+            return
+        self._sock = sock
+
+    def _live(self) -> socket.socket:
+        if self.error is not None:
+            raise self.error
+        if self._sock is None:
+            raise ValueError(f"{self._what}: the connection is closed")
+        return self._sock
+
+    def _fail(self, error: WorkloadError) -> WorkloadError:
+        self.error = error
+        self.close()
+        return error
+
+    def _recv(self, n: int) -> bytes:
+        """Exactly ``n`` bytes (fewer only when the sidecar closed the connection)."""
+        sock = self._live()
+        try:
+            data = sock.recv(n, socket.MSG_WAITALL)
+            while 0 < len(data) < n:
+                more = sock.recv(n - len(data), socket.MSG_WAITALL)
+                if not more:
+                    break
+                data += more
+        except OSError as e:
+            raise self._broken(e) from e
+        return data
+
+    def _broken(self, e: OSError | None = None) -> WorkloadError:
+        detail = f": {e.strerror or e}" if e is not None else ""
+        if self._output:
+            return self._fail(
+                OutputFailedError(f"{self._what}: not committed: the connection broke{detail}")
+            )
+        return self._fail(
+            InputIntegrityError(
+                f"{self._what}: the stream ended before the sidecar confirmed its end{detail}; "
+                "discard what was read"
+            )
+        )
+
+    def next_frame(self) -> tuple[int, bytes]:
+        """(type, payload) of the next frame; an ERROR frame is raised as the SDK's error.
+
+        Raises:
+            InputIntegrityError: (inputs) the connection ended before END.
+            OutputFailedError: (outputs) the connection ended before the receipt.
+            ProtocolError: a frame over the size limit or of an unknown type.
+            WorkloadError: the sidecar's ERROR frame, translated.
+        """
+        head = self._recv(FRAME_HEADER.size)
+        if len(head) < FRAME_HEADER.size:
+            raise self._broken()
+        kind, length = FRAME_HEADER.unpack(head)
+        if length > self._max_frame:
+            raise self._fail(
+                ProtocolError(f"{self._what}: the sidecar sent a frame of {length} bytes")
+            )
+        payload = self._recv(length) if length else b""
+        if len(payload) < length:
+            raise self._broken()
+        if kind == FrameType.ERROR:
+            number, details = decode_error_frame(payload)
+            code = _STATUS_BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
+            raise self._fail(_status_error(code, details, self._what, output=self._output))
+        return kind, payload
+
+    def send(self, kind: FrameType, payload: ReadableBuffer = b"") -> None:
+        """Sends one frame from the caller's buffer (no copy in this process).
+
+        Raises:
+            WorkloadError: the sidecar already answered with an error (it refused the call), or
+                the connection broke.
+        """
+        sock = self._live()
+        # The sidecar answers early only to refuse; look before sending more.
+        if select.select([sock], [], [], 0)[0]:
+            self.next_frame()
+            raise self._fail(ProtocolError(f"{self._what}: the sidecar answered before the end"))
+        view = memoryview(payload).cast("B")
+        parts = [memoryview(frame_header(kind, len(view))), view]
+        try:
+            while parts:
+                n = sock.sendmsg(parts)
+                while parts and n >= len(parts[0]):
+                    n -= len(parts[0])
+                    parts.pop(0)
+                if parts and n:
+                    parts[0] = parts[0][n:]
+        except OSError as e:
+            # A refusal may be waiting behind the broken pipe.
+            with contextlib.suppress(WorkloadError):
+                self.next_frame()
+            if self.error is not None:
+                raise self.error from e
+            raise self._broken(e) from e
+
+    def close(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
 class InputStream(io.RawIOBase):
     """An input's plaintext as a read-only binary file (a context manager).
 
@@ -133,9 +279,9 @@ class InputStream(io.RawIOBase):
     whatever was read. Closing before the end cancels the stream.
     """
 
-    def __init__(self, call: Any, name: str) -> None:
+    def __init__(self, connection: _DataConnection, name: str) -> None:
         super().__init__()
-        self._call = call
+        self._conn = connection
         self._name = name
         # The current chunk is _data[_pos:_end]; _data is the received message itself.
         self._data = b""
@@ -173,16 +319,22 @@ class InputStream(io.RawIOBase):
             if self._ended:
                 return False
             try:
-                frame: ReadFrame = next(self._call)
-            except StopIteration:
-                self._error = InputIntegrityError(
-                    f"input {self._name!r}: the stream ended before the sidecar confirmed its "
-                    "end; discard what was read"
+                kind, payload = self._conn.next_frame()
+            except WorkloadError as e:
+                self._error = e
+                raise
+            if kind == FrameType.DATA:
+                frame = ReadFrame(payload, 0, len(payload), False)
+            elif kind == FrameType.END:
+                frame = ReadFrame(b"", 0, 0, True)
+                # Nothing follows END: the sidecar's stream is complete.
+                self._conn.close()
+            else:
+                self._error = ProtocolError(
+                    f"input {self._name!r}: unexpected frame type {kind} from the sidecar"
                 )
-                raise self._error from None
-            except grpc.RpcError as e:
-                self._error = _translate(e, f"input {self._name!r}")
-                raise self._error from e
+                self._conn.close()
+                raise self._error
             self._data, self._pos, self._end, self._ended = frame
         return True
 
@@ -288,25 +440,13 @@ class InputStream(io.RawIOBase):
     def close(self) -> None:
         """Closes the stream, cancelling it when not read to the end."""
         if not self.closed:
-            if not self._ended or self._pos < self._end:
-                self._call.cancel()
+            # Closing the connection before END cancels the stream in the sidecar.
+            self._conn.close()
             self._data, self._pos, self._end = b"", 0, 0
         super().close()
 
     def __repr__(self) -> str:
         return f"<InputStream {self._name!r}>"
-
-
-def _request_stream(name: str, frames: queue.Queue[bytes]) -> Iterator[bytes]:
-    """The WriteOutput request stream, run by gRPC's sender thread: the name, the queued chunks,
-    and (queued by commit) the name again. It holds no reference to the OutputStream, so a
-    stream that its owner drops is garbage-collected (and aborted)."""
-    yield encode_write_name(name)
-    while True:
-        frame = frames.get()
-        if frame is _END:
-            return
-        yield frame
 
 
 class OutputStream(io.RawIOBase):
@@ -315,8 +455,8 @@ class OutputStream(io.RawIOBase):
     Leaving the ``with`` block normally, or calling :meth:`commit` (or :meth:`close`), commits
     the output; leaving it with an exception, calling :meth:`abort`, or dropping the stream
     unclosed discards it, and the sidecar keeps nothing that looks complete. Writes are
-    buffered into chunks and sent by a gRPC thread; a full queue makes ``write`` wait, so memory
-    stays bounded.
+    buffered into chunks and sent over the output's own connection; a full socket makes
+    ``write`` wait, so memory stays bounded.
     """
 
     def __init__(self, client: Client, name: str, *, chunk_size: int) -> None:
@@ -324,13 +464,11 @@ class OutputStream(io.RawIOBase):
         self._name = name
         self._chunk = chunk_size
         self._pending = bytearray()
-        self._queue: queue.Queue[bytes] = queue.Queue(maxsize=_QUEUE_DEPTH)
         self._finished = False
         self._receipt: OutputReceipt | None = None
         self._bytes_written = 0
-        # Typed as a plain Future: the stubs leave the call-context cancel() untyped.
-        self._future: grpc.Future[Any] = client._write_output.future(
-            _request_stream(name, self._queue)
+        self._conn = _DataConnection(
+            client.socket_path, FrameType.OPEN_OUTPUT, name, max_frame=client._max_message
         )
 
     @property
@@ -351,32 +489,19 @@ class OutputStream(io.RawIOBase):
     def writable(self) -> bool:
         return True
 
-    def _failure(self) -> WorkloadError:
+    def _send(self, chunk: ReadableBuffer) -> None:
         try:
-            self._future.result(timeout=0)
-        except grpc.RpcError as e:
-            return _translate(e, f"output {self._name!r}", output=True)
-        except grpc.FutureCancelledError:
-            return OutputFailedError(f"output {self._name!r}: aborted")
-        return ProtocolError(f"output {self._name!r}: the sidecar answered before the end")
-
-    def _send(self, frame: bytes) -> None:
-        while True:
-            if self._future.done():
-                self._finished = True
-                raise self._failure()
-            try:
-                self._queue.put(frame, timeout=_POLL_SECONDS)
-                return
-            except queue.Full:
-                continue
+            self._conn.send(FrameType.DATA, chunk)
+        except WorkloadError:
+            self._finished = True
+            raise
 
     def _check_open(self) -> None:
         if self._finished or self.closed:
             raise ValueError(f"output {self._name!r} is already committed or aborted")
 
     def write(self, data: ReadableBuffer) -> int:
-        """Queues ``data`` for sealing; returns its length.
+        """Sends ``data`` for sealing; returns its length.
 
         Raises:
             OutputRejectedError: the sidecar refused the output (bad or existing name).
@@ -391,11 +516,11 @@ class OutputStream(io.RawIOBase):
             self._pending += view[:take]
             view = view[take:]
             if len(self._pending) == self._chunk:
-                self._send(encode_write_chunk(self._pending))
+                self._send(self._pending)
                 self._pending.clear()
-        # Whole chunks go straight from the caller's buffer into a message.
+        # Whole chunks go straight from the caller's buffer to the socket.
         while len(view) >= self._chunk:
-            self._send(encode_write_chunk(view[: self._chunk]))
+            self._send(view[: self._chunk])
             view = view[self._chunk :]
         if view:
             self._pending += view
@@ -403,7 +528,7 @@ class OutputStream(io.RawIOBase):
         return total
 
     def commit(self) -> OutputReceipt:
-        """Sends what is buffered and the end marker, and waits for the sidecar's receipt.
+        """Sends what is buffered and the COMMIT frame, and waits for the sidecar's receipt.
 
         Raises:
             OutputRejectedError, OutputFailedError, WorkloadError: the output was not committed.
@@ -412,40 +537,28 @@ class OutputStream(io.RawIOBase):
         self._check_open()
         try:
             if self._pending:
-                self._send(encode_write_chunk(self._pending))
+                self._send(self._pending)
                 self._pending.clear()
-            self._send(encode_write_name(self._name))
-            self._send(_END)
+            self._conn.send(FrameType.COMMIT, self._name.encode("utf-8", "surrogatepass"))
+            kind, payload = self._conn.next_frame()
+            if kind != FrameType.RECEIPT:
+                raise ProtocolError(
+                    f"output {self._name!r}: unexpected frame type {kind} instead of a receipt"
+                )
             try:
-                response: workload_pb2.WriteOutputResponse = self._future.result()
-            except grpc.RpcError as e:
-                raise _translate(e, f"output {self._name!r}", output=True) from e
+                response = workload_pb2.WriteOutputResponse.FromString(payload)
+            except DecodeError as e:
+                raise ProtocolError(f"output {self._name!r}: malformed receipt") from e
             self._receipt = OutputReceipt(
                 name=response.name,
                 plaintext_bytes=response.plaintext_bytes,
                 recipients=tuple(response.recipients),
             )
             return self._receipt
-        except BaseException:
-            self._abort_call()
-            raise
         finally:
             self._finished = True
+            self._conn.close()
             super().close()
-
-    def _abort_call(self) -> None:
-        self._future.cancel()
-        # Wake the sender thread if it waits for a chunk; the call is cancelled already, so
-        # ending the request stream cannot commit anything.
-        while True:
-            try:
-                self._queue.put_nowait(_END)
-                return
-            except queue.Full:
-                try:
-                    self._queue.get_nowait()
-                except queue.Empty:
-                    pass
 
     def abort(self) -> None:
         """Discards the output. Idempotent."""
@@ -453,7 +566,8 @@ class OutputStream(io.RawIOBase):
             return
         self._finished = True
         self._pending.clear()
-        self._abort_call()
+        # A connection that ends without COMMIT is discarded by the sidecar.
+        self._conn.close()
         super().close()
 
     def close(self) -> None:
@@ -584,17 +698,7 @@ class Client:
             ],
         )
         self._stub = workload_pb2_grpc.WorkloadServiceStub(self._channel)
-        # The bulk calls use workload.wire instead of the protobuf classes (see there why).
-        self._read_input = self._channel.unary_stream(
-            f"/{SERVICE}/ReadInput",
-            request_serializer=workload_pb2.ReadInputRequest.SerializeToString,
-            response_deserializer=decode_read_response,
-        )
-        self._write_output = self._channel.stream_unary(
-            f"/{SERVICE}/WriteOutput",
-            request_serializer=None,
-            response_deserializer=workload_pb2.WriteOutputResponse.FromString,
-        )
+        self._max_message = max_message_size
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **kwargs: Any) -> Client:
@@ -635,8 +739,10 @@ class Client:
         Raises:
             WorkloadError: the call cannot be started.
         """
-        call = self._read_input(workload_pb2.ReadInputRequest(name=name))
-        return InputStream(call, name)
+        connection = _DataConnection(
+            self._path, FrameType.OPEN_INPUT, name, max_frame=self._max_message
+        )
+        return InputStream(connection, name)
 
     def open_seekable_input(
         self, name: str, *, max_bytes: int = DEFAULT_MAX_SEEKABLE_BYTES

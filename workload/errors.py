@@ -6,6 +6,7 @@ The tree, by failure area::
     ├── SidecarConnectionError     the socket is not configured or the sidecar cannot be reached
     ├── AccessDeniedError          the sidecar refused this process (not in the workload's tree)
     ├── ProtocolError              the sidecar answered with something this SDK does not expect
+    │   └── WireError                  a message or frame is not valid for its type
     ├── InputError                 an input cannot be read
     │   ├── InputNotFoundError         no input of that name
     │   ├── InputIntegrityError        the input is tampered or truncated: discard what was read
@@ -34,6 +35,11 @@ class AccessDeniedError(WorkloadError):
 
 class ProtocolError(WorkloadError):
     """The sidecar sent something this SDK does not understand (version mismatch?)."""
+
+
+class WireError(ProtocolError, ValueError):
+    """A message is not valid protobuf for its type, or a data-connection frame is malformed
+    (see docs/workload-sdk.md, "The data connection")."""
 
 
 class InputError(WorkloadError):

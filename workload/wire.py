@@ -1,4 +1,12 @@
-"""Fast encoding of the WorkloadService's bulk messages, byte-compatible with protobuf.
+"""The data path's wire: the framed data connection, and fast encoding of the gRPC
+WorkloadService's bulk messages.
+
+The SDK moves input and output bytes over a *data connection*: a plain connection to the same
+Unix socket that starts with :data:`FRAMED_PREFACE` and then carries length-prefixed frames
+(:data:`FRAME_HEADER`, :class:`FrameType`), one input or output per connection. The byte-by-byte
+layout is in docs/workload-sdk.md ("The data connection"). gRPC keeps ListInputs, and the gRPC
+ReadInput/WriteOutput calls stay available to other clients; their encoding follows.
+
 
 ``ReadInputResponse`` and ``WriteOutputRequest`` carry the data path's bytes. Building a protobuf
 message object per chunk copies the chunk into the message, again into the serialised form, and
@@ -13,28 +21,37 @@ both use this module; tests check it against the generated protobuf classes.
 
 from __future__ import annotations
 
+import struct
+from enum import IntEnum
 from typing import TYPE_CHECKING, Final, NamedTuple
 
 from google.protobuf.message import DecodeError
 
 from cleanroom.v1 import workload_pb2
-from workload.errors import WorkloadError
+from workload.errors import WireError
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
 
 __all__ = [
     "END_OF_INPUT",
+    "FRAMED_PREFACE",
+    "FRAME_HEADER",
+    "MAX_NAME_BYTES",
     "MAX_PREFIX",
     "SERVICE",
+    "FrameType",
     "ReadFrame",
     "WireError",
+    "decode_error_frame",
     "decode_read_response",
     "decode_write_request",
+    "encode_error_frame",
     "encode_read_chunk",
     "encode_varint",
     "encode_write_chunk",
     "encode_write_name",
+    "frame_header",
     "read_chunk_prefix",
 ]
 
@@ -54,8 +71,56 @@ END_OF_INPUT: Final = bytes((_TAG_READ_END, 1))
 MAX_PREFIX: Final = 11
 
 
-class WireError(WorkloadError, ValueError):
-    """A message is not valid protobuf for its type."""
+#: The first bytes of a data connection (an HTTP/2 connection, gRPC's, starts with "PRI ").
+FRAMED_PREFACE: Final = b"CRWD/1\r\n"
+
+#: Every frame starts with this header: type (u8), three zero bytes, payload length (u32,
+#: big-endian); the payload follows.
+FRAME_HEADER: Final = struct.Struct(">B3xI")
+
+#: Longest input or output name a data connection accepts, in UTF-8 bytes.
+MAX_NAME_BYTES: Final = 4096
+
+
+class FrameType(IntEnum):
+    """The frame types of a data connection (docs/workload-sdk.md, "The data connection")."""
+
+    #: workload -> sidecar, first frame: stream the input named by the UTF-8 payload.
+    OPEN_INPUT = 1
+    #: workload -> sidecar, first frame: start the output named by the UTF-8 payload.
+    OPEN_OUTPUT = 2
+    #: either way: bytes. From the sidecar, authenticated plaintext; to it, output plaintext.
+    DATA = 3
+    #: sidecar -> workload: the input ended and all of it authenticated (empty payload).
+    END = 4
+    #: workload -> sidecar: the output is complete; the payload repeats its name.
+    COMMIT = 5
+    #: sidecar -> workload: the output is committed; payload: a WriteOutputResponse message.
+    RECEIPT = 6
+    #: sidecar -> workload: the call failed; payload: status code (u8) and UTF-8 details.
+    ERROR = 7
+
+
+def frame_header(kind: FrameType, length: int) -> bytes:
+    """The header of a frame of ``kind`` with a ``length``-byte payload."""
+    return FRAME_HEADER.pack(kind, length)
+
+
+def encode_error_frame(code: int, details: str) -> bytes:
+    """A whole ERROR frame: the gRPC status code number and the details."""
+    payload = bytes((code,)) + details.encode("utf-8", "replace")
+    return frame_header(FrameType.ERROR, len(payload)) + payload
+
+
+def decode_error_frame(payload: bytes) -> tuple[int, str]:
+    """(status code number, details) of an ERROR frame's payload.
+
+    Raises:
+        WireError: the payload is empty.
+    """
+    if not payload:
+        raise WireError("an ERROR frame without a status code")
+    return payload[0], payload[1:].decode("utf-8", "replace")
 
 
 def encode_varint(n: int) -> bytes:

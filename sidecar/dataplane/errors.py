@@ -16,7 +16,9 @@ They sit under the sidecar's root error::
         │   ├── OutputNameError            the name is empty, absolute, escapes the directory...
         │   ├── OutputExistsError          an output of that name exists or is being written
         │   └── OutputStoreError           writing, sealing or committing the output failed
-        └── SocketSetupError           the workload socket or its directory cannot be made safe
+        ├── SocketSetupError           the workload socket or its directory cannot be made safe
+        ├── CallRefusedError           a workload call ends with a status (code and details)
+        └── DataConnectionClosedError  the workload closed or broke a data connection
 
 Messages name inputs, outputs, key ids and paths, never key material or plaintext. The names
 differ from the workload SDK's (``workload.InputError``, ``workload.InputIntegrityError``,
@@ -25,7 +27,12 @@ differ from the workload SDK's (``workload.InputError``, ``workload.InputIntegri
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from sidecar.errors import SidecarError
+
+if TYPE_CHECKING:
+    import grpc
 
 
 class DataPlaneError(SidecarError):
@@ -84,3 +91,17 @@ class OutputStoreError(WorkloadOutputError):
 
 class SocketSetupError(DataPlaneError):
     """The workload socket's directory or the socket cannot be created with safe permissions."""
+
+
+class CallRefusedError(DataPlaneError):
+    """A workload call (gRPC or on a data connection) ends with the status ``code`` and the
+    message ``details``, which the workload sees."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class DataConnectionClosedError(DataPlaneError):
+    """The workload closed or reset a data connection; nothing more can be sent on it."""

@@ -10,6 +10,11 @@ connection to gRPC's internal socket from a fresh, unguessable abstract address,
 so the bytes stay in the kernel). gRPC then reports that abstract address as the call's peer,
 and the server looks the credentials up on every call. A connection made to the internal socket
 by anyone else has no entry and is refused.
+
+A connection whose first bytes are :data:`~workload.wire.FRAMED_PREFACE` is a *data connection*
+(sidecar.dataplane.framed): the gate consumes the preface and hands the socket, with the same
+credentials, to the ``data_handler`` on the connection's own thread, without gRPC. gRPC clients
+start with the HTTP/2 preface ("PRI * HTTP/2.0"), which cannot be mistaken for it.
 """
 
 from __future__ import annotations
@@ -23,12 +28,23 @@ import socket
 import stat
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from sidecar.dataplane.errors import SocketSetupError
 from sidecar.dataplane.peers import PeerCredentials, peer_credentials
+from workload.wire import FRAMED_PREFACE
 
-__all__ = ["GRPC_PEER_PREFIX", "PeerGate", "check_private_ancestry", "check_socket_path"]
+#: Serves one data connection (the preface consumed) for the peer with these credentials.
+DataHandler = Callable[[socket.socket, PeerCredentials], None]
+
+__all__ = [
+    "GRPC_PEER_PREFIX",
+    "DataHandler",
+    "PeerGate",
+    "check_private_ancestry",
+    "check_socket_path",
+]
 
 _log = logging.getLogger(__name__)
 _audit = logging.getLogger("sidecar.dataplane.audit")
@@ -193,13 +209,17 @@ class PeerGate:
         upstream_path: Path,
         max_connections: int = 64,
         pipe_size: int = 1 << 20,
+        data_handler: DataHandler | None = None,
     ) -> None:
         self.listen_path = listen_path
         self.upstream_path = upstream_path
         self.max_connections = max_connections
         self.pipe_size = pipe_size
+        self.data_handler = data_handler
         self._lock = threading.Lock()
         self._links: dict[str, _Link] = {}
+        # Connections being routed or served as data connections, with their threads.
+        self._direct: dict[socket.socket, threading.Thread] = {}
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -261,7 +281,7 @@ class PeerGate:
         client.setblocking(True)
         creds = peer_credentials(client)
         with self._lock:
-            full = len(self._links) >= self.max_connections
+            full = len(self._links) + len(self._direct) >= self.max_connections
         if full:
             _audit.warning(
                 "workload socket: refused connection from pid=%d uid=%d gid=%d: "
@@ -273,6 +293,57 @@ class PeerGate:
             )
             client.close()
             return
+        if self.data_handler is None:
+            self._splice(client, creds)
+            return
+        # Which protocol the client speaks shows only in its first bytes, which a slow client
+        # may take its time to send: decide on the connection's own thread, not this one.
+        thread = threading.Thread(
+            target=self._route, args=(client, creds), name="workload-gate-conn", daemon=True
+        )
+        with self._lock:
+            self._direct[client] = thread
+        thread.start()
+
+    def _route(self, client: socket.socket, creds: PeerCredentials) -> None:
+        """Serves a data connection in this thread, or splices anything else to gRPC."""
+        handler = self.data_handler
+        assert handler is not None
+        spliced = False
+        try:
+            if self._is_data_connection(client):
+                handler(client, creds)
+            else:
+                with self._lock:
+                    self._direct.pop(client, None)
+                spliced = True
+                self._splice(client, creds)
+        except Exception:
+            _log.exception("workload socket: a connection failed")
+        finally:
+            if not spliced:
+                with self._lock:
+                    self._direct.pop(client, None)
+                with contextlib.suppress(OSError):
+                    client.shutdown(socket.SHUT_RDWR)
+                client.close()
+
+    def _is_data_connection(self, client: socket.socket) -> bool:
+        """True (the preface consumed) when the client starts with the data preface; False,
+        with nothing consumed, as soon as its first bytes differ from it."""
+        want = len(FRAMED_PREFACE)
+        while True:
+            head = client.recv(want, socket.MSG_PEEK)
+            if not FRAMED_PREFACE.startswith(head) or not head:
+                return False
+            if len(head) == want:
+                client.recv(want, socket.MSG_WAITALL)
+                return True
+            # A prefix of the preface so far: wait for more bytes (never busy-loop).
+            time.sleep(0.001)
+
+    def _splice(self, client: socket.socket, creds: PeerCredentials) -> None:
+        """Connects ``client`` through to gRPC's internal socket."""
         tag = _TAG_PREFIX + secrets.token_hex(16)
         upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         link = _Link(gate=self, client=client, upstream=upstream, tag=tag, credentials=creds)
@@ -314,15 +385,19 @@ class PeerGate:
             self.listen_path.unlink()
 
     def close_all(self, timeout: float = 5.0) -> None:
-        """Shuts every open connection down and waits for its pump threads."""
+        """Shuts every open connection down and waits for its threads."""
         with self._lock:
             links = list(self._links.values())
+            direct = list(self._direct.items())
         for link in links:
             link.shutdown()
+        for sock, _ in direct:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
         deadline = time.monotonic() + timeout
-        for link in links:
-            for t in link.threads:
-                t.join(timeout=max(0.0, deadline - time.monotonic()))
+        threads = [t for link in links for t in link.threads] + [t for _, t in direct]
+        for t in threads:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def stop(self) -> None:
         """Stops accepting and closes every connection."""

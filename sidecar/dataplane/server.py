@@ -50,6 +50,7 @@ from sealing.errors import SealingError
 from sealing.keys import RecipientPublicKey
 from sidecar.dataplane.config import DataPlaneConfig
 from sidecar.dataplane.errors import (
+    CallRefusedError,
     DataPlaneError,
     InputAuthenticationError,
     InputSourceError,
@@ -60,10 +61,11 @@ from sidecar.dataplane.errors import (
     WorkloadInputError,
     WorkloadOutputError,
 )
+from sidecar.dataplane.framed import serve_data_connection
 from sidecar.dataplane.gate import PeerGate, check_socket_path
 from sidecar.dataplane.inputs import InputSource, InputSpec, input_source_for, plaintext_size
 from sidecar.dataplane.keyring import KeyRing
-from sidecar.dataplane.outputs import OutputSink, OutputWriter, Recipient
+from sidecar.dataplane.outputs import OutputReceipt, OutputSink, OutputWriter, Recipient
 from sidecar.dataplane.peers import (
     AllowedPeer,
     LineageWatch,
@@ -93,13 +95,9 @@ _DENIED = (
 )
 
 
-class _Abort(Exception):
-    """A call ends with this status; raised inside handlers, turned into context.abort()."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code = code
-        self.details = details
+# A call ends with this status; raised inside handlers, turned into context.abort() for gRPC
+# calls and into an ERROR frame on a data connection.
+_Abort = CallRefusedError
 
 
 def _prepare_private_dir(path: Path) -> bool:
@@ -345,6 +343,7 @@ class WorkloadServer:
             upstream_path=internal,
             max_connections=cfg.max_connections,
             pipe_size=cfg.pipe_size,
+            data_handler=self._serve_data_connection,
         )
         # A stale socket from a crashed run would make bind() fail.
         with contextlib.suppress(FileNotFoundError):
@@ -397,7 +396,28 @@ class WorkloadServer:
     ) -> None:
         self.stop()
 
-    # --- helpers for the servicer ------------------------------------------------------------
+    # --- helpers for the servicer and the data connections -------------------------------------
+
+    def _serve_data_connection(self, conn: Any, creds: PeerCredentials) -> None:
+        serve_data_connection(self, conn, creds)
+
+    def _authorize_data(self, creds: PeerCredentials, method: str) -> None:
+        """The peer check at the start of a data connection's call (as for a gRPC call).
+
+        Raises:
+            CallRefusedError: PERMISSION_DENIED, with an audit line.
+        """
+        reason = self._peer_refusal(creds)
+        if reason is not None:
+            _audit.warning(
+                "workload socket: DENIED %s (data connection) from pid=%d uid=%d gid=%d: %s",
+                method,
+                creds.pid,
+                creds.uid,
+                creds.gid,
+                reason,
+            )
+            raise _Abort(grpc.StatusCode.PERMISSION_DENIED, _DENIED)
 
     def _peer_refusal(self, creds: PeerCredentials) -> str | None:
         """Why the process behind ``creds`` may not use the socket now, or None if it may."""
@@ -460,8 +480,15 @@ class WorkloadServer:
             self._sizes[name] = size
         return size
 
-    def _stream_input(self, name: str, creds: PeerCredentials) -> Iterator[bytes]:
-        """Yields serialised ReadInputResponse messages; raises _Abort to end with a status."""
+    def _open_input(self, name: str) -> tuple[InputSpec, Any, OpenReader]:
+        """Opens an input for streaming: (spec, ciphertext file, authenticated reader).
+
+        The caller closes the reader and the file.
+
+        Raises:
+            CallRefusedError: NOT_FOUND, FAILED_PRECONDITION (key ring, storage) or DATA_LOSS
+                (the header does not authenticate).
+        """
         spec = self._inputs.get(name)
         if spec is None:
             raise _Abort(
@@ -475,19 +502,27 @@ class WorkloadServer:
         except InputSourceError as e:
             # Not UNAVAILABLE: to a client that status means "the sidecar is unreachable".
             raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from e
-        sent = 0
-        with f:
-            try:
-                reader = self._open_reader(spec, f)
-            except KeyRingError as e:
+        try:
+            reader = self._open_reader(spec, f)
+        except BaseException as e:
+            f.close()
+            if isinstance(e, KeyRingError):
                 raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, f"input {name!r}: {e}") from e
-            except InputAuthenticationError as e:
+            if isinstance(e, InputAuthenticationError):
                 _log.warning("input %r refused: %s", name, e)
                 raise _Abort(grpc.StatusCode.DATA_LOSS, str(e)) from e
-            except OSError as e:
+            if isinstance(e, OSError):
                 raise _Abort(
                     grpc.StatusCode.FAILED_PRECONDITION, f"input {name!r}: cannot read: {e}"
                 ) from e
+            raise
+        return spec, f, reader
+
+    def _stream_input(self, name: str, creds: PeerCredentials) -> Iterator[bytes]:
+        """Yields serialised ReadInputResponse messages; raises _Abort to end with a status."""
+        spec, f, reader = self._open_input(name)
+        sent = 0
+        with f:
             watch = self._watch_peer(creds)
             try:
                 with reader:
@@ -614,18 +649,7 @@ class WorkloadServer:
         if not context.is_active():
             # Cancelled before we got here: do not even start a temporary file.
             raise _Abort(grpc.StatusCode.CANCELLED, f"output {name!r}: call cancelled")
-        # Outputs are accepted only while the attestation that started the session holds (or
-        # is renewed now): after a lapse whose renewal failed (AK revoked, approval withdrawn,
-        # broker gone) the sidecar no longer vouches for what the workload produces.
-        self._check_attestation(name, "is not accepted")
-        try:
-            writer = self._outputs.open_output(name, recipients=self._recipients)
-        except OutputNameError as e:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
-        except OutputExistsError as e:
-            raise _Abort(grpc.StatusCode.ALREADY_EXISTS, str(e)) from e
-        except WorkloadOutputError as e:
-            raise _Abort(grpc.StatusCode.INTERNAL, str(e)) from e
+        writer = self._begin_output(name)
         committed = False
         try:
             # Unlike a read, an output is not re-checked per chunk: what a writer hands in is
@@ -634,15 +658,7 @@ class WorkloadServer:
             self._copy_output(name, requests, writer)
             if not context.is_active():
                 raise _Abort(grpc.StatusCode.CANCELLED, f"output {name!r}: call cancelled")
-            # Once more before committing: an output written while the attestation lapsed and
-            # could not be renewed is discarded, like one started after that point.
-            self._check_attestation(name, "was discarded")
-            try:
-                receipt = writer.commit()
-            except OutputExistsError as e:
-                raise _Abort(grpc.StatusCode.ALREADY_EXISTS, str(e)) from e
-            except WorkloadOutputError as e:
-                raise _Abort(grpc.StatusCode.INTERNAL, str(e)) from e
+            receipt = self._commit_output(name, writer)
             committed = True
         finally:
             if not committed:
@@ -653,6 +669,43 @@ class WorkloadServer:
             plaintext_bytes=receipt.plaintext_bytes,
             recipients=list(receipt.recipients),
         )
+
+    def _begin_output(self, name: str) -> OutputWriter:
+        """Opens the output ``name`` once the attestation holds.
+
+        Raises:
+            CallRefusedError: FAILED_PRECONDITION (attestation), INVALID_ARGUMENT (name),
+                ALREADY_EXISTS or INTERNAL.
+        """
+        # Outputs are accepted only while the attestation that started the session holds (or
+        # is renewed now): after a lapse whose renewal failed (AK revoked, approval withdrawn,
+        # broker gone) the sidecar no longer vouches for what the workload produces.
+        self._check_attestation(name, "is not accepted")
+        try:
+            return self._outputs.open_output(name, recipients=self._recipients)
+        except OutputNameError as e:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
+        except OutputExistsError as e:
+            raise _Abort(grpc.StatusCode.ALREADY_EXISTS, str(e)) from e
+        except WorkloadOutputError as e:
+            raise _Abort(grpc.StatusCode.INTERNAL, str(e)) from e
+
+    def _commit_output(self, name: str, writer: OutputWriter) -> OutputReceipt:
+        """Commits a complete output once the attestation still holds (the caller aborts the
+        writer when this raises).
+
+        Raises:
+            CallRefusedError: FAILED_PRECONDITION (attestation), ALREADY_EXISTS or INTERNAL.
+        """
+        # Once more before committing: an output written while the attestation lapsed and
+        # could not be renewed is discarded, like one started after that point.
+        self._check_attestation(name, "was discarded")
+        try:
+            return writer.commit()
+        except OutputExistsError as e:
+            raise _Abort(grpc.StatusCode.ALREADY_EXISTS, str(e)) from e
+        except WorkloadOutputError as e:
+            raise _Abort(grpc.StatusCode.INTERNAL, str(e)) from e
 
     def _check_attestation(self, name: str, outcome: str) -> None:
         """Raises _Abort(FAILED_PRECONDITION) unless the key ring's attestation holds (after

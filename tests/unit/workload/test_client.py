@@ -1,4 +1,4 @@
-"""The workload SDK against a real sidecar data path (and a real misbehaving gRPC server)."""
+"""The workload SDK against a real sidecar data path (and a real misbehaving sidecar socket)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import gc
 import io
 import os
 import pickle
+import socket
+import threading
 from collections.abc import Iterator
-from concurrent import futures
 from pathlib import Path
 
-import grpc
 import pytest
 
 import workload
@@ -33,10 +33,17 @@ from workload import (
     InputUnavailableError,
     OutputFailedError,
     OutputRejectedError,
+    ProtocolError,
     SidecarConnectionError,
     WorkloadError,
 )
-from workload.wire import END_OF_INPUT, SERVICE, encode_read_chunk
+from workload.wire import (
+    FRAME_HEADER,
+    FRAMED_PREFACE,
+    FrameType,
+    encode_error_frame,
+    frame_header,
+)
 
 ALICE = Party("alice")
 BOB = Party("bob")
@@ -318,31 +325,47 @@ def test_no_sidecar_listening() -> None:
 
 @pytest.fixture
 def rogue() -> Iterator[str]:
-    """A real gRPC server on a Unix socket whose ReadInput misbehaves according to the name."""
-
-    def read(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-        name = request[2:].decode()
-        yield encode_read_chunk(b"first part ")
-        if name == "no-end":
-            return
-        if name == "data-loss":
-            context.abort(grpc.StatusCode.DATA_LOSS, "segment 3 failed authentication")
-        if name == "extra":
-            yield END_OF_INPUT
-            yield encode_read_chunk(b"after the end")
-
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    handler = grpc.unary_stream_rpc_method_handler(read)
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(SERVICE, {"ReadInput": handler}),)
-    )
+    """A real Unix socket whose data connections misbehave according to the input's name."""
     with short_tempdir() as d:
-        server.add_insecure_port(f"unix:{d / 'rogue.sock'}")
-        server.start()
+        path = d / "rogue.sock"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(path))
+        listener.listen(8)
+
+        def serve() -> None:
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                with conn:
+                    head = conn.recv(len(FRAMED_PREFACE) + FRAME_HEADER.size, socket.MSG_WAITALL)
+                    _, length = FRAME_HEADER.unpack(head[len(FRAMED_PREFACE) :])
+                    name = conn.recv(length, socket.MSG_WAITALL).decode()
+                    part = b"first part "
+                    conn.sendall(frame_header(FrameType.DATA, len(part)) + part)
+                    if name == "data-loss":
+                        conn.sendall(encode_error_frame(15, "segment 3 failed authentication"))
+                    elif name == "extra":
+                        late = b"after the end"
+                        conn.sendall(
+                            frame_header(FrameType.END, 0)
+                            + frame_header(FrameType.DATA, len(late))
+                            + late
+                        )
+                    elif name == "cut-inside-a-frame":
+                        conn.sendall(frame_header(FrameType.DATA, 100) + b"only ten b")
+                    elif name == "huge-frame":
+                        conn.sendall(frame_header(FrameType.DATA, 1 << 31))
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
         try:
-            yield str(d / "rogue.sock")
+            yield str(path)
         finally:
-            server.stop(0)
+            listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+            thread.join(timeout=5)
 
 
 def test_stream_ending_without_end_of_input_is_an_integrity_error(rogue: str) -> None:
@@ -361,6 +384,20 @@ def test_data_loss_status_is_an_integrity_error(rogue: str) -> None:
 def test_data_after_the_end_is_ignored_not_read(rogue: str) -> None:
     with Client(rogue) as c, c.open_input("extra") as f:
         assert f.read() == b"first part "
+
+
+def test_a_connection_cut_inside_a_frame_is_an_integrity_error(rogue: str) -> None:
+    with Client(rogue) as c, c.open_input("cut-inside-a-frame") as f:
+        assert f.read(11) == b"first part "
+        with pytest.raises(InputIntegrityError, match="before the sidecar confirmed its end"):
+            f.read()
+
+
+def test_a_frame_over_the_message_limit_is_refused_unread(rogue: str) -> None:
+    with Client(rogue) as c, c.open_input("huge-frame") as f:
+        assert f.read(11) == b"first part "
+        with pytest.raises(ProtocolError, match="frame of 2147483648 bytes"):
+            f.read()
 
 
 def test_errors_share_the_root() -> None:
