@@ -64,6 +64,7 @@ _audit = logging.getLogger("sidecar.dataplane.audit")
 # never waits for the socket while there is room.
 _READ_BUFFERS: Final = 3
 _HEADER: Final = FRAME_HEADER.size
+_SOCKET_BUFFER: Final = 4 << 20
 
 
 def _send(conn: socket.socket, *parts: bytes | memoryview) -> None:
@@ -134,6 +135,10 @@ def serve_data_connection(
     Never raises: failures go to the workload as an ERROR frame (when it still listens) and to
     the log. The caller closes ``conn``.
     """
+    # Room for a few chunks in flight in the kernel: the sender blocks, and switches to the
+    # workload, less often. The kernel caps it (net.core.wmem_max).
+    with contextlib.suppress(OSError):
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
     try:
         head = _read_frame_header(conn)
         if head is None:
@@ -304,17 +309,82 @@ def _serve_output(
     _send(conn, frame_header(FrameType.RECEIPT, len(response)), response)
 
 
+class _Sealer:
+    """Seals an output's chunks on its own thread while the connection's thread receives the
+    next ones, through a small pool of buffers (so memory stays bounded)."""
+
+    def __init__(self, writer: OutputWriter, size: int) -> None:
+        self._writer = writer
+        self._free: queue.Queue[bytearray] = queue.Queue()
+        self._ready: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
+        self._buffers = [bytearray(size) for _ in range(_READ_BUFFERS)]
+        for buf in self._buffers:
+            self._free.put(buf)
+        self._error: WorkloadOutputError | None = None
+        self._thread = threading.Thread(target=self._run, name="workload-seal", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._ready.get()) is not None:
+            buf, n = item
+            if self._error is None:
+                try:
+                    with memoryview(buf) as view:
+                        self._writer.write(view[:n])
+                except WorkloadOutputError as e:
+                    self._error = e
+            self._free.put(buf)
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise _Failed(grpc.StatusCode.INTERNAL, str(self._error))
+
+    def buffer(self, size: int) -> bytearray:
+        """A free buffer of at least ``size`` bytes (waits while all are being sealed).
+
+        Raises:
+            CallRefusedError: INTERNAL, sealing an earlier chunk failed.
+        """
+        buf = self._free.get()
+        self._check()
+        if len(buf) < size:
+            self._buffers.remove(buf)
+            buf[:] = bytes(len(buf))
+            buf = bytearray(size)
+            self._buffers.append(buf)
+        return buf
+
+    def submit(self, buf: bytearray, n: int) -> None:
+        """Queues the first ``n`` bytes of ``buf`` for sealing."""
+        self._ready.put((buf, n))
+
+    def finish(self) -> None:
+        """Waits until every queued chunk is sealed and wipes the buffers.
+
+        Raises:
+            CallRefusedError: INTERNAL, sealing failed.
+        """
+        self._ready.put(None)
+        self._thread.join()
+        for buf in self._buffers:
+            buf[:] = bytes(len(buf))
+        self._check()
+
+
 def _copy_output(
     server: WorkloadServer, conn: socket.socket, name: str, writer: OutputWriter
 ) -> None:
-    """Feeds DATA frames to ``writer`` until the COMMIT frame.
+    """Feeds DATA frames to ``writer`` (sealed on another thread) until the COMMIT frame, and
+    returns once everything received is sealed.
 
     Raises:
-        _Failed: a protocol error, a frame over the size limit, or sealing failed.
-        _Gone: the connection ended without COMMIT (the caller discards the output).
+        CallRefusedError: a protocol error, a frame over the size limit, or sealing failed.
+        DataConnectionClosedError: the connection ended without COMMIT (the caller discards the
+            output).
     """
     limit = server._config.max_message_size
-    buf = bytearray(server._config.chunk_size)
+    sealer = _Sealer(writer, server._config.chunk_size)
+    finished = False
     try:
         while True:
             head = _read_frame_header(conn)
@@ -328,21 +398,19 @@ def _copy_output(
                         f"output {name!r}: a frame of {length} bytes exceeds the limit of "
                         f"{limit} bytes",
                     )
-                if length > len(buf):
-                    buf = bytearray(length)
+                buf = sealer.buffer(length)
                 with memoryview(buf) as view:
                     if length and not _recv_exact(conn, view[:length]):
                         raise _Gone
-                    try:
-                        writer.write(view[:length])
-                    except WorkloadOutputError as e:
-                        raise _Failed(grpc.StatusCode.INTERNAL, str(e)) from e
+                sealer.submit(buf, length)
             elif kind == FrameType.COMMIT:
                 if _read_name(conn, length, "the closing name") != name:
                     raise _Failed(
                         grpc.StatusCode.INVALID_ARGUMENT,
                         f"output {name!r}: COMMIT must repeat the output's name",
                     )
+                finished = True
+                sealer.finish()
                 return
             else:
                 raise _Failed(
@@ -350,4 +418,6 @@ def _copy_output(
                     f"output {name!r}: expected DATA or COMMIT, not frame type {kind}",
                 )
     finally:
-        buf[:] = bytes(len(buf))
+        if not finished:
+            with contextlib.suppress(_Failed):
+                sealer.finish()
