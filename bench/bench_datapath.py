@@ -13,10 +13,12 @@ Two more rows isolate the parts: the same bare stream through the sidecar's SO_P
 else (``OpenReader.readinto`` to memory).
 
 The data-path rows run like production: a sidecar process (``WorkloadServer`` with a
-``ProcessTree`` peer check) starts the workload as its child. The reader child reads the input
-to the end (``InputStream.chunks()``, zero-copy views, end-of-input authenticated); the writer
-child streams ``--size`` bytes into an output that the sidecar seals to one recipient and
-commits (fsync included). The input is sealed on the fly into a temporary file (deleted after)
+``ProcessTree`` peer check) starts the workload as its child, which uses the workload SDK (data
+connections on the workload socket: framed bytes, not gRPC; docs/workload-sdk.md). The reader
+child reads the input to the end (``InputStream.chunks()``, end-of-input authenticated); the
+writer child streams ``--size`` bytes into an output that the sidecar seals to one recipient
+and commits (fsync included). The bare gRPC rows stay as the reference of the transport the
+SDK used before. The input is sealed on the fly into a temporary file (deleted after)
 and is read from the page cache. The sidecar's peak RSS is its ``ru_maxrss`` at the end of the
 phase, one sidecar process per phase.
 
@@ -492,16 +494,16 @@ def _orchestrate(size: int, output_root: Path | None, runs: int) -> None:
             )
         t.print()
         print(f"the disk row: output directory {output_dir.parent}; tmpfs row: /dev/shm")
-        for label, result in (
-            ("read", read),
-            ("write (disk)", write),
-            ("write (tmpfs)", write_tmpfs),
+        for label, result, aes in (
+            ("read", read, aes_dec),
+            ("write (disk)", write, aes_enc),
+            ("write (tmpfs)", write_tmpfs, aes_enc),
         ):
             if result is None:
                 continue
             rss = result["server_peak_rss"]
-            goal = "met" if _rate(result) >= 1.0 and rss <= 200 * MIB else "NOT met"
-            print(f"goal for {label} (>= 1 GB/s, sidecar peak RSS <= 200 MiB): {goal}")
+            goal = "met" if _rate(result) >= 0.5 * aes and rss <= 200 * MIB else "NOT met"
+            print(f"goal for {label} (>= 0.5 xAES, sidecar peak RSS <= 200 MiB): {goal}")
         print(f"load average after: {os.getloadavg()[0]:.2f}")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
