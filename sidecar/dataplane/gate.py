@@ -384,6 +384,16 @@ class PeerGate:
         with contextlib.suppress(FileNotFoundError):
             self.listen_path.unlink()
 
+    def wait_for_data_connections(self, timeout: float) -> None:
+        """Waits up to ``timeout`` seconds for the data connections being served to end."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                threads = list(self._direct.values())
+            if not threads or time.monotonic() >= deadline:
+                return
+            threads[0].join(timeout=max(0.0, deadline - time.monotonic()))
+
     def close_all(self, timeout: float = 5.0) -> None:
         """Shuts every open connection down and waits for its threads."""
         with self._lock:

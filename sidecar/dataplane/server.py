@@ -36,6 +36,7 @@ import shutil
 import stat
 import tempfile
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent import futures
 from pathlib import Path
@@ -366,11 +367,15 @@ class WorkloadServer:
 
     def _teardown(self, grace: float | None) -> None:
         gate, server = self._gate, self._server
+        deadline = time.monotonic() + (grace or 0.0)
         if gate is not None:
             gate.stop_accepting()
         if server is not None:
             server.stop(grace).wait()
         if gate is not None:
+            # Data connections get the same grace period as gRPC calls: an output still being
+            # written may finish and commit; whatever is still open then is cut (and discarded).
+            gate.wait_for_data_connections(max(0.0, deadline - time.monotonic()))
             gate.close_all()
         self._gate = self._server = None
         if self._internal_dir is not None:

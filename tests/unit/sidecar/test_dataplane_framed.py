@@ -9,6 +9,8 @@ import logging
 import os
 import re
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,7 +26,7 @@ from tests.support.dataplane import (
     running_session,
     settled_files,
 )
-from workload import Client
+from workload import Client, OutputFailedError
 from workload.wire import FRAME_HEADER, FRAMED_PREFACE, FrameType, frame_header
 
 ALICE = Party("alice")
@@ -327,3 +329,28 @@ def test_memory_stays_bounded_whatever_the_size(tmp_path: Path) -> None:
     assert out.receipt is not None and out.receipt.plaintext_bytes == size
     assert read_growth < 48 * mib, read_growth
     assert write_growth < 48 * mib, write_growth
+
+
+def test_stopping_gives_an_output_being_written_the_grace_period(tmp_path: Path) -> None:
+    with running_session(
+        tmp_path, inputs={}, recipients=[ALICE], allowed_peer=only_this_process
+    ) as s:
+        with Client(s.socket) as client:
+            late = client.create_output("late.bin")
+            late.write(b"written before the stop")
+            cut = client.create_output("cut.bin")
+            cut.write(b"never committed")
+            stopper = threading.Thread(target=s.server.stop, kwargs={"grace": 2.0})
+            stopper.start()
+            time.sleep(0.3)
+            # The workload exited; the sidecar stops, and this output still commits in time.
+            late.write(b", and after it")
+            receipt = late.commit()
+            stopper.join()
+            # The other was still open when the grace period ended: cut and discarded.
+            with pytest.raises(OutputFailedError):
+                cut.commit()
+        sealed = s.output_dir / "late.bin.sealed"
+        assert receipt.plaintext_bytes == len(b"written before the stop, and after it")
+        assert open_sealed(sealed, ALICE.recipient) == b"written before the stop, and after it"
+        assert settled_files(s.output_dir) == [sealed]
