@@ -21,7 +21,7 @@ import io
 import os
 import struct
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from hmac import compare_digest
@@ -739,9 +739,7 @@ class OpenReader(io.RawIOBase):
     at the end of the stream a missing final segment raises :class:`TruncatedError`, so a
     truncated stream never reads as complete. After an error every read raises it again.
 
-    Pass ``header`` when :func:`read_header` was already called on ``source``. A source with a
-    ``read_view(n)`` method (the next ``n`` bytes as a memoryview, fewer only at its end) lends
-    each segment in place instead of copying it into the reader's buffer.
+    Pass ``header`` when :func:`read_header` was already called on ``source``.
 
     Raises:
         ParameterError: neither or both of ``data_key`` and ``private_key``.
@@ -774,9 +772,6 @@ class OpenReader(io.RawIOBase):
             segment_key = hdr._verify(hdr._unwrap(private_key), from_recipient=True)
         self._header = hdr
         self._source = source
-        # A source that can lend its bytes in place (a memory-mapped file) spares the copy of
-        # every segment into the input buffer; decryption then reads the segment where it is.
-        self._read_view: Callable[[int], memoryview] | None = getattr(source, "read_view", None)
         self._chunk_size = hdr.chunk_size
         self._cipher = _SegmentCipher(segment_key, hdr.digest)
         self._in = bytearray(hdr.chunk_size + TAG_SIZE)
@@ -839,13 +834,7 @@ class OpenReader(io.RawIOBase):
         return i, n, n < self._chunk_size
 
     def _read_sealed(self, i: int, n: int) -> memoryview:
-        """Reads segment ``i``'s ciphertext (``n`` bytes) and tag into the input buffer, or
-        borrows them from a source that lends views."""
-        if self._read_view is not None:
-            lent = self._read_view(n + TAG_SIZE)
-            if len(lent) < n + TAG_SIZE:
-                raise TruncatedError(f"the stream ends inside segment {i} (truncated)")
-            return lent
+        """Reads segment ``i``'s ciphertext (``n`` bytes) and tag into the input buffer."""
         sealed = self._in_view[: n + TAG_SIZE]
         if _readinto_full(self._source, sealed) < len(sealed):
             raise TruncatedError(f"the stream ends inside segment {i} (truncated)")

@@ -9,24 +9,17 @@ plain paths are built in.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import mmap
 import os
-import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Protocol, cast, runtime_checkable
+from typing import BinaryIO, Protocol, runtime_checkable
 from urllib.parse import unquote, urlsplit
 
 from sealing.envelope import TAG_SIZE, Header
 from sidecar.dataplane.errors import InputSourceError
 from sidecar.dataplane.keyring import KeyRing, ReattestCallback
-
-if TYPE_CHECKING:
-    from _typeshed import WriteableBuffer
 
 __all__ = [
     "InputSource",
@@ -116,8 +109,7 @@ class LocalFileInput:
         return st.st_size if st.st_mode & 0o170000 == 0o100000 else None
 
     def open(self) -> BinaryIO:
-        """Opens the file for reading: a regular file is mapped into memory (see
-        :class:`MappedFile`), anything else is read unbuffered.
+        """Opens the file for reading.
 
         Raises:
             InputSourceError: the file cannot be opened.
@@ -125,90 +117,14 @@ class LocalFileInput:
         try:
             # Unbuffered: the envelope reader asks for whole segments with readinto, which a
             # raw file serves straight into its buffer.
-            f = open(self._path, "rb", buffering=0)
+            return open(self._path, "rb", buffering=0)
         except OSError as e:
             raise InputSourceError(
                 f"input {self._name!r}: cannot open {self._path}: {e.strerror or e}"
             ) from e
-        try:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
-                return f
-            mapped = MappedFile(f.fileno(), st.st_size)
-        except (OSError, ValueError):
-            # Not mappable (some network filesystems): read it instead.
-            return f
-        # The mapping holds its own reference to the file.
-        f.close()
-        return cast(BinaryIO, mapped)
 
     def __repr__(self) -> str:
         return f"LocalFileInput(name={self._name!r}, path={str(self._path)!r})"
-
-
-# Pages read are unmapped in steps of this many bytes (one system call per step).
-_DROP_STEP = 4 << 20
-
-
-class MappedFile(io.RawIOBase):
-    """A regular file mapped read-only into memory, read sequentially from its start.
-
-    Besides ``read`` and ``readinto`` it offers ``read_view(n)``: the next ``n`` bytes as a view
-    of the mapping, which the envelope reader decrypts in place (see
-    :class:`~sealing.envelope.OpenReader`), so the ciphertext is never copied out of the page
-    cache. Limit: a file that another process truncates while it is mapped makes the next access
-    to the lost pages fail with SIGBUS, which ends the sidecar (it is not dumpable, so nothing
-    is written to disk) and with it the run: whoever can truncate the sealed input can stop the
-    run anyway, by corrupting or removing it.
-    """
-
-    def __init__(self, fd: int, size: int) -> None:
-        super().__init__()
-        self._map = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
-        with contextlib.suppress(OSError, AttributeError):
-            self._map.madvise(mmap.MADV_SEQUENTIAL)
-        self._view = memoryview(self._map)
-        self._pos = 0
-        self._size = size
-        self._dropped = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def read_view(self, n: int) -> memoryview:
-        """The next ``n`` bytes (fewer at the end) as a view of the mapping, without copying."""
-        if self.closed:
-            raise ValueError("I/O operation on closed file")
-        self._drop_behind()
-        view = self._view[self._pos : self._pos + max(0, n)]
-        self._pos += len(view)
-        return view
-
-    def _drop_behind(self) -> None:
-        """Unmaps the pages already read, so that resident memory does not grow with the file
-        (they stay in the page cache; touching them again would map them back)."""
-        end = self._pos - self._pos % mmap.PAGESIZE
-        if end - self._dropped >= _DROP_STEP:
-            with contextlib.suppress(OSError):
-                self._map.madvise(mmap.MADV_DONTNEED, self._dropped, end - self._dropped)
-            self._dropped = end
-
-    def readinto(self, buffer: WriteableBuffer) -> int:
-        dest = memoryview(buffer).cast("B")
-        with self.read_view(len(dest)) as part:
-            dest[: len(part)] = part
-            return len(part)
-
-    def close(self) -> None:
-        if not self.closed:
-            self._view.release()
-            try:
-                self._map.close()
-            except BufferError:
-                # A view lent to the reader is still referenced (say, by a traceback); the
-                # mapping goes away with the last of them.
-                pass
-        super().close()
 
 
 #: Builds a source for a spec whose URL has the scheme it was registered for.
