@@ -146,6 +146,7 @@ class _DataConnection:
         self._max_frame = max_frame
         self._sock: socket.socket | None = None
         self.error: WorkloadError | None = None
+        self._poll: select.poll | None = None
         raw = name.encode("utf-8", "surrogatepass")
         if len(raw) > MAX_NAME_BYTES:
             self.error = (OutputRejectedError if self._output else InputNotFoundError)(
@@ -239,8 +240,12 @@ class _DataConnection:
                 the connection broke.
         """
         sock = self._live()
-        # The sidecar answers early only to refuse; look before sending more.
-        if select.select([sock], [], [], 0)[0]:
+        # The sidecar answers early only to refuse; look before sending more. poll(), not
+        # select(): a workload may hold more than FD_SETSIZE descriptors.
+        if self._poll is None:
+            self._poll = select.poll()
+            self._poll.register(sock, select.POLLIN)
+        if self._poll.poll(0):
             self.next_frame()
             raise self._fail(ProtocolError(f"{self._what}: the sidecar answered before the end"))
         view = memoryview(payload).cast("B")

@@ -8,6 +8,7 @@ import os
 import pickle
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -280,6 +281,18 @@ def test_refused_output_names(session: Session, client: Client) -> None:
     with pytest.raises(OutputRejectedError, match="existing output"), client.create_output("twice"):
         pass
     assert open_sealed(session.output_dir / "twice.sealed", ALICE.recipient) == b"1"
+
+
+def test_a_refused_output_fails_at_a_write_not_only_at_commit(client: Client) -> None:
+    # The sidecar refuses at once; the SDK sees its answer before sending much more, so a
+    # workload producing a large output does not compute all of it for nothing.
+    out = client.create_output("/absolute/name")
+    chunk = bytes(64 << 10)
+    with pytest.raises(OutputRejectedError, match="absolute"):
+        for _ in range(10_000):
+            out.write(chunk)
+            time.sleep(0.001)
+    assert out.bytes_written < 10_000 * len(chunk)
 
 
 def test_output_larger_than_the_message_limit_fails_cleanly(tmp_path: Path) -> None:
