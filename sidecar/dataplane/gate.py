@@ -54,6 +54,9 @@ GRPC_PEER_PREFIX = "unix-abstract:"
 
 _TAG_PREFIX = "cleanroom-workload-"
 
+# How long a client that sent part of the data-connection preface may take to send the rest.
+_PREFACE_WAIT = 10.0
+
 # sun_path holds 108 bytes including the terminating NUL.
 _MAX_SOCKET_PATH = 107
 
@@ -332,6 +335,7 @@ class PeerGate:
         """True (the preface consumed) when the client starts with the data preface; False,
         with nothing consumed, as soon as its first bytes differ from it."""
         want = len(FRAMED_PREFACE)
+        deadline: float | None = None
         while True:
             head = client.recv(want, socket.MSG_PEEK)
             if not FRAMED_PREFACE.startswith(head) or not head:
@@ -339,7 +343,12 @@ class PeerGate:
             if len(head) == want:
                 client.recv(want, socket.MSG_WAITALL)
                 return True
-            # A prefix of the preface so far: wait for more bytes (never busy-loop).
+            # A prefix of the preface so far: wait a little for the rest (never busy-loop),
+            # and not for ever: a client stuck halfway goes to gRPC, which refuses it.
+            now = time.monotonic()
+            deadline = now + _PREFACE_WAIT if deadline is None else deadline
+            if now >= deadline:
+                return False
             time.sleep(0.001)
 
     def _splice(self, client: socket.socket, creds: PeerCredentials) -> None:
