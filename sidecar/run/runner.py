@@ -10,7 +10,9 @@
    write its outputs never attests; opens the executable and digests it through that
    descriptor (the launch, :func:`prepare_launch`);
 2. asks the broker for a challenge in the background if this AK is known to be enrolled (the
-   TLS handshake and the round trip overlap the TPM work below);
+   TLS handshake and the round trip overlap the TPM work below), and forks the workload's
+   process into its containment, held before ``exec`` until step 6 releases it (a failure
+   before then makes it exit without executing anything);
 3. opens the TPM once and loads the persistent AK (creating it on first use); enrolls it by
    credential activation when the state directory has no record of the enrollment, or when the
    broker answers "not enrolled";
@@ -19,17 +21,18 @@
 5. quotes PCR 23 (and what the challenge names) bound to the nonce, a fresh ephemeral HPKE key
    and the sidecar's TLS certificate, and attests; opens the released keys into a key ring that
    expires with the attestation and re-attests on demand;
-6. starts the workload socket, then exactly the measured launch: the executable through the
-   descriptor it was digested from, the measured argv, in the workload root, with the measured
-   environment plus ``CLEANROOM_WORKLOAD_SOCKET`` and nothing inherited; in its own process
-   group and contained (a cgroup of its own, else the sidecar as a child subreaper; see
+6. starts the workload socket, then releases exactly the measured launch: the executable
+   through the descriptor it was digested from, the measured argv, in the workload root, with
+   the measured environment plus ``CLEANROOM_WORKLOAD_SOCKET`` and nothing inherited; in its
+   own process group and contained (a cgroup of its own, else the sidecar as a child subreaper; see
    :mod:`sidecar.run.containment`), forwarding SIGTERM/SIGINT/SIGHUP to it;
 7. when the workload exits: lets outputs still being written finish for ``grace_seconds``
    (discarding incomplete ones), kills every process the workload left running, ends the
    broker session(s) with the exit status and the output names, wipes the keys, and returns
    the workload's exit status.
 
-Any failure before step 6 raises (one line, nothing started); see :mod:`sidecar.run.errors`.
+Any failure before step 6 raises (one line, no workload code started); see
+:mod:`sidecar.run.errors`.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ from sidecar.dataplane import (
 from sidecar.dataplane.errors import SocketSetupError
 from sidecar.dataplane.gate import check_private_ancestry, check_socket_path
 from sidecar.dataplane.inputs import LocalFileInput, input_source_for
+from sidecar.dataplane.server import SOCKET_ENV
 from sidecar.run.attest import Attestation, Attester, broker_error, enroll, is_not_enrolled
 from sidecar.run.errors import (
     AttestationDeniedError,
@@ -82,13 +86,13 @@ from sidecar.run.preflight import (
 from sidecar.run.state import load_enrollment, save_enrollment
 from sidecar.run.supervisor import WorkloadProcess
 from sidecar.runconfig import RunConfig, is_blob_url
-from sidecar.snp import snp_collector
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
 
     from blobstore.store import BlobStore
     from sidecar.config import TpmConfig
+    from sidecar.snp import SnpCollector
     from sidecar.tpm.interface import TpmDevice
 
 #: Opens the TPM from its configuration; the result is entered as a context manager.
@@ -526,6 +530,13 @@ def _run(
         assert isinstance(output_sink, BlobOutputSink)
         check_blob_outputs(output_sink, config.outputs.directory, replace=config.outputs.replace)
     challenge_future = _prefetch(lambda: client.get_challenge(known)) if known else None
+    # The workload's process is forked into its cgroup now and held before exec until the keys
+    # are released (see sidecar.run.supervisor), so that forking and the cgroup move happen
+    # while the TPM and the broker work. Its environment is the measured one plus the socket,
+    # whose fresh directory is therefore made now.
+    socket_dir = stack.enter_context(_socket_directory(config.runtime.socket_dir))
+    socket_env = {SOCKET_ENV: os.fspath(socket_dir.absolute() / config.dataplane.socket_name)}
+    process.prespawn(workload_environment(prepared.launch.environment, socket_env))
 
     # Imported only now, so that loading tpm2-pytss (and the Azure SDK, when only inputs are
     # blobs) overlaps the TLS handshake and the challenge round trip running in the background.
@@ -544,7 +555,7 @@ def _run(
         if known is not None:
             _log.info("the recorded AK %s is not the TPM's AK %s; enrolling again", known, ak_name)
         challenge_future = None
-        ak_name = enroll(tpm, client, ak, snp=snp_collector(config.tpm), certificate_der=cert_der)
+        ak_name = enroll(tpm, client, ak, snp=_snp(config), certificate_der=cert_der)
         save_enrollment(config.runtime.state_dir, ak_name=ak_name, broker=target)
         enrolled_now = True
         timeline.mark("enrolled")
@@ -573,7 +584,7 @@ def _run(
         banks=config.tpm.banks,
         pcrs=config.tpm.quoted_pcrs,
         key_ids=config.key_ids(),
-        snp=snp_collector(config.tpm),
+        snp=_snp(config),
     )
     challenge = _challenge(attester, challenge_future, target)
     if challenge is None:
@@ -583,7 +594,7 @@ def _run(
             raise AttestationDeniedError(
                 f"the broker at {target} says AK {ak_name} is not enrolled right after enrolling it"
             )
-        ak_name = enroll(tpm, client, ak, snp=snp_collector(config.tpm), certificate_der=cert_der)
+        ak_name = enroll(tpm, client, ak, snp=_snp(config), certificate_der=cert_der)
         save_enrollment(config.runtime.state_dir, ak_name=ak_name, broker=target)
         timeline.mark("enrolled")
         challenge = _challenge(attester, None, target)
@@ -615,7 +626,6 @@ def _run(
             raise AttestationDeniedError("the broker named no recipients for the outputs")
         sink = _RecordingSink(output_sink)
         tree = ProcessTree()
-        socket_dir = stack.enter_context(_socket_directory(config.runtime.socket_dir))
         server = WorkloadServer(
             socket_dir=socket_dir,
             inputs=specs,
@@ -650,6 +660,16 @@ def _run(
     outputs = tuple(r.name for r in sink.receipts)
     end_sessions(exit_code, outputs)
     return RunResult(exit_code=exit_code, session_ids=attester.session_ids, outputs=outputs)
+
+
+def _snp(config: RunConfig) -> SnpCollector | None:
+    """The SEV-SNP evidence collector ``[tpm] azure_snp`` asks for, or None. Imported only then:
+    it loads ``urllib.request`` (about 7 ms of a start-up that has no use for it otherwise)."""
+    if not config.tpm.azure_snp:
+        return None
+    from sidecar.snp import snp_collector
+
+    return snp_collector(config.tpm)
 
 
 def _blob_store(config: RunConfig, stack: contextlib.ExitStack) -> BlobStore | None:

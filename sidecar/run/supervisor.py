@@ -12,6 +12,17 @@ process dies with the sidecar (parent-death signal), and a watchdog ends the res
 sidecar be killed. At the end, :meth:`WorkloadProcess.terminate_leftovers` kills whatever is
 left, including processes that left the process group (``setsid``) or were re-parented.
 
+Forking and moving a process into a cgroup cost tens of milliseconds (the move waits for the
+kernel's RCU grace period), so ``sidecar run`` takes them off its critical path:
+:meth:`WorkloadProcess.prespawn` forks the workload's process while the sidecar attests. The
+child joins its cgroup, arms its parent-death signal, and then blocks on a pipe before it has
+run anything but the sidecar's own code; only :meth:`WorkloadProcess.start`, after the keys were
+released, writes the byte that lets it ``exec`` the measured executable (through the descriptor
+it was digested from, with the exact environment given to both calls). Should the run fail
+first, the pipe is closed without that byte and the child exits without ever executing: the
+workload's code never runs for a denied attestation. The child is forked before any key is
+released, so not even the sidecar's copy of its memory holds one.
+
 Before the workload starts, the same signals abort the run instead (SIGINT as the usual
 KeyboardInterrupt, SIGTERM and SIGHUP as :class:`RunInterruptedError`), so that the TPM and the
 broker connection are released cleanly and nothing is started.
@@ -27,7 +38,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import FrameType, TracebackType
 from typing import Any, Self
 
@@ -45,6 +56,64 @@ FORWARDED_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT, 
 def exit_status(returncode: int) -> int:
     """The shell's exit status for a child's return code: 128 + N when killed by signal N."""
     return 128 - returncode if returncode < 0 else returncode
+
+
+#: The byte that lets a pre-spawned child execute the workload; anything else (or end of file)
+#: makes it exit without executing.
+_GO = b"x"
+
+#: How long the end of a run waits for a cancelled pre-spawned child to be gone.
+_CANCEL_WAIT_SECONDS = 10.0
+
+
+class _NotReleasedError(Exception):
+    """Raised in a pre-spawned child when the run ended without releasing it: it exits
+    without executing the workload."""
+
+
+class _Prespawn:
+    """A workload process forked ahead of time, held before ``exec`` on a pipe.
+
+    The ``Popen`` runs in a thread of its own, because ``Popen`` returns only once the child
+    has executed (or failed to); the thread then stays until the run is over, because the
+    child's parent-death signal follows the thread that forked it.
+    """
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = dict(env)
+        self.go_r, self.go_w = os.pipe2(os.O_CLOEXEC)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.error: BaseException | None = None
+        #: Set when Popen returned or raised in the launcher thread.
+        self.launched = threading.Event()
+        #: Set when the launcher thread may end (the workload is gone, or never ran).
+        self.over = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.released = False
+
+    def gate(self) -> None:
+        """Runs in the child after its containment was set up: waits for the go byte.
+
+        Only system calls (the sidecar has threads; see :meth:`Containment.child_setup`).
+
+        Raises:
+            _NotReleasedError: the pipe gave anything but the go byte (end of file when the
+                sidecar cancelled the start, or died): the child then exits before ``exec``.
+        """
+        # The child's copy of the write end would keep the pipe from ever reporting end of file.
+        # (It is closed already, -1, when the sidecar released or cancelled before the fork.)
+        try:
+            os.close(self.go_w)
+        except OSError:
+            pass
+        if os.read(self.go_r, 1) != _GO:
+            raise _NotReleasedError
+
+    def close_pipe(self) -> None:
+        for fd in (self.go_r, self.go_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.go_r = self.go_w = -1
 
 
 class WorkloadProcess:
@@ -83,6 +152,7 @@ class WorkloadProcess:
         self._cwd = cwd
         self._grace = grace_seconds
         self._proc: subprocess.Popen[bytes] | None = None
+        self._prespawned: _Prespawn | None = None
         self._starting = False
         self._pending: list[int] = []
         self._kill_deadline: float | None = None
@@ -111,6 +181,10 @@ class WorkloadProcess:
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
         self._old.clear()
+        pre = self._prespawned
+        if pre is not None and not pre.released:
+            # The run ended before the workload was released: the child exits unexecuted.
+            self._cancel_prespawn(pre)
         if self._proc is not None and self._proc.poll() is None:
             # Only reached when the sidecar itself failed while the workload ran.
             self._kill_everything()
@@ -118,6 +192,10 @@ class WorkloadProcess:
         if self._containment is not None:
             self._containment.kill_all()
             self._containment.close()
+        if pre is not None:
+            # Everything the workload started is gone: the launcher thread may end now.
+            pre.over.set()
+            pre.close_pipe()
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -179,6 +257,9 @@ class WorkloadProcess:
         """Starts the workload with the complete environment ``env`` in a new process group,
         contained (see :mod:`sidecar.run.containment`); returns its pid.
 
+        After :meth:`prespawn` with the same ``env``, this releases the waiting process to
+        ``exec`` instead of forking one now.
+
         Raises:
             WorkloadStartError: the command cannot be executed, the containment cannot be set
                 up, or the workload was started already.
@@ -188,7 +269,7 @@ class WorkloadProcess:
         self._starting = True
         try:
             try:
-                self._proc = self._spawn(env, self._containment_mode)
+                self._proc = self._start_process(env)
             except _ContainmentFailedError as e:
                 if self._containment_mode != "auto":
                     raise WorkloadStartError(
@@ -212,6 +293,92 @@ class WorkloadProcess:
             self._forward(signum)
         self._pending.clear()
         return self._proc.pid
+
+    def _start_process(self, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+        """The pre-spawned process released, or (without one, or for another ``env``) a new
+        one spawned in the configured containment.
+
+        Raises:
+            WorkloadStartError, _ContainmentFailedError: as :meth:`_spawn`.
+        """
+        pre = self._prespawned
+        if pre is None or pre.released:
+            return self._spawn(env, self._containment_mode)
+        if pre.env != dict(env):
+            # Never the case in ``sidecar run``; a child is only ever released into the exact
+            # environment it was forked with.
+            _log.warning("the workload's environment changed since it was pre-spawned")
+            self._cancel_prespawn(pre)
+            return self._spawn(env, self._containment_mode)
+        pre.released = True
+        os.write(pre.go_w, _GO)
+        os.close(pre.go_w)
+        pre.go_w = -1
+        pre.launched.wait()
+        if pre.error is not None:
+            if isinstance(pre.error, subprocess.SubprocessError):
+                # The child's setup failed before it waited for the go byte (it could not join
+                # the cgroup); it exited without executing anything.
+                raise _ContainmentFailedError(str(pre.error)) from pre.error
+            if isinstance(pre.error, OSError):
+                raise WorkloadStartError(
+                    f"cannot start the workload {self._command[0]!r}: "
+                    f"{pre.error.strerror or pre.error}"
+                ) from pre.error
+            raise WorkloadStartError(f"cannot start the workload: {pre.error}") from pre.error
+        assert pre.proc is not None
+        return pre.proc
+
+    def prespawn(self, env: Mapping[str, str]) -> None:
+        """Forks the workload's process now, in its containment, held before ``exec`` until
+        :meth:`start` is called with the same ``env`` (see the module's docstring). Call it from
+        the thread that will call :meth:`start`. Without a :meth:`start`, leaving the context
+        makes the process exit without executing the workload.
+
+        Raises:
+            WorkloadStartError: the containment cannot be set up, or a process was started or
+                pre-spawned already.
+        """
+        if self._proc is not None or self._prespawned is not None:
+            raise WorkloadStartError("the workload was started already")
+        containment = self._containment
+        if containment is None:
+            containment = self._open_containment(self._containment_mode)
+        pre = _Prespawn(env)
+        self._prespawned = pre
+
+        def launch() -> None:
+            try:
+                pre.proc = self._popen(pre.env, containment, gate=pre.gate)
+            except BaseException as e:
+                pre.error = e
+            finally:
+                pre.launched.set()
+            # The child's parent-death signal is tied to this thread: it stays until the run
+            # is over (or the sidecar's process ends, which kills the child too).
+            pre.over.wait()
+
+        pre.thread = threading.Thread(target=launch, name="sidecar-workload-fork", daemon=True)
+        pre.thread.start()
+
+    def _cancel_prespawn(self, pre: _Prespawn) -> None:
+        """Makes the pre-spawned child exit without executing, and waits for it."""
+        pre.released = True
+        if pre.go_w >= 0:
+            # End of file on the pipe: the child raises before exec and exits.
+            os.close(pre.go_w)
+            pre.go_w = -1
+        if not pre.launched.wait(_CANCEL_WAIT_SECONDS):
+            _log.warning("the pre-spawned workload process did not exit; killing its containment")
+            if self._containment is not None:
+                self._containment.kill_all()
+            pre.launched.wait(_CANCEL_WAIT_SECONDS)
+        if pre.proc is not None:
+            # Popen returned as if the child had executed; it cannot have (it got no go byte),
+            # but make sure nothing of it is left.
+            with contextlib.suppress(OSError):
+                pre.proc.kill()
+            pre.proc.wait()
 
     def prepare(self) -> None:
         """Sets up the containment (the cgroup and its watchdog) ahead of :meth:`start`, so that
@@ -253,18 +420,8 @@ class WorkloadProcess:
         containment = self._containment
         if containment is None or (mode == "subreaper" and containment.cgroup is not None):
             containment = self._open_containment(mode)
-        fd = self._executable_fd
         try:
-            return subprocess.Popen(
-                self._command,
-                executable=f"/proc/self/fd/{fd}" if fd is not None else None,
-                pass_fds=(fd,) if fd is not None else (),
-                cwd=self._cwd,
-                env=dict(env),
-                process_group=0,
-                close_fds=True,
-                preexec_fn=containment.child_setup,
-            )
+            return self._popen(env, containment)
         except OSError as e:
             raise WorkloadStartError(
                 f"cannot start the workload {self._command[0]!r}: {e.strerror or e}"
@@ -272,6 +429,42 @@ class WorkloadProcess:
         except subprocess.SubprocessError as e:
             # child_setup raised: the child could not join the cgroup and exited before exec.
             raise _ContainmentFailedError(str(e)) from e
+
+    def _popen(
+        self,
+        env: Mapping[str, str],
+        containment: Containment,
+        *,
+        gate: Callable[[], None] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """Forks and executes the workload in ``containment``; with ``gate``, the child runs it
+        after joining the containment and executes only if it returns.
+
+        Raises:
+            OSError: the command cannot be executed.
+            subprocess.SubprocessError: the child's setup (or ``gate``) raised; it exited
+                without executing anything.
+        """
+        child_setup = containment.child_setup
+        setup = child_setup
+        if gate is not None:
+
+            def held() -> None:
+                child_setup()
+                gate()
+
+            setup = held
+        fd = self._executable_fd
+        return subprocess.Popen(
+            self._command,
+            executable=f"/proc/self/fd/{fd}" if fd is not None else None,
+            pass_fds=(fd,) if fd is not None else (),
+            cwd=self._cwd,
+            env=dict(env),
+            process_group=0,
+            close_fds=True,
+            preexec_fn=setup,
+        )
 
     def wait(self) -> int:
         """Waits for the workload to exit; returns its exit status (128 + N for signal N).

@@ -8,11 +8,16 @@ software AK (it has no EK for credential activation), the sidecar measures the w
 the software PCR 23, quotes, attests, opens the released keys and runs the workload, which
 reads the parties' plaintext and writes sealed outputs. A software TPM whose PCR 23 does not
 match its event log is denied, and its workload never runs.
+
+The software TPMs also look, when they are asked to quote (in the middle of the attestation),
+for the workload's process that ``sidecar run`` pre-spawns: forked and contained but held
+before ``exec``. A denied run's held process must exit without running the workload.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -21,9 +26,12 @@ from evidence.pcr import WORKLOAD_PCR
 from sealing.envelope import open_bytes
 from sidecar.config import TpmConfig
 from sidecar.run import AttestationDeniedError, run_workload
+from sidecar.run.containment import cgroup_parent
 from sidecar.run.state import save_enrollment
 from sidecar.runconfig import load_run_config
+from sidecar.tpm.interface import QuoteResult
 from tests.support.cleanroom import PY, CleanRoom, audit, build_clean_room
+from tests.support.prespawn import gone, held_children
 from tests.support.softtpm import SoftAk, SoftTpm
 
 #: The [tpm] TCTI of these configs: nothing listens there, so a run that opened the real TPM
@@ -31,7 +39,30 @@ from tests.support.softtpm import SoftAk, SoftTpm
 _NO_TPM = "swtpm:host=127.0.0.1,port=9"
 
 
-class DriftedSoftTpm(SoftTpm):
+class WatchingSoftTpm(SoftTpm):
+    """A software TPM that records, when it quotes, the workload processes held before exec
+    and whether each is in a workload cgroup already."""
+
+    held: list[tuple[int, bool]]
+
+    def quote(self, qualifying_data: bytes, pcrs: Sequence[int] = (WORKLOAD_PCR,)) -> QuoteResult:
+        self.held = [
+            (pid, "cleanroom-workload-" in Path(f"/proc/{pid}/cgroup").read_text())
+            for pid in held_children()
+        ]
+        return super().quote(qualifying_data, pcrs)
+
+
+def _assert_held_during_attestation(tpm: WatchingSoftTpm) -> int:
+    """The one pre-spawned process seen while attesting, in its cgroup when there is one."""
+    assert len(tpm.held) == 1, tpm.held
+    pid, in_cgroup = tpm.held[0]
+    if cgroup_parent()[0] is not None:
+        assert in_cgroup, "the pre-spawned process was not in its cgroup while attesting"
+    return pid
+
+
+class DriftedSoftTpm(WatchingSoftTpm):
     """A software TPM whose PCR 23 gets one more extend than its event log records, as if
     something unmeasured had been loaded after the workload's files."""
 
@@ -83,7 +114,7 @@ def test_an_injected_software_tpm_attests_and_the_workload_reads_plaintext(
 ) -> None:
     command = (PY, "-B", "run.py", "join")
     room.approve_launch(command)
-    tpm = SoftTpm(SoftAk.generate("ecc"))
+    tpm = WatchingSoftTpm(SoftAk.generate("ecc"))
     config_path = _enrolled(room, tmp_path, tpm)
     opened: list[TpmConfig] = []
 
@@ -95,6 +126,8 @@ def test_an_injected_software_tpm_attests_and_the_workload_reads_plaintext(
 
     assert result.exit_code == 0
     assert opened and opened[0].tcti == _NO_TPM
+    held = _assert_held_during_attestation(tpm)
+    assert gone(held)
     assert sorted(result.outputs) == ["insights/summary.txt", "joined.csv"]
     # The workload read both parties' plaintext: the joined rows carry the advertiser's marker,
     # sealed so that each party opens them.
@@ -127,6 +160,10 @@ def test_an_injected_software_tpm_whose_pcr_23_differs_is_denied(
             tpm_factory=_factory(tpm, []),
         )
 
+    # The process forked for the workload while attesting exited without executing it.
+    held = _assert_held_during_attestation(tpm)
+    assert gone(held)
+    time.sleep(0.5)
     assert not ran.exists()
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").iterdir())
     denials = [r for r in audit(room)[before:] if r[0] == "attest" and r[2] == "deny"]
