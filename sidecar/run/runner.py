@@ -486,6 +486,7 @@ def run_workload(
     prepared = prepare_launch(config, command)
     try:
         cert_der = _preflight(config)
+        timeline.mark("checked")
         _disable_dumps()
         # The signal handlers go in first, so that SIGTERM during attestation unwinds cleanly
         # (flushing TPM objects) instead of killing the sidecar in the middle of a TPM command.
@@ -499,6 +500,7 @@ def run_workload(
             contextlib.ExitStack() as stack,
         ):
             client = stack.enter_context(_connect(config))
+            timeline.mark("connected")
             return _run(config, client, process, stack, cert_der, timeline, prepared, tpm_factory)
     finally:
         prepared.close()
@@ -516,6 +518,7 @@ def _run(
 ) -> RunResult:
     # The workload's cgroup and watchdog are set up while the TPM and the broker work.
     process.prepare()
+    timeline.mark("contained")
     target = config.broker.target
     record = load_enrollment(config.runtime.state_dir)
     known = record.ak_name if record is not None and record.matches(broker=target) else None
@@ -537,6 +540,7 @@ def _run(
     socket_dir = stack.enter_context(_socket_directory(config.runtime.socket_dir))
     socket_env = {SOCKET_ENV: os.fspath(socket_dir.absolute() / config.dataplane.socket_name)}
     process.prespawn(workload_environment(prepared.launch.environment, socket_env))
+    timeline.mark("pre-spawned")
 
     # Imported only now, so that loading tpm2-pytss (and the Azure SDK, when only inputs are
     # blobs) overlaps the TLS handshake and the challenge round trip running in the background.
@@ -546,6 +550,7 @@ def _run(
         from sidecar.tpm import Tpm
 
         tpm_factory = Tpm
+    timeline.mark("TPM imported")
     tpm = stack.enter_context(tpm_factory(config.tpm))
     ak = tpm.create_or_load_ak()
     timeline.mark("AK loaded")
@@ -636,6 +641,7 @@ def _run(
             config=config.dataplane,
         )
         server.start()
+        timeline.mark("socket")
         try:
             pid = process.start(
                 workload_environment(prepared.launch.environment, server.environment())
