@@ -84,7 +84,7 @@ from sidecar.run.preflight import (
     check_workload_tree,
 )
 from sidecar.run.state import load_enrollment, save_enrollment
-from sidecar.run.supervisor import WorkloadProcess
+from sidecar.run.supervisor import WorkloadProcess, start_daemon_thread
 from sidecar.runconfig import RunConfig, is_blob_url
 
 if TYPE_CHECKING:
@@ -449,7 +449,8 @@ def _prefetch(
         except BaseException as e:
             future.set_exception(e)
 
-    threading.Thread(target=work, name="sidecar-challenge", daemon=True).start()
+    # Not threading.Thread: its start() waits until the thread runs (see start_daemon_thread).
+    start_daemon_thread(work)
     return future
 
 

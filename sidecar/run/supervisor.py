@@ -21,7 +21,11 @@ released, writes the byte that lets it ``exec`` the measured executable (through
 it was digested from, with the exact environment given to both calls). Should the run fail
 first, the pipe is closed without that byte and the child exits without ever executing: the
 workload's code never runs for a denied attestation. The child is forked before any key is
-released, so not even the sidecar's copy of its memory holds one.
+released, so not even the sidecar's copy of its memory holds one. It is forked with
+``os.fork`` by the calling thread (``Popen`` would block until the child executed), does what
+``subprocess`` does for its children by hand (process group, working directory, signal
+dispositions, descriptors closed but the executable's), and never returns into the sidecar's
+code: whatever fails, ``os._exit`` ends it.
 
 Before the workload starts, the same signals abort the run instead (SIGINT as the usual
 KeyboardInterrupt, SIGTERM and SIGHUP as :class:`RunInterruptedError`), so that the TPM and the
@@ -30,6 +34,7 @@ broker connection are released cleanly and nothing is started.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import logging
 import os
@@ -40,12 +45,12 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from types import FrameType, TracebackType
-from typing import Any, Self
+from typing import Any, NoReturn, Protocol, Self
 
 from sidecar.run.containment import Containment, ContainmentMode, open_containment
 from sidecar.run.errors import RunInterruptedError, WorkloadStartError
 
-__all__ = ["FORWARDED_SIGNALS", "WorkloadProcess", "exit_status"]
+__all__ = ["FORWARDED_SIGNALS", "WorkloadProcess", "exit_status", "start_daemon_thread"]
 
 _log = logging.getLogger(__name__)
 
@@ -65,55 +70,93 @@ _GO = b"x"
 #: How long the end of a run waits for a cancelled pre-spawned child to be gone.
 _CANCEL_WAIT_SECONDS = 10.0
 
+#: The exit status of a pre-spawned child that was not released (it executed nothing).
+_NOT_RELEASED_STATUS = 125
 
-class _NotReleasedError(Exception):
-    """Raised in a pre-spawned child when the run ended without releasing it: it exits
-    without executing the workload."""
+#: What a pre-spawned child reports on its error pipe before exiting: its setup (joining the
+#: containment) or the ``execve`` failed, with the errno.
+_SETUP_FAILED = b"S"
+_EXEC_FAILED = b"E"
+
+
+def start_daemon_thread(target: Callable[[], None]) -> None:
+    """Runs ``target`` in a new daemon thread without waiting for the thread to start.
+
+    ``threading.Thread.start`` blocks until the new thread has run its first bytecode, that is,
+    until the operating system scheduled it and it took the GIL: on a busy machine a median of
+    4 ms and a tail of 20 ms or more, on the start-up's critical path. ``target`` must catch its
+    own exceptions (an escaping one is reported through ``sys.unraisablehook``).
+    """
+    _thread.start_new_thread(target, ())
+
+
+class _ForkedProcess:
+    """The parts of ``subprocess.Popen`` the supervisor uses, for a child forked directly."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                # Reaped elsewhere (the containment's sweep): it is gone, its status unknown.
+                self.returncode = 255
+            else:
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            try:
+                _, status = os.waitpid(self.pid, 0)
+                self.returncode = os.waitstatus_to_exitcode(status)
+            except ChildProcessError:
+                self.returncode = 255
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
 
 
 class _Prespawn:
-    """A workload process forked ahead of time, held before ``exec`` on a pipe.
-
-    The ``Popen`` runs in a thread of its own, because ``Popen`` returns only once the child
-    has executed (or failed to); the thread then stays until the run is over, because the
-    child's parent-death signal follows the thread that forked it.
-    """
+    """A workload process forked ahead of time and held before ``exec`` on a pipe."""
 
     def __init__(self, env: Mapping[str, str]) -> None:
         self.env = dict(env)
         self.go_r, self.go_w = os.pipe2(os.O_CLOEXEC)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.error: BaseException | None = None
-        #: Set when Popen returned or raised in the launcher thread.
-        self.launched = threading.Event()
-        #: Set when the launcher thread may end (the workload is gone, or never ran).
-        self.over = threading.Event()
-        self.thread: threading.Thread | None = None
+        # The child's report of a failed setup or execve; end of file once it executed.
+        self.err_r, self.err_w = os.pipe2(os.O_CLOEXEC)
+        self.proc: _ForkedProcess | None = None
         self.released = False
 
-    def gate(self) -> None:
-        """Runs in the child after its containment was set up: waits for the go byte.
+    def close_pipes(self) -> None:
+        for fd in (self.go_r, self.go_w, self.err_r, self.err_w):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.go_r = self.go_w = self.err_r = self.err_w = -1
 
-        Only system calls (the sidecar has threads; see :meth:`Containment.child_setup`).
 
-        Raises:
-            _NotReleasedError: the pipe gave anything but the go byte (end of file when the
-                sidecar cancelled the start, or died): the child then exits before ``exec``.
-        """
-        # The child's copy of the write end would keep the pipe from ever reporting end of file.
-        # (It is closed already, -1, when the sidecar released or cancelled before the fork.)
-        try:
-            os.close(self.go_w)
-        except OSError:
-            pass
-        if os.read(self.go_r, 1) != _GO:
-            raise _NotReleasedError
+class _Process(Protocol):
+    """What the supervisor uses of a started process (``Popen`` or :class:`_ForkedProcess`)."""
 
-    def close_pipe(self) -> None:
-        for fd in (self.go_r, self.go_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.go_r = self.go_w = -1
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | Any: ...
+
+    def poll(self) -> int | None: ...
+
+    def wait(self) -> int: ...
+
+    def kill(self) -> None: ...
 
 
 class WorkloadProcess:
@@ -151,7 +194,7 @@ class WorkloadProcess:
         self._executable_fd = executable_fd
         self._cwd = cwd
         self._grace = grace_seconds
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: _Process | None = None
         self._prespawned: _Prespawn | None = None
         self._starting = False
         self._pending: list[int] = []
@@ -193,9 +236,7 @@ class WorkloadProcess:
             self._containment.kill_all()
             self._containment.close()
         if pre is not None:
-            # Everything the workload started is gone: the launcher thread may end now.
-            pre.over.set()
-            pre.close_pipe()
+            pre.close_pipes()
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -294,7 +335,7 @@ class WorkloadProcess:
         self._pending.clear()
         return self._proc.pid
 
-    def _start_process(self, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+    def _start_process(self, env: Mapping[str, str]) -> _Process:
         """The pre-spawned process released, or (without one, or for another ``env``) a new
         one spawned in the configured containment.
 
@@ -310,34 +351,35 @@ class WorkloadProcess:
             _log.warning("the workload's environment changed since it was pre-spawned")
             self._cancel_prespawn(pre)
             return self._spawn(env, self._containment_mode)
+        assert pre.proc is not None
         pre.released = True
         os.write(pre.go_w, _GO)
         os.close(pre.go_w)
         pre.go_w = -1
-        pre.launched.wait()
-        if pre.error is not None:
-            if isinstance(pre.error, subprocess.SubprocessError):
-                # The child's setup failed before it waited for the go byte (it could not join
-                # the cgroup); it exited without executing anything.
-                raise _ContainmentFailedError(str(pre.error)) from pre.error
-            if isinstance(pre.error, OSError):
-                raise WorkloadStartError(
-                    f"cannot start the workload {self._command[0]!r}: "
-                    f"{pre.error.strerror or pre.error}"
-                ) from pre.error
-            raise WorkloadStartError(f"cannot start the workload: {pre.error}") from pre.error
-        assert pre.proc is not None
-        return pre.proc
+        # End of file once the child executed (the pipe is close-on-exec), or its report.
+        report = _read_all(pre.err_r)
+        if not report:
+            return pre.proc
+        pre.proc.wait()
+        kind, _, number = report.partition(b":")
+        err = int(number or 0)
+        if kind == _SETUP_FAILED:
+            # It could not join its cgroup; it exited without executing anything.
+            raise _ContainmentFailedError(os.strerror(err))
+        raise WorkloadStartError(
+            f"cannot start the workload {self._command[0]!r}: {os.strerror(err)}"
+        )
 
     def prespawn(self, env: Mapping[str, str]) -> None:
         """Forks the workload's process now, in its containment, held before ``exec`` until
         :meth:`start` is called with the same ``env`` (see the module's docstring). Call it from
-        the thread that will call :meth:`start`. Without a :meth:`start`, leaving the context
-        makes the process exit without executing the workload.
+        the thread that will call :meth:`start`, which must live as long as the workload (the
+        parent-death signal follows it). Without a :meth:`start`, leaving the context makes the
+        process exit without executing the workload.
 
         Raises:
-            WorkloadStartError: the containment cannot be set up, or a process was started or
-                pre-spawned already.
+            WorkloadStartError: the containment cannot be set up, the process cannot be forked,
+                or a process was started or pre-spawned already.
         """
         if self._proc is not None or self._prespawned is not None:
             raise WorkloadStartError("the workload was started already")
@@ -345,40 +387,56 @@ class WorkloadProcess:
         if containment is None:
             containment = self._open_containment(self._containment_mode)
         pre = _Prespawn(env)
+        # Everything the child needs is computed before the fork: after it, the child only
+        # makes system calls (the sidecar has threads, whose locks the child must not need).
+        argv = list(self._command)
+        fd = self._executable_fd
+        program = f"/proc/self/fd/{fd}" if fd is not None else argv[0]
+        cwd = os.fspath(self._cwd)
+        keep = sorted({pre.err_w} | ({fd} if fd is not None else set()))
+        max_fd = os.sysconf("SC_OPEN_MAX")
+        try:
+            pid = os.fork()
+        except OSError as e:
+            pre.close_pipes()
+            raise WorkloadStartError(f"cannot fork the workload's process: {e}") from e
+        if pid == 0:  # pragma: no cover (the child, which never returns)
+            _held_child(
+                pre,
+                containment,
+                argv,
+                program,
+                env=pre.env,
+                cwd=cwd,
+                keep=keep,
+                max_fd=max_fd,
+                executable_fd=fd,
+            )
+        os.close(pre.go_r)
+        os.close(pre.err_w)
+        pre.go_r = pre.err_w = -1
+        pre.proc = _ForkedProcess(pid)
         self._prespawned = pre
-
-        def launch() -> None:
-            try:
-                pre.proc = self._popen(pre.env, containment, gate=pre.gate)
-            except BaseException as e:
-                pre.error = e
-            finally:
-                pre.launched.set()
-            # The child's parent-death signal is tied to this thread: it stays until the run
-            # is over (or the sidecar's process ends, which kills the child too).
-            pre.over.wait()
-
-        pre.thread = threading.Thread(target=launch, name="sidecar-workload-fork", daemon=True)
-        pre.thread.start()
 
     def _cancel_prespawn(self, pre: _Prespawn) -> None:
         """Makes the pre-spawned child exit without executing, and waits for it."""
         pre.released = True
         if pre.go_w >= 0:
-            # End of file on the pipe: the child raises before exec and exits.
+            # End of file on the pipe: the child exits without executing.
             os.close(pre.go_w)
             pre.go_w = -1
-        if not pre.launched.wait(_CANCEL_WAIT_SECONDS):
-            _log.warning("the pre-spawned workload process did not exit; killing its containment")
-            if self._containment is not None:
-                self._containment.kill_all()
-            pre.launched.wait(_CANCEL_WAIT_SECONDS)
-        if pre.proc is not None:
-            # Popen returned as if the child had executed; it cannot have (it got no go byte),
-            # but make sure nothing of it is left.
-            with contextlib.suppress(OSError):
-                pre.proc.kill()
-            pre.proc.wait()
+        proc = pre.proc
+        if proc is None:
+            return
+        deadline = time.monotonic() + _CANCEL_WAIT_SECONDS
+        while proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        if proc.poll() is None:
+            _log.warning("the pre-spawned workload process did not exit; killing it")
+            proc.kill()
+            proc.wait()
+        elif proc.returncode != _NOT_RELEASED_STATUS:
+            _log.warning("the pre-spawned workload process ended with status %d", proc.returncode)
 
     def prepare(self) -> None:
         """Sets up the containment (the cgroup and its watchdog) ahead of :meth:`start`, so that
@@ -430,30 +488,13 @@ class WorkloadProcess:
             # child_setup raised: the child could not join the cgroup and exited before exec.
             raise _ContainmentFailedError(str(e)) from e
 
-    def _popen(
-        self,
-        env: Mapping[str, str],
-        containment: Containment,
-        *,
-        gate: Callable[[], None] | None = None,
-    ) -> subprocess.Popen[bytes]:
-        """Forks and executes the workload in ``containment``; with ``gate``, the child runs it
-        after joining the containment and executes only if it returns.
+    def _popen(self, env: Mapping[str, str], containment: Containment) -> subprocess.Popen[bytes]:
+        """Forks and executes the workload in ``containment``.
 
         Raises:
             OSError: the command cannot be executed.
-            subprocess.SubprocessError: the child's setup (or ``gate``) raised; it exited
-                without executing anything.
+            subprocess.SubprocessError: the child's setup raised; it exited without executing.
         """
-        child_setup = containment.child_setup
-        setup = child_setup
-        if gate is not None:
-
-            def held() -> None:
-                child_setup()
-                gate()
-
-            setup = held
         fd = self._executable_fd
         return subprocess.Popen(
             self._command,
@@ -463,7 +504,7 @@ class WorkloadProcess:
             env=dict(env),
             process_group=0,
             close_fds=True,
-            preexec_fn=setup,
+            preexec_fn=containment.child_setup,
         )
 
     def wait(self) -> int:
@@ -534,3 +575,62 @@ def _pidfd_open(pid: int) -> int | None:
     except OSError:
         return None
     return fd
+
+
+def _read_all(fd: int) -> bytes:
+    """Reads ``fd`` to end of file."""
+    chunks = []
+    while chunk := os.read(fd, 4096):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _held_child(
+    pre: _Prespawn,
+    containment: Containment,
+    argv: list[str],
+    program: str,
+    *,
+    env: dict[str, str],
+    cwd: str,
+    keep: list[int],
+    max_fd: int,
+    executable_fd: int | None,
+) -> NoReturn:  # pragma: no cover (runs in the forked child)
+    """The pre-spawned child: joins the containment, waits for the go byte, executes.
+
+    It never returns into the sidecar's code (whatever happens, ``os._exit`` ends it), and
+    until ``execve`` it makes only system calls, like a ``preexec_fn``.
+    """
+    status = _NOT_RELEASED_STATUS
+    stage = _SETUP_FAILED
+    try:
+        # The sidecar's Python handlers must not run here: a signal now ends the child.
+        for sig in FORWARDED_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        # As subprocess does for its children (Python ignores SIGPIPE and SIGXFSZ).
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+        os.close(pre.go_w)
+        os.close(pre.err_r)
+        os.setpgid(0, 0)
+        os.chdir(cwd)
+        containment.child_setup()
+        if os.read(pre.go_r, 1) != _GO:
+            os._exit(_NOT_RELEASED_STATUS)
+        stage = _EXEC_FAILED
+        if executable_fd is not None:
+            os.set_inheritable(executable_fd, True)
+        low = 3
+        for fd in keep:
+            os.closerange(low, fd)
+            low = fd + 1
+        os.closerange(low, max_fd)
+        # The measured executable, through the descriptor it was digested from.
+        os.execve(program, argv, env)  # noqa: S606
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.write(pre.err_w, stage + b":" + str(e.errno or 0).encode())
+        status = 127
+    finally:
+        os._exit(status)

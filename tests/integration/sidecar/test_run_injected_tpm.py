@@ -46,11 +46,24 @@ class WatchingSoftTpm(SoftTpm):
     held: list[tuple[int, bool]]
 
     def quote(self, qualifying_data: bytes, pcrs: Sequence[int] = (WORKLOAD_PCR,)) -> QuoteResult:
-        self.held = [
-            (pid, "cleanroom-workload-" in Path(f"/proc/{pid}/cgroup").read_text())
-            for pid in held_children()
-        ]
+        # The sidecar forks the held process from a thread of its own, so it may take a moment
+        # to appear (and its move into the cgroup another, the kernel's RCU grace period).
+        deadline = time.monotonic() + 10
+        while not held_children() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        while cgroup_parent()[0] is not None and time.monotonic() < deadline:
+            if all(_in_workload_cgroup(pid) for pid in held_children()):
+                break
+            time.sleep(0.005)
+        self.held = [(pid, _in_workload_cgroup(pid)) for pid in held_children()]
         return super().quote(qualifying_data, pcrs)
+
+
+def _in_workload_cgroup(pid: int) -> bool:
+    try:
+        return "cleanroom-workload-" in Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError:
+        return False
 
 
 def _assert_held_during_attestation(tpm: WatchingSoftTpm) -> int:

@@ -16,6 +16,9 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+from sidecar.run import WorkloadStartError
 from sidecar.run.containment import cgroup_parent
 from sidecar.run.supervisor import WorkloadProcess
 from tests.support.prespawn import gone, held_children, wait_for_held_child
@@ -118,3 +121,12 @@ def test_a_prespawned_workload_dies_with_a_killed_sidecar(tmp_path: Path) -> Non
     assert gone(held)
     time.sleep(0.5)
     assert not ran.exists()
+
+
+def test_a_prespawned_program_that_cannot_be_executed_is_a_start_error(tmp_path: Path) -> None:
+    with WorkloadProcess(["/nonexistent/workload"], cwd=tmp_path, grace_seconds=1) as p:
+        p.prespawn({})
+        held = wait_for_held_child()
+        with pytest.raises(WorkloadStartError, match="cannot start the workload"):
+            p.start({})
+    assert gone(held)
