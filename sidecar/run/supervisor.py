@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import _thread
 import contextlib
+import gc
 import logging
 import os
 import select
@@ -358,6 +359,8 @@ class WorkloadProcess:
         pre.go_w = -1
         # End of file once the child executed (the pipe is close-on-exec), or its report.
         report = _read_all(pre.err_r)
+        # The child shares no memory with the sidecar any more (it executed or it failed).
+        gc.unfreeze()
         if not report:
             return pre.proc
         pre.proc.wait()
@@ -395,9 +398,15 @@ class WorkloadProcess:
         cwd = os.fspath(self._cwd)
         keep = sorted({pre.err_w} | ({fd} if fd is not None else set()))
         max_fd = os.sysconf("SC_OPEN_MAX")
+        # Until the child executes, it shares the sidecar's memory copy-on-write: every page the
+        # sidecar writes meanwhile is copied. The garbage collector would write to every object
+        # it traverses (importing tpm2-pytss alone runs several full collections); frozen, the
+        # objects that exist now are left alone (about 10 ms of CPU less, measured).
+        gc.freeze()
         try:
             pid = os.fork()
         except OSError as e:
+            gc.unfreeze()
             pre.close_pipes()
             raise WorkloadStartError(f"cannot fork the workload's process: {e}") from e
         if pid == 0:  # pragma: no cover (the child, which never returns)
@@ -428,6 +437,7 @@ class WorkloadProcess:
         proc = pre.proc
         if proc is None:
             return
+        gc.unfreeze()
         deadline = time.monotonic() + _CANCEL_WAIT_SECONDS
         while proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.002)
