@@ -534,14 +534,10 @@ def _run(
         assert isinstance(output_sink, BlobOutputSink)
         check_blob_outputs(output_sink, config.outputs.directory, replace=config.outputs.replace)
     challenge_future = _prefetch(lambda: client.get_challenge(known)) if known else None
-    # The workload's process is forked into its cgroup now and held before exec until the keys
-    # are released (see sidecar.run.supervisor), so that forking and the cgroup move happen
-    # while the TPM and the broker work. Its environment is the measured one plus the socket,
-    # whose fresh directory is therefore made now.
+    # The workload's environment is the measured one plus the socket, whose fresh directory is
+    # therefore made now (the workload's process is forked below, before the socket serves).
     socket_dir = stack.enter_context(_socket_directory(config.runtime.socket_dir))
     socket_env = {SOCKET_ENV: os.fspath(socket_dir.absolute() / config.dataplane.socket_name)}
-    process.prespawn(workload_environment(prepared.launch.environment, socket_env))
-    timeline.mark("pre-spawned")
 
     # Imported only now, so that loading tpm2-pytss (and the Azure SDK, when only inputs are
     # blobs) overlaps the TLS handshake and the challenge round trip running in the background.
@@ -552,6 +548,13 @@ def _run(
 
         tpm_factory = Tpm
     timeline.mark("TPM imported")
+    # The workload's process is forked into its cgroup now and held before exec until the keys
+    # are released (see sidecar.run.supervisor), so that forking and the cgroup move (the
+    # kernel's RCU grace period) happen while the TPM and the broker work. Not earlier: until
+    # it executes, the child shares the sidecar's memory copy-on-write, and importing
+    # tpm2-pytss meanwhile cost 10 ms more CPU in page copies.
+    process.prespawn(workload_environment(prepared.launch.environment, socket_env))
+    timeline.mark("pre-spawned")
     tpm = stack.enter_context(tpm_factory(config.tpm))
     ak = tpm.create_or_load_ak()
     timeline.mark("AK loaded")
