@@ -9,9 +9,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Final
 
 from evidence.launch import Launch
 from evidence.manifest import ManifestEntry
+
+#: The PCR bank whose PCR 23 value indexes approvals: an approval must carry it, and an
+#: attestation finds the approvals of its quoted value in that bank.
+APPROVAL_INDEX_BANK: Final = "sha256"
 
 
 @dataclass(frozen=True)

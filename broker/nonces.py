@@ -23,8 +23,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import sqlalchemy as sa
-
 from broker.audit import AuditLog
 from broker.errors import (
     NonceBindingError,
@@ -35,7 +33,6 @@ from broker.errors import (
 )
 from broker.model import AuditEntry
 from broker.storage import Store
-from broker.storage.schema import nonces
 from broker.storage.unit import UnitOfWork
 
 #: Size of a nonce in bytes (the quote's qualifying data binds it, hashed, with the other inputs).
@@ -72,17 +69,7 @@ class NonceService:
         self._store = store
         self._ttl = timedelta(seconds=ttl_seconds)
         self._clock = clock
-        fast = store.fast
-        self._insert = fast.prepare(sa.insert(nonces))
-        self._burn = fast.prepare(
-            sa.update(nonces)
-            .where(nonces.c.nonce == sa.bindparam("n"), nonces.c.used_at.is_(None))
-            .values(used_at=sa.bindparam("now"))
-            .returning(nonces.c.ak_name, nonces.c.expires_at)
-        )
-        self._lookup = fast.prepare(
-            sa.select(nonces.c.used_at).where(nonces.c.nonce == sa.bindparam("n"))
-        )
+        self._rows = store.nonces
 
     def issue(self, ak_name: str) -> tuple[bytes, datetime]:
         """A fresh nonce for ``ak_name`` and the time it expires.
@@ -93,8 +80,7 @@ class NonceService:
             StorageError: the database failed.
         """
         nonce, expires_at, row = self._fresh(ak_name)
-        with self._store.fast.session("issue nonce", write=True) as cur:
-            cur.execute(self._insert, row)
+        self._rows.insert(row)
         return nonce, expires_at
 
     def issue_recorded(
@@ -111,7 +97,7 @@ class NonceService:
         """
         nonce, expires_at, row = self._fresh(ak_name)
         audit.append_many(
-            [entry(nonce_digest(nonce))], within=lambda cur: cur.execute(self._insert, row)
+            [entry(nonce_digest(nonce))], within=lambda cur: self._rows.insert(row, cur)
         )
         return nonce, expires_at
 
@@ -144,8 +130,7 @@ class NonceService:
         now = self._clock()
         # One statement in autocommit: the row's update is atomic in the database, whichever
         # process or replica runs it.
-        with self._store.fast.session("consume nonce", write=True) as cur:
-            burned = cur.one(self._burn, {"n": nonce, "now": now})
+        burned = self._rows.burn(nonce, now)
         # The statement has committed: a refused nonce stays burned.
         if burned is not None:
             problem: NonceError | None = None
@@ -156,9 +141,7 @@ class NonceService:
             if problem is not None:
                 raise problem
             return
-        with self._store.fast.session("look up nonce") as cur:
-            row = cur.one(self._lookup, {"n": nonce})
-        if row is None:
+        if not self._rows.exists(nonce):
             raise NonceUnknownError("the nonce was never issued (or has been purged)")
         raise NonceReplayError("the nonce was already used")
 
@@ -174,14 +157,14 @@ class NonceService:
         if len(nonce) != NONCE_BYTES:
             return NonceUnknownError(f"a nonce is {NONCE_BYTES} bytes, got {len(nonce)}")
         now = self._clock()
-        burned = uow.cursor.one(self._burn, {"n": nonce, "now": now})
+        burned = self._rows.burn(nonce, now, uow)
         if burned is not None:
             if burned.ak_name != ak_name:
                 return NonceBindingError("the nonce was issued to another AK")
             if now >= burned.expires_at:
                 return NonceExpiredError("the nonce expired")
             return None
-        if uow.cursor.one(self._lookup, {"n": nonce}) is None:
+        if not self._rows.exists(nonce, uow):
             return NonceUnknownError("the nonce was never issued (or has been purged)")
         return NonceReplayError("the nonce was already used")
 
@@ -194,8 +177,7 @@ class NonceService:
         Raises:
             StorageError: the database failed.
         """
-        with self._store.transaction("purge nonces", write=True) as conn:
-            return conn.execute(sa.delete(nonces).where(nonces.c.expires_at < older_than)).rowcount
+        return self._rows.purge_expired(older_than)
 
     def count_outstanding(self) -> int:
         """How many nonces are issued, unused and unexpired now (a metrics gauge).
@@ -203,11 +185,4 @@ class NonceService:
         Raises:
             StorageError: the database failed.
         """
-        now = self._clock()
-        with self._store.transaction("count nonces") as conn:
-            count = conn.execute(
-                sa.select(sa.func.count())
-                .select_from(nonces)
-                .where(nonces.c.used_at.is_(None), nonces.c.expires_at > now)
-            ).scalar_one()
-        return int(count)
+        return self._rows.count_outstanding(self._clock())

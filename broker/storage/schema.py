@@ -22,6 +22,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 
+from broker import auditchain
+
 #: Constraint and index names are derived from these patterns so that the metadata, the
 #: migrations and the live database agree on every name (Alembic compares them by name).
 NAMING_CONVENTION: dict[str, str] = {
@@ -32,8 +34,8 @@ NAMING_CONVENTION: dict[str, str] = {
     "pk": "pk_%(table_name)s",
 }
 
-#: The hash that precedes the first audit record.
-GENESIS_HASH = "0" * 64
+#: The hash that precedes the first audit record (the chain's own, from broker.auditchain).
+GENESIS_HASH = auditchain.GENESIS_HASH
 
 
 class UtcDateTime(sa.types.TypeDecorator[datetime]):
