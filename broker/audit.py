@@ -18,6 +18,7 @@ key ids and digests in ``subject`` and ``evidence_digest``, not keys.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 
 from broker.auditchain import (
@@ -29,7 +30,7 @@ from broker.auditchain import (
     format_time,
     seal_all,
 )
-from broker.errors import AuditChainError
+from broker.errors import AuditChainError, StorageError
 from broker.model import AuditEntry, AuditRecord, Session
 from broker.storage import Store
 from broker.storage import rows as codec
@@ -63,18 +64,30 @@ class AuditLog:
         return self.append_many([entry])[0]
 
     def append_in(self, uow: UnitOfWork, entries: Sequence[AuditEntry]) -> list[AuditRecord]:
-        """Seals ``entries`` onto the chain head of ``uow`` (a decision's unit of work, see
-        :meth:`broker.storage.Store.unit_of_work`) and stores them there: they commit with the
-        unit's other writes, or not at all.
+        """Appends ``entries`` in ``uow`` (a decision's unit of work, see
+        :meth:`broker.storage.Store.unit_of_work`): they commit with the unit's other writes,
+        or not at all.
 
-        The record times are read from the clock while the unit holds the head, so they never
-        run backwards along the chain within one clock.
+        On SQLite the records are sealed onto the unit's chain head at once (their times read
+        from the clock while the unit holds the head, so they never run backwards along the
+        chain within one clock). On PostgreSQL (a deferred unit) they are numbered as the unit
+        finishes and sealed by the sealer after the commit: the returned records carry their
+        sequence numbers once the unit has finished, and empty hashes
+        (:meth:`list_records` returns them sealed).
 
         Raises:
             StorageError: a field cannot be encoded.
             sqlite3.Error, psycopg.Error: the driver's error (the unit maps it).
         """
-        records = seal_all(entries, uow.head, [self._clock() for _ in entries])
+        times = [self._clock() for _ in entries]
+        if uow.deferred:
+            # Sealed on a placeholder head only to check now that every field encodes; the
+            # sealer seals them again on the real head.
+            checked = seal_all(entries, (0, GENESIS_HASH), times)
+            records = [replace(r, sequence=0, previous_hash="", record_hash="") for r in checked]
+            uow.append_pending(records, [codec.audit_pending_values(r) for r in records])
+            return records
+        records = seal_all(entries, uow.head, times)
         uow.append_records(
             [codec.audit_record_values(r) for r in records], [r.parties for r in records]
         )
@@ -121,7 +134,41 @@ class AuditLog:
             records = self.append_in(uow, entries)
             if session is not None:
                 self._store.insert_session(uow.cursor, session)
+            deferred = uow.deferred
+        if deferred and records:
+            # The caller gets its records sealed, as on SQLite: seal them now (with whatever
+            # else is pending) and read them back.
+            return self._sealed([r.sequence for r in records])
         return records
+
+    def _sealed(self, sequences: Sequence[int]) -> list[AuditRecord]:
+        """The sealed records of ``sequences`` (sealing what is pending first).
+
+        Raises:
+            StorageError: the database failed, or one of them is not in the chain.
+        """
+        self._store.audit.seal(wait=True)
+        wanted = set(sequences)
+        found = {
+            r.sequence: r
+            for r in self._store.audit.list_records(
+                min(wanted) - 1, max(wanted) - min(wanted) + 1, None
+            )
+            if r.sequence in wanted
+        }
+        missing = wanted - set(found)
+        if missing:
+            raise StorageError(f"audit records {sorted(missing)} are not in the chain")
+        return [found[s] for s in sequences]
+
+    def seal(self) -> int:
+        """Seals every record committed so far (PostgreSQL; see
+        :meth:`broker.storage.repositories.audit.AuditRepository.seal`); returns how many.
+
+        Raises:
+            StorageError: the database failed.
+        """
+        return self._store.audit.seal(wait=True)
 
     def list_records(
         self, after_sequence: int = 0, limit: int = 100, party: str | None = None
@@ -135,6 +182,7 @@ class AuditLog:
         """
         if limit < 1:
             raise ValueError("limit must be at least 1")
+        self._store.audit.seal(wait=True)
         return self._store.audit.list_records(after_sequence, min(limit, MAX_LIST_LIMIT), party)
 
     def head(self) -> tuple[int, str]:
@@ -146,6 +194,7 @@ class AuditLog:
         Raises:
             StorageError: the database failed or the head row is missing.
         """
+        self._store.audit.seal(wait=True)
         return self._store.audit.head()
 
     def verify_chain(self) -> ChainReport:
@@ -159,6 +208,9 @@ class AuditLog:
         Raises:
             StorageError: the database failed.
         """
+        # What is committed and pending is sealed first, so that it is verified too; a missing
+        # head is reported below rather than raised here.
+        self._store.audit.seal(wait=True, missing_head_ok=True)
         return self._store.audit.verify()
 
     def verify_chain_or_raise(self) -> ChainReport:

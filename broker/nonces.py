@@ -96,9 +96,11 @@ class NonceService:
             StorageError: the database failed (no nonce was issued and nothing recorded).
         """
         nonce, expires_at, row = self._fresh(ak_name)
-        audit.append_many(
-            [entry(nonce_digest(nonce))], within=lambda cur: self._rows.insert(row, cur)
-        )
+        # The unit of work of a decision, not AuditLog.append_many: on PostgreSQL the record is
+        # left to the sealer rather than sealed before the nonce is handed out.
+        with self._store.fast_unit_of_work("issue nonce") as uow:
+            self._rows.insert(row, uow.cursor)
+            audit.append_in(uow, [entry(nonce_digest(nonce))])
         return nonce, expires_at
 
     def _fresh(self, ak_name: str) -> tuple[bytes, datetime, dict[str, Any]]:

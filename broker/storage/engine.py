@@ -33,6 +33,11 @@ from broker.storage.unit import ChainStatements, UnitOfWork
 
 SQLITE_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
+#: The PostgreSQL advisory lock (transaction-scoped) that orders the units of work of
+#: administration and enrollment among themselves across replicas (see
+#: :meth:`Database.unit_of_work`). Any fixed 64-bit number; "cleanroom decision" in spirit.
+DECISION_LOCK = 0x636C_5244_6563_6964
+
 
 # SQLSTATE codes of PostgreSQL's integrity violations.
 PG_UNIQUE_VIOLATION = "23505"
@@ -221,6 +226,9 @@ class Database:
             describe=describe_error,
         )
         self._chain = ChainStatements(self.fast)
+        #: Whether units of work number their records and leave them to the sealer (on
+        #: PostgreSQL) instead of sealing them onto the locked chain head (SQLite).
+        self._deferred = engine.dialect.name == "postgresql"
         self._dbapi: Any = engine.dialect.loaded_dbapi
 
     # --- life cycle -----------------------------------------------------------------------
@@ -473,10 +481,17 @@ class Database:
         duplicate: BrokerError | None = None,
         missing_reference: BrokerError | None = None,
     ) -> Iterator[UnitOfWork]:
-        """One decision's transaction (see :mod:`broker.storage.unit`): the audit chain head is
-        locked first; the repository's write methods (``uow=``), the audit log
-        (:meth:`broker.audit.AuditLog.append_in`) and the nonce service write in it; it commits
-        when the block ends without an exception and rolls back as a whole otherwise.
+        """One decision's transaction (see :mod:`broker.storage.unit`): the repository's write
+        methods (``uow=``), the audit log (:meth:`broker.audit.AuditLog.append_in`) and the
+        nonce service write in it; it commits when the block ends without an exception and
+        rolls back as a whole otherwise.
+
+        These units (enrollment, administration, KEK operations, a session's end) run one at a
+        time: on SQLite its write lock, taken first, serializes every writer; on PostgreSQL
+        they take a transaction-scoped advisory lock first (:data:`DECISION_LOCK`), so that
+        their checks and the records that follow them are ordered as they happened, across
+        replicas. The hot path's units (:meth:`fast_unit_of_work`) do not take it: what they
+        must be ordered against (a revocation) they lock row by row.
 
         Raises:
             DuplicateError: ``duplicate``, on a unique-constraint violation, when given.
@@ -490,8 +505,13 @@ class Database:
             # are part of the same transaction.
             driver_cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
             try:
+                if self._deferred:
+                    driver_cursor.execute(f"SELECT pg_advisory_xact_lock({DECISION_LOCK})")
                 uow = UnitOfWork(
-                    cursor=self.fast.cursor_for(driver_cursor), chain=self._chain, conn=conn
+                    cursor=self.fast.cursor_for(driver_cursor),
+                    chain=self._chain,
+                    conn=conn,
+                    deferred=self._deferred,
                 )
                 yield uow
                 uow.finish()
@@ -501,6 +521,8 @@ class Database:
                 raise self._mapped(operation, e, duplicate, missing_reference) from e
             finally:
                 driver_cursor.close()
+        if self._deferred:
+            self.records_committed()
 
     @contextmanager
     def fast_unit_of_work(
@@ -524,9 +546,15 @@ class Database:
             duplicate=duplicate,
             missing_reference=missing_reference,
         ) as cur:
-            uow = UnitOfWork(cursor=cur, chain=self._chain)
+            uow = UnitOfWork(cursor=cur, chain=self._chain, deferred=self._deferred)
             yield uow
             uow.finish()
+        if self._deferred:
+            self.records_committed()
+
+    def records_committed(self) -> None:
+        """Called after a deferred unit of work committed (PostgreSQL): its records wait for
+        the sealer. A hook for :class:`broker.storage.Store`, which runs the sealer."""
 
     @contextmanager
     def _writer(self, operation: str) -> Iterator[None]:

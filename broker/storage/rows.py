@@ -32,6 +32,11 @@ from evidence.manifest import ManifestEntry, files_pcr23
 _COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
+def json_list(text: str) -> list[str]:
+    """A JSON list of strings column (an audit record's parties)."""
+    return [str(x) for x in json.loads(text)]
+
+
 def dumps(value: Any) -> str:
     """Canonical compact JSON (sorted keys) for a JSON column."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -260,3 +265,17 @@ def audit_record(row: Row[Any]) -> AuditRecord:
         previous_hash=row.previous_hash,
         record_hash=row.record_hash,
     )
+
+
+def audit_pending_values(r: AuditRecord) -> dict[str, Any]:
+    """The ``audit_pending`` row of an unsealed record (its number comes from the sequence)."""
+    return {
+        "recorded_at": r.time,
+        "actor": r.actor,
+        "action": r.action,
+        "subject": r.subject,
+        "decision": r.decision,
+        "reason": r.reason,
+        "evidence_digest": r.evidence_digest,
+        "parties": _COMPACT_JSON.encode(list(r.parties)),
+    }

@@ -262,6 +262,30 @@ audit_head = sa.Table(
     sa.CheckConstraint("id = 1", name="single_row"),
 )
 
+# Records of decisions committed on PostgreSQL and not yet sealed into the chain (revision
+# 0007, docs/storage.md "Batch sequencing"). A decision's transaction inserts its records here,
+# each with the next value of the ``audit_tickets`` sequence as its final chain sequence
+# number, instead of locking the chain head; the sealer moves them into audit_records in
+# sequence order, hashing them onto the head, many per transaction. SQLite appends to the chain
+# directly (its writers are serialized anyway) and leaves this table empty.
+audit_pending = sa.Table(
+    "audit_pending",
+    metadata,
+    sa.Column("sequence", _sequence_type(), primary_key=True, autoincrement=False),
+    sa.Column("recorded_at", UtcDateTime, nullable=False),
+    sa.Column("actor", sa.Text, nullable=False),
+    sa.Column("action", sa.Text, nullable=False),
+    sa.Column("subject", sa.Text, nullable=False),
+    sa.Column("decision", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("evidence_digest", sa.Text, nullable=False),
+    sa.Column("parties", sa.Text, nullable=False),  # JSON list, in the caller's order
+)
+
+#: The sequence that numbers PostgreSQL's pending records (created by revision 0007 on
+#: PostgreSQL only, started after the chain head).
+AUDIT_TICKETS = "audit_tickets"
+
 # The fingerprint of each KEK the broker uses (see broker.custody.kek_fingerprint): recorded by
 # ``cleanroom broker init``, compared by every broker and replica at start, so that one with
 # another KEK (its own state directory, a copied database) refuses to start instead of wrapping

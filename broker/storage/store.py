@@ -10,6 +10,11 @@ work are its own (it is a ``Database``), each repository is an attribute (``stor
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
+from typing import Final
+
 from sqlalchemy.engine import Engine
 
 from broker.model import APPROVAL_INDEX_BANK
@@ -21,6 +26,15 @@ from broker.storage.repositories.nonces import NonceRepository
 from broker.storage.repositories.parties import PartyRepository
 from broker.storage.repositories.policy import PolicyRepository
 from broker.storage.repositories.sessions import SessionRepository
+
+log = logging.getLogger(__name__)
+
+#: How often a store's background sealer looks for pending audit records (PostgreSQL).
+SEAL_INTERVAL_SECONDS: Final = 0.1
+
+#: How often it looks even when this store committed none (records of a replica that stopped,
+#: a gap to settle).
+SEAL_IDLE_SECONDS: Final = 2.0
 
 
 class Store(Database):
@@ -53,6 +67,10 @@ class Store(Database):
         self.keks = KekRepository(self)
         self.nonces = NonceRepository(self)
         self.audit = AuditRepository(self)
+        self._sealer: threading.Thread | None = None
+        self._sealer_lock = threading.Lock()
+        self._sealer_stop = threading.Event()
+        self._dirty = threading.Event()
         # attesters
         self.add_ek = self.attesters.add_ek
         self.get_ek = self.attesters.get_ek
@@ -100,6 +118,49 @@ class Store(Database):
         self.set_party_kek = self.keks.set_party_kek
         self.get_party_kek = self.keks.get_party_kek
         self.list_party_keks = self.keks.list_party_keks
+
+    def records_committed(self) -> None:
+        """Marks that a unit of work committed pending audit records (PostgreSQL), starting
+        this store's background sealer on first use."""
+        self._dirty.set()
+        if self._sealer is not None:
+            return
+        with self._sealer_lock:
+            if self._sealer is None and not self._sealer_stop.is_set():
+                self._sealer = threading.Thread(
+                    target=self._seal_loop, name="audit-sealer", daemon=True
+                )
+                self._sealer.start()
+
+    def _seal_loop(self) -> None:
+        # Seals what this store (and, on the way, every other replica) committed, a batch per
+        # tick; only one replica's sealer works at a time (the others skip the locked head).
+        last = time.monotonic()
+        while not self._sealer_stop.wait(SEAL_INTERVAL_SECONDS):
+            if not self._dirty.is_set() and time.monotonic() - last < SEAL_IDLE_SECONDS:
+                continue
+            self._dirty.clear()
+            last = time.monotonic()
+            try:
+                if self.audit.seal(wait=False):
+                    self._dirty.set()  # more may have come meanwhile
+            except Exception:
+                # A database that is down now will be up later; readers seal too.
+                log.warning("sealing audit records failed; will retry", exc_info=True)
+                self._dirty.set()
+
+    def close(self) -> None:
+        """Stops the background sealer (sealing what it can first) and closes every pooled
+        connection. The Store cannot be used afterwards."""
+        self._sealer_stop.set()
+        sealer = self._sealer
+        if sealer is not None:
+            sealer.join(timeout=10)
+            try:
+                self.audit.seal(wait=False)
+            except Exception:
+                log.warning("sealing audit records at close failed", exc_info=True)
+        super().close()
 
 
 __all__ = ["APPROVAL_INDEX_BANK", "Store"]

@@ -57,8 +57,12 @@ def _run_as(user: str | None, cmd: list[str], *, check: bool = True) -> None:
         raise PostgresUnavailable(f"{' '.join(cmd)} failed: {proc.stdout}\n{proc.stderr}")
 
 
-def start_postgres() -> Postgres:
+def start_postgres(*, fsync: bool = False) -> Postgres:
     """Starts (or finds, through CLEANROOM_TEST_POSTGRES_URL) a PostgreSQL server.
+
+    Tests run it with ``fsync`` off (nothing they check depends on durability); the storage
+    benchmark turns it on, as a production server has it, because a commit's flush is what
+    serializes appenders that hold a lock across their commit.
 
     Raises:
         PostgresUnavailable: no server binaries, or the server did not start.
@@ -94,7 +98,7 @@ def start_postgres() -> Postgres:
     port = free_port()
     opts = (
         f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={base} "
-        "-c fsync=off -c max_connections=200"
+        f"-c fsync={'on' if fsync else 'off'} -c max_connections=200"
     )
     _run_as(
         user,

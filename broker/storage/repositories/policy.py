@@ -54,12 +54,22 @@ class PolicyRepository:
         # on PostgreSQL and a JSON array on SQLite (a prepared statement cannot expand an IN
         # list).
         if fast.dialect == "postgresql":
+            # FOR SHARE: a revocation (an UPDATE of the AK or approval row) that has not
+            # committed makes the release wait for it and then see it; one that comes later
+            # waits for the release. PostgreSQL's hot-path units take no chain lock (see
+            # broker.storage.unit), so these row locks are what orders a release and a
+            # revocation, and their records. Revoking an EK updates its AKs too, so locking
+            # the AK row covers its EK. Locking clauses are not allowed with UNION, hence the
+            # CTEs.
             sql = (
-                "SELECT 'ak' AS kind, a.ak_name AS id FROM aks a"
-                " LEFT JOIN eks e ON e.ek_id = a.ek_id"
-                " WHERE a.ak_name = %(ak)s AND a.revoked = false AND e.revoked IS NOT TRUE"
-                " UNION ALL SELECT 'approval', approval_id FROM approvals"
-                " WHERE approval_id = ANY(%(ids)s) AND revoked = false"
+                "WITH ak AS (SELECT a.ak_name FROM aks a"
+                " WHERE a.ak_name = %(ak)s AND a.revoked = false"
+                " AND NOT EXISTS (SELECT 1 FROM eks e WHERE e.ek_id = a.ek_id AND e.revoked)"
+                " FOR SHARE OF a),"
+                " ap AS (SELECT approval_id FROM approvals"
+                " WHERE approval_id = ANY(%(ids)s) AND revoked = false FOR SHARE)"
+                " SELECT 'ak' AS kind, ak_name AS id FROM ak"
+                " UNION ALL SELECT 'approval', approval_id FROM ap"
             )
         else:
             sql = (
@@ -266,10 +276,12 @@ class PolicyRepository:
         """Inside a release's unit of work: whether the AK and its EK (if it has one) are still
         unrevoked, and which of ``approval_ids`` still are (one statement).
 
-        Run after the unit locked the chain head, this sees every revocation whose unit of work
-        committed before (each revocation appends its record, so it took the head too), and no
-        revocation can commit until this unit has: the release and the revocations are ordered
-        in the chain as they happened.
+        On SQLite the unit holds the write lock, so this sees every revocation that committed
+        before and none can commit until the unit has. On PostgreSQL it locks the rows it finds
+        active (``FOR SHARE``): a revocation in progress is waited for and seen, a later one
+        waits for the release, and the records of whichever commits second are numbered after
+        the other's (units number their records as they finish). Either way the release and
+        the revocations are ordered in the chain as they happened.
 
         Raises:
             sqlite3.Error, psycopg.Error: the driver's error (the unit maps it).

@@ -279,3 +279,50 @@ def test_0004_merges_two_encodings_of_one_ek_keeping_the_revocation(db_url: str)
         # Outstanding challenges (which lack the EK and the requester) are gone.
         with store.engine.connect() as conn:
             assert conn.execute(sa.text("SELECT count(*) FROM credential_challenges")).scalar() == 0
+
+
+# --- 0007: batch sequencing of the audit chain ------------------------------------------------
+
+
+def test_0007_continues_the_chain_that_0004_left(db_url: str) -> None:
+    """A chain written before 0007 goes on from its head after it, on both backends (on
+    PostgreSQL the new sequence of record numbers starts after the head)."""
+    from broker import auditchain
+    from broker.audit import AuditLog
+    from broker.model import AuditEntry
+    from broker.storage import migrate
+    from broker.storage import rows as codec
+
+    entries = [
+        AuditEntry(actor="op", action="party.add", subject=f"p{i}", decision="allow")
+        for i in range(3)
+    ]
+    old = auditchain.seal_all(entries, (0, auditchain.GENESIS_HASH), [datetime.now(UTC)] * 3)
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            migrate.upgrade(conn, "0004")
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO audit_records (sequence, recorded_at, actor, action, subject, "
+                    "decision, reason, evidence_digest, parties, previous_hash, record_hash) "
+                    "VALUES (:sequence, :recorded_at, :actor, :action, :subject, :decision, "
+                    ":reason, :evidence_digest, :parties, :previous_hash, :record_hash)"
+                ),
+                [codec.audit_record_values(r) for r in old],
+            )
+            conn.execute(
+                sa.text("UPDATE audit_head SET sequence = 3, record_hash = :h"),
+                {"h": old[-1].record_hash},
+            )
+    finally:
+        engine.dispose()
+    with Store.open(db_url) as store:
+        log = AuditLog(store)
+        with store.fast_unit_of_work("after 0007") as uow:
+            new = log.append_in(uow, [AuditEntry("op", "party.add", "p9", "allow")])
+        assert new[0].sequence == 4
+        report = log.verify_chain()
+        assert report.valid and report.records_checked == 4
+        assert log.head() == (4, log.list_records(after_sequence=3)[0].record_hash)
