@@ -33,8 +33,9 @@ log = logging.getLogger(__name__)
 SEAL_INTERVAL_SECONDS: Final = 0.1
 
 #: How often it looks even when this store committed none (records of a replica that stopped,
-#: a gap to settle).
-SEAL_IDLE_SECONDS: Final = 2.0
+#: a gap to settle), and how long it leaves the sealing to another replica's sealer that it
+#: found at work.
+SEAL_IDLE_SECONDS: Final = 1.0
 
 
 class Store(Database):
@@ -135,14 +136,22 @@ class Store(Database):
     def _seal_loop(self) -> None:
         # Seals what this store (and, on the way, every other replica) committed, a batch per
         # tick; only one replica's sealer works at a time (the others skip the locked head).
+        # A replica that finds another one sealing backs off for a while, so that many replicas
+        # do not all poll the head row (each attempt is a transaction) while one does the work.
         last = time.monotonic()
-        while not self._sealer_stop.wait(SEAL_INTERVAL_SECONDS):
+        pause = SEAL_INTERVAL_SECONDS
+        while not self._sealer_stop.wait(pause):
+            pause = SEAL_INTERVAL_SECONDS
             if not self._dirty.is_set() and time.monotonic() - last < SEAL_IDLE_SECONDS:
                 continue
             self._dirty.clear()
             last = time.monotonic()
             try:
-                if self.audit.seal(wait=False):
+                sealed = self.audit.try_seal()
+                if sealed is None:
+                    self._dirty.set()
+                    pause = SEAL_IDLE_SECONDS
+                elif sealed:
                     self._dirty.set()  # more may have come meanwhile
             except Exception:
                 # A database that is down now will be up later; readers seal too.

@@ -151,15 +151,27 @@ class AuditRepository:
         total = 0
         while True:
             sealed, gap = self._seal_once(wait=wait, missing_head_ok=missing_head_ok)
-            total += sealed
+            total += max(sealed, 0)
             if gap is None or not wait:
                 return total
             # Everything before the gap is sealed; wait out its grace, then look again.
             time.sleep(min(0.05, GAP_GRACE_SECONDS))
 
+    def try_seal(self) -> int | None:
+        """One sealing transaction that does not wait (the background sealer's): how many it
+        sealed, or None when another sealer holds the chain head (PostgreSQL; 0 on SQLite).
+
+        Raises:
+            StorageError: the database failed.
+        """
+        if self._db.dialect != "postgresql":
+            return 0
+        sealed, _gap = self._seal_once(wait=False, missing_head_ok=True)
+        return None if sealed < 0 else sealed
+
     def _seal_once(self, *, wait: bool, missing_head_ok: bool) -> tuple[int, int | None]:
-        """One sealing transaction; returns how many it sealed and the unsettled gap it stopped
-        at, if any."""
+        """One sealing transaction; returns how many it sealed (-1: without ``wait``, another
+        sealer held the head) and the unsettled gap it stopped at, if any."""
         total = 0
         stopped_at: int | None = None
         with self._db.transaction("seal audit records", write=True) as conn:
@@ -172,7 +184,7 @@ class AuditRepository:
             if head_row is None:
                 if wait and not missing_head_ok:
                     raise StorageError("the audit chain head row is missing (database tampered?)")
-                return 0, None
+                return (0 if wait else -1), None
             sequence, previous = int(head_row.sequence), str(head_row.record_hash)
             while True:
                 rows = conn.execute(
