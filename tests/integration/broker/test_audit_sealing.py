@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 
 import psycopg
 import pytest
 import sqlalchemy as sa
 
 from broker.audit import AuditLog
-from broker.model import AuditEntry, AuditRecord
+from broker.model import AkRecord, Approval, AuditEntry, AuditRecord, Party
 from broker.storage import Store
 from broker.storage.repositories.audit import GAP_GRACE_SECONDS, VOID_ACTION
 
@@ -200,3 +201,67 @@ def test_a_background_sealer_seals_without_readers(store: Store) -> None:
             break
         time.sleep(0.05)
     assert pending == 0
+
+
+def _policy(store: Store) -> None:
+    now = datetime.now(UTC)
+    store.add_party(Party(name="adv", kem=1, public_key=b"k"))
+    store.add_ak(
+        AkRecord(ak_name="ak1", public=b"p", ek_id=None, enrolled_by="operator", enrolled_at=now)
+    )
+    store.add_approval(
+        Approval(
+            approval_id="a1",
+            party="adv",
+            workload_name="w",
+            manifest=(),
+            expected_pcrs={"sha256": b"\x01" * 32},
+            key_ids=(),
+            output_recipients=(),
+            golden_set=None,
+            created_at=now,
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    "revoke",
+    [
+        pytest.param(lambda s, u: s.revoke_approval("a1", uow=u), id="approval"),
+        pytest.param(lambda s, u: s.revoke_ak("ak1", "leaked", uow=u), id="ak"),
+    ],
+)
+def test_a_revocation_during_a_release_is_chained_after_it(
+    store: Store, postgres_url: str, revoke: Callable[[Store, object], object]
+) -> None:
+    # No chain lock orders a release and a revocation on PostgreSQL any more: the release's
+    # re-check locks its AK and approvals FOR SHARE, so a revocation from another replica
+    # waits for the release, and its record is numbered after the release's. Without the row
+    # locks the revocation would commit first, with the lower number, and the chain would show
+    # the release citing an approval after the approval's revocation.
+    _policy(store)
+    log = AuditLog(store)
+    done: list[list[AuditRecord]] = []
+    with Store.open(postgres_url, migrate=False) as replica:
+
+        def revoke_elsewhere() -> None:
+            with replica.unit_of_work("revoke") as uow:
+                revoke(replica, uow)
+                done.append(
+                    AuditLog(replica).append_in(uow, [AuditEntry("op", "revoke", "a1", "allow")])
+                )
+
+        with store.fast_unit_of_work("release") as uow:
+            ak_ok, active = store.still_active(uow, ak_name="ak1", approval_ids=["a1"])
+            assert ak_ok and active == {"a1"}
+            other = threading.Thread(target=revoke_elsewhere)
+            other.start()
+            other.join(timeout=1.0)
+            assert other.is_alive() and not done, "the revocation did not wait for the release"
+            released = log.append_in(
+                uow, [AuditEntry("sidecar", "key.release", "k1", "allow", "approval a1")]
+            )
+        other.join(timeout=10)
+    assert done and done[0][0].sequence > released[0].sequence
+    assert [r.action for r in log.list_records()] == ["key.release", "revoke"]
+    assert log.verify_chain().valid
