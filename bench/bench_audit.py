@@ -157,7 +157,7 @@ def _appender(
             done = 0
             while True:
                 if workload == "nonce" and op_count >= len(nonces):
-                    errors.append("nonce pool exhausted (raise NONCE_POOL)")
+                    errors.append("nonce pool exhausted (raise --nonces)")
                     break
                 op(op_count)
                 op_count += 1

@@ -18,7 +18,7 @@ def test_a_tiny_run_reports_ratios_to_the_plain_insert_baseline(
 ) -> None:
     bench_audit.main(
         ["--url", postgres_url, "--seconds", "0.3", "--appenders", "1,3", "--processes", "2",
-         "--nonces", "3000"]
+         "--nonces", "20000"]
     )  # fmt: skip
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if re.match(r"\s+\d+\s+[\d,]+/s", line)]
