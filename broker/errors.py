@@ -14,10 +14,9 @@ from typing import TYPE_CHECKING
 from cleanroom.errors import CleanroomError
 
 if TYPE_CHECKING:
-    # Typing only: the denial codes and withheld keys are the core's types, and this module
+    # Typing only: the denial codes and withheld keys are domain values (broker.model); this module
     # stays importable on its own (the sidecar imports it as part of the broker's client).
-    from broker.core.attestation import WithheldKey
-    from broker.policy import DenialCode
+    from broker.model import DenialCode, WithheldKey
 
 
 class BrokerError(CleanroomError):

@@ -6,6 +6,7 @@ Digests and PCR values are raw bytes here; banks are the names in ``evidence.pcr
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -187,3 +188,39 @@ class PartyKek:
     #: What the broker's check of the KEK found: the versioned Key Vault key id, or the ref.
     checked_key: str
     updated_at: datetime
+
+
+class DenialCode(enum.Enum):
+    """The coarse class of a refusal, which the refused sidecar may learn (the exact reason
+    stays in the audit log). Each names what the sidecar's operator can act on, never another
+    party's policy: which file, PCR or approval differed stays with the owner and the operator.
+    """
+
+    #: No active approval by the key's owner matches the measurement (or no such key).
+    NOT_APPROVED = "not_approved"
+    #: The measurement is approved, but the owner's golden set does not accept the machine.
+    PLATFORM_NOT_ACCEPTED = "platform_not_accepted"
+    #: The AK or its EK is revoked.
+    ATTESTER_REVOKED = "attester_revoked"
+    #: The AK or its EK is not enrolled.
+    ATTESTER_UNKNOWN = "attester_unknown"
+    #: The quote or the event log failed verification.
+    EVIDENCE_INVALID = "evidence_invalid"
+    #: The nonce is unknown, used, expired or another AK's.
+    NONCE_INVALID = "nonce_invalid"
+    #: A granted key's KEK refused to unwrap it, or it could not be sealed.
+    KEY_CUSTODY = "key_custody"
+    #: Every requested key was withheld, for different reasons.
+    KEYS_WITHHELD = "keys_withheld"
+
+
+@dataclass(frozen=True)
+class WithheldKey:
+    """A requested key that was not released: the exact reason (server-side only), its coarse
+    code (which the sidecar learns) and the sequence of the audit record that holds the reason.
+    """
+
+    key_id: str
+    reason: str
+    code: DenialCode
+    audit_record: int

@@ -20,7 +20,6 @@ Rules (see ``docs/policy.md``):
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -32,7 +31,15 @@ from broker.errors import (
     UncoveredPcrError,
     UnknownPolicyObjectError,
 )
-from broker.model import AkRecord, Approval, DataKeyRecord, EkRecord, GoldenPcrSet, Party
+from broker.model import (
+    AkRecord,
+    Approval,
+    DataKeyRecord,
+    DenialCode,
+    EkRecord,
+    GoldenPcrSet,
+    Party,
+)
 from evidence.errors import EventLogError
 from evidence.launch import Launch, launch_difference
 from evidence.manifest import ManifestEntry, expected_pcr23
@@ -57,30 +64,6 @@ class Grant:
     key_id: str
     owner: str
     approval_id: str
-
-
-class DenialCode(enum.Enum):
-    """The coarse class of a refusal, which the refused sidecar may learn (the exact reason
-    stays in the audit log). Each names what the sidecar's operator can act on, never another
-    party's policy: which file, PCR or approval differed stays with the owner and the operator.
-    """
-
-    #: No active approval by the key's owner matches the measurement (or no such key).
-    NOT_APPROVED = "not_approved"
-    #: The measurement is approved, but the owner's golden set does not accept the machine.
-    PLATFORM_NOT_ACCEPTED = "platform_not_accepted"
-    #: The AK or its EK is revoked.
-    ATTESTER_REVOKED = "attester_revoked"
-    #: The AK or its EK is not enrolled.
-    ATTESTER_UNKNOWN = "attester_unknown"
-    #: The quote or the event log failed verification.
-    EVIDENCE_INVALID = "evidence_invalid"
-    #: The nonce is unknown, used, expired or another AK's.
-    NONCE_INVALID = "nonce_invalid"
-    #: A granted key's KEK refused to unwrap it, or it could not be sealed.
-    KEY_CUSTODY = "key_custody"
-    #: Every requested key was withheld, for different reasons.
-    KEYS_WITHHELD = "keys_withheld"
 
 
 @dataclass(frozen=True)

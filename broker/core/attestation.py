@@ -34,9 +34,17 @@ from broker.errors import (
     UnknownPolicyObjectError,
     VerificationError,
 )
-from broker.model import AuditEntry, AuditRecord, DataKeyRecord, Party, Session
+from broker.model import (
+    AuditEntry,
+    AuditRecord,
+    DataKeyRecord,
+    DenialCode,
+    Party,
+    Session,
+    WithheldKey,
+)
 from broker.nonces import NonceService
-from broker.policy import Denial, DenialCode
+from broker.policy import Denial
 from broker.release import SealedRelease
 from broker.snp import SnpClaims
 from broker.storage import Store
@@ -61,18 +69,6 @@ class Challenge:
     expires_at: datetime
     #: bank -> PCR indices the quote must cover
     pcr_selection: Mapping[str, tuple[int, ...]]
-
-
-@dataclass(frozen=True)
-class WithheldKey:
-    """A requested key that was not released: the exact reason (server-side only), its coarse
-    code (which the sidecar learns) and the sequence of the audit record that holds the reason.
-    """
-
-    key_id: str
-    reason: str
-    code: DenialCode
-    audit_record: int
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,12 @@ from broker.model import (
     Approval,
     AuditRecord,
     DataKeyRecord,
+    DenialCode,
     EkRecord,
     GoldenPcrSet,
     Party,
     PcrKey,
 )
-from broker.policy import DenialCode
 from cleanroom.v1 import admin_pb2, attestation_pb2, common_pb2
 from evidence.launch import Launch
 from evidence.pcr import WORKLOAD_PCR

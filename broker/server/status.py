@@ -58,7 +58,7 @@ from broker.errors import (
     UnsupportedAlgorithmError,
     VerificationError,
 )
-from broker.policy import DenialCode
+from broker.model import DenialCode
 from broker.server.authz import ADMIN_SERVICE, ATTESTATION_SERVICE, split_method
 from broker.server.errors import (
     CallerDeniedError,

@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from broker.errors import (
+    AttesterRevokedError,
     NotApprovedError,
     PolicyError,
     RevokedKeyError,
@@ -18,7 +19,6 @@ from broker.errors import (
 )
 from broker.model import AkRecord, Approval, DataKeyRecord, EkRecord, GoldenPcrSet, Party, PcrKey
 from broker.policy import (
-    AttesterRevokedError,
     Decision,
     Denial,
     Grant,

@@ -12,7 +12,7 @@ import pytest
 
 from broker import errors
 from broker.errors import AttestationRefusedError
-from broker.policy import DenialCode
+from broker.model import DenialCode
 from broker.server import authz, validate
 from broker.server.errors import (
     CallerDeniedError,

@@ -34,8 +34,7 @@ from broker.errors import (
     UnknownPolicyObjectError,
 )
 from broker.keyseal import seal_for_registration
-from broker.model import AuditRecord, GoldenPcrSet, Party, PcrKey
-from broker.policy import DenialCode
+from broker.model import AuditRecord, DenialCode, GoldenPcrSet, Party, PcrKey
 from broker.storage.schema import audit_head
 from broker.tpmkeys import ak_qualified_name, load_public
 from evidence.binding import qualifying_data
