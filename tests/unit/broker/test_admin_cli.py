@@ -105,6 +105,20 @@ def party_options(layout: PkiLayout, name: str = "advertiser") -> list[str]:
     return ["--cert", str(cert), "--key", str(key)]
 
 
+def approve_argv(name: str = "w", key: str = "k", *recipients: str) -> list[str]:
+    """``workload approve --name NAME --key KEY --recipient R...`` (recipient ``p`` by default)."""
+    return [
+        "workload",
+        "approve",
+        "--name",
+        name,
+        "--key",
+        key,
+        "--recipient",
+        *(recipients or ("p",)),
+    ]
+
+
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = main(["admin", *argv])
     out, err = capsys.readouterr()
@@ -425,14 +439,7 @@ def test_workload_files_and_manifest_are_exclusive(
     (tmp_path / "m.json").write_text("[]")
     code, _, err = run(
         capsys,
-        "workload",
-        "approve",
-        "--name",
-        "w",
-        "--key",
-        "k",
-        "--recipient",
-        "p",
+        *approve_argv(),
         "--file",
         "x",
         "--manifest",
@@ -546,15 +553,7 @@ def test_workload_approve_sends_the_manifest_and_prints_expected_pcrs(
     code, out, _ = run(
         capsys,
         *party_options(fake.layout),
-        "workload",
-        "approve",
-        "--name",
-        "train",
-        "--key",
-        "k1",
-        "--recipient",
-        "advertiser",
-        "publisher",
+        *approve_argv("train", "k1", "advertiser", "publisher"),
         "--golden-set",
         "prod",
         "--file",
@@ -592,14 +591,7 @@ def test_workload_approve_refuses_a_broker_that_disagrees(
     code, _, err = run(
         capsys,
         *party_options(fake.layout),
-        "workload",
-        "approve",
-        "--name",
-        "w",
-        "--key",
-        "k",
-        "--recipient",
-        "p",
+        *approve_argv(),
         "--file",
         str(tmp_path / "f"),
         *LAUNCH_OPTIONS,
@@ -633,14 +625,7 @@ def test_workload_manifest_round_trips_through_approve(
     code, _, _ = run(
         capsys,
         *party_options(fake.layout),
-        "workload",
-        "approve",
-        "--name",
-        "w",
-        "--key",
-        "k",
-        "--recipient",
-        "p",
+        *approve_argv(),
         "--manifest",
         str(tmp_path / "m.json"),
         *LAUNCH_OPTIONS,
@@ -782,14 +767,7 @@ def test_workload_approve_refuses_a_malformed_launch_in_one_line(
     code, _, err = run(
         capsys,
         *party_options(fake.layout),
-        "workload",
-        "approve",
-        "--name",
-        "w",
-        "--key",
-        "k",
-        "--recipient",
-        "p",
+        *approve_argv(),
         "--root",
         str(tmp_path),
         "--file",
@@ -809,14 +787,7 @@ def test_workload_approve_digests_the_executable_found_here_by_default(
     code, _, err = run(
         capsys,
         *party_options(fake.layout),
-        "workload",
-        "approve",
-        "--name",
-        "w",
-        "--key",
-        "k",
-        "--recipient",
-        "p",
+        *approve_argv(),
         "--root",
         str(tmp_path),
         "--file",
