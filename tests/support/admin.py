@@ -13,6 +13,20 @@ from cleanroom.app.cli import main
 from pki.ca import PkiLayout
 
 
+def approve_argv(name: str = "w", key: str = "k", *recipients: str) -> list[str]:
+    """``workload approve --name NAME --key KEY --recipient R...`` (recipient ``p`` by default)."""
+    return [
+        "workload",
+        "approve",
+        "--name",
+        name,
+        "--key",
+        key,
+        "--recipient",
+        *(recipients or ("p",)),
+    ]
+
+
 def admin(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
     """Runs ``cleanroom admin ARGV`` in-process; it must succeed. Returns stdout."""
     code = main(["admin", *argv])

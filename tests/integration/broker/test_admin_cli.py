@@ -25,7 +25,7 @@ from cleanroom.app.cli import main
 from evidence.launch import Launch, encode_launch
 from pki.ca import PkiLayout, init_pki
 from tests.harness.swtpm import Swtpm
-from tests.support.admin import admin, admin_env, admin_fails, admin_json
+from tests.support.admin import admin, admin_env, admin_fails, admin_json, approve_argv
 from tests.support.broker import spawn_broker as support_spawn_broker
 from tests.vectors import tpm2tools
 
@@ -392,15 +392,7 @@ def test_party_registers_a_key_and_approves_a_workload(
     out = admin(
         capsys,
         *adv,
-        "workload",
-        "approve",
-        "--name",
-        "lookalike-model",
-        "--key",
-        "advertiser-2024",
-        "--recipient",
-        "advertiser",
-        "publisher",
+        *approve_argv("lookalike-model", "advertiser-2024", "advertiser", "publisher"),
         "--file",
         str(workload / "src" / "train.py"),
         str(workload / "requirements.txt"),
@@ -429,14 +421,7 @@ def test_party_registers_a_key_and_approves_a_workload(
     again = admin_json(
         capsys,
         *adv,
-        "workload",
-        "approve",
-        "--name",
-        "lookalike-model",
-        "--key",
-        "advertiser-2024",
-        "--recipient",
-        "advertiser",
+        *approve_argv("lookalike-model", "advertiser-2024", "advertiser"),
         "--manifest",
         str(tmp_path / "manifest.json"),
         *launch_options,
@@ -458,14 +443,7 @@ def test_party_registers_a_key_and_approves_a_workload(
     err = admin_fails(
         capsys,
         *party(broker, "publisher"),
-        "workload",
-        "approve",
-        "--name",
-        "w",
-        "--key",
-        "advertiser-2024",
-        "--recipient",
-        "publisher",
+        *approve_argv("w", "advertiser-2024", "publisher"),
         "--manifest",
         str(tmp_path / "manifest.json"),
         *launch_options,

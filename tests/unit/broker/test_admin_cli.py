@@ -35,6 +35,7 @@ from evidence.manifest import ManifestEntry, expected_pcr23
 from evidence.proto import manifest_to_pb
 from pki.ca import PkiLayout
 from sealing.keys import generate_recipient_key, write_data_key, write_public_key
+from tests.support.admin import approve_argv
 from tests.support.fake_broker import RunningFake, running_fake
 from tests.support.pki import make_pki
 
@@ -103,20 +104,6 @@ def fake(module_fake: RunningFake, monkeypatch: pytest.MonkeyPatch) -> RunningFa
 def party_options(layout: PkiLayout, name: str = "advertiser") -> list[str]:
     cert, key = layout.cert_and_key("party", name)
     return ["--cert", str(cert), "--key", str(key)]
-
-
-def approve_argv(name: str = "w", key: str = "k", *recipients: str) -> list[str]:
-    """``workload approve --name NAME --key KEY --recipient R...`` (recipient ``p`` by default)."""
-    return [
-        "workload",
-        "approve",
-        "--name",
-        name,
-        "--key",
-        key,
-        "--recipient",
-        *(recipients or ("p",)),
-    ]
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
