@@ -865,6 +865,21 @@ class BlobStore:
         self.close()
 
 
+def _with_own_store(
+    config: BlobConfig | None,
+    credential: TokenCredential | None,
+    open_stream: Callable[[BlobStore], BinaryIO],
+) -> BinaryIO:
+    """Opens a stream with a store of its own, which the stream closes when it is closed (and
+    which is closed here at once when opening fails)."""
+    store = BlobStore(config=config, credential=credential)
+    try:
+        return open_stream(store)
+    except BaseException:
+        store.close()
+        raise
+
+
 def open_reader(
     url: str | Path,
     *,
@@ -878,12 +893,11 @@ def open_reader(
     Raises:
         BlobStoreError: as :meth:`BlobStore.open_reader`.
     """
-    store = BlobStore(config=config, credential=credential)
-    try:
-        return store._open_reader(store._parse(url), on_close=store.close)
-    except BaseException:
-        store.close()
-        raise
+    return _with_own_store(
+        config,
+        credential,
+        lambda store: store._open_reader(store._parse(url), on_close=store.close),
+    )
 
 
 def open_writer(
@@ -900,9 +914,10 @@ def open_writer(
     Raises:
         BlobStoreError: as :meth:`BlobStore.open_writer`.
     """
-    store = BlobStore(config=config, credential=credential)
-    try:
-        return store._open_writer(store._parse(url), overwrite=overwrite, on_close=store.close)
-    except BaseException:
-        store.close()
-        raise
+    return _with_own_store(
+        config,
+        credential,
+        lambda store: store._open_writer(
+            store._parse(url), overwrite=overwrite, on_close=store.close
+        ),
+    )
