@@ -70,6 +70,27 @@ def _manifest(name: str, files: list[tuple[str, bytes]]) -> common_pb2.WorkloadM
     return with_test_launch(manifest)
 
 
+def _approve(
+    broker: BrokerProcess,
+    party: str,
+    name: str,
+    files: list[tuple[str, bytes]],
+    key_id: str,
+    recipients: list[str],
+    golden_set: str = "",
+) -> None:
+    """``party`` approves the workload ``name`` of ``files`` for its key ``key_id``."""
+    broker.admin("party", party).ApproveWorkload(
+        admin_pb2.ApproveWorkloadRequest(
+            manifest=_manifest(name, files),
+            key_ids=[key_id],
+            output_recipients=recipients,
+            golden_set=golden_set,
+        ),
+        timeout=TIMEOUT,
+    )
+
+
 def _start_enrollment(
     broker: BrokerProcess, swtpm: Swtpm, workdir: Path
 ) -> tuple[Any, attestation_pb2.StartEnrollmentResponse, tt.KeyFiles, tt.KeyFiles, Path]:
@@ -169,22 +190,10 @@ def test_full_attestation_releases_approved_keys_only(
     register_key(broker, "publisher", "pub-data", pub_key)
     # The advertiser approves the workload; the publisher approves another one, so its key is
     # withheld while the advertiser's is released (partial release).
-    broker.admin("party", "advertiser").ApproveWorkload(
-        admin_pb2.ApproveWorkloadRequest(
-            manifest=_manifest("join-and-train", WORKLOAD),
-            key_ids=["adv-data"],
-            output_recipients=["advertiser", "publisher"],
-        ),
-        timeout=TIMEOUT,
+    _approve(
+        broker, "advertiser", "join-and-train", WORKLOAD, "adv-data", ["advertiser", "publisher"]
     )
-    broker.admin("party", "publisher").ApproveWorkload(
-        admin_pb2.ApproveWorkloadRequest(
-            manifest=_manifest("other", OTHER_WORKLOAD),
-            key_ids=["pub-data"],
-            output_recipients=["publisher"],
-        ),
-        timeout=TIMEOUT,
-    )
+    _approve(broker, "publisher", "other", OTHER_WORKLOAD, "pub-data", ["publisher"])
 
     ak_name, ak = _enroll_by_credential_activation(broker, swtpm, tmp_path)
     aks = broker.admin("operator").ListAks(admin_pb2.ListAksRequest(), timeout=TIMEOUT).aks
@@ -304,14 +313,14 @@ def test_a_golden_set_denial_tells_the_sidecar_its_class_and_record(
     broker.admin("operator").SetGoldenPcrSet(
         admin_pb2.SetGoldenPcrSetRequest(golden_set=golden), timeout=TIMEOUT
     )
-    broker.admin("party", "advertiser").ApproveWorkload(
-        admin_pb2.ApproveWorkloadRequest(
-            manifest=_manifest("join-and-train", WORKLOAD),
-            key_ids=["adv-data"],
-            output_recipients=["advertiser"],
-            golden_set="image-v1",
-        ),
-        timeout=TIMEOUT,
+    _approve(
+        broker,
+        "advertiser",
+        "join-and-train",
+        WORKLOAD,
+        "adv-data",
+        ["advertiser"],
+        golden_set="image-v1",
     )
     ak_name, ak = _enroll_by_credential_activation(broker, swtpm, tmp_path)
     sidecar_der = _cert_der(broker.pki.cert_and_key("sidecar", "sidecar-1").cert)
@@ -350,14 +359,7 @@ def test_a_quote_bound_to_another_certificate_is_refused(
 ) -> None:
     add_parties(broker, "advertiser")
     register_key(broker, "advertiser", "adv-data", secrets.token_bytes(32))
-    broker.admin("party", "advertiser").ApproveWorkload(
-        admin_pb2.ApproveWorkloadRequest(
-            manifest=_manifest("join-and-train", WORKLOAD),
-            key_ids=["adv-data"],
-            output_recipients=["advertiser"],
-        ),
-        timeout=TIMEOUT,
-    )
+    _approve(broker, "advertiser", "join-and-train", WORKLOAD, "adv-data", ["advertiser"])
     ak_name, ak = _enroll_by_credential_activation(broker, swtpm, tmp_path)
     # A quote made for another TLS identity (here the operator's certificate), relayed over the
     # sidecar's connection: the qualifying data does not match this connection.
@@ -429,14 +431,7 @@ def test_the_approved_files_launched_with_another_command_get_nothing_and_the_au
 ) -> None:
     add_parties(broker, "advertiser")
     register_key(broker, "advertiser", "adv-launch", secrets.token_bytes(32))
-    broker.admin("party", "advertiser").ApproveWorkload(
-        admin_pb2.ApproveWorkloadRequest(
-            manifest=_manifest("join-and-train", WORKLOAD),
-            key_ids=["adv-launch"],
-            output_recipients=["advertiser"],
-        ),
-        timeout=TIMEOUT,
-    )
+    _approve(broker, "advertiser", "join-and-train", WORKLOAD, "adv-launch", ["advertiser"])
     ak_name, ak = _enroll_by_credential_activation(broker, swtpm, tmp_path)
     sidecar_der = _cert_der(broker.pki.cert_and_key("sidecar", "sidecar-1").cert)
     other = Launch.create(
