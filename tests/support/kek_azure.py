@@ -15,10 +15,10 @@ from broker.kek_azure import KeyVaultConfig
 from broker.keyseal import seal_for_registration
 from broker.model import Party
 from broker.quote import pcr_values_from_tools
+from cleanroom.app.emulators.keyvault import FakeKeyVault
 from evidence.manifest import ManifestEntry
 from pki.identity import SpiffeId
 from sealing.keys import RecipientPrivateKey, generate_recipient_key
-from tests.harness.keyvault import FakeKeyVault
 from tests.harness.launch import TEST_LAUNCH
 from tests.harness.swtpm import Swtpm
 from tests.vectors import tpm2tools as tt

@@ -1,6 +1,6 @@
 """The Key Vault KEK provider with the real azure-keyvault-keys client against a local HTTPS
 server that speaks Key Vault's REST calls (no Key Vault emulator exists; see
-tests/harness/keyvault.py). Real Key Vault was not reachable from these tests."""
+cleanroom/app/emulators/keyvault.py). Real Key Vault was not reachable from these tests."""
 
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ from broker.kek_azure import (
 from broker.keyseal import seal_for_registration
 from broker.model import DataKeyRecord, Party
 from broker.rotation import ROTATION_ACTION, rotate_data_key, rotate_kek
+from cleanroom.app.emulators.keyvault import VAULT_SCOPE, FakeKeyVault, StaticTokenCredential
 from pki.identity import SpiffeId
 from sealing.keys import generate_recipient_key
-from tests.harness.keyvault import VAULT_SCOPE, FakeKeyVault, StaticTokenCredential
 
 OPERATOR = SpiffeId.operator("cleanroom.local")
 ADVERTISER = SpiffeId.party("cleanroom.local", "advertiser")

@@ -2,7 +2,7 @@
 Key Vault unwraps, denied (not crashed) and audited when it refuses.
 
 The evidence is made with tpm2-tools on swtpm; Key Vault is the local HTTPS server speaking its
-REST calls (tests/harness/keyvault.py).
+REST calls (cleanroom/app/emulators/keyvault.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from broker.core import Broker
 from broker.errors import AttestationRefusedError
 from broker.kek_azure import KeyVaultConfig
 from broker.keyseal import open_release
-from tests.harness.keyvault import FakeKeyVault
+from cleanroom.app.emulators.keyvault import FakeKeyVault
 from tests.harness.swtpm import Swtpm
 from tests.support.kek_azure import (
     OPERATOR,
