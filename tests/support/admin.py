@@ -62,3 +62,11 @@ def admin_env(
         CLEANROOM_ADMIN_CA=str(pki.ca_cert),
     )
     return env
+
+
+def use_admin_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
+    """Sets the ``CLEANROOM_ADMIN_*`` variables of ``env`` (see :func:`admin_env`) in this
+    process, so in-process ``cleanroom admin`` calls reach that broker as that identity."""
+    for k, v in env.items():
+        if k.startswith("CLEANROOM_ADMIN_"):
+            monkeypatch.setenv(k, v)

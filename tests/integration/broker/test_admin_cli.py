@@ -25,7 +25,14 @@ from cleanroom.app.cli import main
 from evidence.launch import Launch, encode_launch
 from pki.ca import PkiLayout, init_pki
 from tests.harness.swtpm import Swtpm
-from tests.support.admin import admin, admin_env, admin_fails, admin_json, approve_argv
+from tests.support.admin import (
+    admin,
+    admin_env,
+    admin_fails,
+    admin_json,
+    approve_argv,
+    use_admin_env,
+)
 from tests.support.broker import spawn_broker as support_spawn_broker
 from tests.vectors import tpm2tools
 
@@ -104,9 +111,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
 
 @pytest.fixture
 def as_operator(broker: Broker, monkeypatch: pytest.MonkeyPatch) -> Broker:
-    for k, v in broker.env("operator").items():
-        if k.startswith("CLEANROOM_ADMIN_"):
-            monkeypatch.setenv(k, v)
+    use_admin_env(monkeypatch, broker.env("operator"))
     return broker
 
 
