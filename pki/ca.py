@@ -173,6 +173,36 @@ def key_usage(
     )
 
 
+def self_signed_ca_certificate(
+    key: PrivateKey,
+    common_name: str,
+    *,
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+    path_length: int | None = None,
+) -> x509.Certificate:
+    """A plain self-signed CA certificate (subject ``CN=<common_name>``, keyCertSign and cRLSign,
+    a subject key identifier), for throwaway CAs such as a test double's TLS CA.
+
+    The clean room's own CA is :func:`create_ca`, which adds the trust domain.
+    """
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    return (
+        certificate_builder(
+            subject=name,
+            issuer=name,
+            public_key=key.public_key(),
+            not_before=not_before,
+            not_after=not_after,
+            ca=True,
+            path_length=path_length,
+        )
+        .add_extension(key_usage(key_cert_sign=True, crl_sign=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .sign(key, hashes.SHA256())
+    )
+
+
 def create_ca(
     *,
     trust_domain: str,

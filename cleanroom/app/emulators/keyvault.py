@@ -50,7 +50,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from pki.ca import cert_to_pem, certificate_builder, key_to_pem, key_usage
+from pki.ca import cert_to_pem, certificate_builder, key_to_pem, self_signed_ca_certificate
 
 __all__ = [
     "ALGORITHM",
@@ -127,26 +127,18 @@ def make_tls_files(directory: Path) -> TlsFiles:
     directory.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fake key vault test CA")])
-    ca_cert = (
-        certificate_builder(
-            subject=ca_name,
-            issuer=ca_name,
-            public_key=ca_key.public_key(),
-            not_before=now - dt.timedelta(minutes=5),
-            not_after=now + dt.timedelta(days=1),
-            ca=True,
-            path_length=0,
-        )
-        .add_extension(key_usage(key_cert_sign=True, crl_sign=True), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
-        .sign(ca_key, hashes.SHA256())
+    ca_cert = self_signed_ca_certificate(
+        ca_key,
+        "fake key vault test CA",
+        not_before=now - dt.timedelta(minutes=5),
+        not_after=now + dt.timedelta(days=1),
+        path_length=0,
     )
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
         certificate_builder(
             subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]),
-            issuer=ca_name,
+            issuer=ca_cert.subject,
             public_key=key.public_key(),
             not_before=now - dt.timedelta(minutes=5),
             not_after=now + dt.timedelta(days=1),

@@ -16,7 +16,7 @@ from tpm2_pytss.utils import tools_to_credential
 
 from broker import tpmkeys
 from broker.errors import CredentialError, EkCertificateError, KeyAttributeError
-from pki.ca import certificate_builder, key_usage
+from pki.ca import certificate_builder, self_signed_ca_certificate
 from tests.harness.reencode import reencode
 from tests.vectors.evidence import EkCertVector, KeyVector, ekcert_vectors, key_vectors
 
@@ -247,19 +247,9 @@ def test_swtpm_ek_certificate_validates(vector: EkCertVector) -> None:
 
 def _self_signed_ca(name: str) -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = dt.datetime.now(dt.UTC)
-    cert = (
-        certificate_builder(
-            subject=subject,
-            issuer=subject,
-            public_key=key.public_key(),
-            not_before=now - dt.timedelta(days=1),
-            not_after=now + dt.timedelta(days=30),
-            ca=True,
-        )
-        .add_extension(key_usage(key_cert_sign=True, crl_sign=True), critical=True)
-        .sign(key, hashes.SHA256())
+    cert = self_signed_ca_certificate(
+        key, name, not_before=now - dt.timedelta(days=1), not_after=now + dt.timedelta(days=30)
     )
     return key, cert
 
