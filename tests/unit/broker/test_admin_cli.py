@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,8 +35,7 @@ from evidence.proto import manifest_to_pb
 from pki.ca import PkiLayout
 from sealing.keys import generate_recipient_key, write_data_key, write_public_key
 from tests.support.admin import approve_argv
-from tests.support.fake_broker import RunningFake, running_fake
-from tests.support.pki import make_pki
+from tests.support.fake_broker import RunningFake
 
 SHA256_A = "aa" * 32
 SHA1_B = "bb" * 20
@@ -76,17 +74,6 @@ def pinned_launch_encoding() -> bytes:
             cwd="/srv/workload",
         )
     )
-
-
-@pytest.fixture(scope="module")
-def layout(tmp_path_factory: pytest.TempPathFactory) -> PkiLayout:
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
-def module_fake(layout: PkiLayout) -> Iterator[RunningFake]:
-    with running_fake(layout) as running:
-        yield running
 
 
 @pytest.fixture
