@@ -224,10 +224,52 @@ class BlobReader(io.RawIOBase):
 
 class _AbortOnDrop(io.RawIOBase):
     """A writer that commits only on close(); dropping it unclosed (or an exception in its
-    ``with`` block) aborts instead of committing."""
+    ``with`` block) aborts instead of committing.
+
+    :meth:`write` is the same for every writer: it counts what was accepted and aborts the
+    writer when the subclass's :meth:`_write_view` fails, so a failed stream never commits.
+    """
+
+    #: How :meth:`write` names the writer when it is used after closing.
+    _kind = "writer"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._bytes_written = 0
 
     def abort(self) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
+
+    def _write_view(self, view: memoryview) -> None:  # pragma: no cover - overridden
+        """Takes all of ``view`` (one-byte items), or raises BlobStoreError."""
+        raise NotImplementedError
+
+    @property
+    def bytes_written(self) -> int:
+        """Bytes accepted so far."""
+        return self._bytes_written
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: ReadableBuffer, /) -> int:
+        """Accepts all of ``data``; returns its length.
+
+        Raises:
+            BlobStoreError: the write failed (the writer is aborted).
+            ValueError: the writer is closed.
+        """
+        if self.closed:
+            raise ValueError(f"write to a closed {self._kind}")
+        view = memoryview(data).cast("B")
+        total = len(view)
+        try:
+            self._write_view(view)
+        except BlobStoreError:
+            self.abort()
+            raise
+        self._bytes_written += total
+        return total
 
     def __exit__(
         self,
@@ -262,6 +304,8 @@ class BlobWriter(_AbortOnDrop):
         BlobExistsError: the blob appeared meanwhile and ``overwrite`` was not allowed.
     """
 
+    _kind = "blob writer"
+
     def __init__(
         self,
         *,
@@ -291,7 +335,6 @@ class BlobWriter(_AbortOnDrop):
             else None
         )
         self._max_in_flight = max_concurrency
-        self._bytes_written = 0
         self._failed: BlobStoreError | None = None
         self._committed = False
 
@@ -301,17 +344,9 @@ class BlobWriter(_AbortOnDrop):
         return self._location
 
     @property
-    def bytes_written(self) -> int:
-        """Bytes accepted so far."""
-        return self._bytes_written
-
-    @property
     def committed(self) -> bool:
         """Whether :meth:`close` committed the blob."""
         return self._committed
-
-    def writable(self) -> bool:
-        return True
 
     def _stage_now(self, block_id: str, data: bytearray) -> None:
         try:
@@ -346,30 +381,19 @@ class BlobWriter(_AbortOnDrop):
             return
         self._pending.append(self._executor.submit(self._stage_now, block_id, data))
 
-    def write(self, data: ReadableBuffer, /) -> int:
-        """Accepts all of ``data``; returns its length.
+    def _write_view(self, view: memoryview) -> None:
+        """Fills blocks from ``view``, staging each one that is full.
 
         Raises:
-            BlobStoreError: staging a block failed (the writer is aborted).
-            ValueError: the writer is closed.
+            BlobStoreError: staging a block failed.
         """
-        if self.closed:
-            raise ValueError("write to a closed blob writer")
-        view = memoryview(data).cast("B")
-        total = len(view)
-        try:
-            while view:
-                n = min(len(view), self._block_size - self._filled)
-                self._block[self._filled : self._filled + n] = view[:n]
-                self._filled += n
-                view = view[n:]
-                if self._filled == self._block_size:
-                    self._stage_block()
-        except BlobStoreError:
-            self.abort()
-            raise
-        self._bytes_written += total
-        return total
+        while view:
+            n = min(len(view), self._block_size - self._filled)
+            self._block[self._filled : self._filled + n] = view[:n]
+            self._filled += n
+            view = view[n:]
+            if self._filled == self._block_size:
+                self._stage_block()
 
     def close(self) -> None:
         """Stages the last block and commits the block list, making the blob visible.
@@ -455,6 +479,8 @@ class LocalFileWriter(_AbortOnDrop):
         BlobStoreError: writing, syncing or renaming failed.
     """
 
+    _kind = "file writer"
+
     def __init__(self, path: Path, *, overwrite: bool, mode: int = 0o600) -> None:
         super().__init__()
         self._path = path
@@ -470,42 +496,26 @@ class LocalFileWriter(_AbortOnDrop):
             raise BlobStoreError(f"cannot write {path}: {e.strerror or e}") from e
         self._fd = fd
         self._tmp = Path(tmp)
-        self._bytes_written = 0
 
     @property
     def path(self) -> Path:
         """The final path."""
         return self._path
 
-    @property
-    def bytes_written(self) -> int:
-        """Bytes accepted so far."""
-        return self._bytes_written
-
-    def writable(self) -> bool:
-        return True
-
     def fileno(self) -> int:
         return self._fd
 
-    def write(self, data: ReadableBuffer, /) -> int:
-        """Writes all of ``data``.
+    def _write_view(self, view: memoryview) -> None:
+        """Writes all of ``view`` to the temporary file.
 
         Raises:
-            BlobStoreError: the write failed (the writer is aborted).
+            BlobStoreError: the write failed.
         """
-        if self.closed:
-            raise ValueError("write to a closed file writer")
-        view = memoryview(data).cast("B")
-        total = len(view)
         try:
             while view:
                 view = view[os.write(self._fd, view) :]
         except OSError as e:
-            self.abort()
             raise BlobStoreError(f"cannot write {self._path}: {e.strerror or e}") from e
-        self._bytes_written += total
-        return total
 
     def close(self) -> None:
         """Syncs and moves the file into place. Idempotent.
@@ -855,6 +865,21 @@ class BlobStore:
         self.close()
 
 
+def _with_own_store(
+    config: BlobConfig | None,
+    credential: TokenCredential | None,
+    open_stream: Callable[[BlobStore], BinaryIO],
+) -> BinaryIO:
+    """Opens a stream with a store of its own, which the stream closes when it is closed (and
+    which is closed here at once when opening fails)."""
+    store = BlobStore(config=config, credential=credential)
+    try:
+        return open_stream(store)
+    except BaseException:
+        store.close()
+        raise
+
+
 def open_reader(
     url: str | Path,
     *,
@@ -868,12 +893,11 @@ def open_reader(
     Raises:
         BlobStoreError: as :meth:`BlobStore.open_reader`.
     """
-    store = BlobStore(config=config, credential=credential)
-    try:
-        return store._open_reader(store._parse(url), on_close=store.close)
-    except BaseException:
-        store.close()
-        raise
+    return _with_own_store(
+        config,
+        credential,
+        lambda store: store._open_reader(store._parse(url), on_close=store.close),
+    )
 
 
 def open_writer(
@@ -890,9 +914,10 @@ def open_writer(
     Raises:
         BlobStoreError: as :meth:`BlobStore.open_writer`.
     """
-    store = BlobStore(config=config, credential=credential)
-    try:
-        return store._open_writer(store._parse(url), overwrite=overwrite, on_close=store.close)
-    except BaseException:
-        store.close()
-        raise
+    return _with_own_store(
+        config,
+        credential,
+        lambda store: store._open_writer(
+            store._parse(url), overwrite=overwrite, on_close=store.close
+        ),
+    )

@@ -22,7 +22,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from broker.audit import AuditLog
-from broker.config import BrokerConfig
+from broker.config import BrokerConfig, read_config_file
 from broker.core.compose import Broker, build_broker
 from broker.custody import (
     LOCAL_KEK_FILE,
@@ -57,14 +57,7 @@ def load_trusted_ek_cas(files: tuple[str, ...]) -> list[bytes]:
     bundles: list[bytes] = []
     for name in files:
         path = Path(name)
-        try:
-            if path.stat().st_size > MAX_EK_CA_FILE_BYTES:
-                raise BrokerConfigError(f"trusted EK CA file {path} is too large")
-            data = path.read_bytes()
-        except OSError as e:
-            raise BrokerConfigError(
-                f"cannot read trusted EK CA file {path}: {e.strerror or e}"
-            ) from e
+        data = read_config_file(path, max_bytes=MAX_EK_CA_FILE_BYTES, what="trusted EK CA file")
         if b"-----BEGIN CERTIFICATE-----" not in data:
             raise BrokerConfigError(f"trusted EK CA file {path} holds no PEM certificate")
         bundles.append(data)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from broker import snp
-from broker.config import AzureSnpConfig
+from broker.config import AzureSnpConfig, read_config_file
 from broker.errors import BrokerConfigError, SnpError, SnpMalformedError, SnpPolicyError
 from evidence.binding import snp_enrollment_binding
 
@@ -43,14 +43,7 @@ class SnpGate:
         roots = snp.pinned_amd_roots()
         for name in config.trusted_root_files:
             path = Path(name)
-            try:
-                if path.stat().st_size > MAX_ROOT_FILE_BYTES:
-                    raise BrokerConfigError(f"azure_snp root file {path} is too large")
-                data = path.read_bytes()
-            except OSError as e:
-                raise BrokerConfigError(
-                    f"cannot read azure_snp root file {path}: {e.strerror or e}"
-                ) from e
+            data = read_config_file(path, max_bytes=MAX_ROOT_FILE_BYTES, what="azure_snp root file")
             try:
                 roots = roots + snp.load_amd_roots(data, what=f"azure_snp root file {path}")
             except SnpError as e:

@@ -14,6 +14,7 @@ from pathlib import Path
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from broker.errors import BrokerConfigError
 from cleanroom.config import ConfigError, load_config
 from evidence.pcr import BANK_SIZES
 from pki.errors import IdentityError
@@ -255,3 +256,18 @@ def resolve_paths(config: BrokerConfig, base: Path) -> BrokerConfig:
             crl_files=tuple(_resolve(base, f) for f in tls.crl_files),
         ),
     )
+
+
+def read_config_file(path: Path, *, max_bytes: int, what: str) -> bytes:
+    """Reads a file the configuration names (a CA bundle, a root certificate), refusing one
+    larger than ``max_bytes`` before reading it, so that a wrong path cannot fill the memory.
+
+    Raises:
+        BrokerConfigError: the file is missing, unreadable or too large (named ``what``).
+    """
+    try:
+        if path.stat().st_size > max_bytes:
+            raise BrokerConfigError(f"{what} {path} is too large")
+        return path.read_bytes()
+    except OSError as e:
+        raise BrokerConfigError(f"cannot read {what} {path}: {e.strerror or e}") from e

@@ -19,6 +19,7 @@ from typing import Final, Literal, NamedTuple
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from pki.errors import (
@@ -122,6 +123,86 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def certificate_builder(
+    *,
+    subject: x509.Name,
+    issuer: x509.Name,
+    public_key: CertificateIssuerPublicKeyTypes,
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+    ca: bool,
+    path_length: int | None = None,
+    serial_number: int | None = None,
+) -> x509.CertificateBuilder:
+    """The fields every certificate starts with: names, key, serial, validity, basicConstraints.
+
+    The CA, leaf and test certificates of the project differ only in the extensions added
+    after these, so they all start here (a random serial unless ``serial_number`` is given).
+    """
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number() if serial_number is None else serial_number)
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length), critical=True)
+    )
+
+
+def key_usage(
+    *,
+    digital_signature: bool = False,
+    key_encipherment: bool = False,
+    key_agreement: bool = False,
+    key_cert_sign: bool = False,
+    crl_sign: bool = False,
+) -> x509.KeyUsage:
+    """A keyUsage extension with the given bits set and every other one clear."""
+    return x509.KeyUsage(
+        digital_signature=digital_signature,
+        content_commitment=False,
+        key_encipherment=key_encipherment,
+        data_encipherment=False,
+        key_agreement=key_agreement,
+        key_cert_sign=key_cert_sign,
+        crl_sign=crl_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def self_signed_ca_certificate(
+    key: PrivateKey,
+    common_name: str,
+    *,
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+    path_length: int | None = None,
+) -> x509.Certificate:
+    """A plain self-signed CA certificate (subject ``CN=<common_name>``, keyCertSign and cRLSign,
+    a subject key identifier), for throwaway CAs such as a test double's TLS CA.
+
+    The clean room's own CA is :func:`create_ca`, which adds the trust domain.
+    """
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    return (
+        certificate_builder(
+            subject=name,
+            issuer=name,
+            public_key=key.public_key(),
+            not_before=not_before,
+            not_after=not_after,
+            ca=True,
+            path_length=path_length,
+        )
+        .add_extension(key_usage(key_cert_sign=True, crl_sign=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .sign(key, hashes.SHA256())
+    )
+
+
 def create_ca(
     *,
     trust_domain: str,
@@ -152,28 +233,16 @@ def create_ca(
     now = _now()
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - CLOCK_SKEW)
-        .not_valid_after(now + dt.timedelta(days=valid_days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
+        certificate_builder(
+            subject=name,
+            issuer=name,
+            public_key=key.public_key(),
+            not_before=now - CLOCK_SKEW,
+            not_after=now + dt.timedelta(days=valid_days),
+            ca=True,
+            path_length=1,
         )
+        .add_extension(key_usage(key_cert_sign=True, crl_sign=True), critical=True)
         .add_extension(ski, critical=False)
         .add_extension(
             x509.SubjectAlternativeName(
@@ -293,27 +362,16 @@ def issue_certificate(
         aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
     try:
         cert = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(ca_cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(start)
-            .not_valid_after(end)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            certificate_builder(
+                subject=subject,
+                issuer=ca_cert.subject,
+                public_key=key.public_key(),
+                not_before=start,
+                not_after=end,
+                ca=False,
+            )
             .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=is_rsa,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
+                key_usage(digital_signature=True, key_encipherment=is_rsa), critical=True
             )
             .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)

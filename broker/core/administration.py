@@ -16,13 +16,12 @@ from broker import policy
 from broker.audit import ChainReport
 from broker.config import BrokerConfig
 from broker.core.custody import KeyCustody
-from broker.core.trail import AuditTrail, Clock, quoted_pcrs, utcnow
+from broker.core.trail import AuditTrail, Clock, entry, quoted_pcrs, utcnow
 from broker.errors import BrokerError, PolicyError
 from broker.keyseal import open_registered_key
 from broker.model import (
     AkRecord,
     Approval,
-    AuditEntry,
     AuditRecord,
     DataKeyRecord,
     EkRecord,
@@ -253,14 +252,7 @@ class PolicyAdministration:
             # its own, because an attempt on its approval is a security event about its own
             # object, and the actor it names is the party that made it.
             entries = [
-                AuditEntry(
-                    actor=str(actor),
-                    action="workload.revoke",
-                    subject=approval_id,
-                    decision="deny",
-                    reason=reason,
-                    parties=tagged,
-                )
+                entry(actor, "workload.revoke", approval_id, "deny", reason, parties=tagged)
                 for tagged in ((actor.name,), (approval.party,))
             ]
             self._trail.log.append_many(entries)

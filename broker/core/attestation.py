@@ -19,7 +19,7 @@ from typing import NoReturn
 from broker import policy, quote, release, tpmkeys
 from broker.azure_snp import SnpGate
 from broker.config import BrokerConfig
-from broker.core.trail import AuditTrail, Clock, digest_evidence, utcnow
+from broker.core.trail import AuditTrail, Clock, digest_evidence, entry, utcnow
 from broker.custody import KekRegistry
 from broker.errors import (
     AttestationRefusedError,
@@ -182,13 +182,8 @@ class Attestation:
         nonce, expires = self._nonces.issue_recorded(
             ak_name,
             audit=self._trail.log,
-            entry=lambda digest: AuditEntry(
-                actor=str(actor),
-                action="challenge",
-                subject=ak_name,
-                decision="allow",
-                reason="nonce issued",
-                evidence_digest=digest,
+            entry=lambda digest: entry(
+                actor, "challenge", ak_name, "allow", "nonce issued", evidence_digest=digest
             ),
         )
         return Challenge(nonce=nonce, expires_at=expires, pcr_selection=dict(self._required))
@@ -245,12 +240,12 @@ class Attestation:
         def record(
             action: str, subject: str, decision: str, reason: str, parties: tuple[str, ...]
         ) -> AuditEntry:
-            return AuditEntry(
-                actor=str(actor),
-                action=action,
-                subject=subject,
-                decision=decision,
-                reason=reason,
+            return entry(
+                actor,
+                action,
+                subject,
+                decision,
+                reason,
                 evidence_digest=evidence_digest,
                 parties=parties,
             )

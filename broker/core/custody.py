@@ -26,7 +26,7 @@ from datetime import datetime
 import sqlalchemy as sa
 
 from broker.config import BrokerConfig
-from broker.core.trail import AuditTrail, Clock, utcnow
+from broker.core.trail import AuditTrail, Clock, entry, utcnow
 from broker.custody import LOCAL_KEK_REF, Kek, KekRegistry, LocalKek, plain_data_key
 from broker.custody import check_kek as _check_kek
 from broker.errors import BrokerError, KekError
@@ -66,12 +66,12 @@ def _rewrap_entry(
     decision: str,
     reason: str,
 ) -> AuditEntry:
-    return AuditEntry(
-        actor=str(actor),
-        action=ROTATION_ACTION,
-        subject=key_id,
-        decision=decision,
-        reason=reason,
+    return entry(
+        actor,
+        ROTATION_ACTION,
+        key_id,
+        decision,
+        reason,
         parties=(record.owner,) if record is not None else (),
     )
 
@@ -84,14 +84,7 @@ def _kek_entry(
     reason: str,
     party: str = "",
 ) -> AuditEntry:
-    return AuditEntry(
-        actor=str(actor),
-        action=action,
-        subject=subject,
-        decision=decision,
-        reason=reason,
-        parties=(party,) if party else (),
-    )
+    return entry(actor, action, subject, decision, reason, parties=(party,) if party else ())
 
 
 class KeyCustody:

@@ -16,8 +16,8 @@ from azure.storage.blob import BlobServiceClient
 
 from blobstore.config import BlobConfig
 from broker.kek_azure import KeyVaultConfig
+from cleanroom.app.emulators.keyvault import FakeKeyVault, start_fake_key_vault
 from tests.harness.azurite import Azurite, start_azurite
-from tests.harness.keyvault import FakeKeyVault, start_fake_key_vault
 
 
 @pytest.fixture(scope="session")

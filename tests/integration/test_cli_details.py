@@ -8,23 +8,10 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-import sys
 from pathlib import Path
 
-CLEANROOM = str(Path(sys.executable).parent / "cleanroom")
-
-
-def run(
-    *args: str | Path, cwd: Path, stdin: bytes | None = None
-) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [CLEANROOM, *map(str, args)],
-        cwd=cwd,
-        input=stdin,
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
+from tests.support.cli import CLEANROOM
+from tests.support.cli import run_cleanroom as run
 
 
 def test_verbose_is_accepted_after_the_subcommand(tmp_path: Path) -> None:

@@ -13,6 +13,20 @@ from cleanroom.app.cli import main
 from pki.ca import PkiLayout
 
 
+def approve_argv(name: str = "w", key: str = "k", *recipients: str) -> list[str]:
+    """``workload approve --name NAME --key KEY --recipient R...`` (recipient ``p`` by default)."""
+    return [
+        "workload",
+        "approve",
+        "--name",
+        name,
+        "--key",
+        key,
+        "--recipient",
+        *(recipients or ("p",)),
+    ]
+
+
 def admin(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
     """Runs ``cleanroom admin ARGV`` in-process; it must succeed. Returns stdout."""
     code = main(["admin", *argv])
@@ -48,3 +62,11 @@ def admin_env(
         CLEANROOM_ADMIN_CA=str(pki.ca_cert),
     )
     return env
+
+
+def use_admin_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
+    """Sets the ``CLEANROOM_ADMIN_*`` variables of ``env`` (see :func:`admin_env`) in this
+    process, so in-process ``cleanroom admin`` calls reach that broker as that identity."""
+    for k, v in env.items():
+        if k.startswith("CLEANROOM_ADMIN_"):
+            monkeypatch.setenv(k, v)

@@ -14,6 +14,8 @@ import sys
 import time
 import tomllib
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ from pki.ca import (
 )
 from pki.tls import channel_credentials
 from sealing.keys import RecipientPublicKey, generate_recipient_key
+from tests.harness.swtpm import SWTPM_LOCALCA_DIR
 
 #: The ``cleanroom`` command of the interpreter running the tests (this worktree's code).
 CLEANROOM = Path(sys.executable).parent / "cleanroom"
@@ -220,6 +223,26 @@ def start_broker(config: Path, pki: PkiLayout, workdir: Path) -> BrokerProcess:
     spawned = spawn_broker(config, workdir)
     metrics = spawned.metrics[0] if spawned.metrics else ""
     return BrokerProcess(spawned.proc, spawned.grpc_address, metrics, pki, spawned.stderr_path)
+
+
+#: swtpm-tools' local CA, root first: what a broker trusts to accept the swtpm's EK certificates.
+SWTPM_EK_CA_FILES = [
+    str(SWTPM_LOCALCA_DIR / "swtpm-localca-rootca-cert.pem"),
+    str(SWTPM_LOCALCA_DIR / "issuercert.pem"),
+]
+
+
+@contextmanager
+def running_swtpm_broker(workdir: Path, pki: PkiLayout) -> Iterator[BrokerProcess]:
+    """A broker in ``workdir`` that trusts the swtpm's EK CA; it must stop cleanly (exit 0)."""
+    config = write_config(
+        workdir / "broker.toml", workdir, pki, trusted_ek_ca_files=SWTPM_EK_CA_FILES
+    )
+    process = start_broker(config, pki, workdir)
+    try:
+        yield process
+    finally:
+        assert process.stop() == 0, process.stderr()
 
 
 def code_of(call: Any, request: Any, **kwargs: Any) -> grpc.StatusCode:

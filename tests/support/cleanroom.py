@@ -20,8 +20,8 @@ from evidence.proto import launch_to_pb, manifest_to_pb
 from pki.ca import PkiLayout
 from sealing.envelope import new_data_key, seal_bytes
 from sealing.keys import RecipientPrivateKey, generate_recipient_key
-from tests.harness.swtpm import SWTPM_LOCALCA_DIR, Swtpm
-from tests.support.broker import BrokerProcess, start_broker, write_config
+from tests.harness.swtpm import Swtpm
+from tests.support.broker import SWTPM_EK_CA_FILES, BrokerProcess, start_broker, write_config
 from tests.support.pki import make_pki
 
 CLEANROOM = Path(sys.executable).parent / "cleanroom"
@@ -288,11 +288,9 @@ def _csv(party: str, marker: str, rows: int) -> bytes:
 
 
 def broker_config(directory: Path, pki: PkiLayout, **extra: Any) -> Path:
-    cas = [
-        str(SWTPM_LOCALCA_DIR / "swtpm-localca-rootca-cert.pem"),
-        str(SWTPM_LOCALCA_DIR / "issuercert.pem"),
-    ]
-    return write_config(directory / "broker.toml", directory, pki, trusted_ek_ca_files=cas, **extra)
+    return write_config(
+        directory / "broker.toml", directory, pki, trusted_ek_ca_files=SWTPM_EK_CA_FILES, **extra
+    )
 
 
 def build_clean_room(directory: Path, *, rows: int = 2000, **broker_settings: Any) -> CleanRoom:

@@ -4,12 +4,18 @@ party's key and approval, and the evidence a software attester sends."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from broker.app import open_broker
+from broker.config import BrokerConfig
 from broker.core import Broker, Evidence
+from broker.kek_azure import KeyVaultConfig
 from broker.keyseal import seal_for_registration
 from broker.model import Party
 from broker.quote import pcr_values_from_tools
+from cleanroom.app.emulators.keyvault import FakeKeyVault
 from evidence.manifest import ManifestEntry
 from pki.identity import SpiffeId
 from sealing.keys import RecipientPrivateKey, generate_recipient_key
@@ -33,6 +39,30 @@ WORKLOAD = [("model/train.py", b"print('join and train')\n"), ("bin/run.sh", b"#
 
 
 SIDECAR_CERT_DER = b"the sidecar's TLS certificate (bound into the quote)"
+
+
+@contextmanager
+def open_key_vault_broker(
+    workdir: Path,
+    key_vault: FakeKeyVault,
+    key_vault_config: KeyVaultConfig,
+    *,
+    default_kek_in_vault: bool,
+) -> Iterator[Broker]:
+    """A broker on SQLite in ``workdir`` whose ``[keyvault]`` settings reach the double, with a
+    fresh ``broker-kek`` there; its default KEK is that key or, without ``default_kek_in_vault``,
+    the local one."""
+    key_vault.create_key("broker-kek")
+    default_kek = f"azurekv:{key_vault.key_url('broker-kek')}" if default_kek_in_vault else "local"
+    config = BrokerConfig(
+        database_url=f"sqlite:///{workdir / 'broker.db'}",
+        state_dir=str(workdir / "state"),
+        default_kek=default_kek,
+    )
+    with open_broker(
+        config, key_vault=key_vault_config, key_vault_credential=key_vault.credential()
+    ) as b:
+        yield b
 
 
 def _setup_party_key_and_approval(broker: Broker, data_key: bytes) -> None:

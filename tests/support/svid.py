@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from pki.ca import PrivateKey
+from pki.ca import PrivateKey, certificate_builder, key_usage
 
 
 def _now() -> dt.datetime:
@@ -35,27 +35,17 @@ def _spire_ca(
     signer_key: PrivateKey = key if issuer is None else issuer[0]
     now = _now()
     builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject if issuer is None else issuer[1].subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+        certificate_builder(
+            subject=subject,
+            issuer=subject if issuer is None else issuer[1].subject,
+            public_key=key.public_key(),
+            not_before=now - dt.timedelta(minutes=1),
+            not_after=now + dt.timedelta(days=1),
+            ca=True,
+            path_length=path_length,
+        )
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
+            key_usage(digital_signature=True, key_cert_sign=True, crl_sign=True), critical=True
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
         .add_extension(
@@ -128,25 +118,17 @@ def leaf(
     sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
     sans += [x509.DNSName(d) for d in dns_names]
     builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        certificate_builder(
+            subject=subject,
+            issuer=issuer_cert.subject,
+            public_key=key.public_key(),
+            not_before=now - dt.timedelta(minutes=1),
+            not_after=now + dt.timedelta(hours=1),
+            ca=ca,
+        )
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=True,
-                data_encipherment=False,
-                key_agreement=True,
-                key_cert_sign=ca,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
+            key_usage(
+                digital_signature=True, key_encipherment=True, key_agreement=True, key_cert_sign=ca
             ),
             critical=True,
         )

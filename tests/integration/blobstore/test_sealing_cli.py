@@ -3,27 +3,10 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 from tests.harness.azurite import Azurite
-
-CLEANROOM = str(Path(sys.executable).parent / "cleanroom")
-
-
-def run(
-    *args: str | Path, cwd: Path, env: dict[str, str], stdin: bytes | None = None
-) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [CLEANROOM, *map(str, args)],
-        cwd=cwd,
-        env={**os.environ, **env},
-        input=stdin,
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
+from tests.support.cli import run_cleanroom as run
 
 
 def test_seal_to_a_blob_and_open_from_it(

@@ -25,7 +25,14 @@ from cleanroom.app.cli import main
 from evidence.launch import Launch, encode_launch
 from pki.ca import PkiLayout, init_pki
 from tests.harness.swtpm import Swtpm
-from tests.support.admin import admin, admin_env, admin_fails, admin_json
+from tests.support.admin import (
+    admin,
+    admin_env,
+    admin_fails,
+    admin_json,
+    approve_argv,
+    use_admin_env,
+)
 from tests.support.broker import spawn_broker as support_spawn_broker
 from tests.vectors import tpm2tools
 
@@ -104,9 +111,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
 
 @pytest.fixture
 def as_operator(broker: Broker, monkeypatch: pytest.MonkeyPatch) -> Broker:
-    for k, v in broker.env("operator").items():
-        if k.startswith("CLEANROOM_ADMIN_"):
-            monkeypatch.setenv(k, v)
+    use_admin_env(monkeypatch, broker.env("operator"))
     return broker
 
 
@@ -392,15 +397,7 @@ def test_party_registers_a_key_and_approves_a_workload(
     out = admin(
         capsys,
         *adv,
-        "workload",
-        "approve",
-        "--name",
-        "lookalike-model",
-        "--key",
-        "advertiser-2024",
-        "--recipient",
-        "advertiser",
-        "publisher",
+        *approve_argv("lookalike-model", "advertiser-2024", "advertiser", "publisher"),
         "--file",
         str(workload / "src" / "train.py"),
         str(workload / "requirements.txt"),
@@ -429,14 +426,7 @@ def test_party_registers_a_key_and_approves_a_workload(
     again = admin_json(
         capsys,
         *adv,
-        "workload",
-        "approve",
-        "--name",
-        "lookalike-model",
-        "--key",
-        "advertiser-2024",
-        "--recipient",
-        "advertiser",
+        *approve_argv("lookalike-model", "advertiser-2024", "advertiser"),
         "--manifest",
         str(tmp_path / "manifest.json"),
         *launch_options,
@@ -458,14 +448,7 @@ def test_party_registers_a_key_and_approves_a_workload(
     err = admin_fails(
         capsys,
         *party(broker, "publisher"),
-        "workload",
-        "approve",
-        "--name",
-        "w",
-        "--key",
-        "advertiser-2024",
-        "--recipient",
-        "publisher",
+        *approve_argv("w", "advertiser-2024", "publisher"),
         "--manifest",
         str(tmp_path / "manifest.json"),
         *launch_options,

@@ -23,8 +23,13 @@ from broker.tpmkeys import to_tools_credential_file
 from cleanroom.v1 import admin_pb2, attestation_pb2
 from pki.ca import init_pki
 from tests.harness.reencode import reencode
-from tests.harness.swtpm import SWTPM_LOCALCA_DIR, Swtpm
-from tests.support.broker import TIMEOUT, BrokerProcess, rpc_error, start_broker, write_config
+from tests.harness.swtpm import Swtpm
+from tests.support.broker import (
+    TIMEOUT,
+    BrokerProcess,
+    rpc_error,
+    running_swtpm_broker,
+)
 from tests.vectors import tpm2tools as tt
 
 pytestmark = [pytest.mark.swtpm, pytest.mark.tpm2tools]
@@ -36,17 +41,11 @@ SIDECAR_2 = "spiffe://cleanroom.local/sidecar/sidecar-2"
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[BrokerProcess]:
-    pki = init_pki(tmp_path / "pki", parties=("advertiser",), sidecars=("sidecar-1", "sidecar-2"))
-    cas = [
-        str(SWTPM_LOCALCA_DIR / "swtpm-localca-rootca-cert.pem"),
-        str(SWTPM_LOCALCA_DIR / "issuercert.pem"),
-    ]
-    config = write_config(tmp_path / "broker.toml", tmp_path, pki, trusted_ek_ca_files=cas)
-    process = start_broker(config, pki, tmp_path)
-    try:
+    with running_swtpm_broker(
+        tmp_path,
+        init_pki(tmp_path / "pki", parties=("advertiser",), sidecars=("sidecar-1", "sidecar-2")),
+    ) as process:
         yield process
-    finally:
-        assert process.stop() == 0, process.stderr()
 
 
 def admin_cli(broker: BrokerProcess, *argv: str) -> subprocess.CompletedProcess[str]:

@@ -24,7 +24,7 @@ from broker.server.status import KEK_UNAVAILABLE_MESSAGE, KEK_UNUSABLE_MESSAGE
 from cleanroom.app.demo.workspace import toml_document
 from cleanroom.app.emulators.keyvault import FakeKeyVault
 from pki.ca import PkiLayout, init_pki
-from tests.support.admin import admin, admin_env, admin_fails, admin_json
+from tests.support.admin import admin, admin_env, admin_fails, admin_json, use_admin_env
 from tests.support.broker import spawn_broker
 
 CLEANROOM = Path(sys.executable).parent / "cleanroom"
@@ -129,9 +129,7 @@ def served(tmp_path: Path, key_vault: FakeKeyVault) -> Iterator[ServedBroker]:
 
 @pytest.fixture
 def as_operator(served: ServedBroker, monkeypatch: pytest.MonkeyPatch) -> ServedBroker:
-    for k, v in served.env("operator").items():
-        if k.startswith("CLEANROOM_ADMIN_"):
-            monkeypatch.setenv(k, v)
+    use_admin_env(monkeypatch, served.env("operator"))
     return served
 
 

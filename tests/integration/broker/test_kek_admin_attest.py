@@ -16,8 +16,6 @@ from pathlib import Path
 import grpc
 import pytest
 
-from broker.app import open_broker
-from broker.config import BrokerConfig
 from broker.core import Broker
 from broker.errors import AttestationRefusedError
 from broker.kek_azure import KeyVaultConfig
@@ -32,6 +30,7 @@ from tests.support.kek_azure import (
     SIDECAR,
     _evidence,
     _setup_party_key_and_approval,
+    open_key_vault_broker,
 )
 from tests.support.servicers import Harness
 from tests.vectors import tpm2tools as tt
@@ -43,14 +42,8 @@ pytestmark = [pytest.mark.swtpm, pytest.mark.tpm2tools]
 def broker(
     tmp_path: Path, key_vault: FakeKeyVault, key_vault_config: KeyVaultConfig
 ) -> Iterator[Broker]:
-    key_vault.create_key("broker-kek")
-    config = BrokerConfig(
-        database_url=f"sqlite:///{tmp_path / 'broker.db'}",
-        state_dir=str(tmp_path / "state"),
-        default_kek="local",
-    )
-    with open_broker(
-        config, key_vault=key_vault_config, key_vault_credential=key_vault.credential()
+    with open_key_vault_broker(
+        tmp_path, key_vault, key_vault_config, default_kek_in_vault=False
     ) as b:
         yield b
 

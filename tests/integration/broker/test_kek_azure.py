@@ -1,15 +1,17 @@
 """The Key Vault KEK provider with the real azure-keyvault-keys client against a local HTTPS
 server that speaks Key Vault's REST calls (no Key Vault emulator exists; see
-tests/harness/keyvault.py). Real Key Vault was not reachable from these tests."""
+cleanroom/app/emulators/keyvault.py). Real Key Vault was not reachable from these tests."""
 
 from __future__ import annotations
 
 import secrets
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,9 +28,9 @@ from broker.kek_azure import (
 from broker.keyseal import seal_for_registration
 from broker.model import DataKeyRecord, Party
 from broker.rotation import ROTATION_ACTION, rotate_data_key, rotate_kek
+from cleanroom.app.emulators.keyvault import VAULT_SCOPE, FakeKeyVault, StaticTokenCredential
 from pki.identity import SpiffeId
 from sealing.keys import generate_recipient_key
-from tests.harness.keyvault import VAULT_SCOPE, FakeKeyVault, StaticTokenCredential
 
 OPERATOR = SpiffeId.operator("cleanroom.local")
 ADVERTISER = SpiffeId.party("cleanroom.local", "advertiser")
@@ -38,6 +40,16 @@ def _kek(vault: FakeKeyVault, config: KeyVaultConfig, name: str = "broker-kek") 
     return KeyVaultKek(
         ref=f"azurekv:{vault.key_url(name)}", credential=vault.credential(), config=config
     )
+
+
+@contextmanager
+def _kek_and_a_wrap(
+    vault: FakeKeyVault, config: KeyVaultConfig, fill: bytes
+) -> Iterator[tuple[KeyVaultKek, bytes]]:
+    """A fresh ``broker-kek`` in the vault, a provider for it, and ``fill * 32`` wrapped by it."""
+    vault.create_key("broker-kek")
+    with _kek(vault, config) as kek:
+        yield kek, kek.wrap(fill * 32, key_id="k", owner="o")
 
 
 def test_wrap_and_unwrap_with_the_real_sdk(
@@ -111,44 +123,39 @@ def _permanent(info: pytest.ExceptionInfo[KekError]) -> bool:
     return not isinstance(info.value, KekUnavailableError)
 
 
+def _refused_permanently(
+    kek: KeyVaultKek, wrapped: bytes, unwrap_match: str, wrap_match: str | None = None
+) -> None:
+    """Unwrapping ``wrapped`` and wrapping a new key both fail with a permanent KekError."""
+    with pytest.raises(KekError, match=unwrap_match) as info:
+        kek.unwrap(wrapped, key_id="k", owner="o")
+    assert _permanent(info)
+    with pytest.raises(KekError, match=wrap_match or unwrap_match) as info:
+        kek.wrap(b"\x05" * 32, key_id="k", owner="o")
+    assert _permanent(info)
+
+
 def test_forbidden_not_found_and_disabled_are_named(
     key_vault: FakeKeyVault, key_vault_config: KeyVaultConfig
 ) -> None:
-    key_vault.create_key("broker-kek")
-    with _kek(key_vault, key_vault_config) as kek:
-        wrapped = kek.wrap(b"\x05" * 32, key_id="k", owner="o")
+    with _kek_and_a_wrap(key_vault, key_vault_config, b"\x05") as (kek, wrapped):
         key_vault.forbidden = True
-        with pytest.raises(KekError, match=r"^forbidden: .*ForbiddenByRbac.*Crypto User") as info:
-            kek.unwrap(wrapped, key_id="k", owner="o")
-        assert _permanent(info)
-        with pytest.raises(KekError, match=r"^forbidden") as info:
-            kek.wrap(b"\x05" * 32, key_id="k", owner="o")
-        assert _permanent(info)
+        _refused_permanently(
+            kek, wrapped, r"^forbidden: .*ForbiddenByRbac.*Crypto User", r"^forbidden"
+        )
         key_vault.forbidden = False
         key_vault.set_enabled("broker-kek", False)
-        with pytest.raises(KekError, match=r"^key disabled") as info:
-            kek.unwrap(wrapped, key_id="k", owner="o")
-        assert _permanent(info)
-        with pytest.raises(KekError, match=r"^key disabled") as info:
-            kek.wrap(b"\x05" * 32, key_id="k", owner="o")
-        assert _permanent(info)
+        _refused_permanently(kek, wrapped, r"^key disabled")
         key_vault.set_enabled("broker-kek", True)
         assert kek.unwrap(wrapped, key_id="k", owner="o") == b"\x05" * 32
         key_vault.delete_key("broker-kek")
-        with pytest.raises(KekError, match=r"^key not found") as info:
-            kek.unwrap(wrapped, key_id="k", owner="o")
-        assert _permanent(info)
-        with pytest.raises(KekError, match=r"^key not found") as info:
-            kek.wrap(b"\x05" * 32, key_id="k", owner="o")
-        assert _permanent(info)
+        _refused_permanently(kek, wrapped, r"^key not found")
 
 
 def test_throttling_is_retried_after_the_retry_after_delay(
     key_vault: FakeKeyVault, key_vault_config: KeyVaultConfig
 ) -> None:
-    key_vault.create_key("broker-kek")
-    with _kek(key_vault, key_vault_config) as kek:
-        wrapped = kek.wrap(b"\x07" * 32, key_id="k", owner="o")
+    with _kek_and_a_wrap(key_vault, key_vault_config, b"\x07") as (kek, wrapped):
         key_vault.throttle(1, retry_after=1)
         start = time.monotonic()
         assert kek.unwrap(wrapped, key_id="k", owner="o") == b"\x07" * 32
@@ -162,10 +169,8 @@ def test_throttling_is_retried_after_the_retry_after_delay(
 def test_throttling_that_does_not_end_is_a_clear_error(
     key_vault: FakeKeyVault, key_vault_config: KeyVaultConfig
 ) -> None:
-    key_vault.create_key("broker-kek")
     config = replace(key_vault_config, retry_total=1)
-    with _kek(key_vault, config) as kek:
-        wrapped = kek.wrap(b"\x08" * 32, key_id="k", owner="o")
+    with _kek_and_a_wrap(key_vault, config, b"\x08") as (kek, wrapped):
         key_vault.fail_next(429, "Throttled", times=2)
         with pytest.raises(KekUnavailableError, match=r"^throttled"):
             kek.unwrap(wrapped, key_id="k", owner="o")
@@ -175,10 +180,8 @@ def test_throttling_that_does_not_end_is_a_clear_error(
 def test_server_errors_that_outlast_the_retries_are_transient(
     key_vault: FakeKeyVault, key_vault_config: KeyVaultConfig, status: int
 ) -> None:
-    key_vault.create_key("broker-kek")
     config = replace(key_vault_config, retry_total=1, retry_backoff_max_seconds=0.2)
-    with _kek(key_vault, config) as kek:
-        wrapped = kek.wrap(b"\x0b" * 32, key_id="k", owner="o")
+    with _kek_and_a_wrap(key_vault, config, b"\x0b") as (kek, wrapped):
         key_vault.fail_next(status, "ServiceUnavailable", times=2)
         with pytest.raises(KekUnavailableError, match=rf"^unavailable: .*\({status} "):
             kek.unwrap(wrapped, key_id="k", owner="o")
@@ -193,9 +196,7 @@ def test_server_errors_that_outlast_the_retries_are_transient(
 def test_a_bad_request_is_not_transient(
     key_vault: FakeKeyVault, key_vault_config: KeyVaultConfig
 ) -> None:
-    key_vault.create_key("broker-kek")
-    with _kek(key_vault, key_vault_config) as kek:
-        wrapped = kek.wrap(b"\x0c" * 32, key_id="k", owner="o")
+    with _kek_and_a_wrap(key_vault, key_vault_config, b"\x0c") as (kek, wrapped):
         key_vault.fail_next(400, "BadParameter")
         with pytest.raises(KekError, match=r"\(400 BadParameter\)") as info:
             kek.unwrap(wrapped, key_id="k", owner="o")
@@ -281,25 +282,32 @@ def test_the_registry_resolves_azurekv_refs(
 # --- the broker: registration with Key Vault as the default KEK, and rotation ---------------
 
 
-@pytest.fixture
-def broker(
-    tmp_path: Path, key_vault: FakeKeyVault, key_vault_config: KeyVaultConfig
+@contextmanager
+def _broker_with_key_vault(
+    tmp_path: Path, key_vault: FakeKeyVault, key_vault_config: KeyVaultConfig, **settings: Any
 ) -> Iterator[Broker]:
-    key_vault.create_key("broker-kek")
+    """A broker on SQLite in ``tmp_path`` with the vault's provider and the advertiser added."""
     config = BrokerConfig(
         database_url=f"sqlite:///{tmp_path / 'broker.db'}",
         state_dir=str(tmp_path / "state"),
+        **settings,
     )
     with open_broker(config) as b:
         provider = register_key_vault_provider(
             b.keks, config=key_vault_config, credential=key_vault.credential()
         )
-        b.add_party(
-            OPERATOR,
-            _party(),
-        )
+        b.add_party(OPERATOR, _party())
         yield b
         provider.close()
+
+
+@pytest.fixture
+def broker(
+    tmp_path: Path, key_vault: FakeKeyVault, key_vault_config: KeyVaultConfig
+) -> Iterator[Broker]:
+    key_vault.create_key("broker-kek")
+    with _broker_with_key_vault(tmp_path, key_vault, key_vault_config) as b:
+        yield b
 
 
 def _party() -> Party:
@@ -369,19 +377,7 @@ def test_key_vault_as_the_default_kek_for_registration(
 ) -> None:
     key_vault.create_key("broker-kek")
     ref = f"azurekv:{key_vault.key_url('broker-kek')}"
-    config = BrokerConfig(
-        database_url=f"sqlite:///{tmp_path / 'broker.db'}",
-        state_dir=str(tmp_path / "state"),
-        default_kek=ref,
-    )
-    with open_broker(config) as b:
-        provider = register_key_vault_provider(
-            b.keks, config=key_vault_config, credential=key_vault.credential()
-        )
-        b.add_party(
-            OPERATOR,
-            _party(),
-        )
+    with _broker_with_key_vault(tmp_path, key_vault, key_vault_config, default_kek=ref) as b:
         _register(b, "adv-data", b"\x24" * 32)
         assert b.store.get_data_key("adv-data").kek_ref == ref
         assert _plain(b, "adv-data") == b"\x24" * 32
@@ -391,4 +387,3 @@ def test_key_vault_as_the_default_kek_for_registration(
             _register(b, "adv-data-2", b"\x25" * 32)
         last = b.audit.list_records(after_sequence=0, limit=100)[-1]
         assert (last.action, last.decision) == ("key.register", "deny")
-        provider.close()

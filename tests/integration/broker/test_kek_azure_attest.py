@@ -2,7 +2,7 @@
 Key Vault unwraps, denied (not crashed) and audited when it refuses.
 
 The evidence is made with tpm2-tools on swtpm; Key Vault is the local HTTPS server speaking its
-REST calls (tests/harness/keyvault.py).
+REST calls (cleanroom/app/emulators/keyvault.py).
 """
 
 from __future__ import annotations
@@ -13,19 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from broker.app import open_broker
-from broker.config import BrokerConfig
 from broker.core import Broker
 from broker.errors import AttestationRefusedError
-from broker.kek_azure import KeyVaultConfig, register_key_vault_provider
+from broker.kek_azure import KeyVaultConfig
 from broker.keyseal import open_release
-from tests.harness.keyvault import FakeKeyVault
+from cleanroom.app.emulators.keyvault import FakeKeyVault
 from tests.harness.swtpm import Swtpm
 from tests.support.kek_azure import (
     OPERATOR,
     SIDECAR,
     _evidence,
     _setup_party_key_and_approval,
+    open_key_vault_broker,
 )
 from tests.vectors import tpm2tools as tt
 
@@ -36,18 +35,10 @@ pytestmark = [pytest.mark.swtpm, pytest.mark.tpm2tools]
 def broker(
     tmp_path: Path, key_vault: FakeKeyVault, key_vault_config: KeyVaultConfig
 ) -> Iterator[Broker]:
-    key_vault.create_key("broker-kek")
-    config = BrokerConfig(
-        database_url=f"sqlite:///{tmp_path / 'broker.db'}",
-        state_dir=str(tmp_path / "state"),
-        default_kek=f"azurekv:{key_vault.key_url('broker-kek')}",
-    )
-    with open_broker(config) as b:
-        provider = register_key_vault_provider(
-            b.keks, config=key_vault_config, credential=key_vault.credential()
-        )
+    with open_key_vault_broker(
+        tmp_path, key_vault, key_vault_config, default_kek_in_vault=True
+    ) as b:
         yield b
-        provider.close()
 
 
 def test_key_vault_refusing_to_unwrap_is_an_audited_denial(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -29,15 +30,14 @@ from evidence.pcr import MeasurementEvent
 from evidence.proto import bank_to_pb, event_log_to_pb
 from sealing.keys import RecipientPrivateKey, generate_recipient_key
 from tests.harness.launch import TEST_LAUNCH, with_test_launch
-from tests.harness.swtpm import SWTPM_LOCALCA_DIR, Swtpm
+from tests.harness.swtpm import Swtpm
 from tests.support.broker import (
     TIMEOUT,
     BrokerProcess,
     add_parties,
     register_key,
     rpc_error,
-    start_broker,
-    write_config,
+    running_swtpm_broker,
 )
 from tests.support.pki import make_pki
 from tests.vectors import tpm2tools as tt
@@ -50,17 +50,8 @@ OTHER_WORKLOAD = [("model/train.py", b"print('exfiltrate')\n")]
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[BrokerProcess]:
-    pki = make_pki(tmp_path / "pki")
-    cas = [
-        str(SWTPM_LOCALCA_DIR / "swtpm-localca-rootca-cert.pem"),
-        str(SWTPM_LOCALCA_DIR / "issuercert.pem"),
-    ]
-    config = write_config(tmp_path / "broker.toml", tmp_path, pki, trusted_ek_ca_files=cas)
-    process = start_broker(config, pki, tmp_path)
-    try:
+    with running_swtpm_broker(tmp_path, make_pki(tmp_path / "pki")) as process:
         yield process
-    finally:
-        assert process.stop() == 0, process.stderr()
 
 
 def _cert_der(path: Path) -> bytes:
@@ -79,10 +70,35 @@ def _manifest(name: str, files: list[tuple[str, bytes]]) -> common_pb2.WorkloadM
     return with_test_launch(manifest)
 
 
-def _enroll_by_credential_activation(
+def _approve(
+    broker: BrokerProcess,
+    party: str,
+    name: str,
+    files: list[tuple[str, bytes]],
+    key_id: str,
+    recipients: list[str],
+    golden_set: str = "",
+) -> None:
+    """``party`` approves the workload ``name`` of ``files`` for its key ``key_id``."""
+    broker.admin("party", party).ApproveWorkload(
+        admin_pb2.ApproveWorkloadRequest(
+            manifest=_manifest(name, files),
+            key_ids=[key_id],
+            output_recipients=recipients,
+            golden_set=golden_set,
+        ),
+        timeout=TIMEOUT,
+    )
+
+
+def _start_enrollment(
     broker: BrokerProcess, swtpm: Swtpm, workdir: Path
-) -> tuple[str, tt.KeyFiles]:
-    """Enrolls a tpm2_createak AK through StartEnrollment/CompleteEnrollment."""
+) -> tuple[Any, attestation_pb2.StartEnrollmentResponse, tt.KeyFiles, tt.KeyFiles, Path]:
+    """Creates an EK and a tpm2_createak AK and sends StartEnrollment as sidecar-1.
+
+    Returns the sidecar's stub, the broker's challenge, the EK, the AK and the challenge written
+    as a tpm2-tools credential file.
+    """
     ek = tt.create_ek(swtpm, workdir, alg="rsa")
     ak = tt.create_ak(swtpm, workdir, ek)
     cert = workdir / "ek.der"
@@ -100,30 +116,18 @@ def _enroll_by_credential_activation(
     credential.write_bytes(
         to_tools_credential_file(bytes(start.credential_blob), bytes(start.encrypted_secret))
     )
-    # The EK's policy needs a policy session with PolicySecret on the endorsement hierarchy.
-    session, secret = workdir / "session.ctx", workdir / "secret.out"
-    try:
-        swtpm.tools("tpm2_startauthsession", "--policy-session", "-S", str(session))
-        swtpm.tools("tpm2_policysecret", "-S", str(session), "-c", "e")
-        swtpm.tools(
-            "tpm2_activatecredential",
-            "-c",
-            str(ak.context),
-            "-C",
-            str(ek.context),
-            "-i",
-            str(credential),
-            "-o",
-            str(secret),
-            "-P",
-            f"session:{session}",
-        )
-    finally:
-        tt.flush(swtpm)
+    return sidecar, start, ek, ak, credential
+
+
+def _enroll_by_credential_activation(
+    broker: BrokerProcess, swtpm: Swtpm, workdir: Path
+) -> tuple[str, tt.KeyFiles]:
+    """Enrolls a tpm2_createak AK through StartEnrollment/CompleteEnrollment."""
+    sidecar, start, ek, ak, credential = _start_enrollment(broker, swtpm, workdir)
+    secret = tt.activate_credential(swtpm, workdir, ak=ak, ek=ek, credential=credential)
+    assert secret is not None
     done = sidecar.CompleteEnrollment(
-        attestation_pb2.CompleteEnrollmentRequest(
-            enrollment_id=start.enrollment_id, secret=secret.read_bytes()
-        ),
+        attestation_pb2.CompleteEnrollmentRequest(enrollment_id=start.enrollment_id, secret=secret),
         timeout=TIMEOUT,
     )
     return done.ak_name, ak
@@ -186,22 +190,10 @@ def test_full_attestation_releases_approved_keys_only(
     register_key(broker, "publisher", "pub-data", pub_key)
     # The advertiser approves the workload; the publisher approves another one, so its key is
     # withheld while the advertiser's is released (partial release).
-    broker.admin("party", "advertiser").ApproveWorkload(
-        admin_pb2.ApproveWorkloadRequest(
-            manifest=_manifest("join-and-train", WORKLOAD),
-            key_ids=["adv-data"],
-            output_recipients=["advertiser", "publisher"],
-        ),
-        timeout=TIMEOUT,
+    _approve(
+        broker, "advertiser", "join-and-train", WORKLOAD, "adv-data", ["advertiser", "publisher"]
     )
-    broker.admin("party", "publisher").ApproveWorkload(
-        admin_pb2.ApproveWorkloadRequest(
-            manifest=_manifest("other", OTHER_WORKLOAD),
-            key_ids=["pub-data"],
-            output_recipients=["publisher"],
-        ),
-        timeout=TIMEOUT,
-    )
+    _approve(broker, "publisher", "other", OTHER_WORKLOAD, "pub-data", ["publisher"])
 
     ak_name, ak = _enroll_by_credential_activation(broker, swtpm, tmp_path)
     aks = broker.admin("operator").ListAks(admin_pb2.ListAksRequest(), timeout=TIMEOUT).aks
@@ -321,14 +313,14 @@ def test_a_golden_set_denial_tells_the_sidecar_its_class_and_record(
     broker.admin("operator").SetGoldenPcrSet(
         admin_pb2.SetGoldenPcrSetRequest(golden_set=golden), timeout=TIMEOUT
     )
-    broker.admin("party", "advertiser").ApproveWorkload(
-        admin_pb2.ApproveWorkloadRequest(
-            manifest=_manifest("join-and-train", WORKLOAD),
-            key_ids=["adv-data"],
-            output_recipients=["advertiser"],
-            golden_set="image-v1",
-        ),
-        timeout=TIMEOUT,
+    _approve(
+        broker,
+        "advertiser",
+        "join-and-train",
+        WORKLOAD,
+        "adv-data",
+        ["advertiser"],
+        golden_set="image-v1",
     )
     ak_name, ak = _enroll_by_credential_activation(broker, swtpm, tmp_path)
     sidecar_der = _cert_der(broker.pki.cert_and_key("sidecar", "sidecar-1").cert)
@@ -367,14 +359,7 @@ def test_a_quote_bound_to_another_certificate_is_refused(
 ) -> None:
     add_parties(broker, "advertiser")
     register_key(broker, "advertiser", "adv-data", secrets.token_bytes(32))
-    broker.admin("party", "advertiser").ApproveWorkload(
-        admin_pb2.ApproveWorkloadRequest(
-            manifest=_manifest("join-and-train", WORKLOAD),
-            key_ids=["adv-data"],
-            output_recipients=["advertiser"],
-        ),
-        timeout=TIMEOUT,
-    )
+    _approve(broker, "advertiser", "join-and-train", WORKLOAD, "adv-data", ["advertiser"])
     ak_name, ak = _enroll_by_credential_activation(broker, swtpm, tmp_path)
     # A quote made for another TLS identity (here the operator's certificate), relayed over the
     # sidecar's connection: the qualifying data does not match this connection.
@@ -407,23 +392,7 @@ def test_a_quote_bound_to_another_certificate_is_refused(
 def test_a_wrong_credential_secret_is_refused_and_audited(
     broker: BrokerProcess, swtpm: Swtpm, tmp_path: Path
 ) -> None:
-    ek = tt.create_ek(swtpm, tmp_path, alg="rsa")
-    ak = tt.create_ak(swtpm, tmp_path, ek)
-    cert = tmp_path / "ek.der"
-    swtpm.tools("tpm2_nvread", "0x1c00002", "-o", str(cert))
-    sidecar = broker.attestation("sidecar", "sidecar-1")
-    start = sidecar.StartEnrollment(
-        attestation_pb2.StartEnrollmentRequest(
-            ek_public=ek.public.read_bytes(),
-            ek_certificate=cert.read_bytes(),
-            ak_public=ak.public.read_bytes(),
-        ),
-        timeout=TIMEOUT,
-    )
-    credential = tmp_path / "credential.out"
-    credential.write_bytes(
-        to_tools_credential_file(bytes(start.credential_blob), bytes(start.encrypted_secret))
-    )
+    sidecar, start, ek, ak, credential = _start_enrollment(broker, swtpm, tmp_path)
     secret = tt.activate_credential(swtpm, tmp_path, ak=ak, ek=ek, credential=credential)
     assert secret is not None
     wrong = bytes([secret[0] ^ 1]) + secret[1:]
@@ -462,14 +431,7 @@ def test_the_approved_files_launched_with_another_command_get_nothing_and_the_au
 ) -> None:
     add_parties(broker, "advertiser")
     register_key(broker, "advertiser", "adv-launch", secrets.token_bytes(32))
-    broker.admin("party", "advertiser").ApproveWorkload(
-        admin_pb2.ApproveWorkloadRequest(
-            manifest=_manifest("join-and-train", WORKLOAD),
-            key_ids=["adv-launch"],
-            output_recipients=["advertiser"],
-        ),
-        timeout=TIMEOUT,
-    )
+    _approve(broker, "advertiser", "join-and-train", WORKLOAD, "adv-launch", ["advertiser"])
     ak_name, ak = _enroll_by_credential_activation(broker, swtpm, tmp_path)
     sidecar_der = _cert_der(broker.pki.cert_and_key("sidecar", "sidecar-1").cert)
     other = Launch.create(

@@ -32,8 +32,9 @@ from sidecar.run.errors import AttestationDeniedError, EnrollmentFailedError
 from sidecar.snp import SnpCollector, VcekSource
 from tests.harness.amd_snp import EmulatedParavisorTpm, SyntheticAmdRoot, SyntheticChip
 from tests.harness.launch import TEST_LAUNCH, with_test_launch
-from tests.harness.swtpm import SWTPM_LOCALCA_DIR, Swtpm
+from tests.harness.swtpm import Swtpm
 from tests.support.broker import (
+    SWTPM_EK_CA_FILES,
     TIMEOUT,
     BrokerProcess,
     add_parties,
@@ -85,10 +86,7 @@ def _broker(
     tmp: Path, amd: SyntheticAmdRoot, *, trust_ek_ca: bool = True, **snp: Any
 ) -> BrokerProcess:
     pki = make_pki(tmp / "pki")
-    cas = [
-        str(SWTPM_LOCALCA_DIR / "swtpm-localca-rootca-cert.pem"),
-        str(SWTPM_LOCALCA_DIR / "issuercert.pem"),
-    ]
+    cas = list(SWTPM_EK_CA_FILES)
     if not trust_ek_ca:
         # The swtpm's EK certificate chains to nothing the broker trusts: only the hardware
         # root can vouch for its EK.

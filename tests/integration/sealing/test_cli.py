@@ -5,25 +5,11 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-CLEANROOM = str(Path(sys.executable).parent / "cleanroom")
-
-
-def run(
-    *args: str | Path, cwd: Path, stdin: bytes | None = None
-) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [CLEANROOM, *map(str, args)],
-        cwd=cwd,
-        input=stdin,
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
+from tests.support.cli import run_cleanroom as run
 
 
 def ok(*args: str | Path, cwd: Path, stdin: bytes | None = None) -> bytes:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,8 +34,8 @@ from evidence.manifest import ManifestEntry, expected_pcr23
 from evidence.proto import manifest_to_pb
 from pki.ca import PkiLayout
 from sealing.keys import generate_recipient_key, write_data_key, write_public_key
-from tests.support.fake_broker import RunningFake, running_fake
-from tests.support.pki import make_pki
+from tests.support.admin import approve_argv
+from tests.support.fake_broker import RunningFake
 
 SHA256_A = "aa" * 32
 SHA1_B = "bb" * 20
@@ -75,17 +74,6 @@ def pinned_launch_encoding() -> bytes:
             cwd="/srv/workload",
         )
     )
-
-
-@pytest.fixture(scope="module")
-def layout(tmp_path_factory: pytest.TempPathFactory) -> PkiLayout:
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
-def module_fake(layout: PkiLayout) -> Iterator[RunningFake]:
-    with running_fake(layout) as running:
-        yield running
 
 
 @pytest.fixture
@@ -425,14 +413,7 @@ def test_workload_files_and_manifest_are_exclusive(
     (tmp_path / "m.json").write_text("[]")
     code, _, err = run(
         capsys,
-        "workload",
-        "approve",
-        "--name",
-        "w",
-        "--key",
-        "k",
-        "--recipient",
-        "p",
+        *approve_argv(),
         "--file",
         "x",
         "--manifest",
@@ -546,15 +527,7 @@ def test_workload_approve_sends_the_manifest_and_prints_expected_pcrs(
     code, out, _ = run(
         capsys,
         *party_options(fake.layout),
-        "workload",
-        "approve",
-        "--name",
-        "train",
-        "--key",
-        "k1",
-        "--recipient",
-        "advertiser",
-        "publisher",
+        *approve_argv("train", "k1", "advertiser", "publisher"),
         "--golden-set",
         "prod",
         "--file",
@@ -592,14 +565,7 @@ def test_workload_approve_refuses_a_broker_that_disagrees(
     code, _, err = run(
         capsys,
         *party_options(fake.layout),
-        "workload",
-        "approve",
-        "--name",
-        "w",
-        "--key",
-        "k",
-        "--recipient",
-        "p",
+        *approve_argv(),
         "--file",
         str(tmp_path / "f"),
         *LAUNCH_OPTIONS,
@@ -633,14 +599,7 @@ def test_workload_manifest_round_trips_through_approve(
     code, _, _ = run(
         capsys,
         *party_options(fake.layout),
-        "workload",
-        "approve",
-        "--name",
-        "w",
-        "--key",
-        "k",
-        "--recipient",
-        "p",
+        *approve_argv(),
         "--manifest",
         str(tmp_path / "m.json"),
         *LAUNCH_OPTIONS,
@@ -782,14 +741,7 @@ def test_workload_approve_refuses_a_malformed_launch_in_one_line(
     code, _, err = run(
         capsys,
         *party_options(fake.layout),
-        "workload",
-        "approve",
-        "--name",
-        "w",
-        "--key",
-        "k",
-        "--recipient",
-        "p",
+        *approve_argv(),
         "--root",
         str(tmp_path),
         "--file",
@@ -809,14 +761,7 @@ def test_workload_approve_digests_the_executable_found_here_by_default(
     code, _, err = run(
         capsys,
         *party_options(fake.layout),
-        "workload",
-        "approve",
-        "--name",
-        "w",
-        "--key",
-        "k",
-        "--recipient",
-        "p",
+        *approve_argv(),
         "--root",
         str(tmp_path),
         "--file",

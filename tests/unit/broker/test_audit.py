@@ -8,7 +8,6 @@ import json
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -26,10 +25,6 @@ from broker.storage import Store
 from broker.storage.fast import FastCursor
 from broker.storage.schema import nonces
 
-BACKENDS = [
-    pytest.param("sqlite", id="sqlite"),
-    pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
-]
 GENESIS = "0" * 64
 
 
@@ -44,13 +39,9 @@ class Clock:
         return self.now
 
 
-@pytest.fixture(params=BACKENDS)
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'broker.db'}"
-    else:
-        url = request.getfixturevalue("postgres_url")
-    with Store.open(url) as s:
+@pytest.fixture
+def store(db_url: str) -> Iterator[Store]:
+    with Store.open(db_url) as s:
         yield s
 
 

@@ -11,7 +11,6 @@ import datetime as dt
 import random
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -47,20 +46,8 @@ from tests.support.fake_broker import (
     running_fake,
     start_fake_server,
 )
-from tests.support.pki import make_pki
 
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
-
-
-@pytest.fixture(scope="module")
-def layout(tmp_path_factory: pytest.TempPathFactory) -> PkiLayout:
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
-def module_fake(layout: PkiLayout) -> Iterator[RunningFake]:
-    with running_fake(layout) as running:
-        yield running
 
 
 @pytest.fixture

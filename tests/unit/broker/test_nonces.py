@@ -6,7 +6,6 @@ import hashlib
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -23,11 +22,6 @@ from broker.model import AuditEntry
 from broker.nonces import NONCE_BYTES, NonceService, nonce_digest
 from broker.storage import Store
 
-BACKENDS = [
-    pytest.param("sqlite", id="sqlite"),
-    pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
-]
-
 
 class Clock:
     """A clock the test moves by hand (the service under test reads it; nothing is faked)."""
@@ -42,13 +36,9 @@ class Clock:
         self.now += timedelta(seconds=seconds)
 
 
-@pytest.fixture(params=BACKENDS)
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'broker.db'}"
-    else:
-        url = request.getfixturevalue("postgres_url")
-    with Store.open(url) as s:
+@pytest.fixture
+def store(db_url: str) -> Iterator[Store]:
+    with Store.open(db_url) as s:
         yield s
 
 

@@ -44,20 +44,6 @@ OPERATOR = SpiffeId.operator(TD)
 ADMIN = "/cleanroom.v1.AdminService"
 KV_REF = "azurekv:https://cleanroom-kv.vault.azure.net/keys/advertiser-kek"
 
-BACKENDS = [
-    pytest.param("sqlite", id="sqlite"),
-    pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
-]
-
-
-@pytest.fixture(params=BACKENDS)
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'broker.db'}"
-    url = request.getfixturevalue("postgres_url")
-    assert isinstance(url, str)
-    return url
-
 
 def _party(name: str) -> Party:
     public = generate_recipient_key().public_key()

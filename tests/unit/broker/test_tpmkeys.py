@@ -16,6 +16,7 @@ from tpm2_pytss.utils import tools_to_credential
 
 from broker import tpmkeys
 from broker.errors import CredentialError, EkCertificateError, KeyAttributeError
+from pki.ca import certificate_builder, self_signed_ca_certificate
 from tests.harness.reencode import reencode
 from tests.vectors.evidence import EkCertVector, KeyVector, ekcert_vectors, key_vectors
 
@@ -246,32 +247,9 @@ def test_swtpm_ek_certificate_validates(vector: EkCertVector) -> None:
 
 def _self_signed_ca(name: str) -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(key, hashes.SHA256())
+    cert = self_signed_ca_certificate(
+        key, name, not_before=now - dt.timedelta(days=1), not_after=now + dt.timedelta(days=30)
     )
     return key, cert
 
@@ -332,17 +310,14 @@ def test_intermediate_that_is_not_a_ca_is_refused() -> None:
     def issue(
         subject: str, public: rsa.RSAPublicKey, issuer: x509.Certificate, key: rsa.RSAPrivateKey
     ) -> x509.Certificate:
-        return (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-            .issuer_name(issuer.subject)
-            .public_key(public)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(hours=1))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .sign(key, hashes.SHA256())
-        )
+        return certificate_builder(
+            subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]),
+            issuer=issuer.subject,
+            public_key=public,
+            not_before=now - dt.timedelta(hours=1),
+            not_after=now + dt.timedelta(days=1),
+            ca=False,
+        ).sign(key, hashes.SHA256())
 
     mid = issue("not-a-ca", mid_key.public_key(), root, root_key)
     ek_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
