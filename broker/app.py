@@ -14,16 +14,14 @@ import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from broker.audit import AuditLog
 from broker.config import BrokerConfig, read_config_file
-from broker.core.compose import Broker, build_broker
+from broker.core.compose import Broker, build_broker, build_kek_fingerprint_recorder
 from broker.custody import (
     LOCAL_KEK_FILE,
     LOCAL_KEK_REF,
@@ -33,7 +31,6 @@ from broker.custody import (
     load_or_create_registration_key,
 )
 from broker.errors import BrokerConfigError, KekError
-from broker.model import AuditEntry
 from broker.storage import Store
 from broker.storage.migrate import head_revision
 
@@ -145,23 +142,9 @@ def init_broker(
             fingerprints = {
                 ref: kek_fingerprint(keks.get(ref)) for ref in _state_kek_refs(config, key_vault)
             }
-            now = datetime.now(UTC)
-            kept: dict[str, str] = {}
-            with store.unit_of_work("record KEK fingerprints") as uow:
-                entries = []
-                for ref, fingerprint in fingerprints.items():
-                    kept[ref] = store.record_kek_fingerprint(ref, fingerprint, at=now, uow=uow)
-                    if kept[ref] == fingerprint and ref not in recorded:
-                        entries.append(
-                            AuditEntry(
-                                actor=INIT_ACTOR,
-                                action="kek.fingerprint",
-                                subject=ref,
-                                decision="allow",
-                                reason=f"recorded {fingerprint}",
-                            )
-                        )
-                AuditLog(store).append_in(uow, entries)
+            kept = build_kek_fingerprint_recorder(store).record(
+                fingerprints, known=recorded, actor=INIT_ACTOR
+            )
             _check_fingerprints(store.display_url, kept, fingerprints, state)
         return BrokerState(
             database=store.display_url,

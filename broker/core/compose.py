@@ -5,7 +5,8 @@ registration key, the trusted EK CAs) and builds the shared collaborators (the a
 nonces, the SEV-SNP gate) once, then gives each use case only the ones it needs. The gRPC server
 (:mod:`broker.server`), the ``cleanroom broker`` commands and the tests all get their broker
 from there; ``cleanroom broker kek rotate`` gets the local KEK's rotation from
-:func:`build_local_kek_rotator`.
+:func:`build_local_kek_rotator`, and ``cleanroom broker init`` its recording of KEK fingerprints
+from :func:`build_kek_fingerprint_recorder`.
 
 :class:`Broker` holds the result: the use cases, which the gRPC servicers call, and the
 resources it closes. It also answers each use case's calls itself (``broker.attest(...)`` is
@@ -22,7 +23,7 @@ from broker.azure_snp import SnpGate
 from broker.config import BrokerConfig
 from broker.core.administration import PolicyAdministration
 from broker.core.attestation import Attestation
-from broker.core.custody import KeyCustody, LocalKekRotator
+from broker.core.custody import KekFingerprintRecorder, KeyCustody, LocalKekRotator
 from broker.core.enrollment import Enrollment
 from broker.core.operations import Operations
 from broker.core.trail import AuditTrail, Clock, utcnow
@@ -180,4 +181,14 @@ def build_local_kek_rotator(store: Store, *, clock: Clock = utcnow) -> LocalKekR
     return LocalKekRotator(store=store, trail=AuditTrail(AuditLog(store, clock=clock)), clock=clock)
 
 
-__all__ = ["Broker", "build_broker", "build_local_kek_rotator"]
+def build_kek_fingerprint_recorder(
+    store: Store, *, clock: Clock = utcnow
+) -> KekFingerprintRecorder:
+    """Wires the recording of KEK fingerprints over an open store, for ``cleanroom broker
+    init`` (the broker is not running)."""
+    return KekFingerprintRecorder(
+        store=store, trail=AuditTrail(AuditLog(store, clock=clock)), clock=clock
+    )
+
+
+__all__ = ["Broker", "build_broker", "build_kek_fingerprint_recorder", "build_local_kek_rotator"]

@@ -20,10 +20,9 @@ broker stopped) decides.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
-
-import sqlalchemy as sa
 
 from broker.config import BrokerConfig
 from broker.core.trail import AuditTrail, Clock, entry, utcnow
@@ -32,7 +31,6 @@ from broker.custody import check_kek as _check_kek
 from broker.errors import BrokerError, KekError
 from broker.model import AuditEntry, DataKeyRecord, PartyKek
 from broker.storage import Store
-from broker.storage.schema import kek_fingerprints
 from pki.identity import SpiffeId
 
 #: The audit action of a rewrap.
@@ -43,6 +41,8 @@ PARTY_KEK_ACTION = "party.kek"
 KEK_CHECK_ACTION = "kek.check"
 #: The audit action of a local KEK rotation.
 KEK_ROTATE_ACTION = "kek.rotate"
+#: The audit action of ``cleanroom broker init`` recording a KEK's first fingerprint.
+KEK_FINGERPRINT_ACTION = "kek.fingerprint"
 
 
 @dataclass(frozen=True)
@@ -362,12 +362,7 @@ class LocalKekRotator:
                 store.rewrap_data_key(record.key_id, wrapped, LOCAL_KEK_REF, uow=uow)
             # The store records a KEK's first fingerprint and keeps it (init must never replace
             # it); a rotation is the one change of it, made here in the rotation's unit.
-            t = kek_fingerprints
-            uow.conn.execute(
-                sa.update(t)
-                .where(t.c.kek_ref == LOCAL_KEK_REF)
-                .values(fingerprint=new.fingerprint, recorded_at=self._clock())
-            )
+            store.replace_kek_fingerprint(LOCAL_KEK_REF, new.fingerprint, at=self._clock(), uow=uow)
             self._trail.log.append_in(
                 uow,
                 [
@@ -386,11 +381,58 @@ class LocalKekRotator:
         return len(records)
 
 
+class KekFingerprintRecorder:
+    """Recording the fingerprint of each KEK the broker's state uses (``cleanroom broker
+    init``), each first recording with its audit record (``kek.fingerprint``).
+
+    Its collaborators: the store, the audit trail and the clock (the broker is not running).
+    """
+
+    def __init__(self, *, store: Store, trail: AuditTrail, clock: Clock = utcnow) -> None:
+        self._store = store
+        self._trail = trail
+        self._clock = clock
+
+    def record(
+        self, fingerprints: Mapping[str, str], *, known: Mapping[str, str], actor: str
+    ) -> dict[str, str]:
+        """Records each KEK ref's fingerprint of ``fingerprints`` unless one is recorded
+        already, in one unit of work with an audit record for each ref recorded now (not in
+        ``known``, the fingerprints the database recorded before). Returns the fingerprint
+        recorded for each ref, which the caller compares with ``fingerprints``: a recorded
+        fingerprint is never replaced here.
+
+        Raises:
+            StorageError, AuditChainError: the database failed (nothing committed).
+        """
+        store = self._store
+        now = self._clock()
+        kept: dict[str, str] = {}
+        with store.unit_of_work("record KEK fingerprints") as uow:
+            entries = []
+            for ref, fingerprint in fingerprints.items():
+                kept[ref] = store.record_kek_fingerprint(ref, fingerprint, at=now, uow=uow)
+                if kept[ref] == fingerprint and ref not in known:
+                    entries.append(
+                        AuditEntry(
+                            actor=actor,
+                            action=KEK_FINGERPRINT_ACTION,
+                            subject=ref,
+                            decision="allow",
+                            reason=f"recorded {fingerprint}",
+                        )
+                    )
+            self._trail.log.append_in(uow, entries)
+        return kept
+
+
 __all__ = [
     "KEK_CHECK_ACTION",
+    "KEK_FINGERPRINT_ACTION",
     "KEK_ROTATE_ACTION",
     "PARTY_KEK_ACTION",
     "ROTATION_ACTION",
+    "KekFingerprintRecorder",
     "KeyCustody",
     "LocalKekRotator",
     "PartyKekChoice",

@@ -13,15 +13,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
-import sqlalchemy as sa
-
 from broker.audit import AuditLog
 from broker.config import BrokerConfig
 from broker.core.trail import Clock, utcnow
-from broker.errors import StorageError
 from broker.model import AuditEntry, AuditRecord
 from broker.nonces import NonceService
-from broker.storage import Store, schema
+from broker.storage import Store
 
 
 @dataclass(frozen=True)
@@ -99,57 +96,20 @@ class Operations:
         from broker.storage import migrate
 
         store = self._store
-        tables = {
-            "eks": schema.eks,
-            "aks": schema.aks,
-            "parties": schema.parties,
-            "data_keys": schema.data_keys,
-            "approvals": schema.approvals,
-            "golden_pcr_sets": schema.golden_sets,
-            "audit_records": schema.audit_records,
-        }
-        try:
-            with store.engine.connect() as conn:
-                revision = migrate.current_revision(conn) or ""
-                counts = {
-                    name: int(
-                        conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one()
-                    )
-                    for name, table in tables.items()
-                }
-                conn.rollback()
-        except sa.exc.SQLAlchemyError as e:
-            raise StorageError(f"status: the database {store.display_url} failed") from e
+        found = store.schema_counts()
         return StoreStatus(
             database=store.display_url,
             dialect=store.dialect,
-            schema_revision=revision,
+            schema_revision=found.revision,
             schema_head=migrate.head_revision(),
-            counts=counts,
+            counts=found.counts,
             kek_fingerprints=store.kek_fingerprints(),
         )
 
     def database_problem(self) -> str | None:
         """None when the database answers at this code's schema revision, else why not (one
         line, for a readiness probe)."""
-        from broker.storage import migrate
-
-        store = self._store
-        try:
-            with store.engine.connect() as conn:
-                current = migrate.current_revision(conn)
-                conn.rollback()
-        except sa.exc.SQLAlchemyError as e:
-            cause = getattr(e, "orig", None) or e
-            return f"database {store.display_url} unreachable: {_first_line(str(cause))}"
-        head = migrate.head_revision()
-        if current != head:
-            return f"database {store.display_url} is at schema {current or 'none'}, needs {head}"
-        return None
-
-
-def _first_line(text: str) -> str:
-    return (text.strip().splitlines() or [""])[0][:300]
+        return self._store.schema_problem()
 
 
 __all__ = ["Operations", "StoreStatus"]

@@ -4,8 +4,9 @@ run on it, one per area (:mod:`broker.storage.repositories`).
 ``Store`` is the facade the rest of the broker holds: the database's transactions and units of
 work are its own (it is a ``Database``), each repository is an attribute (``store.attesters``,
 ``store.parties``, ``store.policy``, ``store.sessions``, ``store.keks``, ``store.nonces``,
-``store.audit``), and each repository method is also reachable on the store under its own name
-(``store.get_ak`` is ``store.attesters.get_ak``), as callers have always used it.
+``store.audit``, ``store.status``), and each repository method is also reachable on the store
+under its own name (``store.get_ak`` is ``store.attesters.get_ak``), as callers have always used
+it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from broker.storage.repositories.nonces import NonceRepository
 from broker.storage.repositories.parties import PartyRepository
 from broker.storage.repositories.policy import PolicyRepository
 from broker.storage.repositories.sessions import SessionRepository
+from broker.storage.repositories.status import StatusRepository
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,7 @@ class Store(Database):
         self.keks = KekRepository(self)
         self.nonces = NonceRepository(self)
         self.audit = AuditRepository(self)
+        self.status = StatusRepository(self)
         self._sealer: threading.Thread | None = None
         self._sealer_lock = threading.Lock()
         self._sealer_stop = threading.Event()
@@ -116,9 +119,13 @@ class Store(Database):
         # keks
         self.kek_fingerprints = self.keks.kek_fingerprints
         self.record_kek_fingerprint = self.keks.record_kek_fingerprint
+        self.replace_kek_fingerprint = self.keks.replace_kek_fingerprint
         self.set_party_kek = self.keks.set_party_kek
         self.get_party_kek = self.keks.get_party_kek
         self.list_party_keks = self.keks.list_party_keks
+        # status
+        self.schema_counts = self.status.schema_counts
+        self.schema_problem = self.status.schema_problem
 
     def records_committed(self) -> None:
         """Marks that a unit of work committed pending audit records (PostgreSQL), starting

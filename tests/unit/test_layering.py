@@ -207,6 +207,54 @@ def test_every_import_respects_the_layers() -> None:
     assert not problems, "forbidden imports:\n" + "\n".join(problems)
 
 
+#: What the core must not import: it writes no SQL (no SQLAlchemy, no schema tables) but calls
+#: the repositories of :mod:`broker.storage` inside its units of work.
+SQL_MODULES = ("sqlalchemy", "broker.storage.schema")
+
+#: The modules that open the core's resources or drive it from a command line: they reach the
+#: audit log only through a use case, never themselves.
+ABOVE_THE_AUDIT_LOG = ("broker.app", "broker.kek_rotate", *sorted(CLI_MODULES))
+
+
+def core_violation(imp: Import) -> str | None:
+    """Why ``imp`` puts SQL in the core, or the audit log in the layers above it; else None."""
+    target = resolve(imp.target)
+    if _within(imp.source, BROKER_CORE) and any(_within(target, m) for m in SQL_MODULES):
+        return f"{imp.source} (the core) writes SQL: it imports {target}"
+    if imp.source in ABOVE_THE_AUDIT_LOG and _within(target, "broker.audit"):
+        return f"{imp.source} reaches the audit log past the core: {target}"
+    return None
+
+
+def test_the_core_writes_no_sql_and_only_the_core_appends_audit_records() -> None:
+    """The core's queries live in the storage repositories; ``broker init`` and the other
+    commands record their decisions through the core's use cases."""
+    problems = [
+        f"{imp.where}: {why}"
+        for path in our_files()
+        for imp in imports_of(path)
+        if (why := core_violation(imp)) is not None
+    ]
+    assert not problems, "forbidden imports:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize(
+    ("source", "target", "forbidden"),
+    [
+        ("broker.core.operations", "sqlalchemy", True),
+        ("broker.core.custody", "sqlalchemy.update", True),
+        ("broker.core.custody", "broker.storage.schema.kek_fingerprints", True),
+        ("broker.core.custody", "broker.storage.Store", False),
+        ("broker.storage.repositories.keks", "sqlalchemy", False),
+        ("broker.app", "broker.audit.AuditLog", True),
+        ("broker.app", "broker.core.compose.build_broker", False),
+        ("broker.core.compose", "broker.audit.AuditLog", False),
+    ],
+)
+def test_the_core_rules_catch_what_they_should(source: str, target: str, forbidden: bool) -> None:
+    assert (core_violation(Import(source, target, "x.py:1")) is not None) is forbidden
+
+
 @pytest.mark.parametrize(
     ("source", "target", "forbidden"),
     [
@@ -279,6 +327,7 @@ CORE_CLASSES = frozenset(
         "PolicyAdministration",
         "KeyCustody",
         "LocalKekRotator",
+        "KekFingerprintRecorder",
         "Operations",
     }
 )

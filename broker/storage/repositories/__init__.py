@@ -7,7 +7,8 @@
 * :mod:`.sessions`: attested sessions;
 * :mod:`.keks`: KEK fingerprints and party KEKs;
 * :mod:`.nonces`: the nonce table;
-* :mod:`.audit`: reading the audit chain (appending happens in the unit of work).
+* :mod:`.audit`: reading the audit chain (appending happens in the unit of work);
+* :mod:`.status`: the schema revision and row counts (``GetStatus``, readiness).
 
 :class:`broker.storage.Store` composes them.
 """

@@ -49,6 +49,23 @@ class KekRepository:
             )
         return fingerprint
 
+    def replace_kek_fingerprint(
+        self, kek_ref: str, fingerprint: str, *, at: datetime, uow: UnitOfWork | None = None
+    ) -> None:
+        """Replaces the fingerprint recorded for ``kek_ref`` (a rotation of that KEK: the one
+        change of a recorded fingerprint, which :meth:`record_kek_fingerprint` never makes).
+
+        Raises:
+            StorageError: the database failed.
+        """
+        t = kek_fingerprints
+        with self._db.write("replace KEK fingerprint", uow) as conn:
+            conn.execute(
+                sa.update(t)
+                .where(t.c.kek_ref == kek_ref)
+                .values(fingerprint=fingerprint, recorded_at=at)
+            )
+
     def set_party_kek(
         self,
         party: str,
