@@ -26,6 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from prometheus_client import CollectorRegistry
 
+from bench._attest_setup import PARTIES, WORKLOAD
 from broker import nonces, policy, quote, release
 from broker.app import open_broker
 from broker.config import BrokerConfig
@@ -132,8 +133,6 @@ def run_breakdown(*, database_url: str | None, attestations: int, ak_alg: str) -
         ak = SoftAk.generate(ak_alg)
         broker.enroll_ak(operator, ak_public=ak.tpm2b_public, ek_id=None)
         files = []
-        from bench.bench_attest import PARTIES, WORKLOAD
-
         for rel, data in WORKLOAD:
             path = work / "workload" / rel
             path.parent.mkdir(parents=True, exist_ok=True)

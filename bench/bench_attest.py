@@ -59,6 +59,7 @@ import grpc
 from tpm2_pytss import TPM2B_DIGEST, TPML_DIGEST
 from tpm2_pytss.utils import ffi
 
+from bench._attest_setup import PARTIES, WORKLOAD
 from bench._loadgen import CHANNEL_OPTIONS, events_to_json, proc_cpu_seconds
 from broker.keyseal import seal_for_registration
 from cleanroom.app.emulators.softak import QUOTED_BANKS, QuoteMaker, SoftAk, pcr_selection
@@ -75,14 +76,7 @@ from tests.harness.launch import TEST_LAUNCH, with_test_launch
 _REPO = Path(__file__).resolve().parents[1]
 CLEANROOM = Path(sys.executable).parent / "cleanroom"
 TRUST_DOMAIN = "cleanroom.local"
-PARTIES = ("advertiser", "publisher")
 TIMEOUT = 30.0
-#: The workload the parties approve and the sidecars measure (path, contents).
-WORKLOAD = (
-    ("model/train.py", b"import pandas\n# join the parties' data and train\n" * 40),
-    ("model/insights.py", b"def insights(df):\n    return df.describe()\n" * 20),
-    ("bin/run.sh", b"#!/bin/sh\nexec python -m model.train\n"),
-)
 TARGET_RATE = 1000.0
 TARGET_P99_MS = 25.0
 
