@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from evidence.launch import Launch
     from evidence.pcr import Measurement
     from sidecar.config import TpmConfig
+    from sidecar.runconfig import RunConfig
 
 
 def _add_tpm_options(parser: argparse.ArgumentParser, *, default: Any) -> None:
@@ -109,13 +110,38 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "(CLEANROOM_WORKLOAD_SOCKET); outputs are sealed to the approved recipients. A "
         "COMMAND after '--' must equal [workload] command. Exits with the workload's exit "
         "status. See docs/sidecar-run.md.",
-        usage="%(prog)s [-h] --config FILE [--tcti TCTI] [-- COMMAND [ARGS ...]]",
+        usage="%(prog)s [-h] (--config FILE [--tcti TCTI] | --prepared PATH) "
+        "[-- COMMAND [ARGS ...]]",
     )
     _add_tpm_options(run, default=argparse.SUPPRESS)
+    run.add_argument(
+        "--prepared",
+        metavar="PATH",
+        help="have the prepared sidecar listening at PATH ('sidecar serve') do the run, with "
+        "its config; this process only passes its stdin/stdout/stderr and waits",
+    )
     run.add_argument(
         "command", metavar="COMMAND", nargs=argparse.REMAINDER, help="the workload and its args"
     )
     run.set_defaults(func=_run)
+
+    serve = group.add_parser(
+        "serve",
+        help="prepare 'sidecar run' ahead of time and serve runs on a control socket",
+        description="Import what 'sidecar run' needs and load the config once, then wait on a "
+        "control Unix socket: each 'cleanroom sidecar run --prepared PATH' is run by a fresh "
+        "child forked from this process, exactly as 'sidecar run --config FILE' would run it. "
+        "Holds no TPM context, broker connection or key while waiting. See "
+        "docs/sidecar-run.md.",
+    )
+    _add_tpm_options(serve, default=argparse.SUPPRESS)
+    serve.add_argument(
+        "--control",
+        metavar="PATH",
+        help="the control socket (default: $XDG_RUNTIME_DIR/cleanroom-sidecar/control, else "
+        "/tmp/cleanroom-sidecar-UID/control); its directory is created 0700",
+    )
+    serve.set_defaults(func=_serve)
 
 
 def _config(args: argparse.Namespace) -> TpmConfig:
@@ -132,6 +158,17 @@ def _run(args: argparse.Namespace) -> int:
     command = list(args.command)
     if command[:1] == ["--"]:
         command = command[1:]
+    if args.prepared:
+        if args.config or args.tcti:
+            from cleanroom.config import ConfigError
+
+            raise ConfigError(
+                "sidecar run --prepared uses the prepared sidecar's config; drop --config/--tcti"
+            )
+        # Only the standard library: the point is to start the workload without the imports.
+        from sidecar.control import run_prepared
+
+        return run_prepared(args.prepared, command, verbose=getattr(args, "verbose", 0))
     if not args.config:
         from cleanroom.config import ConfigError
 
@@ -140,7 +177,16 @@ def _run(args: argparse.Namespace) -> int:
         os.environ.setdefault("TSS2_LOG", "all+NONE")
     from sidecar.runconfig import load_run_config
 
-    config = load_run_config(args.config, tcti=args.tcti)
+    return run_configured(load_run_config(args.config, tcti=args.tcti), command)
+
+
+def run_configured(config: RunConfig, command: list[str]) -> int:
+    """``sidecar run`` with its config loaded: runs the workload, prints the one-line summary,
+    returns the workload's exit status (the prepared sidecar's run children call it too).
+
+    Raises:
+        RunError: and the other errors of :func:`sidecar.run.run_workload`.
+    """
     # Imported only now: the runtime pulls in gRPC and tpm2-pytss, which the other commands
     # (and --help) do not need.
     from sidecar.run import run_workload
@@ -156,6 +202,28 @@ def _run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return result.exit_code
+
+
+def _serve(args: argparse.Namespace) -> int:
+    if not args.config:
+        from cleanroom.config import ConfigError
+
+        raise ConfigError(
+            "sidecar serve needs --config FILE (sidecar.toml; see docs/sidecar-run.md)"
+        )
+    if not getattr(args, "verbose", 0):
+        os.environ.setdefault("TSS2_LOG", "all+NONE")
+    from sidecar.runconfig import load_run_config
+
+    config = load_run_config(args.config, tcti=args.tcti)
+    from cleanroom.app.cli import call_handler
+    from sidecar.run.prepared import default_control_path, serve
+
+    def run(config: RunConfig, argv: list[str], verbose: int) -> int:
+        return call_handler(lambda: run_configured(config, argv), verbose=verbose)
+
+    control = Path(args.control) if args.control else default_control_path()
+    return serve(config, control.absolute(), run=run)
 
 
 def _enroll(args: argparse.Namespace) -> int:

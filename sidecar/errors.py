@@ -83,3 +83,8 @@ class SnpEvidenceError(SidecarError):
 
 class VcekUnavailableError(SnpEvidenceError):
     """The VCEK cannot be fetched from the instance metadata service or read from its file."""
+
+
+class PreparedSidecarError(SidecarError):
+    """The prepared sidecar (``cleanroom sidecar serve``) cannot be reached or set up, refused a
+    request, or broke the control protocol (docs/sidecar-run.md, "Prepared sidecar")."""

@@ -14,7 +14,7 @@ import importlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from cleanroom import __version__
 from cleanroom.errors import CleanroomError
@@ -140,8 +140,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     _quiet_azure_sdk(args.verbose)
+    return call_handler(lambda: int(func(args)), verbose=args.verbose)
+
+
+def call_handler(call: Callable[[], int], *, verbose: int) -> int:
+    """Runs a command's handler the way ``main`` does: the project's errors become one line on
+    stderr and exit status 1, Ctrl-C 130, a closed stdout 141. (The prepared sidecar runs
+    ``sidecar run`` in a forked process through this too, so both report failures alike.)"""
     try:
-        return int(func(args))
+        return call()
     except BrokenPipeError:
         # The reader went away (`cleanroom open ... | head`): stop quietly, as `cat` does, with
         # the status a process killed by SIGPIPE has. Further writes to stdout (the
@@ -152,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + 13
     except CleanroomError as e:
         print(f"cleanroom: error: {e.user_message}", file=sys.stderr)
-        if args.verbose:
+        if verbose:
             logging.getLogger("cleanroom").exception("details")
         return 1
     except KeyboardInterrupt:
