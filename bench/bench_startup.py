@@ -17,7 +17,14 @@ Baseline in the same run: the same workload script run without the sidecar, read
 plaintext from a local file (``python -B run.py first-byte FILE``): Python's start-up, the SDK
 import and one read, which any way of running the workload pays.
 
-    python -m bench.bench_startup [--runs 7] [--timeline]
+With ``--prepared``, a prepared sidecar (``cleanroom sidecar serve``, docs/sidecar-run.md) is
+started once after the warm-up, outside the timing, as it would be at boot, "prepared before the
+workload is launched"; each round then also measures ``cleanroom sidecar run --prepared CONTROL
+-- python -B run.py first-byte`` (the thin client, and the run forked from the prepared sidecar:
+the same TPM work, broker connection and attestation, without the imports), interleaved with the
+other two, and prints its own ratio to the same baseline.
+
+    python -m bench.bench_startup [--runs 7] [--timeline] [--prepared]
 
 ``--timeline`` also prints the sidecar's own start-up milestones (its ``-v`` log).
 """
@@ -28,6 +35,7 @@ import argparse
 import os
 import platform
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -40,6 +48,7 @@ from pathlib import Path
 
 from tests.harness.swtpm import Swtpm, manufacture
 from tests.support.cleanroom import (
+    CLEANROOM,
     PY,
     CleanRoom,
     build_clean_room,
@@ -86,6 +95,67 @@ def sidecar_run(config: Path, cwd: Path, env: dict[str, str]) -> Run:
     )
 
 
+def _children_cpu_ms() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (usage.ru_utime + usage.ru_stime) * 1000
+
+
+def start_prepared(config: Path, control: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """``cleanroom sidecar serve``, once, before the measured runs; returns when it listens."""
+    proc = subprocess.Popen(
+        [str(CLEANROOM), "sidecar", "serve", "--config", str(config), "--control", str(control)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while not control.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("the prepared sidecar did not start")
+        time.sleep(0.05)
+    return proc
+
+
+def prepared_run(control: Path, cwd: Path, env: dict[str, str]) -> Run:
+    """One ``sidecar -v run --prepared``: the client's CPU plus its run's (from the run's log)."""
+    cpu0 = _children_cpu_ms()
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        [
+            str(CLEANROOM),
+            "-v",
+            "sidecar",
+            "run",
+            "--prepared",
+            str(control),
+            "--",
+            PY,
+            "-B",
+            "run.py",
+            "first-byte",
+        ],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    out, err = proc.communicate(timeout=120)
+    client_cpu = _children_cpu_ms() - cpu0
+    if proc.returncode != 0:
+        raise SystemExit(f"sidecar run --prepared failed ({proc.returncode}):\n{err}")
+    first, cpu = _first_byte(out)
+    timeline = next((line for line in err.splitlines() if "start-up:" in line), "")
+    timeline = timeline.split("start-up: ", 1)[-1]
+    match = re.search(r"\(cpu (\d+) ms\)", timeline)
+    return Run(
+        wall_ms=(first - t0) * 1000,
+        workload_cpu_ms=cpu * 1000,
+        sidecar_cpu_ms=(float(match.group(1)) if match else 0.0) + client_cpu,
+        timeline=f"client cpu {client_cpu:.0f} ms; run (ms since its fork): {timeline}",
+    )
+
+
 def baseline_run(root: Path, plaintext: Path, env: dict[str, str]) -> Run:
     """The same workload without the sidecar, reading the plaintext from a local file."""
     t0 = time.monotonic()
@@ -106,7 +176,9 @@ def _median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
-def _report(with_sidecar: list[Run], without: list[Run], *, timeline: bool) -> None:
+def _report(
+    with_sidecar: list[Run], without: list[Run], prepared: list[Run], *, timeline: bool
+) -> None:
     wall = [r.wall_ms for r in with_sidecar]
     base = [r.wall_ms for r in without]
     # The CPU spent on the critical path: the sidecar until it started the workload, then the
@@ -136,10 +208,27 @@ def _report(with_sidecar: list[Run], without: list[Run], *, timeline: bool) -> N
         f"{_median([r.workload_cpu_ms for r in with_sidecar]):.0f} ms = {_median(cpu):.0f} ms; "
         f"baseline {_median(base_cpu):.0f} ms; ratio {_median(cpu) / _median(base_cpu):.2f}x"
     )
+    if prepared:
+        pwall = [r.wall_ms for r in prepared]
+        pcpu = [r.sidecar_cpu_ms + r.workload_cpu_ms for r in prepared]
+        print(
+            f"prepared sidecar (sidecar serve started before the runs) -> first plaintext "
+            f"byte: median {_median(pwall):.0f} ms, min {min(pwall):.0f} ms, max "
+            f"{max(pwall):.0f} ms; overhead median {_median(pwall) - _median(base):.0f} ms, "
+            f"ratio {_median(pwall) / _median(base):.2f}x"
+        )
+        print(
+            f"prepared CPU on the critical path: client + forked run to workload start median "
+            f"{_median([r.sidecar_cpu_ms for r in prepared]):.0f} ms + workload to first byte "
+            f"{_median([r.workload_cpu_ms for r in prepared]):.0f} ms = {_median(pcpu):.0f} ms; "
+            f"ratio {_median(pcpu) / _median(base_cpu):.2f}x"
+        )
     if timeline:
         print("sidecar start-up milestones (ms since its process started):")
         for r in with_sidecar:
             print(f"  {r.timeline}")
+        for r in prepared:
+            print(f"  prepared: {r.timeline}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -148,11 +237,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--timeline", action="store_true", help="print the sidecar's start-up milestones"
     )
+    parser.add_argument(
+        "--prepared",
+        action="store_true",
+        help="also measure runs through a prepared sidecar (sidecar serve), started before them",
+    )
     args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="bench-startup-"))
     swtpm: Swtpm | None = None
     room: CleanRoom | None = None
+    server: subprocess.Popen[bytes] | None = None
     try:
         state = work / "swtpm"
         manufacture(state)
@@ -178,13 +273,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         sidecar_run(config, run_dir, env)
         baseline_run(room.workload_root, plaintext, env)
 
+        control = work / "ctl" / "control"
+        if args.prepared:
+            # Prepared before the workload is launched (at boot, in a deployment): not timed.
+            server = start_prepared(config, control, env)
+            prepared_run(control, run_dir, env)
+
         with_sidecar: list[Run] = []
         without: list[Run] = []
+        prepared: list[Run] = []
         for _ in range(args.runs):
             with_sidecar.append(sidecar_run(config, run_dir, env))
+            if args.prepared:
+                prepared.append(prepared_run(control, run_dir, env))
             without.append(baseline_run(room.workload_root, plaintext, env))
-        _report(with_sidecar, without, timeline=args.timeline)
+        _report(with_sidecar, without, prepared, timeline=args.timeline)
     finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=30)
         if room is not None:
             room.broker.stop()
         if swtpm is not None:

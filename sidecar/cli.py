@@ -216,7 +216,7 @@ def _serve(args: argparse.Namespace) -> int:
     from sidecar.runconfig import load_run_config
 
     config = load_run_config(args.config, tcti=args.tcti)
-    from cleanroom.app.cli import call_handler
+    from cleanroom.handler import call_handler
     from sidecar.run.prepared import default_control_path, serve
 
     def run(config: RunConfig, argv: list[str], verbose: int) -> int:

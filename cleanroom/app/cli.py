@@ -9,16 +9,20 @@ one clear line and exits non-zero.
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from cleanroom import __version__
-from cleanroom.errors import CleanroomError
-from cleanroom.logs import StderrHandler
+from cleanroom.handler import call_handler
+
+if TYPE_CHECKING:
+    import argparse
+
+# argparse, logging and the handlers' modules are imported inside the functions that use them:
+# `sidecar run --prepared` (the prepared sidecar's thin client, docs/sidecar-run.md) needs none
+# of them, and its start-up is on the way to the workload's first byte.
 
 # (module holding register(), the top-level commands it registers). tests/unit/cleanroom/test_cli.py
 # checks the command names against what each register() adds.
@@ -31,24 +35,6 @@ _GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("cleanroom.app.demo", ("demo",)),
     ("cleanroom.app.completion", ("completion",)),
 )
-
-
-#: Top-level modules of the optional dependency groups (pyproject.toml), for the one-line hint
-#: a command that needs a group that is not installed prints.
-_EXTRA_OF: dict[str, str] = {
-    "sqlalchemy": "broker",
-    "alembic": "broker",
-    "psycopg": "broker",
-    "prometheus_client": "broker",
-    "grpc_reflection": "broker",
-    "azure": "azure",
-    "numpy": "example",
-    "pandas": "example",
-    "sklearn": "example",
-    "scipy": "example",
-    "matplotlib": "example",
-    "pyarrow": "example",
-}
 
 
 def _command_of(argv: Sequence[str]) -> str | None:
@@ -70,6 +56,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     so a known command gets only its own group. Without one (``--help``, a typo) all groups
     are registered, so that help and "invalid choice" list every command.
     """
+    import argparse
+    import importlib
+
     parser = argparse.ArgumentParser(
         prog="cleanroom",
         description="TPM-attested key broker for data clean rooms.",
@@ -95,6 +84,8 @@ def _verbose_everywhere(parser: argparse.ArgumentParser) -> None:
     parser that already spells ``-v`` otherwise keeps its meaning. Arguments after a command's
     ``REMAINDER`` (``sidecar run ... PROGRAM -v``) stay the workload's.
     """
+    import argparse
+
     for action in parser._actions:
         if not isinstance(action, argparse._SubParsersAction):
             continue
@@ -111,9 +102,45 @@ def _verbose_everywhere(parser: argparse.ArgumentParser) -> None:
             _verbose_everywhere(child)
 
 
+def _prepared_run(argv: Sequence[str]) -> tuple[str, list[str], int] | None:
+    """``(PATH, COMMAND, verbosity)`` when ``argv`` is exactly ``[-v...] sidecar run [-v...]
+    --prepared PATH [-v...] -- COMMAND...``, else None (argparse then parses it as usual)."""
+    verbose, path, i = 0, None, 0
+    while i < len(argv) and argv[i] in ("-v", "-vv", "--verbose"):
+        verbose += 1 if argv[i] == "--verbose" else len(argv[i]) - 1
+        i += 1
+    if list(argv[i : i + 2]) != ["sidecar", "run"]:
+        return None
+    i += 2
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            return (path, list(argv[i + 1 :]), verbose) if path else None
+        if arg == "--prepared" and i + 1 < len(argv):
+            path, i = argv[i + 1], i + 2
+        elif arg.startswith("--prepared="):
+            path, i = arg.split("=", 1)[1], i + 1
+        elif arg in ("-v", "-vv", "--verbose"):
+            verbose, i = verbose + (1 if arg == "--verbose" else len(arg) - 1), i + 1
+        else:
+            return None
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    prepared = _prepared_run(argv)
+    if prepared is not None:
+        # The prepared sidecar's thin client: the same command argparse would dispatch, without
+        # building the parser (tens of milliseconds before the workload's first byte).
+        from sidecar.control import run_prepared
+
+        path, words, level = prepared
+        return call_handler(lambda: run_prepared(path, words, verbose=level), verbose=level)
+    import logging
+
     from cleanroom.app.completion import complete_if_asked
+    from cleanroom.logs import StderrHandler
 
     # The shell asking for completions: answer from the whole tree and exit.
     complete_if_asked(build_parser)
@@ -143,40 +170,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return call_handler(lambda: int(func(args)), verbose=args.verbose)
 
 
-def call_handler(call: Callable[[], int], *, verbose: int) -> int:
-    """Runs a command's handler the way ``main`` does: the project's errors become one line on
-    stderr and exit status 1, Ctrl-C 130, a closed stdout 141. (The prepared sidecar runs
-    ``sidecar run`` in a forked process through this too, so both report failures alike.)"""
-    try:
-        return call()
-    except BrokenPipeError:
-        # The reader went away (`cleanroom open ... | head`): stop quietly, as `cat` does, with
-        # the status a process killed by SIGPIPE has. Further writes to stdout (the
-        # interpreter flushes it at exit) go to /dev/null instead of failing again.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-        return 128 + 13
-    except CleanroomError as e:
-        print(f"cleanroom: error: {e.user_message}", file=sys.stderr)
-        if verbose:
-            logging.getLogger("cleanroom").exception("details")
-        return 1
-    except KeyboardInterrupt:
-        print("cleanroom: interrupted", file=sys.stderr)
-        return 130
-    except ModuleNotFoundError as e:
-        extra = _EXTRA_OF.get((e.name or "").split(".")[0])
-        if extra is None:
-            raise
-        print(
-            f"cleanroom: error: this command needs the optional dependency group {extra!r} "
-            f"(pip install 'cleanroom-broker[{extra}]'): {e}",
-            file=sys.stderr,
-        )
-        return 1
-
-
 def _debugging(argv: Sequence[str]) -> bool:
     """Whether ``argv`` asks for debug logs (``-vv``, or ``-v`` twice), wherever it says so."""
     count = 0
@@ -194,6 +187,8 @@ def _quiet_azure_sdk(verbose: int) -> None:
     """The Azure SDK logs every HTTP request and response, headers included, at INFO: useful
     when debugging a Key Vault or Blob problem, noise otherwise. Only ``-vv`` (debug) shows it;
     its warnings and errors always pass."""
+    import logging
+
     level = logging.DEBUG if verbose >= 2 else logging.WARNING
     logging.getLogger("azure").setLevel(level)
 
