@@ -189,48 +189,48 @@ def serve(
 
     old = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     children: set[int] = set()
+    # A spare run child, forked ahead of the next request, accepts it: the fork (and the first
+    # copy-on-write faults) are off the run's path. It is the server's copy as it waits (no
+    # connection, thread or key); when it accepts a connection it tells the server, which
+    # forks the next spare.
+    accepted_r, accepted_w = os.pipe2(os.O_CLOEXEC)
+    spare: int | None = None
     try:
         _log.warning("prepared sidecar listening at %s (pid %d)", control, os.getpid())
         if ready is not None:
             ready()
         while not stopping:
             _reap(children)
-            try:
-                readable, _, _ = select.select([listener], [], [], _REAP_SECONDS)
-            except InterruptedError:
-                continue
-            if not readable:
-                continue
-            try:
-                conn, _ = listener.accept()
-            except OSError as e:
-                if e.errno in (errno.EINTR, errno.EAGAIN, errno.ECONNABORTED):
-                    continue
-                raise
-            with conn:
-                pid, uid, _ = _peer(conn)
-                if uid not in (os.getuid(), 0):
-                    _log.warning(
-                        "refused a control connection from pid %d uid %d: only uid %d or root "
-                        "may run the prepared sidecar",
-                        pid,
-                        uid,
-                        os.getuid(),
-                    )
-                    continue
+            if spare is None or spare not in children:
                 sys.stdout.flush()
                 sys.stderr.flush()
-                child = os.fork()
-                if child == 0:
-                    _run_child(listener, conn, config, run)
-                children.add(child)
-                _log.info("run %d for pid %d (uid %d)", child, pid, uid)
+                spare = os.fork()
+                if spare == 0:
+                    os.close(accepted_r)
+                    _run_child(listener, accepted_w, config, run)
+                children.add(spare)
+            try:
+                readable, _, _ = select.select([accepted_r], [], [], _REAP_SECONDS)
+            except InterruptedError:
+                continue
+            if readable:
+                os.read(accepted_r, 64)
+                spare = None
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
         listener.close()
         with contextlib.suppress(OSError):
             control.unlink()
+        os.close(accepted_r)
+        os.close(accepted_w)
+        if spare is not None and spare in children:
+            # Idle: it holds nothing and has started nothing.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(spare, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(spare, 0)
+            children.discard(spare)
     _log.warning("prepared sidecar stopped (%d run(s) still running)", len(children))
     return 0
 
@@ -247,24 +247,55 @@ def _reap(children: set[int]) -> None:
 
 def _run_child(
     listener: socket.socket,
-    conn: socket.socket,
+    accepted: int,
     config: RunConfig,
     run: Callable[[RunConfig, list[str], int], int],
 ) -> NoReturn:
-    """The forked run: never returns into the server's loop, whatever happens."""
+    """The forked spare: accepts one connection, tells the server, checks the peer, serves the
+    run. Never returns into the server's loop, whatever happens."""
     code = 1
     try:
+        # The server's handlers (stop serving) are not this child's: until the run installs
+        # its own, a signal stops the run before anything started, as for plain `sidecar run`.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, _interrupted)
+        conn = _accept(listener)
         listener.close()
-        code = _serve_request(conn, config, run)
+        os.write(accepted, b"a")
+        os.close(accepted)
+        with conn:
+            pid, uid, _ = _peer(conn)
+            if uid not in (os.getuid(), 0):
+                _log.warning(
+                    "refused a control connection from pid %d uid %d: only uid %d or root "
+                    "may run the prepared sidecar",
+                    pid,
+                    uid,
+                    os.getuid(),
+                )
+            else:
+                _log.info("run %d for pid %d (uid %d)", os.getpid(), pid, uid)
+                code = _serve_request(conn, config, run)
     except BaseException as e:
         # Whatever it is, the child ends here: returning would run a second server loop.
         with contextlib.suppress(BaseException):
-            _log.error("prepared run failed: %s", e)
+            if not isinstance(e, RunInterruptedError):
+                _log.error("prepared run failed: %s", e)
     finally:
         with contextlib.suppress(BaseException):
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(code & 0xFF)
+
+
+def _accept(listener: socket.socket) -> socket.socket:
+    while True:
+        try:
+            conn, _ = listener.accept()
+            return conn
+        except OSError as e:
+            if e.errno not in (errno.EINTR, errno.EAGAIN, errno.ECONNABORTED):
+                raise
 
 
 def _interrupted(signum: int, frame: FrameType | None) -> None:
@@ -278,10 +309,6 @@ def _interrupted(signum: int, frame: FrameType | None) -> None:
 def _serve_request(
     conn: socket.socket, config: RunConfig, run: Callable[[RunConfig, list[str], int], int]
 ) -> int:
-    # The server's own handlers (stop serving) are not this run's: until the run installs its
-    # own, a signal stops the run before anything started, as for plain `sidecar run`.
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, _interrupted)
     conn.settimeout(_REQUEST_TIMEOUT_SECONDS)
     request, reader = _receive_request(conn)
     argv, cwd, verbose = request
