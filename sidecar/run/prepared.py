@@ -231,7 +231,16 @@ def serve(
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(spare, 0)
             children.discard(spare)
-    _log.warning("prepared sidecar stopped (%d run(s) still running)", len(children))
+        # Runs in progress are stopped as a stopped `sidecar run` is (the workload gets SIGTERM,
+        # then its grace period), and waited for: under systemd, whatever is left when the
+        # server exits is killed outright.
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGTERM)
+        for child in children:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(child, 0)
+    _log.warning("prepared sidecar stopped")
     return 0
 
 

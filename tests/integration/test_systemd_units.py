@@ -21,7 +21,12 @@ ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "packaging" / "systemd"
 INSTALLED = "/opt/cleanroom/venv/bin/cleanroom"
 CLEANROOM = str(Path(sys.executable).parent / "cleanroom")
-NAMES = ["cleanroom-broker.service", "cleanroom-broker-init.service", "cleanroom-workload.service"]
+NAMES = [
+    "cleanroom-broker.service",
+    "cleanroom-broker-init.service",
+    "cleanroom-sidecar-prepared.service",
+    "cleanroom-workload.service",
+]
 
 
 def _settings(unit: Path) -> dict[str, list[str]]:
@@ -50,10 +55,7 @@ def test_the_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     assert res.returncode == 0 and res.stderr == "" and res.stdout == "", res.stderr + res.stdout
 
 
-@pytest.mark.parametrize(
-    "name",
-    ["cleanroom-broker.service", "cleanroom-broker-init.service", "cleanroom-workload.service"],
-)
+@pytest.mark.parametrize("name", NAMES)
 def test_every_unit_is_hardened(name: str) -> None:
     s = _settings(UNITS / name)
     assert s["NoNewPrivileges"] == ["yes"]
@@ -91,3 +93,17 @@ def test_docs_show_the_sidecar_unit_as_shipped() -> None:
     assert block, "docs/sidecar-run.md no longer shows the unit"
     shipped = (UNITS / "cleanroom-workload.service").read_text().split("\n", 1)[1]
     assert block[1] == shipped
+
+
+def test_the_prepared_sidecar_unit() -> None:
+    prepared = _settings(UNITS / "cleanroom-sidecar-prepared.service")
+    assert prepared["ExecStart"] == [
+        f"{INSTALLED} sidecar serve --config /etc/cleanroom/sidecar.toml "
+        "--control /run/cleanroom-sidecar/control"
+    ]
+    # The control socket's directory is private (the server checks it is 0700 and its own).
+    assert prepared["RuntimeDirectory"] == ["cleanroom-sidecar"]
+    assert prepared["RuntimeDirectoryMode"] == ["0700"]
+    # Runs are forked from it: their workloads need the delegated cgroup, the TPM its group.
+    assert prepared["Delegate"] == ["yes"]
+    assert prepared["SupplementaryGroups"] == ["tss"]
