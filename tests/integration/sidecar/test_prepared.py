@@ -303,3 +303,29 @@ def test_the_client_imports_nothing_heavy(tmp_path: Path) -> None:
     }
     assert heavy == set()
     assert not {m for m in modules if m.startswith(("sidecar.run", "broker", "cleanroom.v1"))}
+
+
+def test_sigterm_to_the_client_stops_the_workload_with_the_run_s_status(
+    room: CleanRoom, module_tpm: Swtpm, rundir: Path
+) -> None:
+    hang = (PY, "-B", "run.py", "hang", str(rundir / "pid"))
+    room.approve_launch(hang)
+    config = config_for(room, module_tpm, rundir, command=hang, grace_seconds=5)
+    zygote = Zygote(config, rundir)
+    try:
+        client = zygote.client(*hang, cwd=rundir)
+        deadline = time.monotonic() + 120
+        while not (rundir / "pid").exists():
+            assert client.poll() is None, client.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        workload = int((rundir / "pid").read_text())
+        client.send_signal(signal.SIGTERM)
+        _, err = client.communicate(timeout=60)
+        # The run forwarded it to the workload, which died of it: sidecar run's 128 + 15.
+        assert client.returncode == 128 + signal.SIGTERM, err
+        assert not _alive(workload)
+        # The incomplete output was discarded, as for a stopped `sidecar run`.
+        assert not (rundir / "outputs" / "partial.csv.sealed").exists()
+    finally:
+        zygote.stop()
