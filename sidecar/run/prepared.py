@@ -159,7 +159,6 @@ def serve(
     control: Path,
     *,
     run: Callable[[RunConfig, list[str], int], int],
-    ready: Callable[[], None] | None = None,
 ) -> int:
     """Imports the run's modules, listens at ``control`` and serves runs until SIGTERM/SIGINT.
 
@@ -197,8 +196,6 @@ def serve(
     spare: int | None = None
     try:
         _log.warning("prepared sidecar listening at %s (pid %d)", control, os.getpid())
-        if ready is not None:
-            ready()
         while not stopping:
             _reap(children)
             if spare is None or spare not in children:
