@@ -4,6 +4,7 @@ software-TPM launcher (:mod:`cleanroom.app.devtpm`). Real files, real processes,
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import signal
@@ -204,6 +205,28 @@ def test_close_stops_children_their_groups_and_escaped_descendants(tmp_path: Pat
         assert not _alive(pid), pid
     assert "stubborn" in sup.stopped
     assert f"sleep (pid {escaped})" in sup.stopped
+
+
+def test_close_leaves_the_processes_that_ran_before_it_opened(tmp_path: Path) -> None:
+    # A test session's Azurite, started by a session fixture, is such a process: the sweep
+    # once stopped it, and every later Azurite test hung on a service that was gone.
+    earlier = subprocess.Popen(["sh", "-c", "sleep 300 & wait"])
+    earlier_sleep: int | None = None
+    try:
+        _wait_for(lambda: len(descendants(earlier.pid)) == 1)
+        earlier_sleep = descendants(earlier.pid)[0]
+        with Supervisor(grace=1.0) as sup:
+            child = sup.start("sleeper", ["sleep", "300"], log_file=tmp_path / "s.log")
+        assert not _alive(child.pid)
+        assert _alive(earlier.pid)
+        assert _alive(earlier_sleep)
+        assert not any(str(earlier.pid) in name for name in sup.stopped)
+    finally:
+        earlier.kill()
+        earlier.wait()
+        if earlier_sleep is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(earlier_sleep, signal.SIGKILL)
 
 
 def test_sigterm_becomes_keyboard_interrupt_and_handlers_come_back(tmp_path: Path) -> None:

@@ -67,6 +67,17 @@ def _stat(pid: int) -> tuple[str, int, int] | None:
         return None
 
 
+def _start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot), or None when it is gone: with the pid, it
+    names one process even after the pid is reused."""
+    data = _read(f"/proc/{pid}/stat")
+    end = data.rfind(b")")
+    try:
+        return int(data[end + 2 :].split()[19]) if end >= 0 else None
+    except (IndexError, ValueError):
+        return None
+
+
 def _all_pids() -> list[int]:
     try:
         return [int(name) for name in os.listdir("/proc") if name.isdigit()]
@@ -207,11 +218,15 @@ class Supervisor:
         self._subreaper = False
         self._saved: dict[int, Any] = {}
         self._open = False
+        #: The descendants this process had before the supervisor opened (pid: start time):
+        #: they are not the supervisor's, and neither are theirs, so the sweep leaves them.
+        self._earlier: dict[int, int | None] = {}
         #: Processes stopped by :meth:`close` (direct children and stray descendants).
         self.stopped: list[str] = []
 
     def __enter__(self) -> Self:
         self._open = True
+        self._earlier = {p: _start_time(p) for p in descendants(os.getpid())}
         if self._want_subreaper:
             self._subreaper = _set_subreaper(True)
         if self._handle_signals:
@@ -300,7 +315,13 @@ class Supervisor:
         self.stopped.append(child.name)
 
     def _stop_strays(self) -> None:
-        strays = [p for p in descendants(os.getpid()) if _alive(p)]
+        # Processes that were running before the supervisor opened (a test session's emulator,
+        # say) are someone else's: they and their own descendants are left alone.
+        earlier = {p for p, t in self._earlier.items() if t is not None and _start_time(p) == t}
+        theirs = set(earlier)
+        for p in earlier:
+            theirs.update(descendants(p))
+        strays = [p for p in descendants(os.getpid()) if p not in theirs and _alive(p)]
         if not strays:
             return
         names = {p: process_cmdline(p).split(" ", 1)[0] or str(p) for p in strays}
