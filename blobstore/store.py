@@ -31,7 +31,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, BinaryIO, Self, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from azure.core import MatchConditions
 from azure.core.credentials import TokenCredential
@@ -59,6 +59,7 @@ from blobstore.errors import (
     ContainerNotFoundError,
 )
 from blobstore.urls import BlobLocation, LocalLocation, Location, parse_location
+from cleanroom.closing import Closeable
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
@@ -565,7 +566,7 @@ class LocalFileWriter(_AbortOnDrop):
 # --- the store ------------------------------------------------------------------------------
 
 
-class BlobStore:
+class BlobStore(Closeable):
     """Opens readers and writers for paths and blob URLs; holds clients and credentials.
 
     Thread-safe. Close it (or use it as a context manager) to close its HTTP sessions and the
@@ -852,17 +853,6 @@ class BlobStore:
             client.close()
         if credential is not None:
             credential.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _with_own_store(

@@ -22,11 +22,12 @@ import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any, Final, Self
+from typing import IO, TYPE_CHECKING, Any, Final
 
 import grpc
 from google.protobuf.message import DecodeError
 
+from cleanroom.closing import Closeable
 from cleanroom.v1 import workload_pb2, workload_pb2_grpc
 from workload.errors import (
     AccessDeniedError,
@@ -672,7 +673,7 @@ def seekable_copy(
     return copy
 
 
-class Client:
+class Client(Closeable):
     """A connection to the sidecar's workload socket (a context manager).
 
     Args:
@@ -800,17 +801,6 @@ class Client:
     def close(self) -> None:
         """Closes the connection."""
         self._channel.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"Client({self._path!r})"

@@ -15,7 +15,6 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 import sqlalchemy as sa
@@ -30,6 +29,7 @@ from broker.errors import BrokerError, StorageError
 from broker.storage import migrate as _migrate
 from broker.storage.fast import FastPath
 from broker.storage.unit import ChainStatements, UnitOfWork
+from cleanroom.closing import Closeable
 
 SQLITE_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
@@ -177,7 +177,7 @@ def prepare_schema(
         )
 
 
-class Database:
+class Database(Closeable):
     """The broker's database: SQLite (default, one file, WAL) or PostgreSQL (several replicas),
     with the one transaction style every repository uses: :meth:`transaction` (a Core
     transaction), :meth:`write` (a write of its own or inside a unit of work), the decision's
@@ -374,17 +374,6 @@ class Database:
             self._engine.dispose()
             if self._fast_engine is not None:
                 self._fast_engine.dispose()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # --- transactions ---------------------------------------------------------------------
 

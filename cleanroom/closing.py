@@ -1,0 +1,64 @@
+"""Context-manager bases for the project's resources.
+
+Many of our objects own something that must be released (a channel, a database engine, a
+server thread, key material held in memory) and are used in a ``with`` block that releases it
+on the way out, error or not. These bases give them that one behaviour: :class:`Closeable`
+for resources released by ``close()``, :class:`Stoppable` for services stopped by ``stop()``.
+They live in the bottom package so that every package may use them, and they hold no state
+(``__slots__ = ()``), so classes with slots may derive from them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from types import TracebackType
+from typing import Self
+
+
+class _Released(ABC):
+    """What both bases share: ``with`` returns the object and releases it on the way out."""
+
+    __slots__ = ()
+
+    @abstractmethod
+    def _release(self) -> None: ...
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._release()
+
+
+class Closeable(_Released):
+    """A resource released by :meth:`close`, which a ``with`` block calls on the way out."""
+
+    __slots__ = ()
+
+    @abstractmethod
+    def close(self) -> None:
+        """Releases the resource (implementations make a second call harmless)."""
+
+    def _release(self) -> None:
+        self.close()
+
+
+class Stoppable(_Released):
+    """A running service stopped by :meth:`stop`, which a ``with`` block calls on the way out."""
+
+    __slots__ = ()
+
+    @abstractmethod
+    def stop(self) -> None:
+        """Stops the service (implementations make a second call harmless)."""
+
+    def _release(self) -> None:
+        self.stop()
+
+
+__all__ = ["Closeable", "Stoppable"]
