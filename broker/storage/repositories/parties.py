@@ -50,10 +50,12 @@ class PartyRepository:
             UnknownPolicyObjectError: no such party.
             StorageError: the database failed.
         """
-        with self._db.fast.session("get party") as cur:
-            row = cur.one(self._get_party, {"name": name})
-        if row is None:
-            raise UnknownPolicyObjectError(f"party {name!r} does not exist")
+        row = self._db.fetch_one(
+            "get party",
+            self._get_party,
+            {"name": name},
+            UnknownPolicyObjectError(f"party {name!r} does not exist"),
+        )
         return codec.party(row)
 
     def list_parties(self) -> list[Party]:
@@ -62,9 +64,9 @@ class PartyRepository:
         Raises:
             StorageError: the database failed.
         """
-        with self._db.transaction("list parties") as conn:
-            rows = conn.execute(sa.select(parties).order_by(parties.c.name)).all()
-        return [codec.party(r) for r in rows]
+        return self._db.select_all(
+            "list parties", sa.select(parties).order_by(parties.c.name), codec.party
+        )
 
     def add_data_key(self, record: DataKeyRecord, *, uow: UnitOfWork | None = None) -> None:
         """Stores a party's wrapped data key.
@@ -98,10 +100,12 @@ class PartyRepository:
             UnknownPolicyObjectError: no such key.
             StorageError: the database failed.
         """
-        with self._db.fast.session("get data key") as cur:
-            row = cur.one(self._get_data_key, {"key_id": key_id})
-        if row is None:
-            raise UnknownPolicyObjectError(f"data key {key_id!r} does not exist")
+        row = self._db.fetch_one(
+            "get data key",
+            self._get_data_key,
+            {"key_id": key_id},
+            UnknownPolicyObjectError(f"data key {key_id!r} does not exist"),
+        )
         return codec.data_key(row)
 
     def get_data_keys(self, key_ids: Sequence[str]) -> list[DataKeyRecord]:
@@ -132,9 +136,7 @@ class PartyRepository:
         stmt = sa.select(data_keys).order_by(data_keys.c.key_id)
         if owner is not None:
             stmt = stmt.where(data_keys.c.owner == owner)
-        with self._db.transaction("list data keys") as conn:
-            rows = conn.execute(stmt).all()
-        return [codec.data_key(r) for r in rows]
+        return self._db.select_all("list data keys", stmt, codec.data_key)
 
     def rewrap_data_key(
         self, key_id: str, wrapped_key: bytes, kek_ref: str, *, uow: UnitOfWork | None = None
