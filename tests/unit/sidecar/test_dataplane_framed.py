@@ -12,13 +12,16 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from sidecar.dataplane import DataPlaneConfig, KeyRing
 from tests.support.dataplane import (
+    FailingReattest,
+    LapsingClock,
+    LeavesAfter,
     Party,
     Session,
     only_this_process,
@@ -26,6 +29,7 @@ from tests.support.dataplane import (
     running_session,
     settled_files,
 )
+from tests.support.memory import reset_peak_rss, rss
 from workload import Client, OutputFailedError
 from workload.wire import FRAME_HEADER, FRAMED_PREFACE, FrameType, frame_header
 
@@ -146,17 +150,6 @@ def test_a_process_outside_the_tree_gets_no_byte_and_an_audit_line(
     assert any("DENIED WriteOutput (data connection)" in m for m in audit), audit
 
 
-class LeavesAfter:
-    """Says yes ``calls`` times, then no: the peer left the workload's tree mid-stream."""
-
-    def __init__(self, calls: int) -> None:
-        self.left = calls
-
-    def __call__(self, pid: int, uid: int) -> bool:
-        self.left -= 1
-        return self.left >= 0 and only_this_process(pid, uid)
-
-
 def test_a_reader_that_leaves_the_tree_is_cut_before_the_next_chunk(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -184,28 +177,8 @@ def test_a_reader_that_leaves_the_tree_is_cut_before_the_next_chunk(
     assert f"after {2 * CHUNK} bytes" in audit[0]
 
 
-class LapsingClock:
-    """ "Now" for the first ``lapse_after`` readings, then two minutes later."""
-
-    def __init__(self, lapse_after: int) -> None:
-        self.start = datetime(2030, 1, 1, tzinfo=UTC)
-        self.readings = 0
-        self.lapse_after = lapse_after
-
-    def __call__(self) -> datetime:
-        self.readings += 1
-        late = self.readings > self.lapse_after
-        return self.start + (timedelta(minutes=2) if late else timedelta())
-
-
 def test_a_failed_reattestation_stops_the_stream_at_the_next_chunk(tmp_path: Path) -> None:
-    attempts = 0
-
-    def reattest() -> datetime:
-        nonlocal attempts
-        attempts += 1
-        raise ConnectionError("broker unreachable")
-
+    reattest = FailingReattest()
     # Readings: one when the stream opens, one when the key is borrowed, then one before each
     # chunk leaves, so three chunks get out, whatever the decryption thread did ahead.
     clock = LapsingClock(lapse_after=5)
@@ -226,7 +199,7 @@ def test_a_failed_reattestation_stops_the_stream_at_the_next_chunk(tmp_path: Pat
         assert got == DATA[: 3 * CHUNK] and not end
         assert error is not None and error[0] == FAILED_PRECONDITION
         assert "re-attestation failed" in error[1]
-        assert attempts == 1
+        assert reattest.attempts == 1
         # A new output is refused before anything is opened.
         out = Frames(s.socket)
         out.send(FrameType.OPEN_OUTPUT, b"late.bin")
@@ -275,21 +248,6 @@ def test_grpc_clients_still_share_the_socket(session: Session) -> None:
             assert f.read() == DATA
 
 
-def _rss() -> tuple[int, int]:
-    """(peak RSS since the last reset, current RSS) of this process, in bytes."""
-    status = Path("/proc/self/status").read_text()
-    hwm = re.search(r"VmHWM:\s+(\d+) kB", status)
-    rss = re.search(r"VmRSS:\s+(\d+) kB", status)
-    assert hwm and rss
-    return int(hwm.group(1)) * 1024, int(rss.group(1)) * 1024
-
-
-def _reset_peak_rss() -> int:
-    """Resets the kernel's peak-RSS mark (clear_refs 5) and returns the current RSS."""
-    Path("/proc/self/clear_refs").write_text("5")
-    return _rss()[1]
-
-
 def test_memory_stays_bounded_whatever_the_size(tmp_path: Path) -> None:
     # Sidecar and workload in this one process, 1 MiB chunks: 256 MiB each way may grow the
     # peak by a few buffers and socket queues, not by the size.
@@ -314,17 +272,17 @@ def test_memory_stays_bounded_whatever_the_size(tmp_path: Path) -> None:
         with Client(s.socket) as client:
             with client.open_input("small") as warm:
                 warm.read(1)
-            before = _reset_peak_rss()
+            before = reset_peak_rss()
             total = 0
             with client.open_input("small") as stream:
                 for chunk in stream.chunks():
                     total += len(chunk)
-            read_growth = _rss()[0] - before
-            before = _reset_peak_rss()
+            read_growth = rss()[0] - before
+            before = reset_peak_rss()
             with client.create_output("big.bin") as out:
                 for _ in range(size // mib):
                     out.write(block)
-            write_growth = _rss()[0] - before
+            write_growth = rss()[0] - before
     assert total == size
     assert out.receipt is not None and out.receipt.plaintext_bytes == size
     assert read_growth < 48 * mib, read_growth
