@@ -77,6 +77,26 @@ class Frames:
         self.sock.close()
 
 
+def read_input(path: str, name: str) -> tuple[bytes, bool, tuple[int, str] | None]:
+    """:meth:`Frames.read_input` on a connection of its own."""
+    conn = Frames(path)
+    try:
+        return conn.read_input(name)
+    finally:
+        conn.close()
+
+
+def exchange(path: str, *frames: tuple[FrameType, bytes]) -> tuple[int, bytes] | None:
+    """Sends ``frames`` on a connection of its own; returns the sidecar's first answer."""
+    conn = Frames(path)
+    try:
+        for kind, payload in frames:
+            conn.send(kind, payload)
+        return conn.next()
+    finally:
+        conn.close()
+
+
 @pytest.fixture
 def session(tmp_path: Path) -> Iterator[Session]:
     with running_session(
@@ -100,18 +120,14 @@ def _corrupt_segment(path: Path, index: int) -> None:
 
 
 def test_an_input_arrives_whole_then_end(session: Session) -> None:
-    conn = Frames(session.socket)
-    got, end, error = conn.read_input("a.bin")
-    conn.close()
+    got, end, error = read_input(session.socket, "a.bin")
     assert (got, end, error) == (DATA, True, None)
 
 
 def test_a_tampered_segment_delivers_none_of_its_bytes_nor_any_after_it(session: Session) -> None:
     # The decryption thread works ahead of the socket; only what authenticated may leave.
     _corrupt_segment(session.input_dir / "input0.sealed", 2)
-    conn = Frames(session.socket)
-    got, end, error = conn.read_input("a.bin")
-    conn.close()
+    got, end, error = read_input(session.socket, "a.bin")
     assert got == DATA[: 2 * CHUNK]
     assert not end
     assert error is not None and error[0] == DATA_LOSS
@@ -130,13 +146,8 @@ def test_a_process_outside_the_tree_gets_no_byte_and_an_audit_line(
         ) as s,
         caplog.at_level(logging.WARNING, logger="sidecar.dataplane.audit"),
     ):
-        conn = Frames(s.socket)
-        got, end, error = conn.read_input("a.bin")
-        conn.close()
-        out = Frames(s.socket)
-        out.send(FrameType.OPEN_OUTPUT, b"stolen.bin")
-        answer = out.next()
-        out.close()
+        got, end, error = read_input(s.socket, "a.bin")
+        answer = exchange(s.socket, (FrameType.OPEN_OUTPUT, b"stolen.bin"))
         assert settled_files(s.output_dir) == []
     assert (got, end) == (b"", False)
     assert error is not None and error[0] == PERMISSION_DENIED
@@ -165,9 +176,7 @@ def test_a_reader_that_leaves_the_tree_is_cut_before_the_next_chunk(
         ) as s,
         caplog.at_level(logging.WARNING, logger="sidecar.dataplane.audit"),
     ):
-        conn = Frames(s.socket)
-        got, end, error = conn.read_input("a.bin")
-        conn.close()
+        got, end, error = read_input(s.socket, "a.bin")
     assert got == DATA[: 2 * CHUNK] and not end
     assert error is not None and error[0] == PERMISSION_DENIED
     assert "not part of the workload's process tree" in error[1]
@@ -193,18 +202,13 @@ def test_a_failed_reattestation_stops_the_stream_at_the_next_chunk(tmp_path: Pat
         chunk_size=CHUNK,
     ) as s:
         clock.readings = 0
-        conn = Frames(s.socket)
-        got, end, error = conn.read_input("a.bin")
-        conn.close()
+        got, end, error = read_input(s.socket, "a.bin")
         assert got == DATA[: 3 * CHUNK] and not end
         assert error is not None and error[0] == FAILED_PRECONDITION
         assert "re-attestation failed" in error[1]
         assert reattest.attempts == 1
         # A new output is refused before anything is opened.
-        out = Frames(s.socket)
-        out.send(FrameType.OPEN_OUTPUT, b"late.bin")
-        answer = out.next()
-        out.close()
+        answer = exchange(s.socket, (FrameType.OPEN_OUTPUT, b"late.bin"))
         assert answer is not None and answer[0] == FrameType.ERROR
         assert answer[1][0] == FAILED_PRECONDITION
         assert settled_files(s.output_dir) == []
@@ -217,23 +221,23 @@ def test_an_output_commits_only_on_commit_repeating_its_name(session: Session) -
     conn.send(FrameType.DATA, b"half of it")
     conn.close()
     # COMMIT naming another output: refused and discarded.
-    conn = Frames(session.socket)
-    conn.send(FrameType.OPEN_OUTPUT, b"wrong.bin")
-    conn.send(FrameType.DATA, b"data")
-    conn.send(FrameType.COMMIT, b"other.bin")
-    answer = conn.next()
-    conn.close()
+    answer = exchange(
+        session.socket,
+        (FrameType.OPEN_OUTPUT, b"wrong.bin"),
+        (FrameType.DATA, b"data"),
+        (FrameType.COMMIT, b"other.bin"),
+    )
     assert answer is not None and answer[0] == FrameType.ERROR
     assert answer[1][0] == INVALID_ARGUMENT
     assert settled_files(session.output_dir) == []
     # The whole exchange: DATA frames, COMMIT with the name, a RECEIPT.
-    conn = Frames(session.socket)
-    conn.send(FrameType.OPEN_OUTPUT, b"ok.bin")
-    conn.send(FrameType.DATA, b"first ")
-    conn.send(FrameType.DATA, b"second")
-    conn.send(FrameType.COMMIT, b"ok.bin")
-    answer = conn.next()
-    conn.close()
+    answer = exchange(
+        session.socket,
+        (FrameType.OPEN_OUTPUT, b"ok.bin"),
+        (FrameType.DATA, b"first "),
+        (FrameType.DATA, b"second"),
+        (FrameType.COMMIT, b"ok.bin"),
+    )
     assert answer is not None and answer[0] == FrameType.RECEIPT
     sealed = session.output_dir / "ok.bin.sealed"
     assert open_sealed(sealed, ALICE.recipient) == b"first second"
