@@ -30,7 +30,6 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from azure.core import MatchConditions
@@ -59,7 +58,7 @@ from blobstore.errors import (
     ContainerNotFoundError,
 )
 from blobstore.urls import BlobLocation, LocalLocation, Location, parse_location
-from cleanroom.closing import Closeable
+from cleanroom.closing import AbortOnError, Closeable
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
@@ -223,7 +222,7 @@ class BlobReader(io.RawIOBase):
 # --- writing --------------------------------------------------------------------------------
 
 
-class _AbortOnDrop(io.RawIOBase):
+class _AbortOnDrop(AbortOnError, io.RawIOBase):
     """A writer that commits only on close(); dropping it unclosed (or an exception in its
     ``with`` block) aborts instead of committing.
 
@@ -271,17 +270,6 @@ class _AbortOnDrop(io.RawIOBase):
             raise
         self._bytes_written += total
         return total
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
     def __del__(self) -> None:
         # io.IOBase's finalizer would call close(), i.e. commit a possibly partial stream.

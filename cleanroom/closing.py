@@ -3,16 +3,17 @@
 Many of our objects own something that must be released (a channel, a database engine, a
 server thread, key material held in memory) and are used in a ``with`` block that releases it
 on the way out, error or not. These bases give them that one behaviour: :class:`Closeable`
-for resources released by ``close()``, :class:`Stoppable` for services stopped by ``stop()``.
-They live in the bottom package so that every package may use them, and they hold no state
-(``__slots__ = ()``), so classes with slots may derive from them.
+for resources released by ``close()``, :class:`Stoppable` for services stopped by ``stop()``,
+and :class:`AbortOnError` for writers that commit on ``close()`` and must not commit when
+their block failed. They live in the bottom package so that every package may use them, and
+they hold no state (``__slots__ = ()``), so classes with slots may derive from them.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 
 class _Released(ABC):
@@ -61,4 +62,36 @@ class Stoppable(_Released):
         self.stop()
 
 
-__all__ = ["Closeable", "Stoppable"]
+class AbortOnError(ABC):
+    """A writer that commits on ``close()``: a ``with`` block that ends normally closes it
+    (commits), one that raises calls :meth:`abort` instead, so a failed block never commits.
+
+    Only ``__exit__`` is given here: file-like writers keep :class:`io.IOBase`'s ``__enter__``
+    (which refuses a closed file), and their own ``close()``; list this base first so that its
+    ``__exit__`` is the one that runs. Other writers add :class:`Closeable` after it for
+    ``__enter__``.
+    """
+
+    __slots__ = ()
+
+    if TYPE_CHECKING:
+
+        def close(self) -> None: ...
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Discards what was written; nothing is committed (a second call is harmless)."""
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+__all__ = ["AbortOnError", "Closeable", "Stoppable"]
