@@ -26,13 +26,13 @@ from cryptography.hazmat.primitives import serialization
 
 from broker.client import ATTEST_DENIAL_METADATA, BrokerClient, PermissionDeniedError
 from broker.keyseal import open_release
-from cleanroom.v1 import admin_pb2, attestation_pb2, common_pb2
+from cleanroom.v1 import admin_pb2, attestation_pb2
 from evidence.binding import qualifying_data
-from evidence.pcr import WORKLOAD_PCR, Measurement, measure_files
+from evidence.pcr import WORKLOAD_PCR, Measurement
 from evidence.proto import bank_to_pb, event_log_to_pb
 from pki.ca import init_pki
 from sealing.keys import RecipientPrivateKey, generate_recipient_key
-from tests.harness.launch import TEST_LAUNCH, with_test_launch
+from tests.harness.launch import approved_manifest, measure_workload
 from tests.support.broker import (
     TIMEOUT,
     BrokerProcess,
@@ -62,16 +62,6 @@ class Rig:
     cert_der: dict[str, bytes]
 
 
-def _measure(workdir: Path, files: tuple[tuple[str, bytes], ...]) -> Measurement:
-    paths = []
-    for rel, data in files:
-        path = workdir / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        paths.append(path)
-    return measure_files(paths, QUOTED_BANKS, names=[rel for rel, _ in files], launch=TEST_LAUNCH)
-
-
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     workdir = tmp_path_factory.mktemp("attest-stream")
@@ -85,16 +75,10 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     )
     b = start_broker(config, pki, workdir)
     try:
-        measured = _measure(workdir / "workload", WORKLOAD)
-        other = _measure(workdir / "other", OTHER_WORKLOAD)
+        measured = measure_workload(workdir / "workload", WORKLOAD)
+        other = measure_workload(workdir / "other", OTHER_WORKLOAD)
         add_parties(b, *PARTIES)
-        manifest = with_test_launch(common_pb2.WorkloadManifest(name="join"))
-        for e in measured.events:
-            if e.launch is not None:
-                continue
-            entry = manifest.entries.add(path=e.path, size=e.size)
-            for bank, value in e.digests.items():
-                entry.digests.add(algorithm=bank_to_pb(bank), value=value)
+        manifest = approved_manifest("join", measured)
         data_keys: dict[str, bytes] = {}
         for party in PARTIES:
             key_id = f"{party}-data"

@@ -37,15 +37,14 @@ from cleanroom.v1 import (
     admin_pb2_grpc,
     attestation_pb2,
     attestation_pb2_grpc,
-    common_pb2,
 )
 from evidence.binding import qualifying_data
-from evidence.pcr import WORKLOAD_PCR, Measurement, measure_files
+from evidence.pcr import WORKLOAD_PCR, Measurement
 from evidence.proto import bank_to_pb, event_log_to_pb
 from pki.ca import PkiLayout
 from pki.tls import channel_credentials
 from sealing.keys import RecipientPrivateKey, generate_recipient_key
-from tests.harness.launch import TEST_LAUNCH, with_test_launch
+from tests.harness.launch import approved_manifest, measure_workload
 from tests.harness.net import free_port, port_is_free
 from tests.support.broker import (
     CLEANROOM,
@@ -201,23 +200,9 @@ def start_multi(config: Path, pki: PkiLayout, workdir: Path) -> tuple[BrokerProc
 
 def provision(b: BrokerProcess, ak: SoftAk, workdir: Path) -> tuple[Measurement, dict[str, bytes]]:
     """Parties, their data keys and approvals of one workload, and the enrolled AK."""
-    files = []
-    for rel, data in WORKLOAD:
-        path = workdir / "workload" / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        files.append(path)
-    measured = measure_files(
-        files, QUOTED_BANKS, names=[rel for rel, _ in WORKLOAD], launch=TEST_LAUNCH
-    )
+    measured = measure_workload(workdir / "workload", WORKLOAD)
     add_parties(b, *PARTIES)
-    manifest = with_test_launch(common_pb2.WorkloadManifest(name="join"))
-    for e in measured.events:
-        if e.launch is not None:
-            continue
-        entry = manifest.entries.add(path=e.path, size=e.size)
-        for bank, value in e.digests.items():
-            entry.digests.add(algorithm=bank_to_pb(bank), value=value)
+    manifest = approved_manifest("join", measured)
     data_keys: dict[str, bytes] = {}
     for party in PARTIES:
         key_id = f"{party}-data"
