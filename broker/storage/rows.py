@@ -3,6 +3,7 @@ its table (JSON columns, bytes, booleans). No I/O: the repositories run the stat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -40,6 +41,11 @@ def json_list(text: str) -> list[str]:
 def dumps(value: Any) -> str:
     """Canonical compact JSON (sorted keys) for a JSON column."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def values(record: EkRecord | AkRecord | Party | DataKeyRecord) -> dict[str, Any]:
+    """The row that inserts ``record``: these records' fields are their tables' columns."""
+    return {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
 
 
 def ek(row: Row[Any], prefix: str = "") -> EkRecord:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime
 
 import sqlalchemy as sa
@@ -48,16 +49,7 @@ class AttesterRepository:
         with self._db.write(
             "add EK", uow, duplicate=DuplicateError(f"EK {record.ek_id} is already enrolled")
         ) as conn:
-            conn.execute(
-                sa.insert(eks).values(
-                    ek_id=record.ek_id,
-                    public=record.public,
-                    certificate=record.certificate,
-                    enrolled_at=record.enrolled_at,
-                    revoked=record.revoked,
-                    revoked_reason=record.revoked_reason,
-                )
-            )
+            conn.execute(sa.insert(eks).values(codec.values(record)))
 
     def get_ek(self, ek_id: str) -> EkRecord:
         """The EK with this id (revoked or not).
@@ -138,17 +130,7 @@ class AttesterRepository:
                 elif ek_revoked:
                     problem = RevokedKeyError(f"EK {record.ek_id} is revoked")
             if problem is None:
-                conn.execute(
-                    sa.insert(aks).values(
-                        ak_name=record.ak_name,
-                        public=record.public,
-                        ek_id=record.ek_id,
-                        enrolled_by=record.enrolled_by,
-                        enrolled_at=record.enrolled_at,
-                        revoked=record.revoked,
-                        revoked_reason=record.revoked_reason,
-                    )
-                )
+                conn.execute(sa.insert(aks).values(codec.values(record)))
         if problem is not None:
             raise problem
 
@@ -280,24 +262,13 @@ class AttesterRepository:
             if created:
                 conn.execute(
                     sa.insert(eks).values(
-                        ek_id=ek.ek_id,
-                        public=ek.public,
-                        certificate=ek.certificate,
-                        enrolled_at=ek.enrolled_at,
-                        revoked=False,
-                        revoked_reason="",
+                        codec.values(replace(ek, revoked=False, revoked_reason=""))
                     )
                 )
             if not revoked:
                 conn.execute(
                     sa.insert(aks).values(
-                        ak_name=ak.ak_name,
-                        public=ak.public,
-                        ek_id=ek.ek_id,
-                        enrolled_by=ak.enrolled_by,
-                        enrolled_at=ak.enrolled_at,
-                        revoked=False,
-                        revoked_reason="",
+                        codec.values(replace(ak, ek_id=ek.ek_id, revoked=False, revoked_reason=""))
                     )
                 )
         if revoked:

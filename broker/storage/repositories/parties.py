@@ -37,11 +37,7 @@ class PartyRepository:
         with self._db.write(
             "add party", uow, duplicate=DuplicateError(f"party {party.name!r} exists")
         ) as conn:
-            conn.execute(
-                sa.insert(parties).values(
-                    name=party.name, kem=party.kem, public_key=party.public_key
-                )
-            )
+            conn.execute(sa.insert(parties).values(codec.values(party)))
 
     def get_party(self, name: str) -> Party:
         """The party of this name.
@@ -82,16 +78,7 @@ class PartyRepository:
             duplicate=DuplicateError(f"data key {record.key_id!r} exists"),
             missing_reference=UnknownPolicyObjectError(f"party {record.owner!r} does not exist"),
         ) as conn:
-            conn.execute(
-                sa.insert(data_keys).values(
-                    key_id=record.key_id,
-                    owner=record.owner,
-                    wrapped_key=record.wrapped_key,
-                    kek_ref=record.kek_ref,
-                    created_at=record.created_at,
-                    description=record.description,
-                )
-            )
+            conn.execute(sa.insert(data_keys).values(codec.values(record)))
 
     def get_data_key(self, key_id: str) -> DataKeyRecord:
         """The data key with this id (still wrapped).
