@@ -3,10 +3,11 @@
 Many of our objects own something that must be released (a channel, a database engine, a
 server thread, key material held in memory) and are used in a ``with`` block that releases it
 on the way out, error or not. These bases give them that one behaviour: :class:`Closeable`
-for resources released by ``close()``, :class:`Stoppable` for services stopped by ``stop()``,
-and :class:`AbortOnError` for writers that commit on ``close()`` and must not commit when
-their block failed. They live in the bottom package so that every package may use them, and
-they hold no state (``__slots__ = ()``), so classes with slots may derive from them.
+for resources released by ``close()``, :class:`Stoppable` for services stopped by ``stop()``
+(:class:`Service` for those that a ``with`` block also starts), and :class:`AbortOnError` for
+writers that commit on ``close()`` and must not commit when their block failed. They live in
+the bottom package so that every package may use them, and they hold no state
+(``__slots__ = ()``), so classes with slots may derive from them.
 """
 
 from __future__ import annotations
@@ -62,6 +63,20 @@ class Stoppable(_Released):
         self.stop()
 
 
+class Service(Stoppable):
+    """A service that a ``with`` block starts (:meth:`start`) and stops on the way out."""
+
+    __slots__ = ()
+
+    @abstractmethod
+    def start(self) -> None:
+        """Starts the service."""
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+
 class AbortOnError(ABC):
     """A writer that commits on ``close()``: a ``with`` block that ends normally closes it
     (commits), one that raises calls :meth:`abort` instead, so a failed block never commits.
@@ -94,4 +109,4 @@ class AbortOnError(ABC):
             self.abort()
 
 
-__all__ = ["AbortOnError", "Closeable", "Stoppable"]
+__all__ = ["AbortOnError", "Closeable", "Service", "Stoppable"]
