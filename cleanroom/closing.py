@@ -17,16 +17,14 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
 
-class _Released(ABC):
-    """What both bases share: ``with`` returns the object and releases it on the way out."""
+class _Exits(ABC):
+    """What every base shares: leaving the ``with`` block releases the object, told whether
+    the block failed."""
 
     __slots__ = ()
 
     @abstractmethod
-    def _release(self) -> None: ...
-
-    def __enter__(self) -> Self:
-        return self
+    def _release(self, failed: bool) -> None: ...
 
     def __exit__(
         self,
@@ -34,7 +32,16 @@ class _Released(ABC):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._release()
+        self._release(exc_type is not None)
+
+
+class _Released(_Exits):
+    """``with`` returns the object itself."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> Self:
+        return self
 
 
 class Closeable(_Released):
@@ -46,7 +53,7 @@ class Closeable(_Released):
     def close(self) -> None:
         """Releases the resource (implementations make a second call harmless)."""
 
-    def _release(self) -> None:
+    def _release(self, failed: bool) -> None:
         self.close()
 
 
@@ -59,7 +66,7 @@ class Stoppable(_Released):
     def stop(self) -> None:
         """Stops the service (implementations make a second call harmless)."""
 
-    def _release(self) -> None:
+    def _release(self, failed: bool) -> None:
         self.stop()
 
 
@@ -77,7 +84,7 @@ class Service(Stoppable):
         return self
 
 
-class AbortOnError(ABC):
+class AbortOnError(_Exits):
     """A writer that commits on ``close()``: a ``with`` block that ends normally closes it
     (commits), one that raises calls :meth:`abort` instead, so a failed block never commits.
 
@@ -97,16 +104,11 @@ class AbortOnError(ABC):
     def abort(self) -> None:
         """Discards what was written; nothing is committed (a second call is harmless)."""
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc_type is None:
-            self.close()
-        else:
+    def _release(self, failed: bool) -> None:
+        if failed:
             self.abort()
+        else:
+            self.close()
 
 
 __all__ = ["AbortOnError", "Closeable", "Service", "Stoppable"]
