@@ -38,7 +38,7 @@ from tests.support.broker import (
     TIMEOUT,
     BrokerProcess,
     add_parties,
-    register_key,
+    approve_with_keys,
     start_broker,
     write_config,
 )
@@ -80,17 +80,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         other = measure_workload(workdir / "other", OTHER_WORKLOAD)
         add_parties(b, *PARTIES)
         manifest = approved_manifest("join", measured)
-        data_keys: dict[str, bytes] = {}
-        for party in PARTIES:
-            key_id = f"{party}-data"
-            data_keys[key_id] = secrets.token_bytes(32)
-            register_key(b, party, key_id, data_keys[key_id])
-            b.admin("party", party).ApproveWorkload(
-                admin_pb2.ApproveWorkloadRequest(
-                    manifest=manifest, key_ids=[key_id], output_recipients=list(PARTIES)
-                ),
-                timeout=TIMEOUT,
-            )
+        data_keys = approve_with_keys(b, PARTIES, manifest)
         aks = {}
         certs = {}
         for sidecar in SIDECARS:

@@ -12,7 +12,6 @@ parent stops every process with exit code 0. A configuration without a fixed por
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 import subprocess
 import time
@@ -52,7 +51,7 @@ from tests.support.broker import (
     TIMEOUT,
     BrokerProcess,
     add_parties,
-    register_key,
+    approve_with_keys,
     spawn_broker,
 )
 from tests.support.pki import make_pki
@@ -203,17 +202,7 @@ def provision(b: BrokerProcess, ak: SoftAk, workdir: Path) -> tuple[Measurement,
     measured = measure_workload(workdir / "workload", WORKLOAD)
     add_parties(b, *PARTIES)
     manifest = approved_manifest("join", measured)
-    data_keys: dict[str, bytes] = {}
-    for party in PARTIES:
-        key_id = f"{party}-data"
-        data_keys[key_id] = secrets.token_bytes(32)
-        register_key(b, party, key_id, data_keys[key_id])
-        b.admin("party", party).ApproveWorkload(
-            admin_pb2.ApproveWorkloadRequest(
-                manifest=manifest, key_ids=[key_id], output_recipients=list(PARTIES)
-            ),
-            timeout=TIMEOUT,
-        )
+    data_keys = approve_with_keys(b, PARTIES, manifest)
     enrolled = b.admin("operator").EnrollAk(
         admin_pb2.EnrollAkRequest(ak_public=ak.tpm2b_public), timeout=TIMEOUT
     )
