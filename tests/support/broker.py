@@ -25,10 +25,11 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker.keyseal import seal_for_registration
+from broker.keyseal import open_release, seal_for_registration
 from cleanroom.v1 import (
     admin_pb2,
     admin_pb2_grpc,
+    attestation_pb2,
     attestation_pb2_grpc,
     common_pb2,
 )
@@ -36,7 +37,7 @@ from pki.ca import (
     PkiLayout,
 )
 from pki.tls import channel_credentials
-from sealing.keys import RecipientPublicKey, generate_recipient_key
+from sealing.keys import RecipientPrivateKey, RecipientPublicKey, generate_recipient_key
 from tests.harness.swtpm import SWTPM_LOCALCA_DIR
 
 #: The ``cleanroom`` command of the interpreter running the tests (this worktree's code).
@@ -287,6 +288,22 @@ def approve_with_keys(
             timeout=TIMEOUT,
         )
     return data_keys
+
+
+def open_released(
+    ephemeral: RecipientPrivateKey,
+    response: attestation_pb2.AttestResponse,
+    key: common_pb2.SealedDataKey,
+) -> bytes:
+    """The data key of one of ``response``'s released keys, opened with the attestation's
+    ephemeral key."""
+    return open_release(
+        ephemeral,
+        bytes(key.sealed_key),
+        session_id=response.session_id,
+        key_id=key.key_id,
+        owner=key.owner_party,
+    )
 
 
 def register_key(

@@ -25,7 +25,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from broker.client import ATTEST_DENIAL_METADATA, BrokerClient, PermissionDeniedError
-from broker.keyseal import open_release
 from cleanroom.closing import Closeable
 from cleanroom.v1 import admin_pb2, attestation_pb2
 from evidence.binding import qualifying_data
@@ -39,6 +38,7 @@ from tests.support.broker import (
     BrokerProcess,
     add_parties,
     approve_with_keys,
+    open_released,
     start_broker,
     write_config,
 )
@@ -205,13 +205,7 @@ def test_a_stream_attests_and_releases_the_approved_keys(rig: Rig) -> None:
             response = stream.attest(_evidence(rig, "sidecar-1", challenge.nonce, ephemeral))
             assert sorted(k.key_id for k in response.released_keys) == sorted(rig.data_keys)
             for key in response.released_keys:
-                opened = open_release(
-                    ephemeral,
-                    bytes(key.sealed_key),
-                    session_id=response.session_id,
-                    key_id=key.key_id,
-                    owner=key.owner_party,
-                )
+                opened = open_released(ephemeral, response, key)
                 assert opened == rig.data_keys[key.key_id]
         # The broker ends the stream after the release.
         assert next(stream.call, None) is None

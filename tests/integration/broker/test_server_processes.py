@@ -30,7 +30,6 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker.keyseal import open_release
 from cleanroom.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -52,6 +51,7 @@ from tests.support.broker import (
     BrokerProcess,
     add_parties,
     approve_with_keys,
+    open_released,
     spawn_broker,
 )
 from tests.support.pki import make_pki
@@ -371,13 +371,7 @@ def test_a_nonce_issued_by_one_process_is_consumed_once_by_the_other(multi: Mult
         response = consuming.stub.Attest(request, timeout=TIMEOUT)
         assert sorted(k.key_id for k in response.released_keys) == sorted(multi.data_keys)
         for key in response.released_keys:
-            opened = open_release(
-                ephemeral,
-                bytes(key.sealed_key),
-                session_id=response.session_id,
-                key_id=key.key_id,
-                owner=key.owner_party,
-            )
+            opened = open_released(ephemeral, response, key)
             assert opened == multi.data_keys[key.key_id]
         # The nonce is spent for both processes: the issuer refuses it as well.
         for again in (issuing, consuming):
