@@ -41,12 +41,11 @@ from cleanroom.app.emulators.softak import QUOTED_BANKS, QuoteMaker, SoftAk
 from cleanroom.v1 import admin_pb2, attestation_pb2
 from evidence.binding import qualifying_data
 from evidence.manifest import ManifestEntry
-from evidence.pcr import measure_files
 from evidence.proto import bank_to_pb, event_log_to_pb
 from pki.ca import init_pki
 from pki.identity import SpiffeId
 from sealing.keys import KEM_X25519, generate_recipient_key
-from tests.harness.launch import TEST_LAUNCH
+from tests.harness.launch import TEST_LAUNCH, measure_workload
 
 TD = "cleanroom.local"
 GET_CHALLENGE = "/cleanroom.v1.AttestationService/GetChallenge"
@@ -131,15 +130,7 @@ def run_breakdown(*, database_url: str | None, attestations: int, ak_alg: str) -
         operator = SpiffeId.operator(TD)
         ak = SoftAk.generate(ak_alg)
         broker.enroll_ak(operator, ak_public=ak.tpm2b_public, ek_id=None)
-        files = []
-        for rel, data in WORKLOAD:
-            path = work / "workload" / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
-            files.append(path)
-        measured = measure_files(
-            files, QUOTED_BANKS, names=[rel for rel, _ in WORKLOAD], launch=TEST_LAUNCH
-        )
+        measured = measure_workload(work / "workload", WORKLOAD)
         manifest = [
             ManifestEntry(path=e.path, size=e.size, digests=dict(e.digests))
             for e in measured.events

@@ -66,12 +66,10 @@ from cleanroom.app.emulators.softak import QUOTED_BANKS, QuoteMaker, SoftAk, pcr
 from cleanroom.loopback import free_port
 from cleanroom.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 from evidence.binding import qualifying_data
-from evidence.pcr import measure_files
-from evidence.proto import bank_to_pb
 from pki.ca import PkiLayout, init_pki
 from pki.tls import channel_credentials
 from sealing.keys import RecipientPublicKey, generate_recipient_key
-from tests.harness.launch import TEST_LAUNCH, with_test_launch
+from tests.harness.launch import approved_manifest, measure_workload
 
 _REPO = Path(__file__).resolve().parents[1]
 CLEANROOM = Path(sys.executable).parent / "cleanroom"
@@ -271,15 +269,7 @@ class Setup:
 
 
 def _provision(broker: Broker, aks: Sequence[SoftAk], work: Path) -> Setup:
-    files = []
-    for rel, data in WORKLOAD:
-        path = work / "workload" / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        files.append(path)
-    measured = measure_files(
-        files, QUOTED_BANKS, names=[rel for rel, _ in WORKLOAD], launch=TEST_LAUNCH
-    )
+    measured = measure_workload(work / "workload", WORKLOAD)
 
     operator = broker.admin("operator")
     for name in PARTIES:
@@ -294,13 +284,7 @@ def _provision(broker: Broker, aks: Sequence[SoftAk], work: Path) -> Setup:
         if enrolled.ak.ak_name != ak.name_hex:
             raise RuntimeError("the broker named the AK differently")
 
-    manifest = with_test_launch(common_pb2.WorkloadManifest(name="join-and-train"))
-    for e in measured.events:
-        if e.launch is not None:
-            continue
-        entry = manifest.entries.add(path=e.path, size=e.size)
-        for bank, value in e.digests.items():
-            entry.digests.add(algorithm=bank_to_pb(bank), value=value)
+    manifest = approved_manifest("join-and-train", measured)
     data_keys: dict[str, bytes] = {}
     for name in PARTIES:
         stub = broker.admin("party", name)

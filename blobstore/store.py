@@ -30,8 +30,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, BinaryIO, Self, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from azure.core import MatchConditions
 from azure.core.credentials import TokenCredential
@@ -59,6 +58,7 @@ from blobstore.errors import (
     ContainerNotFoundError,
 )
 from blobstore.urls import BlobLocation, LocalLocation, Location, parse_location
+from cleanroom.closing import AbortOnError, Closeable
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
@@ -222,7 +222,7 @@ class BlobReader(io.RawIOBase):
 # --- writing --------------------------------------------------------------------------------
 
 
-class _AbortOnDrop(io.RawIOBase):
+class _AbortOnDrop(AbortOnError, io.RawIOBase):
     """A writer that commits only on close(); dropping it unclosed (or an exception in its
     ``with`` block) aborts instead of committing.
 
@@ -270,17 +270,6 @@ class _AbortOnDrop(io.RawIOBase):
             raise
         self._bytes_written += total
         return total
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
     def __del__(self) -> None:
         # io.IOBase's finalizer would call close(), i.e. commit a possibly partial stream.
@@ -565,7 +554,7 @@ class LocalFileWriter(_AbortOnDrop):
 # --- the store ------------------------------------------------------------------------------
 
 
-class BlobStore:
+class BlobStore(Closeable):
     """Opens readers and writers for paths and blob URLs; holds clients and credentials.
 
     Thread-safe. Close it (or use it as a context manager) to close its HTTP sessions and the
@@ -852,17 +841,6 @@ class BlobStore:
             client.close()
         if credential is not None:
             credential.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _with_own_store(

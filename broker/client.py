@@ -39,8 +39,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Final, Protocol, Self, TypeVar
+from typing import Final, Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -59,6 +58,7 @@ from broker.client_errors import (
     UnavailableError,
     UnimplementedError,
 )
+from cleanroom.closing import Closeable
 from cleanroom.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -258,7 +258,7 @@ def _check_target(target: str) -> None:
         raise ClientSetupError(f"broker address {target!r} is not HOST:PORT")
 
 
-class BrokerClient:
+class BrokerClient(Closeable):
     """A connection to the broker. Use :meth:`connect`; close it or use it in a ``with`` block.
 
     The client is thread-safe (gRPC channels are), so one client can serve many threads.
@@ -352,17 +352,6 @@ class BrokerClient:
             return
         self._closed = True
         self._channel.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _note(self, code: grpc.StatusCode | None) -> None:
         # Whether the last call reached the broker: any answer but UNAVAILABLE came over a

@@ -28,14 +28,14 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING, Protocol, Self
+from typing import TYPE_CHECKING, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from broker.errors import CustodyError, KekError
 from broker.keyseal import DATA_KEY_SIZE, check_data_key, encode_info, zero
+from cleanroom.closing import Closeable
 from sealing.errors import SealingError
 from sealing.keys import (
     KEM_X25519,
@@ -88,7 +88,7 @@ class Kek(Protocol):
         ...
 
 
-class LocalKek:
+class LocalKek(Closeable):
     """AES-256-GCM KEK whose key lives in a local file with mode 0600.
 
     Use :meth:`open`; close it (or use it as a context manager) to drop the key.
@@ -176,17 +176,6 @@ class LocalKek:
         """Drops the key (the AES-GCM object holding it)."""
         self._aead = None
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
 
 def _wrap_aad(version: int, key_id: str, owner: str) -> bytes:
     # The version is authenticated too, so a future format cannot be confused with this one.
@@ -196,7 +185,7 @@ def _wrap_aad(version: int, key_id: str, owner: str) -> bytes:
 KekFactory = Callable[[str], Kek]
 
 
-class KekRegistry:
+class KekRegistry(Closeable):
     """Resolves a :attr:`DataKeyRecord.kek_ref` to the :class:`Kek` that unwraps it.
 
     KEKs with a fixed ref (``"local"``) are added with :meth:`add`; providers that serve many
@@ -301,17 +290,6 @@ class KekRegistry:
             close = getattr(closable, "close", None)
             if callable(close):
                 close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 #: Key id and owner of the random key :func:`check_kek` wraps (never a real data key's).

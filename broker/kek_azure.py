@@ -57,8 +57,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self, cast
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from azure.core.credentials import AccessToken, TokenCredential
@@ -79,6 +78,7 @@ from broker.custody import KekRegistry
 from broker.custody_causes import connection_cause
 from broker.errors import CustodyError, KekError, KekUnavailableError
 from broker.keyseal import check_data_key, encode_info, zero
+from cleanroom.closing import Closeable
 from cleanroom.config import ConfigError, load_config
 
 __all__ = [
@@ -493,7 +493,7 @@ class _RecordKeyCache:
 # --- the KEK ----------------------------------------------------------------------------------
 
 
-class KeyVaultKek:
+class KeyVaultKek(Closeable):
     """A KEK whose root is an RSA key in Azure Key Vault (or Managed HSM). Implements
     :class:`broker.custody.Kek`.
 
@@ -724,17 +724,6 @@ class KeyVaultKek:
         self._cache.clear()
         for client in clients:
             client.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"KeyVaultKek({self._ref!r})"

@@ -26,14 +26,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from hmac import compare_digest
 from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING, BinaryIO, Final, Protocol, Self
+from typing import TYPE_CHECKING, BinaryIO, Final, Protocol
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from cleanroom.closing import AbortOnError, Closeable
 from sealing import hpke
 from sealing.errors import (
     HeaderAuthenticationError,
@@ -520,7 +520,7 @@ def _readinto_full(source: _Source, view: memoryview) -> int:
     return got
 
 
-class SealWriter:
+class SealWriter(AbortOnError, Closeable):
     """Seals a stream of plaintext to ``sink``: a context manager and a binary writer.
 
     The header is written at construction. :meth:`write` encrypts each full chunk as soon as it
@@ -714,20 +714,6 @@ class SealWriter:
         # The chunk buffer held plaintext; wipe all of it, not only the pending part.
         self._pending_view[:] = bytes(len(self._pending))
         self._pending_len = 0
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 class OpenReader(io.RawIOBase):

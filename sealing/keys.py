@@ -28,13 +28,13 @@ import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Final, Self
+from typing import Final
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 from cryptography.hazmat.primitives.hpke import MLKEM768X25519PrivateKey, MLKEM768X25519PublicKey
 
+from cleanroom.closing import Closeable
 from sealing.errors import InvalidKeyError, KeyFileError, ParameterError
 
 __all__ = [
@@ -161,7 +161,7 @@ class RecipientPublicKey:
             raise InvalidKeyError(f"{KEM_NAMES[self.kem]} public key is not valid") from e
 
 
-class RecipientPrivateKey:
+class RecipientPrivateKey(Closeable):
     """An HPKE recipient private key (X25519, or ML-KEM-768 + X25519 when ``mlkem_key`` is set).
 
     Use it as a context manager (or call :meth:`close`) to drop the key objects when done;
@@ -247,17 +247,6 @@ class RecipientPrivateKey:
         self._x25519 = None
         self._mlkem = None
         self._hpke = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"RecipientPrivateKey({KEM_NAMES[self._kem]}, {self.fingerprint()})"

@@ -21,12 +21,12 @@ import socket
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any, Final, Self
+from typing import IO, TYPE_CHECKING, Any, Final
 
 import grpc
 from google.protobuf.message import DecodeError
 
+from cleanroom.closing import AbortOnError, Closeable
 from cleanroom.v1 import workload_pb2, workload_pb2_grpc
 from workload.errors import (
     AccessDeniedError,
@@ -454,7 +454,7 @@ class InputStream(io.RawIOBase):
         return f"<InputStream {self._name!r}>"
 
 
-class OutputStream(io.RawIOBase):
+class OutputStream(AbortOnError, io.RawIOBase):
     """A writable binary stream that becomes a sealed output (a context manager).
 
     Leaving the ``with`` block normally, or calling :meth:`commit` (or :meth:`close`), commits
@@ -585,17 +585,6 @@ class OutputStream(io.RawIOBase):
             self.commit()
         super().close()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
     def __del__(self) -> None:
         # A stream that was never committed must not be committed by garbage collection
         # (io.IOBase.__del__ would call close(), which commits).
@@ -606,7 +595,7 @@ class OutputStream(io.RawIOBase):
         return f"<OutputStream {self._name!r}>"
 
 
-class TextOutputStream(io.TextIOWrapper):
+class TextOutputStream(AbortOnError, io.TextIOWrapper):
     """A text output: a text wrapper over an :class:`OutputStream` that commits when its
     ``with`` block ends normally and aborts when it ends with an exception."""
 
@@ -630,17 +619,6 @@ class TextOutputStream(io.TextIOWrapper):
         # would close, and closing commits).
         with contextlib.suppress(Exception):
             self._raw.abort()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def seekable_copy(
@@ -672,7 +650,7 @@ def seekable_copy(
     return copy
 
 
-class Client:
+class Client(Closeable):
     """A connection to the sidecar's workload socket (a context manager).
 
     Args:
@@ -800,17 +778,6 @@ class Client:
     def close(self) -> None:
         """Closes the connection."""
         self._channel.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"Client({self._path!r})"

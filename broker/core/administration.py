@@ -81,16 +81,14 @@ class PolicyAdministration:
         with self._trail.refusal_recorded(actor, "golden.set", golden.name):
             policy.validate_golden_set(golden, quoted_pcrs=self._quoted)
         golden = replace(golden, updated_at=self._clock())
-        with self._store.unit_of_work("set golden set") as uow:
+        with self._trail.allowed_change(
+            self._store.unit_of_work("set golden set"),
+            actor,
+            "golden.set",
+            golden.name,
+            f"{sum(len(v) for v in golden.accepted.values())} accepted values",
+        ) as uow:
             self._store.put_golden_set(golden, uow=uow)
-            self._trail.record_in(
-                uow,
-                actor,
-                "golden.set",
-                golden.name,
-                "allow",
-                f"{sum(len(v) for v in golden.accepted.values())} accepted values",
-            )
         return golden
 
     def delete_golden_set(self, actor: SpiffeId, name: str) -> None:
@@ -102,10 +100,11 @@ class PolicyAdministration:
         """
         with (
             self._trail.refusal_recorded(actor, "golden.delete", name),
-            self._store.unit_of_work("delete golden set") as uow,
+            self._trail.allowed_change(
+                self._store.unit_of_work("delete golden set"), actor, "golden.delete", name
+            ) as uow,
         ):
             self._store.delete_golden_set(name, uow=uow)
-            self._trail.record_in(uow, actor, "golden.delete", name, "allow")
 
     def add_party(self, actor: SpiffeId, party: Party) -> Party:
         """Registers a party and its recipient key; a refusal is recorded with its reason.
@@ -120,11 +119,14 @@ class PolicyAdministration:
         """
         with self._trail.refusal_recorded(actor, "party.add", party.name):
             RecipientPublicKey(kem=party.kem, raw=party.public_key)  # validates the key
-            with self._store.unit_of_work("add party") as uow:
+            with self._trail.allowed_change(
+                self._store.unit_of_work("add party"),
+                actor,
+                "party.add",
+                party.name,
+                parties=(party.name,),
+            ) as uow:
                 self._store.add_party(party, uow=uow)
-                self._trail.record_in(
-                    uow, actor, "party.add", party.name, "allow", parties=(party.name,)
-                )
         return party
 
     def register_data_key(
@@ -156,17 +158,15 @@ class PolicyAdministration:
             created_at=self._clock(),
             description=description,
         )
-        with self._store.unit_of_work("register data key") as uow:
+        with self._trail.allowed_change(
+            self._store.unit_of_work("register data key"),
+            actor,
+            "key.register",
+            key_id,
+            f"wrapped by {kek.ref}",
+            parties=(owner,),
+        ) as uow:
             self._store.add_data_key(record, uow=uow)
-            self._trail.record_in(
-                uow,
-                actor,
-                "key.register",
-                key_id,
-                "allow",
-                f"wrapped by {kek.ref}",
-                parties=(owner,),
-            )
         return record
 
     def approve_workload(
@@ -219,18 +219,16 @@ class PolicyAdministration:
                 actor, "workload.approve", workload_name, "deny", str(e), parties=(owner,)
             )
             raise
-        with self._store.unit_of_work("approve workload") as uow:
+        with self._trail.allowed_change(
+            self._store.unit_of_work("approve workload"),
+            actor,
+            "workload.approve",
+            approval.approval_id,
+            f"workload {workload_name!r} for keys {', '.join(key_ids)}"
+            + ("; requires AMD SEV-SNP evidence" if require_snp else ""),
+            parties=(owner, *output_recipients),
+        ) as uow:
             self._store.add_approval(approval, uow=uow)
-            self._trail.record_in(
-                uow,
-                actor,
-                "workload.approve",
-                approval.approval_id,
-                "allow",
-                f"workload {workload_name!r} for keys {', '.join(key_ids)}"
-                + ("; requires AMD SEV-SNP evidence" if require_snp else ""),
-                parties=(owner, *output_recipients),
-            )
         return approval
 
     def revoke_approval(self, actor: SpiffeId, approval_id: str) -> None:
@@ -257,11 +255,14 @@ class PolicyAdministration:
             ]
             self._trail.log.append_many(entries)
             raise PolicyError(reason)
-        with self._store.unit_of_work("revoke approval") as uow:
+        with self._trail.allowed_change(
+            self._store.unit_of_work("revoke approval"),
+            actor,
+            "workload.revoke",
+            approval_id,
+            parties=(approval.party,),
+        ) as uow:
             self._store.revoke_approval(approval_id, uow=uow)
-            self._trail.record_in(
-                uow, actor, "workload.revoke", approval_id, "allow", parties=(approval.party,)
-            )
 
     def audit_records(self, actor: SpiffeId, *, after: int, limit: int) -> list[AuditRecord]:
         party = actor.name if actor.kind == "party" else None

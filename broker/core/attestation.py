@@ -656,16 +656,14 @@ class Attestation:
         session = self._store.get_session(session_id)
         if session.peer != str(actor):
             raise PolicyError("session belongs to another sidecar")
-        with self._store.unit_of_work("end session") as uow:
+        with self._trail.allowed_change(
+            self._store.unit_of_work("end session"),
+            actor,
+            "session.end",
+            session_id,
+            f"exit code {exit_code}; outputs: {', '.join(outputs) or 'none'}",
+        ) as uow:
             self._store.end_session(session_id, self._clock(), exit_code, uow=uow)
-            self._trail.record_in(
-                uow,
-                actor,
-                "session.end",
-                session_id,
-                "allow",
-                f"exit code {exit_code}; outputs: {', '.join(outputs) or 'none'}",
-            )
 
 
 def _files_pcr23(measured: Sequence[ManifestEntry]) -> bytes | None:

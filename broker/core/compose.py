@@ -30,10 +30,11 @@ from broker.core.trail import AuditTrail, Clock, utcnow
 from broker.custody import KekRegistry
 from broker.nonces import NonceService
 from broker.storage import Store
+from cleanroom.closing import Closeable
 from sealing.keys import RecipientPrivateKey
 
 
-class Broker:
+class Broker(Closeable):
     """The broker core: its use cases, and the resources it owns.
 
     Build it with :func:`build_broker` (or open it with :func:`broker.app.open_broker`); close
@@ -107,12 +108,6 @@ class Broker:
         self.keks.close()
         self.registration_key.close()
         self.store.close()
-
-    def __enter__(self) -> Broker:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
 
 def build_broker(

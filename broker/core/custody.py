@@ -76,17 +76,6 @@ def _rewrap_entry(
     )
 
 
-def _kek_entry(
-    actor: SpiffeId | str,
-    action: str,
-    subject: str,
-    decision: str,
-    reason: str,
-    party: str = "",
-) -> AuditEntry:
-    return entry(actor, action, subject, decision, reason, parties=(party,) if party else ())
-
-
 class KeyCustody:
     """The KEKs of data keys: choosing them, checking them, rewrapping under them.
 
@@ -232,9 +221,11 @@ class KeyCustody:
         try:
             checked = _check_kek(self._keks.get(kek_ref))
         except BrokerError as e:
-            self._audit_kek(actor, KEK_CHECK_ACTION, kek_ref, "deny", str(e))
+            self._trail.record(actor, KEK_CHECK_ACTION, kek_ref, "deny", str(e))
             raise
-        self._audit_kek(actor, KEK_CHECK_ACTION, kek_ref, "allow", f"wraps and unwraps: {checked}")
+        self._trail.record(
+            actor, KEK_CHECK_ACTION, kek_ref, "allow", f"wraps and unwraps: {checked}"
+        )
         return checked
 
     def set_party_kek(
@@ -266,22 +257,23 @@ class KeyCustody:
                     updated_at=record.updated_at,
                     uow=uow,
                 )
-                self._trail.log.append_in(
+                self._trail.record_in(
                     uow,
-                    [
-                        _kek_entry(
-                            actor,
-                            PARTY_KEK_ACTION,
-                            party,
-                            "allow",
-                            f"new data keys wrapped by {record.kek_ref} (checked: {checked})",
-                            party,
-                        )
-                    ],
+                    actor,
+                    PARTY_KEK_ACTION,
+                    party,
+                    "allow",
+                    f"new data keys wrapped by {record.kek_ref} (checked: {checked})",
+                    parties=(party,),
                 )
         except BrokerError as e:
-            self._audit_kek(
-                actor, PARTY_KEK_ACTION, party, "deny", f"KEK {kek_ref} refused: {e}", party
+            self._trail.record(
+                actor,
+                PARTY_KEK_ACTION,
+                party,
+                "deny",
+                f"KEK {kek_ref} refused: {e}",
+                parties=(party,),
             )
             raise
         return record
@@ -313,17 +305,6 @@ class KeyCustody:
             else:
                 out.append(PartyKekChoice(party.name, self._config.default_kek, "default"))
         return out
-
-    def _audit_kek(
-        self,
-        actor: SpiffeId | str,
-        action: str,
-        subject: str,
-        decision: str,
-        reason: str,
-        party: str = "",
-    ) -> None:
-        self._trail.log.append(_kek_entry(actor, action, subject, decision, reason, party))
 
 
 class LocalKekRotator:

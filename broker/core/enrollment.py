@@ -117,16 +117,14 @@ class Enrollment:
             certificate=certificate or None,
             enrolled_at=self._clock(),
         )
-        with self._store.unit_of_work("enroll EK") as uow:
+        with self._trail.allowed_change(
+            self._store.unit_of_work("enroll EK"),
+            actor,
+            "ek.enroll",
+            record.ek_id,
+            "with certificate" if certificate else "without certificate (operator)",
+        ) as uow:
             self._store.add_ek(record, uow=uow)
-            self._trail.record_in(
-                uow,
-                actor,
-                "ek.enroll",
-                record.ek_id,
-                "allow",
-                "with certificate" if certificate else "without certificate (operator)",
-            )
         return record
 
     def _refuse_revoked_ek(self, ek_id: str) -> None:
@@ -174,11 +172,14 @@ class Enrollment:
             enrolled_by="operator",
             enrolled_at=self._clock(),
         )
-        with self._store.unit_of_work("enroll AK") as uow:
+        with self._trail.allowed_change(
+            self._store.unit_of_work("enroll AK"),
+            actor,
+            "ak.enroll",
+            record.ak_name,
+            "operator enrollment",
+        ) as uow:
             self._store.add_ak(record, uow=uow)
-            self._trail.record_in(
-                uow, actor, "ak.enroll", record.ak_name, "allow", "operator enrollment"
-            )
         return record
 
     def start_enrollment(
@@ -284,16 +285,14 @@ class Enrollment:
         )
         # The EK is not enrolled here (the activation enrolls it); the challenge commits with
         # its record.
-        with self._store.unit_of_work("issue credential") as uow:
+        with self._trail.allowed_change(
+            self._store.unit_of_work("issue credential"),
+            actor,
+            "ak.credential",
+            challenge.ak_name,
+            f"credential issued under EK {ek_id}",
+        ) as uow:
             self._store.put_credential_challenge(challenge, uow=uow)
-            self._trail.record_in(
-                uow,
-                actor,
-                "ak.credential",
-                challenge.ak_name,
-                "allow",
-                f"credential issued under EK {ek_id}",
-            )
         return EnrollmentChallenge(challenge.enrollment_id, blob, encrypted, challenge.expires_at)
 
     def complete_enrollment(
@@ -403,10 +402,11 @@ class Enrollment:
         """
         with (
             self._trail.refusal_recorded(actor, "ek.revoke", ek_id),
-            self._store.unit_of_work("revoke EK") as uow,
+            self._trail.allowed_change(
+                self._store.unit_of_work("revoke EK"), actor, "ek.revoke", ek_id, reason
+            ) as uow,
         ):
             self._store.revoke_ek(ek_id, reason, uow=uow)
-            self._trail.record_in(uow, actor, "ek.revoke", ek_id, "allow", reason)
 
     def revoke_ak(self, actor: SpiffeId, ak_name: str, reason: str) -> None:
         """Revokes an AK and keeps its TPM out: its EK is revoked too (with the reason ``AK ...

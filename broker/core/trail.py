@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 
 from broker.audit import AuditLog
@@ -113,6 +113,28 @@ class AuditTrail:
             StorageError, AuditChainError: the record could not be written (the unit rolls back).
         """
         self.log.append_in(uow, [entry(actor, action, subject, decision, reason, parties=parties)])
+
+    @contextmanager
+    def allowed_change(
+        self,
+        unit: AbstractContextManager[UnitOfWork],
+        actor: SpiffeId | str,
+        action: str,
+        subject: str,
+        reason: str = "",
+        *,
+        parties: Sequence[str] = (),
+    ) -> Iterator[UnitOfWork]:
+        """The unit of work of an allowed change: the block writes the change in it, then the
+        ``allow`` record is written in the same unit, so that the change and its record commit
+        together (neither does when the block raises).
+
+        Raises:
+            StorageError, AuditChainError: the record could not be written (the unit rolls back).
+        """
+        with unit as uow:
+            yield uow
+            self.record_in(uow, actor, action, subject, "allow", reason, parties=parties)
 
     @contextmanager
     def refusal_recorded(

@@ -15,8 +15,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from types import TracebackType
-from typing import Self
+
+from cleanroom.closing import Closeable
 
 log = logging.getLogger("cleanroom.broker.server")
 
@@ -43,7 +43,7 @@ class Deadline:
         self.callback = _nothing
 
 
-class Deadlines:
+class Deadlines(Closeable):
     """Runs each scheduled callback once its time (``time.monotonic()``) has come, on one
     daemon thread started on first use. Use as a context manager or call :meth:`close`."""
 
@@ -108,17 +108,6 @@ class Deadlines:
         with self._cond:
             if self._thread is None:
                 self._closed = False
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 __all__ = ["Deadline", "Deadlines"]

@@ -304,23 +304,7 @@ class CallGuard:
                 return behavior(request, context)
             except Exception as exc:
                 status = status_for(exc, full_method=method)
-                if status.unexpected:
-                    log.error(
-                        "%s failed: %s",
-                        method,
-                        type(exc).__name__,
-                        exc_info=exc,
-                        extra={"fields": {"method": method, "caller": caller}},
-                    )
-                elif not isinstance(exc, CallerDeniedError | CallerUnauthenticatedError):
-                    # Refusals by the table were logged (and audited) where they happened.
-                    log.info(
-                        "%s refused: %s: %s",
-                        method,
-                        status.code.name,
-                        exc,
-                        extra={"fields": {"method": method, "caller": caller}},
-                    )
+                self._log_refusal(method, caller, exc, status)
                 # Recorded before the abort: once the status is set the client may already
                 # see it, and a scrape right after must count this call.
                 finished = True
@@ -397,6 +381,7 @@ class CallGuard:
                 extra={"fields": {"method": method, "caller": caller}},
             )
         elif not isinstance(exc, CallerDeniedError | CallerUnauthenticatedError):
+            # Refusals by the table were logged (and audited) where they happened.
             log.info(
                 "%s refused: %s: %s",
                 method,

@@ -10,8 +10,7 @@ from __future__ import annotations
 import socket
 import threading
 from collections.abc import Callable
-from types import TracebackType
-from typing import Final, Self
+from typing import Final
 from wsgiref.simple_server import WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -19,6 +18,7 @@ from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 
 from broker.server.errors import ServerSetupError
 from broker.server.probes import ReadinessCheck, probe_app
+from cleanroom.closing import Closeable
 
 #: Latency buckets around the target (p99 under 25 ms) with room for slow admin calls.
 LATENCY_BUCKETS: Final = (
@@ -112,7 +112,7 @@ class BrokerMetrics:
         return MetricsHttpServer(self.registry, listen, readiness=readiness)
 
 
-class MetricsHttpServer:
+class MetricsHttpServer(Closeable):
     """The plain-HTTP metrics and probe endpoint; a context manager that stops it on exit."""
 
     def __init__(
@@ -153,17 +153,6 @@ class MetricsHttpServer:
             self._closed.set()
             self._httpd.shutdown()
             self._httpd.server_close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 __all__ = [

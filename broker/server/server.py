@@ -16,8 +16,8 @@ import threading
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
-from types import FrameType, TracebackType
-from typing import TYPE_CHECKING, Any, Final, Self
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -35,6 +35,7 @@ from broker.server.metrics import BrokerMetrics, MetricsHttpServer
 from broker.server.probes import BrokerReadiness
 from broker.server.servicers import AdminServicer, AttestationServicer
 from broker.server.status_report import ProcessInfo
+from cleanroom.closing import Stoppable
 from cleanroom.v1 import admin_pb2_grpc, attestation_pb2_grpc
 from pki.crl import CrlWatcher
 from pki.errors import PKIError
@@ -76,7 +77,7 @@ def load_revocation(config: BrokerConfig) -> CrlWatcher | None:
         raise BrokerConfigError(f"tls.crl_files: {e}") from e
 
 
-class BrokerServer:
+class BrokerServer(Stoppable):
     """The broker's gRPC server around an open :class:`Broker` (which the caller closes).
 
     Use :meth:`start`, then :meth:`stop` (or the context manager, which stops on exit).
@@ -237,17 +238,6 @@ class BrokerServer:
         """Blocks until the server stops (or ``timeout``); True if it stopped."""
         server = self._server
         return True if server is None else server.wait_for_termination(timeout)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def serve(

@@ -12,11 +12,10 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import sqlalchemy as sa
 from alembic.util.exc import CommandError
@@ -28,8 +27,11 @@ from sqlalchemy.engine.url import URL
 
 from broker.errors import BrokerError, StorageError
 from broker.storage import migrate as _migrate
-from broker.storage.fast import FastPath
+from broker.storage.fast import FastPath, FastStatement
 from broker.storage.unit import ChainStatements, UnitOfWork
+from cleanroom.closing import Closeable
+
+T = TypeVar("T")
 
 SQLITE_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
@@ -177,7 +179,7 @@ def prepare_schema(
         )
 
 
-class Database:
+class Database(Closeable):
     """The broker's database: SQLite (default, one file, WAL) or PostgreSQL (several replicas),
     with the one transaction style every repository uses: :meth:`transaction` (a Core
     transaction), :meth:`write` (a write of its own or inside a unit of work), the decision's
@@ -375,17 +377,6 @@ class Database:
             if self._fast_engine is not None:
                 self._fast_engine.dispose()
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     # --- transactions ---------------------------------------------------------------------
 
     @contextmanager
@@ -472,6 +463,50 @@ class Database:
             yield uow.conn
         except sa.exc.SQLAlchemyError as e:
             raise self._mapped(operation, e, duplicate, missing_reference) from e
+
+    # --- reads --------------------------------------------------------------------------
+
+    def fetch_one(
+        self, operation: str, stmt: FastStatement, params: Mapping[str, Any], missing: BrokerError
+    ) -> Any:
+        """The one row a prepared statement selects, read on the fast path: the lookups by key
+        that every repository has, with the error for an absent key given by the caller.
+
+        Raises:
+            BrokerError: ``missing``, when the statement selects no row.
+            StorageError: the database failed.
+        """
+        with self.fast.session(operation) as cur:
+            row = cur.one(stmt, params)
+        if row is None:
+            raise missing
+        return row
+
+    def select_one(self, operation: str, stmt: sa.Select[Any], missing: BrokerError) -> Any:
+        """The one row a SQLAlchemy select returns, in a read transaction of its own.
+
+        Raises:
+            BrokerError: ``missing``, when it returns no row.
+            StorageError: the database failed.
+        """
+        with self.transaction(operation) as conn:
+            row = conn.execute(stmt).one_or_none()
+        if row is None:
+            raise missing
+        return row
+
+    def select_all(
+        self, operation: str, stmt: sa.Select[Any], decode: Callable[[Any], T]
+    ) -> list[T]:
+        """Every row a SQLAlchemy select returns, in a read transaction of its own, each
+        decoded by ``decode`` (a row codec of :mod:`broker.storage.rows`).
+
+        Raises:
+            StorageError: the database failed.
+        """
+        with self.transaction(operation) as conn:
+            rows = conn.execute(stmt).all()
+        return [decode(row) for row in rows]
 
     @contextmanager
     def unit_of_work(

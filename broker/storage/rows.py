@@ -3,6 +3,7 @@ its table (JSON columns, bytes, booleans). No I/O: the repositories run the stat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -42,14 +43,22 @@ def dumps(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def ek(row: Row[Any]) -> EkRecord:
+def values(record: EkRecord | AkRecord | Party | DataKeyRecord) -> dict[str, Any]:
+    """The row that inserts ``record``: these records' fields are their tables' columns."""
+    return {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
+
+
+def ek(row: Row[Any], prefix: str = "") -> EkRecord:
+    """The EK of a row; ``prefix`` is its columns' label prefix where a join labels them (the
+    AK-and-EK lookup labels them ``ek_``, as the two tables share column names)."""
+    certificate = getattr(row, prefix + "certificate")
     return EkRecord(
-        ek_id=row.ek_id,
-        public=bytes(row.public),
-        certificate=None if row.certificate is None else bytes(row.certificate),
-        enrolled_at=row.enrolled_at,
-        revoked=bool(row.revoked),
-        revoked_reason=row.revoked_reason,
+        ek_id=getattr(row, prefix + "ek_id"),
+        public=bytes(getattr(row, prefix + "public")),
+        certificate=None if certificate is None else bytes(certificate),
+        enrolled_at=getattr(row, prefix + "enrolled_at"),
+        revoked=bool(getattr(row, prefix + "revoked")),
+        revoked_reason=getattr(row, prefix + "revoked_reason"),
     )
 
 
@@ -236,16 +245,10 @@ def session(row: Row[Any]) -> Session:
 
 
 def audit_record_values(r: AuditRecord) -> dict[str, Any]:
+    """The ``audit_records`` row of a sealed record: its pending row, numbered and chained."""
     return {
         "sequence": r.sequence,
-        "recorded_at": r.time,
-        "actor": r.actor,
-        "action": r.action,
-        "subject": r.subject,
-        "decision": r.decision,
-        "reason": r.reason,
-        "evidence_digest": r.evidence_digest,
-        "parties": _COMPACT_JSON.encode(list(r.parties)),
+        **audit_pending_values(r),
         "previous_hash": r.previous_hash,
         "record_hash": r.record_hash,
     }

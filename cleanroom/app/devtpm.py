@@ -18,8 +18,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Final, Self
+from typing import IO, Final
 
 from cleanroom.app.errors import (
     DevTpmError,
@@ -27,6 +26,7 @@ from cleanroom.app.errors import (
     SwtpmSetupError,
     SwtpmStartError,
 )
+from cleanroom.closing import Service
 from cleanroom.loopback import accepts, free_port, port_is_free
 
 __all__ = [
@@ -134,7 +134,7 @@ def manufacture(state_dir: str | os.PathLike[str]) -> None:
         )
 
 
-class Swtpm:
+class Swtpm(Service):
     """One ``swtpm socket`` process serving a manufactured state on loopback.
 
     The swtpm TCTI always reaches the control channel on the server port + 1, so both ports
@@ -295,15 +295,3 @@ class Swtpm:
         self.stop()
         time.sleep(0.05)
         self.start()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -40,11 +40,11 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent import futures
 from pathlib import Path
-from types import TracebackType
-from typing import Any, NoReturn, Self, cast
+from typing import Any, NoReturn, cast
 
 import grpc
 
+from cleanroom.closing import Service
 from cleanroom.v1 import workload_pb2
 from sealing.envelope import OpenReader, read_header
 from sealing.errors import SealingError
@@ -200,7 +200,7 @@ class _Servicer:
             self._abort(context, e)
 
 
-class WorkloadServer:
+class WorkloadServer(Service):
     """The workload socket: a context manager that serves inputs and accepts outputs.
 
     Args:
@@ -388,18 +388,6 @@ class WorkloadServer:
             with contextlib.suppress(OSError):
                 os.rmdir(self._socket_dir)
             self._created_dir = False
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # --- helpers for the servicer and the data connections -------------------------------------
 

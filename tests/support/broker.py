@@ -7,6 +7,7 @@ operator follows (init once, then serve) is the one the tests follow too.
 from __future__ import annotations
 
 import os
+import secrets
 import select
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import sys
 import time
 import tomllib
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +25,11 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker.keyseal import seal_for_registration
+from broker.keyseal import open_release, seal_for_registration
 from cleanroom.v1 import (
     admin_pb2,
     admin_pb2_grpc,
+    attestation_pb2,
     attestation_pb2_grpc,
     common_pb2,
 )
@@ -35,7 +37,7 @@ from pki.ca import (
     PkiLayout,
 )
 from pki.tls import channel_credentials
-from sealing.keys import RecipientPublicKey, generate_recipient_key
+from sealing.keys import RecipientPrivateKey, RecipientPublicKey, generate_recipient_key
 from tests.harness.swtpm import SWTPM_LOCALCA_DIR
 
 #: The ``cleanroom`` command of the interpreter running the tests (this worktree's code).
@@ -267,6 +269,41 @@ def add_parties(b: BrokerProcess, *names: str) -> None:
         party.recipient_key.kem = common_pb2.KEM_ALGORITHM_X25519
         party.recipient_key.public_key = generate_recipient_key().public_key().raw
         operator.AddParty(admin_pb2.AddPartyRequest(party=party), timeout=TIMEOUT)
+
+
+def approve_with_keys(
+    b: BrokerProcess, parties: Sequence[str], manifest: common_pb2.WorkloadManifest
+) -> dict[str, bytes]:
+    """Each party registers a fresh data key ``<party>-data`` and approves ``manifest`` for it,
+    with every party an output recipient; returns the data keys by key id."""
+    data_keys: dict[str, bytes] = {}
+    for party in parties:
+        key_id = f"{party}-data"
+        data_keys[key_id] = secrets.token_bytes(32)
+        register_key(b, party, key_id, data_keys[key_id])
+        b.admin("party", party).ApproveWorkload(
+            admin_pb2.ApproveWorkloadRequest(
+                manifest=manifest, key_ids=[key_id], output_recipients=list(parties)
+            ),
+            timeout=TIMEOUT,
+        )
+    return data_keys
+
+
+def open_released(
+    ephemeral: RecipientPrivateKey,
+    response: attestation_pb2.AttestResponse,
+    key: common_pb2.SealedDataKey,
+) -> bytes:
+    """The data key of one of ``response``'s released keys, opened with the attestation's
+    ephemeral key."""
+    return open_release(
+        ephemeral,
+        bytes(key.sealed_key),
+        session_id=response.session_id,
+        key_id=key.key_id,
+        owner=key.owner_party,
+    )
 
 
 def register_key(

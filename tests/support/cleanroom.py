@@ -7,7 +7,8 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -341,6 +342,17 @@ def build_clean_room(directory: Path, *, rows: int = 2000, **broker_settings: An
     except BaseException:
         broker.stop()
         raise
+
+
+@contextmanager
+def running_clean_room(directory: Path, **settings: Any) -> Iterator[CleanRoom]:
+    """:func:`build_clean_room` for the block; the broker is stopped after it and must exit
+    cleanly (its stderr is the assertion's message)."""
+    room = build_clean_room(directory, **settings)
+    try:
+        yield room
+    finally:
+        assert room.broker.stop() == 0, room.broker.stderr()
 
 
 def sidecar_env(*, pycache: Path | None = None) -> dict[str, str]:

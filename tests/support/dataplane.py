@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sealing.envelope import OpenReader, SealWriter, new_data_key
@@ -137,3 +138,41 @@ def settled_files(directory: Path, *, quiet: float = 0.3, timeout: float = 10.0)
 def only_this_process(pid: int, uid: int) -> bool:
     """An allowed-peer predicate for tests whose client is the test process itself."""
     return pid == os.getpid()
+
+
+class LapsingClock:
+    """Reads as "now" for the first ``lapse_after`` readings, then two minutes later: the
+    attestation lapses after a known number of key-ring checks, whatever the transport buffers."""
+
+    def __init__(self, lapse_after: int) -> None:
+        self.start = datetime(2030, 1, 1, tzinfo=UTC)
+        self.readings = 0
+        self.lapse_after = lapse_after
+
+    def __call__(self) -> datetime:
+        self.readings += 1
+        late = self.readings > self.lapse_after
+        return self.start + (timedelta(minutes=2) if late else timedelta())
+
+
+class FailingReattest:
+    """A key ring's re-attestation that cannot reach the broker; counts its ``attempts``."""
+
+    def __init__(self) -> None:
+        self.attempts = 0
+
+    def __call__(self) -> datetime:
+        self.attempts += 1
+        raise ConnectionError("broker unreachable")
+
+
+class LeavesAfter:
+    """An allowed-peer predicate that says yes ``calls`` times, then no: the peer left the
+    workload's tree while its stream was open."""
+
+    def __init__(self, calls: int) -> None:
+        self.left = calls
+
+    def __call__(self, pid: int, uid: int) -> bool:
+        self.left -= 1
+        return self.left >= 0 and only_this_process(pid, uid)

@@ -99,22 +99,16 @@ class FakeBroker:
             disabled = "AttestStream" in self.disabled
         if disabled:
             context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
-        first = next(requests, None)
-        if first is None:
-            return
-        step = attestation_pb2.AttestStreamResponse()
-        step.challenge.MergeFromString(
-            self._answer("GetChallenge", first.challenge, context).SerializeToString()
-        )
-        yield step
-        second = next(requests, None)
-        if second is None:
-            return
-        step = attestation_pb2.AttestStreamResponse()
-        step.attest.MergeFromString(
-            self._answer("Attest", second.attest, context).SerializeToString()
-        )
-        yield step
+        # The challenge, then the attestation: each step is the unary method's scripted answer.
+        for method, part in (("GetChallenge", "challenge"), ("Attest", "attest")):
+            request = next(requests, None)
+            if request is None:
+                return
+            step = attestation_pb2.AttestStreamResponse()
+            getattr(step, part).MergeFromString(
+                self._answer(method, getattr(request, part), context).SerializeToString()
+            )
+            yield step
 
 
 _OUTPUT_TYPES: dict[str, type[Message]] = {}

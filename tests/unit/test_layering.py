@@ -4,8 +4,9 @@ docs/architecture.md.
 
 Layers, bottom to top:
 
-1. The shared bottom: ``cleanroom`` itself (configuration, logs, the loopback helper) and the
-   generated protocol code ``cleanroom.v1``. It imports no application code.
+1. The shared bottom: ``cleanroom`` itself (configuration, logs, the loopback helper, the
+   context-manager bases of ``cleanroom.closing``) and the generated protocol code
+   ``cleanroom.v1``. It imports no application code.
 2. The leaves: ``sealing``, ``evidence``, ``pki``, ``blobstore`` and the workload SDK
    ``workload``. Each imports the bottom and, where listed, another leaf below it; nothing above.
 3. The broker (``broker``): the bottom and the leaves it needs (``sealing``, ``evidence``,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime
 
 import sqlalchemy as sa
@@ -48,16 +49,7 @@ class AttesterRepository:
         with self._db.write(
             "add EK", uow, duplicate=DuplicateError(f"EK {record.ek_id} is already enrolled")
         ) as conn:
-            conn.execute(
-                sa.insert(eks).values(
-                    ek_id=record.ek_id,
-                    public=record.public,
-                    certificate=record.certificate,
-                    enrolled_at=record.enrolled_at,
-                    revoked=record.revoked,
-                    revoked_reason=record.revoked_reason,
-                )
-            )
+            conn.execute(sa.insert(eks).values(codec.values(record)))
 
     def get_ek(self, ek_id: str) -> EkRecord:
         """The EK with this id (revoked or not).
@@ -66,10 +58,9 @@ class AttesterRepository:
             UnknownKeyError: no such EK.
             StorageError: the database failed.
         """
-        with self._db.fast.session("get EK") as cur:
-            row = cur.one(self._get_ek, {"ek_id": ek_id})
-        if row is None:
-            raise UnknownKeyError(f"EK {ek_id} is not enrolled")
+        row = self._db.fetch_one(
+            "get EK", self._get_ek, {"ek_id": ek_id}, UnknownKeyError(f"EK {ek_id} is not enrolled")
+        )
         return codec.ek(row)
 
     def list_eks(self) -> list[EkRecord]:
@@ -78,9 +69,7 @@ class AttesterRepository:
         Raises:
             StorageError: the database failed.
         """
-        with self._db.transaction("list EKs") as conn:
-            rows = conn.execute(sa.select(eks).order_by(eks.c.ek_id)).all()
-        return [codec.ek(r) for r in rows]
+        return self._db.select_all("list EKs", sa.select(eks).order_by(eks.c.ek_id), codec.ek)
 
     def revoke_ek(self, ek_id: str, reason: str, *, uow: UnitOfWork | None = None) -> None:
         """Revokes an EK and every AK enrolled under it, in one transaction.
@@ -141,17 +130,7 @@ class AttesterRepository:
                 elif ek_revoked:
                     problem = RevokedKeyError(f"EK {record.ek_id} is revoked")
             if problem is None:
-                conn.execute(
-                    sa.insert(aks).values(
-                        ak_name=record.ak_name,
-                        public=record.public,
-                        ek_id=record.ek_id,
-                        enrolled_by=record.enrolled_by,
-                        enrolled_at=record.enrolled_at,
-                        revoked=record.revoked,
-                        revoked_reason=record.revoked_reason,
-                    )
-                )
+                conn.execute(sa.insert(aks).values(codec.values(record)))
         if problem is not None:
             raise problem
 
@@ -162,10 +141,12 @@ class AttesterRepository:
             UnknownKeyError: no such AK.
             StorageError: the database failed.
         """
-        with self._db.fast.session("get AK") as cur:
-            row = cur.one(self._get_ak, {"ak_name": ak_name})
-        if row is None:
-            raise UnknownKeyError(f"AK {ak_name} is not enrolled")
+        row = self._db.fetch_one(
+            "get AK",
+            self._get_ak,
+            {"ak_name": ak_name},
+            UnknownKeyError(f"AK {ak_name} is not enrolled"),
+        )
         return codec.ak(row)
 
     def list_aks(self) -> list[AkRecord]:
@@ -174,9 +155,7 @@ class AttesterRepository:
         Raises:
             StorageError: the database failed.
         """
-        with self._db.transaction("list AKs") as conn:
-            rows = conn.execute(sa.select(aks).order_by(aks.c.ak_name)).all()
-        return [codec.ak(r) for r in rows]
+        return self._db.select_all("list AKs", sa.select(aks).order_by(aks.c.ak_name), codec.ak)
 
     def revoke_ak(self, ak_name: str, reason: str, *, uow: UnitOfWork | None = None) -> str | None:
         """Revokes an AK (an already revoked one keeps its first reason) and, in the same
@@ -244,21 +223,16 @@ class AttesterRepository:
             UnknownKeyError: no such AK.
             StorageError: the database failed.
         """
-        with self._db.fast.session("get AK") as cur:
-            row = cur.one(self._get_attester, {"ak_name": ak_name})
-        if row is None:
-            raise UnknownKeyError(f"AK {ak_name} is not enrolled")
+        row = self._db.fetch_one(
+            "get AK",
+            self._get_attester,
+            {"ak_name": ak_name},
+            UnknownKeyError(f"AK {ak_name} is not enrolled"),
+        )
         ak = codec.ak(row)
         if row.ek_ek_id is None:
             return ak, None
-        return ak, EkRecord(
-            ek_id=row.ek_ek_id,
-            public=bytes(row.ek_public),
-            certificate=None if row.ek_certificate is None else bytes(row.ek_certificate),
-            enrolled_at=row.ek_enrolled_at,
-            revoked=bool(row.ek_revoked),
-            revoked_reason=row.ek_revoked_reason,
-        )
+        return ak, codec.ek(row, prefix="ek_")
 
     def add_activated_ak(
         self, ek: EkRecord, ak: AkRecord, *, uow: UnitOfWork | None = None
@@ -288,24 +262,13 @@ class AttesterRepository:
             if created:
                 conn.execute(
                     sa.insert(eks).values(
-                        ek_id=ek.ek_id,
-                        public=ek.public,
-                        certificate=ek.certificate,
-                        enrolled_at=ek.enrolled_at,
-                        revoked=False,
-                        revoked_reason="",
+                        codec.values(replace(ek, revoked=False, revoked_reason=""))
                     )
                 )
             if not revoked:
                 conn.execute(
                     sa.insert(aks).values(
-                        ak_name=ak.ak_name,
-                        public=ak.public,
-                        ek_id=ek.ek_id,
-                        enrolled_by=ak.enrolled_by,
-                        enrolled_at=ak.enrolled_at,
-                        revoked=False,
-                        revoked_reason="",
+                        codec.values(replace(ak, ek_id=ek.ek_id, revoked=False, revoked_reason=""))
                     )
                 )
         if revoked:

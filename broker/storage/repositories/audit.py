@@ -78,9 +78,7 @@ class AuditRepository:
             stmt = stmt.join(
                 audit_parties, audit_parties.c.sequence == audit_records.c.sequence
             ).where(audit_parties.c.party == party, audit_parties.c.sequence > after_sequence)
-        with self._db.transaction("list audit records") as conn:
-            rows = conn.execute(stmt).all()
-        return [codec.audit_record(r) for r in rows]
+        return self._db.select_all("list audit records", stmt, codec.audit_record)
 
     def head(self) -> tuple[int, str]:
         """The chain head row: the last sequence number and its hash.
@@ -105,12 +103,7 @@ class AuditRepository:
             verifier = ChainVerifier()
             last = 0
             while not verifier.broken:
-                rows = conn.execute(
-                    sa.select(audit_records)
-                    .where(audit_records.c.sequence > last)
-                    .order_by(audit_records.c.sequence)
-                    .limit(_VERIFY_BATCH)
-                ).all()
+                rows = conn.execute(_batch_after(audit_records, last, _VERIFY_BATCH)).all()
                 if not rows:
                     break
                 first_seq, last = int(rows[0].sequence), int(rows[-1].sequence)
@@ -187,12 +180,7 @@ class AuditRepository:
                 return (0 if wait else -1), None
             sequence, previous = int(head_row.sequence), str(head_row.record_hash)
             while True:
-                rows = conn.execute(
-                    sa.select(audit_pending)
-                    .where(audit_pending.c.sequence > sequence)
-                    .order_by(audit_pending.c.sequence)
-                    .limit(SEAL_BATCH)
-                ).all()
+                rows = conn.execute(_batch_after(audit_pending, sequence, SEAL_BATCH)).all()
                 if not rows:
                     break
                 if int(rows[0].sequence) != sequence + 1:
@@ -258,6 +246,14 @@ class AuditRepository:
             .on_conflict_do_nothing(index_elements=["sequence"])
         )
         return True
+
+
+def _batch_after(table: sa.Table, sequence: int, limit: int) -> sa.Select[Any]:
+    """The next ``limit`` rows of a table numbered by ``sequence`` (the sealed records, the
+    pending ones), after ``sequence``, in order."""
+    return (
+        sa.select(table).where(table.c.sequence > sequence).order_by(table.c.sequence).limit(limit)
+    )
 
 
 def _entry(row: Any) -> AuditEntry:

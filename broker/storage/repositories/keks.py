@@ -113,6 +113,6 @@ class KekRepository:
         Raises:
             StorageError: the database failed.
         """
-        with self._db.transaction("list party KEKs") as conn:
-            rows = conn.execute(sa.select(party_keks).order_by(party_keks.c.party)).all()
-        return [codec.party_kek(r) for r in rows]
+        return self._db.select_all(
+            "list party KEKs", sa.select(party_keks).order_by(party_keks.c.party), codec.party_kek
+        )

@@ -37,11 +37,7 @@ class PartyRepository:
         with self._db.write(
             "add party", uow, duplicate=DuplicateError(f"party {party.name!r} exists")
         ) as conn:
-            conn.execute(
-                sa.insert(parties).values(
-                    name=party.name, kem=party.kem, public_key=party.public_key
-                )
-            )
+            conn.execute(sa.insert(parties).values(codec.values(party)))
 
     def get_party(self, name: str) -> Party:
         """The party of this name.
@@ -50,10 +46,12 @@ class PartyRepository:
             UnknownPolicyObjectError: no such party.
             StorageError: the database failed.
         """
-        with self._db.fast.session("get party") as cur:
-            row = cur.one(self._get_party, {"name": name})
-        if row is None:
-            raise UnknownPolicyObjectError(f"party {name!r} does not exist")
+        row = self._db.fetch_one(
+            "get party",
+            self._get_party,
+            {"name": name},
+            UnknownPolicyObjectError(f"party {name!r} does not exist"),
+        )
         return codec.party(row)
 
     def list_parties(self) -> list[Party]:
@@ -62,9 +60,9 @@ class PartyRepository:
         Raises:
             StorageError: the database failed.
         """
-        with self._db.transaction("list parties") as conn:
-            rows = conn.execute(sa.select(parties).order_by(parties.c.name)).all()
-        return [codec.party(r) for r in rows]
+        return self._db.select_all(
+            "list parties", sa.select(parties).order_by(parties.c.name), codec.party
+        )
 
     def add_data_key(self, record: DataKeyRecord, *, uow: UnitOfWork | None = None) -> None:
         """Stores a party's wrapped data key.
@@ -80,16 +78,7 @@ class PartyRepository:
             duplicate=DuplicateError(f"data key {record.key_id!r} exists"),
             missing_reference=UnknownPolicyObjectError(f"party {record.owner!r} does not exist"),
         ) as conn:
-            conn.execute(
-                sa.insert(data_keys).values(
-                    key_id=record.key_id,
-                    owner=record.owner,
-                    wrapped_key=record.wrapped_key,
-                    kek_ref=record.kek_ref,
-                    created_at=record.created_at,
-                    description=record.description,
-                )
-            )
+            conn.execute(sa.insert(data_keys).values(codec.values(record)))
 
     def get_data_key(self, key_id: str) -> DataKeyRecord:
         """The data key with this id (still wrapped).
@@ -98,10 +87,12 @@ class PartyRepository:
             UnknownPolicyObjectError: no such key.
             StorageError: the database failed.
         """
-        with self._db.fast.session("get data key") as cur:
-            row = cur.one(self._get_data_key, {"key_id": key_id})
-        if row is None:
-            raise UnknownPolicyObjectError(f"data key {key_id!r} does not exist")
+        row = self._db.fetch_one(
+            "get data key",
+            self._get_data_key,
+            {"key_id": key_id},
+            UnknownPolicyObjectError(f"data key {key_id!r} does not exist"),
+        )
         return codec.data_key(row)
 
     def get_data_keys(self, key_ids: Sequence[str]) -> list[DataKeyRecord]:
@@ -132,9 +123,7 @@ class PartyRepository:
         stmt = sa.select(data_keys).order_by(data_keys.c.key_id)
         if owner is not None:
             stmt = stmt.where(data_keys.c.owner == owner)
-        with self._db.transaction("list data keys") as conn:
-            rows = conn.execute(stmt).all()
-        return [codec.data_key(r) for r in rows]
+        return self._db.select_all("list data keys", stmt, codec.data_key)
 
     def rewrap_data_key(
         self, key_id: str, wrapped_key: bytes, kek_ref: str, *, uow: UnitOfWork | None = None

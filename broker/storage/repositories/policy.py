@@ -104,10 +104,12 @@ class PolicyRepository:
             UnknownPolicyObjectError: no such golden set.
             StorageError: the database failed.
         """
-        with self._db.fast.session("get golden set") as cur:
-            row = cur.one(self._get_golden_set, {"name": name})
-        if row is None:
-            raise UnknownPolicyObjectError(f"golden set {name!r} does not exist")
+        row = self._db.fetch_one(
+            "get golden set",
+            self._get_golden_set,
+            {"name": name},
+            UnknownPolicyObjectError(f"golden set {name!r} does not exist"),
+        )
         return codec.golden(row)
 
     def list_golden_sets(self) -> list[GoldenPcrSet]:
@@ -116,9 +118,9 @@ class PolicyRepository:
         Raises:
             StorageError: the database failed.
         """
-        with self._db.transaction("list golden sets") as conn:
-            rows = conn.execute(sa.select(golden_sets).order_by(golden_sets.c.name)).all()
-        return [codec.golden(r) for r in rows]
+        return self._db.select_all(
+            "list golden sets", sa.select(golden_sets).order_by(golden_sets.c.name), codec.golden
+        )
 
     def delete_golden_set(self, name: str, *, uow: UnitOfWork | None = None) -> None:
         """Deletes a golden set. Approvals that name it then fail closed at attestation.
@@ -193,12 +195,11 @@ class PolicyRepository:
             UnknownPolicyObjectError: no such approval.
             StorageError: the database failed.
         """
-        with self._db.transaction("get approval") as conn:
-            row = conn.execute(
-                sa.select(approvals).where(approvals.c.approval_id == approval_id)
-            ).one_or_none()
-        if row is None:
-            raise UnknownPolicyObjectError(f"approval {approval_id!r} does not exist")
+        row = self._db.select_one(
+            "get approval",
+            sa.select(approvals).where(approvals.c.approval_id == approval_id),
+            UnknownPolicyObjectError(f"approval {approval_id!r} does not exist"),
+        )
         return codec.approval(row)
 
     def list_approvals(
@@ -214,9 +215,7 @@ class PolicyRepository:
             stmt = stmt.where(approvals.c.party == party)
         if not include_revoked:
             stmt = stmt.where(approvals.c.revoked.is_(False))
-        with self._db.transaction("list approvals") as conn:
-            rows = conn.execute(stmt).all()
-        return [codec.approval(r) for r in rows]
+        return self._db.select_all("list approvals", stmt, codec.approval)
 
     def revoke_approval(self, approval_id: str, *, uow: UnitOfWork | None = None) -> None:
         """Revokes an approval (idempotent).

@@ -97,10 +97,9 @@ class SessionRepository:
             UnknownSessionError: no such session.
             StorageError: the database failed.
         """
-        with self._db.transaction("get session") as conn:
-            row = conn.execute(
-                sa.select(sessions).where(sessions.c.session_id == session_id)
-            ).one_or_none()
-        if row is None:
-            raise UnknownSessionError(f"session {session_id!r} does not exist")
+        row = self._db.select_one(
+            "get session",
+            sa.select(sessions).where(sessions.c.session_id == session_id),
+            UnknownSessionError(f"session {session_id!r} does not exist"),
+        )
         return codec.session(row)

@@ -27,10 +27,11 @@ import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import FrameType
 from typing import IO, Any, Final, Self
 
 from cleanroom.app.demo.errors import ServiceError
+from cleanroom.closing import Closeable
 
 __all__ = [
     "Child",
@@ -190,7 +191,7 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise _Interrupted(signal.Signals(signum).name)
 
 
-class Supervisor:
+class Supervisor(Closeable):
     """Starts the demo's child processes and stops all of them on :meth:`close`.
 
     Use it as a context manager: leaving the block (normally, on an error or on Ctrl-C) stops
@@ -242,14 +243,6 @@ class Supervisor:
                 except ValueError:  # not the main thread
                     break
         return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     @property
     def children(self) -> Sequence[Child]:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Final
 
 from cleanroom.app.emulators import EmulatorError, EmulatorNotInstalledError, EmulatorStartError
+from cleanroom.closing import Stoppable
 from cleanroom.loopback import free_port, wait_for_port
 
 __all__ = [
@@ -143,7 +144,7 @@ def create_container(connection: str, name: str) -> str:
 
 
 @dataclass
-class Azurite:
+class Azurite(Stoppable):
     """A running Azurite blob service. Stop it with :meth:`stop` (or use it as a context
     manager)."""
 
@@ -192,12 +193,6 @@ class Azurite:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=_STOP_TIMEOUT)
-
-    def __enter__(self) -> Azurite:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
 
 def start_azurite(workdir: Path, *, timeout: float = 30.0, new_session: bool = False) -> Azurite:

@@ -40,8 +40,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from ipaddress import IPv4Address
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 from urllib.parse import urlsplit
 
 from azure.core.credentials import AccessToken
@@ -50,6 +49,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from cleanroom.closing import Stoppable
 from pki.ca import cert_to_pem, certificate_builder, key_to_pem, self_signed_ca_certificate
 
 __all__ = [
@@ -203,7 +203,7 @@ class _Fault:
     inner: str | None = None
 
 
-class FakeKeyVault:
+class FakeKeyVault(Stoppable):
     """The vault: keys, behaviour switches and the HTTPS server. Use :func:`start_fake_key_vault`.
 
     Thread-safe: the server answers on its own threads while the test changes the switches.
@@ -482,17 +482,6 @@ class FakeKeyVault:
             "retry_backoff_max_seconds": 1.0,
             "timeout_seconds": 5.0,
         }
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def stop(self) -> None:
         """Stops the server (idempotent); the keys stay in memory until the object is dropped."""

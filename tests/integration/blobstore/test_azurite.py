@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import re
 import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -31,6 +29,7 @@ from blobstore import (
 )
 from sealing.envelope import OpenReader, SealWriter, new_data_key
 from tests.harness.azurite import Azurite
+from tests.support.memory import reset_peak_rss, rss
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -86,21 +85,6 @@ def _committed_and_uncommitted(azurite: Azurite, url: str) -> tuple[int, int]:
     return 0, 0
 
 
-def _rss() -> tuple[int, int]:
-    """(peak RSS since the last reset, current RSS) of this process, in bytes."""
-    status = Path("/proc/self/status").read_text()
-    hwm = re.search(r"VmHWM:\s+(\d+) kB", status)
-    rss = re.search(r"VmRSS:\s+(\d+) kB", status)
-    assert hwm and rss
-    return int(hwm.group(1)) * 1024, int(rss.group(1)) * 1024
-
-
-def _reset_peak_rss() -> int:
-    """Resets the kernel's peak-RSS mark (clear_refs 5) and returns the current RSS."""
-    Path("/proc/self/clear_refs").write_text("5")
-    return _rss()[1]
-
-
 def test_a_sealed_stream_larger_than_many_blocks_round_trips_in_constant_memory(
     azurite: Azurite, blob_container: str
 ) -> None:
@@ -123,13 +107,13 @@ def test_a_sealed_stream_larger_than_many_blocks_round_trips_in_constant_memory(
             w.write(b"w" * MiB)
         with store.open_reader(f"{blob_container}/warm-up") as r:
             r.read()
-        before = _reset_peak_rss()
+        before = reset_peak_rss()
         with store.open_writer(url) as sink, SealWriter(sink, data_key=key, key_id="k1") as w:
             assert w.copy_from(source) == size
-        upload_growth = _rss()[0] - before
+        upload_growth = rss()[0] - before
         assert store.size(url) > size
         opened = hashlib.sha256()
-        before = _reset_peak_rss()
+        before = reset_peak_rss()
         with store.open_reader(url) as raw:
             assert isinstance(raw, BlobReader) and raw.size > size
             with OpenReader(raw, data_key=key) as reader:
@@ -138,7 +122,7 @@ def test_a_sealed_stream_larger_than_many_blocks_round_trips_in_constant_memory(
                 while n := reader.readinto(buffer):
                     opened.update(memoryview(buffer)[:n])
                     total += n
-        download_growth = _rss()[0] - before
+        download_growth = rss()[0] - before
     assert total == size and opened.digest() == source.digest.digest()
     # 17 blocks of 4 MiB were staged and committed; memory stayed a few blocks, not 64 MiB.
     # Up to six blocks in flight is constant memory: the one being filled, one per staging

@@ -47,12 +47,12 @@ from cleanroom.v1 import (
     common_pb2,
 )
 from evidence.binding import qualifying_data
-from evidence.pcr import WORKLOAD_PCR, Measurement, measure_files
+from evidence.pcr import WORKLOAD_PCR, Measurement
 from evidence.proto import bank_to_pb, event_log_to_pb
 from pki.ca import PkiLayout, init_pki
 from pki.tls import channel_credentials
 from sealing.keys import RecipientPublicKey, generate_recipient_key
-from tests.harness.launch import TEST_LAUNCH, with_test_launch
+from tests.harness.launch import approved_manifest, measure_workload
 from tests.harness.net import free_port
 from tests.support.broker import Spawned, spawn_broker
 from tests.support.softtpm import QUOTED_BANKS, QuoteMaker, SoftAk
@@ -141,21 +141,8 @@ def _write_config(workdir: Path, pki: PkiLayout, database_url: str, port: int) -
 
 
 def _provision(room_pki: PkiLayout, address: str, workdir: Path) -> Room:
-    files = []
-    for rel, data in WORKLOAD:
-        path = workdir / "workload" / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        files.append(path)
-    measured = measure_files(
-        files, QUOTED_BANKS, names=[rel for rel, _ in WORKLOAD], launch=TEST_LAUNCH
-    )
-    manifest = with_test_launch(common_pb2.WorkloadManifest(name="join"))
-    # The manifest lists the files; the launch event that ends the log is the manifest's launch.
-    for e in measured.events[: len(WORKLOAD)]:
-        entry = manifest.entries.add(path=e.path, size=e.size)
-        for bank, value in e.digests.items():
-            entry.digests.add(algorithm=bank_to_pb(bank), value=value)
+    measured = measure_workload(workdir / "workload", WORKLOAD)
+    manifest = approved_manifest("join", measured)
     ak = SoftAk.generate("ecc")
     operator = admin_pb2_grpc.AdminServiceStub(_channel(room_pki, address, "operator"))
     info = operator.GetBrokerInfo(admin_pb2.GetBrokerInfoRequest(), timeout=CALL_TIMEOUT)

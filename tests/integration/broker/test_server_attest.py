@@ -20,7 +20,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from broker.client import ATTEST_DENIAL_METADATA
-from broker.keyseal import open_release
 from broker.quote import pcr_values_from_tools
 from broker.tpmkeys import to_tools_credential_file
 from cleanroom.v1 import admin_pb2, attestation_pb2, common_pb2
@@ -35,6 +34,7 @@ from tests.support.broker import (
     TIMEOUT,
     BrokerProcess,
     add_parties,
+    open_released,
     register_key,
     rpc_error,
     running_swtpm_broker,
@@ -224,13 +224,7 @@ def test_full_attestation_releases_approved_keys_only(
     assert (withheld_record.action, withheld_record.subject) == ("key.release", "pub-data")
     assert sorted(r.party for r in response.output_recipients) == ["advertiser", "publisher"]
     released = response.released_keys[0]
-    opened = open_release(
-        ephemeral,
-        bytes(released.sealed_key),
-        session_id=response.session_id,
-        key_id=released.key_id,
-        owner=released.owner_party,
-    )
+    opened = open_released(ephemeral, response, released)
     assert opened == adv_key
 
     # The same evidence again: the nonce is spent. The sidecar learns that class of refusal

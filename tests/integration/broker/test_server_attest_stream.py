@@ -25,19 +25,20 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from broker.client import ATTEST_DENIAL_METADATA, BrokerClient, PermissionDeniedError
-from broker.keyseal import open_release
-from cleanroom.v1 import admin_pb2, attestation_pb2, common_pb2
+from cleanroom.closing import Closeable
+from cleanroom.v1 import admin_pb2, attestation_pb2
 from evidence.binding import qualifying_data
-from evidence.pcr import WORKLOAD_PCR, Measurement, measure_files
+from evidence.pcr import WORKLOAD_PCR, Measurement
 from evidence.proto import bank_to_pb, event_log_to_pb
 from pki.ca import init_pki
 from sealing.keys import RecipientPrivateKey, generate_recipient_key
-from tests.harness.launch import TEST_LAUNCH, with_test_launch
+from tests.harness.launch import approved_manifest, measure_workload
 from tests.support.broker import (
     TIMEOUT,
     BrokerProcess,
     add_parties,
-    register_key,
+    approve_with_keys,
+    open_released,
     start_broker,
     write_config,
 )
@@ -62,16 +63,6 @@ class Rig:
     cert_der: dict[str, bytes]
 
 
-def _measure(workdir: Path, files: tuple[tuple[str, bytes], ...]) -> Measurement:
-    paths = []
-    for rel, data in files:
-        path = workdir / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        paths.append(path)
-    return measure_files(paths, QUOTED_BANKS, names=[rel for rel, _ in files], launch=TEST_LAUNCH)
-
-
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     workdir = tmp_path_factory.mktemp("attest-stream")
@@ -85,27 +76,11 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     )
     b = start_broker(config, pki, workdir)
     try:
-        measured = _measure(workdir / "workload", WORKLOAD)
-        other = _measure(workdir / "other", OTHER_WORKLOAD)
+        measured = measure_workload(workdir / "workload", WORKLOAD)
+        other = measure_workload(workdir / "other", OTHER_WORKLOAD)
         add_parties(b, *PARTIES)
-        manifest = with_test_launch(common_pb2.WorkloadManifest(name="join"))
-        for e in measured.events:
-            if e.launch is not None:
-                continue
-            entry = manifest.entries.add(path=e.path, size=e.size)
-            for bank, value in e.digests.items():
-                entry.digests.add(algorithm=bank_to_pb(bank), value=value)
-        data_keys: dict[str, bytes] = {}
-        for party in PARTIES:
-            key_id = f"{party}-data"
-            data_keys[key_id] = secrets.token_bytes(32)
-            register_key(b, party, key_id, data_keys[key_id])
-            b.admin("party", party).ApproveWorkload(
-                admin_pb2.ApproveWorkloadRequest(
-                    manifest=manifest, key_ids=[key_id], output_recipients=list(PARTIES)
-                ),
-                timeout=TIMEOUT,
-            )
+        manifest = approved_manifest("join", measured)
+        data_keys = approve_with_keys(b, PARTIES, manifest)
         aks = {}
         certs = {}
         for sidecar in SIDECARS:
@@ -158,8 +133,8 @@ def _evidence(
     return request
 
 
-class Stream:
-    """One AttestStream call, driven a message at a time."""
+class Stream(Closeable):
+    """One AttestStream call, driven a message at a time; closing it ends the requests."""
 
     def __init__(self, rig: Rig, sidecar: str, *, timeout: float = TIMEOUT) -> None:
         self._out: queue.SimpleQueue[attestation_pb2.AttestStreamRequest | None]
@@ -223,38 +198,26 @@ def _last_sequence(rig: Rig) -> int:
 
 
 def test_a_stream_attests_and_releases_the_approved_keys(rig: Rig) -> None:
-    stream = Stream(rig, "sidecar-1")
-    try:
+    with Stream(rig, "sidecar-1") as stream:
         challenge = stream.challenge(rig.aks["sidecar-1"].name_hex)
         assert len(challenge.nonce) == 32 and challenge.pcr_selection
         with generate_recipient_key() as ephemeral:
             response = stream.attest(_evidence(rig, "sidecar-1", challenge.nonce, ephemeral))
             assert sorted(k.key_id for k in response.released_keys) == sorted(rig.data_keys)
             for key in response.released_keys:
-                opened = open_release(
-                    ephemeral,
-                    bytes(key.sealed_key),
-                    session_id=response.session_id,
-                    key_id=key.key_id,
-                    owner=key.owner_party,
-                )
+                opened = open_released(ephemeral, response, key)
                 assert opened == rig.data_keys[key.key_id]
         # The broker ends the stream after the release.
         assert next(stream.call, None) is None
         assert stream.call.code() == grpc.StatusCode.OK
-    finally:
-        stream.close()
 
 
 def test_a_nonce_used_on_a_stream_cannot_be_replayed(rig: Rig) -> None:
     ak = rig.aks["sidecar-1"].name_hex
-    first = Stream(rig, "sidecar-1")
-    try:
+    with Stream(rig, "sidecar-1") as first:
         used = first.challenge(ak).nonce
         with generate_recipient_key() as ephemeral:
             first.attest(_evidence(rig, "sidecar-1", used, ephemeral))
-    finally:
-        first.close()
     # Replayed with the unary call: the nonce is burned.
     with generate_recipient_key() as ephemeral:
         error = _unary_attest_error(rig, "sidecar-1", _evidence(rig, "sidecar-1", used, ephemeral))
@@ -263,13 +226,10 @@ def test_a_nonce_used_on_a_stream_cannot_be_replayed(rig: Rig) -> None:
     # Replayed on another stream: refused (it does not answer that stream's challenge) and
     # recorded; that stream's own nonce is burned with the refusal.
     before = _last_sequence(rig)
-    second = Stream(rig, "sidecar-1")
-    try:
+    with Stream(rig, "sidecar-1") as second:
         fresh = second.challenge(ak).nonce
         with generate_recipient_key() as ephemeral:
             error = second.refused(_evidence(rig, "sidecar-1", used, ephemeral))
-    finally:
-        second.close()
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     records = [r for r in _audit(rig, before) if r.action == "attest"]
     assert [r.decision for r in records] == ["deny"]
@@ -288,24 +248,18 @@ def test_evidence_for_another_requesters_nonce_is_refused(rig: Rig) -> None:
         .nonce
     )
     before = _last_sequence(rig)
-    stream = Stream(rig, "sidecar-1")
-    try:
+    with Stream(rig, "sidecar-1") as stream:
         stream.challenge(rig.aks["sidecar-1"].name_hex)
         with generate_recipient_key() as ephemeral:
             error = stream.refused(_evidence(rig, "sidecar-1", theirs, ephemeral))
-    finally:
-        stream.close()
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert [r.decision for r in _audit(rig, before) if r.action == "attest"] == ["deny"]
     # Nor can a stream's challenge for one AK be answered with evidence naming another AK.
-    stream = Stream(rig, "sidecar-1")
-    try:
+    with Stream(rig, "sidecar-1") as stream:
         mine = stream.challenge(rig.aks["sidecar-1"].name_hex).nonce
         with generate_recipient_key() as ephemeral:
             evidence = _evidence(rig, "sidecar-2", mine, ephemeral, ak_name=other_ak)
             assert stream.refused(evidence).code() == grpc.StatusCode.INVALID_ARGUMENT
-    finally:
-        stream.close()
     # The refusal did not burn sidecar-2's nonce: its owner still attests with it.
     with generate_recipient_key() as ephemeral:
         response = rig.broker.attestation("sidecar", "sidecar-2").Attest(
@@ -336,8 +290,7 @@ def test_a_stream_abandoned_after_its_challenge_leaves_no_usable_nonce(rig: Rig)
 
 
 def test_a_stalled_stream_is_ended_when_its_nonce_expires(rig: Rig) -> None:
-    stream = Stream(rig, "sidecar-1", timeout=NONCE_TTL * 4)
-    try:
+    with Stream(rig, "sidecar-1", timeout=NONCE_TTL * 4) as stream:
         start = time.monotonic()
         stream.challenge(rig.aks["sidecar-1"].name_hex)
         # The client neither sends its evidence nor closes: the broker cancels the call at the
@@ -345,23 +298,18 @@ def test_a_stalled_stream_is_ended_when_its_nonce_expires(rig: Rig) -> None:
         with pytest.raises(grpc.RpcError) as e:
             next(stream.call)
         waited = time.monotonic() - start
-    finally:
-        stream.close()
     assert e.value.code() == grpc.StatusCode.CANCELLED
     assert NONCE_TTL - 0.5 <= waited < NONCE_TTL * 3
 
 
 def test_an_oversized_message_on_the_stream_is_refused(rig: Rig) -> None:
     ak = rig.aks["sidecar-1"].name_hex
-    stream = Stream(rig, "sidecar-1")
-    try:
+    with Stream(rig, "sidecar-1") as stream:
         nonce = stream.challenge(ak).nonce
         with generate_recipient_key() as ephemeral:
             evidence = _evidence(rig, "sidecar-1", nonce, ephemeral)
         evidence.snp_evidence.hcl_report = b"\0" * (MAX_MESSAGE + 1)
         error = stream.refused(evidence)
-    finally:
-        stream.close()
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     # Its nonce is burned with the stream.
     deadline = time.monotonic() + TIMEOUT
@@ -374,14 +322,11 @@ def test_an_oversized_message_on_the_stream_is_refused(rig: Rig) -> None:
 
 def test_a_denial_on_the_stream_is_opaque_and_recorded(rig: Rig) -> None:
     before = _last_sequence(rig)
-    stream = Stream(rig, "sidecar-1")
-    try:
+    with Stream(rig, "sidecar-1") as stream:
         nonce = stream.challenge(rig.aks["sidecar-1"].name_hex).nonce
         with generate_recipient_key() as ephemeral:
             evidence = _evidence(rig, "sidecar-1", nonce, ephemeral, measured=rig.other)
             error = stream.refused(evidence)
-    finally:
-        stream.close()
     # The same answer as the unary Attest: one opaque message, the coarse class and the record.
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
     assert error.details() == "attestation denied"
@@ -406,13 +351,10 @@ def test_only_sidecars_may_open_an_attest_stream(rig: Rig) -> None:
 
 
 def test_a_stream_must_start_with_a_challenge(rig: Rig) -> None:
-    stream = Stream(rig, "sidecar-1")
-    try:
+    with Stream(rig, "sidecar-1") as stream:
         with generate_recipient_key() as ephemeral:
             evidence = _evidence(rig, "sidecar-1", secrets.token_bytes(32), ephemeral)
         error = stream.refused(evidence)
-    finally:
-        stream.close()
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 

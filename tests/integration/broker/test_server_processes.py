@@ -12,7 +12,6 @@ parent stops every process with exit code 0. A configuration without a fixed por
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 import subprocess
 import time
@@ -31,21 +30,19 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker.keyseal import open_release
 from cleanroom.v1 import (
     admin_pb2,
     admin_pb2_grpc,
     attestation_pb2,
     attestation_pb2_grpc,
-    common_pb2,
 )
 from evidence.binding import qualifying_data
-from evidence.pcr import WORKLOAD_PCR, Measurement, measure_files
+from evidence.pcr import WORKLOAD_PCR, Measurement
 from evidence.proto import bank_to_pb, event_log_to_pb
 from pki.ca import PkiLayout
 from pki.tls import channel_credentials
 from sealing.keys import RecipientPrivateKey, generate_recipient_key
-from tests.harness.launch import TEST_LAUNCH, with_test_launch
+from tests.harness.launch import approved_manifest, measure_workload
 from tests.harness.net import free_port, port_is_free
 from tests.support.broker import (
     CLEANROOM,
@@ -53,7 +50,8 @@ from tests.support.broker import (
     TIMEOUT,
     BrokerProcess,
     add_parties,
-    register_key,
+    approve_with_keys,
+    open_released,
     spawn_broker,
 )
 from tests.support.pki import make_pki
@@ -201,34 +199,10 @@ def start_multi(config: Path, pki: PkiLayout, workdir: Path) -> tuple[BrokerProc
 
 def provision(b: BrokerProcess, ak: SoftAk, workdir: Path) -> tuple[Measurement, dict[str, bytes]]:
     """Parties, their data keys and approvals of one workload, and the enrolled AK."""
-    files = []
-    for rel, data in WORKLOAD:
-        path = workdir / "workload" / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        files.append(path)
-    measured = measure_files(
-        files, QUOTED_BANKS, names=[rel for rel, _ in WORKLOAD], launch=TEST_LAUNCH
-    )
+    measured = measure_workload(workdir / "workload", WORKLOAD)
     add_parties(b, *PARTIES)
-    manifest = with_test_launch(common_pb2.WorkloadManifest(name="join"))
-    for e in measured.events:
-        if e.launch is not None:
-            continue
-        entry = manifest.entries.add(path=e.path, size=e.size)
-        for bank, value in e.digests.items():
-            entry.digests.add(algorithm=bank_to_pb(bank), value=value)
-    data_keys: dict[str, bytes] = {}
-    for party in PARTIES:
-        key_id = f"{party}-data"
-        data_keys[key_id] = secrets.token_bytes(32)
-        register_key(b, party, key_id, data_keys[key_id])
-        b.admin("party", party).ApproveWorkload(
-            admin_pb2.ApproveWorkloadRequest(
-                manifest=manifest, key_ids=[key_id], output_recipients=list(PARTIES)
-            ),
-            timeout=TIMEOUT,
-        )
+    manifest = approved_manifest("join", measured)
+    data_keys = approve_with_keys(b, PARTIES, manifest)
     enrolled = b.admin("operator").EnrollAk(
         admin_pb2.EnrollAkRequest(ak_public=ak.tpm2b_public), timeout=TIMEOUT
     )
@@ -397,13 +371,7 @@ def test_a_nonce_issued_by_one_process_is_consumed_once_by_the_other(multi: Mult
         response = consuming.stub.Attest(request, timeout=TIMEOUT)
         assert sorted(k.key_id for k in response.released_keys) == sorted(multi.data_keys)
         for key in response.released_keys:
-            opened = open_release(
-                ephemeral,
-                bytes(key.sealed_key),
-                session_id=response.session_id,
-                key_id=key.key_id,
-                owner=key.owner_party,
-            )
+            opened = open_released(ephemeral, response, key)
             assert opened == multi.data_keys[key.key_id]
         # The nonce is spent for both processes: the issuer refuses it as well.
         for again in (issuing, consuming):

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness.swtpm import Swtpm, running_copy
-from tests.support.cleanroom import PY, CleanRoom, audit, build_clean_room
+from tests.support.cleanroom import PY, CleanRoom, audit, running_clean_room
 from tests.support.containment import (
     approve_attacks,
     gone,
@@ -45,12 +45,9 @@ def module_tpm(swtpm_template: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 @pytest.fixture(scope="module")
 def room(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CleanRoom]:
-    room = build_clean_room(tmp_path_factory.mktemp("contain-room"), rows=ROWS)
-    try:
+    with running_clean_room(tmp_path_factory.mktemp("contain-room"), rows=ROWS) as room:
         approve_attacks(room)
         yield room
-    finally:
-        assert room.broker.stop() == 0, room.broker.stderr()
 
 
 @pytest.fixture

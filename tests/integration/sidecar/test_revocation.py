@@ -19,7 +19,13 @@ from pathlib import Path
 import pytest
 
 from tests.harness.swtpm import Swtpm
-from tests.support.cleanroom import PY, CleanRoom, audit, build_clean_room, run_sidecar
+from tests.support.cleanroom import (
+    PY,
+    CleanRoom,
+    audit,
+    run_sidecar,
+    running_clean_room,
+)
 
 pytestmark = [pytest.mark.swtpm, pytest.mark.tpm2tools]
 
@@ -29,11 +35,8 @@ AK_HANDLE = "0x81010002"  # the sidecar's default ak_handle
 
 @pytest.fixture
 def room(tmp_path: Path) -> Iterator[CleanRoom]:
-    room = build_clean_room(tmp_path / "room", rows=50)
-    try:
+    with running_clean_room(tmp_path / "room", rows=50) as room:
         yield room
-    finally:
-        assert room.broker.stop() == 0, room.broker.stderr()
 
 
 def admin(room: CleanRoom, *argv: str) -> str:

@@ -40,9 +40,9 @@ from tests.support.cleanroom import (
     WORKLOAD_FILES,
     CleanRoom,
     audit,
-    build_clean_room,
     config_for,
     run_sidecar,
+    running_clean_room,
     sidecar_env,
     start_sidecar,
 )
@@ -104,11 +104,8 @@ def module_tpm(swtpm_template: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 @pytest.fixture(scope="module")
 def room(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CleanRoom]:
-    room = build_clean_room(tmp_path_factory.mktemp("clean-room"))
-    try:
+    with running_clean_room(tmp_path_factory.mktemp("clean-room")) as room:
         yield room
-    finally:
-        assert room.broker.stop() == 0, room.broker.stderr()
 
 
 @pytest.fixture
@@ -560,11 +557,8 @@ def test_time_to_first_plaintext_byte(
 
 @pytest.fixture
 def short_lived_room(tmp_path: Path) -> Iterator[CleanRoom]:
-    room = build_clean_room(tmp_path / "room", attestation_lifetime_seconds=2.0)
-    try:
+    with running_clean_room(tmp_path / "room", attestation_lifetime_seconds=2.0) as room:
         yield room
-    finally:
-        assert room.broker.stop() == 0, room.broker.stderr()
 
 
 @pytest.mark.slow

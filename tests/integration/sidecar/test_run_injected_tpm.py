@@ -30,7 +30,7 @@ from sidecar.run.containment import cgroup_parent
 from sidecar.run.state import save_enrollment
 from sidecar.runconfig import load_run_config
 from sidecar.tpm.interface import QuoteResult
-from tests.support.cleanroom import PY, CleanRoom, audit, build_clean_room
+from tests.support.cleanroom import PY, CleanRoom, audit, running_clean_room
 from tests.support.prespawn import gone, held_children
 from tests.support.softtpm import SoftAk, SoftTpm
 
@@ -87,11 +87,8 @@ class DriftedSoftTpm(WatchingSoftTpm):
 
 @pytest.fixture(scope="module")
 def room(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CleanRoom]:
-    room = build_clean_room(tmp_path_factory.mktemp("injected-tpm-room"))
-    try:
+    with running_clean_room(tmp_path_factory.mktemp("injected-tpm-room")) as room:
         yield room
-    finally:
-        assert room.broker.stop() == 0, room.broker.stderr()
 
 
 def _enrolled(room: CleanRoom, directory: Path, tpm: SoftTpm) -> Path:

@@ -39,11 +39,11 @@ from broker.storage.schema import audit_head
 from broker.tpmkeys import ak_qualified_name, load_public
 from evidence.binding import qualifying_data
 from evidence.manifest import ManifestEntry
-from evidence.pcr import Measurement, MeasurementEvent, measure_files
+from evidence.pcr import Measurement, MeasurementEvent
 from pki.identity import SpiffeId
 from sealing.errors import InvalidKeyError
 from sealing.keys import KEM_X25519, generate_recipient_key
-from tests.harness.launch import TEST_LAUNCH
+from tests.harness.launch import TEST_LAUNCH, measure_workload
 from tests.support.softtpm import QUOTED_BANKS, QuoteMaker, SoftAk
 from tests.vectors.evidence import key_vectors
 
@@ -108,7 +108,7 @@ class Room:
     ) -> str:
         manifest = [
             ManifestEntry(path=e.path, size=e.size, digests=dict(e.digests))
-            for e in _measure(self.tmp / who.name, files).events
+            for e in measure_workload(self.tmp / who.name, files).events
             if e.launch is None
         ]
         approval = self.broker.approve_workload(
@@ -121,16 +121,6 @@ class Room:
             launch=TEST_LAUNCH,
         )
         return approval.approval_id
-
-
-def _measure(root: Path, files: Sequence[tuple[str, bytes]]) -> Measurement:
-    paths = []
-    for rel, data in files:
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        paths.append(path)
-    return measure_files(paths, QUOTED_BANKS, names=[rel for rel, _ in files], launch=TEST_LAUNCH)
 
 
 @pytest.fixture
@@ -149,7 +139,7 @@ def room(tmp_path: Path) -> Iterator[Room]:
                 broker.registration_key.public_key(), b"\x42" * 32, key_id=key_id, owner=who.name
             )
             broker.register_data_key(who, key_id=key_id, sealed_data_key=sealed, description="")
-        measured = _measure(tmp_path / "sidecar", WORKLOAD)
+        measured = measure_workload(tmp_path / "sidecar", WORKLOAD)
         yield Room(broker, ak, QuoteMaker(ak, measured.pcrs), measured, tmp_path)
 
 

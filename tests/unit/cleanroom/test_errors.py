@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -60,39 +61,39 @@ def test_blob_errors_stay_os_errors() -> None:
     assert str(error) == "azure://a/c/x: not found"
 
 
-def test_every_error_class_of_ours_has_the_project_root() -> None:
-    """No error class defined in our packages derives from a built-in exception alone (private
-    control-flow exceptions, named with a leading underscore, aside)."""
-    loose = []
+def _classes() -> Iterator[tuple[Path, ast.ClassDef]]:
+    """Every class defined in our packages (the generated code aside), with its file."""
     for package in PACKAGES:
         for path in sorted((ROOT / package).rglob("*.py")):
             if "cleanroom/v1" in path.as_posix():
                 continue
             tree = ast.parse(path.read_text(encoding="utf-8"))
             for node in ast.walk(tree):
-                if (
-                    isinstance(node, ast.ClassDef)
-                    and not node.name.startswith("_")
-                    and node.name != "CleanroomError"
-                    and node.bases
-                    and all(isinstance(b, ast.Name) and b.id in BUILTIN for b in node.bases)
-                ):
-                    loose.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
+                if isinstance(node, ast.ClassDef):
+                    yield path, node
+
+
+def test_every_error_class_of_ours_has_the_project_root() -> None:
+    """No error class defined in our packages derives from a built-in exception alone (private
+    control-flow exceptions, named with a leading underscore, aside)."""
+    loose = [
+        f"{path.relative_to(ROOT)}:{node.lineno} {node.name}"
+        for path, node in _classes()
+        if not node.name.startswith("_")
+        and node.name != "CleanroomError"
+        and node.bases
+        and all(isinstance(b, ast.Name) and b.id in BUILTIN for b in node.bases)
+    ]
     assert not loose, "error classes outside CleanroomError:\n" + "\n".join(loose)
 
 
 def _error_classes() -> list[tuple[str, Path, int]]:
     """(name, file, line) of every public class named ``...Error`` in our packages."""
-    found = []
-    for package in PACKAGES:
-        for path in sorted((ROOT / package).rglob("*.py")):
-            if "cleanroom/v1" in path.as_posix():
-                continue
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-            for node in ast.walk(tree):
-                if isinstance(node, ast.ClassDef) and node.name.endswith("Error"):
-                    found.append((node.name, path.relative_to(ROOT), node.lineno))
-    return found
+    return [
+        (node.name, path.relative_to(ROOT), node.lineno)
+        for path, node in _classes()
+        if node.name.endswith("Error")
+    ]
 
 
 def test_error_names_are_unique_across_the_project() -> None:

@@ -12,13 +12,16 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from sidecar.dataplane import DataPlaneConfig, KeyRing
 from tests.support.dataplane import (
+    FailingReattest,
+    LapsingClock,
+    LeavesAfter,
     Party,
     Session,
     only_this_process,
@@ -26,6 +29,7 @@ from tests.support.dataplane import (
     running_session,
     settled_files,
 )
+from tests.support.memory import reset_peak_rss, rss
 from workload import Client, OutputFailedError
 from workload.wire import FRAME_HEADER, FRAMED_PREFACE, FrameType, frame_header
 
@@ -73,6 +77,26 @@ class Frames:
         self.sock.close()
 
 
+def read_input(path: str, name: str) -> tuple[bytes, bool, tuple[int, str] | None]:
+    """:meth:`Frames.read_input` on a connection of its own."""
+    conn = Frames(path)
+    try:
+        return conn.read_input(name)
+    finally:
+        conn.close()
+
+
+def exchange(path: str, *frames: tuple[FrameType, bytes]) -> tuple[int, bytes] | None:
+    """Sends ``frames`` on a connection of its own; returns the sidecar's first answer."""
+    conn = Frames(path)
+    try:
+        for kind, payload in frames:
+            conn.send(kind, payload)
+        return conn.next()
+    finally:
+        conn.close()
+
+
 @pytest.fixture
 def session(tmp_path: Path) -> Iterator[Session]:
     with running_session(
@@ -96,18 +120,14 @@ def _corrupt_segment(path: Path, index: int) -> None:
 
 
 def test_an_input_arrives_whole_then_end(session: Session) -> None:
-    conn = Frames(session.socket)
-    got, end, error = conn.read_input("a.bin")
-    conn.close()
+    got, end, error = read_input(session.socket, "a.bin")
     assert (got, end, error) == (DATA, True, None)
 
 
 def test_a_tampered_segment_delivers_none_of_its_bytes_nor_any_after_it(session: Session) -> None:
     # The decryption thread works ahead of the socket; only what authenticated may leave.
     _corrupt_segment(session.input_dir / "input0.sealed", 2)
-    conn = Frames(session.socket)
-    got, end, error = conn.read_input("a.bin")
-    conn.close()
+    got, end, error = read_input(session.socket, "a.bin")
     assert got == DATA[: 2 * CHUNK]
     assert not end
     assert error is not None and error[0] == DATA_LOSS
@@ -126,13 +146,8 @@ def test_a_process_outside_the_tree_gets_no_byte_and_an_audit_line(
         ) as s,
         caplog.at_level(logging.WARNING, logger="sidecar.dataplane.audit"),
     ):
-        conn = Frames(s.socket)
-        got, end, error = conn.read_input("a.bin")
-        conn.close()
-        out = Frames(s.socket)
-        out.send(FrameType.OPEN_OUTPUT, b"stolen.bin")
-        answer = out.next()
-        out.close()
+        got, end, error = read_input(s.socket, "a.bin")
+        answer = exchange(s.socket, (FrameType.OPEN_OUTPUT, b"stolen.bin"))
         assert settled_files(s.output_dir) == []
     assert (got, end) == (b"", False)
     assert error is not None and error[0] == PERMISSION_DENIED
@@ -144,17 +159,6 @@ def test_a_process_outside_the_tree_gets_no_byte_and_an_audit_line(
         for m in audit
     ), audit
     assert any("DENIED WriteOutput (data connection)" in m for m in audit), audit
-
-
-class LeavesAfter:
-    """Says yes ``calls`` times, then no: the peer left the workload's tree mid-stream."""
-
-    def __init__(self, calls: int) -> None:
-        self.left = calls
-
-    def __call__(self, pid: int, uid: int) -> bool:
-        self.left -= 1
-        return self.left >= 0 and only_this_process(pid, uid)
 
 
 def test_a_reader_that_leaves_the_tree_is_cut_before_the_next_chunk(
@@ -172,9 +176,7 @@ def test_a_reader_that_leaves_the_tree_is_cut_before_the_next_chunk(
         ) as s,
         caplog.at_level(logging.WARNING, logger="sidecar.dataplane.audit"),
     ):
-        conn = Frames(s.socket)
-        got, end, error = conn.read_input("a.bin")
-        conn.close()
+        got, end, error = read_input(s.socket, "a.bin")
     assert got == DATA[: 2 * CHUNK] and not end
     assert error is not None and error[0] == PERMISSION_DENIED
     assert "not part of the workload's process tree" in error[1]
@@ -184,28 +186,8 @@ def test_a_reader_that_leaves_the_tree_is_cut_before_the_next_chunk(
     assert f"after {2 * CHUNK} bytes" in audit[0]
 
 
-class LapsingClock:
-    """ "Now" for the first ``lapse_after`` readings, then two minutes later."""
-
-    def __init__(self, lapse_after: int) -> None:
-        self.start = datetime(2030, 1, 1, tzinfo=UTC)
-        self.readings = 0
-        self.lapse_after = lapse_after
-
-    def __call__(self) -> datetime:
-        self.readings += 1
-        late = self.readings > self.lapse_after
-        return self.start + (timedelta(minutes=2) if late else timedelta())
-
-
 def test_a_failed_reattestation_stops_the_stream_at_the_next_chunk(tmp_path: Path) -> None:
-    attempts = 0
-
-    def reattest() -> datetime:
-        nonlocal attempts
-        attempts += 1
-        raise ConnectionError("broker unreachable")
-
+    reattest = FailingReattest()
     # Readings: one when the stream opens, one when the key is borrowed, then one before each
     # chunk leaves, so three chunks get out, whatever the decryption thread did ahead.
     clock = LapsingClock(lapse_after=5)
@@ -220,18 +202,13 @@ def test_a_failed_reattestation_stops_the_stream_at_the_next_chunk(tmp_path: Pat
         chunk_size=CHUNK,
     ) as s:
         clock.readings = 0
-        conn = Frames(s.socket)
-        got, end, error = conn.read_input("a.bin")
-        conn.close()
+        got, end, error = read_input(s.socket, "a.bin")
         assert got == DATA[: 3 * CHUNK] and not end
         assert error is not None and error[0] == FAILED_PRECONDITION
         assert "re-attestation failed" in error[1]
-        assert attempts == 1
+        assert reattest.attempts == 1
         # A new output is refused before anything is opened.
-        out = Frames(s.socket)
-        out.send(FrameType.OPEN_OUTPUT, b"late.bin")
-        answer = out.next()
-        out.close()
+        answer = exchange(s.socket, (FrameType.OPEN_OUTPUT, b"late.bin"))
         assert answer is not None and answer[0] == FrameType.ERROR
         assert answer[1][0] == FAILED_PRECONDITION
         assert settled_files(s.output_dir) == []
@@ -244,23 +221,23 @@ def test_an_output_commits_only_on_commit_repeating_its_name(session: Session) -
     conn.send(FrameType.DATA, b"half of it")
     conn.close()
     # COMMIT naming another output: refused and discarded.
-    conn = Frames(session.socket)
-    conn.send(FrameType.OPEN_OUTPUT, b"wrong.bin")
-    conn.send(FrameType.DATA, b"data")
-    conn.send(FrameType.COMMIT, b"other.bin")
-    answer = conn.next()
-    conn.close()
+    answer = exchange(
+        session.socket,
+        (FrameType.OPEN_OUTPUT, b"wrong.bin"),
+        (FrameType.DATA, b"data"),
+        (FrameType.COMMIT, b"other.bin"),
+    )
     assert answer is not None and answer[0] == FrameType.ERROR
     assert answer[1][0] == INVALID_ARGUMENT
     assert settled_files(session.output_dir) == []
     # The whole exchange: DATA frames, COMMIT with the name, a RECEIPT.
-    conn = Frames(session.socket)
-    conn.send(FrameType.OPEN_OUTPUT, b"ok.bin")
-    conn.send(FrameType.DATA, b"first ")
-    conn.send(FrameType.DATA, b"second")
-    conn.send(FrameType.COMMIT, b"ok.bin")
-    answer = conn.next()
-    conn.close()
+    answer = exchange(
+        session.socket,
+        (FrameType.OPEN_OUTPUT, b"ok.bin"),
+        (FrameType.DATA, b"first "),
+        (FrameType.DATA, b"second"),
+        (FrameType.COMMIT, b"ok.bin"),
+    )
     assert answer is not None and answer[0] == FrameType.RECEIPT
     sealed = session.output_dir / "ok.bin.sealed"
     assert open_sealed(sealed, ALICE.recipient) == b"first second"
@@ -273,21 +250,6 @@ def test_grpc_clients_still_share_the_socket(session: Session) -> None:
         assert [i.name for i in client.list_inputs()] == ["a.bin"]
         with client.open_input("a.bin") as f:
             assert f.read() == DATA
-
-
-def _rss() -> tuple[int, int]:
-    """(peak RSS since the last reset, current RSS) of this process, in bytes."""
-    status = Path("/proc/self/status").read_text()
-    hwm = re.search(r"VmHWM:\s+(\d+) kB", status)
-    rss = re.search(r"VmRSS:\s+(\d+) kB", status)
-    assert hwm and rss
-    return int(hwm.group(1)) * 1024, int(rss.group(1)) * 1024
-
-
-def _reset_peak_rss() -> int:
-    """Resets the kernel's peak-RSS mark (clear_refs 5) and returns the current RSS."""
-    Path("/proc/self/clear_refs").write_text("5")
-    return _rss()[1]
 
 
 def test_memory_stays_bounded_whatever_the_size(tmp_path: Path) -> None:
@@ -314,17 +276,17 @@ def test_memory_stays_bounded_whatever_the_size(tmp_path: Path) -> None:
         with Client(s.socket) as client:
             with client.open_input("small") as warm:
                 warm.read(1)
-            before = _reset_peak_rss()
+            before = reset_peak_rss()
             total = 0
             with client.open_input("small") as stream:
                 for chunk in stream.chunks():
                     total += len(chunk)
-            read_growth = _rss()[0] - before
-            before = _reset_peak_rss()
+            read_growth = rss()[0] - before
+            before = reset_peak_rss()
             with client.create_output("big.bin") as out:
                 for _ in range(size // mib):
                     out.write(block)
-            write_growth = _rss()[0] - before
+            write_growth = rss()[0] - before
     assert total == size
     assert out.receipt is not None and out.receipt.plaintext_bytes == size
     assert read_growth < 48 * mib, read_growth

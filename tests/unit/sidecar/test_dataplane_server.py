@@ -26,6 +26,9 @@ from sidecar.dataplane import (
     WorkloadServer,
 )
 from tests.support.dataplane import (
+    FailingReattest,
+    LapsingClock,
+    LeavesAfter,
     Party,
     Session,
     only_this_process,
@@ -206,29 +209,8 @@ def test_missing_input_file_is_a_failed_precondition(
     assert "cannot open" in (err.details() or "")
 
 
-class LapsingClock:
-    """Reads as "now" for the first ``lapse_after`` readings, then two minutes later: the
-    attestation lapses after a known number of key-ring checks, whatever gRPC buffers."""
-
-    def __init__(self, lapse_after: int) -> None:
-        self.start = datetime(2030, 1, 1, tzinfo=UTC)
-        self.readings = 0
-        self.lapse_after = lapse_after
-
-    def __call__(self) -> datetime:
-        self.readings += 1
-        late = self.readings > self.lapse_after
-        return self.start + (timedelta(minutes=2) if late else timedelta())
-
-
 def test_expired_attestation_with_failed_reattest_stops_reads(tmp_path: Path) -> None:
-    attempts = 0
-
-    def reattest() -> datetime:
-        nonlocal attempts
-        attempts += 1
-        raise ConnectionError("broker unreachable")
-
+    reattest = FailingReattest()
     # Readings: one when the stream opens, one when the key is borrowed, then one before each
     # chunk, so three chunks get out.
     clock = LapsingClock(lapse_after=5)
@@ -251,11 +233,11 @@ def test_expired_attestation_with_failed_reattest_stops_reads(tmp_path: Path) ->
         assert "re-attestation failed" in (err.details() or "")
         assert b"".join(m.chunk for m in got) == DATA[: 3 * (64 << 10)]
         assert not any(m.end_of_input for m in got)
-        assert attempts == 1
+        assert reattest.attempts == 1
         # New reads are refused from the start, each one trying to re-attest again.
         got, err = _read_until_error(stub, "a.bin")
         assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert got == [] and attempts == 2
+        assert got == [] and reattest.attempts == 2
 
 
 def test_key_not_released_is_a_failed_precondition(tmp_path: Path) -> None:
@@ -552,18 +534,6 @@ def test_bad_construction(tmp_path: Path) -> None:
     spec = InputSpec("a", "/x", "k")
     with pytest.raises(Exception, match="two inputs"):
         WorkloadServer(inputs=[spec, spec], recipients=[("a", key)], **common)  # type: ignore[arg-type]
-
-
-class LeavesAfter:
-    """An allowed-peer predicate that says yes ``calls`` times, then no: the peer left the
-    workload's tree while its stream was open."""
-
-    def __init__(self, calls: int) -> None:
-        self.left = calls
-
-    def __call__(self, pid: int, uid: int) -> bool:
-        self.left -= 1
-        return self.left >= 0 and only_this_process(pid, uid)
 
 
 def test_a_peer_that_leaves_the_tree_has_its_open_input_stream_cut(
