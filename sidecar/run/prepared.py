@@ -28,7 +28,6 @@ import select
 import signal
 import socket
 import stat
-import struct
 import sys
 import tempfile
 import threading
@@ -38,6 +37,7 @@ from types import FrameType
 from typing import Any, NoReturn
 
 from sidecar.control import MAX_FRAME, PROTOCOL_VERSION, FrameReader, encode_frame
+from sidecar.dataplane.peers import peer_credentials
 from sidecar.errors import PreparedSidecarError
 from sidecar.run.errors import RunInterruptedError
 from sidecar.run.supervisor import start_daemon_thread
@@ -145,13 +145,6 @@ def _listen(path: Path) -> socket.socket:
     os.chmod(path, 0o600)
     sock.listen(16)
     return sock
-
-
-def _peer(conn: socket.socket) -> tuple[int, int, int]:
-    """The connecting process's (pid, uid, gid), as the kernel recorded them at connect."""
-    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", creds)
-    return pid, uid, gid
 
 
 def serve(
@@ -270,7 +263,8 @@ def _run_child(
         os.write(accepted, b"a")
         os.close(accepted)
         with conn:
-            pid, uid, _ = _peer(conn)
+            peer = peer_credentials(conn)
+            pid, uid = peer.pid, peer.uid
             if uid not in (os.getuid(), 0):
                 _log.warning(
                     "refused a control connection from pid %d uid %d: only uid %d or root "
