@@ -61,7 +61,6 @@ BELOW_THE_CORE = (
     "broker.nonces",
     "broker.custody",
     "broker.rotation",
-    "broker.service",
 )
 
 #: Which packages each layer's package may import (its own package always).
